@@ -1,0 +1,70 @@
+"""Input validation shared by every public entry point.
+
+Each helper raises ``ValueError``/``TypeError`` whose message names the argument and states the expected and
+actual shape, dtype or device, so a caller can fix the call without reading moekit's source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_ndim(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
+    check_tensor(name, t)
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor {layout}, got shape {tuple(t.shape)}")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], layout: str) -> None:
+    """``expected`` may hold -1 for "any size" in a dimension."""
+    check_ndim(name, t, len(expected), layout)
+    if any(e != -1 and e != a for e, a in zip(expected, t.shape)):
+        shown = tuple("*" if e == -1 else e for e in expected)
+        raise ValueError(f"{name}: expected shape {shown} {layout}, got {tuple(t.shape)}")
+
+
+def check_dtype(name: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).removeprefix('torch.')}")
+
+
+def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    # No silent casting: a bf16 activation against fp32 weights is almost always a loading bug.
+    if t.dtype != ref.dtype:
+        raise TypeError(
+            f"{name}: expected dtype {str(ref.dtype).removeprefix('torch.')} (the dtype of {ref_name}), "
+            f"got {str(t.dtype).removeprefix('torch.')}"
+        )
+
+
+def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (the device of {ref_name}), got {t.device}")
+
+
+def check_int_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name}: expected an integer dtype (int32 or int64), got {str(t.dtype).removeprefix('torch.')}")
+
+
+def check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")

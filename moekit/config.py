@@ -1,0 +1,135 @@
+"""Frozen, validated configuration for a MoE layer.
+
+``MoEConfig`` describes one layer: sizes, activation, routing (``RoutingConfig``), shared experts and biases.
+Every field is checked in ``__post_init__`` and errors name the field, so a bad config fails where it is built,
+not deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from moekit._checks import check_choice, check_positive
+from moekit.ops.activation import Activation, resolve_activation
+
+SCORING_FUNCS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2_sum")
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingConfig:
+    """How router logits become ``topk_weights``/``topk_ids``; see ``moekit.select_experts`` for the semantics.
+
+    Families:  Mixtral/Qwen3/OLMoE-with-norm: softmax + renormalize;  Qwen2-MoE/OLMoE: softmax;
+    gpt-oss: softmax with ``topk_before_score``;  Llama4: sigmoid with ``topk_before_score`` and
+    ``apply_weights_on_input``;  DeepSeek-V2: softmax, groups with ``group_score="max"``;
+    DeepSeek-V3: sigmoid, groups with ``group_score="top2_sum"``, ``correction_bias``, scaling factor.
+    """
+
+    scoring_func: str = "softmax"
+    topk_before_score: bool = False
+    renormalize: bool = False
+    num_expert_group: int | None = None
+    topk_group: int | None = None
+    group_score: str = "max"
+    correction_bias: bool = False
+    routed_scaling_factor: float = 1.0
+    apply_weights_on_input: bool = False
+    custom_routing_function: Callable | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        check_choice("routing.scoring_func", self.scoring_func, SCORING_FUNCS)
+        check_choice("routing.group_score", self.group_score, GROUP_SCORES)
+        if (self.num_expert_group is None) != (self.topk_group is None):
+            raise ValueError(
+                "routing.num_expert_group/topk_group: set both for grouped top-k or neither, got "
+                f"num_expert_group={self.num_expert_group}, topk_group={self.topk_group}"
+            )
+        if self.num_expert_group is not None:
+            check_positive("routing.num_expert_group", self.num_expert_group)
+            check_positive("routing.topk_group", self.topk_group)
+            if self.topk_group > self.num_expert_group:
+                raise ValueError(
+                    f"routing.topk_group: expected <= num_expert_group={self.num_expert_group}, got {self.topk_group}"
+                )
+            if self.topk_before_score:
+                raise ValueError("routing.topk_before_score: not supported together with grouped top-k")
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(f"routing.routed_scaling_factor: expected > 0, got {self.routed_scaling_factor}")
+        if self.custom_routing_function is not None and not callable(self.custom_routing_function):
+            raise TypeError("routing.custom_routing_function: expected a callable")
+
+    @property
+    def grouped(self) -> bool:
+        return self.num_expert_group is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """One MoE layer.
+
+    Args:
+        num_experts: E, routed experts.
+        top_k: K, experts per token, in [1, E].
+        hidden_size: H.
+        intermediate_size: I, per routed expert.
+        activation: name or ``moekit.Activation`` (``silu``, ``gelu``, ``gelu_tanh``, ``relu2``, ``swigluoai``).
+        routing: a ``RoutingConfig``.
+        shared_intermediate_size: intermediate size of the always-on shared MLP; 0 = no shared experts.
+        shared_expert_gate: multiply the shared MLP's output by ``sigmoid(x @ w_gate)`` per token (Qwen2-MoE).
+        bias: routed experts carry ``w13_bias`` [E, 2I] and ``w2_bias`` [E, H] (gpt-oss).
+        router_bias: the router Linear has a bias (gpt-oss).
+        router_fp32: compute router logits in fp32 from an fp32 copy of the input (DeepSeek-V3 does this).
+        backend: ``auto`` (Triton on CUDA when available, else torch), ``torch`` or ``triton``.
+    """
+
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    activation: str | Activation = "silu"
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    shared_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    bias: bool = False
+    router_bias: bool = False
+    router_fp32: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k", "hidden_size", "intermediate_size"):
+            check_positive(name, getattr(self, name))
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k: expected in [1, num_experts={self.num_experts}], got {self.top_k}")
+        object.__setattr__(self, "activation", resolve_activation(self.activation))
+        if not isinstance(self.routing, RoutingConfig):
+            raise TypeError(f"routing: expected a moekit.RoutingConfig, got {type(self.routing).__name__}")
+        if isinstance(self.shared_intermediate_size, bool) or not isinstance(self.shared_intermediate_size, int):
+            raise TypeError(f"shared_intermediate_size: expected an int, got {type(self.shared_intermediate_size).__name__}")
+        if self.shared_intermediate_size < 0:
+            raise ValueError(f"shared_intermediate_size: expected >= 0 (0 = none), got {self.shared_intermediate_size}")
+        if self.shared_expert_gate and self.shared_intermediate_size == 0:
+            raise ValueError("shared_expert_gate: needs shared_intermediate_size > 0")
+        check_choice("backend", self.backend, BACKENDS)
+        r = self.routing
+        if r.grouped:
+            if self.num_experts % r.num_expert_group:
+                raise ValueError(
+                    f"routing.num_expert_group: expected a divisor of num_experts={self.num_experts}, "
+                    f"got {r.num_expert_group}"
+                )
+            per_group = self.num_experts // r.num_expert_group
+            if r.group_score == "top2_sum" and per_group < 2:
+                raise ValueError(f"routing.group_score: 'top2_sum' needs >= 2 experts per group, got {per_group}")
+            if self.top_k > r.topk_group * per_group:
+                raise ValueError(
+                    f"top_k: expected <= topk_group * experts_per_group = {r.topk_group * per_group}, got {self.top_k}"
+                )
+        if r.apply_weights_on_input and self.top_k != 1:
+            raise ValueError(f"routing.apply_weights_on_input: needs top_k == 1, got top_k={self.top_k}")
+
+    @property
+    def has_shared_experts(self) -> bool:
+        return self.shared_intermediate_size > 0

@@ -1,0 +1,173 @@
+"""The modular kernel: prepare -> experts -> finalize, with shared experts passed in per call.
+
+    x_TH, topk_weights_TK, topk_ids_TK
+        │ PrepareFinalize.prepare     quantize / fold weights into x / (EP) dispatch to owning ranks
+        ▼
+    PrepareResult ──▶ Experts.apply   grouped GEMM 1 → activation → grouped GEMM 2 → weight → sum over K
+        │ PrepareFinalize.finalize    (EP) combine rows back to their ranks
+        ▼
+    routed_TH  (+ shared_experts(shared_experts_input))   ──▶ out_TH
+
+The kernel holds no per-layer state: weights, biases, quant scales and the shared-experts module all arrive as
+arguments, so one kernel instance serves every layer of a model and it alone decides when the shared experts
+run relative to the routed ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from moekit._checks import (
+    check_dtype,
+    check_int_dtype,
+    check_ndim,
+    check_same_device,
+    check_same_dtype,
+    check_shape,
+)
+from moekit.kernel.experts import Experts
+from moekit.kernel.prepare_finalize import PrepareFinalize
+from moekit.ops.activation import Activation, resolve_activation
+from moekit.quant.params import UNQUANTIZED, QuantParams
+
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class ModularKernel:
+    def __init__(self, prepare_finalize: PrepareFinalize, experts: Experts) -> None:
+        self.prepare_finalize = prepare_finalize
+        self.experts = experts
+
+    def __repr__(self) -> str:
+        return f"ModularKernel({type(self.prepare_finalize).__name__}, {type(self.experts).__name__})"
+
+    def apply(
+        self,
+        hidden_states: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        *,
+        activation: str | Activation = "silu",
+        w13_bias: torch.Tensor | None = None,
+        w2_bias: torch.Tensor | None = None,
+        expert_map: torch.Tensor | None = None,
+        apply_router_weight_on_input: bool = False,
+        quant: QuantParams = UNQUANTIZED,
+        shared_experts: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        shared_experts_input: torch.Tensor | None = None,
+        check_ids: bool = True,
+    ) -> torch.Tensor:
+        """Routed experts (+ shared experts) for ``hidden_states`` [T, H]; returns [T, H] in its dtype.
+
+        ``shared_experts`` (any callable ``[T, H] -> [T, H]``) runs on ``shared_experts_input`` (default:
+        ``hidden_states``) and its output is added. ``check_ids=False`` skips the value check of ``topk_ids``
+        (a device-to-host sync); ids from ``select_experts`` are always valid.
+        """
+        act = resolve_activation(activation)
+        check_expert_inputs(
+            hidden_states, w13, w2, topk_weights, topk_ids,
+            activation=act, w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map, quant=quant,
+            check_ids=check_ids,
+        )
+        if shared_experts_input is not None:
+            check_shape("shared_experts_input", shared_experts_input, tuple(hidden_states.shape), "[T, H]")
+        self.experts.check_supported(hidden_states, quant)
+        num_tokens, hidden = hidden_states.shape
+        if num_tokens == 0:
+            return hidden_states.new_empty((0, hidden))
+
+        prep = self.prepare_finalize.prepare(
+            hidden_states, topk_weights, topk_ids,
+            apply_router_weight_on_input=apply_router_weight_on_input, quant=quant,
+        )
+        routed = self.experts.apply(
+            prep.hidden_states, w13, w2, prep.topk_weights, prep.topk_ids,
+            activation=act, w13_bias_E2I=w13_bias, w2_bias_EH=w2_bias, expert_map_E=expert_map,
+            quant=quant, hidden_scale=prep.hidden_scale, out_dtype=hidden_states.dtype,
+        )
+        out = self.prepare_finalize.finalize(routed, prep)
+        if shared_experts is not None:
+            shared_in = hidden_states if shared_experts_input is None else shared_experts_input
+            out = out + shared_experts(shared_in)
+        return out
+
+
+def check_expert_inputs(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: Activation,
+    w13_bias: torch.Tensor | None,
+    w2_bias: torch.Tensor | None,
+    expert_map: torch.Tensor | None,
+    quant: QuantParams,
+    check_ids: bool,
+) -> None:
+    """Validate the arguments of ``fused_experts``/``ModularKernel.apply``; errors name the argument."""
+    check_ndim("hidden_states", hidden_states, 2, "[T, H]")
+    check_dtype("hidden_states", hidden_states, ACT_DTYPES)
+    check_ndim("w13", w13, 3, "[E, 2I, H]")
+    check_ndim("w2", w2, 3, "[E, H, I]")
+    num_tokens, hidden = hidden_states.shape
+    num_local, rows13, hidden13 = w13.shape
+    if not quant.is_quantized:
+        check_same_dtype("w13", w13, "hidden_states", hidden_states)
+        check_same_dtype("w2", w2, "hidden_states", hidden_states)
+        if hidden13 != hidden:
+            raise ValueError(
+                f"hidden_states: expected hidden size H = {hidden13} (w13 [E, 2I, H] is {tuple(w13.shape)}), "
+                f"got shape {tuple(hidden_states.shape)}"
+            )
+        if activation.is_gated and rows13 % 2:
+            raise ValueError(
+                f"w13: gated activation {activation.name!r} needs an even row count 2I, got shape {tuple(w13.shape)}"
+            )
+        inter = rows13 // 2 if activation.is_gated else rows13
+        check_shape("w2", w2, (num_local, hidden, inter), f"[E, H, I] (w13 is {tuple(w13.shape)})")
+    for name, t in (("w13", w13), ("w2", w2)):
+        check_same_device(name, t, "hidden_states", hidden_states)
+    check_ndim("topk_weights", topk_weights, 2, "[T, K]")
+    check_ndim("topk_ids", topk_ids, 2, "[T, K]")
+    check_dtype("topk_weights", topk_weights, ACT_DTYPES)
+    check_int_dtype("topk_ids", topk_ids)
+    if topk_ids.shape != topk_weights.shape:
+        raise ValueError(
+            f"topk_ids: expected the shape of topk_weights {tuple(topk_weights.shape)}, got {tuple(topk_ids.shape)}"
+        )
+    if topk_ids.shape[0] != num_tokens:
+        raise ValueError(
+            f"topk_ids: expected T = {num_tokens} rows (hidden_states is {tuple(hidden_states.shape)}), "
+            f"got shape {tuple(topk_ids.shape)}"
+        )
+    for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
+        check_same_device(name, t, "hidden_states", hidden_states)
+    if w13_bias is not None:
+        check_shape("w13_bias", w13_bias, (num_local, rows13), "[E, 2I]")
+        check_same_device("w13_bias", w13_bias, "hidden_states", hidden_states)
+    if w2_bias is not None:
+        check_shape("w2_bias", w2_bias, (num_local, w2.shape[1]), "[E, H]")
+        check_same_device("w2_bias", w2_bias, "hidden_states", hidden_states)
+    num_global = num_local
+    if expert_map is not None:
+        check_ndim("expert_map", expert_map, 1, "[E_global]")
+        check_int_dtype("expert_map", expert_map)
+        check_same_device("expert_map", expert_map, "hidden_states", hidden_states)
+        num_global = expert_map.shape[0]
+    if check_ids and topk_ids.numel() and not _capturing():
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= num_global:
+            raise ValueError(f"topk_ids: expected values in [0, E={num_global}), got values in [{lo}, {hi}]")
+
+
+def _capturing() -> bool:
+    """A value check would sync the device, which CUDA-graph capture and torch.compile forbid."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -1,0 +1,97 @@
+"""The prepare/finalize half of a modular kernel.
+
+``prepare`` turns the layer's tokens into what the experts stage consumes (optionally quantized activations,
+router weights folded into the input, and — in expert parallelism — only the tokens this rank owns).
+``finalize`` turns the experts stage's output back into ``[T, H]`` for the caller (for EP: combine across
+ranks). The handle that connects the two is a frozen ``PrepareResult``, not a tuple.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from moekit.quant.params import QuantParams
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareResult:
+    """What ``prepare`` hands to the experts stage and, later, to ``finalize``.
+
+    Attributes:
+        hidden_states: [T', H] rows the experts stage computes on (T' = T for a local prepare).
+        hidden_scale: activation scales when ``hidden_states`` is quantized, else None.
+        topk_weights: [T', K] float32 routing weights (all ones when ``weights_applied``).
+        topk_ids: [T', K] int32 expert ids.
+        weights_applied: the router weights were already multiplied into ``hidden_states``.
+        num_tokens: T, the row count ``finalize`` must return.
+        handle: whatever a cross-rank finalize needs to route rows home; None locally.
+    """
+
+    hidden_states: torch.Tensor
+    hidden_scale: torch.Tensor | None
+    topk_weights: torch.Tensor
+    topk_ids: torch.Tensor
+    weights_applied: bool
+    num_tokens: int
+    handle: object | None = None
+
+
+class PrepareFinalize(ABC):
+    """Base class; subclasses keep no per-layer state so one instance serves every layer."""
+
+    @abstractmethod
+    def prepare(
+        self,
+        hidden_states_TH: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        *,
+        apply_router_weight_on_input: bool,
+        quant: QuantParams,
+    ) -> PrepareResult: ...
+
+    @abstractmethod
+    def finalize(self, output_TH: torch.Tensor, prep: PrepareResult) -> torch.Tensor:
+        """Return the layer's routed output [T, H] from the experts stage's output."""
+
+
+class LocalPrepareFinalize(PrepareFinalize):
+    """Single-rank prepare/finalize: nothing to dispatch; the experts stage already reduces over top-k."""
+
+    def prepare(
+        self,
+        hidden_states_TH: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        *,
+        apply_router_weight_on_input: bool,
+        quant: QuantParams,
+    ) -> PrepareResult:
+        if quant.act_dtype is not None:
+            # Activation quantization belongs here (one pass over x, shared by all experts); the quantized
+            # methods that need it bring it with them.
+            raise NotImplementedError(f"quant.act_dtype={quant.act_dtype!r}: activation quantization is not available yet")
+        x = hidden_states_TH
+        weights = topk_weights_TK
+        if apply_router_weight_on_input:
+            # Llama4: the (single) routing weight scales the input, and the output is not weighted again.
+            if weights.shape[1] != 1:
+                raise ValueError(
+                    f"apply_router_weight_on_input: needs top_k == 1, got topk_weights shape {tuple(weights.shape)}"
+                )
+            x = (x.float() * weights).to(x.dtype)
+            weights = torch.ones_like(weights)
+        return PrepareResult(
+            hidden_states=x,
+            hidden_scale=None,
+            topk_weights=weights,
+            topk_ids=topk_ids_TK,
+            weights_applied=apply_router_weight_on_input,
+            num_tokens=hidden_states_TH.shape[0],
+        )
+
+    def finalize(self, output_TH: torch.Tensor, prep: PrepareResult) -> torch.Tensor:
+        return output_TH

@@ -1,0 +1,121 @@
+"""The MoE layer.
+
+    out = routed_experts(x, select_experts(gate(x))) + shared_experts(x)
+
+``forward`` does exactly that: the router Linear gives logits [T, E]; ``select_experts`` turns them into
+top-k weights and ids; ``RoutedExperts`` runs the modular kernel, which receives the shared experts on the call
+and adds their output.
+
+Shape legend (used across moekit): T tokens, H hidden, I intermediate per expert, E experts, K top-k,
+N = T·K routed rows. ``x_TH`` is [T, H], ``w13_E2IH`` is [E, 2I, H].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit._checks import check_ndim, check_same_dtype, check_shape, check_tensor
+from moekit.config import MoEConfig
+from moekit.quant.base import MoEQuantMethod
+from moekit.routed_experts import RoutedExperts
+from moekit.router import route, select_experts
+from moekit.shared_experts import SharedExperts
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts layer: router gate + ``RoutedExperts`` + optional ``SharedExperts``.
+
+    ``forward(hidden_states [..., H], router_logits=None, *, topk_weights=None, topk_ids=None)`` returns
+    the same shape and dtype. Give ``router_logits`` [T, E] to skip the gate, or ``topk_weights``/``topk_ids``
+    [T, K] to skip routing altogether.
+    """
+
+    def __init__(
+        self,
+        config: MoEConfig,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        quant_method: MoEQuantMethod | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config: expected a moekit.MoEConfig, got {type(config).__name__}")
+        self.config = config
+        kw = {"dtype": dtype, "device": device}
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=config.router_bias, **kw)
+        if config.routing.correction_bias:
+            bias = torch.zeros(config.num_experts, dtype=torch.float32, device=device)
+            self.register_buffer("e_score_correction_bias", bias)
+        else:
+            self.e_score_correction_bias = None
+        self.routed_experts = RoutedExperts(
+            config.num_experts,
+            config.hidden_size,
+            config.intermediate_size,
+            activation=config.activation,
+            bias=config.bias,
+            apply_router_weight_on_input=config.routing.apply_weights_on_input,
+            quant_method=quant_method,
+            backend=config.backend,
+            **kw,
+        )
+        self.shared_experts = None
+        if config.has_shared_experts:
+            self.shared_experts = SharedExperts(
+                config.hidden_size,
+                config.shared_intermediate_size,
+                activation=config.activation,
+                gate=config.shared_expert_gate,
+                **kw,
+            )
+
+    def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, E] for ``x_TH``."""
+        if self.config.router_fp32:
+            bias = None if self.gate.bias is None else self.gate.bias.float()
+            return F.linear(x_TH.float(), self.gate.weight.float(), bias)
+        return self.gate(x_TH)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        router_logits: torch.Tensor | None = None,
+        *,
+        topk_weights: torch.Tensor | None = None,
+        topk_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        check_tensor("hidden_states", hidden_states)
+        if hidden_states.dim() == 0 or hidden_states.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"hidden_states: expected shape [..., H={cfg.hidden_size}], got {tuple(hidden_states.shape)}")
+        check_same_dtype("hidden_states", hidden_states, "MoE parameters (gate.weight)", self.gate.weight)
+        x_TH = hidden_states.reshape(-1, cfg.hidden_size)
+        num_tokens = x_TH.shape[0]
+        precomputed = topk_weights is not None or topk_ids is not None
+        if precomputed:
+            weights, ids = select_experts(router_logits, cfg.top_k, topk_weights=topk_weights, topk_ids=topk_ids)
+            check_shape("topk_ids", ids, (num_tokens, cfg.top_k), f"[T, K] (hidden_states has T={num_tokens})")
+        else:
+            if router_logits is None:
+                router_logits = self.router_logits(x_TH)
+            check_ndim("router_logits", router_logits, 2, "[T, E]")
+            check_shape("router_logits", router_logits, (num_tokens, cfg.num_experts), "[T, E]")
+            weights, ids = route(
+                router_logits,
+                cfg.top_k,
+                cfg.routing,
+                e_score_correction_bias=self.e_score_correction_bias,
+                hidden_states=x_TH,
+            )
+        out_TH = self.routed_experts(
+            x_TH,
+            weights,
+            ids,
+            shared_experts=self.shared_experts,
+            shared_experts_input=x_TH,
+            check_ids=precomputed,
+        )
+        return out_TH.view(hidden_states.shape)

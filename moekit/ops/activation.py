@@ -1,0 +1,76 @@
+"""Expert activations.
+
+Gated activations read the first GEMM's output ``h_N2I`` as ``[gate | up]`` (gate rows then up rows of ``w13``)
+and return ``act(gate) * up`` of width I. The one non-gated activation, ``relu2``, maps ``h_NI`` to ``relu(h)**2``
+and its ``w13`` holds I rows, not 2I.
+
+    silu       silu(gate) * up                                   (Mixtral, Qwen, DeepSeek, OLMoE)
+    gelu       gelu(gate) * up                                   (erf form)
+    gelu_tanh  gelu_tanh(gate) * up
+    relu2      relu(h) ** 2                                      (non-gated; Nemotron-H style)
+    swigluoai  g = min(gate, limit); u = clamp(up, -limit, limit)
+               g * sigmoid(alpha * g) * (u + 1)                  (gpt-oss; alpha 1.702, limit 7.0)
+
+``activation_ref`` is the torch twin every fast path is checked against; it computes in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2", "swigluoai")
+_GATED = {"silu": True, "gelu": True, "gelu_tanh": True, "relu2": False, "swigluoai": True}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Activation:
+    """An expert activation and its parameters (``alpha``/``limit`` only matter for ``swigluoai``)."""
+
+    name: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self) -> None:
+        if self.name not in _GATED:
+            raise ValueError(f"activation: expected one of {list(ACTIVATIONS)}, got {self.name!r}")
+        if self.limit <= 0:
+            raise ValueError(f"activation.limit: expected a positive float, got {self.limit}")
+
+    @property
+    def is_gated(self) -> bool:
+        return _GATED[self.name]
+
+    def w13_rows(self, intermediate_size: int) -> int:
+        """Rows of ``w13`` per expert: 2I for gated activations, I for ``relu2``."""
+        return 2 * intermediate_size if self.is_gated else intermediate_size
+
+
+def resolve_activation(activation: str | Activation) -> Activation:
+    if isinstance(activation, Activation):
+        return activation
+    if not isinstance(activation, str):
+        raise TypeError(f"activation: expected a str or moekit.Activation, got {type(activation).__name__}")
+    return Activation(name=activation)
+
+
+def activation_ref(h_N2I: torch.Tensor, activation: str | Activation) -> torch.Tensor:
+    """Apply ``activation`` in fp32 to the rows of the first GEMM's output. Returns fp32 ``[N, I]``."""
+    act = resolve_activation(activation)
+    h = h_N2I.float()
+    if not act.is_gated:
+        return F.relu(h).square()
+    if h.shape[-1] % 2:
+        raise ValueError(f"h_N2I: gated activation {act.name!r} needs an even last dim, got shape {tuple(h.shape)}")
+    gate, up = h.chunk(2, dim=-1)
+    if act.name == "silu":
+        return F.silu(gate) * up
+    if act.name == "gelu":
+        return F.gelu(gate) * up
+    if act.name == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    gate = gate.clamp(max=act.limit)
+    up = up.clamp(min=-act.limit, max=act.limit)
+    return gate * torch.sigmoid(act.alpha * gate) * (up + 1)

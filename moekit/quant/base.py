@@ -1,0 +1,79 @@
+"""The seam where quantized weights plug in.
+
+A ``MoEQuantMethod`` owns how a ``RoutedExperts`` layer stores its weights:
+
+    create_weights(layer, ...)            register w13/w2 (and scales, biases) on the layer
+    (checkpoint loading through layer.weight_loader)
+    process_weights_after_loading(layer)  repack / requantize once, after loading
+    apply(layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input)
+                                          run the layer's modular kernel with this method's QuantParams
+
+A new weight format (fp8, int8, int4, mxfp4) is one module in this folder that subclasses this base; backends
+learn about its scales through ``QuantParams``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from moekit.quant.params import QuantParams
+
+if TYPE_CHECKING:
+    from moekit.routed_experts import RoutedExperts
+
+
+class MoEQuantMethod(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def create_weights(
+        self,
+        layer: RoutedExperts,
+        *,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        params_dtype: torch.dtype,
+        device: torch.device | None,
+    ) -> None:
+        """Register the layer's weight parameters (``layer.w13``, ``layer.w2``, optional biases, scales)."""
+
+    def process_weights_after_loading(self, layer: RoutedExperts) -> None:
+        """Called once after all weights are loaded; the default keeps them as loaded."""
+
+    @abstractmethod
+    def quant_params(self, layer: RoutedExperts) -> QuantParams:
+        """The scales and dtypes the kernel needs for this layer's weights."""
+
+    def apply(
+        self,
+        layer: RoutedExperts,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        shared_experts: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        shared_experts_input: torch.Tensor | None = None,
+        *,
+        check_ids: bool = True,
+    ) -> torch.Tensor:
+        """Routed (+ shared) experts for ``x`` [T, H] through the layer's modular kernel."""
+        return layer.kernel_for(x).apply(
+            x,
+            layer.w13,
+            layer.w2,
+            topk_weights,
+            topk_ids,
+            activation=layer.activation,
+            w13_bias=layer.w13_bias,
+            w2_bias=layer.w2_bias,
+            expert_map=layer.expert_map,
+            apply_router_weight_on_input=layer.apply_router_weight_on_input,
+            quant=self.quant_params(layer),
+            shared_experts=shared_experts,
+            shared_experts_input=shared_experts_input,
+            check_ids=check_ids,
+        )

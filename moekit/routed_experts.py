@@ -1,0 +1,147 @@
+"""RoutedExperts: the routed expert weights of one MoE layer, their quant method and their weight loader.
+
+Parameters (unquantized; E = local experts):
+    w13       [E, 2I, H]   gate rows [0, I) then up rows [I, 2I)   ([E, I, H] for non-gated relu2)
+    w2        [E, H, I]
+    w13_bias  [E, 2I]      optional
+    w2_bias   [E, H]       optional
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit._checks import check_choice, check_int_dtype, check_ndim, check_positive
+from moekit.kernel import ModularKernel, make_kernel
+from moekit.ops.activation import Activation, resolve_activation
+from moekit.quant.base import MoEQuantMethod
+from moekit.quant.unquantized import UnquantizedMoEMethod
+
+SHARD_IDS = ("w1", "w2", "w3")
+
+
+class RoutedExperts(nn.Module):
+    """The routed experts. ``forward(x_TH, topk_weights_TK, topk_ids_TK)`` returns ``[T, H]``.
+
+    Args:
+        num_experts: experts held by this module (global count when ``expert_map`` is None).
+        expert_map: optional [E_global] int tensor mapping a global expert id to a local one (-1: elsewhere);
+            ``topk_ids`` and ``weight_loader``'s ``expert_id`` are then global ids.
+        backend: ``auto`` | ``torch`` | ``triton``; resolved per call from the input's device.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        activation: str | Activation = "silu",
+        bias: bool = False,
+        apply_router_weight_on_input: bool = False,
+        quant_method: MoEQuantMethod | None = None,
+        expert_map: torch.Tensor | None = None,
+        backend: str = "auto",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size)):
+            check_positive(name, value)
+        check_positive("intermediate_size", intermediate_size)
+        check_choice("backend", backend, ("auto", "torch", "triton"))
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.activation = resolve_activation(activation)
+        self.has_bias = bias
+        self.apply_router_weight_on_input = apply_router_weight_on_input
+        self.backend = backend
+        if expert_map is not None:
+            check_ndim("expert_map", expert_map, 1, "[E_global]")
+            check_int_dtype("expert_map", expert_map)
+            local = int((expert_map >= 0).sum())
+            if local != num_experts:
+                raise ValueError(f"expert_map: expected {num_experts} local experts (entries >= 0), got {local}")
+            expert_map = expert_map.to(device=device, dtype=torch.int32)
+        self.register_buffer("expert_map", expert_map, persistent=False)
+        self.quant_method = quant_method if quant_method is not None else UnquantizedMoEMethod()
+        self.quant_method.create_weights(
+            self,
+            num_experts=num_experts,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            params_dtype=dtype if dtype is not None else torch.get_default_dtype(),
+            device=torch.device(device) if device is not None else None,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+            f"intermediate_size={self.intermediate_size}, activation={self.activation.name}, "
+            f"bias={self.has_bias}, quant={self.quant_method.name}, backend={self.backend}"
+        )
+
+    def kernel_for(self, x: torch.Tensor) -> ModularKernel:
+        return make_kernel(self.backend, x.device)
+
+    def forward(
+        self,
+        x_TH: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        *,
+        shared_experts: nn.Module | None = None,
+        shared_experts_input: torch.Tensor | None = None,
+        check_ids: bool = True,
+    ) -> torch.Tensor:
+        return self.quant_method.apply(
+            self, x_TH, topk_weights_TK, topk_ids_TK, shared_experts, shared_experts_input, check_ids=check_ids
+        )
+
+    def process_weights_after_loading(self) -> None:
+        self.quant_method.process_weights_after_loading(self)
+
+    @torch.no_grad()
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str, expert_id: int
+    ) -> None:
+        """Copy one expert's checkpoint tensor into ``param`` (``w13``, ``w2`` or their biases).
+
+        ``shard_id``: ``w1`` (gate, rows [0, I) of w13), ``w3`` (up, rows [I, 2I)), ``w2`` (down). For the
+        non-gated ``relu2`` activation ``w1`` fills all I rows of w13 and ``w3`` does not exist. ``expert_id``
+        is global; an expert that ``expert_map`` places on another rank is skipped.
+        """
+        check_choice("shard_id", shard_id, SHARD_IDS)
+        local_id = self._local_expert_id(expert_id)
+        if local_id is None:
+            return
+        is_w13 = param is self.w13 or (self.w13_bias is not None and param is self.w13_bias)
+        is_w2 = param is self.w2 or (self.w2_bias is not None and param is self.w2_bias)
+        if not (is_w13 or is_w2):
+            raise ValueError("param: expected one of this layer's parameters w13, w2, w13_bias, w2_bias")
+        name = next(n for n, p in self.named_parameters(recurse=False) if p is param)
+        if (shard_id == "w2") != is_w2:
+            raise ValueError(f"shard_id: {shard_id!r} does not load into {name!r} (w1/w3 -> w13*, w2 -> w2*)")
+        dest = param.data[local_id]
+        if is_w13 and self.activation.is_gated:
+            inter = self.intermediate_size
+            dest = dest[:inter] if shard_id == "w1" else dest[inter:]
+        elif shard_id == "w3":
+            raise ValueError(f"shard_id: 'w3' (up) does not exist for the non-gated activation {self.activation.name!r}")
+        if tuple(loaded_weight.shape) != tuple(dest.shape):
+            raise ValueError(
+                f"loaded_weight: expected shape {tuple(dest.shape)} for {name}[{expert_id}] shard {shard_id!r}, "
+                f"got {tuple(loaded_weight.shape)}"
+            )
+        dest.copy_(loaded_weight)
+
+    def _local_expert_id(self, expert_id: int) -> int | None:
+        num_global = self.num_experts if self.expert_map is None else self.expert_map.shape[0]
+        if not 0 <= expert_id < num_global:
+            raise ValueError(f"expert_id: expected in [0, {num_global}), got {expert_id}")
+        if self.expert_map is None:
+            return expert_id
+        local = int(self.expert_map[expert_id])
+        return None if local < 0 else local

@@ -1,0 +1,185 @@
+"""Routing: router logits -> (topk_weights float32 [T, K], topk_ids int32 [T, K]).
+
+    scores    = softmax(logits) | sigmoid(logits)                          (fp32)
+    choice    = scores + e_score_correction_bias                            (selection only)
+    if grouped:   keep the topk_group best of num_expert_group groups, ranked by max(choice in group)
+                  ("max", DeepSeek-V2) or sum of its two best (“top2_sum”, DeepSeek-V3); mask the rest
+    ids       = topk(choice, K)
+    weights   = scores[ids]; if renormalize: weights /= weights.sum(); weights *= routed_scaling_factor
+
+``topk_before_score`` picks the K largest raw logits first and scores only those (gpt-oss: softmax over the
+K picked logits; Llama4: sigmoid of the picked logits).
+
+Non-finite logits: ``topk_ids`` are always valid expert indices in [0, E), so no kernel can read out of
+bounds. A ``-inf`` logit means "never pick this expert" while K finite logits remain. A NaN or ``+inf`` logit
+(a diverged model) gives that token NaN weights, which reach only that token's output row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from moekit._checks import (
+    check_choice,
+    check_dtype,
+    check_int_dtype,
+    check_ndim,
+    check_positive,
+    check_same_device,
+    check_shape,
+)
+from moekit.config import GROUP_SCORES, SCORING_FUNCS, RoutingConfig
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def select_experts(
+    router_logits: torch.Tensor | None,
+    top_k: int,
+    *,
+    scoring_func: str = "softmax",
+    topk_before_score: bool = False,
+    renormalize: bool = False,
+    num_expert_group: int | None = None,
+    topk_group: int | None = None,
+    group_score: str = "max",
+    e_score_correction_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+    custom_routing_function: Callable | None = None,
+    hidden_states: torch.Tensor | None = None,
+    topk_weights: torch.Tensor | None = None,
+    topk_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick ``top_k`` experts per token (see the module docstring for the math).
+
+    Args:
+        router_logits: [T, E] float logits; may be None when ``topk_weights``/``topk_ids`` are given.
+        top_k: K in [1, E].
+        custom_routing_function: ``fn(hidden_states, router_logits, top_k, renormalize) -> (weights, ids)``;
+            replaces the built-in selection (the routed scaling factor still applies).
+        topk_weights, topk_ids: precomputed routing [T, K]; returned as float32/int32 after validation.
+    Returns:
+        topk_weights float32 [T, K], topk_ids int32 [T, K].
+    """
+    if topk_weights is not None or topk_ids is not None:
+        return _check_precomputed(topk_weights, topk_ids, router_logits, top_k)
+    check_ndim("router_logits", router_logits, 2, "[T, E]")
+    check_dtype("router_logits", router_logits, _FLOAT_DTYPES)
+    num_tokens, num_experts = router_logits.shape
+    check_positive("top_k", top_k)
+    if top_k > num_experts:
+        raise ValueError(f"top_k: expected in [1, E={num_experts}] (E from router_logits [T, E]), got {top_k}")
+    check_choice("scoring_func", scoring_func, SCORING_FUNCS)
+    check_choice("group_score", group_score, GROUP_SCORES)
+    if e_score_correction_bias is not None:
+        check_shape("e_score_correction_bias", e_score_correction_bias, (num_experts,), "[E]")
+        check_same_device("e_score_correction_bias", e_score_correction_bias, "router_logits", router_logits)
+
+    if custom_routing_function is not None:
+        weights, ids = custom_routing_function(hidden_states, router_logits, top_k, renormalize)
+        weights, ids = _check_precomputed(weights, ids, router_logits, top_k, source="custom_routing_function")
+        return _scale(weights, routed_scaling_factor), ids
+
+    logits = router_logits.float()
+    if topk_before_score:
+        if num_expert_group is not None or e_score_correction_bias is not None:
+            raise ValueError("topk_before_score: not supported with grouped top-k or e_score_correction_bias")
+        picked, ids = torch.topk(logits, top_k, dim=-1)
+        weights = torch.softmax(picked, dim=-1) if scoring_func == "softmax" else torch.sigmoid(picked)
+    else:
+        scores = torch.softmax(logits, dim=-1) if scoring_func == "softmax" else torch.sigmoid(logits)
+        choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias.float()
+        if num_expert_group is not None or topk_group is not None:
+            choice = _mask_groups(choice, num_expert_group, topk_group, group_score, top_k)
+        ids = torch.topk(choice, top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return _scale(weights, routed_scaling_factor), ids.to(torch.int32)
+
+
+def route(
+    router_logits: torch.Tensor,
+    top_k: int,
+    routing: RoutingConfig,
+    *,
+    e_score_correction_bias: torch.Tensor | None = None,
+    hidden_states: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_experts`` with the settings of a ``RoutingConfig``."""
+    return select_experts(
+        router_logits,
+        top_k,
+        scoring_func=routing.scoring_func,
+        topk_before_score=routing.topk_before_score,
+        renormalize=routing.renormalize,
+        num_expert_group=routing.num_expert_group,
+        topk_group=routing.topk_group,
+        group_score=routing.group_score,
+        e_score_correction_bias=e_score_correction_bias,
+        routed_scaling_factor=routing.routed_scaling_factor,
+        custom_routing_function=routing.custom_routing_function,
+        hidden_states=hidden_states,
+    )
+
+
+def _mask_groups(
+    choice_TE: torch.Tensor, num_expert_group: int | None, topk_group: int | None, group_score: str, top_k: int
+) -> torch.Tensor:
+    """Set the scores of experts outside the ``topk_group`` best groups to -inf."""
+    num_tokens, num_experts = choice_TE.shape
+    if num_expert_group is None or topk_group is None:
+        raise ValueError("num_expert_group/topk_group: set both for grouped top-k or neither")
+    check_positive("num_expert_group", num_expert_group)
+    check_positive("topk_group", topk_group)
+    if num_experts % num_expert_group:
+        raise ValueError(f"num_expert_group: expected a divisor of E={num_experts}, got {num_expert_group}")
+    if topk_group > num_expert_group:
+        raise ValueError(f"topk_group: expected <= num_expert_group={num_expert_group}, got {topk_group}")
+    per_group = num_experts // num_expert_group
+    if top_k > topk_group * per_group:
+        raise ValueError(f"top_k: expected <= topk_group * experts_per_group = {topk_group * per_group}, got {top_k}")
+    grouped_TGe = choice_TE.view(num_tokens, num_expert_group, per_group)
+    if group_score == "max":
+        group_scores_TG = grouped_TGe.amax(dim=-1)
+    else:
+        if per_group < 2:
+            raise ValueError(f"group_score: 'top2_sum' needs >= 2 experts per group, got {per_group}")
+        group_scores_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+    best_groups = group_scores_TG.topk(topk_group, dim=-1).indices
+    keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, best_groups, True)
+    return grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
+
+
+def _scale(weights: torch.Tensor, factor: float) -> torch.Tensor:
+    return weights if factor == 1.0 else weights * factor
+
+
+def _check_precomputed(
+    weights: torch.Tensor | None,
+    ids: torch.Tensor | None,
+    router_logits: torch.Tensor | None,
+    top_k: int,
+    source: str = "select_experts",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if weights is None or ids is None:
+        raise ValueError(f"{source}: topk_weights and topk_ids must be given together")
+    check_ndim("topk_weights", weights, 2, "[T, K]")
+    check_ndim("topk_ids", ids, 2, "[T, K]")
+    check_dtype("topk_weights", weights, _FLOAT_DTYPES)
+    check_int_dtype("topk_ids", ids)
+    if weights.shape != ids.shape:
+        raise ValueError(f"topk_ids: expected the shape of topk_weights {tuple(weights.shape)}, got {tuple(ids.shape)}")
+    if weights.shape[1] != top_k:
+        raise ValueError(f"topk_ids: expected K = top_k = {top_k} columns, got shape {tuple(ids.shape)}")
+    if router_logits is not None:
+        if router_logits.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"topk_ids: expected T = {router_logits.shape[0]} rows (router_logits [T, E]), got {ids.shape[0]}"
+            )
+        num_experts = router_logits.shape[1]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
+            raise ValueError(f"topk_ids: expected values in [0, {num_experts}), got [{int(ids.min())}, {int(ids.max())}]")
+    return weights.float(), ids.to(torch.int32)

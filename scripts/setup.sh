@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv and install moekit with pinned test/bench dependencies.
+# torch is pinned first and explicitly: an unpinned `torch` on a machine without torch would pull a
+# multi-GB CUDA build, while torch==2.13.0 resolves to the local CPU wheel on our CPU machines.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  .venv/bin/pip install --quiet "torch==${MOEKIT_TORCH_VERSION:-2.13.0}"
+fi
+stamp=.venv/.moekit-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements-test.txt -nt "$stamp" ]; then
+  .venv/bin/pip install --quiet -r requirements-test.txt
+  .venv/bin/pip install --quiet --no-deps --no-build-isolation -e . 2>/dev/null \
+    || .venv/bin/pip install --quiet --no-deps -e .
+  touch "$stamp"
+fi
