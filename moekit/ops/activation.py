@@ -57,9 +57,9 @@ def resolve_activation(activation: str | Activation) -> Activation:
 
 
 def activation_ref(h_N2I: torch.Tensor, activation: str | Activation) -> torch.Tensor:
-    """Apply ``activation`` in fp32 to the rows of the first GEMM's output. Returns fp32 ``[N, I]``."""
+    """Apply ``activation`` to the rows of the first GEMM's output, in fp32 (fp64 stays fp64). Returns ``[N, I]``."""
     act = resolve_activation(activation)
-    h = h_N2I.float()
+    h = h_N2I if h_N2I.dtype == torch.float64 else h_N2I.float()
     if not act.is_gated:
         return F.relu(h).square()
     if h.shape[-1] % 2:

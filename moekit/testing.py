@@ -1,0 +1,141 @@
+"""Test and benchmark support: the readable reference MoE, one tolerance table, input makers.
+
+Every test in the suite and the error column of ``moekit bench`` compare through ``assert_close``/``rel_errors``
+with the tolerances below, so "correct" means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moekit.ops.activation import Activation, activation_ref, resolve_activation
+from moekit.router import select_experts
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``max``: max |a - e| / max |e|;  ``rms``: ||a - e||_2 / ||e||_2 (both against the reference)."""
+
+    max: float
+    rms: float
+
+
+# Why these numbers: fp32 GEMMs with different summation orders agree to ~1e-6 relative; fp16 has a 2^-11
+# mantissa and the intermediate activation is rounded once more before GEMM 2; bf16 has 2^-8.
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(max=1e-10, rms=1e-11),
+    torch.float32: Tolerance(max=1e-5, rms=2e-6),
+    torch.float16: Tolerance(max=1e-2, rms=2e-3),
+    torch.bfloat16: Tolerance(max=4e-2, rms=1e-2),
+}
+
+
+def rel_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(max-abs error, rms error), each relative to the reference's max-abs / rms. NaN if ``actual`` has NaN."""
+    a = actual.detach().double()
+    e = expected.detach().double()
+    if a.shape != e.shape:
+        raise ValueError(f"actual: expected shape {tuple(e.shape)}, got {tuple(a.shape)}")
+    if a.numel() == 0:
+        return 0.0, 0.0
+    diff = (a - e).abs()
+    tiny = torch.finfo(torch.float64).tiny
+    max_err = float(diff.max() / e.abs().max().clamp_min(tiny))
+    rms_err = float(diff.square().mean().sqrt() / e.square().mean().sqrt().clamp_min(tiny))
+    return max_err, rms_err
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, *, name: str = "output") -> None:
+    """Check ``actual`` against a (higher-precision) reference with the tolerance of ``dtype``."""
+    tol = TOLERANCES[dtype or actual.dtype]
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != reference {tuple(expected.shape)}")
+    bad = ~torch.isfinite(actual) & torch.isfinite(expected.to(actual.device))
+    if bool(bad.any()):
+        raise AssertionError(f"{name}: {int(bad.sum())} non-finite values where the reference is finite")
+    max_err, rms_err = rel_errors(actual, expected.to(actual.device))
+    if not (max_err <= tol.max and rms_err <= tol.rms):
+        raise AssertionError(f"{name}: max rel err {max_err:.3g} (tol {tol.max}), rms rel err {rms_err:.3g} (tol {tol.rms})")
+
+
+def reference_experts(
+    x_TH: torch.Tensor,
+    w13_E2IH: torch.Tensor,
+    w2_EHI: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    *,
+    activation: str | Activation = "silu",
+    w13_bias_E2I: torch.Tensor | None = None,
+    w2_bias_EH: torch.Tensor | None = None,
+    expert_map: torch.Tensor | None = None,
+    apply_router_weight_on_input: bool = False,
+) -> torch.Tensor:
+    """The routed experts as three einsums in fp64, independent of every backend. Returns fp64 [T, H].
+
+    Gathers each token's K expert matrices, so use it only at test sizes.
+    """
+    act = resolve_activation(activation)
+    ids = topk_ids_TK.long()
+    weights = topk_weights_TK.double()
+    if expert_map is not None:
+        ids = expert_map.long()[ids]
+        weights = torch.where(ids >= 0, weights, 0.0)
+        ids = ids.clamp_min(0)
+    x_TKH = x_TH.double().unsqueeze(1).expand(-1, ids.shape[1], -1)
+    if apply_router_weight_on_input:
+        x_TKH = x_TKH * weights.unsqueeze(-1)
+        weights = torch.ones_like(weights)
+    h = torch.einsum("tkh,tkih->tki", x_TKH, w13_E2IH.double()[ids])
+    if w13_bias_E2I is not None:
+        h = h + w13_bias_E2I.double()[ids]
+    a = activation_ref(h, act)
+    y = torch.einsum("tki,tkhi->tkh", a, w2_EHI.double()[ids])
+    if w2_bias_EH is not None:
+        y = y + w2_bias_EH.double()[ids]
+    return torch.einsum("tk,tkh->th", weights, y)
+
+
+def make_moe_inputs(
+    num_tokens: int,
+    num_experts: int,
+    hidden_size: int,
+    intermediate_size: int,
+    top_k: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    activation: str | Activation = "silu",
+    bias: bool = False,
+    empty_experts: tuple[int, ...] = (),
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Random (never zero) inputs for ``fused_experts``, routed through the real router.
+
+    ``empty_experts`` get a -inf logit, so no token is routed to them (needs top_k <= E - len(empty_experts)).
+    Weights are scaled like nn.Linear's init so activations stay O(1) at any size.
+    """
+    act = resolve_activation(activation)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
+
+    rows = act.w13_rows(intermediate_size)
+    logits = torch.randn(num_tokens, num_experts, generator=g)
+    if empty_experts:
+        logits[:, list(empty_experts)] = float("-inf")
+    topk_weights, topk_ids = select_experts(logits, top_k, renormalize=True)
+    inputs = {
+        "hidden_states": rand(num_tokens, hidden_size),
+        "w13": rand(num_experts, rows, hidden_size, scale=hidden_size**-0.5),
+        "w2": rand(num_experts, hidden_size, intermediate_size, scale=intermediate_size**-0.5),
+        "topk_weights": topk_weights.to(device),
+        "topk_ids": topk_ids.to(device),
+    }
+    if bias:
+        inputs["w13_bias"] = rand(num_experts, rows, scale=0.1)
+        inputs["w2_bias"] = rand(num_experts, hidden_size, scale=0.1)
+    return inputs

@@ -1,0 +1,112 @@
+"""ModularKernel: prepare -> experts -> finalize composition, shared experts per call, pluggable halves."""
+
+import pytest
+import torch
+
+from moekit import (
+    Experts,
+    LocalPrepareFinalize,
+    ModularKernel,
+    MoE,
+    MoEConfig,
+    MoEQuantMethod,
+    PrepareResult,
+    QuantParams,
+    UnquantizedMoEMethod,
+)
+from moekit.kernel import get_experts, make_kernel
+from moekit.testing import assert_close, make_moe_inputs, reference_experts
+
+
+def _args(inputs):
+    return (inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"], inputs["topk_ids"])
+
+
+def test_kernel_is_shared_and_stateless():
+    k1 = make_kernel("torch", torch.device("cpu"))
+    assert k1 is make_kernel("auto", torch.device("cpu"))
+    a, b = MoE(MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8, shared_intermediate_size=8)), \
+        MoE(MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8))
+    x = torch.randn(3, 16)
+    assert a.routed_experts.kernel_for(x) is b.routed_experts.kernel_for(x)
+    a(x)
+    assert vars(k1).keys() == {"prepare_finalize", "experts"}  # nothing of the layer stuck to the kernel
+
+
+def test_shared_experts_are_called_per_call_with_their_input():
+    inputs = make_moe_inputs(5, 4, 16, 8, 2)
+    kernel = make_kernel("torch", torch.device("cpu"))
+    calls = []
+
+    def shared(x):
+        calls.append(x)
+        return torch.full_like(x, 2.0)
+
+    other = torch.randn(5, 16)
+    out = kernel.apply(*_args(inputs), shared_experts=shared, shared_experts_input=other)
+    plain = kernel.apply(*_args(inputs))
+    assert len(calls) == 1 and calls[0] is other
+    torch.testing.assert_close(out, plain + 2.0)
+
+
+class _RecordingPrepareFinalize(LocalPrepareFinalize):
+    def __init__(self):
+        self.events = []
+
+    def prepare(self, *args, **kwargs):
+        self.events.append("prepare")
+        return super().prepare(*args, **kwargs)
+
+    def finalize(self, output, prep: PrepareResult):
+        self.events.append("finalize")
+        assert prep.num_tokens == output.shape[0]
+        return output * 2.0
+
+
+class _ScaledTorchExperts(Experts):
+    """A second backend built by composition: proves the experts half swaps independently."""
+
+    name = "scaled"
+
+    def apply(self, *args, **kwargs):
+        self.called = True
+        return get_experts("torch").apply(*args, **kwargs)
+
+
+def test_halves_swap_independently():
+    inputs = make_moe_inputs(6, 4, 16, 8, 2)
+    pf, ex = _RecordingPrepareFinalize(), _ScaledTorchExperts()
+    out = ModularKernel(pf, ex).apply(*_args(inputs))
+    assert pf.events == ["prepare", "finalize"] and ex.called
+    assert_close(out, 2.0 * reference_experts(*_args(inputs)), torch.float32)
+
+
+class _HalvedW2Method(UnquantizedMoEMethod):
+    """A toy 'format' that stores w2 halved and undoes it after loading: exercises the quant seam's hooks."""
+
+    name = "halved"
+
+    def process_weights_after_loading(self, layer):
+        layer.w2.data.mul_(2.0)
+
+    def quant_params(self, layer):
+        return QuantParams()
+
+
+def test_quant_method_seam():
+    assert issubclass(UnquantizedMoEMethod, MoEQuantMethod)
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8, backend="torch")
+    moe = MoE(cfg, quant_method=_HalvedW2Method())
+    re = moe.routed_experts
+    w2 = re.w2.detach().clone()
+    re.w2.data.mul_(0.5)
+    re.process_weights_after_loading()
+    torch.testing.assert_close(re.w2.detach(), w2)
+    assert "quant=halved" in repr(re)
+
+
+def test_quantized_params_are_rejected_by_unquantized_backend():
+    inputs = make_moe_inputs(2, 4, 16, 8, 2)
+    q = QuantParams(weight_dtype="fp8_e4m3", w13_scale=torch.ones(4), w2_scale=torch.ones(4))
+    with pytest.raises(ValueError, match=r"quantized weights \(fp8_e4m3\) are not supported"):
+        make_kernel("torch", torch.device("cpu")).apply(*_args(inputs), quant=q)

@@ -1,0 +1,61 @@
+"""activation_ref against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from moekit import Activation
+from moekit.ops.activation import activation_ref
+
+
+def _silu(v):
+    return v / (1 + math.exp(-v))
+
+
+def _gelu(v):
+    return 0.5 * v * (1 + math.erf(v / math.sqrt(2)))
+
+
+def _gelu_tanh(v):
+    return 0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3)))
+
+
+@pytest.mark.parametrize("name, fn", [("silu", _silu), ("gelu", _gelu), ("gelu_tanh", _gelu_tanh)])
+def test_gated(name, fn):
+    gate, up = [0.5, -2.0], [3.0, 0.25]
+    out = activation_ref(torch.tensor([gate + up]), name)
+    torch.testing.assert_close(out, torch.tensor([[fn(g) * u for g, u in zip(gate, up)]]))
+
+
+def test_relu2_non_gated():
+    out = activation_ref(torch.tensor([[-1.0, 0.5, 3.0]]), "relu2")
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.25, 9.0]]))
+
+
+def test_swigluoai_clamps_and_offsets():
+    act = Activation(name="swigluoai", alpha=1.702, limit=7.0)
+    gate, up = [9.0, -3.0, 1.0], [10.0, -8.0, 0.5]
+
+    def f(g, u):
+        g = min(g, 7.0)
+        u = max(min(u, 7.0), -7.0)
+        return g / (1 + math.exp(-1.702 * g)) * (u + 1)
+
+    out = activation_ref(torch.tensor([gate + up]), act)
+    torch.testing.assert_close(out, torch.tensor([[f(g, u) for g, u in zip(gate, up)]]))
+    custom = activation_ref(torch.tensor([gate + up]), Activation(name="swigluoai", alpha=1.0, limit=2.0))
+    g, u = 2.0, 2.0  # both clamped to the custom limit
+    assert float(custom[0, 0]) == pytest.approx(g / (1 + math.exp(-g)) * (u + 1), rel=1e-6)
+
+
+def test_fp64_stays_fp64_and_low_precision_computes_in_fp32():
+    assert activation_ref(torch.randn(2, 4, dtype=torch.float64), "silu").dtype == torch.float64
+    assert activation_ref(torch.randn(2, 4, dtype=torch.bfloat16), "silu").dtype == torch.float32
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="even last dim"):
+        activation_ref(torch.randn(2, 3), "silu")
+    with pytest.raises(TypeError, match="activation: expected a str or moekit.Activation"):
+        activation_ref(torch.randn(2, 4), 3)

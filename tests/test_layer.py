@@ -1,0 +1,108 @@
+"""MoE layer: forward = router -> routed experts (+ shared experts), shapes, precomputed routing, errors."""
+
+import pytest
+import torch
+
+from moekit import MoE, MoEConfig, RoutingConfig, select_experts
+from moekit.ops.activation import activation_ref
+from moekit.testing import assert_close, reference_experts
+
+
+def _config(**kw):
+    base = {"num_experts": 8, "top_k": 2, "hidden_size": 32, "intermediate_size": 24,
+            "routing": RoutingConfig(renormalize=True), "backend": "torch"}
+    return MoEConfig(**{**base, **kw})
+
+
+def _manual(moe, x_TH):
+    """The layer written out by hand from its parameters."""
+    cfg = moe.config
+    logits = moe.gate(x_TH) if not cfg.router_fp32 else x_TH.float() @ moe.gate.weight.float().t()
+    r = cfg.routing
+    w, ids = select_experts(logits, cfg.top_k, scoring_func=r.scoring_func, renormalize=r.renormalize,
+                            num_expert_group=r.num_expert_group, topk_group=r.topk_group, group_score=r.group_score,
+                            e_score_correction_bias=moe.e_score_correction_bias,
+                            routed_scaling_factor=r.routed_scaling_factor)
+    re = moe.routed_experts
+    out = reference_experts(x_TH, re.w13, re.w2, w, ids, activation=cfg.activation,
+                            w13_bias_E2I=re.w13_bias, w2_bias_EH=re.w2_bias)
+    se = moe.shared_experts
+    if se is not None:
+        h = x_TH.double() @ se.gate_up_proj.weight.double().t()
+        s = activation_ref(h, cfg.activation) @ se.down_proj.weight.double().t()
+        if se.gate is not None:
+            s = torch.sigmoid(x_TH.double() @ se.gate.weight.double().t()) * s
+        out = out + s
+    return out
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"shared_intermediate_size": 16},
+        {"shared_intermediate_size": 16, "shared_expert_gate": True},
+        {"routing": RoutingConfig(scoring_func="sigmoid", renormalize=True, num_expert_group=4, topk_group=2,
+                                  group_score="top2_sum", correction_bias=True, routed_scaling_factor=2.5),
+         "shared_intermediate_size": 16, "router_fp32": True},
+        {"activation": "swigluoai", "bias": True, "router_bias": True},
+    ],
+    ids=["plain", "shared", "shared+gate", "deepseek-v3-like", "gpt-oss-like"],
+)
+def test_forward_matches_manual(kw):
+    moe = MoE(_config(**kw))
+    if moe.e_score_correction_bias is not None:
+        moe.e_score_correction_bias.normal_(0, 0.1)
+    x = torch.randn(2, 5, 32)
+    out = moe(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert_close(out.view(-1, 32), _manual(moe, x.view(-1, 32)), torch.float32)
+
+
+def test_forward_with_router_logits_and_precomputed_topk():
+    moe = MoE(_config())
+    x = torch.randn(7, 32)
+    logits = moe.gate(x)
+    torch.testing.assert_close(moe(x, logits), moe(x))
+    w, ids = select_experts(logits, 2, renormalize=True)
+    torch.testing.assert_close(moe(x, topk_weights=w, topk_ids=ids), moe(x))
+
+
+def test_llama4_style_weights_on_input():
+    cfg = _config(top_k=1, routing=RoutingConfig(scoring_func="sigmoid", topk_before_score=True,
+                                                 apply_weights_on_input=True))
+    moe = MoE(cfg)
+    x = torch.randn(6, 32)
+    logits = moe.gate(x)
+    w, ids = select_experts(logits, 1, scoring_func="sigmoid", topk_before_score=True)
+    ref = reference_experts(x, moe.routed_experts.w13, moe.routed_experts.w2, w, ids, apply_router_weight_on_input=True)
+    assert_close(moe(x), ref, torch.float32)
+
+
+@pytest.mark.parametrize("T", [0, 1, 3])
+def test_token_counts_and_1d_input(T):
+    moe = MoE(_config(shared_intermediate_size=8))
+    assert moe(torch.randn(T, 32)).shape == (T, 32)
+    assert moe(torch.randn(32)).shape == (32,)
+
+
+def test_dtype_and_device_arguments():
+    moe = MoE(_config(), dtype=torch.float16)
+    assert moe.routed_experts.w13.dtype == torch.float16 and moe.gate.weight.dtype == torch.float16
+    assert moe(torch.randn(3, 32, dtype=torch.float16)).dtype == torch.float16
+
+
+def test_bad_inputs():
+    moe = MoE(_config())
+    with pytest.raises(ValueError, match=r"hidden_states: expected shape \[..., H=32\], got \(3, 31\)"):
+        moe(torch.randn(3, 31))
+    with pytest.raises(TypeError, match="hidden_states: expected dtype float32 .*got float16"):
+        moe(torch.randn(3, 32, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"router_logits: expected shape \(3, 8\)"):
+        moe(torch.randn(3, 32), torch.randn(3, 7))
+    with pytest.raises(ValueError, match=r"topk_ids: expected shape \(3, 2\)"):
+        moe(torch.randn(3, 32), topk_weights=torch.rand(4, 2), topk_ids=torch.zeros(4, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"topk_ids: expected values in \[0, E=8\)"):
+        moe(torch.randn(3, 32), topk_weights=torch.rand(3, 2), topk_ids=torch.full((3, 2), 8))
+    with pytest.raises(TypeError, match="config: expected a moekit.MoEConfig"):
+        MoE({"num_experts": 8})

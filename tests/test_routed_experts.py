@@ -1,0 +1,81 @@
+"""RoutedExperts: parameters, weight_loader (per-expert checkpoint tensors), expert map."""
+
+import pytest
+import torch
+
+from moekit import RoutedExperts
+from moekit.testing import assert_close, make_moe_inputs, reference_experts
+
+
+def test_parameters_and_loader_attribute():
+    re = RoutedExperts(4, 16, 8, bias=True, backend="torch")
+    assert re.w13.shape == (4, 16, 16) and re.w2.shape == (4, 16, 8)
+    assert re.w13_bias.shape == (4, 16) and re.w2_bias.shape == (4, 16)
+    assert re.w13.weight_loader == re.weight_loader
+    assert not re.w13.requires_grad
+
+
+def test_weight_loader_places_gate_up_down():
+    re = RoutedExperts(3, 16, 8, bias=True, backend="torch")
+    gate, up, down = torch.randn(8, 16), torch.randn(8, 16), torch.randn(16, 8)
+    re.weight_loader(re.w13, gate, "w1", 2)
+    re.weight_loader(re.w13, up, "w3", 2)
+    re.weight_loader(re.w2, down, "w2", 2)
+    assert torch.equal(re.w13[2, :8], gate) and torch.equal(re.w13[2, 8:], up) and torch.equal(re.w2[2], down)
+    gb, ub, db = torch.randn(8), torch.randn(8), torch.randn(16)
+    re.weight_loader(re.w13_bias, gb, "w1", 0)
+    re.weight_loader(re.w13_bias, ub, "w3", 0)
+    re.weight_loader(re.w2_bias, db, "w2", 0)
+    assert torch.equal(re.w13_bias[0], torch.cat([gb, ub])) and torch.equal(re.w2_bias[0], db)
+
+
+def test_loaded_layer_computes_the_checkpoint_function():
+    E, H, I = 4, 16, 8
+    inputs = make_moe_inputs(9, E, H, I, 2)
+    re = RoutedExperts(E, H, I, backend="torch")
+    for e in range(E):
+        re.weight_loader(re.w13, inputs["w13"][e, :I], "w1", e)
+        re.weight_loader(re.w13, inputs["w13"][e, I:], "w3", e)
+        re.weight_loader(re.w2, inputs["w2"][e], "w2", e)
+    re.process_weights_after_loading()
+    out = re(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"])
+    ref = reference_experts(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"], inputs["topk_ids"])
+    assert_close(out, ref, torch.float32)
+
+
+def test_weight_loader_with_expert_map_skips_remote_experts():
+    expert_map = torch.tensor([-1, 0, -1, 1], dtype=torch.int32)
+    re = RoutedExperts(2, 16, 8, expert_map=expert_map, backend="torch")
+    before = re.w13.detach().clone()
+    re.weight_loader(re.w13, torch.ones(8, 16), "w1", 0)  # lives elsewhere
+    assert torch.equal(re.w13, before)
+    re.weight_loader(re.w13, torch.ones(8, 16), "w1", 3)  # global 3 -> local 1
+    assert torch.equal(re.w13[1, :8], torch.ones(8, 16))
+
+
+def test_relu2_non_gated_loader():
+    re = RoutedExperts(2, 16, 8, activation="relu2", backend="torch")
+    assert re.w13.shape == (2, 8, 16)
+    re.weight_loader(re.w13, torch.ones(8, 16), "w1", 1)
+    assert torch.equal(re.w13[1], torch.ones(8, 16))
+    with pytest.raises(ValueError, match="'w3' \\(up\\) does not exist"):
+        re.weight_loader(re.w13, torch.ones(8, 16), "w3", 1)
+
+
+def test_weight_loader_errors():
+    re = RoutedExperts(3, 16, 8, backend="torch")
+    with pytest.raises(ValueError, match=r"loaded_weight: expected shape \(8, 16\) for w13\[0\] shard 'w1', got \(16, 8\)"):
+        re.weight_loader(re.w13, torch.ones(16, 8), "w1", 0)
+    with pytest.raises(ValueError, match=r"expert_id: expected in \[0, 3\), got 3"):
+        re.weight_loader(re.w13, torch.ones(8, 16), "w1", 3)
+    with pytest.raises(ValueError, match="shard_id: expected one of"):
+        re.weight_loader(re.w13, torch.ones(8, 16), "gate", 0)
+    with pytest.raises(ValueError, match="shard_id: 'w2' does not load into 'w13'"):
+        re.weight_loader(re.w13, torch.ones(16, 8), "w2", 0)
+    with pytest.raises(ValueError, match="param: expected one of this layer's parameters"):
+        re.weight_loader(torch.nn.Parameter(torch.ones(2)), torch.ones(2), "w1", 0)
+
+
+def test_expert_map_validation():
+    with pytest.raises(ValueError, match="expert_map: expected 3 local experts"):
+        RoutedExperts(3, 16, 8, expert_map=torch.tensor([0, 1, -1, -1]))

@@ -1,0 +1,219 @@
+"""select_experts: every routing variant against hand-computed or independently computed results."""
+
+import math
+
+import pytest
+import torch
+
+from moekit import RoutingConfig, select_experts
+from moekit.router import route
+
+
+def test_softmax_topk_hand_computed():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    w, ids = select_experts(logits, 2)
+    e = [math.exp(v) for v in (1.0, 3.0, 2.0, 0.0)]
+    s = sum(e)
+    assert ids.tolist() == [[1, 2]]
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    torch.testing.assert_close(w, torch.tensor([[e[1] / s, e[2] / s]]))
+
+
+def test_softmax_renormalize_equals_softmax_over_picked():
+    logits = torch.randn(7, 16)
+    w, ids = select_experts(logits, 4, renormalize=True)
+    picked = logits.gather(1, ids.long())
+    torch.testing.assert_close(w, torch.softmax(picked, dim=-1))
+    torch.testing.assert_close(w.sum(-1), torch.ones(7))
+
+
+def test_topk_before_score_softmax_gpt_oss():
+    logits = torch.tensor([[0.5, -1.0, 2.0, 1.5]])
+    w, ids = select_experts(logits, 2, topk_before_score=True)
+    assert ids.tolist() == [[2, 3]]
+    a, b = math.exp(2.0), math.exp(1.5)
+    torch.testing.assert_close(w, torch.tensor([[a / (a + b), b / (a + b)]]))
+
+
+def test_topk_before_score_sigmoid_llama4():
+    logits = torch.tensor([[0.5, -1.0, 2.0, 1.5]])
+    w, ids = select_experts(logits, 1, scoring_func="sigmoid", topk_before_score=True)
+    assert ids.tolist() == [[2]]
+    torch.testing.assert_close(w, torch.tensor([[1 / (1 + math.exp(-2.0))]]))
+
+
+def test_sigmoid_scores_and_renormalize():
+    logits = torch.tensor([[0.0, 1.0, -1.0]])
+    w, ids = select_experts(logits, 2, scoring_func="sigmoid")
+    sig = torch.sigmoid(logits)
+    assert ids.tolist() == [[1, 0]]
+    torch.testing.assert_close(w, sig[:, [1, 0]])
+    w2, _ = select_experts(logits, 2, scoring_func="sigmoid", renormalize=True)
+    torch.testing.assert_close(w2, sig[:, [1, 0]] / sig[:, [1, 0]].sum())
+
+
+def test_correction_bias_affects_selection_only():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 5.0])
+    w, ids = select_experts(logits, 2, scoring_func="sigmoid", e_score_correction_bias=bias)
+    assert sorted(ids.tolist()[0]) == [0, 3]
+    sig = torch.sigmoid(logits)[0]
+    got = dict(zip(ids.tolist()[0], w.tolist()[0]))
+    assert got[3] == pytest.approx(float(sig[3]))  # weight is the unbiased score
+    assert got[0] == pytest.approx(float(sig[0]))
+
+
+def _grouped_reference(logits, k, groups, topk_group, group_score, bias, renorm, scale):
+    """Independent per-token Python implementation of grouped top-k."""
+    out_w, out_ids = [], []
+    for row in logits.tolist():
+        scores = [1 / (1 + math.exp(-v)) for v in row]
+        choice = [s + float(b) for s, b in zip(scores, bias)]
+        per = len(row) // groups
+        gscore = []
+        for g in range(groups):
+            vals = sorted(choice[g * per : (g + 1) * per], reverse=True)
+            gscore.append(vals[0] if group_score == "max" else vals[0] + vals[1])
+        keep = sorted(range(groups), key=lambda g: -gscore[g])[:topk_group]
+        cand = [e for e in range(len(row)) if e // per in keep]
+        ids = sorted(cand, key=lambda e: -choice[e])[:k]
+        w = [scores[e] for e in ids]
+        if renorm:
+            w = [v / sum(w) for v in w]
+        out_w.append([v * scale for v in w])
+        out_ids.append(ids)
+    return torch.tensor(out_w), torch.tensor(out_ids)
+
+
+@pytest.mark.parametrize("group_score", ["max", "top2_sum"])
+def test_grouped_topk_matches_python_reference(group_score):
+    torch.manual_seed(1)
+    logits = torch.randn(9, 32)
+    bias = torch.randn(32) * 0.3
+    w, ids = select_experts(
+        logits, 4, scoring_func="sigmoid", renormalize=True, num_expert_group=8, topk_group=3,
+        group_score=group_score, e_score_correction_bias=bias, routed_scaling_factor=2.5,
+    )
+    rw, rids = _grouped_reference(logits, 4, 8, 3, group_score, bias, True, 2.5)
+    assert ids.long().tolist() == rids.tolist()
+    torch.testing.assert_close(w, rw)
+
+
+def test_grouped_topk_only_picks_from_kept_groups():
+    # Group 1 (experts 2,3) has the single largest logit but group 0 wins on top2_sum.
+    logits = torch.tensor([[3.0, 3.0, 3.5, -5.0]])
+    _, ids = select_experts(logits, 2, num_expert_group=2, topk_group=1, group_score="top2_sum")
+    assert sorted(ids.tolist()[0]) == [0, 1]
+    _, ids = select_experts(logits, 2, num_expert_group=2, topk_group=1, group_score="max")
+    assert sorted(ids.tolist()[0]) == [2, 3]
+
+
+def test_routed_scaling_factor():
+    logits = torch.randn(5, 8)
+    w1, ids1 = select_experts(logits, 2, renormalize=True)
+    w2, ids2 = select_experts(logits, 2, renormalize=True, routed_scaling_factor=2.5)
+    assert torch.equal(ids1, ids2)
+    torch.testing.assert_close(w2, w1 * 2.5)
+
+
+def test_custom_routing_function_gets_its_arguments():
+    seen = {}
+
+    def fn(hidden_states, router_logits, top_k, renormalize):
+        seen.update(h=hidden_states, k=top_k, r=renormalize)
+        ids = torch.zeros(router_logits.shape[0], top_k, dtype=torch.int64)
+        return torch.full((router_logits.shape[0], top_k), 0.5, dtype=torch.float16), ids
+
+    x = torch.randn(3, 4)
+    w, ids = select_experts(torch.randn(3, 6), 2, custom_routing_function=fn, hidden_states=x, renormalize=True,
+                            routed_scaling_factor=2.0)
+    assert seen["h"] is x and seen["k"] == 2 and seen["r"] is True
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32
+    torch.testing.assert_close(w, torch.ones(3, 2))
+
+
+def test_custom_routing_function_bad_output_is_rejected():
+    def fn(h, logits, k, r):
+        return torch.ones(logits.shape[0], k), torch.full((logits.shape[0], k), 99)
+
+    with pytest.raises(ValueError, match="topk_ids"):
+        select_experts(torch.randn(3, 6), 2, custom_routing_function=fn)
+
+
+def test_precomputed_passthrough():
+    w = torch.rand(4, 2, dtype=torch.bfloat16)
+    ids = torch.randint(0, 8, (4, 2))
+    gw, gids = select_experts(None, 2, topk_weights=w, topk_ids=ids)
+    assert gw.dtype == torch.float32 and gids.dtype == torch.int32
+    assert torch.equal(gids.long(), ids) and torch.equal(gw, w.float())
+
+
+def test_route_uses_routing_config():
+    logits = torch.randn(6, 16)
+    cfg = RoutingConfig(scoring_func="sigmoid", renormalize=True, num_expert_group=4, topk_group=2,
+                        group_score="top2_sum", routed_scaling_factor=1.5)
+    w, ids = route(logits, 3, cfg)
+    w2, ids2 = select_experts(logits, 3, scoring_func="sigmoid", renormalize=True, num_expert_group=4,
+                              topk_group=2, group_score="top2_sum", routed_scaling_factor=1.5)
+    assert torch.equal(ids, ids2) and torch.equal(w, w2)
+
+
+def test_top_k_equals_num_experts():
+    logits = torch.randn(3, 5)
+    w, ids = select_experts(logits, 5)
+    assert sorted(ids[0].tolist()) == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(w.sum(-1), torch.ones(3))
+
+
+def test_empty_input():
+    w, ids = select_experts(torch.randn(0, 8), 2)
+    assert w.shape == (0, 2) and ids.shape == (0, 2)
+
+
+def test_minus_inf_logits_are_never_picked():
+    logits = torch.randn(50, 8)
+    logits[:, [1, 5]] = float("-inf")
+    _, ids = select_experts(logits, 3, renormalize=True)
+    assert not torch.isin(ids, torch.tensor([1, 5], dtype=torch.int32)).any()
+
+
+def test_nan_logits_stay_in_range_and_in_their_row():
+    # Documented: ids stay valid; the NaN reaches only that token's weights.
+    logits = torch.randn(4, 8)
+    logits[2, 3] = float("nan")
+    w, ids = select_experts(logits, 2, renormalize=True)
+    assert int(ids.min()) >= 0 and int(ids.max()) < 8
+    assert torch.isnan(w[2]).any()
+    assert torch.isfinite(w[[0, 1, 3]]).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"top_k": 9}, "top_k"),
+        ({"top_k": 0}, "top_k"),
+        ({"scoring_func": "tanh"}, "scoring_func"),
+        ({"num_expert_group": 3, "topk_group": 1}, "num_expert_group"),
+        ({"num_expert_group": 4, "topk_group": 5}, "topk_group"),
+        ({"num_expert_group": 4, "topk_group": 1, "top_k": 3}, "top_k"),
+        ({"e_score_correction_bias": torch.zeros(7)}, "e_score_correction_bias"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    args = {"top_k": 2, **kwargs}
+    top_k = args.pop("top_k")
+    with pytest.raises(ValueError, match=match):
+        select_experts(torch.randn(3, 8), top_k, **args)
+
+
+def test_bad_logits():
+    with pytest.raises(ValueError, match=r"router_logits: expected a 2-d tensor"):
+        select_experts(torch.randn(8), 2)
+    with pytest.raises(TypeError, match="router_logits: expected dtype"):
+        select_experts(torch.zeros(3, 8, dtype=torch.int32), 2)
+    with pytest.raises(TypeError, match="topk_ids: expected an integer dtype"):
+        select_experts(None, 2, topk_weights=torch.rand(3, 2), topk_ids=torch.rand(3, 2))
+    with pytest.raises(ValueError, match="topk_ids: expected the shape of topk_weights"):
+        select_experts(None, 2, topk_weights=torch.rand(3, 2), topk_ids=torch.zeros(4, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="given together"):
+        select_experts(None, 2, topk_ids=torch.zeros(3, 2, dtype=torch.int64))
