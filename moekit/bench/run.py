@@ -1,0 +1,159 @@
+"""One benchmark sweep: for each token count, moekit and the baselines on the same random inputs.
+
+Timed region: the routed experts given ``topk_weights``/``topk_ids`` (routing metadata, both GEMMs,
+activation, weighting, top-k reduction) — what ``moekit.fused_experts`` does. Shared experts are left out: they
+are a dense MLP, identical for every implementation, and would only dilute the comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from moekit.bench.baselines import eager_experts, grouped_mm_experts
+from moekit.bench.floor import Ceilings, floor_us, moe_bytes, moe_flops
+from moekit.bench.shapes import MoEShape
+from moekit.bench.timing import time_us
+from moekit.functional import fused_experts
+from moekit.kernel import resolve_backend
+from moekit.router import select_experts
+from moekit.testing import rel_errors
+
+GRAPH_MAX_TOKENS = 1024  # MEASURING.md: decode-sized calls are timed as CUDA-graph replays
+ERROR_TOKENS = 64  # the reference runs on this many tokens only; it is fp32 and slow
+
+
+@dataclass
+class Row:
+    shape: str
+    tokens: int
+    backend: str
+    dtype: str
+    moekit_us: float
+    tflops: float
+    gbps: float
+    active_experts: int
+    floor_us: float | None
+    efficiency: float | None
+    max_rel_err: float
+    grouped_mm_us: float | None
+    eager_us: float | None
+    graph: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_inputs(shape: MoEShape, num_tokens: int, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
+    g = torch.Generator(device=device).manual_seed(seed)
+    rows = shape.act.w13_rows(shape.intermediate_size)
+    E, H, I = shape.num_experts, shape.hidden_size, shape.intermediate_size
+
+    def rand(*dims: int, scale: float) -> torch.Tensor:
+        return (torch.randn(*dims, generator=g, device=device, dtype=dtype)).mul_(scale)
+
+    logits = torch.randn(num_tokens, E, generator=g, device=device)
+    topk_weights, topk_ids = select_experts(logits, shape.top_k, renormalize=True)
+    inputs = {
+        "hidden_states": rand(num_tokens, H, scale=1.0),
+        "w13": rand(E, rows, H, scale=H**-0.5),
+        "w2": rand(E, H, I, scale=I**-0.5),
+        "topk_weights": topk_weights,
+        "topk_ids": topk_ids,
+    }
+    if shape.bias:
+        inputs["w13_bias"] = rand(E, rows, scale=0.1)
+        inputs["w2_bias"] = rand(E, H, scale=0.1)
+    return inputs
+
+
+def reference_error(inputs: dict, out: torch.Tensor, shape: MoEShape) -> float:
+    """Max relative error of ``out`` against the fp32 torch backend on the first ``ERROR_TOKENS`` tokens."""
+    n = min(ERROR_TOKENS, out.shape[0])
+    if n == 0:
+        return 0.0
+    ids = inputs["topk_ids"][:n]
+    used, local_ids = torch.unique(ids, return_inverse=True)  # only the experts these tokens use
+    sub = {
+        "hidden_states": inputs["hidden_states"][:n].float(),
+        "w13": inputs["w13"][used].float(),
+        "w2": inputs["w2"][used].float(),
+        "topk_weights": inputs["topk_weights"][:n],
+        "topk_ids": local_ids.to(torch.int32),
+    }
+    for k in ("w13_bias", "w2_bias"):
+        if k in inputs:
+            sub[k] = inputs[k][used].float()
+    ref = fused_experts(**sub, activation=shape.act, backend="torch")
+    return rel_errors(out[:n], ref)[0]
+
+
+def bench_point(
+    shape: MoEShape,
+    num_tokens: int,
+    *,
+    backend: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    ceilings: Ceilings | None,
+    baselines: bool = True,
+    seed: int = 0,
+) -> Row:
+    inputs = make_inputs(shape, num_tokens, dtype, device, seed)
+    backend = resolve_backend(backend, device)
+    act = shape.act
+    kw = {k: inputs[k] for k in ("w13_bias", "w2_bias") if k in inputs}
+
+    def moekit_fn():
+        return fused_experts(**inputs, activation=act, backend=backend)
+
+    out = moekit_fn()
+    err = reference_error(inputs, out, shape)
+    # The torch backend syncs to size its per-expert loop, so only Triton is captured in a graph.
+    graph = device.type == "cuda" and num_tokens <= GRAPH_MAX_TOKENS and backend != "torch"
+    moekit_us = time_us(moekit_fn, device, graph=graph)
+
+    positional = (inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"], inputs["topk_ids"])
+    bias_kw = {"w13_bias_E2I": kw.get("w13_bias"), "w2_bias_EH": kw.get("w2_bias")}
+    grouped_us = eager_us = None
+    if baselines:
+        if _grouped_mm_runs(device, dtype):
+            grouped_us = time_us(lambda: grouped_mm_experts(*positional, activation=act, **bias_kw), device,
+                                 graph=device.type == "cuda" and num_tokens <= GRAPH_MAX_TOKENS)
+        eager_us = time_us(lambda: eager_experts(*positional, activation=act, **bias_kw), device, graph=False)
+
+    active = int(torch.unique(inputs["topk_ids"]).numel())
+    elem = inputs["w13"].element_size()
+    fl = floor_us(shape, num_tokens, active, elem, ceilings) if ceilings else None
+    return Row(
+        shape=shape.name,
+        tokens=num_tokens,
+        backend=backend,
+        dtype=str(dtype).removeprefix("torch."),
+        moekit_us=moekit_us,
+        tflops=moe_flops(shape, num_tokens) / moekit_us * 1e-6,
+        gbps=moe_bytes(shape, num_tokens, active, elem) / moekit_us * 1e-3,
+        active_experts=active,
+        floor_us=fl,
+        efficiency=fl / moekit_us if fl else None,
+        max_rel_err=err,
+        grouped_mm_us=grouped_us,
+        eager_us=eager_us,
+        graph=graph,
+    )
+
+
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch._grouped_mm exists only in recent torch, and only for some devices/dtypes."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        a = torch.randn(32, 16, device=device, dtype=dtype)
+        b = torch.randn(2, 16, 16, device=device, dtype=dtype)
+        torch._grouped_mm(a, b.transpose(1, 2).contiguous().transpose(1, 2),
+                          offs=torch.tensor([16, 32], device=device, dtype=torch.int32))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
+

@@ -1,0 +1,139 @@
+"""The ``moekit`` command line: ``moekit bench`` (the main job) and ``moekit info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from collections.abc import Sequence
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+GPU_TOKENS = "1,4,16,64,256,1024,4096,16384"
+# A CPU sweep of one preset at decode sizes stays well under a minute on 2 cores.
+CPU_TOKENS = "1,4,16"
+CPU_PRESET = "olmoe-1b-7b"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moekit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="time MoE shapes against the hardware floor and the baselines")
+    b.add_argument("--preset", default=None,
+                   help="preset name(s), comma-separated, or 'all' (default: all on GPU, olmoe-1b-7b on CPU)")
+    b.add_argument("--hf-config", default=None, help="read the MoE dimensions from a transformers config.json")
+    b.add_argument("--tokens", default=None, help=f"token counts (default GPU: {GPU_TOKENS}; CPU: {CPU_TOKENS})")
+    b.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    b.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    b.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    b.add_argument("--no-baselines", action="store_true", help="skip the torch grouped_mm and eager-loop baselines")
+    b.add_argument("--json", default=None, help="write rows and ceilings to this JSON file")
+    b.add_argument("--markdown", default=None, help="write the table as markdown to this file")
+    b.add_argument("--plot", default=None, help="write a plot (PNG) to this file; needs matplotlib")
+    b.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("info", help="versions, devices and available backends")
+
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print(json.dumps(info(), indent=2))
+        return 0
+    return bench(args)
+
+
+def info() -> dict:
+    from moekit import __version__
+    from moekit.kernel import available_backends
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    devices = ["cpu"] + [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+    return {
+        "moekit": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "devices": devices,
+        "backends": {"cpu": available_backends("cpu"),
+                     **({"cuda": available_backends("cuda")} if torch.cuda.is_available() else {})},
+    }
+
+
+def _shapes(args: argparse.Namespace, device: torch.device):
+    from moekit.bench.shapes import PRESETS, shape_from_hf_config
+
+    if args.hf_config:
+        return [shape_from_hf_config(args.hf_config)]
+    names = args.preset or ("all" if device.type == "cuda" else CPU_PRESET)
+    names = list(PRESETS) if names == "all" else [n.strip() for n in names.split(",")]
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        raise SystemExit(f"moekit bench: --preset: unknown {unknown}; expected 'all' or some of {list(PRESETS)}")
+    return [PRESETS[n] for n in names]
+
+
+def _tokens(text: str) -> list[int]:
+    try:
+        tokens = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"moekit bench: --tokens: expected comma-separated ints, got {text!r}") from None
+    if not tokens or min(tokens) < 0:
+        raise SystemExit(f"moekit bench: --tokens: expected non-negative ints, got {text!r}")
+    return tokens
+
+
+def bench(args: argparse.Namespace) -> int:
+    from moekit.bench import bench_point, measure_ceilings
+    from moekit.bench.report import markdown, plot, table, write_json
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shapes = _shapes(args, device)
+    tokens = _tokens(args.tokens or (GPU_TOKENS if device.type == "cuda" else CPU_TOKENS))
+    dtype = DTYPES[args.dtype]
+    ceilings = measure_ceilings(device) if device.type == "cuda" else None
+    if ceilings:
+        print(f"ceilings: read {ceilings.read_bw / 1e12:.2f} TB/s, bf16 matmul {ceilings.mm_rate / 1e12:.0f} TFLOP/s",
+              file=sys.stderr)
+    points = [(s, t) for s in shapes for t in tokens]
+    rows = []
+    for shape, t in _progress(points):
+        rows.append(bench_point(shape, t, backend=args.backend, dtype=dtype, device=device, ceilings=ceilings,
+                                baselines=not args.no_baselines, seed=args.seed))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"moekit bench on {_device_name(device)}, {args.dtype}, backend {rows[0].backend if rows else args.backend}"
+          + ("" if ceilings else " (no floor on CPU: the floor is defined for GPUs)"))
+    print(table(rows))
+    meta = {**info(), "device": _device_name(device), "dtype": args.dtype, "command": " ".join(sys.argv)}
+    if args.json:
+        write_json(args.json, rows, meta, ceilings)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(rows) + "\n")
+    if args.plot:
+        plot(args.plot, rows)
+    return 0
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'cpu'})"
+
+
+def _progress(items):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc="moekit bench", unit="point", file=sys.stderr, leave=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

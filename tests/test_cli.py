@@ -1,0 +1,70 @@
+"""The moekit CLI: bench (with an --hf-config shape so it stays fast), JSON/plot/markdown outputs, info."""
+
+import json
+
+import pytest
+
+from moekit.bench.shapes import PRESETS, shape_from_hf_config
+from moekit.cli import main
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "qwen2_moe", "hidden_size": 64, "num_experts": 8,
+                                "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                "shared_expert_intermediate_size": 48, "intermediate_size": 128}))
+    return path
+
+
+def test_shape_from_hf_config(tiny_config, tmp_path):
+    s = shape_from_hf_config(tiny_config)
+    assert (s.num_experts, s.hidden_size, s.intermediate_size, s.top_k, s.shared_intermediate_size) == (8, 64, 32, 2, 48)
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"model_type": "deepseek_v3", "hidden_size": 7168, "n_routed_experts": 256,
+                              "num_experts_per_tok": 8, "moe_intermediate_size": 2048, "n_shared_experts": 1}))
+    assert shape_from_hf_config(ds).shared_intermediate_size == 2048
+    oss = tmp_path / "oss.json"
+    oss.write_text(json.dumps({"model_type": "gpt_oss", "hidden_size": 2880, "num_local_experts": 128,
+                               "num_experts_per_tok": 4, "intermediate_size": 2880}))
+    s = shape_from_hf_config(oss)
+    assert s.activation == "swigluoai" and s.bias and s.num_experts == 128
+    bad = tmp_path / "dense.json"
+    bad.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128}))
+    with pytest.raises(ValueError, match="no expert count"):
+        shape_from_hf_config(bad)
+
+
+def test_presets_match_measuring_table():
+    assert set(PRESETS) == {"mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-120b", "olmoe-1b-7b"}
+    ds = PRESETS["deepseek-v3"]
+    assert (ds.num_experts, ds.hidden_size, ds.intermediate_size, ds.top_k) == (256, 7168, 2048, 8)
+
+
+def test_bench_writes_table_json_plot_markdown(tiny_config, tmp_path, capsys):
+    out_json, out_png, out_md = tmp_path / "b.json", tmp_path / "b.png", tmp_path / "b.md"
+    rc = main(["bench", "--hf-config", str(tiny_config), "--tokens", "0,1,5", "--dtype", "fp32",
+               "--backend", "torch", "--json", str(out_json), "--plot", str(out_png), "--markdown", str(out_md)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "moekit us" in text and "qwen2_moe" in text
+    doc = json.loads(out_json.read_text())
+    assert [r["tokens"] for r in doc["rows"]] == [0, 1, 5]
+    for r in doc["rows"]:
+        assert r["moekit_us"] > 0 and r["max_rel_err"] < 1e-5
+        assert r["eager_us"] > 0
+    assert out_png.stat().st_size > 1000
+    assert out_md.read_text().startswith("| shape | T |")
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit, match="unknown"):
+        main(["bench", "--preset", "llama-moe"])
+    with pytest.raises(SystemExit, match="--tokens"):
+        main(["bench", "--tokens", "a,b"])
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert "torch" in doc["backends"]["cpu"] and doc["torch"]
