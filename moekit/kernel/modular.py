@@ -15,6 +15,7 @@ run relative to the routed ones.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -33,12 +34,22 @@ from moekit.ops.activation import Activation, resolve_activation
 from moekit.quant.params import UNQUANTIZED, QuantParams
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Below this many tokens the routed experts are bandwidth-bound and leave SMs idle, so the shared experts
+# run concurrently on a side stream; above it both saturate the GPU and overlapping only adds contention.
+SHARED_OVERLAP_MAX_TOKENS = 1024
 
 
 class ModularKernel:
-    def __init__(self, prepare_finalize: PrepareFinalize, experts: Experts) -> None:
+    def __init__(
+        self,
+        prepare_finalize: PrepareFinalize,
+        experts: Experts,
+        *,
+        shared_overlap_max_tokens: int = SHARED_OVERLAP_MAX_TOKENS,
+    ) -> None:
         self.prepare_finalize = prepare_finalize
         self.experts = experts
+        self.shared_overlap_max_tokens = shared_overlap_max_tokens
 
     def __repr__(self) -> str:
         return f"ModularKernel({type(self.prepare_finalize).__name__}, {type(self.experts).__name__})"
@@ -80,6 +91,18 @@ class ModularKernel:
         if num_tokens == 0:
             return hidden_states.new_empty((0, hidden))
 
+        shared_in = hidden_states if shared_experts_input is None else shared_experts_input
+        side = self._side_stream(hidden_states) if shared_experts is not None else None
+        shared_out = None
+        if side is not None:
+            # Fork: the side stream waits for everything queued so far (shared_in is ready), then runs the
+            # shared experts while this stream runs the routed ones. record_stream keeps the caching allocator
+            # from handing either tensor's memory to someone else before the other stream is done with it.
+            main = torch.cuda.current_stream(hidden_states.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                shared_out = shared_experts(shared_in)
+            shared_in.record_stream(side)
         prep = self.prepare_finalize.prepare(
             hidden_states, topk_weights, topk_ids,
             apply_router_weight_on_input=apply_router_weight_on_input, quant=quant,
@@ -90,10 +113,23 @@ class ModularKernel:
             quant=quant, hidden_scale=prep.hidden_scale, out_dtype=hidden_states.dtype,
         )
         out = self.prepare_finalize.finalize(routed, prep)
-        if shared_experts is not None:
-            shared_in = hidden_states if shared_experts_input is None else shared_experts_input
-            out = out + shared_experts(shared_in)
-        return out
+        if side is not None:
+            main.wait_stream(side)  # join before the sum reads shared_out
+            shared_out.record_stream(main)
+        elif shared_experts is not None:
+            shared_out = shared_experts(shared_in)
+        return out if shared_out is None else out + shared_out
+
+    def _side_stream(self, x: torch.Tensor) -> torch.cuda.Stream | None:
+        if x.device.type != "cuda" or x.shape[0] > self.shared_overlap_max_tokens or torch.compiler.is_compiling():
+            return None
+        return _side_streams(x.device)
+
+
+@functools.cache
+def _side_streams(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device, shared by every kernel (streams are not per-layer state)."""
+    return torch.cuda.Stream(device=device)
 
 
 def check_expert_inputs(
