@@ -92,6 +92,7 @@ def _tokens(text: str) -> list[int]:
 
 def bench(args: argparse.Namespace) -> int:
     from moekit.bench import bench_point, measure_ceilings
+    from moekit.bench.run import make_weights
     from moekit.bench.report import markdown, plot, table, write_json
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -104,11 +105,15 @@ def bench(args: argparse.Namespace) -> int:
               file=sys.stderr)
     points = [(s, t) for s in shapes for t in tokens]
     rows = []
+    weights = {}
     for shape, t in _progress(points):
+        if shape.name not in weights:
+            weights.clear()  # one shape's weights at a time: deepseek-v3's alone are 22 GB in bf16
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            weights[shape.name] = make_weights(shape, dtype, device, args.seed)
         rows.append(bench_point(shape, t, backend=args.backend, dtype=dtype, device=device, ceilings=ceilings,
-                                baselines=not args.no_baselines, seed=args.seed))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+                                weights=weights[shape.name], baselines=not args.no_baselines, seed=args.seed))
     print(f"moekit bench on {_device_name(device)}, {args.dtype}, backend {rows[0].backend if rows else args.backend}"
           + ("" if ceilings else " (no floor on CPU: the floor is defined for GPUs)"))
     print(table(rows))

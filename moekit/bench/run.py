@@ -45,27 +45,29 @@ class Row:
         return asdict(self)
 
 
-def make_inputs(shape: MoEShape, num_tokens: int, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
+def make_weights(shape: MoEShape, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
+    """Random expert weights for ``shape``, scaled like nn.Linear's init; made once per shape."""
     g = torch.Generator(device=device).manual_seed(seed)
     rows = shape.act.w13_rows(shape.intermediate_size)
     E, H, I = shape.num_experts, shape.hidden_size, shape.intermediate_size
 
     def rand(*dims: int, scale: float) -> torch.Tensor:
-        return (torch.randn(*dims, generator=g, device=device, dtype=dtype)).mul_(scale)
+        return torch.randn(*dims, generator=g, device=device, dtype=dtype).mul_(scale)
 
-    logits = torch.randn(num_tokens, E, generator=g, device=device)
-    topk_weights, topk_ids = select_experts(logits, shape.top_k, renormalize=True)
-    inputs = {
-        "hidden_states": rand(num_tokens, H, scale=1.0),
-        "w13": rand(E, rows, H, scale=H**-0.5),
-        "w2": rand(E, H, I, scale=I**-0.5),
-        "topk_weights": topk_weights,
-        "topk_ids": topk_ids,
-    }
+    weights = {"w13": rand(E, rows, H, scale=H**-0.5), "w2": rand(E, H, I, scale=I**-0.5)}
     if shape.bias:
-        inputs["w13_bias"] = rand(E, rows, scale=0.1)
-        inputs["w2_bias"] = rand(E, H, scale=0.1)
-    return inputs
+        weights["w13_bias"] = rand(E, rows, scale=0.1)
+        weights["w2_bias"] = rand(E, H, scale=0.1)
+    return weights
+
+
+def make_tokens(shape: MoEShape, num_tokens: int, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
+    """Random hidden states and routing from random logits through the real router, fresh per point."""
+    g = torch.Generator(device=device).manual_seed(seed + 1 + num_tokens)
+    logits = torch.randn(num_tokens, shape.num_experts, generator=g, device=device)
+    topk_weights, topk_ids = select_experts(logits, shape.top_k, renormalize=True)
+    x = torch.randn(num_tokens, shape.hidden_size, generator=g, device=device, dtype=dtype)
+    return {"hidden_states": x, "topk_weights": topk_weights, "topk_ids": topk_ids}
 
 
 def reference_error(inputs: dict, out: torch.Tensor, shape: MoEShape) -> float:
@@ -97,10 +99,14 @@ def bench_point(
     dtype: torch.dtype,
     device: torch.device,
     ceilings: Ceilings | None,
+    weights: dict | None = None,
     baselines: bool = True,
     seed: int = 0,
 ) -> Row:
-    inputs = make_inputs(shape, num_tokens, dtype, device, seed)
+    """Time one (shape, T) point. Pass ``weights`` from ``make_weights`` to reuse them across token counts."""
+    if weights is None:
+        weights = make_weights(shape, dtype, device, seed)
+    inputs = {**weights, **make_tokens(shape, num_tokens, dtype, device, seed)}
     backend = resolve_backend(backend, device)
     act = shape.act
     kw = {k: inputs[k] for k in ("w13_bias", "w2_bias") if k in inputs}
