@@ -92,8 +92,8 @@ def _tokens(text: str) -> list[int]:
 
 def bench(args: argparse.Namespace) -> int:
     from moekit.bench import bench_point, measure_ceilings
-    from moekit.bench.run import make_weights
     from moekit.bench.report import markdown, plot, table, write_json
+    from moekit.bench.run import make_weights
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shapes = _shapes(args, device)
