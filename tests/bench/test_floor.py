@@ -1,0 +1,28 @@
+"""The floor arithmetic of MEASURING.md, checked by hand."""
+
+from moekit.bench.floor import Ceilings, floor_us, moe_bytes, moe_flops
+from moekit.bench.shapes import PRESETS, MoEShape
+
+
+def test_bytes_and_flops_by_hand():
+    s = MoEShape(name="t", num_experts=8, hidden_size=4096, intermediate_size=14336, top_k=2)
+    # 2 active experts, bf16: weights 2 * 3 * 4096 * 14336 * 2 B, plus x and out: 2 * T * H * 2 B
+    assert moe_bytes(s, 1, 2, 2) == 2 * 3 * 4096 * 14336 * 2 + 2 * 1 * 4096 * 2
+    assert moe_flops(s, 1) == 2 * 1 * 2 * 3 * 4096 * 14336
+
+
+def test_biases_count_and_relu2_has_no_gate():
+    s = PRESETS["gpt-oss-120b"]
+    per_expert = (3 * 2880 * 2880 + 2 * 2880 + 2880) * 2
+    assert moe_bytes(s, 0, 1, 2) == per_expert
+    r = MoEShape(name="r", num_experts=4, hidden_size=8, intermediate_size=16, top_k=1, activation="relu2")
+    assert moe_flops(r, 3) == 2 * 3 * 1 * 2 * 8 * 16
+
+
+def test_floor_is_the_larger_term():
+    s = PRESETS["mixtral-8x7b"]
+    c = Ceilings(read_bw=4.4e12, mm_rate=7.5e14)
+    t1 = floor_us(s, 1, 2, 2, c)
+    assert abs(t1 - moe_bytes(s, 1, 2, 2) / 4.4e12 * 1e6) < 1e-9  # decode: bandwidth-bound
+    t16k = floor_us(s, 16384, 8, 2, c)
+    assert abs(t16k - moe_flops(s, 16384) / 7.5e14 * 1e6) < 1e-9  # prefill: compute-bound
