@@ -36,13 +36,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--plot", default=None, help="write a plot (PNG) to this file; needs matplotlib")
     b.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("plot", help="render a `moekit bench --json` file as a table, markdown and/or plot")
+    p.add_argument("json_file")
+    p.add_argument("--plot", default=None, help="PNG to write")
+    p.add_argument("--markdown", default=None, help="markdown table to write")
+
     sub.add_parser("info", help="versions, devices and available backends")
 
     args = parser.parse_args(argv)
     if args.command == "info":
         print(json.dumps(info(), indent=2))
         return 0
+    if args.command == "plot":
+        return replot(args)
     return bench(args)
+
+
+def replot(args: argparse.Namespace) -> int:
+    from moekit.bench.report import markdown, plot, read_json, table
+
+    rows = read_json(args.json_file)
+    print(table(rows))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(rows) + "\n")
+    if args.plot:
+        plot(args.plot, rows)
+    return 0
 
 
 def info() -> dict:

@@ -55,6 +55,9 @@ def test_bench_writes_table_json_plot_markdown(tiny_config, tmp_path, capsys):
         assert r["eager_us"] > 0
     assert out_png.stat().st_size > 1000
     assert out_md.read_text().startswith("| shape | T |")
+    again = tmp_path / "again.md"
+    assert main(["plot", str(out_json), "--markdown", str(again)]) == 0
+    assert again.read_text() == out_md.read_text()
 
 
 def test_bench_rejects_bad_arguments(capsys):

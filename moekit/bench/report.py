@@ -48,6 +48,11 @@ def write_json(path: str | Path, rows: Sequence[Row], meta: dict, ceilings: Ceil
     Path(path).write_text(json.dumps(doc, indent=2) + "\n")
 
 
+def read_json(path: str | Path) -> list[Row]:
+    """Rows of a file written by ``write_json``."""
+    return [Row(**r) for r in json.loads(Path(path).read_text())["rows"]]
+
+
 def plot(path: str | Path, rows: Sequence[Row]) -> None:
     """Per shape: moekit and the baselines, as % of floor (GPU) or latency (CPU) against T."""
     import matplotlib
