@@ -1,0 +1,202 @@
+"""Triton experts backend: align -> grouped GEMM 1 (+ activation) -> grouped GEMM 2 (+ weight) -> top-k sum.
+
+Shapes: T tokens, K top-k, N = T·K routed rows, E local experts, H hidden, I intermediate, S split-K partials.
+
+    topk_ids_TK ──align──▶ sorted_ids, expert_ids, num_padded        (one launch at decode sizes)
+    x_TH ──grouped_gemm(w13, act, b13)──▶ a_NI                        (gate and up never leave registers)
+    a_NI ──grouped_gemm(w2, b2, · topk_weights)──▶ y_SNH              (fp32 or activation dtype; see heuristics)
+    y_SNH ──topk_reduce──▶ out_TH                                     (fixed order: deterministic)
+
+Every launch has a grid sized from (N, E, H, I) alone and reads the number of padded rows from the device, so
+the whole call is capturable in a CUDA graph. Intermediates live in one cached workspace per device (a fresh
+allocation only while capturing, where the graph's private pool owns it). Under ``torch.compile`` the call goes
+through the ``moekit::fused_experts`` custom op (``moekit.ops.custom_op``) so it is a single opaque node.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised only where triton is missing
+    raise ImportError("the triton experts backend needs the triton package (pip install moekit[triton])") from exc
+
+from moekit.kernel.experts import Experts
+from moekit.ops.activation import Activation
+from moekit.ops.align import AlignResult, align, align_num_blocks, align_workspace_elems
+from moekit.ops.grouped_gemm import grouped_gemm
+from moekit.ops.heuristics import MoEKernelConfig, MoEShape, choose_config
+from moekit.ops.reduce import topk_reduce
+from moekit.quant.params import QuantParams
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class TritonExperts(Experts):
+    """Stateless apart from its workspace cache, so one instance serves every layer.
+
+    ``config`` pins a launch configuration for every call (tests, tuning); None picks one per call from
+    ``moekit.ops.heuristics.choose_config``.
+    """
+
+    name = "triton"
+
+    def __init__(self, config: MoEKernelConfig | None = None) -> None:
+        self.config = config
+        self._workspace: dict[torch.device, torch.Tensor] = {}
+
+    def check_supported(self, hidden_states: torch.Tensor, quant: QuantParams) -> None:
+        super().check_supported(hidden_states, quant)
+        if hidden_states.dtype not in _DTYPES:
+            raise ValueError(f"backend 'triton': expected hidden_states in {list(_DTYPES)}, got {hidden_states.dtype}")
+        if hidden_states.device.type != "cuda" and not _interpreting():
+            raise ValueError(
+                f"backend 'triton': needs a CUDA device (or TRITON_INTERPRET=1), got {hidden_states.device}"
+            )
+
+    def apply(
+        self,
+        hidden_states_TH: torch.Tensor,
+        w13_E2IH: torch.Tensor,
+        w2_EHI: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        *,
+        activation: Activation,
+        w13_bias_E2I: torch.Tensor | None,
+        w2_bias_EH: torch.Tensor | None,
+        expert_map_E: torch.Tensor | None,
+        quant: QuantParams,
+        hidden_scale: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        self.check_supported(hidden_states_TH, quant)
+        if torch.compiler.is_compiling() and self.config is None:
+            from moekit.ops.custom_op import fused_experts_op
+
+            return fused_experts_op(
+                hidden_states_TH, w13_E2IH, w2_EHI, topk_weights_TK, topk_ids_TK,
+                w13_bias_E2I, w2_bias_EH, expert_map_E,
+                activation.name, activation.alpha, activation.limit, out_dtype,
+            )
+        return self.run(
+            hidden_states_TH, w13_E2IH, w2_EHI, topk_weights_TK, topk_ids_TK,
+            activation=activation, w13_bias_E2I=w13_bias_E2I, w2_bias_EH=w2_bias_EH,
+            expert_map_E=expert_map_E, out_dtype=out_dtype,
+        )
+
+    def run(
+        self,
+        x_TH: torch.Tensor,
+        w13_E2IH: torch.Tensor,
+        w2_EHI: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        *,
+        activation: Activation,
+        w13_bias_E2I: torch.Tensor | None,
+        w2_bias_EH: torch.Tensor | None,
+        expert_map_E: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The pipeline of the module docstring, for validated inputs (``Experts.apply``'s contract)."""
+        num_tokens, hidden = x_TH.shape
+        top_k = topk_ids_TK.shape[1]
+        num_experts, _, inter = w2_EHI.shape
+        num_rows = num_tokens * top_k
+        out_TH = torch.empty((num_tokens, hidden), dtype=out_dtype, device=x_TH.device)
+        if num_tokens == 0:
+            return out_TH
+        cfg = self.config or choose_config(
+            MoEShape(
+                num_tokens=num_tokens, top_k=top_k, num_experts=num_experts, hidden=hidden, inter=inter,
+                gated=activation.is_gated, num_sms=_num_sms(x_TH.device), elem_bytes=x_TH.element_size(),
+            )
+        )
+        x_TH = x_TH if x_TH.stride(-1) == 1 else x_TH.contiguous()
+        split = cfg.gemm2.split_k
+        y_dtype = torch.float32 if cfg.y_fp32 else x_TH.dtype
+        num_blocks = align_num_blocks(num_rows, num_experts, cfg.block_m)
+        ws = _carve(
+            self._buffer(
+                x_TH.device,
+                4 * (num_blocks * cfg.block_m + num_blocks + 1 + align_workspace_elems(num_rows, num_experts, cfg.block_m))
+                + num_rows * inter * x_TH.element_size()
+                + split * num_rows * hidden * _elem_size(y_dtype)
+                + 5 * 256,  # alignment slack of the five pieces
+            ),
+            [
+                (torch.int32, (num_blocks * cfg.block_m,)),
+                (torch.int32, (num_blocks,)),
+                (torch.int32, (1,)),
+                (torch.int32, (align_workspace_elems(num_rows, num_experts, cfg.block_m),)),
+                (x_TH.dtype, (num_rows, inter)),
+                (y_dtype, (split, num_rows, hidden)),
+            ],
+        )
+        sorted_ids, expert_ids, num_padded, scratch, a_NI, y_SNH = ws
+        layout = align(
+            topk_ids_TK, num_experts, cfg.block_m, expert_map=expert_map_E,
+            out=AlignResult(sorted_ids=sorted_ids, expert_ids=expert_ids, num_padded=num_padded, block_m=cfg.block_m),
+            scratch=scratch,
+        )
+        grouped_gemm(
+            x_TH, w13_E2IH, layout, a_NI, cfg.gemm1,
+            num_rows=num_rows, a_row_div=top_k, bias_EN=w13_bias_E2I, activation=activation,
+        )
+        grouped_gemm(
+            a_NI, w2_EHI, layout, y_SNH if split > 1 else y_SNH[0], cfg.gemm2,
+            num_rows=num_rows, bias_EN=w2_bias_EH, weights_N=topk_weights_TK.reshape(-1),
+        )
+        return topk_reduce(
+            y_SNH, top_k, out_TH, topk_ids_TK=topk_ids_TK, expert_map=expert_map_E, num_experts=num_experts,
+        )
+
+    def _buffer(self, device: torch.device, nbytes: int) -> torch.Tensor:
+        if _capturing(device):
+            # A graph keeps the addresses it captured: the cached buffer, once grown by a later eager call, would
+            # be freed under it. Memory taken while capturing comes from the graph's own pool instead (and costs
+            # nothing at replay).
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
+        cached = self._workspace.get(device)
+        if cached is None or cached.numel() < nbytes:
+            cached = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self._workspace[device] = cached
+        return cached
+
+
+def _carve(buf: torch.Tensor, pieces: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+    """Views of ``buf`` with the given dtypes and shapes, each starting on a 256-byte boundary."""
+    views, offset = [], 0
+    for dtype, shape in pieces:
+        offset = -(-offset // 256) * 256
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * _elem_size(dtype)
+        views.append(buf[offset : offset + nbytes].view(dtype).view(shape))
+        offset += nbytes
+    return views
+
+
+def _elem_size(dtype: torch.dtype) -> int:
+    return dtype.itemsize
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: any plausible value
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

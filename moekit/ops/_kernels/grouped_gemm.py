@@ -1,0 +1,114 @@
+"""Triton body of ``moekit.ops.grouped_gemm``: one tile of C = gather(A) @ B[e].T over a padded expert layout.
+
+Names: ``i_`` index, ``o_`` offset vector, ``m_`` mask, ``p_`` pointer, ``b_`` register block.
+"""
+
+import triton
+import triton.language as tl
+
+# ACTIVATION codes (compile-time): 0 none, 1 silu, 2 gelu (erf), 3 gelu_tanh, 4 relu2, 5 swigluoai.
+
+
+@triton.jit
+def _activate(b_gate, b_up, alpha, limit, ACTIVATION: tl.constexpr):
+    """act(gate) * up in fp32 (``b_up`` is ignored for the non-gated codes 0 and 4)."""
+    if ACTIVATION == 0:
+        return b_gate
+    elif ACTIVATION == 1:
+        return b_gate * tl.sigmoid(b_gate) * b_up
+    elif ACTIVATION == 2:
+        return 0.5 * b_gate * (1.0 + tl.math.erf(b_gate * 0.7071067811865476)) * b_up
+    elif ACTIVATION == 3:
+        # tanh(z) = 2·sigmoid(2z) - 1: libdevice tanh is not available in the interpreter.
+        b_z = 0.7978845608028654 * (b_gate + 0.044715 * b_gate * b_gate * b_gate)
+        return 0.5 * b_gate * (2.0 * tl.sigmoid(2.0 * b_z)) * b_up
+    elif ACTIVATION == 4:
+        b_r = tl.maximum(b_gate, 0.0)
+        return b_r * b_r
+    else:
+        b_g = tl.minimum(b_gate, limit)
+        b_u = tl.minimum(tl.maximum(b_up, -limit), limit)
+        return b_g * tl.sigmoid(alpha * b_g) * (b_u + 1.0)
+
+
+# Row counts change with every batch: specializing on them (== 1, % 16) would recompile as T moves.
+@triton.jit(do_not_specialize=["num_rows"])
+def grouped_gemm_kernel(
+    p_a, p_b, p_c, p_bias, p_weights,
+    p_sorted_ids, p_expert_ids, p_num_padded,
+    num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split,
+    stride_am, stride_be, stride_bn, stride_bk, stride_cs, stride_cm, stride_bias_e,
+    alpha, limit,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """C[s, row, n] for the rows of one block of M slots, a tile of output columns and split s = program_id(1).
+
+    GATED: the tile's BLOCK_N rows of B are BLOCK_N/2 gate rows ``n`` then the matching up rows ``up_offset + n``,
+    so one wide dot computes both and the activation runs in the epilogue on the split accumulator: the
+    [2I]-wide pre-activation never reaches memory. The output tile is then BLOCK_N/2 columns wide.
+    """
+    OUT_N: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
+    i_pid = tl.program_id(0)
+    i_s = tl.program_id(1)
+    num_pid_m = tl.cdiv(tl.load(p_num_padded), BLOCK_M)
+    num_pid_n = tl.cdiv(n_out, OUT_N)
+    # GROUP_M consecutive row blocks walk the N tiles together, so one expert's B tiles are reused from L2.
+    num_in_group = GROUP_M * num_pid_n
+    i_group = i_pid // num_in_group
+    first_m = i_group * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    if group_m <= 0:
+        return  # past the padded rows in use: the grid is sized for the worst case
+    i_m = first_m + ((i_pid % num_in_group) % group_m)
+    i_n = (i_pid % num_in_group) // group_m
+    if i_n >= num_pid_n:
+        return  # the last, partial group of the worst-case grid
+    i_e = tl.load(p_expert_ids + i_m).to(tl.int64)
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b_rows = tl.load(p_sorted_ids + o_m)
+    m_rows = b_rows < num_rows
+    # int64 offsets: T·K·H and E·2I·H exceed 2**31 elements at real sizes.
+    o_a_rows = (b_rows // a_row_div).to(tl.int64) * stride_am
+    o_j = tl.arange(0, BLOCK_N)
+    # B row of each tile column. Out-of-range columns re-read valid rows (wrapped) instead of masking every B
+    # load; their results are never stored.
+    if GATED:
+        o_bn = (i_n * OUT_N + o_j % OUT_N) % n_out + tl.where(o_j < OUT_N, 0, up_offset)
+    else:
+        o_bn = (i_n * OUT_N + o_j) % n_out
+    k_start = i_s * k_per_split
+    o_k = k_start + tl.arange(0, BLOCK_K)
+    p_a_tile = p_a + o_a_rows[:, None] + o_k[None, :]
+    p_b_tile = p_b + i_e * stride_be + o_bn[None, :].to(tl.int64) * stride_bn + o_k[:, None] * stride_bk
+
+    b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_end = min(k_start + k_per_split, k_dim)
+    for k in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            b_a = tl.load(p_a_tile, mask=m_rows[:, None], other=0.0)
+            b_b = tl.load(p_b_tile)
+        else:
+            m_k = (k + tl.arange(0, BLOCK_K)) < k_end
+            b_a = tl.load(p_a_tile, mask=m_rows[:, None] & m_k[None, :], other=0.0)
+            b_b = tl.load(p_b_tile, mask=m_k[:, None], other=0.0)
+        b_acc = tl.dot(b_a, b_b, b_acc, input_precision=DOT_PRECISION)
+        p_a_tile += BLOCK_K
+        p_b_tile += BLOCK_K * stride_bk
+
+    if HAS_BIAS:
+        if i_s == 0:  # with split-K the bias belongs to exactly one partial sum
+            b_acc += tl.load(p_bias + i_e * stride_bias_e + o_bn).to(tl.float32)[None, :]
+    if GATED:
+        b_gate, b_up = tl.split(tl.permute(tl.reshape(b_acc, [BLOCK_M, 2, OUT_N]), [0, 2, 1]))
+        b_out = _activate(b_gate, b_up, alpha, limit, ACTIVATION)
+    else:
+        b_out = _activate(b_acc, b_acc, alpha, limit, ACTIVATION)
+    if HAS_WEIGHTS:
+        b_w = tl.load(p_weights + b_rows, mask=m_rows, other=0.0).to(tl.float32)
+        b_out = b_out * b_w[:, None]
+    o_n = i_n * OUT_N + tl.arange(0, OUT_N)
+    p_c_tile = p_c + i_s * stride_cs + b_rows.to(tl.int64)[:, None] * stride_cm + o_n[None, :]
+    tl.store(p_c_tile, b_out.to(p_c.dtype.element_ty), mask=m_rows[:, None] & (o_n < n_out)[None, :])

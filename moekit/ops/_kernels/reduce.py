@@ -1,0 +1,34 @@
+"""Triton body of ``moekit.ops.reduce``: sum the per-row outputs of each token over top-k (and split-K).
+
+Names: ``i_`` index, ``o_`` offset vector, ``m_`` mask, ``p_`` pointer, ``b_`` register block.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def topk_reduce_kernel(
+    p_y, p_out, p_topk_ids, p_expert_map,
+    hidden, top_k, num_splits, num_experts, stride_ys, stride_yn, stride_ot,
+    HAS_MAP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """out[t, h-tile] = sum over s, k of y[s, t·K + k, h-tile] in fp32, in a fixed order (deterministic)."""
+    i_t = tl.program_id(0)
+    i_h = tl.program_id(1)
+    o_k = tl.arange(0, BLOCK_K)
+    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    m_h = o_h < hidden
+    o_n = i_t.to(tl.int64) * top_k + o_k
+    m_k = o_k < top_k
+    if HAS_MAP:
+        # Rows whose expert lives on another rank were never written: they must not be read.
+        b_ids = tl.load(p_topk_ids + o_n, mask=m_k, other=0)
+        b_local = tl.load(p_expert_map + b_ids, mask=m_k, other=-1)
+        m_k = m_k & (b_local >= 0) & (b_local < num_experts)
+    p_tile = p_y + o_n[:, None] * stride_yn + o_h[None, :]
+    m_tile = m_k[:, None] & m_h[None, :]
+    b_acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for i_s in range(0, num_splits):
+        b_acc += tl.sum(tl.load(p_tile + i_s * stride_ys, mask=m_tile, other=0.0).to(tl.float32), axis=0)
+    tl.store(p_out + i_t.to(tl.int64) * stride_ot + o_h, b_acc.to(p_out.dtype.element_ty), mask=m_h)

@@ -1,0 +1,160 @@
+"""Group the N = T·K routed rows by local expert into a BLOCK_M-padded layout, with no host sync.
+
+Shapes: T tokens, K top-k, N = T·K routed rows (row n = t·K + k), E local experts, M = BLOCK_M.
+
+    for e in local experts (in order):
+        rows_e = [n for n in range(N) if local(topk_ids.flat[n]) == e]        # ascending n
+        append rows_e to sorted_ids, then pad with the sentinel N up to a multiple of M
+        expert_ids gets e once per M slots appended
+    num_padded = len(sorted_ids);  sorted_ids / expert_ids are then filled up to their fixed size with N / -1
+
+``local(g) = expert_map[g]`` (or g without a map); rows whose local id is -1 are dropped. Every output has a
+size that depends only on (N, E, M) — at most min(N, E) experts get rows, so padding adds at most
+min(N, E)·(M - 1) slots — which is what makes the whole MoE capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moekit.ops._kernels.align import align_count_kernel, align_scatter_kernel
+
+# A one-hot [BLOCK_R, BLOCK_E] int32 tile (and its cumsum) stays in registers up to about this many elements.
+_ONEHOT_ELEMS = 8192
+# Up to this many chunks one program does the whole job in a single launch (decode sizes); more, and a count
+# kernel + cumsum + scatter kernel spread it over one program per chunk.
+_SINGLE_MAX_CHUNKS = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlignResult:
+    """The padded layout the grouped GEMMs consume.
+
+    Attributes:
+        sorted_ids: [num_blocks·M] int32 routed-row index per slot; N marks padding.
+        expert_ids: [num_blocks] int32 local expert of each block of M slots; -1 past ``num_padded``.
+        num_padded: [1] int32 (on device) slots in use, a multiple of M.
+        block_m: M.
+    """
+
+    sorted_ids: torch.Tensor
+    expert_ids: torch.Tensor
+    num_padded: torch.Tensor
+    block_m: int
+
+
+def align_num_blocks(num_rows: int, num_experts: int, block_m: int) -> int:
+    """Fixed block count of the padded layout for N rows over E experts."""
+    return -(-(num_rows + min(num_rows, num_experts) * (block_m - 1)) // block_m)
+
+
+def align_workspace_elems(num_rows: int, num_experts: int, block_m: int) -> int:
+    """int32 elements of scratch ``align`` needs (its outputs excluded)."""
+    return 2 * _num_chunks(num_rows, num_experts) * num_experts
+
+
+def align(
+    topk_ids_TK: torch.Tensor,
+    num_experts: int,
+    block_m: int,
+    *,
+    expert_map: torch.Tensor | None = None,
+    out: AlignResult | None = None,
+    scratch: torch.Tensor | None = None,
+) -> AlignResult:
+    """Group routed rows by local expert (see the module docstring).
+
+    Args:
+        topk_ids_TK: [T, K] int expert ids (global ids when ``expert_map`` is given).
+        num_experts: E, local expert count.
+        block_m: M, a power of two >= 16.
+        expert_map: optional [E_global] int map global -> local id (-1: not on this rank).
+        out: preallocated outputs (sizes from ``align_num_blocks``); allocated when None.
+        scratch: int32 buffer of at least ``align_workspace_elems`` elements; allocated when None.
+    """
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m: expected a power of two >= 16, got {block_m}")
+    ids_N = topk_ids_TK.reshape(-1)
+    num_rows = ids_N.numel()
+    device = ids_N.device
+    num_blocks = align_num_blocks(num_rows, num_experts, block_m)
+    if out is None:
+        out = AlignResult(
+            sorted_ids=torch.empty(num_blocks * block_m, dtype=torch.int32, device=device),
+            expert_ids=torch.empty(num_blocks, dtype=torch.int32, device=device),
+            num_padded=torch.empty(1, dtype=torch.int32, device=device),
+            block_m=block_m,
+        )
+    if num_rows == 0:
+        out.num_padded.zero_()
+        return out
+    block_e = _block_e(num_experts)
+    block_r = _block_r(num_experts)
+    num_chunks = _num_chunks(num_rows, num_experts)
+    # A block-metadata tile of [BLOCK_B, BLOCK_E] compares and [BLOCK_B, M] sentinel slots.
+    block_b = max(1, min(64, _ONEHOT_ELEMS // max(block_e, block_m)))
+    single = num_chunks <= _SINGLE_MAX_CHUNKS
+    expert_map_arg = expert_map if expert_map is not None else ids_N
+    counts = cumsum = ids_N  # unused placeholders when single
+    if not single:
+        if scratch is None:
+            scratch = torch.empty(2 * num_chunks * num_experts, dtype=torch.int32, device=device)
+        counts = scratch[: num_chunks * num_experts].view(num_chunks, num_experts)
+        cumsum = scratch[num_chunks * num_experts : 2 * num_chunks * num_experts].view(num_chunks, num_experts)
+        align_count_kernel[(num_chunks,)](
+            ids_N, expert_map_arg, counts, num_rows, num_experts,
+            HAS_MAP=expert_map is not None, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4,
+        )
+        torch.cumsum(counts, dim=0, out=cumsum)
+    align_scatter_kernel[(1 if single else num_chunks,)](
+        ids_N, expert_map_arg, counts, cumsum,
+        out.sorted_ids, out.expert_ids, out.num_padded,
+        num_rows, num_experts, num_chunks, num_blocks,
+        HAS_MAP=expert_map is not None, SINGLE=single,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_E=block_e, BLOCK_B=block_b, num_warps=4,
+    )
+    return out
+
+
+def align_ref(
+    topk_ids_TK: torch.Tensor,
+    num_experts: int,
+    block_m: int,
+    *,
+    expert_map: torch.Tensor | None = None,
+) -> AlignResult:
+    """Pure-torch twin of ``align`` (same outputs, bit for bit)."""
+    ids_N = topk_ids_TK.reshape(-1).long()
+    num_rows = ids_N.numel()
+    device = ids_N.device
+    if expert_map is not None:
+        ids_N = expert_map.long()[ids_N]
+    ids_N = torch.where((ids_N >= 0) & (ids_N < num_experts), ids_N, -1)
+    num_blocks = align_num_blocks(num_rows, num_experts, block_m)
+    sorted_ids = torch.full((num_blocks * block_m,), num_rows, dtype=torch.int32, device=device)
+    expert_ids = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
+    pos = 0
+    for e in range(num_experts):
+        rows = torch.nonzero(ids_N == e).flatten()
+        if rows.numel() == 0:
+            continue
+        padded = -(-rows.numel() // block_m) * block_m
+        sorted_ids[pos : pos + rows.numel()] = rows.to(torch.int32)
+        expert_ids[pos // block_m : (pos + padded) // block_m] = e
+        pos += padded
+    num_padded = torch.tensor([pos], dtype=torch.int32, device=device)
+    return AlignResult(sorted_ids=sorted_ids, expert_ids=expert_ids, num_padded=num_padded, block_m=block_m)
+
+
+def _block_e(num_experts: int) -> int:
+    return max(2, 1 << (num_experts - 1).bit_length())
+
+
+def _block_r(num_experts: int) -> int:
+    return max(16, min(1024, _ONEHOT_ELEMS // _block_e(num_experts)))
+
+
+def _num_chunks(num_rows: int, num_experts: int) -> int:
+    return max(1, -(-num_rows // _block_r(num_experts)))

@@ -1,0 +1,181 @@
+"""Launch configurations of the Triton MoE pipeline, from explicit heuristics (no autotuning on the hot path).
+
+``choose_config`` returns a frozen ``MoEKernelConfig``; a caller (or a test) may pass its own instead. A tuned
+table ``moekit/ops/tuned/<gpu>/<preset>.json`` — ``{"E,H,I,K": {"<max tokens>": {config fields}}}`` — overrides
+the heuristics for the shapes it lists; tables are optional, few and small.
+
+The reasoning, in terms of R = rows per active expert (about N / min(N, E), N = T·K):
+- Decode (R ≤ 16): the layer streams every routed expert's weights once, so it is memory-bound and what matters
+  is enough bytes in flight: ≥ ~2 programs per SM, each with a deep (4-stage) pipeline of wide K tiles.
+  GEMM1's programs are (expert blocks) × I / BLOCK_N — for few experts or small I, shrink BLOCK_N; GEMM2's are
+  (expert blocks) × H / BLOCK_N — split K (partials summed by the top-k reduction) when that is too few.
+- Prefill (R ≥ 64): tensor-core bound; the largest tile whose padding waste stays small — BLOCK_M up to 128 —
+  with GROUP_M swizzling so an expert's weight tiles are reused from L2 across its row blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+_TUNED_DIR = Path(__file__).parent / "tuned"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GemmConfig:
+    """Tile of one grouped GEMM (BLOCK_M is shared by both GEMMs: see ``MoEKernelConfig``)."""
+
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"GemmConfig.{name}: expected a power of two >= 16, got {v}")
+        if self.split_k < 1 or self.group_m < 1:
+            raise ValueError(f"GemmConfig: split_k and group_m must be >= 1, got {self.split_k}, {self.group_m}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEKernelConfig:
+    """Everything the Triton backend decides per call.
+
+    Attributes:
+        block_m: rows per block of the padded layout (align and both GEMMs).
+        gemm1: x @ w13[e].T with the activation in its epilogue (``split_k`` must be 1: the activation needs
+            the whole sum).
+        gemm2: a @ w2[e].T with the routing weight in its epilogue.
+        y_fp32: keep GEMM2's per-row outputs in fp32 (else the activation dtype) until the top-k reduction.
+    """
+
+    block_m: int
+    gemm1: GemmConfig
+    gemm2: GemmConfig
+    y_fp32: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_m < 16 or self.block_m & (self.block_m - 1):
+            raise ValueError(f"MoEKernelConfig.block_m: expected a power of two >= 16, got {self.block_m}")
+        if self.gemm1.split_k != 1:
+            raise ValueError(f"MoEKernelConfig.gemm1.split_k: the fused activation needs 1, got {self.gemm1.split_k}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> MoEKernelConfig:
+        return MoEKernelConfig(
+            block_m=d["block_m"], gemm1=GemmConfig(**d["gemm1"]), gemm2=GemmConfig(**d["gemm2"]),
+            y_fp32=d.get("y_fp32", True),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEShape:
+    """What the heuristics look at: sizes of one call and of the device."""
+
+    num_tokens: int
+    top_k: int
+    num_experts: int
+    hidden: int
+    inter: int  # I (w2 is [E, H, I])
+    gated: bool = True
+    num_sms: int = 132
+    elem_bytes: int = 2
+
+
+def choose_config(shape: MoEShape) -> MoEKernelConfig:
+    """A tuned table entry if one covers ``shape``, else the heuristics of the module docstring."""
+    tuned = _lookup_tuned(shape)
+    return tuned if tuned is not None else heuristic_config(shape)
+
+
+def heuristic_config(s: MoEShape) -> MoEKernelConfig:
+    num_rows = s.num_tokens * s.top_k
+    active = max(1, min(num_rows, s.num_experts))
+    rows_per_expert = num_rows / active
+    # BLOCK_M: the smallest tile that holds an active expert's rows, so padding stays under ~half a tile; 16 is
+    # the smallest tl.dot M.
+    if rows_per_expert <= 16:
+        block_m = 16
+    elif rows_per_expert <= 48:
+        block_m = 32
+    elif rows_per_expert <= 192:
+        block_m = 64
+    else:
+        block_m = 128
+    blocks = active * -(-int(rows_per_expert) // block_m)
+    target = 2 * s.num_sms  # programs that keep every SM streaming with a second program to hide tails
+
+    if block_m <= 32:
+        # Memory-bound: 128-wide K tiles (256 B per bf16 row) and 4 stages keep ~64 KB in flight per program.
+        bk = 128 if s.elem_bytes <= 2 else 64
+        # GEMM1's BLOCK_N counts weight rows: for a gated activation half gate, half up, so a tile yields
+        # BLOCK_N / 2 outputs. Shrink it until the grid fills the chip.
+        per_out = 2 if s.gated else 1
+        bn1 = 128
+        while bn1 > 16 * per_out and blocks * -(-s.inter * per_out // bn1) < target:
+            bn1 //= 2
+        gemm1 = GemmConfig(block_n=bn1, block_k=bk, num_warps=4, num_stages=4)
+        bn2 = 64
+        while bn2 > 32 and blocks * -(-s.hidden // bn2) < target:
+            bn2 //= 2
+        # Split K of GEMM2 while the grid is short of the target and each split keeps >= 4 K tiles.
+        split = 1
+        while blocks * -(-s.hidden // bn2) * split < target and s.inter // (2 * split) >= 4 * bk:
+            split *= 2
+        gemm2 = GemmConfig(block_n=bn2, block_k=bk, split_k=split, num_warps=4, num_stages=4)
+        return MoEKernelConfig(block_m=block_m, gemm1=gemm1, gemm2=gemm2, y_fp32=True)
+
+    # Compute-bound: 64 x 128 tiles per 4 warps (or 128 x 128 per 8: 64 accumulator registers a thread), 64-wide
+    # K, 3-4 stages of shared memory (32 KB a stage at 128 x 128).
+    warps = 8 if block_m == 128 else 4
+    stages = 3 if block_m == 128 else 4
+    gemm1 = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=warps, num_stages=stages)
+    gemm2 = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=warps, num_stages=stages)
+    # y [N, H] is written once and read once by the reduction; in fp32 those bytes are a visible share of a
+    # prefill of small experts, in the activation dtype they cost half and lose nothing beyond its rounding.
+    return MoEKernelConfig(block_m=block_m, gemm1=gemm1, gemm2=gemm2, y_fp32=False)
+
+
+def _lookup_tuned(s: MoEShape) -> MoEKernelConfig | None:
+    table = _tuned_tables(_gpu_name()).get(f"{s.num_experts},{s.hidden},{s.inter},{s.top_k}")
+    if not table:
+        return None
+    # Entries are keyed by the largest token count they were tuned for: take the first that covers T.
+    for max_tokens in sorted(table, key=int):
+        if s.num_tokens <= int(max_tokens):
+            return MoEKernelConfig.from_dict(table[max_tokens])
+    return None
+
+
+@functools.cache
+def _gpu_name() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    return torch.cuda.get_device_name().lower().replace("nvidia ", "").replace(" ", "_")
+
+
+@functools.cache
+def _tuned_tables(gpu: str) -> dict:
+    return _read_tables(_TUNED_DIR / gpu)
+
+
+def _read_tables(folder: Path) -> dict:
+    merged: dict = {}
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.json")):
+            merged.update(json.loads(path.read_text()))
+    return merged
+
+
+__all__ = ["GemmConfig", "MoEKernelConfig", "MoEShape", "choose_config", "heuristic_config"]
