@@ -1,0 +1,22 @@
+"""transformers integration: the ``"moekit"`` experts implementation and whole-block conversion.
+
+    import moekit.hf
+    moekit.hf.register()                          # then: model.set_experts_implementation("moekit")
+    n = moekit.hf.convert(model)                  # or: replace every sparse MoE block with a moekit.MoE
+
+Needs ``pip install moekit[hf]`` (transformers >= 5.0). ``import moekit`` alone never imports transformers.
+"""
+
+from moekit.hf.convert import SUPPORTED_BLOCKS, convert, moe_from_hf, supported_families
+from moekit.hf.experts import ExpertsSpec, experts_forward, experts_spec, register
+
+__all__ = [
+    "SUPPORTED_BLOCKS",
+    "ExpertsSpec",
+    "convert",
+    "experts_forward",
+    "experts_spec",
+    "moe_from_hf",
+    "register",
+    "supported_families",
+]

@@ -1,0 +1,291 @@
+"""Whole-block conversion: a transformers sparse MoE block -> a ``moekit.MoE`` sharing its parameters.
+
+    block (router + experts [+ shared MLP [+ its sigmoid gate]])
+      router        -> MoE.gate (weight/bias shared), e_score_correction_bias (shared), RoutingConfig
+      experts       -> RoutedExperts.w13/w2 (+ biases): shared when stored [E, 2I, H] / [E, H, I], else rearranged
+      shared MLP    -> SharedExperts: down_proj and gate shared; gate_proj|up_proj concatenated into gate_up_proj
+
+``SUPPORTED_BLOCKS`` maps each block class (by name) to the reader of its router; everything else about a block
+(experts layout, activation, shared experts) is read from the modules themselves and checked. A block whose
+math moekit cannot reproduce raises ``NotImplementedError`` naming the class and the supported families.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moekit.config import MoEConfig
+from moekit.hf import routers as r
+from moekit.hf.experts import canonical_weights, read_experts_spec
+from moekit.layer import MoE
+from moekit.ops.activation import Activation, activation_ref
+
+
+@dataclass(frozen=True)
+class BlockAdapter:
+    """``family``: the transformers model folder; ``router``: its reader; ``returns_tuple``: the block returns
+    ``(hidden_states, router_scores)`` and its decoder layer unpacks two values."""
+
+    family: str
+    router: r.RouterReader
+    returns_tuple: bool = False
+
+
+_QWEN = r.softmax_topk()
+_DSV3 = r.deepseek_v3()
+
+SUPPORTED_BLOCKS: dict[str, BlockAdapter] = {
+    # softmax -> top-k [-> renormalize]
+    "MixtralSparseMoeBlock": BlockAdapter("mixtral", r.softmax_topk(renormalize=True)),
+    "MiniMaxSparseMoeBlock": BlockAdapter("minimax", r.softmax_topk(renormalize=True)),
+    "Qwen2MoeSparseMoeBlock": BlockAdapter("qwen2_moe", _QWEN),
+    "Qwen3MoeSparseMoeBlock": BlockAdapter("qwen3_moe", _QWEN),
+    "Qwen3NextSparseMoeBlock": BlockAdapter("qwen3_next", _QWEN),
+    "Qwen3OmniMoeThinkerTextSparseMoeBlock": BlockAdapter("qwen3_omni_moe", _QWEN),
+    "Qwen3OmniMoeTalkerTextSparseMoeBlock": BlockAdapter("qwen3_omni_moe", _QWEN),
+    "Qwen4ExpTextSparseMoeBlock": BlockAdapter("qwen4_exp", _QWEN),
+    "Qwen3_5MoeSparseMoeBlock": BlockAdapter("qwen3_5_moe", r.softmax_topk(renormalize=True)),
+    "Qwen3VLMoeTextSparseMoeBlock": BlockAdapter("qwen3_vl_moe", r.softmax_topk(renormalize=True)),
+    "OlmoeSparseMoeBlock": BlockAdapter("olmoe", _QWEN),
+    "FlexOlmoSparseMoeBlock": BlockAdapter("flex_olmo", _QWEN),
+    "MellumSparseMoeBlock": BlockAdapter("mellum", _QWEN),
+    "LaraMiniSparseMoeBlock": BlockAdapter("lara_mini", r.softmax_topk(fp32=True)),
+    "JambaSparseMoeBlock": BlockAdapter("jamba", r.softmax_topk(renormalize=False)),
+    "HunYuanMoEV1Moe": BlockAdapter("hunyuan_v1_moe", r.softmax_topk(renormalize=True, linear="wg")),
+    # top-k over logits -> softmax over the picked
+    "GptOssMLP": BlockAdapter("gpt_oss", r.topk_softmax(), returns_tuple=True),
+    "OpenAIPrivacyFilterMLP": BlockAdapter("openai_privacy_filter", r.topk_softmax(fp32=True), returns_tuple=True),
+    "GraniteMoeMoE": BlockAdapter("granitemoe", r.topk_softmax()),
+    "GraniteMoeSWAMoE": BlockAdapter("granitemoe_swa", r.topk_softmax()),
+    "GraniteMoeSharedMoE": BlockAdapter("granitemoeshared", r.topk_softmax()),
+    "GraniteMoeHybridMoE": BlockAdapter("granitemoehybrid", r.topk_softmax()),
+    "AriaTextMoELayer": BlockAdapter("aria", r.topk_softmax()),
+    "Cohere2MoeSparseMoeBlock": BlockAdapter("cohere2_moe", r.cohere2),
+    # DeepSeek-V3 routing: sigmoid + correction bias, grouped top2_sum, scaling factor
+    "DeepseekV3MoE": BlockAdapter("deepseek_v3", _DSV3),
+    "DeepseekV32MoE": BlockAdapter("deepseek_v32", _DSV3),
+    "Dots1MoE": BlockAdapter("dots1", _DSV3),
+    "Dots3NoteTextMoE": BlockAdapter("dots3_note", _DSV3),
+    "Glm4MoeMoE": BlockAdapter("glm4_moe", _DSV3),
+    "Glm4MoeLiteMoE": BlockAdapter("glm4_moe_lite", _DSV3),
+    "Glm4vMoeTextMoE": BlockAdapter("glm4v_moe", _DSV3),
+    "GlmMoeDsaMoE": BlockAdapter("glm_moe_dsa", _DSV3),
+    "SolarOpenMoE": BlockAdapter("solar_open", _DSV3),
+    "KimiLinearMoE": BlockAdapter("kimi_linear", _DSV3),
+    "BailingHybridMoE": BlockAdapter("bailing_hybrid", _DSV3),
+    "MiMoV2FlashMoE": BlockAdapter("mimo_v2_flash", _DSV3),
+    "ExaoneMoeSparseMoEBlock": BlockAdapter("exaone_moe", _DSV3),
+    "BeamMoE": BlockAdapter("beam", _DSV3),
+    "NemotronHMoE": BlockAdapter("nemotron_h", _DSV3),
+    # DeepSeek-V2 / Mistral-4 routing: softmax, grouped
+    "DeepseekV2Moe": BlockAdapter("deepseek_v2", r.deepseek_v2),
+    "DeepseekOcr2TextMoe": BlockAdapter("deepseek_ocr2", r.deepseek_v2),
+    "UnlimitedOcrTextMoe": BlockAdapter("unlimited_ocr", r.deepseek_v2),
+    "Mistral4MoE": BlockAdapter("mistral4", r.mistral4(fp32=False)),
+    "MistralLarge4TextMoE": BlockAdapter("mistral_large4", r.mistral4(fp32=True, renormalize=True)),
+    # sigmoid + correction bias -> top-k -> renormalize [x scaling]
+    "MiniMaxM2SparseMoeBlock": BlockAdapter("minimax_m2", r.sigmoid_bias(bias_on="block")),
+    "MiniMaxM3VLSparseMoeBlock": BlockAdapter("minimax_m3_vl", r.sigmoid_bias(scale_names=("routed_scaling_factor",))),
+    "AfmoeSparseMoeBlock": BlockAdapter(
+        "afmoe", r.sigmoid_bias(bias_on="block", bias_name="expert_bias", linear="gate", scale_names=("route_scale",))
+    ),
+    "HYV3MoE": BlockAdapter("hy_v3", r.sigmoid_bias(bias_on="block", scale_names=("router_scaling_factor",), fp32=True)),
+    "Dots3NoteVisionMoE": BlockAdapter(
+        "dots3_note", r.sigmoid_bias(bias_on="block", scale_names=("router_scaling_factor",), fp32=True)
+    ),
+    "Inkling2SparseMoeBlock": BlockAdapter("inkling2", r.sigmoid_bias(scale_names=("routed_scaling_factor",), fp32=True)),
+    "Inkling2LoopSparseMoeBlock": BlockAdapter(
+        "inkling2_loop", r.sigmoid_bias(scale_names=("routed_scaling_factor",), fp32=True)
+    ),
+    "LagunaSparseMoeBlock": BlockAdapter("laguna", r.sigmoid_bias(scale_names=("routed_scaling_factor",))),
+    "Lfm2MoeSparseMoeBlock": BlockAdapter(
+        "lfm2_moe",
+        r.sigmoid_bias(
+            bias_on="block", bias_name="expert_bias", renormalize="norm_topk_prob", scale_names=("routed_scaling_factor",)
+        ),
+    ),
+    "FlintSparseMoeBlock": BlockAdapter("flint", r.sigmoid_topk),
+    "Ernie4_5_MoeSparseMoeBlock": BlockAdapter("ernie4_5_moe", r.ernie),
+}
+
+
+def supported_families() -> list[str]:
+    """The transformers model folders whose sparse MoE blocks ``convert`` replaces."""
+    return sorted({a.family for a in SUPPORTED_BLOCKS.values()})
+
+
+class HFMoE(MoE):
+    """A ``moekit.MoE`` standing in for a transformers block: called as ``block(hidden_states)``, returning
+    what the block returned (``hidden_states``, or ``(hidden_states, None)`` for blocks that return a pair)."""
+
+    def __init__(self, config: MoEConfig, *, returns_tuple: bool = False, source: str = "", **kwargs) -> None:
+        super().__init__(config, **kwargs)
+        self.returns_tuple = returns_tuple
+        self.source = source
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, None]:  # type: ignore[override]
+        out = super().forward(hidden_states)
+        return (out, None) if self.returns_tuple else out
+
+    def extra_repr(self) -> str:
+        return f"from={self.source}" if self.source else ""
+
+
+def moe_from_hf(block: nn.Module, backend: str = "auto") -> MoE:
+    """A ``moekit.MoE`` that computes what ``block`` computes, sharing its parameters where layouts agree.
+
+    Raises:
+        NotImplementedError: ``block`` is not a supported sparse MoE block (the message names its class and lists
+            the supported families), or uses a setting moekit cannot express (the message names it).
+    """
+    name = type(block).__name__
+    adapter = SUPPORTED_BLOCKS.get(name)
+    if adapter is None:
+        raise NotImplementedError(
+            f"moekit.hf: {name} is not a supported MoE block; supported families: {', '.join(supported_families())}"
+        )
+    try:
+        return _build(block, adapter, backend)
+    except NotImplementedError as err:
+        raise NotImplementedError(f"moekit.hf: {name} ({adapter.family}) uses {err}, which moekit cannot express") from None
+
+
+def convert(model: nn.Module, *, backend: str = "auto") -> int:
+    """Replace every sparse MoE block of ``model`` with a ``moekit.MoE``; returns how many were replaced.
+
+    All blocks are converted before any is swapped in, so an unsupported block leaves ``model`` untouched.
+    Router-logit outputs (``output_router_logits``, the auxiliary loss) are not produced by converted blocks.
+    """
+    found = [(n, m) for n, m in model.named_modules() if _is_moe_block(m)]
+    built = [(n, moe_from_hf(m, backend=backend)) for n, m in found if n and not _inside(n, found)]
+    for name, moe in built:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, moe)
+    return len(built)
+
+
+def _is_moe_block(module: nn.Module) -> bool:
+    if type(module).__name__ in SUPPORTED_BLOCKS:
+        return True
+    experts = getattr(module, "experts", None)
+    return isinstance(experts, nn.Module) and hasattr(experts, "down_proj") and not isinstance(module, MoE)
+
+
+def _inside(name: str, found: list[tuple[str, nn.Module]]) -> bool:
+    return any(name.startswith(other + ".") for other, _ in found if other)
+
+
+def _build(block: nn.Module, adapter: BlockAdapter, backend: str) -> HFMoE:
+    experts = block.experts
+    spec = read_experts_spec(experts)
+    if spec.activation is None:
+        raise NotImplementedError(f"experts {type(experts).__name__} with {spec.reason}")
+    _check_block(block)
+    router = adapter.router(block)
+    w13, w2, w13_bias, w2_bias = canonical_weights(experts, spec)
+    num_experts, _, hidden = w13.shape
+    inter = w2.shape[2]
+    shared, shared_gate = _shared_modules(block)
+    shared_w13, shared_w2 = _shared_weights(shared, spec.activation) if shared is not None else (None, None)
+    if router.weight.shape != (num_experts, hidden):
+        raise NotImplementedError(f"a router weight of shape {tuple(router.weight.shape)} for {num_experts} experts")
+    config = MoEConfig(
+        num_experts=num_experts,
+        top_k=router.top_k,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        activation=spec.activation,
+        routing=router.routing,
+        shared_intermediate_size=0 if shared_w2 is None else shared_w2.shape[1],
+        shared_expert_gate=shared_gate is not None,
+        bias=spec.has_bias,
+        router_bias=router.bias is not None,
+        router_fp32=router.fp32 or router.weight.dtype == torch.float32,
+        backend=backend,
+    )
+    moe = HFMoE(
+        config, returns_tuple=adapter.returns_tuple, source=type(block).__name__, dtype=w13.dtype, device="meta"
+    )
+    _share(moe.gate, "weight", router.weight)
+    if router.bias is not None:
+        _share(moe.gate, "bias", router.bias)
+    if router.correction_bias is not None:
+        moe.register_buffer("e_score_correction_bias", router.correction_bias.detach())
+    for attr, value in (("w13", w13), ("w2", w2), ("w13_bias", w13_bias), ("w2_bias", w2_bias)):
+        if value is not None:
+            _share(moe.routed_experts, attr, value)
+    if shared is not None:
+        _share(moe.shared_experts.gate_up_proj, "weight", shared_w13)
+        _share(moe.shared_experts.down_proj, "weight", shared_w2)
+        if shared_gate is not None:
+            _share(moe.shared_experts.gate, "weight", shared_gate.weight)
+    left = [n for n, t in [*moe.named_parameters(), *moe.named_buffers()] if t.is_meta]
+    if left:
+        raise NotImplementedError(f"parameters moekit could not fill from the block: {left}")
+    return moe
+
+
+def _share(owner: nn.Module, attr: str, value: torch.Tensor) -> None:
+    """Put ``value`` on ``owner.attr``: the same Parameter object when it is one (no copy), else a new one."""
+    if not isinstance(value, nn.Parameter):
+        value = nn.Parameter(value.detach(), requires_grad=False)
+    setattr(owner, attr, value)
+
+
+def _check_block(block: nn.Module) -> None:
+    strategy = getattr(block, "shared_expert_combination_strategy", "sum")
+    if getattr(block, "num_shared_experts", 0) and strategy != "sum":
+        raise NotImplementedError(f"shared_expert_combination_strategy={strategy!r}")
+    for name in ("fc1_latent_proj", "fc2_latent_proj"):
+        proj = getattr(block, name, None)
+        if proj is not None and not isinstance(proj, nn.Identity):
+            raise NotImplementedError(f"a latent projection ({name})")
+
+
+def _shared_modules(block: nn.Module) -> tuple[nn.Module | None, nn.Linear | None]:
+    shared = None
+    for name in ("shared_experts", "shared_expert", "shared_mlp"):
+        candidate = getattr(block, name, None)
+        if isinstance(candidate, nn.Module):
+            shared = candidate
+            break
+    gate = getattr(block, "shared_expert_gate", None)
+    if gate is not None and (gate.bias is not None or gate.out_features != 1):
+        raise NotImplementedError("a shared-expert gate other than Linear(H, 1, bias=False)")
+    return shared, gate
+
+
+def _shared_weights(mlp: nn.Module, activation: Activation) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up [2Is, H] or up [Is, H] for relu2, down [H, Is]) of a shared MLP with moekit's activation."""
+    down = getattr(mlp, "down_proj", None)
+    gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
+    gated = activation.is_gated
+    parts = [gate, up] if gated else [up]
+    linears = [*parts, down]
+    if not all(isinstance(m, nn.Linear) for m in linears):
+        raise NotImplementedError(f"a shared MLP {type(mlp).__name__} without gate_proj/up_proj/down_proj Linears")
+    if any(m.bias is not None for m in linears):
+        raise NotImplementedError(f"a shared MLP {type(mlp).__name__} with biases")
+    if not _same_activation(mlp, activation):
+        raise NotImplementedError(f"a shared MLP {type(mlp).__name__} whose activation differs from the experts'")
+    if gated:
+        return torch.cat((gate.weight.detach(), up.weight.detach()), dim=0), down.weight
+    return up.weight, down.weight
+
+
+@torch.no_grad()
+def _same_activation(mlp: nn.Module, activation: Activation) -> bool:
+    act_fn = getattr(mlp, "act_fn", None)
+    if act_fn is None:
+        return False
+    probe = (torch.rand(32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 8
+    if activation.is_gated:
+        gate, up = probe.chunk(2, dim=-1)
+        actual = act_fn(gate) * up
+    else:
+        actual = act_fn(probe)
+    expected = activation_ref(probe, activation)
+    return bool((actual.float() - expected).abs().max() <= 1e-5 * expected.abs().max().clamp_min(1.0))
