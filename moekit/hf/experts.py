@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from moekit.kernel import make_kernel
+from moekit.loading import deinterleave
 from moekit.ops.activation import Activation, activation_ref
 
 IMPLEMENTATION_NAME = "moekit"
@@ -237,12 +238,6 @@ def _rearrange(sources, spec: ExpertsSpec):
         w13 = deinterleave(w13, dim=1)
         b13 = None if b13 is None else deinterleave(b13, dim=1)
     return w13.contiguous(), w2.contiguous(), b13, b2
-
-
-def deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Rows ``[g0, u0, g1, u1, ...]`` along ``dim`` -> ``[g0, g1, ..., u0, u1, ...]`` (gate rows, then up rows)."""
-    index = torch.arange(t.shape[dim], device=t.device)
-    return t.index_select(dim, torch.cat((index[0::2], index[1::2])))
 
 
 _WARNED: set[str] = set()

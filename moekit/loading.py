@@ -1,0 +1,323 @@
+"""Checkpoint loading: MoE weights from safetensors files into a ``moekit.MoE``, one tensor at a time.
+
+    ckpt   = Checkpoint(path)                       a .safetensors file, or a directory (with or without
+                                                     model.safetensors.index.json); nothing is read yet
+    report = load_moe(moe, ckpt, "model.layers.3.mlp")
+                                                     reads only that block's tensors, converts each to moekit's
+                                                     canonical layout, copies it into ``moe``
+
+Expert layouts understood under ``{prefix}.experts.`` (E experts, H hidden, I intermediate):
+
+    per_expert   {e}.gate_proj.weight [I, H], {e}.up_proj.weight [I, H], {e}.down_proj.weight [H, I]
+                 (Mixtral: {e}.w1 / w3 / w2)                       -> RoutedExperts.weight_loader, shard w1/w3/w2
+    fused        gate_up_proj [E, 2I, H] (gate rows, then up), down_proj [E, H, I]        -> copied as they are
+    gpt_oss      gate_up_proj [E, H, 2I] (gate/up columns interleaved), down_proj [E, I, H],
+                 gate_up_proj_bias [E, 2I] (interleaved), down_proj_bias [E, H]  -> transposed, de-interleaved
+
+Around the experts: the router (``gate.weight``, ``router.weight`` [+ ``.bias``]), the correction bias
+(``gate.e_score_correction_bias``, ``e_score_correction_bias``), and shared experts (``shared_expert(s).`` or
+``shared_mlp.`` ``gate_proj``/``up_proj``/``down_proj``, ``shared_expert_gate.weight``).
+
+``expert_params_mapping`` gives the (param, checkpoint name, expert, shard) table for engines that drive
+``RoutedExperts.weight_loader`` from their own loader, in the spirit of vLLM's ``make_expert_params_mapping``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from moekit.layer import MoE
+
+LAYOUTS = ("auto", "per_expert", "fused", "gpt_oss")
+
+# checkpoint projection name -> RoutedExperts shard id
+_SHARDS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "w1": "w1", "w3": "w3", "w2": "w2"}
+_ROUTER_NAMES = ("gate", "router")
+_SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
+
+
+class Checkpoint:
+    """Lazy, read-only view of a safetensors checkpoint: a file, or a directory of ``*.safetensors`` shards.
+
+    A directory's ``model.safetensors.index.json`` (``weight_map``: key -> shard file) is used when present;
+    otherwise every shard's header is read. Tensors are read one at a time with ``get``.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if self.path.is_file():
+            self._files = {k: self.path for k in _header_keys(self.path)}
+        elif self.path.is_dir():
+            index = self.path / "model.safetensors.index.json"
+            if index.is_file():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self._files = {k: self.path / f for k, f in weight_map.items()}
+            else:
+                shards = sorted(self.path.glob("*.safetensors"))
+                if not shards:
+                    raise FileNotFoundError(f"path: no *.safetensors files in {self.path}")
+                self._files = {k: f for f in shards for k in _header_keys(f)}
+        else:
+            raise FileNotFoundError(f"path: {self.path} is neither a .safetensors file nor a directory")
+        self._handles: dict[Path, object] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._files
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor stored under ``key`` (read from disk now)."""
+        return self._handle(key).get_tensor(key)
+
+    def _handle(self, key: str):
+        if key not in self._files:
+            raise KeyError(f"checkpoint key {key!r} not found in {self.path}")
+        from safetensors import safe_open
+
+        file = self._files[key]
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file]
+
+    def moe_prefixes(self) -> list[str]:
+        """Prefixes ``P`` under which ``P.experts.`` holds expert weights, in checkpoint order."""
+        found: dict[str, None] = {}
+        for key in self._files:
+            head, sep, _ = key.partition(".experts.")
+            if sep:
+                found.setdefault(head)
+        return list(found)
+
+
+def deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rows ``[g0, u0, g1, u1, ...]`` along ``dim`` -> ``[g0, g1, ..., u0, u1, ...]`` (gate rows, then up rows)."""
+    index = torch.arange(t.shape[dim], device=t.device)
+    return t.index_select(dim, torch.cat((index[0::2], index[1::2])))
+
+
+def _header_keys(file: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return list(f.keys())
+
+
+@dataclass(frozen=True)
+class ExpertParamMapping:
+    """One row of ``expert_params_mapping``: load ``weight_name`` into ``param_name`` as ``shard_id`` of
+    ``expert_id`` via ``RoutedExperts.weight_loader``."""
+
+    param_name: str
+    weight_name: str
+    expert_id: int
+    shard_id: str
+
+
+def expert_params_mapping(
+    num_experts: int,
+    *,
+    gate: str = "gate_proj",
+    up: str = "up_proj",
+    down: str = "down_proj",
+    param_prefix: str = "routed_experts.",
+    weight_prefix: str = "experts.",
+) -> list[ExpertParamMapping]:
+    """The per-expert checkpoint names of one MoE block and where they load.
+
+    ``experts.{e}.{gate}.weight`` -> ``routed_experts.w13`` shard ``w1``; ``{up}`` -> ``w13`` shard ``w3``;
+    ``{down}`` -> ``w2`` shard ``w2``. Mixtral checkpoints use ``gate="w1", up="w3", down="w2"``.
+    """
+    rows = []
+    for e in range(num_experts):
+        for proj, shard in ((gate, "w1"), (up, "w3"), (down, "w2")):
+            param = "w2" if shard == "w2" else "w13"
+            rows.append(ExpertParamMapping(f"{param_prefix}{param}", f"{weight_prefix}{e}.{proj}.weight", e, shard))
+    return rows
+
+
+@dataclass
+class LoadReport:
+    """What ``load_moe`` did: checkpoint keys ``loaded``; ``missing`` (moekit tensors nothing filled, named by
+    the checkpoint key expected for them); ``unexpected`` (keys under the prefix that nothing consumed)."""
+
+    prefix: str
+    layout: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected)
+
+
+@torch.no_grad()
+def load_moe(
+    moe: MoE,
+    checkpoint: Checkpoint | str | os.PathLike,
+    prefix: str,
+    *,
+    layout: str = "auto",
+    strict: bool = True,
+) -> LoadReport:
+    """Load the block stored under ``prefix`` (e.g. ``model.layers.3.mlp``) into ``moe``.
+
+    Args:
+        layout: ``auto`` (per-expert names if present; else ``gpt_oss`` when ``gate_up_proj`` is [E, H, 2I] or
+            has a bias, otherwise ``fused``), or one of ``per_expert``, ``fused``, ``gpt_oss``.
+        strict: raise ``KeyError`` listing the missing and unexpected keys instead of only reporting them.
+    Raises:
+        ValueError: a tensor's shape does not fit; the message names the checkpoint key.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {list(LAYOUTS)}, got {layout!r}")
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    prefix = prefix.rstrip(".") + "."
+    layout = _detect_layout(moe, ckpt, prefix) if layout == "auto" else layout
+    report = LoadReport(prefix=prefix[:-1], layout=layout)
+    loader = _Loader(ckpt, report)
+    _load_router(moe, loader, prefix)
+    if layout == "per_expert":
+        _load_per_expert(moe, loader, prefix)
+    else:
+        _load_fused(moe, loader, prefix + "experts.", interleaved=layout == "gpt_oss")
+    if moe.shared_experts is not None:
+        _load_shared(moe, loader, prefix)
+    consumed = set(report.loaded)
+    report.unexpected = [k for k in ckpt.keys() if k.startswith(prefix) and k not in consumed]
+    if strict and not report.ok:
+        raise KeyError(f"load_moe({report.prefix!r}): missing {report.missing}, unexpected {report.unexpected}")
+    return report
+
+
+class _Loader:
+    """Reads keys, records them in the report, and names the key in every shape error."""
+
+    def __init__(self, ckpt: Checkpoint, report: LoadReport) -> None:
+        self.ckpt = ckpt
+        self.report = report
+
+    def first(self, keys: Iterable[str]) -> str | None:
+        return next((k for k in keys if k in self.ckpt), None)
+
+    def read(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        got = self.ckpt.shape(key)
+        if got != tuple(shape):
+            raise ValueError(f"checkpoint key {key!r}: expected shape {tuple(shape)}, got {got}")
+        self.report.loaded.append(key)
+        return self.ckpt.get(key)
+
+    def copy(self, dest: torch.Tensor, keys: list[str], transform=None) -> None:
+        """Copy the first present key among ``keys`` into ``dest`` (after ``transform``); else report missing."""
+        key = self.first(keys)
+        if key is None:
+            self.report.missing.append(keys[0])
+            return
+        if transform is None:
+            dest.copy_(self.read(key, tuple(dest.shape)))
+            return
+        value = self.ckpt.get(key)
+        try:
+            value = transform(value)
+            if tuple(value.shape) != tuple(dest.shape):
+                raise ValueError(f"expected shape {tuple(dest.shape)} after conversion, got {tuple(value.shape)}")
+        except (RuntimeError, ValueError, IndexError) as err:
+            raise ValueError(f"checkpoint key {key!r} (shape {self.ckpt.shape(key)}): {err}") from None
+        self.report.loaded.append(key)
+        dest.copy_(value)
+
+
+def _detect_layout(moe: MoE, ckpt: Checkpoint, prefix: str) -> str:
+    experts = prefix + "experts."
+    if any(k.startswith(experts + "0.") for k in ckpt.keys()):
+        return "per_expert"
+    key = experts + "gate_up_proj"
+    if key not in ckpt:
+        return "per_expert"  # reported as missing per-expert keys
+    hidden = moe.config.hidden_size
+    shape = ckpt.shape(key)
+    transposed = len(shape) == 3 and shape[1] == hidden and shape[2] != hidden
+    return "gpt_oss" if transposed or (experts + "gate_up_proj_bias") in ckpt else "fused"
+
+
+def _load_router(moe: MoE, loader: _Loader, prefix: str) -> None:
+    loader.copy(moe.gate.weight, [f"{prefix}{n}.weight" for n in _ROUTER_NAMES])
+    if moe.gate.bias is not None:
+        loader.copy(moe.gate.bias, [f"{prefix}{n}.bias" for n in _ROUTER_NAMES])
+    if moe.e_score_correction_bias is not None:
+        names = [f"{prefix}{n}.e_score_correction_bias" for n in _ROUTER_NAMES] + [f"{prefix}e_score_correction_bias"]
+        loader.copy(moe.e_score_correction_bias, names)
+
+
+def _load_per_expert(moe: MoE, loader: _Loader, prefix: str) -> None:
+    experts = moe.routed_experts
+    names = ("w1", "w3", "w2") if loader.first([f"{prefix}experts.0.w1.weight"]) else ("gate_proj", "up_proj", "down_proj")
+    if not experts.activation.is_gated:
+        names = (names[1], names[2])  # non-gated: up -> all of w13, down -> w2
+    for row in expert_params_mapping(experts.num_experts, gate=names[0], up=names[1], down=names[-1]):
+        if not experts.activation.is_gated and row.shard_id == "w3":
+            continue
+        key = prefix + row.weight_name
+        if key not in loader.ckpt:
+            loader.report.missing.append(key)
+            continue
+        param = experts.w2 if row.shard_id == "w2" else experts.w13
+        try:
+            experts.weight_loader(param, loader.ckpt.get(key), row.shard_id, row.expert_id)
+        except ValueError as err:
+            raise ValueError(f"checkpoint key {key!r} (shape {loader.ckpt.shape(key)}): {err}") from None
+        loader.report.loaded.append(key)
+
+
+def _load_fused(moe: MoE, loader: _Loader, experts_prefix: str, *, interleaved: bool) -> None:
+    experts = moe.routed_experts
+    if interleaved:
+
+        def w13_from(t: torch.Tensor) -> torch.Tensor:
+            return deinterleave(t.transpose(1, 2), dim=1)
+
+        def w2_from(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(1, 2)
+
+        def b13_from(t: torch.Tensor) -> torch.Tensor:
+            return deinterleave(t, dim=1)
+
+    else:
+        w13_from = w2_from = b13_from = None
+    loader.copy(experts.w13, [experts_prefix + "gate_up_proj"], w13_from)
+    loader.copy(experts.w2, [experts_prefix + "down_proj"], w2_from)
+    if experts.w13_bias is not None:
+        loader.copy(experts.w13_bias, [experts_prefix + "gate_up_proj_bias"], b13_from)
+        loader.copy(experts.w2_bias, [experts_prefix + "down_proj_bias"])
+
+
+def _load_shared(moe: MoE, loader: _Loader, prefix: str) -> None:
+    shared = moe.shared_experts
+    gate_up = shared.gate_up_proj.weight
+    bases = [prefix + n + "." for n in _SHARED_NAMES]
+    base = next((b for b in bases if loader.first([b + "down_proj.weight", b + "gate_up_proj.weight"])), bases[0])
+    if base + "gate_up_proj.weight" in loader.ckpt or not shared.activation.is_gated:
+        loader.copy(gate_up, [base + "gate_up_proj.weight", base + "up_proj.weight"])
+    else:
+        inter = shared.intermediate_size
+        loader.copy(gate_up[:inter], [base + "gate_proj.weight"])
+        loader.copy(gate_up[inter:], [base + "up_proj.weight"])
+    loader.copy(shared.down_proj.weight, [base + "down_proj.weight"])
+    if shared.gate is not None:
+        loader.copy(shared.gate.weight, [prefix + "shared_expert_gate.weight", base + "gate.weight"])
+
+
+def load_moes(checkpoint: Checkpoint | str | os.PathLike, blocks: dict[str, MoE], **kwargs) -> list[LoadReport]:
+    """``load_moe`` for several blocks of one checkpoint; ``blocks`` maps checkpoint prefix -> MoE."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    return [load_moe(moe, ckpt, prefix, **kwargs) for prefix, moe in blocks.items()]

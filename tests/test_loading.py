@@ -1,0 +1,137 @@
+"""moekit.loading on checkpoints written by transformers' save_pretrained from tiny models (sharded, with an
+index), and on a single-file checkpoint in the fused canonical layout. Each loaded MoE must compute what the
+original transformers block computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+import moekit.hf as mh  # noqa: E402
+from moekit import MoE  # noqa: E402
+from moekit.loading import Checkpoint, expert_params_mapping, load_moe, load_moes  # noqa: E402
+from moekit.testing import rel_errors  # noqa: E402
+from tests.hf.tiny_models import build  # noqa: E402
+
+# (family, block attribute in the decoder layer, layout save_pretrained writes)
+SAVED = [
+    ("mixtral", "mlp", "per_expert"),  # Mixtral's w1/w2/w3 names under block_sparse_moe
+    ("qwen2_moe", "mlp", "per_expert"),  # + shared expert and its sigmoid gate
+    ("deepseek_v3", "mlp", "per_expert"),  # + correction bias, shared experts
+    ("gpt_oss", "mlp", "gpt_oss"),  # fused, transposed, interleaved, biased
+]
+
+
+def _fresh_like(block) -> MoE:
+    """A randomly initialized MoE with the block's config (nothing shared with the block)."""
+    config = mh.moe_from_hf(block).config
+    return MoE(config, dtype=torch.float32)
+
+
+def _block_output(block, x):
+    out = block(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """family -> (model, checkpoint dir written with several shards and model.safetensors.index.json)."""
+    out = {}
+    for family, _, _ in SAVED:
+        model = build(family)
+        path = tmp_path_factory.mktemp(family)
+        model.save_pretrained(path, max_shard_size="50KB")
+        out[family] = model, path
+    return out
+
+
+@pytest.mark.parametrize(("family", "attr", "layout"), SAVED, ids=[s[0] for s in SAVED])
+def test_load_from_save_pretrained(saved, family, attr, layout):
+    model, path = saved[family]
+    assert (path / "model.safetensors.index.json").is_file()
+    ckpt = Checkpoint(path)
+    prefixes = ckpt.moe_prefixes()
+    assert len(prefixes) == model.config.num_hidden_layers
+    x = torch.randn(1, 5, model.config.hidden_size)  # transformers blocks take [B, S, H]
+    for i, prefix in enumerate(prefixes):
+        block = getattr(model.model.layers[i], attr)
+        moe = _fresh_like(block)
+        report = load_moe(moe, ckpt, prefix)
+        assert report.ok and report.layout == layout
+        assert rel_errors(moe(x), _block_output(block, x))[0] <= 1e-5
+
+
+def test_fused_canonical_single_file(tmp_path):
+    # transformers' in-memory state dict holds experts.gate_up_proj [E, 2I, H] and experts.down_proj [E, H, I].
+    model = build("qwen3_moe")
+    file = tmp_path / "model.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(file))
+    block = model.model.layers[1].mlp
+    moe = _fresh_like(block)
+    report = load_moe(moe, file, "model.layers.1.mlp")
+    assert report.ok and report.layout == "fused"
+    x = torch.randn(1, 4, model.config.hidden_size)
+    assert rel_errors(moe(x), block(x))[0] <= 1e-5
+
+
+def test_checkpoint_is_lazy(saved, monkeypatch):
+    _, path = saved["mixtral"]
+    ckpt = Checkpoint(path)
+    read = []
+    original = Checkpoint.get
+    monkeypatch.setattr(Checkpoint, "get", lambda self, key: read.append(key) or original(self, key))
+    moe = _fresh_like(saved["mixtral"][0].model.layers[0].mlp)
+    prefix = ckpt.moe_prefixes()[0]  # Mixtral checkpoints name the block block_sparse_moe
+    load_moe(moe, ckpt, prefix)
+    assert read and all(k.startswith(prefix + ".") for k in read)
+
+
+def test_shape_mismatch_names_the_key(saved):
+    model, path = saved["qwen2_moe"]
+    config = mh.moe_from_hf(model.model.layers[0].mlp).config
+    wrong = MoE(type(config)(**{**config.__dict__, "intermediate_size": config.intermediate_size + 1}))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight"):
+        load_moe(wrong, path, "model.layers.0.mlp")
+
+
+def test_missing_and_unexpected_keys_are_reported(saved):
+    model, path = saved["qwen2_moe"]
+    block = model.model.layers[0].mlp
+    config = mh.moe_from_hf(block).config
+    # No shared experts in this MoE: the checkpoint's shared-expert keys are unexpected.
+    bare = MoE(type(config)(**{**config.__dict__, "shared_intermediate_size": 0, "shared_expert_gate": False}))
+    report = load_moe(bare, path, "model.layers.0.mlp", strict=False)
+    assert "model.layers.0.mlp.shared_expert_gate.weight" in report.unexpected and not report.missing
+    with pytest.raises(KeyError, match="unexpected"):
+        load_moe(bare, path, "model.layers.0.mlp")
+    # A prefix with nothing under it: every tensor is missing, named by the key it was looked up under.
+    report = load_moe(_fresh_like(block), path, "model.layers.9.mlp", strict=False)
+    assert "model.layers.9.mlp.experts.0.gate_proj.weight" in report.missing
+    assert "model.layers.9.mlp.gate.weight" in report.missing
+
+
+def test_load_moes_over_all_blocks(saved):
+    model, path = saved["deepseek_v3"]
+    blocks = {f"model.layers.{i}.mlp": _fresh_like(layer.mlp) for i, layer in enumerate(model.model.layers)}
+    assert all(r.ok for r in load_moes(path, blocks))
+
+
+def test_expert_params_mapping_drives_weight_loader():
+    rows = expert_params_mapping(2, gate="w1", up="w3", down="w2")
+    assert [(r.param_name, r.weight_name, r.expert_id, r.shard_id) for r in rows[:3]] == [
+        ("routed_experts.w13", "experts.0.w1.weight", 0, "w1"),
+        ("routed_experts.w13", "experts.0.w3.weight", 0, "w3"),
+        ("routed_experts.w2", "experts.0.w2.weight", 0, "w2"),
+    ]
+    assert len(rows) == 6 and rows[-1].expert_id == 1
+
+
+def test_unknown_layout_and_path_are_rejected(tmp_path):
+    moe = MoE(mh.moe_from_hf(build("olmoe").model.layers[0].mlp).config)
+    with pytest.raises(ValueError, match="layout"):
+        load_moe(moe, tmp_path, "x", layout="columnar")
+    with pytest.raises(FileNotFoundError):
+        Checkpoint(tmp_path / "absent.safetensors")
