@@ -226,3 +226,16 @@ def test_import_moekit_does_not_import_transformers():
     subprocess.run([sys.executable, "-c", code], check=True)
     assert moekit.MoE is not None
 
+
+
+@pytest.mark.xfail(reason="core MoE.forward checks the input dtype against gate.weight; fp32 routers need it "
+                   "checked against the experts' weights", strict=False)
+def test_convert_keeps_fp32_router_of_a_bf16_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    build("deepseek_v3").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)  # gate.weight stays fp32
+    ids = input_ids()
+    reference = _logits(model, ids)
+    mh.convert(model)
+    assert_close(_logits(model, ids).float(), reference.float(), torch.bfloat16)
