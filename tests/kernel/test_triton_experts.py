@@ -110,16 +110,18 @@ PRESETS = {  # name: (E, H, I, K, activation, biases) — MEASURING.md
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_gpu_presets_match_torch_backend(preset):
     E, H, I, K, act, bias = PRESETS[preset]
-    torch.manual_seed(0)
-    inp = None
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape, scale=1.0):  # on the GPU: deepseek-v3's weights are 22 GB
+        return (torch.randn(*shape, device="cuda", generator=g) * scale).bfloat16()
+
+    weights = {"w13": rand(E, 2 * I, H, scale=H**-0.5), "w2": rand(E, H, I, scale=I**-0.5)}
+    if bias:
+        weights.update(w13_bias=rand(E, 2 * I, scale=0.1), w2_bias=rand(E, H, scale=0.1))
     for num_tokens in (1, 7, 64, 1024):  # decode configs, odd T, the prefill configs
-        fresh = make_moe_inputs(num_tokens, E, H, I, K, dtype=torch.bfloat16, device="cuda", activation=act,
-                                bias=bias, seed=num_tokens)
-        if inp is not None:  # the weights are large: make them once per preset
-            for k in ("w13", "w2", "w13_bias", "w2_bias"):
-                if k in inp:
-                    fresh[k] = inp[k]
-        inp = fresh
+        routing = make_moe_inputs(num_tokens, E, 16, 16, K, dtype=torch.bfloat16, device="cuda", seed=num_tokens)
+        inp = {**weights, "hidden_states": rand(num_tokens, H), "topk_weights": routing["topk_weights"],
+               "topk_ids": routing["topk_ids"]}
         out = _apply(TritonExperts(), inp, activation=act)
         want = _apply(TorchExperts(), inp, activation=act)
         assert_close(out, want.double(), torch.bfloat16, name=f"{preset} T={num_tokens}")

@@ -35,8 +35,8 @@ def _check(ids: torch.Tensor, num_experts: int, block_m: int, expert_map=None) -
         (7, 3, 5, 16),      # odd T, prime E
         (33, 4, 4, 32),     # top_k = E: every expert gets every token
         (5, 8, 256, 16),    # E >= 256: most experts empty
-        (700, 2, 8, 64),    # several chunks in the single-program path
-        (160, 8, 64, 16),   # > 8 chunks: count kernel + cumsum + scatter path
+        (700, 2, 8, 64),    # two chunks in the single-program path
+        (160, 8, 64, 16),   # > 2 chunks: count kernel + cumsum + scatter path
         (9, 1, 3, 128),     # top_k = 1, block_m > N
     ],
 )

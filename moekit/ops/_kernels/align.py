@@ -20,19 +20,19 @@ def _local_ids(p_topk_ids, p_expert_map, o_r, m_r, num_experts, HAS_MAP: tl.cons
 
 
 # Row and block counts change with every batch: no specialization on them (== 1, % 16), so no recompiles.
-@triton.jit(do_not_specialize=["num_rows"])
+@triton.jit(do_not_specialize=["num_rows", "num_chunks"])
 def align_count_kernel(
     p_topk_ids, p_expert_map, p_counts,
-    num_rows, num_experts,
+    num_rows, num_experts, num_chunks,
     HAS_MAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """counts[chunk, e] = rows of chunk ``program_id`` routed to local expert e."""
+    """counts[e, chunk] = rows of chunk ``program_id`` routed to local expert e."""
     i_c = tl.program_id(0)
     o_r = i_c * BLOCK_R + tl.arange(0, BLOCK_R)
     o_e = tl.arange(0, BLOCK_E)
     b_ids = _local_ids(p_topk_ids, p_expert_map, o_r, o_r < num_rows, num_experts, HAS_MAP)
     b_cnt = tl.sum((b_ids[:, None] == o_e[None, :]).to(tl.int32), axis=0)
-    tl.store(p_counts + i_c * num_experts + o_e, b_cnt, mask=o_e < num_experts)
+    tl.store(p_counts + o_e * num_chunks + i_c, b_cnt, mask=o_e < num_experts)
 
 
 @triton.jit
@@ -66,8 +66,8 @@ def align_scatter_kernel(
     """Fill ``sorted_ids`` [num_blocks·BLOCK_M], ``expert_ids`` [num_blocks] and ``num_padded`` [1].
 
     SINGLE: one program counts every chunk itself (no count kernel, no cumsum: one launch for decode sizes).
-    Otherwise program c scatters chunk c, reading its offsets from the inclusive cumsum of the count kernel's
-    ``counts`` over chunks; every program also fills a strided share of the per-block metadata.
+    Otherwise program c scatters chunk c, reading its offsets from the inclusive cumsum over chunks of the count
+    kernel's ``counts`` [E, chunks]; every program also fills a strided share of the per-block metadata.
     """
     i_p = tl.program_id(0)
     num_progs = tl.num_programs(0)
@@ -80,7 +80,7 @@ def align_scatter_kernel(
             b_ids = _local_ids(p_topk_ids, p_expert_map, o_r, o_r < num_rows, num_experts, HAS_MAP)
             b_total += tl.sum((b_ids[:, None] == o_e[None, :]).to(tl.int32), axis=0)
     else:
-        b_total = tl.load(p_cumsum + (num_chunks - 1) * num_experts + o_e, mask=m_e, other=0)
+        b_total = tl.load(p_cumsum + o_e * num_chunks + num_chunks - 1, mask=m_e, other=0)
     b_padded = (b_total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     b_end = tl.cumsum(b_padded, axis=0)
     b_start = b_end - b_padded
@@ -93,8 +93,8 @@ def align_scatter_kernel(
                 HAS_MAP, BLOCK_R, BLOCK_E,
             )
     else:
-        b_before = tl.load(p_cumsum + i_p * num_experts + o_e, mask=m_e, other=0)
-        b_before -= tl.load(p_counts + i_p * num_experts + o_e, mask=m_e, other=0)
+        b_before = tl.load(p_cumsum + o_e * num_chunks + i_p, mask=m_e, other=0)
+        b_before -= tl.load(p_counts + o_e * num_chunks + i_p, mask=m_e, other=0)
         _scatter_chunk(
             p_topk_ids, p_expert_map, p_sorted_ids, i_p, b_start + b_before, num_rows, num_experts,
             HAS_MAP, BLOCK_R, BLOCK_E,
