@@ -23,6 +23,7 @@ def fused_experts(
     expert_map: torch.Tensor | None = None,
     apply_router_weight_on_input: bool = False,
     quant: QuantParams = UNQUANTIZED,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """Routed experts of a MoE layer.
 
@@ -38,6 +39,8 @@ def fused_experts(
         backend: ``auto`` (Triton on CUDA when installed, else torch), ``torch`` or ``triton``.
         expert_map: optional [E_global] int map from global to local expert id (-1: not on this rank).
         apply_router_weight_on_input: scale x by the weight instead of the output (Llama4; needs K == 1).
+        check_ids: check that ``topk_ids`` lie in [0, E) (a device-to-host sync; skipped automatically while
+            capturing a CUDA graph or compiling). Pass False for ids that come from ``select_experts``.
     Returns:
         [T, H] in x's dtype. Inputs are never modified.
     """
@@ -56,4 +59,5 @@ def fused_experts(
         expert_map=expert_map,
         apply_router_weight_on_input=apply_router_weight_on_input,
         quant=quant,
+        check_ids=check_ids,
     )

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit._checks import check_ndim, check_same_dtype, check_shape, check_tensor
+from moekit._checks import check_ndim, check_shape, check_tensor
 from moekit.config import MoEConfig
 from moekit.quant.base import MoEQuantMethod
 from moekit.routed_experts import RoutedExperts
@@ -72,11 +72,20 @@ class MoE(nn.Module):
                 **kw,
             )
 
+    @classmethod
+    def from_hf(cls, block: nn.Module, *, backend: str = "auto") -> MoE:
+        """A moekit layer sharing the parameters of a transformers sparse-MoE block (see ``moekit.hf``)."""
+        from moekit.hf import moe_from_hf
+
+        return moe_from_hf(block, backend=backend)
+
     def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         """Router logits [T, E] for ``x_TH``."""
         if self.config.router_fp32:
             bias = None if self.gate.bias is None else self.gate.bias.float()
             return F.linear(x_TH.float(), self.gate.weight.float(), bias)
+        if self.gate.weight.dtype != x_TH.dtype:  # e.g. an fp32 router weight kept in a bf16 checkpoint
+            return F.linear(x_TH.to(self.gate.weight.dtype), self.gate.weight, self.gate.bias)
         return self.gate(x_TH)
 
     def forward(
@@ -91,7 +100,13 @@ class MoE(nn.Module):
         check_tensor("hidden_states", hidden_states)
         if hidden_states.dim() == 0 or hidden_states.shape[-1] != cfg.hidden_size:
             raise ValueError(f"hidden_states: expected shape [..., H={cfg.hidden_size}], got {tuple(hidden_states.shape)}")
-        check_same_dtype("hidden_states", hidden_states, "MoE parameters (gate.weight)", self.gate.weight)
+        expected = self.routed_experts.params_dtype
+        if hidden_states.dtype != expected:
+            # Checked against the experts, not the router: an fp32 router (router_fp32) serves bf16 layers.
+            raise TypeError(
+                f"hidden_states: expected dtype {str(expected).removeprefix('torch.')} (the experts' dtype), "
+                f"got {str(hidden_states.dtype).removeprefix('torch.')}"
+            )
         x_TH = hidden_states.reshape(-1, cfg.hidden_size)
         num_tokens = x_TH.shape[0]
         precomputed = topk_weights is not None or topk_ids is not None

@@ -67,12 +67,14 @@ class RoutedExperts(nn.Module):
             expert_map = expert_map.to(device=device, dtype=torch.int32)
         self.register_buffer("expert_map", expert_map, persistent=False)
         self.quant_method = quant_method if quant_method is not None else UnquantizedMoEMethod()
+        # The activation dtype the layer expects; quantized weights may be stored in another.
+        self.params_dtype = dtype if dtype is not None else torch.get_default_dtype()
         self.quant_method.create_weights(
             self,
             num_experts=num_experts,
             hidden_size=hidden_size,
             intermediate_size=intermediate_size,
-            params_dtype=dtype if dtype is not None else torch.get_default_dtype(),
+            params_dtype=self.params_dtype,
             device=torch.device(device) if device is not None else None,
         )
 

@@ -228,8 +228,6 @@ def test_import_moekit_does_not_import_transformers():
 
 
 
-@pytest.mark.xfail(reason="core MoE.forward checks the input dtype against gate.weight; fp32 routers need it "
-                   "checked against the experts' weights", strict=False)
 def test_convert_keeps_fp32_router_of_a_bf16_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 

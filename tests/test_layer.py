@@ -86,6 +86,22 @@ def test_token_counts_and_1d_input(T):
     assert moe(torch.randn(32)).shape == (32,)
 
 
+def test_fp32_router_serves_a_bf16_layer():
+    moe = MoE(_config(router_fp32=True), dtype=torch.bfloat16)
+    moe.gate.float()  # checkpoints of such models keep the router weight in fp32
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    logits = x.float() @ moe.gate.weight.t()
+    torch.testing.assert_close(moe(x), moe(x, logits))
+    plain = MoE(_config(), dtype=torch.bfloat16)
+    plain.gate.float()
+    assert plain(x).dtype == torch.bfloat16
+
+
+def test_from_hf_is_a_classmethod_entry():
+    with pytest.raises(NotImplementedError, match="Linear"):
+        MoE.from_hf(torch.nn.Linear(2, 2))
+
+
 def test_dtype_and_device_arguments():
     moe = MoE(_config(), dtype=torch.float16)
     assert moe.routed_experts.w13.dtype == torch.float16 and moe.gate.weight.dtype == torch.float16
@@ -96,7 +112,7 @@ def test_bad_inputs():
     moe = MoE(_config())
     with pytest.raises(ValueError, match=r"hidden_states: expected shape \[..., H=32\], got \(3, 31\)"):
         moe(torch.randn(3, 31))
-    with pytest.raises(TypeError, match="hidden_states: expected dtype float32 .*got float16"):
+    with pytest.raises(TypeError, match=r"hidden_states: expected dtype float32 \(the experts' dtype\), got float16"):
         moe(torch.randn(3, 32, dtype=torch.float16))
     with pytest.raises(ValueError, match=r"router_logits: expected shape \(3, 8\)"):
         moe(torch.randn(3, 32), torch.randn(3, 7))
