@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moekit import fused_experts
+from moekit import Activation, fused_experts
 from moekit.kernel import available_backends
 from moekit.testing import assert_close, make_moe_inputs, reference_experts
 
@@ -41,7 +41,8 @@ def test_matches_reference(backend, dtype, T, E, H, I, K, comment):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu2", "swigluoai"])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu2", "swigluoai",
+                                        Activation(name="silu", limit=0.5)], ids=str)
 @pytest.mark.parametrize("bias", [False, True])
 def test_activations_and_biases(backend, activation, bias):
     inputs = make_moe_inputs(11, 8, 32, 24, 2, activation=activation, bias=bias, seed=3)

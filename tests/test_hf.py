@@ -38,11 +38,13 @@ CONVERT_FAMILIES = [
 
 # Decorated experts moekit runs through the experts interface but whose block `convert` does not take
 # (a router or block quirk moekit cannot express); the experts path must still match.
-IMPL_ONLY_FAMILIES = ["axk1", "axk2", "cohere2_moe", "gemma4", "kolibri1", "phimoe", "zaya", "inkling"]
+IMPL_ONLY_FAMILIES = [
+    "axk1", "axk2", "cohere2_moe", "deepseek_v4", "gemma4", "hy_v4", "kolibri1", "phimoe", "zaya", "inkling",
+]
 
-# Decorated experts whose activation (clamped SiLU, a two-input act_fn) or post-expert norm moekit lacks:
-# the experts interface falls back to transformers' grouped_mm with a warning, and stays exact.
-FALLBACK_FAMILIES = ["deepseek_v4", "hy_v4", "inkling2", "muse_spark"]
+# Decorated experts whose activation (a two-input act_fn) or post-expert norm moekit lacks: the experts
+# interface falls back to transformers' grouped_mm with a warning, and stays exact.
+FALLBACK_FAMILIES = ["inkling2", "muse_spark"]
 
 FP32_TOL = 1e-5
 

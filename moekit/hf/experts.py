@@ -176,7 +176,10 @@ def _candidates(module: nn.Module) -> list[Activation]:
     found = [Activation(name=name) for name in ("silu", "gelu", "gelu_tanh")]
     for alpha_name, limit_name in (("alpha", "limit"), ("swiglu_alpha", "swiglu_limit")):
         alpha, limit = getattr(module, alpha_name, None), getattr(module, limit_name, None)
-        if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)) and limit > 0:
+        if not (isinstance(limit, (int, float)) and limit > 0):
+            continue
+        found.append(Activation(name="silu", limit=float(limit)))  # clamped SiLU (DeepSeek-V4, HY-V4)
+        if isinstance(alpha, (int, float)):
             found.append(Activation(name="swigluoai", alpha=float(alpha), limit=float(limit)))
     return found
 

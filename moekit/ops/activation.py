@@ -5,6 +5,7 @@ and return ``act(gate) * up`` of width I. The one non-gated activation, ``relu2`
 and its ``w13`` holds I rows, not 2I.
 
     silu       silu(gate) * up                                   (Mixtral, Qwen, DeepSeek, OLMoE)
+               with ``limit``: silu(min(gate, limit)) * clamp(up, -limit, limit)   (DeepSeek-V4, HY-V4)
     gelu       gelu(gate) * up                                   (erf form)
     gelu_tanh  gelu_tanh(gate) * up
     relu2      relu(h) ** 2                                      (non-gated; Nemotron-H style)
@@ -27,17 +28,26 @@ _GATED = {"silu": True, "gelu": True, "gelu_tanh": True, "relu2": False, "swiglu
 
 @dataclass(frozen=True, kw_only=True)
 class Activation:
-    """An expert activation and its parameters (``alpha``/``limit`` only matter for ``swigluoai``)."""
+    """An expert activation and its parameters.
+
+    ``alpha`` matters only for ``swigluoai``. ``limit`` clamps ``swigluoai`` (default 7.0) and, when given,
+    ``silu`` (clamped SiLU); other activations take no limit.
+    """
 
     name: str = "silu"
     alpha: float = 1.702
-    limit: float = 7.0
+    limit: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in _GATED:
             raise ValueError(f"activation: expected one of {list(ACTIVATIONS)}, got {self.name!r}")
-        if self.limit <= 0:
-            raise ValueError(f"activation.limit: expected a positive float, got {self.limit}")
+        if self.name == "swigluoai" and self.limit is None:
+            object.__setattr__(self, "limit", 7.0)
+        if self.limit is not None:
+            if self.name not in ("silu", "swigluoai"):
+                raise ValueError(f"activation.limit: only silu and swigluoai take a limit, got one for {self.name!r}")
+            if not self.limit > 0:
+                raise ValueError(f"activation.limit: expected a positive float, got {self.limit}")
 
     @property
     def is_gated(self) -> bool:
@@ -65,12 +75,13 @@ def activation_ref(h_N2I: torch.Tensor, activation: str | Activation) -> torch.T
     if h.shape[-1] % 2:
         raise ValueError(f"h_N2I: gated activation {act.name!r} needs an even last dim, got shape {tuple(h.shape)}")
     gate, up = h.chunk(2, dim=-1)
+    if act.limit is not None:  # clamped silu and swigluoai clamp the same way
+        gate = gate.clamp(max=act.limit)
+        up = up.clamp(min=-act.limit, max=act.limit)
     if act.name == "silu":
         return F.silu(gate) * up
     if act.name == "gelu":
         return F.gelu(gate) * up
     if act.name == "gelu_tanh":
         return F.gelu(gate, approximate="tanh") * up
-    gate = gate.clamp(max=act.limit)
-    up = up.clamp(min=-act.limit, max=act.limit)
     return gate * torch.sigmoid(act.alpha * gate) * (up + 1)

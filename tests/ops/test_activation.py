@@ -49,12 +49,23 @@ def test_swigluoai_clamps_and_offsets():
     assert float(custom[0, 0]) == pytest.approx(g / (1 + math.exp(-g)) * (u + 1), rel=1e-6)
 
 
+def test_clamped_silu():
+    act = Activation(name="silu", limit=1.5)
+    gate, up = [3.0, -2.0, 0.5], [4.0, -5.0, 1.0]
+    out = activation_ref(torch.tensor([gate + up]), act)
+    expected = [_silu(min(g, 1.5)) * max(min(u, 1.5), -1.5) for g, u in zip(gate, up)]
+    torch.testing.assert_close(out, torch.tensor([expected]))
+    assert Activation(name="silu").limit is None and Activation(name="swigluoai").limit == 7.0
+
+
 def test_fp64_stays_fp64_and_low_precision_computes_in_fp32():
     assert activation_ref(torch.randn(2, 4, dtype=torch.float64), "silu").dtype == torch.float64
     assert activation_ref(torch.randn(2, 4, dtype=torch.bfloat16), "silu").dtype == torch.float32
 
 
 def test_errors():
+    with pytest.raises(ValueError, match="only silu and swigluoai take a limit"):
+        Activation(name="gelu", limit=2.0)
     with pytest.raises(ValueError, match="even last dim"):
         activation_ref(torch.randn(2, 3), "silu")
     with pytest.raises(TypeError, match="activation: expected a str or moekit.Activation"):

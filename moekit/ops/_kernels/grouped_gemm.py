@@ -6,7 +6,8 @@ Names: ``i_`` index, ``o_`` offset vector, ``m_`` mask, ``p_`` pointer, ``b_`` r
 import triton
 import triton.language as tl
 
-# ACTIVATION codes (compile-time): 0 none, 1 silu, 2 gelu (erf), 3 gelu_tanh, 4 relu2, 5 swigluoai.
+# ACTIVATION codes (compile-time): 0 none, 1 silu, 2 gelu (erf), 3 gelu_tanh, 4 relu2, 5 swigluoai,
+# 6 clamped silu (silu(min(gate, limit)) * clamp(up, -limit, limit)).
 
 
 @triton.jit
@@ -25,6 +26,10 @@ def _activate(b_gate, b_up, alpha, limit, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 4:
         b_r = tl.maximum(b_gate, 0.0)
         return b_r * b_r
+    elif ACTIVATION == 6:
+        b_g = tl.minimum(b_gate, limit)
+        b_u = tl.minimum(tl.maximum(b_up, -limit), limit)
+        return b_g * tl.sigmoid(b_g) * b_u
     else:
         b_g = tl.minimum(b_gate, limit)
         b_u = tl.minimum(tl.maximum(b_up, -limit), limit)
