@@ -18,7 +18,10 @@ def grouped_mm_experts(x_TH, w13_E2IH, w2_EHI, topk_weights_TK, topk_ids_TK, *, 
     num_experts = w13_E2IH.shape[0]
     ids_N = topk_ids_TK.reshape(-1)
     order_N = torch.argsort(ids_N, stable=True)
-    offsets_E = torch.cumsum(torch.bincount(ids_N, minlength=num_experts), 0).to(torch.int32)
+    # Counts by scatter_add_ (bincount syncs with the host), so the baseline captures in a CUDA graph too.
+    counts_E = torch.zeros(num_experts, dtype=torch.int32, device=ids_N.device)
+    counts_E.scatter_add_(0, ids_N.long(), torch.ones_like(ids_N, dtype=torch.int32))
+    offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
     x_NH = x_TH[order_N // top_k]
     h = torch._grouped_mm(x_NH, w13_E2IH.transpose(1, 2), offs=offsets_E)
     if w13_bias_E2I is not None:
