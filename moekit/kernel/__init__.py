@@ -1,12 +1,12 @@
 """Modular kernels: a PrepareFinalize around an Experts backend, and the backend registry.
 
-Adding a backend = one module under ``kernel/`` plus one line in ``_EXPERTS``.
+Adding a backend = one module under ``kernel/`` plus a factory and one line in ``_EXPERTS``.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
+import importlib.util
+import os
 
 import torch
 
@@ -14,19 +14,29 @@ from moekit.kernel.experts import Experts
 from moekit.kernel.modular import ModularKernel, check_expert_inputs
 from moekit.kernel.prepare_finalize import LocalPrepareFinalize, PrepareFinalize, PrepareResult
 
-# name -> "module:Class", imported on first use so that `import moekit` never needs Triton.
-_EXPERTS = {
-    "torch": "moekit.kernel.torch_experts:TorchExperts",
-    "triton": "moekit.kernel.triton_experts:TritonExperts",
-}
+
+# Factories use plain import statements (not importlib) so torch.compile traces a cold registry without a
+# graph break; the Triton module is imported on first use, so `import moekit` never needs Triton.
+def _torch_experts() -> Experts:
+    from moekit.kernel.torch_experts import TorchExperts
+
+    return TorchExperts()
+
+
+def _triton_experts() -> Experts:
+    from moekit.kernel.triton_experts import TritonExperts
+
+    return TritonExperts()
+
+
+_EXPERTS = {"torch": _torch_experts, "triton": _triton_experts}
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_INSTANCES: dict[str, Experts] = {}
+_KERNELS: dict[str, ModularKernel] = {}
 
 
 def triton_available() -> bool:
-    try:
-        importlib.import_module("moekit.kernel.triton_experts")
-    except ImportError:
-        return False
-    return True
+    return _HAS_TRITON
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -49,20 +59,21 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-@functools.cache
 def get_experts(name: str) -> Experts:
-    module, cls = _EXPERTS[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
-
-
-@functools.cache
-def _local_kernel(name: str) -> ModularKernel:
-    return ModularKernel(LocalPrepareFinalize(), get_experts(name))
+    """The shared instance of backend ``name``."""
+    experts = _INSTANCES.get(name)
+    if experts is None:
+        experts = _INSTANCES[name] = _EXPERTS[name]()
+    return experts
 
 
 def make_kernel(backend: str, device: torch.device) -> ModularKernel:
     """The (shared, stateless) single-rank kernel for ``backend`` on ``device``."""
-    return _local_kernel(resolve_backend(backend, device))
+    name = resolve_backend(backend, device)
+    kernel = _KERNELS.get(name)
+    if kernel is None:
+        kernel = _KERNELS[name] = ModularKernel(LocalPrepareFinalize(), get_experts(name))
+    return kernel
 
 
 def _default_device() -> torch.device:
@@ -70,8 +81,6 @@ def _default_device() -> torch.device:
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

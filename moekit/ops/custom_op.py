@@ -32,7 +32,7 @@ def fused_experts_op(
     expert_map: torch.Tensor | None,
     activation: str,
     alpha: float,
-    limit: float,
+    limit: float | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """[T, H] routed-experts output in ``out_dtype`` (``Experts.apply``'s contract), by the Triton backend."""
