@@ -7,8 +7,9 @@
     ids       = topk(choice, K)
     weights   = scores[ids]; if renormalize: weights /= weights.sum(); weights *= routed_scaling_factor
 
-``topk_before_score`` picks the K largest raw logits first and scores only those (gpt-oss: softmax over the
-K picked logits; Llama4: sigmoid of the picked logits).
+``topk_before_score`` picks the K largest raw logits (+ correction bias, if given) first and scores only the
+picked logits (gpt-oss: softmax over the K picked logits; Llama4: sigmoid of the picked logits; Kolibri:
+sigmoid of the picked, chosen with a correction bias).
 
 Non-finite logits: ``topk_ids`` are always valid expert indices in [0, E), so no kernel can read out of
 bounds. A ``-inf`` logit means "never pick this expert" while K finite logits remain. A NaN or ``+inf`` logit
@@ -84,9 +85,11 @@ def select_experts(
 
     logits = router_logits.float()
     if topk_before_score:
-        if num_expert_group is not None or e_score_correction_bias is not None:
-            raise ValueError("topk_before_score: not supported with grouped top-k or e_score_correction_bias")
-        picked, ids = torch.topk(logits, top_k, dim=-1)
+        if num_expert_group is not None or topk_group is not None:
+            raise ValueError("topk_before_score: not supported with grouped top-k (num_expert_group/topk_group)")
+        choice = logits if e_score_correction_bias is None else logits + e_score_correction_bias.float()
+        ids = torch.topk(choice, top_k, dim=-1).indices
+        picked = logits.gather(1, ids)
         weights = torch.softmax(picked, dim=-1) if scoring_func == "softmax" else torch.sigmoid(picked)
     else:
         scores = torch.softmax(logits, dim=-1) if scoring_func == "softmax" else torch.sigmoid(logits)

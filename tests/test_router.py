@@ -42,6 +42,16 @@ def test_topk_before_score_sigmoid_llama4():
     torch.testing.assert_close(w, torch.tensor([[1 / (1 + math.exp(-2.0))]]))
 
 
+def test_topk_before_score_with_correction_bias_kolibri():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 4.0])
+    w, ids = select_experts(logits, 2, scoring_func="sigmoid", topk_before_score=True, e_score_correction_bias=bias,
+                            renormalize=True)
+    assert ids.tolist() == [[3, 0]]  # -1 + 4 beats 2 + 0: the bias decides the choice ...
+    s3, s0 = 1 / (1 + math.exp(1.0)), 1 / (1 + math.exp(-2.0))  # ... but the weights are the raw logits'
+    torch.testing.assert_close(w, torch.tensor([[s3 / (s3 + s0), s0 / (s3 + s0)]]))
+
+
 def test_sigmoid_scores_and_renormalize():
     logits = torch.tensor([[0.0, 1.0, -1.0]])
     w, ids = select_experts(logits, 2, scoring_func="sigmoid")
