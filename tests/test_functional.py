@@ -148,3 +148,17 @@ def test_bad_activation_and_backend():
         fused_experts(**d, activation="swish")
     with pytest.raises(ValueError, match="backend: expected one of"):
         fused_experts(**d, backend="cutlass")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_layouts(backend):
+    # Strided x (every other column), column-major w13/w2 (a transposed checkpoint viewed back), transposed ids.
+    d = make_moe_inputs(7, 8, 32, 16, 2, seed=11)
+    ref = _ref(d)
+    d["hidden_states"] = torch.cat([d["hidden_states"], d["hidden_states"]], dim=1).view(7, 32, 2)[:, :, 0]
+    d["w13"] = d["w13"].transpose(1, 2).contiguous().transpose(1, 2)
+    d["w2"] = d["w2"].transpose(1, 2).contiguous().transpose(1, 2)
+    d["topk_ids"] = d["topk_ids"].t().contiguous().t()
+    d["topk_weights"] = d["topk_weights"].t().contiguous().t()
+    assert not d["hidden_states"].is_contiguous() and not d["w13"].is_contiguous()
+    assert_close(_run(d, backend), ref, torch.float32)
