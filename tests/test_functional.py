@@ -155,7 +155,7 @@ def test_non_contiguous_layouts(backend):
     # Strided x (every other column), column-major w13/w2 (a transposed checkpoint viewed back), transposed ids.
     d = make_moe_inputs(7, 8, 32, 16, 2, seed=11)
     ref = _ref(d)
-    d["hidden_states"] = torch.cat([d["hidden_states"], d["hidden_states"]], dim=1).view(7, 32, 2)[:, :, 0]
+    d["hidden_states"] = torch.stack([d["hidden_states"], torch.full_like(d["hidden_states"], 9.0)], dim=-1)[..., 0]
     d["w13"] = d["w13"].transpose(1, 2).contiguous().transpose(1, 2)
     d["w2"] = d["w2"].transpose(1, 2).contiguous().transpose(1, 2)
     d["topk_ids"] = d["topk_ids"].t().contiguous().t()
