@@ -29,17 +29,25 @@ CORE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "g
 # Every other family whose blocks `convert` replaces (and whose tiny config builds on the CPU).
 CONVERT_FAMILIES = [
     "afmoe", "aria", "bailing_hybrid", "beam", "deepseek_v2", "deepseek_v32", "dots1", "dots3_note",
-    "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "granitemoe",
-    "granitemoe_swa", "granitemoeshared", "granitemoehybrid", "hunyuan_v1_moe", "hy_v3", "jamba", "kimi_linear",
-    "laguna", "lara_mini", "mellum", "minimax", "minimax_m2", "mistral4", "mistral_large4", "nemotron_h",
-    "openai_privacy_filter", "qwen3_5_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_vl_moe", "qwen4_exp",
+    "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm5_next", "glm_moe_dsa", "granitemoe",
+    "granitemoe_swa", "granitemoeshared", "granitemoehybrid", "hunyuan_v1_moe", "hy_v3", "hy_v4", "hy_v4_vl", "jamba",
+    "kimi_linear", "kolibri1", "laguna", "lara_mini", "mellum", "minimax", "minimax_m2", "mistral4", "mistral_large4",
+    "nemotron_h", "openai_privacy_filter", "qwen3_5_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_vl_moe", "qwen4_exp",
     "solar_open", "unlimited_ocr",
 ]  # fmt: skip
+
+# Families whose experts transformers does not decorate: only `convert` reaches them (fp32 and bf16).
+CONVERT_ONLY_FAMILIES = ["dbrx", "jetmoe", "llama4"]
+
+# Families whose converted blocks are also compared block by block on large random weights and inputs, so that
+# clamps (HY-V4's clamped-SiLU experts beside a plain-SiLU shared MLP), weights on the input and output biases
+# are exercised where the tiny models' activations stay small.
+BLOCK_FAMILIES = ["dbrx", "glm5_next", "hy_v4", "hy_v4_vl", "jetmoe", "kolibri1", "llama4"]
 
 # Decorated experts moekit runs through the experts interface but whose block `convert` does not take
 # (a router or block quirk moekit cannot express); the experts path must still match.
 IMPL_ONLY_FAMILIES = [
-    "axk1", "axk2", "cohere2_moe", "deepseek_v4", "gemma4", "hy_v4", "kolibri1", "phimoe", "zaya", "inkling",
+    "axk1", "axk2", "cohere2_moe", "deepseek_v4", "gemma4", "phimoe", "zaya", "inkling",
 ]
 
 # Decorated experts whose activation (a two-input act_fn) or post-expert norm moekit lacks: the experts
@@ -110,9 +118,9 @@ def test_core_family_experts_implementation(family, dtype):
     _check_impl(family, dtype)
 
 
-@pytest.mark.parametrize("family", CORE_FAMILIES)
+@pytest.mark.parametrize("family", CORE_FAMILIES + CONVERT_ONLY_FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_core_family_convert(family, dtype):
+def test_core_and_convert_only_family_convert(family, dtype):
     _check_convert(family, dtype)
 
 
@@ -120,6 +128,65 @@ def test_core_family_convert(family, dtype):
 def test_family_convert_and_experts_implementation(family):
     _check_convert(family)
     _check_impl(family)
+
+
+@pytest.mark.parametrize("family", BLOCK_FAMILIES)
+def test_converted_block_matches_on_large_weights(family):
+    model = build(family)
+    block = next(m for m in model.modules() if type(m).__name__ in mh.SUPPORTED_BLOCKS)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)  # pre-activations reach the clamps (limit 10)
+        moe = mh.moe_from_hf(block)
+        x = torch.randn(2, 5, moe.config.hidden_size, generator=gen) * 3
+        expected, actual = block(x), moe(x)
+    if isinstance(expected, tuple):
+        expected, actual = expected[0], actual[0]
+    assert rel_errors(actual.reshape(expected.shape), expected)[0] <= FP32_TOL
+
+
+def test_convert_llama4_settings_and_copies():
+    model = build("llama4")
+    block = model.model.layers[1].feed_forward
+    moe = mh.moe_from_hf(block)
+    routing = moe.config.routing
+    assert routing.scoring_func == "sigmoid" and routing.topk_before_score and routing.apply_weights_on_input
+    assert moe.gate.weight is block.router.weight
+    assert moe.shared_experts.down_proj.weight is block.shared_expert.down_proj.weight
+    gate_up = block.experts.gate_up_proj  # [E, H, 2I], gate columns then up columns
+    torch.testing.assert_close(moe.routed_experts.w13, gate_up.transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(moe.routed_experts.w2, block.experts.down_proj.transpose(1, 2), rtol=0, atol=0)
+    out, logits = moe(torch.randn(2, 3, model.config.hidden_size))
+    assert logits is None and out.shape == (2, 3, model.config.hidden_size)
+    assert type(model.model.layers[0].feed_forward).__name__ == "Llama4TextMLP"  # the dense layer stays
+
+
+def test_convert_llama4_refuses_top_k_above_one():
+    model = build("llama4", num_experts_per_tok=2)
+    with pytest.raises(NotImplementedError, match="Llama4TextMoe.*expert input with top_k=2.*top_k == 1"):
+        mh.convert(model)
+    assert not _moe_blocks(model)
+
+
+@pytest.mark.parametrize("p", [None, 2.0], ids=["no-norm", "p2"])
+def test_convert_dbrx_expert_weight_norms(p):
+    # p = 1 (the default) is renormalize; None leaves the softmax weights, p = 2 runs as a custom routing function
+    ffn = {"ffn_hidden_size": 24, "moe_num_experts": 8, "moe_top_k": 2, "moe_normalize_expert_weights": p}
+    model = build("dbrx", ffn_config=ffn)
+    ids = input_ids()
+    reference = _logits(model, ids)
+    assert mh.convert(model) == 2
+    assert (_moe_blocks(model)[0].config.routing.custom_routing_function is None) == (p is None)
+    _compare(_logits(model, ids), reference, torch.float32, f"dbrx p={p}")
+
+
+def test_convert_jetmoe_shares_weights_and_output_bias():
+    model = build("jetmoe")
+    block = model.model.layers[0].mlp
+    moe = mh.moe_from_hf(block)
+    assert moe.routed_experts.w13 is block.input_linear.weight and moe.routed_experts.w2 is block.output_linear.weight
+    assert moe.output_bias is block.bias and moe.gate.weight is block.router.layer.weight
 
 
 @pytest.mark.parametrize("family", IMPL_ONLY_FAMILIES)
@@ -220,7 +287,7 @@ def test_experts_cache_follows_weight_updates():
 
 
 def test_supported_families_cover_the_tests():
-    assert set(CORE_FAMILIES + CONVERT_FAMILIES) <= set(mh.supported_families())
+    assert set(CORE_FAMILIES + CONVERT_FAMILIES + CONVERT_ONLY_FAMILIES) <= set(mh.supported_families())
 
 
 def test_import_moekit_does_not_import_transformers():

@@ -1,13 +1,16 @@
 """Whole-block conversion: a transformers sparse MoE block -> a ``moekit.MoE`` sharing its parameters.
 
-    block (router + experts [+ shared MLP [+ its sigmoid gate]])
+    block (router + experts [+ shared MLP [+ its sigmoid gate]] [+ output bias])
       router        -> MoE.gate (weight/bias shared), e_score_correction_bias (shared), RoutingConfig
       experts       -> RoutedExperts.w13/w2 (+ biases): shared when stored [E, 2I, H] / [E, H, I], else rearranged
-      shared MLP    -> SharedExperts: down_proj and gate shared; gate_proj|up_proj concatenated into gate_up_proj
+      shared MLP    -> SharedExperts: down_proj and gate shared; gate_proj|up_proj concatenated into gate_up_proj;
+                       its activation probed through its own forward (it may differ from the experts', HY-V4)
+      output bias   -> HFMoE.output_bias (shared), added after routed + shared (JetMoE)
 
-``SUPPORTED_BLOCKS`` maps each block class (by name) to the reader of its router; everything else about a block
-(experts layout, activation, shared experts) is read from the modules themselves and checked. A block whose
-math moekit cannot reproduce raises ``NotImplementedError`` naming the class and the supported families.
+``SUPPORTED_BLOCKS`` maps each block class (by name) to the readers of its router (``routers.py``) and of its
+experts' layout (``layouts.py``); activation and shared experts are read from the modules themselves and checked.
+A block whose math moekit cannot reproduce raises ``NotImplementedError`` naming the class and the supported
+families.
 """
 
 from __future__ import annotations
@@ -18,20 +21,25 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig
+from moekit.hf import layouts
 from moekit.hf import routers as r
-from moekit.hf.experts import canonical_weights, read_experts_spec
+from moekit.hf.experts import gate_probe, match_activation
 from moekit.layer import MoE
-from moekit.ops.activation import Activation, activation_ref
+from moekit.ops.activation import Activation
+from moekit.shared_experts import SharedExperts
 
 
 @dataclass(frozen=True)
 class BlockAdapter:
-    """``family``: the transformers model folder; ``router``: its reader; ``returns_tuple``: the block returns
-    ``(hidden_states, router_scores)`` and its decoder layer unpacks two values."""
+    """``family``: the transformers model folder; ``router``/``experts``: the readers of its router and its
+    experts' layout; ``returns_tuple``: the block returns ``(hidden_states, router_scores)`` and its decoder layer
+    unpacks two values; ``output_bias``: the name of a [H] bias the block adds to its output."""
 
     family: str
     router: r.RouterReader
+    experts: layouts.ExpertsReader = layouts.decorated
     returns_tuple: bool = False
+    output_bias: str | None = None
 
 
 _QWEN = r.softmax_topk()
@@ -63,7 +71,20 @@ SUPPORTED_BLOCKS: dict[str, BlockAdapter] = {
     "GraniteMoeSharedMoE": BlockAdapter("granitemoeshared", r.topk_softmax()),
     "GraniteMoeHybridMoE": BlockAdapter("granitemoehybrid", r.topk_softmax()),
     "AriaTextMoELayer": BlockAdapter("aria", r.topk_softmax()),
+    "JetMoeMoE": BlockAdapter(
+        "jetmoe",
+        r.softmax_topk(renormalize=False, topk_before_score=True, linear="layer"),
+        experts=layouts.jetmoe,
+        output_bias="bias",
+    ),
     "Cohere2MoeSparseMoeBlock": BlockAdapter("cohere2_moe", r.cohere2),
+    # top-k over logits (+ correction bias) -> sigmoid of the picked
+    "Llama4TextMoe": BlockAdapter(
+        "llama4", r.topk_sigmoid(weights_on_input=True), experts=layouts.llama4, returns_tuple=True
+    ),
+    "Kolibri1SparseMoeBlock": BlockAdapter("kolibri1", r.topk_sigmoid(fp32=True)),
+    # softmax -> top-k -> p-norm
+    "DbrxFFN": BlockAdapter("dbrx", r.dbrx, experts=layouts.dbrx),
     # DeepSeek-V3 routing: sigmoid + correction bias, grouped top2_sum, scaling factor
     "DeepseekV3MoE": BlockAdapter("deepseek_v3", _DSV3),
     "DeepseekV32MoE": BlockAdapter("deepseek_v32", _DSV3),
@@ -80,6 +101,9 @@ SUPPORTED_BLOCKS: dict[str, BlockAdapter] = {
     "ExaoneMoeSparseMoEBlock": BlockAdapter("exaone_moe", _DSV3),
     "BeamMoE": BlockAdapter("beam", _DSV3),
     "NemotronHMoE": BlockAdapter("nemotron_h", _DSV3),
+    "HYV4MoE": BlockAdapter("hy_v4", _DSV3),  # clamped-SiLU experts, plain-SiLU shared MLP
+    "HYV4VLMoE": BlockAdapter("hy_v4_vl", _DSV3),
+    "Glm5NextTextMoE": BlockAdapter("glm5_next", _DSV3),  # clamped SiLU in the experts and the shared MLP
     # DeepSeek-V2 / Mistral-4 routing: softmax, grouped
     "DeepseekV2Moe": BlockAdapter("deepseek_v2", r.deepseek_v2),
     "DeepseekOcr2TextMoe": BlockAdapter("deepseek_ocr2", r.deepseek_v2),
@@ -119,15 +143,20 @@ def supported_families() -> list[str]:
 
 class HFMoE(MoE):
     """A ``moekit.MoE`` standing in for a transformers block: called as ``block(hidden_states)``, returning
-    what the block returned (``hidden_states``, or ``(hidden_states, None)`` for blocks that return a pair)."""
+    what the block returned (``hidden_states``, or ``(hidden_states, None)`` for blocks that return a pair).
+
+    ``output_bias`` [H], when set, is added to the output (JetMoE's block bias)."""
 
     def __init__(self, config: MoEConfig, *, returns_tuple: bool = False, source: str = "", **kwargs) -> None:
         super().__init__(config, **kwargs)
         self.returns_tuple = returns_tuple
         self.source = source
+        self.register_parameter("output_bias", None)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, None]:  # type: ignore[override]
         out = super().forward(hidden_states)
+        if self.output_bias is not None:
+            out = out + self.output_bias
         return (out, None) if self.returns_tuple else out
 
     def extra_repr(self) -> str:
@@ -179,17 +208,16 @@ def _inside(name: str, found: list[tuple[str, nn.Module]]) -> bool:
 
 
 def _build(block: nn.Module, adapter: BlockAdapter, backend: str) -> HFMoE:
-    experts = block.experts
-    spec = read_experts_spec(experts)
-    if spec.activation is None:
-        raise NotImplementedError(f"experts {type(experts).__name__} with {spec.reason}")
+    experts = adapter.experts(block)
     _check_block(block)
     router = adapter.router(block)
-    w13, w2, w13_bias, w2_bias = canonical_weights(experts, spec)
+    w13, w2 = experts.w13, experts.w2
     num_experts, _, hidden = w13.shape
     inter = w2.shape[2]
     shared, shared_gate = _shared_modules(block)
-    shared_w13, shared_w2 = _shared_weights(shared, spec.activation) if shared is not None else (None, None)
+    shared_w13 = shared_w2 = shared_activation = None
+    if shared is not None:
+        shared_w13, shared_w2, shared_activation = _shared_weights(shared, experts.activation)
     if router.weight.shape != (num_experts, hidden):
         raise NotImplementedError(f"a router weight of shape {tuple(router.weight.shape)} for {num_experts} experts")
     config = MoEConfig(
@@ -197,11 +225,11 @@ def _build(block: nn.Module, adapter: BlockAdapter, backend: str) -> HFMoE:
         top_k=router.top_k,
         hidden_size=hidden,
         intermediate_size=inter,
-        activation=spec.activation,
+        activation=experts.activation,
         routing=router.routing,
         shared_intermediate_size=0 if shared_w2 is None else shared_w2.shape[1],
         shared_expert_gate=shared_gate is not None,
-        bias=spec.has_bias,
+        bias=experts.w13_bias is not None or experts.w2_bias is not None,
         router_bias=router.bias is not None,
         router_fp32=router.fp32 or router.weight.dtype == torch.float32,
         backend=backend,
@@ -214,10 +242,22 @@ def _build(block: nn.Module, adapter: BlockAdapter, backend: str) -> HFMoE:
         _share(moe.gate, "bias", router.bias)
     if router.correction_bias is not None:
         moe.register_buffer("e_score_correction_bias", router.correction_bias.detach())
-    for attr, value in (("w13", w13), ("w2", w2), ("w13_bias", w13_bias), ("w2_bias", w2_bias)):
+    for attr in ("w13", "w2", "w13_bias", "w2_bias"):
+        value = getattr(experts, attr)
         if value is not None:
             _share(moe.routed_experts, attr, value)
+    if adapter.output_bias is not None:
+        _share(moe, "output_bias", getattr(block, adapter.output_bias))
     if shared is not None:
+        if shared_activation != experts.activation:
+            moe.shared_experts = SharedExperts(
+                hidden,
+                shared_w2.shape[1],
+                activation=shared_activation,
+                gate=shared_gate is not None,
+                dtype=shared_w2.dtype,
+                device="meta",
+            )
         _share(moe.shared_experts.gate_up_proj, "weight", shared_w13)
         _share(moe.shared_experts.down_proj, "weight", shared_w2)
         if shared_gate is not None:
@@ -258,34 +298,66 @@ def _shared_modules(block: nn.Module) -> tuple[nn.Module | None, nn.Linear | Non
     return shared, gate
 
 
-def _shared_weights(mlp: nn.Module, activation: Activation) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gate_up [2Is, H] or up [Is, H] for relu2, down [H, Is]) of a shared MLP with moekit's activation."""
+def _shared_weights(mlp: nn.Module, experts_activation: Activation) -> tuple[torch.Tensor, torch.Tensor, Activation]:
+    """(gate_up [2Is, H] or up [Is, H] when non-gated, down [H, Is], activation) of a shared MLP."""
     down = getattr(mlp, "down_proj", None)
     gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
-    gated = activation.is_gated
-    parts = [gate, up] if gated else [up]
-    linears = [*parts, down]
+    gated = gate is not None
+    linears = [gate, up, down] if gated else [up, down]
     if not all(isinstance(m, nn.Linear) for m in linears):
         raise NotImplementedError(f"a shared MLP {type(mlp).__name__} without gate_proj/up_proj/down_proj Linears")
     if any(m.bias is not None for m in linears):
         raise NotImplementedError(f"a shared MLP {type(mlp).__name__} with biases")
-    if not _same_activation(mlp, activation):
-        raise NotImplementedError(f"a shared MLP {type(mlp).__name__} whose activation differs from the experts'")
+    activation = _mlp_activation(mlp, gated, experts_activation)
+    if activation is None:
+        raise NotImplementedError(f"a shared MLP {type(mlp).__name__} with an activation moekit lacks")
     if gated:
-        return torch.cat((gate.weight.detach(), up.weight.detach()), dim=0), down.weight
-    return up.weight, down.weight
+        return torch.cat((gate.weight.detach(), up.weight.detach()), dim=0), down.weight, activation
+    return up.weight, down.weight, activation
+
+
+class _Captured(Exception):
+    """Stops a probed MLP's forward once ``down_proj``'s input is captured."""
 
 
 @torch.no_grad()
-def _same_activation(mlp: nn.Module, activation: Activation) -> bool:
-    act_fn = getattr(mlp, "act_fn", None)
-    if act_fn is None:
-        return False
-    probe = (torch.rand(32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 8
-    if activation.is_gated:
-        gate, up = probe.chunk(2, dim=-1)
-        actual = act_fn(gate) * up
+def _mlp_activation(mlp: nn.Module, gated: bool, experts_activation: Activation) -> Activation | None:
+    """The activation ``mlp.forward`` applies between its projections, else None.
+
+    Runs the MLP's own forward with ``gate_proj``/``up_proj`` outputs replaced by a fixed probe (forward hooks)
+    and stops it at ``down_proj``'s input, so whatever the forward does in between (a clamp, the act_fn under any
+    attribute name) is what gets compared. The experts' activation is tried first.
+    """
+    width = mlp.down_proj.in_features
+    limits = [getattr(mlp, name, None) for name in ("swiglu_limit", "limit")]
+    limits = [limit for limit in limits if isinstance(limit, (int, float)) and not isinstance(limit, bool)]
+    if gated:
+        candidates = [experts_activation, *(Activation(name=n) for n in ("silu", "gelu", "gelu_tanh"))]
+        candidates += [Activation(name="silu", limit=float(limit)) for limit in limits if limit > 0]
     else:
-        actual = act_fn(probe)
-    expected = activation_ref(probe, activation)
-    return bool((actual.float() - expected).abs().max() <= 1e-5 * expected.abs().max().clamp_min(1.0))
+        candidates = [experts_activation, Activation(name="relu2")]
+    top = max([0.0, *limits, *(a.limit or 0.0 for a in candidates)])
+    weight = mlp.down_proj.weight
+    probe = gate_probe(2 * width if gated else width, limit=top)
+    probe = probe if weight.is_meta else probe.to(weight.device)
+    outputs = {"gate_proj": probe[:, :width], "up_proj": probe[:, width:]} if gated else {"up_proj": probe}
+    captured: list[torch.Tensor] = []
+
+    def stop(module, args):
+        captured.append(args[0])
+        raise _Captured
+
+    hooks = [getattr(mlp, n).register_forward_hook(lambda m, a, o, v=v: v) for n, v in outputs.items()]
+    hooks.append(mlp.down_proj.register_forward_pre_hook(stop))
+    try:
+        mlp(torch.zeros(probe.shape[0], mlp.down_proj.out_features, dtype=weight.dtype, device=weight.device))
+    except _Captured:
+        pass
+    except Exception:  # a forward that cannot take the probe cannot be matched either
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if len(captured) != 1:
+        return None
+    return match_activation(captured[0].cpu(), probe.cpu(), [a for a in candidates if a.is_gated == gated])

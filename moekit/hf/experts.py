@@ -156,20 +156,40 @@ def probe_activation(module: nn.Module, *, gated: bool, interleaved: bool = Fals
     ``activation_ref`` (swigluoai takes ``alpha``/``limit`` or ``swiglu_alpha``/``swiglu_limit`` from the module).
     """
     width = 16
-    gen = torch.Generator().manual_seed(0)
-    probe = (torch.rand(_PROBE_ROWS, 2 * width, generator=gen) * 2 - 1) * _PROBE_RANGE
+    probe = gate_probe(2 * width)
     if not gated:
         expected = _call(module.act_fn, probe)
-        return Activation(name="relu2") if _matches(expected, activation_ref(probe, "relu2")) else None
+        return match_activation(expected, probe, [Activation(name="relu2")])
     stored = probe
     if interleaved:
         gate, up = probe.chunk(2, dim=-1)
         stored = torch.stack((gate, up), dim=-1).reshape(_PROBE_ROWS, 2 * width)
-    expected = _call(module._apply_gate, stored)
-    for candidate in _candidates(module):
-        if _matches(expected, activation_ref(probe, candidate)):
+    return match_activation(_call(module._apply_gate, stored), probe, _candidates(module))
+
+
+def gate_probe(cols: int, *, limit: float = 0.0) -> torch.Tensor:
+    """A fixed fp32 probe [64, cols], uniform in +-max(12, 1.5 * limit) so that a clamp at ``limit`` shows up."""
+    gen = torch.Generator().manual_seed(0)
+    return (torch.rand(_PROBE_ROWS, cols, generator=gen) * 2 - 1) * max(_PROBE_RANGE, 1.5 * limit)
+
+
+def match_activation(
+    actual: torch.Tensor | None, probe: torch.Tensor, candidates: list[Activation]
+) -> Activation | None:
+    """The first of ``candidates`` whose ``activation_ref(probe)`` equals ``actual`` (a gate's output on
+    ``probe``, gate columns then up columns), else None."""
+    for candidate in candidates:
+        if _matches(actual, activation_ref(probe, candidate)):
             return candidate
     return None
+
+
+def gated_act_fn_activation(act_fn) -> Activation | None:
+    """The moekit activation equal to ``act_fn(gate) * up`` (experts and MLPs without ``_apply_gate``)."""
+    probe = gate_probe(32)
+    gate, up = probe.chunk(2, dim=-1)
+    actual = _call(lambda g: act_fn(g) * up, gate)
+    return match_activation(actual, probe, [Activation(name=name) for name in ("silu", "gelu", "gelu_tanh")])
 
 
 def _candidates(module: nn.Module) -> list[Activation]:

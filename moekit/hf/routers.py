@@ -4,7 +4,10 @@ Each reader takes the block and returns a ``RouterSpec``: the router Linear's te
 and the ``RoutingConfig`` that reproduces the family's ``forward``. The families' router math, in moekit terms:
 
     softmax_topk      softmax(logits) -> top-k [-> renormalize]           Mixtral, Qwen*, OLMoE, Jamba, HunYuan
-    topk_softmax      top-k(logits) -> softmax over the K picked          gpt-oss, Granite-MoE, Aria, Cohere2
+    topk_softmax      top-k(logits) -> softmax over the K picked          gpt-oss, Granite-MoE, Aria, Cohere2, JetMoE
+    topk_sigmoid      top-k(logits [+ correction bias]) -> sigmoid of     Llama4 (weights on the input), Kolibri
+                      the picked logits [-> renormalize]
+    dbrx              softmax -> top-k -> weights / ||weights||_p         DBRX (p = 1: renormalize)
     deepseek_v3       sigmoid, + correction bias, grouped "top2_sum",     DeepSeek-V3, GLM-4-MoE, Dots1, Kimi, ...
                       renormalize, x routed_scaling_factor
     deepseek_v2       softmax, greedy or grouped "max", x scaling         DeepSeek-V2
@@ -91,6 +94,60 @@ def softmax_topk(
 def topk_softmax(*, fp32: bool = False) -> RouterReader:
     """top-k over the raw logits, softmax over the K picked (gpt-oss, Granite-MoE, Aria)."""
     return softmax_topk(renormalize=False, topk_before_score=True, fp32=fp32)
+
+
+def topk_sigmoid(*, weights_on_input: bool = False, fp32: bool = False) -> RouterReader:
+    """top-k over the raw logits (plus the router's ``e_score_correction_bias``, if any, for the choice only),
+    sigmoid of the picked logits, renormalized when the router's ``norm_topk_prob`` is set. ``weights_on_input``:
+    the weight scales the expert's input instead of its output (Llama4), which moekit runs for K = 1 only."""
+
+    def read(block: nn.Module) -> RouterSpec:
+        router = _router(block)
+        top_k = _top_k(router, block)
+        if weights_on_input and top_k != 1:
+            raise NotImplementedError(
+                f"routing weights applied to the expert input with top_k={top_k} (moekit applies them on the "
+                "input for top_k == 1 only)"
+            )
+        correction = getattr(router, "e_score_correction_bias", None)
+        routing = RoutingConfig(
+            scoring_func="sigmoid",
+            topk_before_score=True,
+            renormalize=bool(getattr(router, "norm_topk_prob", False)),
+            correction_bias=correction is not None,
+            apply_weights_on_input=weights_on_input,
+        )
+        return RouterSpec(
+            weight=router.weight, bias=None, correction_bias=correction, top_k=top_k, routing=routing, fp32=fp32
+        )
+
+    return read
+
+
+@dataclass(frozen=True)
+class PNormTopK:
+    """``custom_routing_function`` for softmax -> top-k -> ``weights / ||weights||_p`` (DBRX with p != 1)."""
+
+    p: float
+
+    def __call__(
+        self, hidden_states: torch.Tensor | None, router_logits: torch.Tensor, top_k: int, renormalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.softmax(router_logits.float(), dim=-1)
+        weights, ids = torch.topk(scores, top_k, dim=-1)
+        return weights / torch.linalg.vector_norm(weights, ord=self.p, dim=-1, keepdim=True), ids
+
+
+def dbrx(block: nn.Module) -> RouterSpec:
+    """softmax -> top-k; ``moe_normalize_expert_weights`` = p divides by the p-norm of the K weights (None: no
+    division; p = 1 is renormalize, the weights being positive). The training-time input jitter is not applied."""
+    router = _router(block)
+    p = block.moe_normalize_expert_weights
+    custom = None if p is None or float(p) == 1.0 else PNormTopK(float(p))
+    routing = RoutingConfig(scoring_func="softmax", renormalize=p is not None, custom_routing_function=custom)
+    return RouterSpec(
+        weight=router.layer.weight, bias=router.layer.bias, correction_bias=None, top_k=block.top_k, routing=routing
+    )
 
 
 def cohere2(block: nn.Module) -> RouterSpec:

@@ -59,6 +59,20 @@ OVERRIDES = {
     "lfm2_moe": dict(num_dense_layers=0),
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_expand=2, mamba_n_groups=1, mamba_d_state=8),
     "zaya": dict(num_experts_per_tok=1),
+    # weights on the input need K = 1; layer 0 dense, layer 1 sparse
+    "llama4": dict(num_experts_per_tok=1, moe_layers=[1], intermediate_size_mlp=40),
+    "dbrx": dict(
+        d_model=32,
+        n_heads=4,
+        n_layers=2,
+        max_seq_len=64,
+        attn_config=dict(kv_n_heads=4, rope_theta=10000.0, clip_qkv=8.0),  # clip_qkv=None fails in clamp
+        ffn_config=dict(ffn_hidden_size=24, moe_num_experts=8, moe_top_k=2),
+    ),
+    "hy_v4_vl": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])),
+    "glm5_next": dict(
+        qk_rope_head_dim=0, linear_num_heads=4, linear_head_dim=8, index_n_heads=4, index_head_dim=8, index_topk=16
+    ),
 }
 
 
@@ -77,8 +91,11 @@ def pick(family: str):
     configs = _classes(cmod, PreTrainedConfig)
     text = [c for c in configs if "Text" in c.__name__ and "Vision" not in c.__name__]
     plain = [c for c in configs if not any(s in c.__name__ for s in ("Vision", "Audio", "Talker", "Code"))]
-    cfg_cls = (text or plain or configs)[0]
-    models = [c for c in _classes(mmod, PreTrainedModel) if getattr(c, "config_class", None) is cfg_cls]
+    all_models = _classes(mmod, PreTrainedModel)
+    for cfg_cls in [*text, *plain, *configs]:  # the first with a model of its own (DBRX: not its sub-configs)
+        models = [c for c in all_models if getattr(c, "config_class", None) is cfg_cls]
+        if models:
+            break
     models.sort(key=lambda c: (not c.__name__.endswith("ForCausalLM"), not c.__name__.endswith("Model"), len(c.__name__)))
     return cfg_cls, models[0]
 

@@ -1,0 +1,94 @@
+"""Readers that turn a transformers MoE block's routed experts into moekit's canonical weights.
+
+Each reader takes the block and returns ``ExpertsWeights``: the activation and w13 [E, 2I, H] (gate rows, then
+up rows), w2 [E, H, I] (+ biases). The layouts, in moekit terms:
+
+    decorated  @use_experts_implementation modules: the decorator's flags        most families
+               (transposed, interleaved, biases) -> shared, or a rearranged copy
+    llama4     gate_up_proj [E, H, 2I] (gate | up), down_proj [E, I, H]          Llama4
+               -> transposed copies
+    dbrx       mlp.w1 (gate), mlp.v1 (up), mlp.w2 (down), each [E*I, H]          DBRX
+               -> w13 = cat(w1, v1) copy, w2 transposed copy
+    jetmoe     input_linear.weight [E, 2I, H] (gate | up),                       JetMoE
+               output_linear.weight [E, H, I] -> shared as they are
+
+The kernels read w13/w2 row-major in the canonical layout, so a transposed or split layout is copied once at
+conversion; the copy then replaces the original tensors in the converted model. A reader raises
+``NotImplementedError`` for experts moekit cannot run exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moekit.hf.experts import canonical_weights, gated_act_fn_activation, read_experts_spec
+from moekit.ops.activation import Activation
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertsWeights:
+    """A block's routed experts in moekit's layout: w13 [E, 2I, H], w2 [E, H, I], w13_bias [E, 2I], w2_bias [E, H]."""
+
+    activation: Activation
+    w13: torch.Tensor
+    w2: torch.Tensor
+    w13_bias: torch.Tensor | None = None
+    w2_bias: torch.Tensor | None = None
+
+
+ExpertsReader = Callable[[nn.Module], ExpertsWeights]
+
+
+def decorated(block: nn.Module) -> ExpertsWeights:
+    """``block.experts``, a module decorated with ``@use_experts_implementation`` (see ``moekit.hf.experts``)."""
+    experts = block.experts
+    spec = read_experts_spec(experts)
+    if spec.activation is None:
+        raise NotImplementedError(f"experts {type(experts).__name__} with {spec.reason}")
+    w13, w2, w13_bias, w2_bias = canonical_weights(experts, spec)
+    return ExpertsWeights(activation=spec.activation, w13=w13, w2=w2, w13_bias=w13_bias, w2_bias=w2_bias)
+
+
+@torch.no_grad()
+def llama4(block: nn.Module) -> ExpertsWeights:
+    """``gate_up_proj`` [E, H, 2I] with the gate columns first, ``down_proj`` [E, I, H]: transposed copies."""
+    experts = block.experts
+    return ExpertsWeights(
+        activation=_activation(experts, experts.act_fn),
+        w13=experts.gate_up_proj.transpose(1, 2).contiguous(),
+        w2=experts.down_proj.transpose(1, 2).contiguous(),
+    )
+
+
+@torch.no_grad()
+def dbrx(block: nn.Module) -> ExpertsWeights:
+    """``mlp.w1``/``mlp.v1``/``mlp.w2`` [E*I, H], expert e in rows e*I..(e+1)*I; w1 is the gate, v1 the up
+    projection, and the down projection computes ``h @ w2[e]`` (so w2[e] is stored [I, H])."""
+    experts = block.experts
+    mlp = experts.mlp
+    split = (experts.num_experts, experts.ffn_hidden_size, experts.hidden_size)
+    return ExpertsWeights(
+        activation=_activation(mlp, mlp.activation_fn),
+        w13=torch.cat((mlp.w1.view(split), mlp.v1.view(split)), dim=1),
+        w2=mlp.w2.view(split).transpose(1, 2).contiguous(),
+    )
+
+
+def jetmoe(block: nn.Module) -> ExpertsWeights:
+    """``input_linear.weight`` [E, 2I, H] (gate | up) and ``output_linear.weight`` [E, H, I]: shared, no copy."""
+    return ExpertsWeights(
+        activation=_activation(block, block.activation),
+        w13=block.input_linear.weight,
+        w2=block.output_linear.weight,
+    )
+
+
+def _activation(owner: nn.Module, act_fn) -> Activation:
+    activation = gated_act_fn_activation(act_fn)
+    if activation is None:
+        raise NotImplementedError(f"{type(owner).__name__} with an activation moekit lacks ({type(act_fn).__name__})")
+    return activation
