@@ -1,4 +1,4 @@
-"""The ``moekit`` command line: ``moekit bench`` (the main job) and ``moekit info``."""
+"""The ``moekit`` command line: ``moekit bench`` (the main job), ``moekit tune``, ``moekit plot``, ``moekit info``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--plot", default=None, help="PNG to write")
     p.add_argument("--markdown", default=None, help="markdown table to write")
 
+    tn = sub.add_parser("tune", help="time launch configs around the heuristics; write a tuned table (CUDA)")
+    tn.add_argument("--preset", required=True, help="preset name(s), comma-separated, or 'all'")
+    tn.add_argument("--tokens", default=GPU_TOKENS, help=f"token counts (default {GPU_TOKENS})")
+    tn.add_argument("--dtype", default="bf16", choices=["bf16", "bfloat16", "fp16", "float16"])
+    tn.add_argument("--out", default=None, help="tables folder (default: $MOEKIT_TUNED_DIR or moekit/ops/tuned)")
+    tn.add_argument("--min-gain", type=float, default=0.03, help="keep a tuned config only if this much faster")
+
     sub.add_parser("info", help="versions, devices and available backends")
 
     args = parser.parse_args(argv)
@@ -49,7 +56,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "plot":
         return replot(args)
+    if args.command == "tune":
+        return tune(args)
     return bench(args)
+
+
+def tune(args: argparse.Namespace) -> int:
+    from moekit.bench.shapes import PRESETS
+
+    names = list(PRESETS) if args.preset == "all" else [n.strip() for n in args.preset.split(",")]
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        print(f"moekit tune: --preset: unknown {unknown}; expected 'all' or some of {list(PRESETS)}", file=sys.stderr)
+        return 2
+    tokens = _tokens(args.tokens)
+    if not torch.cuda.is_available():
+        print("moekit tune: needs a CUDA device (it times the Triton kernels); none is available", file=sys.stderr)
+        return 2
+    from moekit.ops.tune import format_points, tune_preset
+
+    for name in names:
+        points, path = tune_preset(PRESETS[name], tokens, out_dir=args.out, dtype=DTYPES[args.dtype],
+                                   min_gain=args.min_gain, log=lambda s: print(s, file=sys.stderr, flush=True))
+        print(format_points(name, points))
+        print(f"  -> {path}" if path else "  -> no table: the heuristic is within --min-gain everywhere", flush=True)
+    return 0
 
 
 def replot(args: argparse.Namespace) -> int:

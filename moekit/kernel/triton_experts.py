@@ -2,7 +2,7 @@
 
 Shapes: T tokens, K top-k, N = T·K routed rows, E local experts, H hidden, I intermediate, S split-K partials.
 
-    topk_ids_TK ──align──▶ sorted_ids, expert_ids, num_padded        (one launch at decode sizes)
+    topk_ids_TK ──align──▶ sorted_ids, expert_ids, num_padded        (one launch at decode sizes; none at T = 1)
     x_TH ──grouped_gemm(w13, act, b13)──▶ a_NI                        (gate and up never leave registers)
     a_NI ──grouped_gemm(w2, b2, · topk_weights)──▶ y_SNH              (fp32 or activation dtype; see heuristics)
     y_SNH ──topk_reduce──▶ out_TH                                     (fixed order: deterministic)
@@ -27,7 +27,7 @@ except ImportError as exc:  # pragma: no cover - exercised only where triton is 
 
 from moekit.kernel.experts import Experts
 from moekit.ops.activation import Activation
-from moekit.ops.align import AlignResult, align, align_num_blocks, align_workspace_elems
+from moekit.ops.align import AlignResult, align, align_num_blocks, align_workspace_elems, row_per_block
 from moekit.ops.grouped_gemm import grouped_gemm
 from moekit.ops.heuristics import MoEKernelConfig, MoEShape, choose_config
 from moekit.ops.reduce import topk_reduce
@@ -139,11 +139,16 @@ class TritonExperts(Experts):
             ],
         )
         sorted_ids, expert_ids, num_padded, scratch, a_NI, y_SNH = ws
-        layout = align(
-            topk_ids_TK, num_experts, cfg.block_m, expert_map=expert_map_E,
-            out=AlignResult(sorted_ids=sorted_ids, expert_ids=expert_ids, num_padded=num_padded, block_m=cfg.block_m),
-            scratch=scratch,
-        )
+        if num_tokens == 1 and expert_map_E is None:
+            # One token routes to K distinct experts: each routed row is its own block, no align launch.
+            layout = row_per_block(topk_ids_TK, cfg.block_m)
+        else:
+            layout = align(
+                topk_ids_TK, num_experts, cfg.block_m, expert_map=expert_map_E,
+                out=AlignResult(sorted_ids=sorted_ids, expert_ids=expert_ids, num_padded=num_padded,
+                                block_m=cfg.block_m),
+                scratch=scratch,
+            )
         grouped_gemm(
             x_TH, w13_E2IH, layout, a_NI, cfg.gemm1,
             num_rows=num_rows, a_row_div=top_k, bias_EN=w13_bias_E2I, activation=activation,

@@ -38,12 +38,26 @@ class AlignResult:
         expert_ids: [num_blocks] int32 local expert of each block of M slots; -1 past ``num_padded``.
         num_padded: [1] int32 (on device) slots in use, a multiple of M.
         block_m: M.
+        row_per_block: block b holds routed row b alone (slot 0; the other slots are padding) and
+            ``expert_ids`` is the flat ``topk_ids``; ``sorted_ids`` and ``num_padded`` are unused. Built by
+            ``row_per_block`` with no kernel launch.
     """
 
     sorted_ids: torch.Tensor
     expert_ids: torch.Tensor
     num_padded: torch.Tensor
     block_m: int
+    row_per_block: bool = False
+
+
+def row_per_block(topk_ids_TK: torch.Tensor, block_m: int) -> AlignResult:
+    """The layout with one routed row per block, read straight from ``topk_ids`` (no launch, no map).
+
+    Valid for any ids in [0, E); it streams an expert's weights once per row routed to it, so it pays only when
+    no two rows share an expert — a single token (T = 1), where it saves the align launch.
+    """
+    ids_N = topk_ids_TK.reshape(-1)
+    return AlignResult(sorted_ids=ids_N, expert_ids=ids_N, num_padded=ids_N, block_m=block_m, row_per_block=True)
 
 
 def align_num_blocks(num_rows: int, num_experts: int, block_m: int) -> int:

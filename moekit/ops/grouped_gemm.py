@@ -89,7 +89,7 @@ def grouped_gemm(
         ACTIVATION=_activation_code(activation),
         GATED=gated, HAS_BIAS=bias_EN is not None, HAS_WEIGHTS=weights_N is not None,
         BLOCK_M=layout.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
-        EVEN_K=k_dim % block_k == 0,
+        EVEN_K=k_dim % block_k == 0, ROW_PER_BLOCK=layout.row_per_block,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -109,10 +109,15 @@ def grouped_gemm_ref(
     activation: Activation | None = None,
 ) -> torch.Tensor:
     """Pure-torch twin of ``grouped_gemm`` with ``split_k`` = 1 (``out`` [N, n_out]), in fp32."""
-    sorted_ids = layout.sorted_ids.long()
     expert_ids = layout.expert_ids.long()
-    num_padded = int(layout.num_padded.item())
-    m = layout.block_m
+    if layout.row_per_block:
+        m = 1
+        sorted_ids = torch.arange(num_rows, device=expert_ids.device)
+        num_padded = num_rows
+    else:
+        m = layout.block_m
+        sorted_ids = layout.sorted_ids.long()
+        num_padded = int(layout.num_padded.item())
     for i_b in range(num_padded // m):
         rows = sorted_ids[i_b * m : (i_b + 1) * m]
         rows = rows[rows < num_rows]

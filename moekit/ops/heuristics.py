@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 _TUNED_DIR = Path(__file__).parent / "tuned"
+
+
+def tuned_dir() -> Path:
+    """Where tuned tables live: ``$MOEKIT_TUNED_DIR`` if set, else ``moekit/ops/tuned``."""
+    return Path(os.environ.get("MOEKIT_TUNED_DIR") or _TUNED_DIR)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,7 +112,10 @@ def heuristic_config(s: MoEShape) -> MoEKernelConfig:
     # BLOCK_M: the smallest tile that holds an active expert's rows, so padding stays under ~half a tile; 16 is
     # the smallest tl.dot M. From ~100 rows an expert on, 128-row tiles win despite the padding (H100, T=4096:
     # 8% faster than 64 at 128 rows an expert for deepseek-v3, 4% for gpt-oss).
-    if rows_per_expert <= 16:
+    # Random routing spreads the counts by about sqrt(R): at R = 16 half the experts overflow a 16-row tile and
+    # stream their weights twice, so 16-row tiles are kept only while R + 2·sqrt(R) fits (R <= 9; H100: 32-row
+    # tiles 5% faster for mixtral at T=64, 2.4% for qwen3 at T=256, both R = 16).
+    if rows_per_expert + 2 * rows_per_expert**0.5 <= 16:
         block_m = 16
     elif rows_per_expert <= 48:
         block_m = 32
@@ -151,13 +160,15 @@ def heuristic_config(s: MoEShape) -> MoEKernelConfig:
 
 
 def _lookup_tuned(s: MoEShape) -> MoEKernelConfig | None:
-    table = _tuned_tables(_gpu_name()).get(f"{s.num_experts},{s.hidden},{s.inter},{s.top_k}")
+    table = _tuned_tables(str(tuned_dir() / _gpu_name())).get(f"{s.num_experts},{s.hidden},{s.inter},{s.top_k}")
     if not table:
         return None
-    # Entries are keyed by the largest token count they were tuned for: take the first that covers T.
+    # Entries are keyed by the largest token count they were tuned for: take the first that covers T. A null
+    # entry keeps the heuristic for its range (it ends the range of a tuned entry below it).
     for max_tokens in sorted(table, key=int):
         if s.num_tokens <= int(max_tokens):
-            return MoEKernelConfig.from_dict(table[max_tokens])
+            entry = table[max_tokens]
+            return MoEKernelConfig.from_dict(entry) if entry is not None else None
     return None
 
 
@@ -169,8 +180,8 @@ def _gpu_name() -> str:
 
 
 @functools.cache
-def _tuned_tables(gpu: str) -> dict:
-    return _read_tables(_TUNED_DIR / gpu)
+def _tuned_tables(folder: str) -> dict:
+    return _read_tables(Path(folder))
 
 
 def _read_tables(folder: Path) -> dict:
@@ -181,4 +192,4 @@ def _read_tables(folder: Path) -> dict:
     return merged
 
 
-__all__ = ["GemmConfig", "MoEKernelConfig", "MoEShape", "choose_config", "heuristic_config"]
+__all__ = ["GemmConfig", "MoEKernelConfig", "MoEShape", "choose_config", "heuristic_config", "tuned_dir"]

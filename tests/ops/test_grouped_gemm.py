@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moekit.ops.activation import ACTIVATIONS, Activation
-from moekit.ops.align import align_ref
+from moekit.ops.align import align_ref, row_per_block
 from moekit.ops.grouped_gemm import grouped_gemm, grouped_gemm_ref
 from moekit.ops.heuristics import GemmConfig
 from moekit.testing import assert_close
@@ -78,3 +78,18 @@ def test_one_expert_many_blocks_and_empty_experts():
     out = torch.full((40, 48), float("nan"), dtype=torch.float16)
     grouped_gemm(x, w, layout, out, SMALL, num_rows=40)
     assert_close(out, x.float() @ w[2].float().t(), torch.float16)
+
+
+def test_row_per_block_layout_matches_aligned():
+    # T = 1 path: one routed row per block read straight from topk_ids (int64 ids, K distinct experts, gated).
+    act = Activation(name="silu")
+    ids = torch.tensor([[5, 0, 3]])
+    x = torch.randn(1, 24).to(torch.float16)
+    w13 = (torch.randn(6, 2 * 20, 24) * 0.2).to(torch.float16)
+    out = torch.full((3, 20), float("nan"), dtype=torch.float16)
+    grouped_gemm(x, w13, row_per_block(ids, 16), out, SMALL, num_rows=3, a_row_div=3, activation=act)
+    want = grouped_gemm_ref(x, w13, align_ref(ids.int(), 6, 16), torch.empty(3, 20), num_rows=3, a_row_div=3,
+                            activation=act)
+    assert_close(out, want, torch.float16)
+    assert_close(grouped_gemm_ref(x, w13, row_per_block(ids, 16), torch.empty(3, 20), num_rows=3, a_row_div=3,
+                                  activation=act), want, torch.float32)

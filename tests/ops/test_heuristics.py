@@ -32,9 +32,8 @@ def test_tuned_table_overrides(monkeypatch, tmp_path):
     pinned = heuristic_config(MoEShape(num_tokens=1, top_k=2, num_experts=8, hidden=64, inter=32))
     table = {"8,64,32,2": {"64": heuristic_config(shape).to_dict(), "128": pinned.to_dict()}}
     (tmp_path / "t.json").write_text(json.dumps(table))
-    monkeypatch.setattr(heuristics, "_gpu_name", lambda: "fake")
-    monkeypatch.setattr(heuristics, "_TUNED_DIR", tmp_path.parent)
-    monkeypatch.setattr(heuristics, "_tuned_tables", lambda gpu: heuristics._read_tables(tmp_path))
+    monkeypatch.setattr(heuristics, "_gpu_name", lambda: tmp_path.name)
+    monkeypatch.setenv("MOEKIT_TUNED_DIR", str(tmp_path.parent))
     assert choose_config(shape) == pinned  # 100 tokens: the entry tuned up to 128
     assert choose_config(MoEShape(num_tokens=500, top_k=2, num_experts=8, hidden=64, inter=32)) == \
         heuristic_config(MoEShape(num_tokens=500, top_k=2, num_experts=8, hidden=64, inter=32))

@@ -46,18 +46,22 @@ def grouped_gemm_kernel(
     alpha, limit,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
 ):
     """C[s, row, n] for the rows of one block of M slots, a tile of output columns and split s = program_id(1).
 
     GATED: the tile's BLOCK_N rows of B are BLOCK_N/2 gate rows ``n`` then the matching up rows ``up_offset + n``,
     so one wide dot computes both and the activation runs in the epilogue on the split accumulator: the
     [2I]-wide pre-activation never reaches memory. The output tile is then BLOCK_N/2 columns wide.
+    ROW_PER_BLOCK: block b is routed row b alone, its expert ``p_expert_ids[b]`` (the flat top-k ids): no align.
     """
     OUT_N: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
     i_pid = tl.program_id(0)
     i_s = tl.program_id(1)
-    num_pid_m = tl.cdiv(tl.load(p_num_padded), BLOCK_M)
+    if ROW_PER_BLOCK:
+        num_pid_m = num_rows
+    else:
+        num_pid_m = tl.cdiv(tl.load(p_num_padded), BLOCK_M)
     num_pid_n = tl.cdiv(n_out, OUT_N)
     # GROUP_M consecutive row blocks walk the N tiles together, so one expert's B tiles are reused from L2.
     num_in_group = GROUP_M * num_pid_n
@@ -72,8 +76,10 @@ def grouped_gemm_kernel(
         return  # the last, partial group of the worst-case grid
     i_e = tl.load(p_expert_ids + i_m).to(tl.int64)
 
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    b_rows = tl.load(p_sorted_ids + o_m)
+    if ROW_PER_BLOCK:
+        b_rows = tl.where(tl.arange(0, BLOCK_M) == 0, i_m, num_rows)
+    else:
+        b_rows = tl.load(p_sorted_ids + i_m * BLOCK_M + tl.arange(0, BLOCK_M))
     m_rows = b_rows < num_rows
     # int64 offsets: T·K·H and E·2I·H exceed 2**31 elements at real sizes.
     o_a_rows = (b_rows // a_row_div).to(tl.int64) * stride_am

@@ -1,0 +1,242 @@
+"""``moekit tune``: time a small grid of launch configurations around the heuristic and write a tuned table.
+
+    for T in tokens:
+        times[name] = time(TritonExperts(config=cfg), T)   for name, cfg in candidate_configs(shape(T))
+        keep the fastest if it beats the heuristic by > min_gain in two timings (and matches the torch backend)
+    write {"E,H,I,K": {"<T>": best.to_dict() or null}} to <out>/<gpu>/<preset>.json
+
+The table is what ``moekit.ops.heuristics`` reads: an entry keyed by T covers the token counts above the previous
+key up to T; ``null`` keeps the heuristic for that range. Only the points where tuning wins are written, so most
+presets need no table at all: good heuristics are the product, tables patch what they miss.
+Timing follows ../shared/MEASURING.md: CUDA-graph replays for T <= 1024 (each replay runs ``ROTATE`` calls on
+different routings so the weights are not found in L2), eager calls above, through ``moekit.bench.timing``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from moekit.ops.heuristics import GemmConfig, MoEKernelConfig, MoEShape, heuristic_config, tuned_dir
+
+GRAPH_MAX_TOKENS = 1024
+ROTATE = 4
+MAX_REL_ERR = 2e-2  # bf16 operands, fp32 accumulation; the torch backend is the reference
+
+# measure(num_tokens, {name: config}) -> {name: µs} (inf for a config that fails to compile or to match)
+Measure = Callable[[int, dict[str, MoEKernelConfig]], dict[str, float]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TunePoint:
+    tokens: int
+    heuristic_us: float
+    best_name: str
+    best_us: float
+    best: MoEKernelConfig
+
+    @property
+    def gain(self) -> float:
+        """Fraction of the heuristic's time saved by the best candidate."""
+        return 1.0 - self.best_us / self.heuristic_us if self.heuristic_us > 0 else 0.0
+
+
+def candidate_configs(shape: MoEShape) -> dict[str, MoEKernelConfig]:
+    """The heuristic's choice and a few single-step moves around it (a small, explicit grid)."""
+    base = heuristic_config(shape)
+    g1, g2 = base.gemm1, base.gemm2
+    out = {"heuristic": base}
+    if base.block_m <= 32:  # memory-bound: bytes in flight and grid size
+        out["bk64"] = replace(base, gemm1=replace(g1, block_k=64), gemm2=replace(g2, block_k=64))
+        out["stages3"] = replace(base, gemm1=replace(g1, num_stages=3), gemm2=replace(g2, num_stages=3))
+        out["bn1x2"] = replace(base, gemm1=replace(g1, block_n=min(256, g1.block_n * 2)))
+        out["bn1/2"] = replace(base, gemm1=replace(g1, block_n=max(32, g1.block_n // 2)))
+        out["split2x"] = replace(base, gemm2=replace(g2, split_k=g2.split_k * 2))
+        if g2.split_k > 1:
+            out["split/2"] = replace(base, gemm2=replace(g2, split_k=g2.split_k // 2))
+        out["bm32" if base.block_m == 16 else "bm16"] = replace(base, block_m=48 - base.block_m)
+    else:  # compute-bound: tile shape, pipeline depth, GEMM2 grid
+        narrow = GemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=4)
+        wide = GemmConfig(block_n=256, block_k=64, num_warps=8, num_stages=3)
+        out["bm64"] = replace(base, block_m=64, gemm1=narrow, gemm2=narrow)
+        out["bm128"] = replace(base, block_m=128, gemm1=wide, gemm2=wide)
+        out["stages4"] = replace(base, gemm1=replace(g1, num_stages=4), gemm2=replace(g2, num_stages=4))
+        out["group16"] = replace(base, gemm1=replace(g1, group_m=16), gemm2=replace(g2, group_m=16))
+        out["g2split2"] = replace(base, gemm2=replace(g2, split_k=2), y_fp32=True)
+        out["g2bn128"] = replace(base, gemm2=replace(g2, block_n=128, num_warps=4 if base.block_m == 64 else 8))
+    # Drop duplicates (a move that the heuristic already made), keeping the first name.
+    seen: dict[MoEKernelConfig, str] = {}
+    for name, cfg in out.items():
+        seen.setdefault(cfg, name)
+    return {name: cfg for cfg, name in seen.items()}
+
+
+def tune_points(
+    shape_of: Callable[[int], MoEShape], tokens: list[int], measure: Measure, *, min_gain: float = 0.03,
+    log: Callable[[str], None] = lambda s: None,
+) -> list[TunePoint]:
+    """For each T: time the candidates, confirm a winner with a second timing beside the heuristic."""
+    points = []
+    for t in tokens:
+        cands = candidate_configs(shape_of(t))
+        times = measure(t, cands)
+        log(f"T={t}: " + " ".join(f"{n}={us:.1f}" for n, us in times.items()))
+        heur = times["heuristic"]
+        name = min(times, key=lambda n: times[n])
+        best_us = times[name]
+        if name != "heuristic" and math.isfinite(best_us) and 1 - best_us / heur > min_gain:
+            again = measure(t, {"heuristic": cands["heuristic"], name: cands[name]})
+            log(f"T={t}: confirm heuristic={again['heuristic']:.1f} {name}={again[name]:.1f}")
+            heur = min(heur, again["heuristic"])
+            best_us = max(best_us, again[name])  # the winner's worse timing against the heuristic's better one
+            if not 1 - best_us / heur > min_gain:
+                name, best_us = "heuristic", heur
+        else:
+            name, best_us = "heuristic", heur
+        points.append(TunePoint(tokens=t, heuristic_us=heur, best_name=name, best_us=best_us, best=cands[name]))
+    return points
+
+
+def table_entries(points: list[TunePoint]) -> dict[str, dict | None]:
+    """{"<T>": config or None}: configs where the tuned one won; None only where it bounds a later entry."""
+    entries: dict[str, dict | None] = {}
+    pending_null: str | None = None
+    for p in sorted(points, key=lambda p: p.tokens):
+        if p.best_name == "heuristic":
+            pending_null = str(p.tokens)  # the last heuristic point before the next win ends that win's range
+            continue
+        if pending_null is not None:
+            entries[pending_null] = None
+            pending_null = None
+        entries[str(p.tokens)] = p.best.to_dict()
+    return entries
+
+
+def shape_key(num_experts: int, hidden: int, inter: int, top_k: int) -> str:
+    return f"{num_experts},{hidden},{inter},{top_k}"
+
+
+def write_table(path: Path, key: str, points: list[TunePoint]) -> bool:
+    """Write (or remove, when nothing beat the heuristic) the table at ``path``; True if one was written."""
+    entries = table_entries(points)
+    if not entries:
+        path.unlink(missing_ok=True)
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({key: entries}, indent=1, sort_keys=False) + "\n")
+    return True
+
+
+def gpu_measure(preset, device: torch.device, dtype: torch.dtype, seed: int = 0) -> tuple[Measure, Callable]:
+    """A ``Measure`` over random inputs for a ``moekit.bench.shapes`` preset on CUDA, and a function freeing them.
+
+    Every candidate is checked against the torch backend (max-relative error under ``MAX_REL_ERR``) before
+    it is timed; a failing or uncompilable one times as inf.
+    """
+    import triton
+
+    from moekit.bench.run import make_tokens, make_weights
+    from moekit.bench.timing import time_us
+    from moekit.kernel.torch_experts import TorchExperts
+    from moekit.kernel.triton_experts import TritonExperts
+    from moekit.quant.params import UNQUANTIZED
+    from moekit.testing import rel_errors
+
+    weights = make_weights(preset, dtype, device, seed)
+    kw = dict(activation=preset.act, w13_bias_E2I=weights.get("w13_bias"), w2_bias_EH=weights.get("w2_bias"),
+              expert_map_E=None, quant=UNQUANTIZED, hidden_scale=None, out_dtype=dtype)
+    cache: dict[int, tuple] = {}
+
+    def inputs(t: int):
+        if t not in cache:
+            cache.clear()
+            sets = [make_tokens(preset, t, dtype, device, seed + 1000 * i)
+                    for i in range(ROTATE if t <= GRAPH_MAX_TOKENS else 1)]
+            sets = [(s["hidden_states"], s["topk_weights"], s["topk_ids"]) for s in sets]
+            x, tw, ids = sets[0]
+            ref = TorchExperts().apply(x, weights["w13"], weights["w2"], tw, ids, **kw)
+            cache[t] = (sets, ref)
+        return cache[t]
+
+    def time_one(cfg: MoEKernelConfig, sets, graph: bool) -> float:
+        exp = TritonExperts(config=cfg)
+
+        def run_all():
+            for x, tw, ids in sets:
+                exp.apply(x, weights["w13"], weights["w2"], tw, ids, **kw)
+
+        return time_us(run_all, device, graph=graph) / len(sets)
+
+    def measure(t: int, configs: dict[str, MoEKernelConfig]) -> dict[str, float]:
+        sets, ref = inputs(t)
+        x, tw, ids = sets[0]
+        out = {}
+        for name, cfg in configs.items():
+            try:
+                got = TritonExperts(config=cfg).apply(x, weights["w13"], weights["w2"], tw, ids, **kw)
+                err = rel_errors(got, ref)[0]
+                out[name] = time_one(cfg, sets, t <= GRAPH_MAX_TOKENS) if err < MAX_REL_ERR else math.inf
+            except triton.runtime.errors.OutOfResources:  # a tile too big for shared memory
+                out[name] = math.inf
+        return out
+
+    def free():
+        cache.clear()
+        weights.clear()
+        torch.cuda.empty_cache()
+
+    return measure, free
+
+
+def tune_preset(
+    preset, tokens: list[int], *, out_dir: Path | None = None, dtype: torch.dtype = torch.bfloat16,
+    min_gain: float = 0.03, measure: Measure | None = None, num_sms: int | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[list[TunePoint], Path | None]:
+    """Tune ``preset`` (a ``moekit.bench.shapes.MoEShape``) at ``tokens``; write its table under ``out_dir``.
+
+    Returns the points and the path written (None when the heuristic won everywhere). ``measure`` defaults to
+    timing on the current CUDA device; tests inject their own. Tables go to ``<out_dir>/<gpu>/<name>.json``
+    with ``<gpu>`` as ``heuristics`` names the current device.
+    """
+    from moekit.ops import heuristics
+
+    free = None
+    if measure is None:
+        device = torch.device("cuda")
+        measure, free = gpu_measure(preset, device, dtype)
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    gated = preset.act.is_gated
+
+    def shape_of(t: int) -> MoEShape:
+        return MoEShape(num_tokens=t, top_k=preset.top_k, num_experts=preset.num_experts,
+                        hidden=preset.hidden_size, inter=preset.intermediate_size, gated=gated,
+                        num_sms=num_sms or 132, elem_bytes=dtype.itemsize)
+
+    try:
+        points = tune_points(shape_of, tokens, measure, min_gain=min_gain, log=log)
+    finally:
+        if free is not None:
+            free()
+    path = Path(out_dir or tuned_dir()) / heuristics._gpu_name() / f"{preset.name}.json"
+    key = shape_key(preset.num_experts, preset.hidden_size, preset.intermediate_size, preset.top_k)
+    written = write_table(path, key, points)
+    heuristics._tuned_tables.cache_clear()
+    return points, path if written else None
+
+
+def format_points(name: str, points: list[TunePoint]) -> str:
+    lines = [f"{name}: {'T':>6s} {'heuristic us':>13s} {'tuned us':>9s} {'gain':>6s}  choice"]
+    for p in points:
+        lines.append(f"{'':{len(name)}s}  {p.tokens:6d} {p.heuristic_us:13.1f} {p.best_us:9.1f} "
+                     f"{p.gain:6.1%}  {p.best_name}")
+    return "\n".join(lines)
+
+
+__all__ = ["TunePoint", "candidate_configs", "format_points", "table_entries", "tune_points", "tune_preset",
+           "write_table"]

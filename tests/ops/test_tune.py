@@ -1,0 +1,65 @@
+"""moekit tune: the candidate grid, the choice of a winner, the table's JSON round trip, the CLI without CUDA."""
+
+import json
+
+import pytest
+import torch
+
+from moekit.bench.shapes import PRESETS
+from moekit.cli import main
+from moekit.ops import heuristics
+from moekit.ops.heuristics import MoEShape, choose_config, heuristic_config
+from moekit.ops.tune import candidate_configs, tune_preset
+
+PRESET = PRESETS["olmoe-1b-7b"]
+
+
+def _shape(t):
+    return MoEShape(num_tokens=t, top_k=PRESET.top_k, num_experts=PRESET.num_experts, hidden=PRESET.hidden_size,
+                    inter=PRESET.intermediate_size)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 64, 4096])  # decode grid, mid, prefill grid
+def test_candidates_start_with_the_heuristic_and_are_distinct(num_tokens):
+    cands = candidate_configs(_shape(num_tokens))
+    assert next(iter(cands)) == "heuristic" and cands["heuristic"] == heuristic_config(_shape(num_tokens))
+    assert len(set(cands.values())) == len(cands) >= 4
+    assert all(c.gemm1.split_k == 1 for c in cands.values())
+
+
+def test_tune_writes_a_table_that_choose_config_reads(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEKIT_TUNED_DIR", str(tmp_path))
+    heuristics._tuned_tables.cache_clear()
+    fast = {1: "bk64", 1024: "bm64"}  # wins at T=1 and T=1024; the heuristic stays best at 16 and 4096
+    calls = []
+
+    def measure(t, configs):
+        calls.append((t, sorted(configs)))
+        return {name: (50.0 if name == fast.get(t) else 100.0 + len(name) * 0.1 * (name != "heuristic"))
+                for name in configs}
+
+    points, path = tune_preset(PRESET, [1, 16, 1024, 4096], measure=measure, log=lambda s: None)
+    assert [p.best_name for p in points] == ["bk64", "heuristic", "bm64", "heuristic"]
+    assert path == tmp_path / heuristics._gpu_name() / "olmoe-1b-7b.json"
+    table = json.loads(path.read_text())["64,2048,1024,8"]
+    assert list(table) == ["1", "16", "1024"] and table["16"] is None  # 4096: trailing heuristic, not written
+    assert sum(1 for t, _ in calls if t == 1) == 2  # a winner is timed twice
+    assert choose_config(_shape(1)) == candidate_configs(_shape(1))["bk64"]
+    assert choose_config(_shape(8)) == heuristic_config(_shape(8))  # (1, 16]: the null entry
+    assert choose_config(_shape(700)) == candidate_configs(_shape(1024))["bm64"]  # (16, 1024]
+    assert choose_config(_shape(4096)) == heuristic_config(_shape(4096))
+
+    # A noisy win that the second timing does not confirm leaves no table (and removes a stale one).
+    flaky = iter([0.5, 1.0])
+    points, path2 = tune_preset(PRESET, [1], measure=lambda t, c: {n: 100.0 * (next(flaky) if n == "bk64" else 1)
+                                                                   for n in c if n in ("heuristic", "bk64")},
+                                log=lambda s: None)
+    assert points[0].best_name == "heuristic" and path2 is None and not path.exists()
+    heuristics._tuned_tables.cache_clear()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_cli_tune_without_cuda_exits_2(capsys):
+    assert main(["tune", "--preset", "qwen3-30b-a3b", "--tokens", "1"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+    assert main(["tune", "--preset", "nope"]) == 2
