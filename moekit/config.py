@@ -127,8 +127,6 @@ class MoEConfig:
                 raise ValueError(
                     f"top_k: expected <= topk_group * experts_per_group = {r.topk_group * per_group}, got {self.top_k}"
                 )
-        if r.apply_weights_on_input and self.top_k != 1:
-            raise ValueError(f"routing.apply_weights_on_input: needs top_k == 1, got top_k={self.top_k}")
 
     @property
     def has_shared_experts(self) -> bool:

@@ -38,7 +38,7 @@ def fused_experts(
         w13_bias: optional [E, 2I].  w2_bias: optional [E, H].
         backend: ``auto`` (Triton on CUDA when installed, else torch), ``torch`` or ``triton``.
         expert_map: optional [E_global] int map from global to local expert id (-1: not on this rank).
-        apply_router_weight_on_input: scale x by the weight instead of the output (Llama4; needs K == 1).
+        apply_router_weight_on_input: scale each expert's input by its routing weight instead of its output (Llama4).
         check_ids: check that ``topk_ids`` lie in [0, E) (a device-to-host sync; skipped automatically while
             capturing a CUDA graph or compiling). Pass False for ids that come from ``select_experts``.
     Returns:

@@ -33,7 +33,6 @@ def test_defaults_and_frozen():
         ({"routing": RoutingConfig(num_expert_group=3, topk_group=1)}, ValueError, "routing.num_expert_group: expected a divisor"),
         ({"routing": RoutingConfig(num_expert_group=4, topk_group=1), "top_k": 3}, ValueError, r"top_k: expected <= topk_group \* experts_per_group = 2"),
         ({"routing": RoutingConfig(num_expert_group=8, topk_group=2, group_score="top2_sum")}, ValueError, "top2_sum' needs >= 2 experts per group"),
-        ({"routing": RoutingConfig(apply_weights_on_input=True)}, ValueError, "apply_weights_on_input: needs top_k == 1"),
     ],
 )
 def test_moe_config_errors(change, err, match):

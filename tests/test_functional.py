@@ -83,8 +83,9 @@ def test_expert_map_skips_remote_experts(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_apply_router_weight_on_input(backend):
-    inputs = make_moe_inputs(9, 4, 32, 16, 1, seed=7)
+@pytest.mark.parametrize("top_k", [1, 3])  # K > 1: x is expanded to one scaled row per (token, expert)
+def test_apply_router_weight_on_input(backend, top_k):
+    inputs = make_moe_inputs(9, 4, 32, 16, top_k, seed=7)
     out = _run(inputs, backend, apply_router_weight_on_input=True)
     assert_close(out, _ref(inputs, apply_router_weight_on_input=True), torch.float32)
 

@@ -162,11 +162,13 @@ def test_convert_llama4_settings_and_copies():
     assert type(model.model.layers[0].feed_forward).__name__ == "Llama4TextMLP"  # the dense layer stays
 
 
-def test_convert_llama4_refuses_top_k_above_one():
+def test_convert_llama4_top_k_above_one():
+    # Each of a token's K experts sees x scaled by its own weight: the local prepare expands x to T·K rows.
     model = build("llama4", num_experts_per_tok=2)
-    with pytest.raises(NotImplementedError, match="Llama4TextMoe.*expert input with top_k=2.*top_k == 1"):
-        mh.convert(model)
-    assert not _moe_blocks(model)
+    ids = input_ids()
+    reference = _logits(model, ids)
+    assert mh.convert(model) == 1
+    assert rel_errors(_logits(model, ids), reference)[0] <= FP32_TOL
 
 
 @pytest.mark.parametrize("p", [None, 2.0], ids=["no-norm", "p2"])

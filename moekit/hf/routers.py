@@ -99,16 +99,11 @@ def topk_softmax(*, fp32: bool = False) -> RouterReader:
 def topk_sigmoid(*, weights_on_input: bool = False, fp32: bool = False) -> RouterReader:
     """top-k over the raw logits (plus the router's ``e_score_correction_bias``, if any, for the choice only),
     sigmoid of the picked logits, renormalized when the router's ``norm_topk_prob`` is set. ``weights_on_input``:
-    the weight scales the expert's input instead of its output (Llama4), which moekit runs for K = 1 only."""
+    the weight scales the expert's input instead of its output (Llama4)."""
 
     def read(block: nn.Module) -> RouterSpec:
         router = _router(block)
         top_k = _top_k(router, block)
-        if weights_on_input and top_k != 1:
-            raise NotImplementedError(
-                f"routing weights applied to the expert input with top_k={top_k} (moekit applies them on the "
-                "input for top_k == 1 only)"
-            )
         correction = getattr(router, "e_score_correction_bias", None)
         routing = RoutingConfig(
             scoring_func="sigmoid",

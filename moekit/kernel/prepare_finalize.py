@@ -59,7 +59,13 @@ class PrepareFinalize(ABC):
 
 
 class LocalPrepareFinalize(PrepareFinalize):
-    """Single-rank prepare/finalize: nothing to dispatch; the experts stage already reduces over top-k."""
+    """Single-rank prepare/finalize: nothing to dispatch; the experts stage already reduces over top-k.
+
+    Router weights on the input (Llama4) with K > 1 cannot be folded into one row per token, since each of
+    its K experts sees a differently scaled copy of x. ``prepare`` then expands x into the N = T·K routed rows
+    (row t·K + k = x[t] · w[t, k], routed to expert ids[t, k] with weight 1) and ``finalize`` sums the K rows
+    of each token back together.
+    """
 
     def prepare(
         self,
@@ -74,24 +80,31 @@ class LocalPrepareFinalize(PrepareFinalize):
             # Activation quantization belongs here (one pass over x, shared by all experts); the quantized
             # methods that need it bring it with them.
             raise NotImplementedError(f"quant.act_dtype={quant.act_dtype!r}: activation quantization is not available yet")
+        num_tokens, top_k = topk_ids_TK.shape
         x = hidden_states_TH
-        weights = topk_weights_TK
+        weights, ids, expanded_k = topk_weights_TK, topk_ids_TK, None
         if apply_router_weight_on_input:
-            # Llama4: the (single) routing weight scales the input, and the output is not weighted again.
-            if weights.shape[1] != 1:
-                raise ValueError(
-                    f"apply_router_weight_on_input: needs top_k == 1, got topk_weights shape {tuple(weights.shape)}"
-                )
-            x = (x.float() * weights).to(x.dtype)
-            weights = torch.ones_like(weights)
+            if top_k == 1:
+                x = (x.float() * weights).to(x.dtype)
+                weights = torch.ones_like(weights)
+            else:
+                x_NH = x.float().unsqueeze(1) * weights.float().unsqueeze(-1)
+                x = x_NH.reshape(num_tokens * top_k, -1).to(x.dtype)
+                ids = ids.reshape(-1, 1)
+                weights = torch.ones(num_tokens * top_k, 1, dtype=torch.float32, device=x.device)
+                expanded_k = top_k
         return PrepareResult(
             hidden_states=x,
             hidden_scale=None,
             topk_weights=weights,
-            topk_ids=topk_ids_TK,
+            topk_ids=ids,
             weights_applied=apply_router_weight_on_input,
-            num_tokens=hidden_states_TH.shape[0],
+            num_tokens=num_tokens,
+            handle=expanded_k,
         )
 
     def finalize(self, output_TH: torch.Tensor, prep: PrepareResult) -> torch.Tensor:
-        return output_TH
+        if prep.handle is None:
+            return output_TH
+        top_k = prep.handle
+        return output_TH.view(prep.num_tokens, top_k, -1).float().sum(dim=1).to(output_TH.dtype)
