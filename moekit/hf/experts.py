@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moekit.kernel import make_kernel
+from moekit.functional import fused_experts
 from moekit.loading import deinterleave
 from moekit.ops.activation import Activation, activation_ref
 
@@ -102,10 +102,9 @@ def experts_forward(
     if spec.activation is None or getattr(module, "_is_expert_parallel", False):
         return _fallback(module, spec, hidden_states, top_k_index, top_k_weights)
     w13, w2, w13_bias, w2_bias = canonical_weights(module, spec)
-    kernel = make_kernel(backend, hidden_states.device)
     # Ids come from the family's own router over this module's experts, so the value check (a device sync)
     # is skipped.
-    return kernel.apply(
+    return fused_experts(
         hidden_states,
         w13,
         w2,
@@ -114,6 +113,7 @@ def experts_forward(
         activation=spec.activation,
         w13_bias=w13_bias,
         w2_bias=w2_bias,
+        backend=backend,
         check_ids=False,
     )
 
