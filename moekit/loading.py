@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from moekit.layer import MoE
 
 LAYOUTS = ("auto", "per_expert", "fused", "gpt_oss")
