@@ -122,3 +122,28 @@ def test_bad_inputs():
         moe(torch.randn(3, 32), topk_weights=torch.rand(3, 2), topk_ids=torch.full((3, 2), 8))
     with pytest.raises(TypeError, match="config: expected a moekit.MoEConfig"):
         MoE({"num_experts": 8})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 33, 300])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"routing": RoutingConfig(scoring_func="sigmoid", renormalize=True, num_expert_group=4, topk_group=2,
+                                  group_score="top2_sum", correction_bias=True, routed_scaling_factor=2.5),
+         "shared_intermediate_size": 64, "router_fp32": True},
+        {"activation": "swigluoai", "bias": True, "router_bias": True,
+         "routing": RoutingConfig(topk_before_score=True)},
+        {"top_k": 2, "routing": RoutingConfig(scoring_func="sigmoid", topk_before_score=True,
+                                              apply_weights_on_input=True), "shared_intermediate_size": 64},
+    ],
+    ids=["deepseek-v3-like", "gpt-oss-like", "llama4-like-top2"],
+)
+def test_gpu_triton_layer_matches_torch_layer(kw, T):
+    cfg = _config(**{"hidden_size": 128, "intermediate_size": 96, "num_experts": 16, "top_k": 4, **kw},
+                  backend="triton")
+    moe = MoE(cfg, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(T, 128, device="cuda", dtype=torch.bfloat16)
+    triton_out = moe(x)
+    moe.routed_experts.backend = "torch"
+    assert_close(triton_out, moe(x).float(), torch.bfloat16)
