@@ -114,6 +114,14 @@ def sweep_configs(shape: MoEShape) -> dict[str, MoEKernelConfig]:
         out["s4"] = replace(base, gemm1=replace(g1, num_stages=4), gemm2=replace(g2, num_stages=4))
         out["g16"] = replace(base, gemm1=replace(g1, group_m=16), gemm2=replace(g2, group_m=16))
         out["yfp32"] = replace(base, y_fp32=True)
+        # Half-height tiles for blocks whose second half is padding (the tail block of each expert).
+        out["half"] = replace(base, gemm1=replace(g1, half_tail=True), gemm2=replace(g2, half_tail=True))
+        wide_h = replace(wide, half_tail=True)
+        out["bm128half"] = replace(base, block_m=128, gemm1=wide_h, gemm2=wide_h)
+        n64_h = replace(narrow, num_warps=4, num_stages=4, half_tail=True)
+        out["bm64half"] = replace(base, block_m=64, gemm1=n64_h, gemm2=n64_h)
+        out["nohalf"] = replace(base, gemm1=replace(g1, half_tail=False), gemm2=replace(g2, half_tail=False))
+        out["g32"] = replace(base, gemm1=replace(g1, group_m=32), gemm2=replace(g2, group_m=32))
     return out
 
 
@@ -151,6 +159,7 @@ def main() -> None:
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--sweep-tokens", default="", help="token counts at which to time sweep_configs")
     ap.add_argument("--stage-tokens", default="", help="token counts at which to time the pipeline stage by stage")
+    ap.add_argument("--variants", default="", help="only these sweep_configs names (and heur)")
     ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -195,13 +204,17 @@ def main() -> None:
             graph = T <= 1024
             shape = MoEShape(num_tokens=T, top_k=K, num_experts=E, hidden=H, inter=I, num_sms=sms)
             configs = sweep_configs(shape) if T in sweep_tokens else {"heur": None}
+            if args.variants:
+                keep = {"heur", *args.variants.split(",")}
+                configs = {k: v for k, v in configs.items() if k in keep}
             times = {}
             for cname, cfg in configs.items():
                 exp = TritonExperts(cfg)
                 try:
                     times[cname] = time_us([lambda s=s, exp=exp: exp.apply(s[0], w13, w2, s[1], s[2], **kw)
                                             for s in sets], graph)
-                except triton.runtime.errors.OutOfResources:  # a sweep variant too big for shared memory
+                except Exception as exc:  # a sweep variant too big for shared memory, or not compiling here
+                    print(f"variant {cname} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                     times[cname] = float("inf")
             if T in stage_tokens:
                 cum = {k: time_us(v, graph) for k, v in stage_calls(sets, w13, w2, b13, b2, act,

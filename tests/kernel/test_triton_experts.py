@@ -25,6 +25,13 @@ PREFILL = MoEKernelConfig(
     y_fp32=False,
 )
 
+# Prefill tiles with half-height tail blocks (block 32 → 16-row tiles where a block's second half is padding).
+PREFILL_HALF = MoEKernelConfig(
+    block_m=32,
+    gemm1=GemmConfig(block_n=64, block_k=32, group_m=4, num_stages=2, half_tail=True),
+    gemm2=GemmConfig(block_n=32, block_k=32, group_m=4, num_stages=2, half_tail=True),
+)
+
 
 def _apply(experts, inp, *, activation="silu", expert_map=None, out_dtype=None):
     x = inp["hidden_states"]
@@ -50,6 +57,7 @@ def _ref(inp, *, activation="silu", expert_map=None):
         (1, 8, 64, 32, 2, DECODE),      # T = 1 with split-K GEMM2
         (13, 6, 40, 24, 6, DECODE),     # top_k = E, odd T
         (21, 5, 33, 19, 2, PREFILL),    # odd H and I: ragged K and N tiles in both GEMMs
+        (29, 5, 33, 19, 2, PREFILL_HALF),  # half-height tiles for tail blocks, ragged K and N
         (3, 256, 32, 16, 8, None),      # E >= 256, most experts empty
     ],
 )
@@ -184,3 +192,25 @@ def test_gpu_int64_indexing():
     tail = slice(num_tokens - 64, num_tokens)  # the rows past 2**31 elements
     sub = {k: (v[tail] if k in ("hidden_states", "topk_weights", "topk_ids") else v) for k, v in inp.items()}
     assert_close(out[tail], _apply(TorchExperts(), sub).double(), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_gpu_half_tail_tiles(block_m):
+    # bf16 half-height tail tiles on the tensor cores (wgmma M = 64 / 32): ~37 rows an expert, so tails of every
+    # size; gated GEMM1 and weighted GEMM2 both pinned to half_tail.
+    E, H, I, K, T = 8, 512, 1024, 2, 150
+    g = torch.Generator(device="cuda").manual_seed(1)
+    gemm = (GemmConfig(block_n=256, block_k=64, num_warps=8, num_stages=3, half_tail=True) if block_m == 128
+            else GemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=4, half_tail=True))
+    cfg = MoEKernelConfig(block_m=block_m, gemm1=gemm, gemm2=gemm, y_fp32=False)
+    routing = make_moe_inputs(T, E, 16, 16, K, dtype=torch.bfloat16, device="cuda", seed=3)
+    inp = {"w13": (torch.randn(E, 2 * I, H, device="cuda", generator=g) * H**-0.5).bfloat16(),
+           "w2": (torch.randn(E, H, I, device="cuda", generator=g) * I**-0.5).bfloat16(),
+           "hidden_states": torch.randn(T, H, device="cuda", generator=g).bfloat16(),
+           "topk_weights": routing["topk_weights"], "topk_ids": routing["topk_ids"]}
+    out = _apply(TritonExperts(cfg), inp, activation="silu")
+    want = _apply(TorchExperts(), inp, activation="silu")
+    assert_close(out, want.double(), torch.bfloat16, name=f"half_tail block_m={block_m}")
+

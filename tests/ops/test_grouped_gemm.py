@@ -93,3 +93,21 @@ def test_row_per_block_layout_matches_aligned():
     assert_close(out, want, torch.float16)
     assert_close(grouped_gemm_ref(x, w13, row_per_block(ids, 16), torch.empty(3, 20), num_rows=3, a_row_div=3,
                                   activation=act), want, torch.float32)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_half_tail_tiles(gated):
+    # Block 32: expert 0 has 40 rows (tail of 8 <= 16: half tile), expert 1 has 27 (tail 27 > 16: full tile),
+    # expert 2 has 16 (exactly half: half tile), expert 3 none; a gated GEMM1 and a weighted GEMM2.
+    ids = torch.cat([torch.full((40,), 0), torch.full((27,), 1), torch.full((16,), 2)])[torch.randperm(83)][:, None]
+    layout = align_ref(ids, 4, 32)
+    act = Activation(name="silu") if gated else None
+    n_out, k_dim = 24, 40
+    x = torch.randn(83, k_dim).to(torch.float16)
+    w = (torch.randn(4, 2 * n_out if gated else n_out, k_dim) * k_dim**-0.5).to(torch.float16)
+    weights = None if gated else torch.rand(83)
+    cfg = GemmConfig(block_n=32, block_k=16, group_m=2, num_stages=2, half_tail=True)
+    out = torch.full((83, n_out), float("nan"), dtype=torch.float16)
+    grouped_gemm(x, w, layout, out, cfg, num_rows=83, weights_N=weights, activation=act)
+    want = grouped_gemm_ref(x, w, layout, torch.empty(83, n_out), num_rows=83, weights_N=weights, activation=act)
+    assert_close(out, want, torch.float16)
