@@ -152,8 +152,8 @@ def heuristic_config(s: MoEShape) -> MoEKernelConfig:
     # wide tile halves the A re-reads: 1.32x on mixtral at T=4096 on an H100 against 128 x 128), 64-wide K and as
     # many stages as shared memory holds (48 KB a stage at 128 x 256).
     # With 128-row blocks an expert's last block is on average half padding (~24% of the rows at 2 blocks an
-    # expert): a block whose second half is padding runs a 64-row tile (H100, two runs: -1…-5% at 10 of 12
-    # prefill cells; 32-row tails of 64-row blocks gained nothing, so only here).
+    # expert): a block whose second half is padding runs a 64-row tile (H100, four runs: -1…-4% on most
+    # 128-row prefill cells, NOTES §5; 32-row tails of 64-row blocks gained nothing, so only here).
     if block_m == 128:
         gemm1 = GemmConfig(block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3, half_tail=True)
     else:
