@@ -24,6 +24,12 @@ from moekit.testing import rel_errors
 # captured is graph-timed at every T: eager timing of large calls still counts ~0.1-0.4 ms of Python launch
 # overhead (seen on an H100), which is the host's cost, not the kernel's.
 ERROR_TOKENS = 64  # the reference runs on this many tokens only; it is fp32 and slow
+# On CUDA each timed call runs ROTATE times on as many token sets (hidden states + routing), and the time is
+# divided by ROTATE. do_bench clears L2 before every call by writing 256 MB, and the dirty lines are written
+# back while the next kernel runs: at decode sizes that write-back alone is ~15 us on an H100 (a third of a
+# qwen3 T=1 call), a cost a model between two MoE layers does not pay. Rotating amortises it without letting
+# one set's weights be found in L2 by the next (each set routes to its own experts).
+ROTATE = 4
 
 
 @dataclass
@@ -108,32 +114,42 @@ def bench_point(
     """Time one (shape, T) point. Pass ``weights`` from ``make_weights`` to reuse them across token counts."""
     if weights is None:
         weights = make_weights(shape, dtype, device, seed)
-    inputs = {**weights, **make_tokens(shape, num_tokens, dtype, device, seed)}
+    rotate = ROTATE if device.type == "cuda" else 1
+    token_sets = [make_tokens(shape, num_tokens, dtype, device, seed + 7919 * i) for i in range(rotate)]
     backend = resolve_backend(backend, device)
     act = shape.act
-    kw = {k: inputs[k] for k in ("w13_bias", "w2_bias") if k in inputs}
+    bias_kw = {"w13_bias_E2I": weights.get("w13_bias"), "w2_bias_EH": weights.get("w2_bias")}
 
-    def moekit_fn():
-        return fused_experts(**inputs, activation=act, backend=backend)
+    def timed(fn, graph: bool) -> float:
+        return time_us(lambda: [fn(**tokens) for tokens in token_sets], device, graph=graph) / rotate
 
-    out = moekit_fn()
-    err = reference_error(inputs, out, shape)
+    def moekit_fn(hidden_states, topk_weights, topk_ids):
+        return fused_experts(hidden_states, topk_weights=topk_weights, topk_ids=topk_ids, activation=act,
+                             backend=backend, **weights)
+
+    def grouped_fn(hidden_states, topk_weights, topk_ids):
+        return grouped_mm_experts(hidden_states, weights["w13"], weights["w2"], topk_weights, topk_ids,
+                                  activation=act, **bias_kw)
+
+    def eager_fn(hidden_states, topk_weights, topk_ids):
+        return eager_experts(hidden_states, weights["w13"], weights["w2"], topk_weights, topk_ids,
+                             activation=act, **bias_kw)
+
+    err = reference_error({**weights, **token_sets[0]}, moekit_fn(**token_sets[0]), shape)
     # The torch backend syncs to size its per-expert loop, so only Triton is captured in a graph.
     graph = device.type == "cuda" and backend != "torch"
-    moekit_us = time_us(moekit_fn, device, graph=graph)
-
-    positional = (inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"], inputs["topk_ids"])
-    bias_kw = {"w13_bias_E2I": kw.get("w13_bias"), "w2_bias_EH": kw.get("w2_bias")}
+    moekit_us = timed(moekit_fn, graph)
     grouped_us = eager_us = None
     if baselines:
         if _grouped_mm_runs(device, dtype):
-            grouped_us = time_us(lambda: grouped_mm_experts(*positional, activation=act, **bias_kw), device,
-                                 graph=device.type == "cuda")
-        eager_us = time_us(lambda: eager_experts(*positional, activation=act, **bias_kw), device, graph=False)
+            grouped_us = timed(grouped_fn, device.type == "cuda")
+        eager_us = timed(eager_fn, False)
 
-    active = int(torch.unique(inputs["topk_ids"]).numel())
-    elem = inputs["w13"].element_size()
-    fl = floor_us(shape, num_tokens, active, elem, ceilings) if ceilings else None
+    # The floor of the average call: each set's own active experts.
+    actives = [int(torch.unique(tokens["topk_ids"]).numel()) for tokens in token_sets]
+    active = round(sum(actives) / rotate)
+    elem = weights["w13"].element_size()
+    fl = sum(floor_us(shape, num_tokens, a, elem, ceilings) for a in actives) / rotate if ceilings else None
     return Row(
         shape=shape.name,
         tokens=num_tokens,
