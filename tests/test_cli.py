@@ -54,7 +54,9 @@ def test_bench_writes_table_json_plot_markdown(tiny_config, tmp_path, capsys):
         assert r["moekit_us"] > 0 and r["max_rel_err"] < 1e-5
         assert r["eager_us"] > 0
     assert out_png.stat().st_size > 1000
-    assert out_md.read_text().startswith("| shape | T |")
+    md = out_md.read_text().splitlines()
+    assert md[0].startswith("| shape | T | moekit us |")
+    assert len({line.count("|") for line in md}) == 1  # every row has the header's columns
     again = tmp_path / "again.md"
     assert main(["plot", str(out_json), "--markdown", str(again)]) == 0
     assert again.read_text() == out_md.read_text()

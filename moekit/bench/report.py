@@ -14,29 +14,34 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def table(rows: Sequence[Row]) -> str:
-    head = ["shape", "T", "moekit us", "TFLOP/s", "GB/s", "floor us", "% floor", "grouped_mm us", "x vs gmm",
-            "eager us", "max rel err"]
-    lines = [head]
+HEADER = ["shape", "T", "moekit us", "TFLOP/s", "GB/s", "floor us", "% floor", "grouped_mm us", "x vs gmm",
+          "eager us", "max rel err"]
+
+
+def _cells(rows: Sequence[Row]) -> list[list[str]]:
+    cells = []
     for r in rows:
         speedup = r.grouped_mm_us / r.moekit_us if r.grouped_mm_us else None
-        lines.append([
+        cells.append([
             r.shape, str(r.tokens), _fmt(r.moekit_us, ".1f"), _fmt(r.tflops, ".2f"), _fmt(r.gbps, ".0f"),
             _fmt(r.floor_us, ".1f"), _fmt(r.efficiency and 100 * r.efficiency, ".1f"), _fmt(r.grouped_mm_us, ".1f"),
             _fmt(speedup, ".2f"), _fmt(r.eager_us, ".1f"), _fmt(r.max_rel_err, ".2e"),
         ])
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return cells
+
+
+def table(rows: Sequence[Row]) -> str:
+    lines = [HEADER, *_cells(rows)]
+    widths = [max(len(row[i]) for row in lines) for i in range(len(HEADER))]
     out = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 
 
 def markdown(rows: Sequence[Row]) -> str:
-    text = table(rows).splitlines()
-    cells = [line.split() for line in text if not line.startswith("-")]
-    md = ["| " + " | ".join(c) + " |" for c in cells]
-    md.insert(1, "|" + "---|" * len(cells[0]))
-    return "\n".join(md)
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(c) + " |" for c in _cells(rows)]
+    return "\n".join(lines)
 
 
 def write_json(path: str | Path, rows: Sequence[Row], meta: dict, ceilings: Ceilings | None) -> None:
