@@ -84,16 +84,23 @@ def tune(args: argparse.Namespace) -> int:
 
 
 def replot(args: argparse.Namespace) -> int:
-    from moekit.bench.report import markdown, plot, read_json, table
+    from moekit.bench.report import read_json, table
 
     rows = read_json(args.json_file)
     print(table(rows))
+    _write_outputs(rows, args)
+    return 0
+
+
+def _write_outputs(rows, args: argparse.Namespace) -> None:
+    """The optional --markdown and --plot files of ``bench`` and ``plot``."""
+    from moekit.bench.report import markdown, plot
+
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(markdown(rows) + "\n")
     if args.plot:
         plot(args.plot, rows)
-    return 0
 
 
 def info() -> dict:
@@ -143,7 +150,7 @@ def _tokens(text: str) -> list[int]:
 
 def bench(args: argparse.Namespace) -> int:
     from moekit.bench import bench_point, measure_ceilings
-    from moekit.bench.report import markdown, plot, table, write_json
+    from moekit.bench.report import table, write_json
     from moekit.bench.run import make_weights
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -171,11 +178,7 @@ def bench(args: argparse.Namespace) -> int:
     meta = {**info(), "device": _device_name(device), "dtype": args.dtype, "command": " ".join(sys.argv)}
     if args.json:
         write_json(args.json, rows, meta, ceilings)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown(rows) + "\n")
-    if args.plot:
-        plot(args.plot, rows)
+    _write_outputs(rows, args)
     return 0
 
 
