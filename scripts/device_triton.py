@@ -122,6 +122,11 @@ def sweep_configs(shape: MoEShape) -> dict[str, MoEKernelConfig]:
         out["bm64half"] = replace(base, block_m=64, gemm1=n64_h, gemm2=n64_h)
         out["nohalf"] = replace(base, gemm1=replace(g1, half_tail=False), gemm2=replace(g2, half_tail=False))
         out["g32"] = replace(base, gemm1=replace(g1, group_m=32), gemm2=replace(g2, group_m=32))
+        # 128-wide K tiles: at 128 x 256 a stage is 96 KB, so only 2 stages fit in shared memory.
+        out["bk128s2"] = replace(base, gemm1=replace(g1, block_k=128, num_stages=2),
+                                 gemm2=replace(g2, block_k=128, num_stages=2))
+        # GEMM1 only on a half-wide tile: twice the programs with the same 128-row blocks.
+        out["bn1half"] = replace(base, gemm1=replace(g1, block_n=g1.block_n // 2))
     return out
 
 
@@ -160,6 +165,7 @@ def main() -> None:
     ap.add_argument("--sweep-tokens", default="", help="token counts at which to time sweep_configs")
     ap.add_argument("--stage-tokens", default="", help="token counts at which to time the pipeline stage by stage")
     ap.add_argument("--variants", default="", help="only these sweep_configs names (and heur)")
+    ap.add_argument("--cells", default="", help="only these preset:T pairs (comma-separated)")
     ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -171,7 +177,9 @@ def main() -> None:
     sweep_tokens = {int(t) for t in args.sweep_tokens.split(",") if t}
     stage_tokens = {int(t) for t in args.stage_tokens.split(",") if t}
     rows, sweeps = [], []
-    for preset in args.presets.split(","):
+    cells = {(c.split(":")[0], int(c.split(":")[1])) for c in args.cells.split(",") if c}
+    presets = [p for p in PRESETS if any(c[0] == p for c in cells)] if cells else args.presets.split(",")
+    for preset in presets:
         E, H, I, K, act_name, biases = PRESETS[preset]
         act = Activation(name=act_name)
         w13 = (torch.randn(E, 2 * I, H, device=dev) * H**-0.5).bfloat16()
@@ -182,6 +190,8 @@ def main() -> None:
         if biases:
             expert_bytes += (2 * I + H) * 2
         for T in (int(t) for t in args.tokens.split(",")):
+            if cells and (preset, T) not in cells:
+                continue
             sets = []
             for _ in range(ROTATE if T <= 1024 else 1):
                 x = torch.randn(T, H, device=dev).bfloat16()
@@ -208,9 +218,17 @@ def main() -> None:
                 keep = {"heur", *args.variants.split(",")}
                 configs = {k: v for k, v in configs.items() if k in keep}
             times = {}
+            ref_out = None
             for cname, cfg in configs.items():
                 exp = TritonExperts(cfg)
                 try:
+                    if len(configs) > 1:  # every variant must agree with the heuristic's output
+                        x, tw, ids = sets[0]
+                        o = exp.apply(x, w13, w2, tw, ids, **kw).float()
+                        if ref_out is None:
+                            ref_out = o
+                        verr = float((o - ref_out).norm() / ref_out.norm())
+                        assert verr < 2e-2 and torch.isfinite(o).all(), f"{cname} disagrees: {verr:.2e}"
                     times[cname] = time_us([lambda s=s, exp=exp: exp.apply(s[0], w13, w2, s[1], s[2], **kw)
                                             for s in sets], graph)
                 except Exception as exc:  # a sweep variant too big for shared memory, or not compiling here
