@@ -20,13 +20,19 @@ from dataclasses import replace
 import torch
 import triton
 
+from moekit.bench.baselines import grouped_mm_experts
 from moekit.bench.floor import measure_ceilings
 from moekit.kernel.torch_experts import TorchExperts
 from moekit.kernel.triton_experts import TritonExperts
-from moekit.ops.activation import Activation, activation_ref
+from moekit.ops.activation import Activation
 from moekit.ops.align import AlignResult, align, align_num_blocks
 from moekit.ops.grouped_gemm import grouped_gemm
-from moekit.ops.heuristics import GemmConfig, MoEKernelConfig, MoEShape, heuristic_config
+from moekit.ops.heuristics import (
+    GemmConfig,
+    MoEKernelConfig,
+    MoEShape,
+    heuristic_config,
+)
 from moekit.ops.reduce import topk_reduce
 from moekit.quant.params import UNQUANTIZED
 from moekit.router import select_experts
@@ -46,26 +52,6 @@ def ceilings() -> tuple[float, float]:
     """(read bytes/s, bf16 matmul flop/s), measured now, as ``moekit bench`` measures them."""
     c = measure_ceilings(torch.device("cuda"))
     return c.read_bw, c.mm_rate
-
-
-def grouped_mm_moe(x, w13, w2, tw, ids, act, b13=None, b2=None):
-    """sort -> _grouped_mm -> act -> _grouped_mm -> weight -> unsort -> sum over K, with no host sync."""
-    num_tokens, top_k = ids.shape
-    num_experts = w13.shape[0]
-    ids_N = ids.reshape(-1).long()
-    order = torch.argsort(ids_N, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
-    counts.scatter_add_(0, ids_N, torch.ones_like(ids_N, dtype=torch.int32))
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    h = torch._grouped_mm(x[order // top_k], w13.transpose(1, 2), offs=offs)
-    if b13 is not None:
-        h = h + b13[ids_N[order]]
-    a = activation_ref(h, act).to(x.dtype)
-    y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)
-    if b2 is not None:
-        y = y + b2[ids_N[order]]
-    y = y * tw.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
-    return torch.empty_like(y).index_copy_(0, order, y).view(num_tokens, top_k, -1).sum(dim=1)
 
 
 def time_us(calls, graph: bool) -> float:
@@ -243,7 +229,8 @@ def main() -> None:
                     prev = v
                 print(f"stages {preset} T={T}: " + ", ".join(parts) + f" (sum {prev:.1f} us)", flush=True)
             us = times["heur"]
-            base = time_us([lambda s=s: grouped_mm_moe(s[0], w13, w2, s[1], s[2], act, b13, b2) for s in sets], graph)
+            base = time_us([lambda s=s: grouped_mm_experts(s[0], w13, w2, s[1], s[2], activation=act, w13_bias_E2I=b13,
+                                                            w2_bias_EH=b2) for s in sets], graph)
             rows.append(dict(preset=preset, T=T, us=us, floor_us=floor, eff=floor / us, base_us=base,
                              speedup=base / us, err=err, card=name))
             if len(times) > 1:
