@@ -41,6 +41,10 @@ class TritonExperts(Experts):
 
     ``config`` pins a launch configuration for every call (tests, tuning); None picks one per call from
     ``moekit.ops.heuristics.choose_config``.
+
+    Eager calls share one workspace per device, which is safe because calls on one stream run in order. Two
+    streams running MoE layers concurrently need one instance each (``TritonExperts()`` in their own
+    ``ModularKernel``); inside a CUDA graph every call gets memory from the graph's pool.
     """
 
     name = "triton"
