@@ -58,6 +58,30 @@ def check_int_dtype(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name}: expected an integer dtype (int32 or int64), got {str(t.dtype).removeprefix('torch.')}")
 
 
+def check_signed_int_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected int32 or int64 (it holds -1), got {str(t.dtype).removeprefix('torch.')}")
+
+
+def values_checkable() -> bool:
+    """Whether a value check (a device-to-host sync) is allowed: not while compiling or capturing a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def check_expert_map_values(expert_map: torch.Tensor, num_local: int) -> None:
+    """Entries in [-1, num_local), each local expert named at most once."""
+    if not values_checkable() or expert_map.numel() == 0:
+        return
+    lo, hi = int(expert_map.min()), int(expert_map.max())
+    if lo < -1 or hi >= num_local:
+        raise ValueError(f"expert_map: expected values in [-1, {num_local}) (-1 = remote), got values in [{lo}, {hi}]")
+    local = expert_map[expert_map >= 0]
+    if local.unique().numel() != local.numel():
+        raise ValueError("expert_map: each local expert id may appear once, got duplicates")
+
+
 def check_positive(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")

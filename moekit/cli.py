@@ -129,7 +129,10 @@ def _shapes(args: argparse.Namespace, device: torch.device):
     from moekit.bench.shapes import PRESETS, shape_from_hf_config
 
     if args.hf_config:
-        return [shape_from_hf_config(args.hf_config)]
+        try:
+            return [shape_from_hf_config(args.hf_config)]
+        except (OSError, ValueError) as err:  # a bad file is the user's input: no traceback
+            raise SystemExit(f"moekit bench: {err}") from None
     names = args.preset or ("all" if device.type == "cuda" else CPU_PRESET)
     names = list(PRESETS) if names == "all" else [n.strip() for n in names.split(",")]
     unknown = [n for n in names if n not in PRESETS]

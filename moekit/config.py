@@ -56,8 +56,8 @@ class RoutingConfig:
                 )
             if self.topk_before_score:
                 raise ValueError("routing.topk_before_score: not supported together with grouped top-k")
-        if not self.routed_scaling_factor > 0:
-            raise ValueError(f"routing.routed_scaling_factor: expected > 0, got {self.routed_scaling_factor}")
+        if not 0 < self.routed_scaling_factor < float("inf"):
+            raise ValueError(f"routing.routed_scaling_factor: expected a finite value > 0, got {self.routed_scaling_factor}")
         if self.custom_routing_function is not None and not callable(self.custom_routing_function):
             raise TypeError("routing.custom_routing_function: expected a callable")
 

@@ -12,7 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit._checks import check_choice, check_int_dtype, check_ndim, check_positive
+from moekit._checks import (
+    check_choice,
+    check_expert_map_values,
+    check_ndim,
+    check_positive,
+    check_signed_int_dtype,
+)
 from moekit.kernel import ModularKernel, make_kernel
 from moekit.ops.activation import Activation, resolve_activation
 from moekit.quant.base import MoEQuantMethod
@@ -60,7 +66,8 @@ class RoutedExperts(nn.Module):
         self.backend = backend
         if expert_map is not None:
             check_ndim("expert_map", expert_map, 1, "[E_global]")
-            check_int_dtype("expert_map", expert_map)
+            check_signed_int_dtype("expert_map", expert_map)
+            check_expert_map_values(expert_map, num_experts)
             local = int((expert_map >= 0).sum())
             if local != num_experts:
                 raise ValueError(f"expert_map: expected {num_experts} local experts (entries >= 0), got {local}")

@@ -30,6 +30,7 @@ from moekit._checks import (
     check_positive,
     check_same_device,
     check_shape,
+    values_checkable,
 )
 from moekit.config import GROUP_SCORES, SCORING_FUNCS, RoutingConfig
 
@@ -74,6 +75,8 @@ def select_experts(
         raise ValueError(f"top_k: expected in [1, E={num_experts}] (E from router_logits [T, E]), got {top_k}")
     check_choice("scoring_func", scoring_func, SCORING_FUNCS)
     check_choice("group_score", group_score, GROUP_SCORES)
+    if not 0 < routed_scaling_factor < float("inf"):
+        raise ValueError(f"routed_scaling_factor: expected a finite value > 0, got {routed_scaling_factor}")
     if e_score_correction_bias is not None:
         check_shape("e_score_correction_bias", e_score_correction_bias, (num_experts,), "[E]")
         check_same_device("e_score_correction_bias", e_score_correction_bias, "router_logits", router_logits)
@@ -93,7 +96,10 @@ def select_experts(
         weights = torch.softmax(picked, dim=-1) if scoring_func == "softmax" else torch.sigmoid(picked)
     else:
         scores = torch.softmax(logits, dim=-1) if scoring_func == "softmax" else torch.sigmoid(logits)
-        choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias.float()
+        choice = scores
+        if e_score_correction_bias is not None:
+            # A -inf logit scores 0, and the bias would make it selectable again: keep it out.
+            choice = (scores + e_score_correction_bias.float()).masked_fill(logits == float("-inf"), float("-inf"))
         if num_expert_group is not None or topk_group is not None:
             choice = _mask_groups(choice, num_expert_group, topk_group, group_score, top_k)
         ids = torch.topk(choice, top_k, dim=-1).indices
@@ -183,6 +189,6 @@ def _check_precomputed(
                 f"topk_ids: expected T = {router_logits.shape[0]} rows (router_logits [T, E]), got {ids.shape[0]}"
             )
         num_experts = router_logits.shape[1]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
+        if ids.numel() and values_checkable() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
             raise ValueError(f"topk_ids: expected values in [0, {num_experts}), got [{int(ids.min())}, {int(ids.max())}]")
     return weights.float(), ids.to(torch.int32)

@@ -80,14 +80,16 @@ def reference_experts(
     act = resolve_activation(activation)
     ids = topk_ids_TK.long()
     weights = topk_weights_TK.double()
+    valid = torch.ones_like(weights)
     if expert_map is not None:
         ids = expert_map.long()[ids]
-        weights = torch.where(ids >= 0, weights, 0.0)
+        valid = (ids >= 0).double()  # rows of remote experts contribute nothing, biases included
         ids = ids.clamp_min(0)
     x_TKH = x_TH.double().unsqueeze(1).expand(-1, ids.shape[1], -1)
     if apply_router_weight_on_input:
         x_TKH = x_TKH * weights.unsqueeze(-1)
         weights = torch.ones_like(weights)
+    weights = weights * valid
     h = torch.einsum("tkh,tkih->tki", x_TKH, w13_E2IH.double()[ids])
     if w13_bias_E2I is not None:
         h = h + w13_bias_E2I.double()[ids]

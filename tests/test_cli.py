@@ -62,6 +62,23 @@ def test_bench_writes_table_json_plot_markdown(tiny_config, tmp_path, capsys):
     assert again.read_text() == out_md.read_text()
 
 
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"text_config": None, "hidden_size": 64, "num_experts": 4, "num_experts_per_tok": 8,
+          "moe_intermediate_size": 32}, "top-k 8 exceeds the expert count 4"),
+        ({"hidden_size": 64, "num_experts": 4, "moe_topk": [2, 2], "moe_intermediate_size": 32},
+         "moe_topk must be a positive int"),
+        ([1, 2], "expected a JSON object"),
+    ],
+)
+def test_bench_rejects_bad_hf_configs(tmp_path, config, match):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=match):
+        main(["bench", "--hf-config", str(path)])
+
+
 def test_bench_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit, match="unknown"):
         main(["bench", "--preset", "llama-moe"])

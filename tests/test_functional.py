@@ -151,15 +151,40 @@ def test_bad_activation_and_backend():
         fused_experts(**d, backend="cutlass")
 
 
+def _strided(t):
+    """The same values as ``t`` in a view whose every stride is doubled (no dense copy hides a stride bug)."""
+    return torch.stack([t, torch.full_like(t, 7)], dim=-1)[..., 0]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_layouts(backend):
-    # Strided x (every other column), column-major w13/w2 (a transposed checkpoint viewed back), transposed ids.
-    d = make_moe_inputs(7, 8, 32, 16, 2, seed=11)
-    ref = _ref(d)
-    d["hidden_states"] = torch.stack([d["hidden_states"], torch.full_like(d["hidden_states"], 9.0)], dim=-1)[..., 0]
+    # Strided x, routing, biases and expert map; column-major w13/w2 (a transposed checkpoint viewed back).
+    d = make_moe_inputs(7, 8, 32, 16, 2, bias=True, seed=11)
+    expert_map = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7], dtype=torch.int32).flip(0)
+    ref = _ref(d, expert_map=expert_map)
+    for k in ("hidden_states", "topk_ids", "topk_weights", "w13_bias", "w2_bias"):
+        d[k] = _strided(d[k])
     d["w13"] = d["w13"].transpose(1, 2).contiguous().transpose(1, 2)
     d["w2"] = d["w2"].transpose(1, 2).contiguous().transpose(1, 2)
-    d["topk_ids"] = d["topk_ids"].t().contiguous().t()
-    d["topk_weights"] = d["topk_weights"].t().contiguous().t()
-    assert not d["hidden_states"].is_contiguous() and not d["w13"].is_contiguous()
-    assert_close(_run(d, backend), ref, torch.float32)
+    assert not any(d[k].is_contiguous() for k in d)
+    assert_close(_run(d, backend, expert_map=_strided(expert_map)), ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_on_input_with_expert_map_and_biases(backend):
+    d = make_moe_inputs(6, 8, 32, 16, 2, bias=True, seed=12)
+    expert_map = torch.tensor([-1, 0, -1, 1, -1, 2, -1, 3], dtype=torch.int32)
+    for k in ("w13", "w2", "w13_bias", "w2_bias"):
+        d[k] = d[k][[1, 3, 5, 7]]
+    kw = {"expert_map": expert_map, "apply_router_weight_on_input": True}
+    assert_close(_run(d, backend, **kw), _ref(d, **kw), torch.float32)
+
+
+def test_bad_expert_map():
+    d = _good()
+    with pytest.raises(ValueError, match=r"expert_map: expected values in \[-1, 8\)"):
+        fused_experts(**d, expert_map=torch.tensor([0, 9, -1, 1, 2, 3, 4, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="expert_map: each local expert id may appear once"):
+        fused_experts(**d, expert_map=torch.tensor([0, 0, 1, 2, 3, 4, 5, 6], dtype=torch.int32))
+    with pytest.raises(TypeError, match="expert_map: expected int32 or int64"):
+        fused_experts(**d, expert_map=torch.arange(8, dtype=torch.uint8))

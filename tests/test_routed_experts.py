@@ -79,3 +79,7 @@ def test_weight_loader_errors():
 def test_expert_map_validation():
     with pytest.raises(ValueError, match="expert_map: expected 3 local experts"):
         RoutedExperts(3, 16, 8, expert_map=torch.tensor([0, 1, -1, -1]))
+    with pytest.raises(ValueError, match=r"expert_map: expected values in \[-1, 2\)"):
+        RoutedExperts(2, 16, 8, expert_map=torch.tensor([0, 5, -1, -1]))
+    with pytest.raises(ValueError, match="expert_map: each local expert id may appear once"):
+        RoutedExperts(2, 16, 8, expert_map=torch.tensor([0, 0, -1, 1]))

@@ -187,6 +187,28 @@ def test_minus_inf_logits_are_never_picked():
     assert not torch.isin(ids, torch.tensor([1, 5], dtype=torch.int32)).any()
 
 
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+def test_minus_inf_logits_stay_out_with_a_correction_bias(scoring_func):
+    logits = torch.tensor([[float("-inf"), float("-inf"), 0.0, 0.3]])
+    bias = torch.tensor([5.0, 5.0, 0.0, 0.0])
+    w, ids = select_experts(logits, 2, scoring_func=scoring_func, renormalize=True, e_score_correction_bias=bias)
+    assert sorted(ids.tolist()[0]) == [2, 3] and torch.isfinite(w).all()
+    _, ids = select_experts(logits, 2, scoring_func=scoring_func, e_score_correction_bias=bias,
+                            num_expert_group=2, topk_group=1, group_score="top2_sum")
+    assert sorted(ids.tolist()[0]) == [2, 3]
+
+
+def test_custom_routing_compiles_without_graph_break():
+    def fn(hidden_states, logits, k, renormalize):
+        return torch.topk(logits.softmax(-1), k)
+
+    compiled = torch.compile(lambda logits: select_experts(logits, 2, custom_routing_function=fn),
+                             backend="eager", fullgraph=True)
+    logits = torch.randn(4, 8)
+    w, ids = compiled(logits)
+    torch.testing.assert_close(w, torch.topk(logits.softmax(-1), 2).values)
+
+
 def test_nan_logits_stay_in_range_and_in_their_row():
     # Documented: ids stay valid; the NaN reaches only that token's weights.
     logits = torch.randn(4, 8)
@@ -207,6 +229,8 @@ def test_nan_logits_stay_in_range_and_in_their_row():
         ({"num_expert_group": 4, "topk_group": 5}, "topk_group"),
         ({"num_expert_group": 4, "topk_group": 1, "top_k": 3}, "top_k"),
         ({"e_score_correction_bias": torch.zeros(7)}, "e_score_correction_bias"),
+        ({"routed_scaling_factor": 0.0}, "routed_scaling_factor"),
+        ({"routed_scaling_factor": float("inf")}, "routed_scaling_factor"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -47,12 +47,20 @@ _INTER_KEYS = ("moe_intermediate_size", "expert_intermediate_size", "intermediat
 def shape_from_hf_config(path: str | Path) -> MoEShape:
     """MoE dimensions from a transformers ``config.json`` (nested ``text_config`` is followed)."""
     cfg = json.loads(Path(path).read_text())
-    cfg = cfg.get("text_config", cfg)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--hf-config {path}: expected a JSON object, got {type(cfg).__name__}")
+    cfg = cfg.get("text_config") or cfg
 
     def first(keys: tuple[str, ...], what: str) -> int:
         for k in keys:
-            if isinstance(cfg.get(k), int) and cfg[k] > 0:
-                return cfg[k]
+            value = cfg.get(k)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                # e.g. per-layer lists: guessing one layer's value (or falling through to a dense size) would
+                # benchmark a shape the model does not have.
+                raise ValueError(f"--hf-config {path}: {k} must be a positive int, got {value!r}")
+            return value
         raise ValueError(f"--hf-config {path}: no {what} (looked for {', '.join(keys)})")
 
     num_experts = first(_EXPERTS_KEYS, "expert count")
@@ -61,12 +69,15 @@ def shape_from_hf_config(path: str | Path) -> MoEShape:
     if not shared and cfg.get("n_shared_experts"):
         shared = int(cfg["n_shared_experts"]) * inter
     gpt_oss = cfg.get("model_type") == "gpt_oss"
+    top_k = first(_TOPK_KEYS, "top-k")
+    if top_k > num_experts:
+        raise ValueError(f"--hf-config {path}: top-k {top_k} exceeds the expert count {num_experts}")
     return MoEShape(
         name=str(cfg.get("model_type", Path(path).stem)),
         num_experts=num_experts,
         hidden_size=first(("hidden_size",), "hidden_size"),
         intermediate_size=inter,
-        top_k=first(_TOPK_KEYS, "top-k"),
+        top_k=top_k,
         shared_intermediate_size=shared,
         activation="swigluoai" if gpt_oss else "silu",
         bias=gpt_oss,

@@ -22,11 +22,14 @@ import torch
 
 from moekit._checks import (
     check_dtype,
+    check_expert_map_values,
     check_int_dtype,
     check_ndim,
     check_same_device,
     check_same_dtype,
     check_shape,
+    check_signed_int_dtype,
+    values_checkable,
 )
 from moekit.kernel.experts import Experts
 from moekit.kernel.prepare_finalize import PrepareFinalize
@@ -193,17 +196,13 @@ def check_expert_inputs(
     num_global = num_local
     if expert_map is not None:
         check_ndim("expert_map", expert_map, 1, "[E_global]")
-        check_int_dtype("expert_map", expert_map)
+        check_signed_int_dtype("expert_map", expert_map)
         check_same_device("expert_map", expert_map, "hidden_states", hidden_states)
         num_global = expert_map.shape[0]
-    if check_ids and topk_ids.numel() and not _capturing():
+        if check_ids:
+            check_expert_map_values(expert_map, num_local)
+    if check_ids and topk_ids.numel() and values_checkable():
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
         if lo < 0 or hi >= num_global:
             raise ValueError(f"topk_ids: expected values in [0, E={num_global}), got values in [{lo}, {hi}]")
 
-
-def _capturing() -> bool:
-    """A value check would sync the device, which CUDA-graph capture and torch.compile forbid."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -122,6 +122,11 @@ class TritonExperts(Experts):
             )
         )
         x_TH = x_TH if x_TH.stride(-1) == 1 else x_TH.contiguous()
+        # The kernels index routing, biases and the expert map as flat dense arrays; copies only for odd views.
+        topk_ids_TK, topk_weights_TK = topk_ids_TK.contiguous(), topk_weights_TK.contiguous()
+        w13_bias_E2I = None if w13_bias_E2I is None else w13_bias_E2I.contiguous()
+        w2_bias_EH = None if w2_bias_EH is None else w2_bias_EH.contiguous()
+        expert_map_E = None if expert_map_E is None else expert_map_E.contiguous()
         split = cfg.gemm2.split_k
         y_dtype = torch.float32 if cfg.y_fp32 else x_TH.dtype
         num_blocks = align_num_blocks(num_rows, num_experts, cfg.block_m)
