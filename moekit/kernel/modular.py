@@ -113,7 +113,7 @@ class ModularKernel:
         routed = self.experts.apply(
             prep.hidden_states, w13, w2, prep.topk_weights, prep.topk_ids,
             activation=act, w13_bias_E2I=w13_bias, w2_bias_EH=w2_bias, expert_map_E=expert_map,
-            quant=quant, hidden_scale=prep.hidden_scale, out_dtype=hidden_states.dtype,
+            quant=quant, hidden_scale=prep.hidden_scale, out_dtype=prep.experts_out_dtype or hidden_states.dtype,
         )
         out = self.prepare_finalize.finalize(routed, prep)
         if side is not None:

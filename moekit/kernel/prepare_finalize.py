@@ -27,6 +27,8 @@ class PrepareResult:
         topk_ids: [T', K] int32 expert ids.
         weights_applied: the router weights were already multiplied into ``hidden_states``.
         num_tokens: T, the row count ``finalize`` must return.
+        experts_out_dtype: the dtype the experts stage should write (None: the layer's dtype); fp32 when
+            ``finalize`` still sums rows, so the layer's output is rounded once.
         handle: whatever a cross-rank finalize needs to route rows home; None locally.
     """
 
@@ -36,6 +38,7 @@ class PrepareResult:
     topk_ids: torch.Tensor
     weights_applied: bool
     num_tokens: int
+    experts_out_dtype: torch.dtype | None = None
     handle: object | None = None
 
 
@@ -55,7 +58,7 @@ class PrepareFinalize(ABC):
 
     @abstractmethod
     def finalize(self, output_TH: torch.Tensor, prep: PrepareResult) -> torch.Tensor:
-        """Return the layer's routed output [T, H] from the experts stage's output."""
+        """Return the layer's routed output [T, H], in the layer's dtype, from the experts stage's output."""
 
 
 class LocalPrepareFinalize(PrepareFinalize):
@@ -100,6 +103,7 @@ class LocalPrepareFinalize(PrepareFinalize):
             topk_ids=ids,
             weights_applied=apply_router_weight_on_input,
             num_tokens=num_tokens,
+            experts_out_dtype=None if expanded_k is None else torch.float32,
             handle=expanded_k,
         )
 
@@ -107,4 +111,4 @@ class LocalPrepareFinalize(PrepareFinalize):
         if prep.handle is None:
             return output_TH
         top_k = prep.handle
-        return output_TH.view(prep.num_tokens, top_k, -1).float().sum(dim=1).to(output_TH.dtype)
+        return output_TH.view(prep.num_tokens, top_k, -1).sum(dim=1).to(prep.hidden_states.dtype)

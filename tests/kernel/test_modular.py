@@ -112,3 +112,20 @@ def test_quantized_params_are_rejected_by_unquantized_backend():
     q = QuantParams(weight_dtype="fp8_e4m3", w13_scale=torch.ones(4), w2_scale=torch.ones(4))
     with pytest.raises(ValueError, match=r"quantized weights \(fp8_e4m3\) are not supported"):
         make_kernel("torch", torch.device("cpu")).apply(*_args(inputs), quant=q)
+
+
+def test_expanded_weights_on_input_rounds_once():
+    # K > 1 with weights on the input: the experts write fp32 rows and finalize rounds their sum once.
+    seen = []
+
+    class Recording(Experts):
+        name = "recording"
+
+        def apply(self, *args, **kwargs):
+            seen.append(kwargs["out_dtype"])
+            return get_experts("torch").apply(*args, **kwargs)
+
+    inputs = make_moe_inputs(9, 4, 32, 16, 3, dtype=torch.bfloat16, seed=3)
+    out = ModularKernel(LocalPrepareFinalize(), Recording()).apply(*_args(inputs), apply_router_weight_on_input=True)
+    assert seen == [torch.float32] and out.dtype == torch.bfloat16
+    assert_close(out, reference_experts(*_args(inputs), apply_router_weight_on_input=True), torch.bfloat16)
