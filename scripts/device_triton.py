@@ -215,7 +215,8 @@ def main() -> None:
                             ref_out = o
                         verr = float((o - ref_out).norm() / ref_out.norm())
                         assert verr < 2e-2 and torch.isfinite(o).all(), f"{cname} disagrees: {verr:.2e}"
-                    times[cname] = time_us([lambda s=s, exp=exp: exp.apply(s[0], w13, w2, s[1], s[2], **kw)
+                    times[cname] = time_us([lambda s=s, exp=exp, w13=w13, w2=w2: exp.apply(s[0], w13, w2, s[1], s[2],
+                                                                                       **kw)
                                             for s in sets], graph)
                 except Exception as exc:  # a sweep variant too big for shared memory, or not compiling here
                     print(f"variant {cname} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
@@ -229,8 +230,8 @@ def main() -> None:
                     prev = v
                 print(f"stages {preset} T={T}: " + ", ".join(parts) + f" (sum {prev:.1f} us)", flush=True)
             us = times["heur"]
-            base = time_us([lambda s=s: grouped_mm_experts(s[0], w13, w2, s[1], s[2], activation=act, w13_bias_E2I=b13,
-                                                            w2_bias_EH=b2) for s in sets], graph)
+            base = time_us([lambda s=s, w13=w13, w2=w2, b13=b13, b2=b2: grouped_mm_experts(
+                s[0], w13, w2, s[1], s[2], activation=act, w13_bias_E2I=b13, w2_bias_EH=b2) for s in sets], graph)
             rows.append(dict(preset=preset, T=T, us=us, floor_us=floor, eff=floor / us, base_us=base,
                              speedup=base / us, err=err, card=name))
             if len(times) > 1:
