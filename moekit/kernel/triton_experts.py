@@ -8,8 +8,8 @@ Shapes: T tokens, K top-k, N = T·K routed rows, E local experts, H hidden, I in
     y_SNH ──topk_reduce──▶ out_TH                                     (fixed order: deterministic)
 
 Every launch has a grid sized from (N, E, H, I) alone and reads the number of padded rows from the device, so
-the whole call is capturable in a CUDA graph. Intermediates live in one cached workspace per device (a fresh
-allocation only while capturing, where the graph's private pool owns it). Under ``torch.compile`` the call goes
+the whole call is capturable in a CUDA graph. Intermediates live in one cached workspace per (device, stream) (a
+fresh allocation only while capturing, where the graph's private pool owns it). Under ``torch.compile`` the call goes
 through the ``moekit::fused_experts`` custom op (``moekit.ops.custom_op``) so it is a single opaque node.
 """
 
@@ -42,16 +42,18 @@ class TritonExperts(Experts):
     ``config`` pins a launch configuration for every call (tests, tuning); None picks one per call from
     ``moekit.ops.heuristics.choose_config``.
 
-    Eager calls share one workspace per device, which is safe because calls on one stream run in order. Two
-    streams running MoE layers concurrently need one instance each (``TritonExperts()`` in their own
-    ``ModularKernel``); inside a CUDA graph every call gets memory from the graph's pool.
+    Eager calls on one stream share one workspace (they run in order); each stream gets its own, so layers
+    running concurrently on several streams never share scratch memory — also under ``torch.compile``, where
+    every call goes through one shared instance. Inside a CUDA graph every call gets memory from the graph's pool.
     """
 
     name = "triton"
 
     def __init__(self, config: MoEKernelConfig | None = None) -> None:
         self.config = config
-        self._workspace: dict[torch.device, torch.Tensor] = {}
+        # (device, stream id) -> bytes. Keyed by stream too: a buffer reused by a call on another stream could be
+        # overwritten while the first stream's kernels still read it.
+        self._workspace: dict[tuple[torch.device, int], torch.Tensor] = {}
 
     def check_supported(self, hidden_states: torch.Tensor, quant: QuantParams) -> None:
         super().check_supported(hidden_states, quant)
@@ -176,10 +178,13 @@ class TritonExperts(Experts):
             # be freed under it. Memory taken while capturing comes from the graph's own pool instead (and costs
             # nothing at replay).
             return torch.empty(nbytes, dtype=torch.uint8, device=device)
-        cached = self._workspace.get(device)
+        key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+        cached = self._workspace.get(key)
         if cached is None or cached.numel() < nbytes:
+            # Allocated on the current stream, so the caching allocator recycles a grown-out buffer only after
+            # this stream's pending kernels.
             cached = torch.empty(nbytes, dtype=torch.uint8, device=device)
-            self._workspace[device] = cached
+            self._workspace[key] = cached
         return cached
 
 

@@ -174,6 +174,29 @@ def test_gpu_torch_compile_no_graph_break():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_concurrent_streams_share_one_instance():
+    # Two streams run the same instance at once (what a compiled model does through the custom op): each stream
+    # must get its own workspace, or one call's intermediates overwrite the other's.
+    experts = TritonExperts()
+    inps = [make_moe_inputs(2048, 16, 1024, 512, 4, dtype=torch.bfloat16, device="cuda", seed=s) for s in (20, 21)]
+    want = [_apply(TorchExperts(), inp) for inp in inps]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    for _ in range(3):
+        outs = []
+        for s, inp in zip(streams, inps, strict=True):
+            with torch.cuda.stream(s):
+                outs.append(_apply(experts, inp))
+        for s in streams:
+            torch.cuda.current_stream().wait_stream(s)
+        for out, ref in zip(outs, want, strict=True):
+            assert_close(out, ref.double(), torch.bfloat16)
+    assert len(experts._workspace) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_deterministic():
     inp = make_moe_inputs(300, 64, 512, 256, 8, dtype=torch.bfloat16, device="cuda", seed=11)
     experts = TritonExperts()
