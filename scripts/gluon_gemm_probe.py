@@ -234,6 +234,71 @@ def gluon_gmm_persistent_kernel(p_a, p_b, p_c, p_sorted, p_experts, num_blocks, 
     ], [4], [80])
 
 
+@gluon.jit
+def _h_consumer(p_c, p_sorted, a_bufs, b_bufs, ready, empty, num_blocks, num_n, n_out, num_rows, num_k, num_tiles,
+                num_progs, BM: gl.constexpr, BN: gl.constexpr, S: gl.constexpr, GROUP_M: gl.constexpr,
+                HALF: gl.constexpr):
+    """One warpgroup owning rows [HALF·BM/2, (HALF+1)·BM/2) of every tile. The upper half skips its MMAs when its
+    rows are all padding (align puts an expert's padding last), so a tail block costs half the tensor work."""
+    HM: gl.constexpr = BM // 2
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BN, 16])
+    it = 0
+    for t in range(gl.program_id(0), num_tiles, num_progs):
+        i_m, i_n = _tile_coords(t, num_blocks, num_n, GROUP_M)
+        busy = True
+        if HALF == 1:
+            busy = gl.load(p_sorted + i_m * BM + HM) < num_rows
+        acc = gl.zeros([HM, BN], gl.float32, layout=mma_layout)
+        for kk in range(num_k):
+            s = it % S
+            mbarrier.wait(ready.index(s), (it // S) & 1)
+            if busy:
+                acc = warpgroup_mma(a_bufs.index(s).slice(HALF * HM, HM), b_bufs.index(s).permute((1, 0)), acc,
+                                    is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            if kk > 0:
+                mbarrier.arrive(empty.index((it - 1) % S), count=1)
+            it += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((it - 1) % S), count=1)
+        if busy:
+            o_m = i_m * BM + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma_layout))
+            o_n = i_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
+            gl.store(p_c + o_m.to(gl.int64)[:, None] * n_out + o_n[None, :], acc.to(gl.bfloat16),
+                     mask=(o_n < n_out)[None, :])
+
+
+@gluon.jit
+def gluon_gmm_halves_kernel(p_a, p_b, p_c, p_sorted, p_experts, num_blocks, num_rows, a_row_div, n_out, k_dim,
+                            n_b, num_experts, stride_am, num_progs,
+                            BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
+                            LAG: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+    """Persistent, with the two consumer warpgroups as separate partitions (see ``_h_consumer``)."""
+    a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
+    b_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.bfloat16)
+    b_desc = tma.make_tensor_descriptor(p_b, shape=[num_experts * n_b, k_dim], strides=[k_dim, 1],
+                                        block_shape=[BN, BK], layout=b_sl)
+    a_bufs = gl.allocate_shared_memory(gl.bfloat16, [S, BM, BK], a_sl)
+    b_bufs = gl.allocate_shared_memory(gl.bfloat16, [S, BN, BK], b_sl)
+    ready = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(S):
+        mbarrier.init(ready.index(s), count=2)
+        mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups free a stage
+    num_k = gl.cdiv(k_dim, BK)
+    num_n = gl.cdiv(n_out, BN)
+    num_tiles = num_blocks * num_n
+    gl.warp_specialize([
+        (_h_consumer, (p_c, p_sorted, a_bufs, b_bufs, ready, empty, num_blocks, num_n, n_out, num_rows, num_k,
+                       num_tiles, num_progs, BM, BN, S, GROUP_M, 0)),
+        (_h_consumer, (p_c, p_sorted, a_bufs, b_bufs, ready, empty, num_blocks, num_n, n_out, num_rows, num_k,
+                       num_tiles, num_progs, BM, BN, S, GROUP_M, 1)),
+        (_p_loader, (p_a, b_desc, p_sorted, p_experts, a_bufs, b_bufs, ready, empty, num_blocks, num_n, num_rows,
+                     a_row_div, stride_am, n_b, num_k, num_tiles, num_progs, BM, BN, BK, S, LAG, GROUP_M)),
+    ], [4, 4], [232, 56])
+
+
 def compile_only() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -260,6 +325,10 @@ def compile_only() -> None:
         src = GluonASTSource(gluon_gmm_persistent_kernel, signature=psig, constexprs=const, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, maxnreg=168))
         print(f"persistent BN={BN} S={S}: compiled, shared {k.metadata.shared} B")
+        src = GluonASTSource(gluon_gmm_halves_kernel, signature=psig, constexprs={**const, "num_warps": 4},
+                             attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
+        print(f"halves BN={BN} S={S}: compiled, shared {k.metadata.shared} B")
 
 
 def main() -> None:
