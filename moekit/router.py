@@ -6,6 +6,7 @@
                   ("max", DeepSeek-V2) or sum of its two best (“top2_sum”, DeepSeek-V3); mask the rest
     ids       = topk(choice, K)
     weights   = scores[ids]; if renormalize: weights /= weights.sum(); weights *= routed_scaling_factor
+                (the division is done as softmax(log scores[ids]), so underflowed scores never give 0/0)
 
 ``topk_before_score`` picks the K largest raw logits (+ correction bias, if given) first and scores only the
 picked logits (gpt-oss: softmax over the K picked logits; Llama4: sigmoid of the picked logits; Kolibri:
@@ -21,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from moekit._checks import (
     check_choice,
@@ -94,18 +96,31 @@ def select_experts(
         ids = torch.topk(choice, top_k, dim=-1).indices
         picked = logits.gather(1, ids)
         weights = torch.softmax(picked, dim=-1) if scoring_func == "softmax" else torch.sigmoid(picked)
+        if renormalize and scoring_func == "sigmoid":  # (softmax over the picked logits already sums to 1)
+            # In log space, as below: sigmoid(picked) / sum underflows to 0/0 for logits below ~-104.
+            weights = torch.softmax(F.logsigmoid(picked), dim=-1)
     else:
         scores = torch.softmax(logits, dim=-1) if scoring_func == "softmax" else torch.sigmoid(logits)
-        choice = scores
-        if e_score_correction_bias is not None:
+        grouped = num_expert_group is not None or topk_group is not None
+        if e_score_correction_bias is None and not (grouped and group_score == "top2_sum"):
+            # softmax and sigmoid are monotone, so the logits rank experts exactly as their scores do, without
+            # the fp32 underflow that makes scores tie at 0 (softmax far below the row max, sigmoid below ~-104;
+            # topk breaks such ties arbitrarily, and a -inf logit would tie with the finite ones).
+            choice = logits
+        else:
+            choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias.float()
             # A -inf logit scores 0, and the bias would make it selectable again: keep it out.
-            choice = (scores + e_score_correction_bias.float()).masked_fill(logits == float("-inf"), float("-inf"))
-        if num_expert_group is not None or topk_group is not None:
+            choice = choice.masked_fill(logits == float("-inf"), float("-inf"))
+        if grouped:
             choice = _mask_groups(choice, num_expert_group, topk_group, group_score, top_k)
         ids = torch.topk(choice, top_k, dim=-1).indices
         weights = scores.gather(1, ids)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        if renormalize:
+            # weights / weights.sum() is 0/0 = NaN for finite logits whose scores all underflow to 0 in fp32
+            # (sigmoid below ~-104); softmax of the log scores is the same ratio without underflow. log_softmax
+            # over the whole row keeps a NaN/+inf logit's NaN in its token's weights.
+            log_scores = torch.log_softmax(logits, dim=-1) if scoring_func == "softmax" else F.logsigmoid(logits)
+            weights = torch.softmax(log_scores.gather(1, ids), dim=-1)
     return _scale(weights, routed_scaling_factor), ids.to(torch.int32)
 
 
@@ -156,7 +171,12 @@ def _mask_groups(
     else:
         if per_group < 2:
             raise ValueError(f"group_score: 'top2_sum' needs >= 2 experts per group, got {per_group}")
-        group_scores_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+        top2_TG2 = grouped_TGe.topk(2, dim=-1).values
+        # A masked (-inf) second best would make the sum -inf, tying a group that still has a selectable expert
+        # with one that has none (and topk could keep the empty one: the token then loses its real experts).
+        # Sum only the selectable part: the best alone when the second is -inf, -inf when both are.
+        second_masked = top2_TG2[..., 1] == float("-inf")
+        group_scores_TG = torch.where(second_masked, top2_TG2[..., 0], top2_TG2.sum(dim=-1))
     best_groups = group_scores_TG.topk(topk_group, dim=-1).indices
     keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, best_groups, True)
     return grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
@@ -184,6 +204,7 @@ def _check_precomputed(
     if weights.shape[1] != top_k:
         raise ValueError(f"topk_ids: expected K = top_k = {top_k} columns, got shape {tuple(ids.shape)}")
     if router_logits is not None:
+        check_ndim("router_logits", router_logits, 2, "[T, E]")  # only its shape is read here
         if router_logits.shape[0] != ids.shape[0]:
             raise ValueError(
                 f"topk_ids: expected T = {router_logits.shape[0]} rows (router_logits [T, E]), got {ids.shape[0]}"

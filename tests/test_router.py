@@ -251,3 +251,48 @@ def test_bad_logits():
         select_experts(None, 2, topk_weights=torch.rand(3, 2), topk_ids=torch.zeros(4, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="given together"):
         select_experts(None, 2, topk_ids=torch.zeros(3, 2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+def test_minus_inf_logits_lose_to_finite_logits_whose_scores_underflow(scoring_func):
+    # softmax(-300 - 0) and sigmoid(-300) are exactly 0 in fp32, the same score as a -inf logit: the tie must
+    # still go to the finite logits (the documented contract), with or without grouped top-k.
+    inf = float("inf")
+    logits = torch.full((1, 64), -inf)
+    finite = torch.arange(1, 64, 3)
+    logits[0, finite] = -300.0 - torch.arange(finite.numel()).float()
+    logits[0, 0] = 0.0
+    finite = torch.cat([torch.tensor([0]), finite])
+    for kw in ({}, {"num_expert_group": 8, "topk_group": 8}):
+        _, ids = select_experts(logits, 8, scoring_func=scoring_func, **kw)
+        assert torch.isin(ids.long(), finite).all(), (kw, ids)
+
+
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+def test_top2_sum_keeps_a_group_whose_only_finite_expert_is_needed(scoring_func):
+    # Group 0 holds only -inf logits, group 1 one finite logit. Ranking groups by a -inf sum tied them and could
+    # keep group 0, so the token lost its only real expert and got weight 0 (a zero output row).
+    inf = float("inf")
+    logits = torch.tensor([[-inf, -inf, -inf, 0.5]])
+    w, ids = select_experts(logits, 1, scoring_func=scoring_func, e_score_correction_bias=torch.zeros(4),
+                            num_expert_group=2, topk_group=1, group_score="top2_sum")
+    assert ids.tolist() == [[3]] and float(w[0, 0]) > 0
+
+
+@pytest.mark.parametrize("topk_before_score", [False, True])
+def test_sigmoid_renormalize_when_scores_underflow(topk_before_score):
+    # sigmoid(l) for l < ~-104 underflows to 0 in fp32; renormalizing must not turn finite logits into 0/0 = NaN.
+    # The exact ratio sigmoid(a) / (sigmoid(a) + sigmoid(b)) is exp(a) / (exp(a) + exp(b)) down there.
+    logits = torch.tensor([[-200.0, -201.0, -250.0, -300.0], [0.0, 1.0, -1.0, 2.0]])
+    w, ids = select_experts(logits, 2, scoring_func="sigmoid", renormalize=True, topk_before_score=topk_before_score,
+                            routed_scaling_factor=2.0)
+    assert ids[0].tolist() == [0, 1]
+    e = math.exp(-1.0)
+    torch.testing.assert_close(w[0], torch.tensor([2 / (1 + e), 2 * e / (1 + e)]))
+    s = torch.sigmoid(torch.tensor([2.0, 1.0]))
+    torch.testing.assert_close(w[1], 2 * s / s.sum())
+
+
+def test_precomputed_with_malformed_router_logits():
+    with pytest.raises(ValueError, match=r"router_logits: expected a 2-d tensor"):
+        select_experts(torch.randn(3), 2, topk_weights=torch.rand(3, 2), topk_ids=torch.zeros(3, 2, dtype=torch.int64))
