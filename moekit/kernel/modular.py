@@ -89,6 +89,7 @@ class ModularKernel:
         )
         if shared_experts_input is not None:
             check_shape("shared_experts_input", shared_experts_input, tuple(hidden_states.shape), "[T, H]")
+            check_same_device("shared_experts_input", shared_experts_input, "hidden_states", hidden_states)
         self.experts.check_supported(hidden_states, quant)
         num_tokens, hidden = hidden_states.shape
         if num_tokens == 0:
@@ -121,7 +122,15 @@ class ModularKernel:
             shared_out.record_stream(main)
         elif shared_experts is not None:
             shared_out = shared_experts(shared_in)
-        return out if shared_out is None else out + shared_out
+        if shared_out is None:
+            return out
+        # shared_experts is any callable: a [T, 1] or [H] result would broadcast into a wrong sum, so check it.
+        if tuple(shared_out.shape) != (num_tokens, hidden):
+            raise ValueError(
+                f"shared_experts: expected an output of shape {(num_tokens, hidden)} [T, H], got {tuple(shared_out.shape)}"
+            )
+        # A shared MLP computing in a wider dtype must not promote the layer's output: sum, then round once.
+        return (out + shared_out).to(hidden_states.dtype)
 
     def _side_stream(self, x: torch.Tensor) -> torch.cuda.Stream | None:
         if x.device.type != "cuda" or x.shape[0] > self.shared_overlap_max_tokens or torch.compiler.is_compiling():

@@ -51,6 +51,19 @@ def test_shared_experts_are_called_per_call_with_their_input():
     torch.testing.assert_close(out, plain + 2.0)
 
 
+def test_shared_experts_output_is_checked_and_keeps_the_layer_dtype():
+    inputs = make_moe_inputs(5, 4, 16, 8, 2)
+    kernel = make_kernel("torch", torch.device("cpu"))
+    plain = kernel.apply(*_args(inputs))
+    # A [T, 1] output (say, a gate module passed by mistake) used to broadcast into a silently wrong [T, H] sum.
+    with pytest.raises(ValueError, match=r"shared_experts: expected an output of shape \(5, 16\) \[T, H\], got \(5, 1\)"):
+        kernel.apply(*_args(inputs), shared_experts=lambda x: x[:, :1])
+    # A shared MLP that computes in fp32/fp64 must not promote the layer's output dtype.
+    out = kernel.apply(*_args(inputs), shared_experts=lambda x: torch.full_like(x, 2.0, dtype=torch.float64))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, plain + 2.0)
+
+
 class _RecordingPrepareFinalize(LocalPrepareFinalize):
     def __init__(self):
         self.events = []
