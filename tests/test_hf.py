@@ -308,3 +308,22 @@ def test_convert_keeps_fp32_router_of_a_bf16_checkpoint(tmp_path):
     reference = _logits(model, ids)
     mh.convert(model)
     assert_close(_logits(model, ids).float(), reference.float(), torch.bfloat16)
+
+
+def test_clamp_beyond_the_default_probe_range_is_kept():
+    # A clamped-SiLU limit (16) above the probe's default +-12 must still be identified: a probe that never
+    # reaches the clamp matches plain silu first and the clamp is lost where activations grow large.
+    model = build("hy_v4", swiglu_limit=16.0)
+    block = next(m for m in model.modules() if type(m).__name__ == "HYV4MoE")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))  # pre-activations of std ~17: the clamp is active
+        x = torch.randn(2, 5, model.config.hidden_size, generator=gen) * 3
+        expected = block(x)
+        converted = mh.moe_from_hf(block)(x)
+        model.set_experts_implementation("moekit")
+        through_experts = block(x)
+    assert mh.experts_spec(block.experts).activation.limit == 16.0
+    assert rel_errors(through_experts, expected)[0] <= FP32_TOL
+    assert rel_errors(converted, expected)[0] <= FP32_TOL

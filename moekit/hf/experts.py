@@ -23,6 +23,7 @@ transformers' own ``grouped_mm`` forward with a one-time warning, so the result 
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -156,15 +157,19 @@ def probe_activation(module: nn.Module, *, gated: bool, interleaved: bool = Fals
     ``activation_ref`` (swigluoai takes ``alpha``/``limit`` or ``swiglu_alpha``/``swiglu_limit`` from the module).
     """
     width = 16
-    probe = gate_probe(2 * width)
     if not gated:
+        probe = gate_probe(2 * width)
         expected = _call(module.act_fn, probe)
         return match_activation(expected, probe, [Activation(name="relu2")])
+    candidates = _candidates(module)
+    # The probe must reach past the module's clamp: with a limit above the default range (Step-3.7 clamps at
+    # 16) no probe value is clamped, plain silu (tried first) matches, and the clamp is lost on large inputs.
+    probe = gate_probe(2 * width, limit=max([0.0, *(c.limit or 0.0 for c in candidates)]))
     stored = probe
     if interleaved:
         gate, up = probe.chunk(2, dim=-1)
         stored = torch.stack((gate, up), dim=-1).reshape(_PROBE_ROWS, 2 * width)
-    return match_activation(_call(module._apply_gate, stored), probe, _candidates(module))
+    return match_activation(_call(module._apply_gate, stored), probe, candidates)
 
 
 def gate_probe(cols: int, *, limit: float = 0.0) -> torch.Tensor:
@@ -196,7 +201,8 @@ def _candidates(module: nn.Module) -> list[Activation]:
     found = [Activation(name=name) for name in ("silu", "gelu", "gelu_tanh")]
     for alpha_name, limit_name in (("alpha", "limit"), ("swiglu_alpha", "swiglu_limit")):
         alpha, limit = getattr(module, alpha_name, None), getattr(module, limit_name, None)
-        if not (isinstance(limit, (int, float)) and limit > 0):
+        # An infinite limit means "no clamp" (Step-3.7 writes float("inf")); it would also make the probe infinite.
+        if not (isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 < limit < math.inf):
             continue
         found.append(Activation(name="silu", limit=float(limit)))  # clamped SiLU (DeepSeek-V4, HY-V4)
         if isinstance(alpha, (int, float)):
