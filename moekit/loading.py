@@ -13,6 +13,11 @@ Expert layouts understood under ``{prefix}.experts.`` (E experts, H hidden, I in
     fused        gate_up_proj [E, 2I, H] (gate rows, then up), down_proj [E, H, I]        -> copied as they are
     gpt_oss      gate_up_proj [E, H, 2I] (gate/up columns interleaved), down_proj [E, I, H],
                  gate_up_proj_bias [E, 2I] (interleaved), down_proj_bias [E, H]  -> transposed, de-interleaved
+    transposed   gate_up_proj [E, H, 2I] (gate columns, then up), down_proj [E, I, H], optional biases
+                 (Llama4, openai_privacy_filter)                                  -> transposed
+
+A transposed gate_up_proj alone cannot say whether its gate/up columns are interleaved: ``auto`` reads the
+checkpoint's ``config.json`` (only ``model_type`` gpt_oss interleaves) and asks for ``layout=`` without one.
 
 Around the experts: the router (``gate.weight``, ``router.weight`` [+ ``.bias``]), the correction bias
 (``gate.e_score_correction_bias``, ``e_score_correction_bias``), and shared experts (``shared_expert(s).`` or
@@ -34,7 +39,7 @@ import torch
 
 from moekit.layer import MoE
 
-LAYOUTS = ("auto", "per_expert", "fused", "gpt_oss")
+LAYOUTS = ("auto", "per_expert", "fused", "gpt_oss", "transposed")
 
 # checkpoint projection name -> RoutedExperts shard id
 _SHARDS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "w1": "w1", "w3": "w3", "w2": "w2"}
@@ -89,6 +94,16 @@ class Checkpoint:
         if file not in self._handles:
             self._handles[file] = safe_open(str(file), framework="pt")
         return self._handles[file]
+
+    def model_types(self) -> set[str]:
+        """``model_type`` (and ``text_config.model_type``) of the ``config.json`` beside the checkpoint; empty
+        when there is none."""
+        config = (self.path if self.path.is_dir() else self.path.parent) / "config.json"
+        if not config.is_file():
+            return set()
+        data = json.loads(config.read_text())
+        found = {data.get("model_type"), (data.get("text_config") or {}).get("model_type")}
+        return {t for t in found if isinstance(t, str)}
 
     def moe_prefixes(self) -> list[str]:
         """Prefixes ``P`` under which ``P.experts.`` holds expert weights, in checkpoint order."""
@@ -174,11 +189,13 @@ def load_moe(
     """Load the block stored under ``prefix`` (e.g. ``model.layers.3.mlp``) into ``moe``.
 
     Args:
-        layout: ``auto`` (per-expert names if present; else ``gpt_oss`` when ``gate_up_proj`` is [E, H, 2I] or
-            has a bias, otherwise ``fused``), or one of ``per_expert``, ``fused``, ``gpt_oss``.
+        layout: ``auto`` (per-expert names if present; else ``fused`` when ``gate_up_proj`` is [E, 2I, H]; a
+            transposed [E, H, 2I] one is ``gpt_oss`` if config.json says model_type gpt_oss, else ``transposed``),
+            or one of ``per_expert``, ``fused``, ``gpt_oss``, ``transposed``.
         strict: raise ``KeyError`` listing the missing and unexpected keys instead of only reporting them.
     Raises:
-        ValueError: a tensor's shape does not fit; the message names the checkpoint key.
+        ValueError: a tensor's shape does not fit (the message names the checkpoint key), or ``auto`` finds
+            transposed experts and no config.json to tell interleaved gate/up columns from concatenated ones.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {list(LAYOUTS)}, got {layout!r}")
@@ -191,7 +208,8 @@ def load_moe(
     if layout == "per_expert":
         _load_per_expert(moe, loader, prefix)
     else:
-        _load_fused(moe, loader, prefix + "experts.", interleaved=layout == "gpt_oss")
+        transposed = layout in ("gpt_oss", "transposed")
+        _load_fused(moe, loader, prefix + "experts.", transposed=transposed, interleaved=layout == "gpt_oss")
     if moe.shared_experts is not None:
         _load_shared(moe, loader, prefix)
     consumed = set(report.loaded)
@@ -248,7 +266,17 @@ def _detect_layout(moe: MoE, ckpt: Checkpoint, prefix: str) -> str:
     hidden = moe.config.hidden_size
     shape = ckpt.shape(key)
     transposed = len(shape) == 3 and shape[1] == hidden and shape[2] != hidden
-    return "gpt_oss" if transposed or (experts + "gate_up_proj_bias") in ckpt else "fused"
+    if not transposed:
+        return "fused"
+    # Llama4 and openai_privacy_filter store [E, H, 2I] with the gate columns first, gpt-oss interleaves them; the
+    # shapes are the same, and de-interleaving concatenated columns gives silently wrong experts.
+    types = ckpt.model_types()
+    if not types:
+        raise ValueError(
+            f"layout: {key!r} is stored transposed [E, H, 2I] and no config.json says whether its gate/up columns are "
+            "interleaved; pass layout='gpt_oss' (interleaved) or layout='transposed' (gate columns, then up)"
+        )
+    return "gpt_oss" if "gpt_oss" in types else "transposed"
 
 
 def _load_router(moe: MoE, loader: _Loader, prefix: str) -> None:
@@ -280,21 +308,22 @@ def _load_per_expert(moe: MoE, loader: _Loader, prefix: str) -> None:
         loader.report.loaded.append(key)
 
 
-def _load_fused(moe: MoE, loader: _Loader, experts_prefix: str, *, interleaved: bool) -> None:
+def _load_fused(moe: MoE, loader: _Loader, experts_prefix: str, *, transposed: bool, interleaved: bool) -> None:
     experts = moe.routed_experts
-    if interleaved:
+    w13_from = w2_from = b13_from = None
+    if transposed:
 
         def w13_from(t: torch.Tensor) -> torch.Tensor:
-            return deinterleave(t.transpose(1, 2), dim=1)
+            t = t.transpose(1, 2)
+            return deinterleave(t, dim=1) if interleaved else t
 
         def w2_from(t: torch.Tensor) -> torch.Tensor:
             return t.transpose(1, 2)
 
+    if interleaved:
+
         def b13_from(t: torch.Tensor) -> torch.Tensor:
             return deinterleave(t, dim=1)
-
-    else:
-        w13_from = w2_from = b13_from = None
     loader.copy(experts.w13, [experts_prefix + "gate_up_proj"], w13_from)
     loader.copy(experts.w2, [experts_prefix + "down_proj"], w2_from)
     if experts.w13_bias is not None:

@@ -135,3 +135,36 @@ def test_unknown_layout_and_path_are_rejected(tmp_path):
         load_moe(moe, tmp_path, "x", layout="columnar")
     with pytest.raises(FileNotFoundError):
         Checkpoint(tmp_path / "absent.safetensors")
+
+
+def _first_block(model):
+    """(checkpoint prefix, block) of the model's first converted-family MoE block."""
+    return next((n, m) for n, m in model.named_modules() if type(m).__name__ in mh.SUPPORTED_BLOCKS)
+
+
+@pytest.mark.parametrize("family", ["llama4", "openai_privacy_filter"])
+def test_transposed_concatenated_experts_load(tmp_path, family):
+    # Llama4 and the privacy filter store gate_up_proj [E, H, 2I] like gpt-oss, but with the gate columns first
+    # (concatenated); only gpt-oss interleaves them. Read as gpt_oss they were de-interleaved, silently wrong.
+    model = build(family)
+    model.save_pretrained(tmp_path)
+    prefix, block = _first_block(model)
+    moe = _fresh_like(block)
+    report = load_moe(moe, tmp_path, prefix)
+    assert report.ok and report.layout == "transposed"
+    x = torch.randn(1, 5, moe.config.hidden_size)
+    assert rel_errors(_block_output(moe, x).reshape(-1), _block_output(block, x).reshape(-1))[0] <= 1e-5
+
+
+def test_transposed_experts_without_config_need_a_layout(tmp_path):
+    # Without config.json nothing tells interleaved (gpt-oss) from concatenated gate/up columns: ask, don't guess.
+    model = build("llama4")
+    file = tmp_path / "model.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(file))
+    prefix, block = _first_block(model)
+    moe = _fresh_like(block)
+    with pytest.raises(ValueError, match="layout"):
+        load_moe(moe, file, prefix)
+    assert load_moe(moe, file, prefix, layout="transposed").ok
+    x = torch.randn(1, 5, moe.config.hidden_size)
+    assert rel_errors(_block_output(moe, x).reshape(-1), _block_output(block, x).reshape(-1))[0] <= 1e-5
