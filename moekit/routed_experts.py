@@ -9,6 +9,8 @@ Parameters (unquantized; E = local experts):
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -18,6 +20,7 @@ from moekit._checks import (
     check_ndim,
     check_positive,
     check_signed_int_dtype,
+    check_tensor,
 )
 from moekit.kernel import ModularKernel, make_kernel
 from moekit.ops.activation import Activation, resolve_activation
@@ -123,6 +126,7 @@ class RoutedExperts(nn.Module):
         is global; an expert that ``expert_map`` places on another rank is skipped.
         """
         check_choice("shard_id", shard_id, SHARD_IDS)
+        check_tensor("loaded_weight", loaded_weight)
         local_id = self._local_expert_id(expert_id)
         if local_id is None:
             return
@@ -147,6 +151,13 @@ class RoutedExperts(nn.Module):
         dest.copy_(loaded_weight)
 
     def _local_expert_id(self, expert_id: int) -> int | None:
+        # An int, numpy int or 0-d integer tensor; a bool would index param.data[True] (a new leading dim).
+        try:
+            if isinstance(expert_id, bool):
+                raise TypeError
+            expert_id = operator.index(expert_id)
+        except TypeError:
+            raise TypeError(f"expert_id: expected an int, got {type(expert_id).__name__}") from None
         num_global = self.num_experts if self.expert_map is None else self.expert_map.shape[0]
         if not 0 <= expert_id < num_global:
             raise ValueError(f"expert_id: expected in [0, {num_global}), got {expert_id}")

@@ -76,6 +76,18 @@ def test_weight_loader_errors():
         re.weight_loader(torch.nn.Parameter(torch.ones(2)), torch.ones(2), "w1", 0)
 
 
+def test_weight_loader_argument_types():
+    re = RoutedExperts(3, 16, 8, backend="torch")
+    # A bool indexed param.data[True] (a new leading dim) and a float raised a bare IndexError.
+    for bad in (True, 1.0):
+        with pytest.raises(TypeError, match=f"expert_id: expected an int, got {type(bad).__name__}"):
+            re.weight_loader(re.w2, torch.ones(16, 8), "w2", bad)
+    with pytest.raises(TypeError, match="loaded_weight: expected a torch.Tensor, got list"):
+        re.weight_loader(re.w2, [[1.0] * 8] * 16, "w2", 0)
+    re.weight_loader(re.w2, torch.ones(16, 8), "w2", torch.tensor(2))  # 0-d integer tensors are ids too
+    assert torch.equal(re.w2[2], torch.ones(16, 8))
+
+
 def test_expert_map_validation():
     with pytest.raises(ValueError, match="expert_map: expected 3 local experts"):
         RoutedExperts(3, 16, 8, expert_map=torch.tensor([0, 1, -1, -1]))
