@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moekit.hf.experts import canonical_weights, gated_act_fn_activation, read_experts_spec
+from moekit.hf.experts import _rearrange, _source_weights, gated_act_fn_activation, read_experts_spec
 from moekit.ops.activation import Activation
 
 
@@ -49,7 +49,14 @@ def decorated(block: nn.Module) -> ExpertsWeights:
     spec = read_experts_spec(experts)
     if spec.activation is None:
         raise NotImplementedError(f"experts {type(experts).__name__} with {spec.reason}")
-    w13, w2, w13_bias, w2_bias = canonical_weights(experts, spec)
+    sources = _source_weights(experts, spec)
+    if spec.canonical:
+        w13, w2, w13_bias, w2_bias = sources
+    else:
+        # Not canonical_weights: its cache would keep a second, full copy of the experts on the caller's module
+        # (the block the converted MoE replaces, or one left in place when convert gives up on a later block).
+        with torch.no_grad():
+            w13, w2, w13_bias, w2_bias = _rearrange(sources, spec)
     return ExpertsWeights(activation=spec.activation, w13=w13, w2=w2, w13_bias=w13_bias, w2_bias=w2_bias)
 
 
