@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from moekit._checks import check_positive
 from moekit.layer import MoE
 
 LAYOUTS = ("auto", "per_expert", "fused", "gpt_oss", "transposed")
@@ -117,6 +118,8 @@ class Checkpoint:
 
 def deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Rows ``[g0, u0, g1, u1, ...]`` along ``dim`` -> ``[g0, g1, ..., u0, u1, ...]`` (gate rows, then up rows)."""
+    if t.shape[dim] % 2:
+        raise ValueError(f"t: expected an even size along dim {dim} (gate/up pairs), got shape {tuple(t.shape)}")
     index = torch.arange(t.shape[dim], device=t.device)
     return t.index_select(dim, torch.cat((index[0::2], index[1::2])))
 
@@ -153,6 +156,7 @@ def expert_params_mapping(
     ``experts.{e}.{gate}.weight`` -> ``routed_experts.w13`` shard ``w1``; ``{up}`` -> ``w13`` shard ``w3``;
     ``{down}`` -> ``w2`` shard ``w2``. Mixtral checkpoints use ``gate="w1", up="w3", down="w2"``.
     """
+    check_positive("num_experts", num_experts)
     rows = []
     for e in range(num_experts):
         for proj, shard in ((gate, "w1"), (up, "w3"), (down, "w2")):
@@ -197,6 +201,8 @@ def load_moe(
         ValueError: a tensor's shape does not fit (the message names the checkpoint key), or ``auto`` finds
             transposed experts and no config.json to tell interleaved gate/up columns from concatenated ones.
     """
+    if not isinstance(moe, MoE):
+        raise TypeError(f"moe: expected a moekit.MoE, got {type(moe).__name__}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {list(LAYOUTS)}, got {layout!r}")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)

@@ -327,3 +327,22 @@ def test_clamp_beyond_the_default_probe_range_is_kept():
     assert mh.experts_spec(block.experts).activation.limit == 16.0
     assert rel_errors(through_experts, expected)[0] <= FP32_TOL
     assert rel_errors(converted, expected)[0] <= FP32_TOL
+
+
+def test_bad_arguments_are_named_up_front():
+    # A bad backend used to register fine and fail inside the first forward of every model using it.
+    with pytest.raises(ValueError, match="backend"):
+        mh.register(backend="cuda")
+    mh.register()  # the fixture's registration stays in place
+    with pytest.raises(TypeError, match="model"):
+        mh.convert("not a model")
+
+
+def test_failed_convert_leaves_no_weight_copies_behind():
+    # convert promises an untouched model when a block is unsupported. Rearranging gpt-oss's experts through the
+    # experts-path cache left a full de-interleaved copy of every earlier block's experts on the model.
+    model = build("gpt_oss")
+    model.model.layers[1].mlp = build("phimoe").model.layers[0].mlp  # unsupported: convert must give up
+    with torch.no_grad(), pytest.raises(NotImplementedError):
+        mh.convert(model)
+    assert "_moekit_weights" not in vars(model.model.layers[0].mlp.experts)

@@ -168,3 +168,16 @@ def test_transposed_experts_without_config_need_a_layout(tmp_path):
     assert load_moe(moe, file, prefix, layout="transposed").ok
     x = torch.randn(1, 5, moe.config.hidden_size)
     assert rel_errors(_block_output(moe, x).reshape(-1), _block_output(block, x).reshape(-1))[0] <= 1e-5
+
+
+def test_bad_arguments_are_named(saved):
+    from moekit.loading import deinterleave
+
+    _, path = saved["qwen2_moe"]
+    with pytest.raises(TypeError, match="moe"):
+        load_moe(object(), path, "model.layers.0.mlp")
+    with pytest.raises(ValueError, match="num_experts"):
+        expert_params_mapping(0)
+    # An odd row count has no gate/up pairs; the old code returned a silently shuffled tensor.
+    with pytest.raises(ValueError, match="t: "):
+        deinterleave(torch.arange(5.0), dim=0)

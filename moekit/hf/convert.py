@@ -188,6 +188,8 @@ def convert(model: nn.Module, *, backend: str = "auto") -> int:
     All blocks are converted before any is swapped in, so an unsupported block leaves ``model`` untouched.
     Router-logit outputs (``output_router_logits``, the auxiliary loss) are not produced by converted blocks.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     found = [(n, m) for n, m in model.named_modules() if _is_moe_block(m)]
     built = [(n, moe_from_hf(m, backend=backend)) for n, m in found if n and not _inside(n, found)]
     for name, moe in built:

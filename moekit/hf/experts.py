@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moekit._checks import check_choice
+from moekit.config import BACKENDS
 from moekit.functional import fused_experts
 from moekit.loading import deinterleave
 from moekit.ops.activation import Activation, activation_ref
@@ -68,6 +70,9 @@ def register(*, backend: str = "auto") -> None:
     ``from_pretrained(..., experts_implementation="moekit")`` route every decorated experts module here.
     """
     from transformers.integrations.moe import ExpertsInterface
+
+    # Checked here: a bad name would otherwise register fine and fail in the first forward of every model.
+    check_choice("backend", backend, BACKENDS)
 
     def moekit_experts_forward(
         module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
