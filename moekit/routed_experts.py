@@ -77,16 +77,28 @@ class RoutedExperts(nn.Module):
             expert_map = expert_map.to(device=device, dtype=torch.int32)
         self.register_buffer("expert_map", expert_map, persistent=False)
         self.quant_method = quant_method if quant_method is not None else UnquantizedMoEMethod()
-        # The activation dtype the layer expects; quantized weights may be stored in another.
-        self.params_dtype = dtype if dtype is not None else torch.get_default_dtype()
+        # The activation dtype the layer expects; quantized weights may be stored in another (see params_dtype).
+        self._params_dtype = dtype if dtype is not None else torch.get_default_dtype()
         self.quant_method.create_weights(
             self,
             num_experts=num_experts,
             hidden_size=hidden_size,
             intermediate_size=intermediate_size,
-            params_dtype=self.params_dtype,
+            params_dtype=self._params_dtype,
             device=torch.device(device) if device is not None else None,
         )
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        """The activation dtype the layer expects.
+
+        Unquantized weights are stored in it, so it is read from them: a dtype fixed at construction went stale
+        after ``layer.to(torch.bfloat16)``/``.half()`` (or a cast of shared parameters) and the layer then
+        rejected every input. A quantized method stores its weights in another dtype and keeps the given one.
+        """
+        if not self.quant_method.quant_params(self).is_quantized:
+            return self.w13.dtype
+        return self._params_dtype
 
     def extra_repr(self) -> str:
         return (

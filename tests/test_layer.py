@@ -108,6 +108,17 @@ def test_dtype_and_device_arguments():
     assert moe(torch.randn(3, 32, dtype=torch.float16)).dtype == torch.float16
 
 
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.float16), lambda m: m.half()], ids=["to", "half"])
+def test_layer_cast_after_construction(cast):
+    # MoE(cfg).to(dtype) is the usual idiom; the layer kept expecting its construction dtype and rejected both the
+    # new dtype (its own check) and the old one (the kernel's weight-dtype check).
+    moe = cast(MoE(_config(shared_intermediate_size=16)))
+    x = torch.randn(4, 32, dtype=torch.float16)
+    out = moe(x)
+    assert out.dtype == torch.float16
+    assert_close(out, _manual(moe, x), torch.float16)
+
+
 def test_bad_inputs():
     moe = MoE(_config())
     with pytest.raises(ValueError, match=r"hidden_states: expected shape \[..., H=32\], got \(3, 31\)"):
