@@ -72,6 +72,17 @@ class MoE(nn.Module):
                 **kw,
             )
 
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        # .to(dtype)/.half()/.bfloat16() cast every floating buffer, but the correction bias only ranks experts, by
+        # differences far below bf16's resolution: keep its fp32 values (on the new device), as the constructor
+        # and DeepSeek-V3/vLLM do. A cast to a wider dtype is left alone.
+        bias = self.e_score_correction_bias
+        result = super()._apply(fn, recurse)
+        new = self.e_score_correction_bias
+        if bias is not None and new is not None and new.is_floating_point() and torch.finfo(new.dtype).bits < 32:
+            self.e_score_correction_bias = bias.float().to(new.device)
+        return result
+
     @classmethod
     def from_hf(cls, block: nn.Module, *, backend: str = "auto") -> MoE:
         """A moekit layer sharing the parameters of a transformers sparse-MoE block (see ``moekit.hf``)."""

@@ -119,6 +119,21 @@ def test_layer_cast_after_construction(cast):
     assert_close(out, _manual(moe, x), torch.float16)
 
 
+def test_correction_bias_stays_fp32_through_a_cast():
+    # The bias only ranks experts, by differences far below bf16's resolution: it is created fp32 whatever the
+    # layer's dtype (like DeepSeek-V3 and vLLM keep it), and a later .to(bfloat16) must not round it.
+    cfg = _config(routing=RoutingConfig(scoring_func="sigmoid", correction_bias=True))
+    moe = MoE(cfg)
+    bias = torch.linspace(1.0, 1.001, 8)
+    moe.e_score_correction_bias.copy_(bias)
+    moe.to(torch.bfloat16)
+    assert moe.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(moe.e_score_correction_bias, bias)
+    assert moe.routed_experts.w13.dtype == torch.bfloat16 and moe.gate.weight.dtype == torch.bfloat16
+    assert "e_score_correction_bias" in dict(moe.named_buffers())
+    assert moe(torch.randn(3, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_bad_inputs():
     moe = MoE(_config())
     with pytest.raises(ValueError, match=r"hidden_states: expected shape \[..., H=32\], got \(3, 31\)"):
