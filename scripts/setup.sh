@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv and install moekit with pinned test/bench dependencies.
 # torch is pinned first and explicitly: an unpinned `torch` on a machine without torch would pull a
-# multi-GB CUDA build, while torch==2.13.0 resolves to the local CPU wheel on our CPU machines.
+# multi-GB CUDA build. Which build the pin resolves to is up to pip's configured index: on our CPU machines
+# it finds a local CPU wheel (elsewhere, point pip at the CPU index or set MOEKIT_TORCH_VERSION).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

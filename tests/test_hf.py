@@ -48,6 +48,7 @@ BLOCK_FAMILIES = ["dbrx", "glm5_next", "hy_v4", "hy_v4_vl", "jetmoe", "kolibri1"
 # (a router or block quirk moekit cannot express); the experts path must still match.
 IMPL_ONLY_FAMILIES = [
     "axk1", "axk2", "cohere2_moe", "deepseek_v4", "gemma4", "phimoe", "zaya", "inkling",
+    "diffusion_gemma", "minimax_m3_vl",
 ]
 
 # Decorated experts whose activation (a two-input act_fn) or post-expert norm moekit lacks: the experts

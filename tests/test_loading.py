@@ -22,6 +22,8 @@ SAVED = [
     ("qwen2_moe", "mlp", "per_expert"),  # + shared expert and its sigmoid gate
     ("deepseek_v3", "mlp", "per_expert"),  # + correction bias, shared experts
     ("gpt_oss", "mlp", "gpt_oss"),  # fused, transposed, interleaved, biased
+    ("qwen3_moe", "mlp", "per_expert"),  # no shared expert, norm_topk_prob
+    ("olmoe", "mlp", "per_expert"),
 ]
 
 
