@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 scripts/device_triton.py [--presets a,b] [--tokens 1,64] [--sweep] [--no-check]
 
-Floor and timing follow ../shared/MEASURING.md: ceilings measured in the same run (streaming read by a persistent
+Floor and timing follow docs/perf/MEASURING.md: ceilings measured in the same run (streaming read by a persistent
 Triton kernel over 4 GiB; torch.matmul 8192^3 bf16), floor = max(routed weight bytes + T·H in/out over read_bw,
 flops over mm_rate). T <= 1024 is timed as CUDA-graph replays; each graph runs ROTATE calls on distinct inputs
 (different routings) so that repeated replays do not find the weights in L2. Prints a short table last; writes
