@@ -111,3 +111,20 @@ def test_half_tail_tiles(gated):
     grouped_gemm(x, w, layout, out, cfg, num_rows=83, weights_N=weights, activation=act)
     want = grouped_gemm_ref(x, w, layout, torch.empty(83, n_out), num_rows=83, weights_N=weights, activation=act)
     assert_close(out, want, torch.float16)
+
+
+@pytest.mark.parametrize("activation", [*ACTIVATIONS, "silu_limit"])
+def test_nan_input_row_stays_nan(activation):
+    # torch's clamp/relu propagate NaN (the _ref twin does); a min/max that drops NaN would turn a blown-up token
+    # into finite garbage for the clamped activations and relu2. Other rows must stay finite.
+    act = Activation(name="silu", limit=1.0) if activation == "silu_limit" else Activation(name=activation)
+    ids = torch.tensor([[0], [1], [0]])
+    layout = align_ref(ids, 2, 16)
+    x = torch.randn(3, 32)
+    x[1, 3] = float("nan")
+    w = torch.randn(2, act.w13_rows(16), 32) / 8
+    out = torch.zeros(3, 16)
+    grouped_gemm(x, w, layout, out, SMALL, num_rows=3, activation=act)
+    want = grouped_gemm_ref(x, w, layout, torch.zeros(3, 16), num_rows=3, activation=act)
+    assert bool(want[1].isnan().all()) and bool(out[1].isnan().all())
+    assert_close(out[[0, 2]], want[[0, 2]], torch.float32)

@@ -8,6 +8,8 @@ import triton.language as tl
 
 # ACTIVATION codes (compile-time): 0 none, 1 silu, 2 gelu (erf), 3 gelu_tanh, 4 relu2, 5 swigluoai,
 # 6 clamped silu (silu(min(gate, limit)) * clamp(up, -limit, limit)).
+# The clamps and relu propagate NaN like torch's clamp/relu (the _ref twin): tl.minimum/maximum by default return
+# the other operand (fmin), which turned a NaN from an upstream blow-up into the limit or 0, a finite wrong value.
 
 
 @triton.jit
@@ -24,15 +26,17 @@ def _activate(b_gate, b_up, alpha, limit, ACTIVATION: tl.constexpr):
         b_z = 0.7978845608028654 * (b_gate + 0.044715 * b_gate * b_gate * b_gate)
         return 0.5 * b_gate * (2.0 * tl.sigmoid(2.0 * b_z)) * b_up
     elif ACTIVATION == 4:
-        b_r = tl.maximum(b_gate, 0.0)
+        b_r = tl.maximum(b_gate, 0.0, propagate_nan=tl.PropagateNan.ALL)
         return b_r * b_r
     elif ACTIVATION == 6:
-        b_g = tl.minimum(b_gate, limit)
-        b_u = tl.minimum(tl.maximum(b_up, -limit), limit)
+        b_g = tl.minimum(b_gate, limit, propagate_nan=tl.PropagateNan.ALL)
+        b_u = tl.maximum(b_up, -limit, propagate_nan=tl.PropagateNan.ALL)
+        b_u = tl.minimum(b_u, limit, propagate_nan=tl.PropagateNan.ALL)
         return b_g * tl.sigmoid(b_g) * b_u
     else:
-        b_g = tl.minimum(b_gate, limit)
-        b_u = tl.minimum(tl.maximum(b_up, -limit), limit)
+        b_g = tl.minimum(b_gate, limit, propagate_nan=tl.PropagateNan.ALL)
+        b_u = tl.maximum(b_up, -limit, propagate_nan=tl.PropagateNan.ALL)
+        b_u = tl.minimum(b_u, limit, propagate_nan=tl.PropagateNan.ALL)
         return b_g * tl.sigmoid(alpha * b_g) * (b_u + 1.0)
 
 
