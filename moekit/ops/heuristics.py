@@ -141,9 +141,13 @@ def heuristic_config(s: MoEShape) -> MoEKernelConfig:
         bn2 = 64
         while bn2 > 32 and blocks * -(-s.hidden // bn2) < target:
             bn2 //= 2
-        # Split K of GEMM2 while the grid is short of the target and each split keeps >= 4 K tiles.
+        # Split K of GEMM2 while the grid is short of the target and each split keeps >= 4 K tiles. grouped_gemm
+        # gives every split ceil(tiles / S) K tiles, so for a ragged I the last splits could get none (programs
+        # that only write zeros, e.g. I = 4100: 8 splits of 5 tiles cover 33 tiles): stop before that happens.
         split = 1
-        while blocks * -(-s.hidden // bn2) * split < target and s.inter // (2 * split) >= 4 * bk:
+        k_tiles = -(-s.inter // bk)
+        while (blocks * -(-s.hidden // bn2) * split < target and s.inter // (2 * split) >= 4 * bk
+               and (2 * split - 1) * -(-k_tiles // (2 * split)) < k_tiles):
             split *= 2
         gemm2 = GemmConfig(block_n=bn2, block_k=bk, split_k=split, num_warps=4, num_stages=4)
         return MoEKernelConfig(block_m=block_m, gemm1=gemm1, gemm2=gemm2, y_fp32=True)
@@ -154,10 +158,13 @@ def heuristic_config(s: MoEShape) -> MoEKernelConfig:
     # With 128-row blocks an expert's last block is on average half padding (~24% of the rows at 2 blocks an
     # expert): a block whose second half is padding runs a 64-row tile (H100, four runs: -1…-4% on most
     # 128-row prefill cells, NOTES §5; 32-row tails of 64-row blocks gained nothing, so only here).
+    # fp32 inputs take 32-wide K tiles: the same bytes a stage as bf16's 64 (a 128 x 256 x 64 fp32 tile in 3
+    # stages is 288 KiB of shared memory, over every GPU's 227 KiB per block: it failed to compile).
+    bk = 64 if s.elem_bytes <= 2 else 32
     if block_m == 128:
-        gemm1 = GemmConfig(block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3, half_tail=True)
+        gemm1 = GemmConfig(block_n=256, block_k=bk, group_m=8, num_warps=8, num_stages=3, half_tail=True)
     else:
-        gemm1 = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
+        gemm1 = GemmConfig(block_n=128, block_k=bk, group_m=8, num_warps=4, num_stages=4)
     gemm2 = gemm1
     # y [N, H] is written once and read once by the reduction; in fp32 those bytes are a visible share of a
     # prefill of small experts, in the activation dtype they cost half and lose nothing beyond its rounding.
@@ -165,6 +172,10 @@ def heuristic_config(s: MoEShape) -> MoEKernelConfig:
 
 
 def _lookup_tuned(s: MoEShape) -> MoEKernelConfig | None:
+    if s.elem_bytes != 2:
+        # Tables are timed in bf16/fp16 (``moekit tune --dtype``); their tiles hold twice the bytes in fp32 and can
+        # exceed shared memory (the H100 mixtral entry: 240 KiB), so other dtypes keep the heuristics.
+        return None
     table = _tuned_tables(str(tuned_dir() / _gpu_name())).get(f"{s.num_experts},{s.hidden},{s.inter},{s.top_k}")
     if not table:
         return None
