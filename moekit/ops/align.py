@@ -19,6 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit._checks import (
+    check_dtype,
+    check_int_dtype,
+    check_ndim,
+    check_positive,
+    check_shape,
+    check_signed_int_dtype,
+    check_tensor,
+)
 from moekit.ops._kernels.align import align_count_kernel, align_scatter_kernel
 
 # A one-hot [BLOCK_R, BLOCK_E] int32 tile (and its cumsum) stays in registers up to about this many elements.
@@ -91,6 +100,13 @@ def align(
     """
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m: expected a power of two >= 16, got {block_m}")
+    check_positive("num_experts", num_experts)
+    check_tensor("topk_ids_TK", topk_ids_TK)
+    check_int_dtype("topk_ids_TK", topk_ids_TK)  # the kernel casts to int32: float ids would be truncated
+    if expert_map is not None:
+        check_ndim("expert_map", expert_map, 1, "[E_global]")
+        check_signed_int_dtype("expert_map", expert_map)
+        expert_map = expert_map.contiguous()  # indexed as a dense array by the kernels
     ids_N = topk_ids_TK.reshape(-1)
     num_rows = ids_N.numel()
     device = ids_N.device
@@ -102,6 +118,17 @@ def align(
             num_padded=torch.empty(1, dtype=torch.int32, device=device),
             block_m=block_m,
         )
+    else:
+        # The kernels fill exactly these sizes: a smaller buffer is written out of bounds, another block_m would
+        # describe a different layout to the GEMMs.
+        if out.block_m != block_m:
+            raise ValueError(f"out.block_m: expected {block_m} (block_m), got {out.block_m}")
+        for name, t, size in (("out.sorted_ids", out.sorted_ids, num_blocks * block_m),
+                              ("out.expert_ids", out.expert_ids, num_blocks), ("out.num_padded", out.num_padded, 1)):
+            check_shape(name, t, (size,), f"(align_num_blocks(N={num_rows}, E={num_experts}, M={block_m}))")
+            check_dtype(name, t, (torch.int32,))
+            if size > 1 and t.stride(0) != 1:
+                raise ValueError(f"{name}: expected a contiguous tensor, got stride {t.stride()}")
     if num_rows == 0:
         out.num_padded.zero_()
         return out
@@ -116,6 +143,12 @@ def align(
     if not single:
         if scratch is None:
             scratch = torch.empty(2 * num_chunks * num_experts, dtype=torch.int32, device=device)
+        elif (scratch.dtype != torch.int32 or scratch.dim() != 1 or scratch.numel() < 2 * num_chunks * num_experts
+              or (scratch.numel() > 1 and scratch.stride(0) != 1)):
+            raise ValueError(
+                f"scratch: expected an int32 tensor of at least {2 * num_chunks * num_experts} contiguous elements "
+                f"(align_workspace_elems), got {scratch.dtype} of shape {tuple(scratch.shape)}"
+            )
         # Expert-major [E, chunks]: the scan over chunks runs along the contiguous dim (a cumsum over dim 0 of
         # [chunks, E] is a sequential loop per column: ~100 us at 1000 chunks).
         counts = scratch[: num_chunks * num_experts].view(num_experts, num_chunks)

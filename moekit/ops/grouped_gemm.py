@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from moekit._checks import check_ndim, check_same_dtype, check_shape
 from moekit.ops._kernels.grouped_gemm import grouped_gemm_kernel
 from moekit.ops.activation import Activation, activation_ref
 from moekit.ops.align import AlignResult
@@ -56,6 +57,8 @@ def grouped_gemm(
         bias_EN: optional [E, n_b].  weights_N: optional [N] fp32 per-row scale applied last.
         activation: applied in the epilogue (gated ones read gate and up halves of B); None = identity.
     """
+    check_ndim("a", a, 2, "[rows, k]")
+    check_ndim("b_ENK", b_ENK, 3, "[E, n, k]")
     k_dim = a.shape[-1]
     gated = activation is not None and activation.is_gated
     n_out = b_ENK.shape[1] // 2 if gated else b_ENK.shape[1]
@@ -63,12 +66,36 @@ def grouped_gemm(
         raise ValueError("grouped_gemm: a and out need a contiguous last dim")
     if b_ENK.shape[2] != k_dim:
         raise ValueError(f"b_ENK: expected [E, n, {k_dim}], got shape {tuple(b_ENK.shape)}")
+    # tl.dot takes one dtype: a mismatch failed inside the compiler with no argument named.
+    check_same_dtype("a", a, "b_ENK", b_ENK)
+    if gated and b_ENK.shape[1] % 2:
+        # An odd row count has no gate|up halves (the kernel would pair rows n_out.. with the wrong gates).
+        raise ValueError(
+            f"b_ENK: gated activation {activation.name!r} needs an even row count 2·n_out, got {tuple(b_ENK.shape)}"
+        )
+    # The kernel reads row sorted_ids // a_row_div of a for every routed row: fewer rows are out-of-bounds reads.
+    min_a_rows = -(-num_rows // a_row_div)
+    if a.shape[0] < min_a_rows:
+        raise ValueError(f"a: expected at least {min_a_rows} rows (N = {num_rows}, a_row_div = {a_row_div}), "
+                         f"got shape {tuple(a.shape)}")
+    # Bias rows and the per-row weights are read as dense vectors (no column stride is passed): a strided view
+    # would be read at the wrong addresses.
+    if bias_EN is not None:
+        check_shape("bias_EN", bias_EN, (b_ENK.shape[0], b_ENK.shape[1]), "[E, n]")
+        if bias_EN.stride(-1) != 1:
+            raise ValueError(f"bias_EN: expected a contiguous last dim, got strides {bias_EN.stride()}")
+    if weights_N is not None:
+        check_shape("weights_N", weights_N, (num_rows,), "[N]")
+        if num_rows > 1 and weights_N.stride(0) != 1:
+            raise ValueError(f"weights_N: expected a contiguous [N] tensor, got stride {weights_N.stride()}")
     split = config.split_k
     if split > 1 and activation is not None:
         raise ValueError("grouped_gemm: split_k > 1 cannot fuse an activation (it needs the whole sum)")
     out_3d = out if out.dim() == 3 else out.unsqueeze(0)
-    if out_3d.shape[0] != split or out_3d.shape[2] != n_out:
-        raise ValueError(f"out: expected [{split}, N, {n_out}], got shape {tuple(out.shape)}")
+    # Every routed row is written at row sorted_ids[j] of out: fewer than N rows are out-of-bounds writes.
+    if out_3d.dim() != 3 or tuple(out_3d.shape) != (split, num_rows, n_out):
+        raise ValueError(f"out: expected [{split}, {num_rows}, {n_out}] (or [{num_rows}, {n_out}] when split_k = 1), "
+                         f"got shape {tuple(out.shape)}")
     block_k = config.block_k
     # Each split covers a whole number of K tiles, so only the last tile of the last split can be ragged.
     k_per_split = -(-k_dim // (split * block_k)) * block_k

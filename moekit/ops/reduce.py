@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from moekit._checks import check_ndim, check_shape
 from moekit.ops._kernels.reduce import topk_reduce_kernel
 
 
@@ -29,12 +30,24 @@ def topk_reduce(
     ``topk_ids_TK`` and ``num_experts`` are needed only with ``expert_map`` (to skip rows of other ranks).
     """
     y = y_SNH if y_SNH.dim() == 3 else y_SNH.unsqueeze(0)
+    check_ndim("out_TH", out_TH, 2, "[T, H]")
     num_tokens, hidden = out_TH.shape
-    if y.shape[1] != num_tokens * top_k or y.shape[2] != hidden or y.stride(-1) != 1 or out_TH.stride(-1) != 1:
+    if out_TH.stride(-1) != 1:
+        raise ValueError(f"out_TH: expected a contiguous last dim, got strides {out_TH.stride()}")
+    if y.shape[1] != num_tokens * top_k or y.shape[2] != hidden or y.stride(-1) != 1:
         raise ValueError(f"y_SNH: expected [S, {num_tokens * top_k}, {hidden}] with a contiguous last dim, got "
                          f"{tuple(y_SNH.shape)}")
-    if expert_map is not None and topk_ids_TK is None:
-        raise ValueError("topk_reduce: expert_map needs topk_ids_TK")
+    if expert_map is not None:
+        if topk_ids_TK is None:
+            raise ValueError("topk_reduce: expert_map needs topk_ids_TK")
+        # The kernel reads topk_ids_TK as a dense [T·K] array: another shape is read out of bounds.
+        check_shape("topk_ids_TK", topk_ids_TK, (num_tokens, top_k), "[T, K]")
+        check_ndim("expert_map", expert_map, 1, "[E_global]")
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
+            # The default 0 made every local id out of range: every row skipped, an all-zero output.
+            raise ValueError(f"num_experts: expected a positive int with expert_map, got {num_experts!r}")
+        topk_ids_TK = topk_ids_TK.contiguous()
+        expert_map = expert_map.contiguous()
     if num_tokens == 0:
         return out_TH
     # 16-byte accesses per thread across 4 warps in one pass for H up to 1024; larger H takes more programs,
