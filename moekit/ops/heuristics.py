@@ -143,7 +143,7 @@ def heuristic_config(s: MoEShape) -> MoEKernelConfig:
             bn2 //= 2
         # Split K of GEMM2 while the grid is short of the target and each split keeps >= 4 K tiles. grouped_gemm
         # gives every split ceil(tiles / S) K tiles, so for a ragged I the last splits could get none (programs
-        # that only write zeros, e.g. I = 4100: 8 splits of 5 tiles cover 33 tiles): stop before that happens.
+        # that only write zeros; I = 4100, BLOCK_K = 128: 33 tiles in 8 splits of 5, the 8th starts past the end).
         split = 1
         k_tiles = -(-s.inter // bk)
         while (blocks * -(-s.hidden // bn2) * split < target and s.inter // (2 * split) >= 4 * bk
@@ -158,13 +158,10 @@ def heuristic_config(s: MoEShape) -> MoEKernelConfig:
     # With 128-row blocks an expert's last block is on average half padding (~24% of the rows at 2 blocks an
     # expert): a block whose second half is padding runs a 64-row tile (H100, four runs: -1…-4% on most
     # 128-row prefill cells, NOTES §5; 32-row tails of 64-row blocks gained nothing, so only here).
-    # fp32 inputs take 32-wide K tiles: the same bytes a stage as bf16's 64 (a 128 x 256 x 64 fp32 tile in 3
-    # stages is 288 KiB of shared memory, over every GPU's 227 KiB per block: it failed to compile).
-    bk = 64 if s.elem_bytes <= 2 else 32
     if block_m == 128:
-        gemm1 = GemmConfig(block_n=256, block_k=bk, group_m=8, num_warps=8, num_stages=3, half_tail=True)
+        gemm1 = GemmConfig(block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3, half_tail=True)
     else:
-        gemm1 = GemmConfig(block_n=128, block_k=bk, group_m=8, num_warps=4, num_stages=4)
+        gemm1 = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
     gemm2 = gemm1
     # y [N, H] is written once and read once by the reduction; in fp32 those bytes are a visible share of a
     # prefill of small experts, in the activation dtype they cost half and lose nothing beyond its rounding.
@@ -172,10 +169,6 @@ def heuristic_config(s: MoEShape) -> MoEKernelConfig:
 
 
 def _lookup_tuned(s: MoEShape) -> MoEKernelConfig | None:
-    if s.elem_bytes != 2:
-        # Tables are timed in bf16/fp16 (``moekit tune --dtype``); their tiles hold twice the bytes in fp32 and can
-        # exceed shared memory (the H100 mixtral entry: 240 KiB), so other dtypes keep the heuristics.
-        return None
     table = _tuned_tables(str(tuned_dir() / _gpu_name())).get(f"{s.num_experts},{s.hidden},{s.inter},{s.top_k}")
     if not table:
         return None

@@ -52,36 +52,3 @@ def test_split_k_leaves_no_empty_split(inter, elem_bytes):
         k_per_split = -(-inter // (split * bk)) * bk
         assert (split - 1) * k_per_split < inter, (split, bk, k_per_split)
 
-
-def _smem_bytes(block_m: int, gemm, elem_bytes: int) -> int:
-    # What a pipelined tile keeps in shared memory: num_stages buffers of an A [M, K] and a B [K, N] tile.
-    return gemm.num_stages * (block_m * gemm.block_k + gemm.block_k * gemm.block_n) * elem_bytes
-
-
-@pytest.mark.parametrize("num_experts, hidden, inter, top_k", PRESETS)
-@pytest.mark.parametrize("num_tokens", [1, 16, 64, 256, 1024, 16384])
-@pytest.mark.parametrize("elem_bytes", [2, 4])
-def test_heuristic_tiles_fit_shared_memory(num_experts, hidden, inter, top_k, num_tokens, elem_bytes):
-    # fp32 inputs are accepted by the Triton backend: a 128 x 256 x 64 fp32 tile in 3 stages needs 288 KiB, more
-    # than any GPU's 227 KiB per block, so every fp32 prefill call failed to compile (OutOfResources).
-    cfg = heuristic_config(MoEShape(num_tokens=num_tokens, top_k=top_k, num_experts=num_experts, hidden=hidden,
-                                    inter=inter, elem_bytes=elem_bytes))
-    for gemm in (cfg.gemm1, cfg.gemm2):
-        assert _smem_bytes(cfg.block_m, gemm, elem_bytes) <= 227 * 1024, gemm
-
-
-def test_tuned_tables_apply_to_two_byte_dtypes_only(monkeypatch, tmp_path):
-    # `moekit tune` times bf16/fp16 only; its 128-wide K tiles need twice the shared memory in fp32 (the shipped
-    # H100 mixtral entry: 240 KiB > 227 KiB), so an fp32 call must keep the heuristic (which halves K tiles).
-    shape = MoEShape(num_tokens=100, top_k=2, num_experts=8, hidden=64, inter=32)
-    pinned = heuristic_config(MoEShape(num_tokens=1, top_k=2, num_experts=8, hidden=64, inter=32))
-    (tmp_path / "t.json").write_text(json.dumps({"8,64,32,2": {"128": pinned.to_dict()}}))
-    monkeypatch.setattr(heuristics, "_gpu_name", lambda: tmp_path.name)
-    monkeypatch.setenv("MOEKIT_TUNED_DIR", str(tmp_path.parent))
-    heuristics._tuned_tables.cache_clear()
-    assert choose_config(shape) == pinned
-    fp16 = MoEShape(num_tokens=100, top_k=2, num_experts=8, hidden=64, inter=32, elem_bytes=2)
-    assert choose_config(fp16) == pinned
-    fp32 = MoEShape(num_tokens=100, top_k=2, num_experts=8, hidden=64, inter=32, elem_bytes=4)
-    assert choose_config(fp32) == heuristic_config(fp32)
-    heuristics._tuned_tables.cache_clear()
