@@ -50,7 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sub.add_parser("info", help="versions, devices and available backends")
 
+    # Kept to record in bench's JSON: sys.argv is another program's when main(argv) is called from Python.
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command == "info":
         print(json.dumps(info(), indent=2))
         return 0
@@ -69,7 +72,7 @@ def tune(args: argparse.Namespace) -> int:
     if unknown:
         print(f"moekit tune: --preset: unknown {unknown}; expected 'all' or some of {list(PRESETS)}", file=sys.stderr)
         return 2
-    tokens = _tokens(args.tokens)
+    tokens = _tokens(args.tokens, "tune")
     if not torch.cuda.is_available():
         print("moekit tune: needs a CUDA device (it times the Triton kernels); none is available", file=sys.stderr)
         return 2
@@ -141,13 +144,13 @@ def _shapes(args: argparse.Namespace, device: torch.device):
     return [PRESETS[n] for n in names]
 
 
-def _tokens(text: str) -> list[int]:
+def _tokens(text: str, command: str = "bench") -> list[int]:
     try:
         tokens = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise SystemExit(f"moekit bench: --tokens: expected comma-separated ints, got {text!r}") from None
+        raise SystemExit(f"moekit {command}: --tokens: expected comma-separated ints, got {text!r}") from None
     if not tokens or min(tokens) < 0:
-        raise SystemExit(f"moekit bench: --tokens: expected non-negative ints, got {text!r}")
+        raise SystemExit(f"moekit {command}: --tokens: expected non-negative ints, got {text!r}")
     return tokens
 
 
@@ -178,7 +181,7 @@ def bench(args: argparse.Namespace) -> int:
     print(f"moekit bench on {_device_name(device)}, {args.dtype}, backend {rows[0].backend if rows else args.backend}"
           + ("" if ceilings else " (no floor on CPU: the floor is defined for GPUs)"))
     print(table(rows))
-    meta = {**info(), "device": _device_name(device), "dtype": args.dtype, "command": " ".join(sys.argv)}
+    meta = {**info(), "device": _device_name(device), "dtype": args.dtype, "command": " ".join(["moekit", *args.argv])}
     if args.json:
         write_json(args.json, rows, meta, ceilings)
     _write_outputs(rows, args)

@@ -90,3 +90,18 @@ def test_info(capsys):
     assert main(["info"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert "torch" in doc["backends"]["cpu"] and doc["torch"]
+
+
+def test_bench_json_records_the_command_it_ran(tiny_config, tmp_path):
+    # meta.command is how a JSON file is reproduced: it must be this call's arguments, not the host process's
+    # sys.argv (pytest's, or any program's that calls main(argv)).
+    out_json = tmp_path / "b.json"
+    argv = ["bench", "--hf-config", str(tiny_config), "--tokens", "1", "--dtype", "fp32", "--backend", "torch",
+            "--no-baselines", "--json", str(out_json)]
+    assert main(argv) == 0
+    assert json.loads(out_json.read_text())["meta"]["command"] == "moekit " + " ".join(argv)
+
+
+def test_tune_token_errors_name_tune():
+    with pytest.raises(SystemExit, match="moekit tune: --tokens"):
+        main(["tune", "--preset", "qwen3-30b-a3b", "--tokens", "1,x"])
