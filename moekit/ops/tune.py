@@ -8,7 +8,7 @@
 The table is what ``moekit.ops.heuristics`` reads: an entry keyed by T covers the token counts above the previous
 key up to T; ``null`` keeps the heuristic for that range. Only the points where tuning wins are written, so most
 presets need no table at all: good heuristics are the product, tables patch what they miss.
-Timing follows ../shared/MEASURING.md: CUDA-graph replays for T <= 1024 (each replay runs ``ROTATE`` calls on
+Timing follows docs/perf/MEASURING.md: CUDA-graph replays for T <= 1024 (each replay runs ``ROTATE`` calls on
 different routings so the weights are not found in L2), eager calls above, through ``moekit.bench.timing``.
 """
 
