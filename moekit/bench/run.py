@@ -24,6 +24,7 @@ from moekit.testing import rel_errors
 # captured is graph-timed at every T: eager timing of large calls still counts ~0.1-0.4 ms of Python launch
 # overhead (seen on an H100), which is the host's cost, not the kernel's.
 ERROR_TOKENS = 64  # the reference runs on this many tokens only; it is fp32 and slow
+REF_CHUNK_BYTES = 2 << 30  # fp32 expert weights the reference holds at once
 # On CUDA each timed call runs ROTATE times on as many token sets (hidden states + routing), and the time is
 # divided by ROTATE. do_bench clears L2 before every call by writing 256 MB, and the dirty lines are written
 # back while the next kernel runs: at decode sizes that write-back alone is ~15 us on an H100 (a third of a
@@ -85,17 +86,27 @@ def reference_error(inputs: dict, out: torch.Tensor, shape: MoEShape) -> float:
         return 0.0
     ids = inputs["topk_ids"][:n]
     used, local_ids = torch.unique(ids, return_inverse=True)  # only the experts these tokens use
-    sub = {
-        "hidden_states": inputs["hidden_states"][:n].float(),
-        "w13": inputs["w13"][used].float(),
-        "w2": inputs["w2"][used].float(),
-        "topk_weights": inputs["topk_weights"][:n],
-        "topk_ids": local_ids.to(torch.int32),
-    }
-    for k in ("w13_bias", "w2_bias"):
-        if k in inputs:
-            sub[k] = inputs[k][used].float()
-    ref = fused_experts(**sub, activation=shape.act, backend="torch")
+    weights = inputs["topk_weights"][:n]
+    x = inputs["hidden_states"][:n].float()
+    # fp32 copies of every used expert would not fit beside the bf16 weights for the largest presets (deepseek-v3:
+    # ~37 GB for 64 tokens' experts), so the reference runs over chunks of experts of at most ~2 GiB each; a
+    # routed row whose expert is outside the chunk gets weight 0 (its output is scaled away, biases included).
+    expert_bytes = 4 * (inputs["w13"][0].numel() + inputs["w2"][0].numel())
+    chunk = max(1, REF_CHUNK_BYTES // expert_bytes)
+    ref = torch.zeros(n, out.shape[1], dtype=torch.float32, device=out.device)
+    for start in range(0, used.numel(), chunk):
+        in_chunk = (local_ids >= start) & (local_ids < start + chunk)
+        sub = {
+            "hidden_states": x,
+            "w13": inputs["w13"][used[start:start + chunk]].float(),
+            "w2": inputs["w2"][used[start:start + chunk]].float(),
+            "topk_weights": torch.where(in_chunk, weights, 0.0),
+            "topk_ids": torch.where(in_chunk, local_ids - start, 0).to(torch.int32),
+        }
+        for k in ("w13_bias", "w2_bias"):
+            if k in inputs:
+                sub[k] = inputs[k][used[start:start + chunk]].float()
+        ref += fused_experts(**sub, activation=shape.act, backend="torch").float()
     return rel_errors(out[:n], ref)[0]
 
 

@@ -34,6 +34,8 @@ from moekit.ops.reduce import topk_reduce
 from moekit.quant.params import QuantParams
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Workspaces kept per instance, one per (device, stream), least recently used dropped first.
+_MAX_WORKSPACES = 4
 
 
 class TritonExperts(Experts):
@@ -179,12 +181,17 @@ class TritonExperts(Experts):
             # nothing at replay).
             return torch.empty(nbytes, dtype=torch.uint8, device=device)
         key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-        cached = self._workspace.get(key)
+        cached = self._workspace.pop(key, None)
         if cached is None or cached.numel() < nbytes:
             # Allocated on the current stream, so the caching allocator recycles a grown-out buffer only after
             # this stream's pending kernels.
             cached = torch.empty(nbytes, dtype=torch.uint8, device=device)
-            self._workspace[key] = cached
+        self._workspace[key] = cached  # most recently used last
+        if len(self._workspace) > _MAX_WORKSPACES:
+            # A buffer is freed into its own stream's pool, which reuses it only after that stream's pending
+            # kernels, so dropping the least recently used one is safe; it bounds memory when callers cycle
+            # through many streams.
+            self._workspace.pop(next(iter(self._workspace)))
         return cached
 
 

@@ -92,6 +92,19 @@ def test_expert_map_with_remote_experts():
     assert bool((out[remote_only] == 0).all())
 
 
+def test_workspace_cache_is_bounded(monkeypatch):
+    import moekit.kernel.triton_experts as te
+
+    experts = TritonExperts(DECODE)
+    inp = make_moe_inputs(3, 4, 32, 16, 2, dtype=torch.float16, seed=6)
+    first = experts._buffer(torch.device("cpu"), 64)
+    monkeypatch.setattr(te, "_MAX_WORKSPACES", 1)
+    experts._workspace[("other", 1)] = torch.empty(8, dtype=torch.uint8)  # a second stream's buffer
+    assert experts._buffer(torch.device("cpu"), 32) is first  # reused, and the other (older) one dropped
+    assert list(experts._workspace) == [(torch.device("cpu"), 0)]
+    assert_close(_apply(experts, inp), _ref(inp), torch.float16)
+
+
 def test_out_dtype_and_workspace_reuse():
     # A second, smaller call reuses the cached workspace; out_dtype differs from x.
     experts = TritonExperts(DECODE)
