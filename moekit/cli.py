@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from moekit.config import BACKENDS
+
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 GPU_TOKENS = "1,4,16,64,256,1024,4096,16384"
@@ -27,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="preset name(s), comma-separated, or 'all' (default: all on GPU, olmoe-1b-7b on CPU)")
     b.add_argument("--hf-config", default=None, help="read the MoE dimensions from a transformers config.json")
     b.add_argument("--tokens", default=None, help=f"token counts (default GPU: {GPU_TOKENS}; CPU: {CPU_TOKENS})")
-    b.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    b.add_argument("--backend", default="auto", choices=list(BACKENDS))
     b.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     b.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     b.add_argument("--no-baselines", action="store_true", help="skip the torch grouped_mm and eager-loop baselines")
@@ -132,6 +134,8 @@ def _shapes(args: argparse.Namespace, device: torch.device):
     from moekit.bench.shapes import PRESETS, shape_from_hf_config
 
     if args.hf_config:
+        if args.preset:
+            raise SystemExit("moekit bench: give --preset or --hf-config, not both")
         try:
             return [shape_from_hf_config(args.hf_config)]
         except (OSError, ValueError) as err:  # a bad file is the user's input: no traceback

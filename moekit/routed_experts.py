@@ -22,6 +22,7 @@ from moekit._checks import (
     check_signed_int_dtype,
     check_tensor,
 )
+from moekit.config import BACKENDS
 from moekit.kernel import ModularKernel, make_kernel
 from moekit.ops.activation import Activation, resolve_activation
 from moekit.quant.base import MoEQuantMethod
@@ -59,7 +60,7 @@ class RoutedExperts(nn.Module):
         for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size)):
             check_positive(name, value)
         check_positive("intermediate_size", intermediate_size)
-        check_choice("backend", backend, ("auto", "torch", "triton"))
+        check_choice("backend", backend, BACKENDS)
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size

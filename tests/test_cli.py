@@ -105,3 +105,10 @@ def test_bench_json_records_the_command_it_ran(tiny_config, tmp_path):
 def test_tune_token_errors_name_tune():
     with pytest.raises(SystemExit, match="moekit tune: --tokens"):
         main(["tune", "--preset", "qwen3-30b-a3b", "--tokens", "1,x"])
+
+
+def test_bench_rejects_preset_with_hf_config(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"num_experts": 4, "hidden_size": 16, "moe_intermediate_size": 8, "num_experts_per_tok": 2}')
+    with pytest.raises(SystemExit, match="not both"):
+        main(["bench", "--preset", "olmoe-1b-7b", "--hf-config", str(cfg)])
