@@ -29,7 +29,7 @@ from moekit.kernel.experts import Experts
 from moekit.ops.activation import Activation
 from moekit.ops.align import AlignResult, align, align_num_blocks, align_workspace_elems, row_per_block
 from moekit.ops.grouped_gemm import grouped_gemm
-from moekit.ops.heuristics import MoEKernelConfig, MoEShape, choose_config
+from moekit.ops.heuristics import MoEKernelConfig, MoEShape, gpu_name, choose_config
 from moekit.ops.reduce import topk_reduce
 from moekit.quant.params import QuantParams
 
@@ -123,6 +123,7 @@ class TritonExperts(Experts):
             MoEShape(
                 num_tokens=num_tokens, top_k=top_k, num_experts=num_experts, hidden=hidden, inter=inter,
                 gated=activation.is_gated, num_sms=_num_sms(x_TH.device), elem_bytes=x_TH.element_size(),
+                gpu=gpu_name(x_TH.device),  # the tables of the card the call runs on, also on mixed hosts
             )
         )
         x_TH = x_TH if x_TH.stride(-1) == 1 else x_TH.contiguous()

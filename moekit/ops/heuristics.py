@@ -99,6 +99,8 @@ class MoEShape:
     gated: bool = True
     num_sms: int = 132
     elem_bytes: int = 2
+    # Which tuned tables apply (``tuned/<gpu>/``); None: the current CUDA device's.
+    gpu: str | None = None
 
 
 def choose_config(shape: MoEShape) -> MoEKernelConfig:
@@ -169,7 +171,8 @@ def heuristic_config(s: MoEShape) -> MoEKernelConfig:
 
 
 def _lookup_tuned(s: MoEShape) -> MoEKernelConfig | None:
-    table = _tuned_tables(str(tuned_dir() / _gpu_name())).get(f"{s.num_experts},{s.hidden},{s.inter},{s.top_k}")
+    folder = tuned_dir() / (s.gpu or gpu_name())
+    table = _tuned_tables(str(folder)).get(f"{s.num_experts},{s.hidden},{s.inter},{s.top_k}")
     if not table:
         return None
     # Entries are keyed by the largest token count they were tuned for: take the first that covers T. A null
@@ -182,10 +185,11 @@ def _lookup_tuned(s: MoEShape) -> MoEKernelConfig | None:
 
 
 @functools.cache
-def _gpu_name() -> str:
-    if not torch.cuda.is_available():
+def gpu_name(device: torch.device | None = None) -> str:
+    """Folder name of a device's tuned tables, e.g. ``h100_80gb_hbm3`` (the current CUDA device by default)."""
+    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
         return "cpu"
-    return torch.cuda.get_device_name().lower().replace("nvidia ", "").replace(" ", "_")
+    return torch.cuda.get_device_name(device).lower().replace("nvidia ", "").replace(" ", "_")
 
 
 @functools.cache
@@ -201,4 +205,4 @@ def _read_tables(folder: Path) -> dict:
     return merged
 
 
-__all__ = ["GemmConfig", "MoEKernelConfig", "MoEShape", "choose_config", "heuristic_config", "tuned_dir"]
+__all__ = ["GemmConfig", "MoEKernelConfig", "MoEShape", "choose_config", "gpu_name", "heuristic_config", "tuned_dir"]

@@ -223,7 +223,7 @@ def tune_preset(
     finally:
         if free is not None:
             free()
-    path = Path(out_dir or tuned_dir()) / heuristics._gpu_name() / f"{preset.name}.json"
+    path = Path(out_dir or tuned_dir()) / heuristics.gpu_name() / f"{preset.name}.json"
     key = shape_key(preset.num_experts, preset.hidden_size, preset.intermediate_size, preset.top_k)
     written = write_table(path, key, points)
     heuristics._tuned_tables.cache_clear()

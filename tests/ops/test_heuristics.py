@@ -1,6 +1,7 @@
 """Launch-config heuristics: valid for every preset and token count; tuned tables override them."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -32,11 +33,22 @@ def test_tuned_table_overrides(monkeypatch, tmp_path):
     pinned = heuristic_config(MoEShape(num_tokens=1, top_k=2, num_experts=8, hidden=64, inter=32))
     table = {"8,64,32,2": {"64": heuristic_config(shape).to_dict(), "128": pinned.to_dict()}}
     (tmp_path / "t.json").write_text(json.dumps(table))
-    monkeypatch.setattr(heuristics, "_gpu_name", lambda: tmp_path.name)
+    monkeypatch.setattr(heuristics, "gpu_name", lambda: tmp_path.name)
     monkeypatch.setenv("MOEKIT_TUNED_DIR", str(tmp_path.parent))
     assert choose_config(shape) == pinned  # 100 tokens: the entry tuned up to 128
     assert choose_config(MoEShape(num_tokens=500, top_k=2, num_experts=8, hidden=64, inter=32)) == \
         heuristic_config(MoEShape(num_tokens=500, top_k=2, num_experts=8, hidden=64, inter=32))
+
+
+def test_tuned_table_of_the_shapes_gpu(monkeypatch, tmp_path):
+    # The table is chosen by the card the call runs on (MoEShape.gpu), not by the current device.
+    shape = MoEShape(num_tokens=100, top_k=2, num_experts=8, hidden=64, inter=32, gpu="other_card")
+    pinned = heuristic_config(MoEShape(num_tokens=1, top_k=2, num_experts=8, hidden=64, inter=32))
+    (tmp_path / "other_card").mkdir()
+    (tmp_path / "other_card" / "t.json").write_text(json.dumps({"8,64,32,2": {"128": pinned.to_dict()}}))
+    monkeypatch.setenv("MOEKIT_TUNED_DIR", str(tmp_path))
+    assert choose_config(shape) == pinned
+    assert choose_config(replace(shape, gpu="cpu")) == heuristic_config(shape)
 
 
 @pytest.mark.parametrize("inter", [4097, 4100, 6000, 16400])

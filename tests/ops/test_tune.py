@@ -40,7 +40,7 @@ def test_tune_writes_a_table_that_choose_config_reads(tmp_path, monkeypatch):
 
     points, path = tune_preset(PRESET, [1, 16, 1024, 4096], measure=measure, log=lambda s: None)
     assert [p.best_name for p in points] == ["bk64", "heuristic", "bm64", "heuristic"]
-    assert path == tmp_path / heuristics._gpu_name() / "olmoe-1b-7b.json"
+    assert path == tmp_path / heuristics.gpu_name() / "olmoe-1b-7b.json"
     table = json.loads(path.read_text())["64,2048,1024,8"]
     assert list(table) == ["1", "16", "1024"] and table["16"] is None  # 4096: trailing heuristic, not written
     assert sum(1 for t, _ in calls if t == 1) == 2  # a winner is timed twice
