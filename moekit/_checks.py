@@ -89,6 +89,12 @@ def check_positive(name: str, value: object) -> None:
         raise ValueError(f"{name}: expected a positive int, got {value}")
 
 
+def check_bool(name: str, value: object) -> None:
+    # A flag given as a string ("no") or None would silently count as its truth value.
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+
+
 def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")

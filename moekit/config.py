@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from moekit._checks import check_choice, check_positive
+from moekit._checks import check_bool, check_choice, check_positive
 from moekit.ops.activation import Activation, resolve_activation
 
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -40,6 +40,8 @@ class RoutingConfig:
     custom_routing_function: Callable | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        for flag in ("topk_before_score", "renormalize", "correction_bias", "apply_weights_on_input"):
+            check_bool(f"routing.{flag}", getattr(self, flag))
         check_choice("routing.scoring_func", self.scoring_func, SCORING_FUNCS)
         check_choice("routing.group_score", self.group_score, GROUP_SCORES)
         if (self.num_expert_group is None) != (self.topk_group is None):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit._checks import (
+    check_bool,
     check_choice,
     check_dtype,
     check_int_dtype,
@@ -77,6 +78,8 @@ def select_experts(
         raise ValueError(f"top_k: expected in [1, E={num_experts}] (E from router_logits [T, E]), got {top_k}")
     check_choice("scoring_func", scoring_func, SCORING_FUNCS)
     check_choice("group_score", group_score, GROUP_SCORES)
+    check_bool("renormalize", renormalize)
+    check_bool("topk_before_score", topk_before_score)
     if not 0 < routed_scaling_factor < float("inf"):
         raise ValueError(f"routed_scaling_factor: expected a finite value > 0, got {routed_scaling_factor}")
     if e_score_correction_bias is not None:

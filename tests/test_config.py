@@ -61,3 +61,9 @@ def test_activation_errors():
         Activation(name="swigluoai", limit=0.0)
     assert Activation(name="relu2").w13_rows(10) == 10
     assert Activation(name="silu").w13_rows(10) == 20
+
+
+@pytest.mark.parametrize("flag", ["topk_before_score", "renormalize", "correction_bias", "apply_weights_on_input"])
+def test_routing_flags_must_be_bools(flag):
+    with pytest.raises(TypeError, match=f"routing.{flag}: expected a bool"):
+        RoutingConfig(**{flag: None if flag == "correction_bias" else "yes"})

@@ -296,3 +296,10 @@ def test_sigmoid_renormalize_when_scores_underflow(topk_before_score):
 def test_precomputed_with_malformed_router_logits():
     with pytest.raises(ValueError, match=r"router_logits: expected a 2-d tensor"):
         select_experts(torch.randn(3), 2, topk_weights=torch.rand(3, 2), topk_ids=torch.zeros(3, 2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("flag", ["renormalize", "topk_before_score"])
+def test_flags_must_be_bools(flag):
+    # "no" is truthy: a string flag would silently switch the behaviour on.
+    with pytest.raises(TypeError, match=f"{flag}: expected a bool"):
+        select_experts(torch.randn(3, 8), 2, **{flag: "no"})
