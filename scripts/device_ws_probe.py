@@ -278,7 +278,7 @@ def run_vendor() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--one", default="")
-    ap.add_argument("--variants", default="ours,gluonp@_s4,gluonh@_s4,gluonh@_s3")
+    ap.add_argument("--variants", default="ours,gluon@_s4,gluonp@_s4,gluonh@_s3")
     ap.add_argument("--timeout", type=int, default=150)
     args = ap.parse_args()
     if args.one:

@@ -89,19 +89,18 @@ def _consumer(a_bufs, b_bufs, ready, empty, num_k, BM: gl.constexpr, BN: gl.cons
 
 
 @gluon.jit
-def gluon_gmm_kernel(p_a, p_b, p_c, p_sorted, p_experts, num_blocks, num_rows, a_row_div, n_out, k_dim, n_b,
-                     num_experts, stride_am,
-                     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, LAG: gl.constexpr,
-                     GROUP_M: gl.constexpr, SPLIT_B: gl.constexpr, num_warps: gl.constexpr):
-    pid = gl.program_id(0)
-    num_n = gl.cdiv(n_out, BN)
+def _tile_coords(t, num_blocks, num_n, GROUP_M: gl.constexpr):
     in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
+    first_m = (t // in_group) * GROUP_M
     gm = gl.minimum(num_blocks - first_m, GROUP_M)
-    i_m = first_m + (pid % in_group) % gm
-    i_n = (pid % in_group) // gm
-    i_e = gl.maximum(gl.load(p_experts + i_m), 0)
+    return first_m + (t % in_group) % gm, (t % in_group) // gm
 
+
+@gluon.jit
+def _ring(p_b, num_experts, n_b, k_dim, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
+          EMPTY_ARRIVALS: gl.constexpr):
+    """The weight descriptor, S stages of A and B tiles, and each stage's barriers: ``ready`` completes on the
+    loader's arrival plus the TMA bytes, ``empty`` on EMPTY_ARRIVALS consumer arrivals."""
     a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
     b_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.bfloat16)
     b_desc = tma.make_tensor_descriptor(p_b, shape=[num_experts * n_b, k_dim], strides=[k_dim, 1],
@@ -112,7 +111,19 @@ def gluon_gmm_kernel(p_a, p_b, p_c, p_sorted, p_experts, num_blocks, num_rows, a
     empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(S):
         mbarrier.init(ready.index(s), count=2)
-        mbarrier.init(empty.index(s), count=1)
+        mbarrier.init(empty.index(s), count=EMPTY_ARRIVALS)
+    return b_desc, a_bufs, b_bufs, ready, empty
+
+
+@gluon.jit
+def gluon_gmm_kernel(p_a, p_b, p_c, p_sorted, p_experts, num_blocks, num_rows, a_row_div, n_out, k_dim, n_b,
+                     num_experts, stride_am,
+                     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, LAG: gl.constexpr,
+                     GROUP_M: gl.constexpr, SPLIT_B: gl.constexpr, num_warps: gl.constexpr):
+    i_m, i_n = _tile_coords(gl.program_id(0), num_blocks, gl.cdiv(n_out, BN), GROUP_M)
+    i_e = gl.maximum(gl.load(p_experts + i_m), 0)
+
+    b_desc, a_bufs, b_bufs, ready, empty = _ring(p_b, num_experts, n_b, k_dim, BM, BN, BK, S, 1)
     num_k = gl.cdiv(k_dim, BK)
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BN, 16])
@@ -135,14 +146,6 @@ def gluon_gmm_kernel(p_a, p_b, p_c, p_sorted, p_experts, num_blocks, num_rows, a
     o_n = i_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
     gl.store(p_c + o_m.to(gl.int64)[:, None] * n_out + o_n[None, :], acc.to(gl.bfloat16),
              mask=(o_n < n_out)[None, :])
-
-
-@gluon.jit
-def _tile_coords(t, num_blocks, num_n, GROUP_M: gl.constexpr):
-    in_group = GROUP_M * num_n
-    first_m = (t // in_group) * GROUP_M
-    gm = gl.minimum(num_blocks - first_m, GROUP_M)
-    return first_m + (t % in_group) % gm, (t % in_group) // gm
 
 
 @gluon.jit
@@ -210,17 +213,7 @@ def gluon_gmm_persistent_kernel(p_a, p_b, p_c, p_sorted, p_experts, num_blocks, 
                                 n_b, num_experts, stride_am, num_progs,
                                 BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
                                 LAG: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
-    a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
-    b_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.bfloat16)
-    b_desc = tma.make_tensor_descriptor(p_b, shape=[num_experts * n_b, k_dim], strides=[k_dim, 1],
-                                        block_shape=[BN, BK], layout=b_sl)
-    a_bufs = gl.allocate_shared_memory(gl.bfloat16, [S, BM, BK], a_sl)
-    b_bufs = gl.allocate_shared_memory(gl.bfloat16, [S, BN, BK], b_sl)
-    ready = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(S):
-        mbarrier.init(ready.index(s), count=2)
-        mbarrier.init(empty.index(s), count=1)
+    b_desc, a_bufs, b_bufs, ready, empty = _ring(p_b, num_experts, n_b, k_dim, BM, BN, BK, S, 1)
     num_k = gl.cdiv(k_dim, BK)
     num_n = gl.cdiv(n_out, BN)
     num_tiles = num_blocks * num_n
@@ -275,17 +268,8 @@ def gluon_gmm_halves_kernel(p_a, p_b, p_c, p_sorted, p_experts, num_blocks, num_
                             BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
                             LAG: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
     """Persistent, with the two consumer warpgroups as separate partitions (see ``_h_consumer``)."""
-    a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
-    b_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.bfloat16)
-    b_desc = tma.make_tensor_descriptor(p_b, shape=[num_experts * n_b, k_dim], strides=[k_dim, 1],
-                                        block_shape=[BN, BK], layout=b_sl)
-    a_bufs = gl.allocate_shared_memory(gl.bfloat16, [S, BM, BK], a_sl)
-    b_bufs = gl.allocate_shared_memory(gl.bfloat16, [S, BN, BK], b_sl)
-    ready = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(S):
-        mbarrier.init(ready.index(s), count=2)
-        mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups free a stage
+    # Both consumer warpgroups free a stage.
+    b_desc, a_bufs, b_bufs, ready, empty = _ring(p_b, num_experts, n_b, k_dim, BM, BN, BK, S, 2)
     num_k = gl.cdiv(k_dim, BK)
     num_n = gl.cdiv(n_out, BN)
     num_tiles = num_blocks * num_n
