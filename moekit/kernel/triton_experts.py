@@ -8,9 +8,9 @@ Shapes: T tokens, K top-k, N = T·K routed rows, E local experts, H hidden, I in
     y_SNH ──topk_reduce──▶ out_TH                                     (fixed order: deterministic)
 
 Every launch has a grid sized from (N, E, H, I) alone and reads the number of padded rows from the device, so
-the whole call is capturable in a CUDA graph. Intermediates live in one cached workspace per (device, stream) (a
-fresh allocation only while capturing, where the graph's private pool owns it). Under ``torch.compile`` the call goes
-through the ``moekit::fused_experts`` custom op (``moekit.ops.custom_op``) so it is a single opaque node.
+the whole call is capturable in a CUDA graph. Intermediates live in one cached workspace per (device, stream)
+(a fresh allocation only while capturing, where the graph's private pool owns it). Under ``torch.compile`` the
+call goes through the ``moekit::fused_experts`` custom op (``moekit.ops.custom_op``) so it is a single opaque node.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from moekit.kernel.experts import Experts
 from moekit.ops.activation import Activation
 from moekit.ops.align import AlignResult, align, align_num_blocks, align_workspace_elems, row_per_block
 from moekit.ops.grouped_gemm import grouped_gemm
-from moekit.ops.heuristics import MoEKernelConfig, MoEShape, gpu_name, choose_config
+from moekit.ops.heuristics import MoEKernelConfig, MoEShape, choose_config, gpu_name
 from moekit.ops.reduce import topk_reduce
 from moekit.quant.params import QuantParams
 
