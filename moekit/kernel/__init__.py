@@ -43,7 +43,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Backends that can run on ``device`` (default: CUDA if present, else CPU)."""
     dev = torch.device(device) if device is not None else _default_device()
     names = ["torch"]
-    if triton_available() and (dev.type == "cuda" or _interpreting()):
+    if triton_available() and (dev.type == "cuda" or triton_interpreting()):
         names.append("triton")
     return names
 
@@ -80,7 +80,8 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _interpreting() -> bool:
+def triton_interpreting() -> bool:
+    """Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, how the CPU test suite runs them)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -95,4 +96,6 @@ __all__ = [
     "get_experts",
     "make_kernel",
     "resolve_backend",
+    "triton_available",
+    "triton_interpreting",
 ]

@@ -31,7 +31,7 @@ from moekit._checks import (
     check_signed_int_dtype,
     values_checkable,
 )
-from moekit.kernel.experts import Experts
+from moekit.kernel.experts import Experts, needs_grad
 from moekit.kernel.prepare_finalize import PrepareFinalize
 from moekit.ops.activation import Activation, resolve_activation
 from moekit.quant.params import UNQUANTIZED, QuantParams
@@ -90,9 +90,16 @@ class ModularKernel:
         if shared_experts_input is not None:
             check_shape("shared_experts_input", shared_experts_input, tuple(hidden_states.shape), "[T, H]")
             check_same_device("shared_experts_input", shared_experts_input, "hidden_states", hidden_states)
-        self.experts.check_supported(hidden_states, quant)
+        differentiable = (hidden_states, w13, w2, topk_weights, w13_bias, w2_bias)
+        grad = needs_grad(differentiable)
+        if grad and quant.is_quantized:
+            # Returning a detached output would train nothing without a word.
+            raise ValueError(
+                f"quant: quantized experts ({quant.weight_dtype}) have no backward, but a gradient is required "
+                "(an input or weight requires grad): run them under torch.no_grad()/torch.inference_mode()"
+            )
         num_tokens, hidden = hidden_states.shape
-        if num_tokens == 0:
+        if num_tokens == 0 and not grad:  # with a gradient, the backend returns an output autograd can follow
             return hidden_states.new_empty((0, hidden))
 
         shared_in = hidden_states if shared_experts_input is None else shared_experts_input

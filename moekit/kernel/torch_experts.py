@@ -3,21 +3,28 @@
 It groups the N = T·K routed rows by expert with one stable sort and runs one pair of GEMMs per expert that
 received tokens (no dense all-experts compute, no per-token loop). GEMMs run in the weight dtype (fp32
 accumulation inside torch's matmul); activation, biases, routing weights and the top-k sum run in fp32.
+``backward`` is the same loop over the gradient formulas the Triton backend computes with grouped kernels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from moekit.kernel.experts import Experts
-from moekit.ops.activation import Activation, activation_ref
-from moekit.quant.params import QuantParams
+from moekit.kernel.experts import Experts, Grads
+from moekit.ops.activation import Activation, activation_backward, activation_ref
+from moekit.quant.params import UNQUANTIZED, QuantParams
 
 
 class TorchExperts(Experts):
     name = "torch"
 
-    def apply(
+    @property
+    def op_backend(self) -> str:
+        return "torch"  # stateless: the registry's instance computes the same
+
+    def run(
         self,
         hidden_states_TH: torch.Tensor,
         w13_E2IH: torch.Tensor,
@@ -29,39 +36,95 @@ class TorchExperts(Experts):
         w13_bias_E2I: torch.Tensor | None,
         w2_bias_EH: torch.Tensor | None,
         expert_map_E: torch.Tensor | None,
-        quant: QuantParams,
-        hidden_scale: torch.Tensor | None,
         out_dtype: torch.dtype,
+        quant: QuantParams = UNQUANTIZED,
+        hidden_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        self.check_supported(hidden_states_TH, quant)
         num_tokens, hidden = hidden_states_TH.shape
         top_k = topk_ids_TK.shape[1]
-        num_local = w13_E2IH.shape[0]
-        ids_N = topk_ids_TK.reshape(-1).long()
-        if expert_map_E is not None:
-            ids_N = expert_map_E.long()[ids_N]
-        # Rows for other ranks (-1) sort last under the sentinel id E and are never computed.
-        ids_N = torch.where(ids_N < 0, num_local, ids_N)
-        order_N = torch.argsort(ids_N, stable=True)
-        counts = torch.bincount(ids_N, minlength=num_local + 1)[:num_local].tolist()
-        rows_N = order_N // top_k
-
         y_NH = torch.zeros(num_tokens * top_k, hidden, dtype=torch.float32, device=hidden_states_TH.device)
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            sel = order_N[start : start + count]
-            x_mH = hidden_states_TH[rows_N[start : start + count]]
-            h = x_mH @ w13_E2IH[e].t()
-            if w13_bias_E2I is not None:
-                h = h.float() + w13_bias_E2I[e].float()
+        for e, sel, rows in _by_expert(topk_ids_TK, expert_map_E, w13_E2IH.shape[0]):
+            h = _gemm1(hidden_states_TH[rows], w13_E2IH[e], w13_bias_E2I, e)
             a = activation_ref(h, activation).to(w2_EHI.dtype)
             y = (a @ w2_EHI[e].t()).float()
             if w2_bias_EH is not None:
                 y = y + w2_bias_EH[e].float()
             y_NH[sel] = y
-            start += count
         # Summing over K in a fixed order (not index_add_) keeps the result deterministic.
         out_TH = (y_NH.view(num_tokens, top_k, hidden) * topk_weights_TK.float().unsqueeze(-1)).sum(dim=1)
         return out_TH.to(out_dtype)
+
+    def backward(
+        self,
+        grad_out_TH: torch.Tensor,
+        hidden_states_TH: torch.Tensor,
+        w13_E2IH: torch.Tensor,
+        w2_EHI: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        *,
+        activation: Activation,
+        w13_bias_E2I: torch.Tensor | None,
+        w2_bias_EH: torch.Tensor | None,
+        expert_map_E: torch.Tensor | None,
+        needs: Sequence[bool],
+    ) -> Grads:
+        """Per expert e with rows n (token t = n // K), h recomputed and g = dout[t] @ w2[e]:
+
+            d topk_weights[n] = g · a + dout[t] · b2[e];   dh = act'(h) ⊙ (topk_weights[n] · g)
+            dx[t] += dh @ w13[e];   dw13[e] = dh^T x[t], db13[e] = sum dh;   dw2[e] = (w · dout)^T a, db2[e] = sum w · dout
+        """
+        like = (hidden_states_TH, w13_E2IH, w2_EHI, topk_weights_TK, w13_bias_E2I, w2_bias_EH)
+        acc = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if need and t is not None else None
+               for t, need in zip(like, needs)]
+        dx, dw13, dw2, dtw, db13, db2 = acc
+        dtw_N = None if dtw is None else dtw.view(-1)
+        dout_TH = grad_out_TH.float()
+        w_N = topk_weights_TK.reshape(-1).float()
+        for e, sel, rows in _by_expert(topk_ids_TK, expert_map_E, w13_E2IH.shape[0]):
+            x_mH = hidden_states_TH[rows]
+            h = _gemm1(x_mH, w13_E2IH[e], w13_bias_E2I, e)
+            g = dout_TH[rows] @ w2_EHI[e].float()
+            a, dh = activation_backward(h, g * w_N[sel, None], activation)
+            a = a.to(w2_EHI.dtype).float()  # the forward's GEMM 2 read the activation in the weight dtype
+            if dtw_N is not None:
+                dtw_N[sel] = (g * a).sum(dim=-1)
+                if w2_bias_EH is not None:
+                    dtw_N[sel] += dout_TH[rows] @ w2_bias_EH[e].float()
+            if dx is not None:
+                dx.index_add_(0, rows, dh @ w13_E2IH[e].float())
+            if dw13 is not None:
+                dw13[e] = dh.t() @ x_mH.float()
+            if db13 is not None:
+                db13[e] = dh.sum(dim=0)
+            gw = dout_TH[rows] * w_N[sel, None]
+            if dw2 is not None:
+                dw2[e] = gw.t() @ a
+            if db2 is not None:
+                db2[e] = gw.sum(dim=0)
+        return tuple(None if g is None else g.to(t.dtype) for g, t in zip(acc, like))
+
+
+def _by_expert(topk_ids_TK: torch.Tensor, expert_map_E: torch.Tensor | None, num_local: int):
+    """Yield ``(e, sel, rows)`` per local expert with routed rows: ``sel`` its routed-row indices (ascending),
+    ``rows`` their tokens. One stable sort groups the rows; rows of remote experts (-1) are never yielded."""
+    top_k = topk_ids_TK.shape[1]
+    ids_N = topk_ids_TK.reshape(-1).long()
+    if expert_map_E is not None:
+        ids_N = expert_map_E.long()[ids_N]
+    # Rows for other ranks (-1) sort last under the sentinel id E.
+    ids_N = torch.where(ids_N < 0, num_local, ids_N)
+    order_N = torch.argsort(ids_N, stable=True)
+    counts = torch.bincount(ids_N, minlength=num_local + 1)[:num_local].tolist()
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            sel = order_N[start : start + count]
+            yield e, sel, sel // top_k
+        start += count
+
+
+def _gemm1(x_mH: torch.Tensor, w13_RH: torch.Tensor, w13_bias_E2I: torch.Tensor | None, e: int) -> torch.Tensor:
+    """Pre-activation rows of expert ``e``: the GEMM in the weight dtype, the bias added in fp32."""
+    h = x_mH @ w13_RH.t()
+    return h if w13_bias_E2I is None else h.float() + w13_bias_E2I[e].float()

@@ -10,13 +10,14 @@ Shapes: T tokens, K top-k, N = T·K routed rows, E local experts, H hidden, I in
 Every launch has a grid sized from (N, E, H, I) alone and reads the number of padded rows from the device, so
 the whole call is capturable in a CUDA graph. Intermediates live in one cached workspace per (device, stream)
 (a fresh allocation only while capturing, where the graph's private pool owns it). Under ``torch.compile`` the
-call goes through the ``moekit::fused_experts`` custom op (``moekit.ops.custom_op``) so it is a single opaque node.
+call goes through the ``moekit::fused_experts`` custom op (``moekit.kernel.custom_op``) so it is a single opaque node.
+Gradients: ``backward`` (grouped GEMMs over the same layout, plus ``grouped_wgrad`` for the weights).
 """
 
 from __future__ import annotations
 
 import functools
-import os
+from collections.abc import Sequence
 
 import torch
 
@@ -25,13 +26,15 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only where triton is missing
     raise ImportError("the triton experts backend needs the triton package (pip install moekit[triton])") from exc
 
-from moekit.kernel.experts import Experts
-from moekit.ops.activation import Activation
+from moekit.kernel import triton_interpreting
+from moekit.kernel.experts import Experts, Grads
+from moekit.ops.activation import Activation, activation_backward
 from moekit.ops.align import AlignResult, align, align_num_blocks, align_workspace_elems, row_per_block
 from moekit.ops.grouped_gemm import grouped_gemm
+from moekit.ops.grouped_wgrad import grouped_wgrad
 from moekit.ops.heuristics import MoEKernelConfig, MoEShape, choose_config, gpu_name
 from moekit.ops.reduce import topk_reduce
-from moekit.quant.params import QuantParams
+from moekit.quant.params import UNQUANTIZED, QuantParams
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Workspaces kept per instance, one per (device, stream), least recently used dropped first.
@@ -61,41 +64,15 @@ class TritonExperts(Experts):
         super().check_supported(hidden_states, quant)
         if hidden_states.dtype not in _DTYPES:
             raise ValueError(f"backend 'triton': expected hidden_states in {list(_DTYPES)}, got {hidden_states.dtype}")
-        if hidden_states.device.type != "cuda" and not _interpreting():
+        if hidden_states.device.type != "cuda" and not triton_interpreting():
             raise ValueError(
                 f"backend 'triton': needs a CUDA device (or TRITON_INTERPRET=1), got {hidden_states.device}"
             )
 
-    def apply(
-        self,
-        hidden_states_TH: torch.Tensor,
-        w13_E2IH: torch.Tensor,
-        w2_EHI: torch.Tensor,
-        topk_weights_TK: torch.Tensor,
-        topk_ids_TK: torch.Tensor,
-        *,
-        activation: Activation,
-        w13_bias_E2I: torch.Tensor | None,
-        w2_bias_EH: torch.Tensor | None,
-        expert_map_E: torch.Tensor | None,
-        quant: QuantParams,
-        hidden_scale: torch.Tensor | None,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        self.check_supported(hidden_states_TH, quant)
-        if torch.compiler.is_compiling() and self.config is None:
-            from moekit.ops.custom_op import fused_experts_op
-
-            return fused_experts_op(
-                hidden_states_TH, w13_E2IH, w2_EHI, topk_weights_TK, topk_ids_TK,
-                w13_bias_E2I, w2_bias_EH, expert_map_E,
-                activation.name, activation.alpha, activation.limit, out_dtype,
-            )
-        return self.run(
-            hidden_states_TH, w13_E2IH, w2_EHI, topk_weights_TK, topk_ids_TK,
-            activation=activation, w13_bias_E2I=w13_bias_E2I, w2_bias_EH=w2_bias_EH,
-            expert_map_E=expert_map_E, out_dtype=out_dtype,
-        )
+    @property
+    def op_backend(self) -> str | None:
+        # The custom op runs the registry's shared instance: a pinned config is honoured only by tracing run.
+        return "triton" if self.config is None else None
 
     def run(
         self,
@@ -110,6 +87,8 @@ class TritonExperts(Experts):
         w2_bias_EH: torch.Tensor | None,
         expert_map_E: torch.Tensor | None,
         out_dtype: torch.dtype,
+        quant: QuantParams = UNQUANTIZED,
+        hidden_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The pipeline of the module docstring, for validated inputs (``Experts.apply``'s contract)."""
         num_tokens, hidden = x_TH.shape
@@ -119,13 +98,7 @@ class TritonExperts(Experts):
         out_TH = torch.empty((num_tokens, hidden), dtype=out_dtype, device=x_TH.device)
         if num_tokens == 0:
             return out_TH
-        cfg = self.config or choose_config(
-            MoEShape(
-                num_tokens=num_tokens, top_k=top_k, num_experts=num_experts, hidden=hidden, inter=inter,
-                gated=activation.is_gated, num_sms=_num_sms(x_TH.device), elem_bytes=x_TH.element_size(),
-                gpu=gpu_name(x_TH.device),  # the tables of the card the call runs on, also on mixed hosts
-            )
-        )
+        cfg = self._config(x_TH, top_k, w2_EHI, activation)
         x_TH = x_TH if x_TH.stride(-1) == 1 else x_TH.contiguous()
         # The kernels index routing, biases and the expert map as flat dense arrays; copies only for odd views.
         topk_ids_TK, topk_weights_TK = topk_ids_TK.contiguous(), topk_weights_TK.contiguous()
@@ -173,6 +146,101 @@ class TritonExperts(Experts):
         )
         return topk_reduce(
             y_SNH, top_k, out_TH, topk_ids_TK=topk_ids_TK, expert_map=expert_map_E, num_experts=num_experts,
+        )
+
+    def backward(
+        self,
+        grad_out_TH: torch.Tensor,
+        x_TH: torch.Tensor,
+        w13_E2IH: torch.Tensor,
+        w2_EHI: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        *,
+        activation: Activation,
+        w13_bias_E2I: torch.Tensor | None,
+        w2_bias_EH: torch.Tensor | None,
+        expert_map_E: torch.Tensor | None,
+        needs: Sequence[bool],
+    ) -> Grads:
+        """Gradients of the forward (``Experts.backward``), as grouped GEMMs over the forward's row layout.
+
+        With g = dout[t] @ w2[e] (GEMM 1's shape, w2 read transposed) and h recomputed by GEMM 1 without its
+        activation (the forward keeps no intermediates, so inference pays nothing for training):
+
+            d topk_weights[n] = g[n] · a[n] + dout[t] · b2[e]          (= dout[t] · y[n], y before weighting)
+            dh[n]  = act'(h[n]) ⊙ (topk_weights[n] · g[n])
+            dx[t]  = sum_k dh[n] @ w13[e]                              (GEMM 2's shape + the top-k reduction)
+            dw2[e] = sum_n (topk_weights[n] · dout[t])^T a[n],  db2[e] = sum_n topk_weights[n] · dout[t]
+            dw13[e] = sum_n dh[n]^T x[t],                       db13[e] = sum_n dh[n]      (grouped_wgrad)
+        """
+        need_x, need_w13, need_w2, need_tw, need_b13, need_b2 = (bool(n) for n in needs)
+        num_tokens, hidden = x_TH.shape
+        top_k = topk_ids_TK.shape[1]
+        num_experts, _, inter = w2_EHI.shape
+        rows13 = w13_E2IH.shape[1]
+        num_rows = num_tokens * top_k
+        dtype, device = x_TH.dtype, x_TH.device
+        f32 = {"dtype": torch.float32, "device": device}
+        like = (x_TH, w13_E2IH, w2_EHI, topk_weights_TK, w13_bias_E2I, w2_bias_EH)
+        if num_rows == 0:
+            return tuple(torch.zeros(t.shape, dtype=t.dtype, device=device) if need and t is not None else None
+                         for t, need in zip(like, needs))
+        # Dense outputs (the kernels write them whole), also for strided views of the inputs.
+        dx, dw13, dw2, dtw, db13, db2 = (
+            torch.empty(t.shape, dtype=t.dtype, device=device) if need or (i in (1, 2) and needs[i + 3]) else None
+            for i, (t, need) in enumerate(zip(like, (need_x, need_w13, need_w2, need_tw, need_b13, need_b2)))
+        )
+        cfg = self._config(x_TH, top_k, w2_EHI, activation)
+        x_TH = x_TH.contiguous()
+        dout_TH = grad_out_TH.to(dtype).contiguous()
+        topk_ids_TK = topk_ids_TK.contiguous()
+        w_N = topk_weights_TK.reshape(-1).float().contiguous()
+        w13_bias_E2I = None if w13_bias_E2I is None else w13_bias_E2I.contiguous()
+        expert_map_E = None if expert_map_E is None else expert_map_E.contiguous()
+        # Backward is not latency-bound: always the general layout (no row-per-block shortcut at T = 1).
+        layout = align(topk_ids_TK, num_experts, cfg.block_m, expert_map=expert_map_E)
+        # Rows of remote experts are never written: zeros keep them out of every sum below.
+        h_NR = torch.zeros(num_rows, rows13, **f32)
+        grouped_gemm(x_TH, w13_E2IH, layout, h_NR, cfg.gemm1, num_rows=num_rows, a_row_div=top_k,
+                     bias_EN=w13_bias_E2I)
+        g_NI = torch.zeros(num_rows, inter, **f32)
+        grouped_gemm(dout_TH, w2_EHI.transpose(1, 2), layout, g_NI, cfg.gemm1, num_rows=num_rows, a_row_div=top_k)
+        a_NI, dh_NR = activation_backward(h_NR, g_NI * w_N[:, None], activation)
+        a_NI = a_NI.to(dtype)  # GEMM 2 of the forward read the activation rounded to x's dtype
+        if need_tw:
+            dtw_N = (g_NI * a_NI.float()).sum(dim=-1)
+            if w2_bias_EH is not None:
+                local_N = topk_ids_TK.reshape(-1).long()
+                if expert_map_E is not None:
+                    local_N = expert_map_E.long()[local_N]
+                dot_TE = dout_TH.float() @ w2_bias_EH.float().t()  # dout[t] · b2[e] for every local e
+                dot_N = dot_TE.repeat_interleave(top_k, dim=0).gather(1, local_N.clamp_min(0)[:, None])[:, 0]
+                dtw_N = dtw_N + torch.where(local_N >= 0, dot_N, 0.0)
+            dtw = dtw_N.view(num_tokens, top_k).to(topk_weights_TK.dtype)
+        dh_NR = dh_NR.to(dtype)
+        if need_x:
+            split = cfg.gemm2.split_k
+            y_SNH = torch.empty(split, num_rows, hidden, **f32)
+            grouped_gemm(dh_NR, w13_E2IH.transpose(1, 2), layout, y_SNH if split > 1 else y_SNH[0], cfg.gemm2,
+                         num_rows=num_rows)
+            topk_reduce(y_SNH, top_k, dx, topk_ids_TK=topk_ids_TK, expert_map=expert_map_E, num_experts=num_experts)
+        if dw2 is not None:  # (also when only the bias gradient is wanted: the kernel computes both at once)
+            grouped_wgrad(dout_TH, a_NI, layout, dw2, num_rows=num_rows, g_row_div=top_k, weights_N=w_N,
+                          bias_grad_EN=db2)
+        if dw13 is not None:
+            grouped_wgrad(dh_NR, x_TH, layout, dw13, num_rows=num_rows, x_row_div=top_k, bias_grad_EN=db13)
+        return dx, dw13 if need_w13 else None, dw2 if need_w2 else None, dtw, db13, db2
+        return dx, dw13, dw2, dtw, db13, db2
+
+    def _config(self, x_TH: torch.Tensor, top_k: int, w2_EHI: torch.Tensor, activation: Activation) -> MoEKernelConfig:
+        num_experts, hidden, inter = w2_EHI.shape
+        return self.config or choose_config(
+            MoEShape(
+                num_tokens=x_TH.shape[0], top_k=top_k, num_experts=num_experts, hidden=hidden, inter=inter,
+                gated=activation.is_gated, num_sms=_num_sms(x_TH.device), elem_bytes=x_TH.element_size(),
+                gpu=gpu_name(x_TH.device),  # the tables of the card the call runs on, also on mixed hosts
+            )
         )
 
     def _buffer(self, device: torch.device, nbytes: int) -> torch.Tensor:
@@ -224,6 +292,3 @@ def _num_sms(device: torch.device) -> int:
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -83,9 +83,9 @@ class _ScaledTorchExperts(Experts):
 
     name = "scaled"
 
-    def apply(self, *args, **kwargs):
+    def run(self, *args, **kwargs):
         self.called = True
-        return get_experts("torch").apply(*args, **kwargs)
+        return get_experts("torch").run(*args, **kwargs)
 
 
 def test_halves_swap_independently():
@@ -134,9 +134,9 @@ def test_expanded_weights_on_input_rounds_once():
     class Recording(Experts):
         name = "recording"
 
-        def apply(self, *args, **kwargs):
+        def run(self, *args, **kwargs):
             seen.append(kwargs["out_dtype"])
-            return get_experts("torch").apply(*args, **kwargs)
+            return get_experts("torch").run(*args, **kwargs)
 
     inputs = make_moe_inputs(9, 4, 32, 16, 3, dtype=torch.bfloat16, seed=3)
     out = ModularKernel(LocalPrepareFinalize(), Recording()).apply(*_args(inputs), apply_router_weight_on_input=True)
