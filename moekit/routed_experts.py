@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moekit._checks import (
+    check_bool,
     check_choice,
     check_expert_map_values,
     check_ndim,
@@ -61,6 +62,8 @@ class RoutedExperts(nn.Module):
             check_positive(name, value)
         check_positive("intermediate_size", intermediate_size)
         check_choice("backend", backend, BACKENDS)
+        check_bool("bias", bias)
+        check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -88,6 +91,13 @@ class RoutedExperts(nn.Module):
             params_dtype=self._params_dtype,
             device=torch.device(device) if device is not None else None,
         )
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # copy.deepcopy and pickle rebuild a Parameter from its tensor alone, dropping ``weight_loader``: attach the
+        # loader of this (new) layer again, so a copied layer still loads checkpoints into its own weights.
+        for param in self.parameters(recurse=False):
+            param.weight_loader = self.weight_loader
 
     @property
     def params_dtype(self) -> torch.dtype:

@@ -12,7 +12,40 @@ def test_parameters_and_loader_attribute():
     assert re.w13.shape == (4, 16, 16) and re.w2.shape == (4, 16, 8)
     assert re.w13_bias.shape == (4, 16) and re.w2_bias.shape == (4, 16)
     assert re.w13.weight_loader == re.weight_loader
-    assert not re.w13.requires_grad
+
+
+def test_parameters_are_trainable_like_linear():
+    # Created frozen, the routed experts were silently skipped by an optimizer over moe.parameters().
+    re = RoutedExperts(4, 16, 8, bias=True, backend="torch")
+    assert all(p.requires_grad for p in re.parameters())
+    inp = make_moe_inputs(5, 4, 16, 8, 2)
+    re(inp["hidden_states"], inp["topk_weights"], inp["topk_ids"]).sum().backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in re.parameters())
+    # Frozen by the engine: no graph is built, and the result is the same.
+    re.requires_grad_(False)
+    out = re(inp["hidden_states"], inp["topk_weights"], inp["topk_ids"])
+    assert out.grad_fn is None
+
+
+def test_copies_keep_their_own_weight_loader():
+    # Parameter's deepcopy/pickle drop python attributes: a copied layer lost weight_loader (vLLM-style loaders
+    # look it up on the parameter).
+    import copy
+    import pickle
+
+    re = RoutedExperts(3, 16, 8, bias=True, backend="torch")
+    for clone in (copy.deepcopy(re), pickle.loads(pickle.dumps(re))):
+        for p in clone.parameters():
+            assert p.weight_loader.__self__ is clone
+        clone.w2.weight_loader(clone.w2, torch.ones(16, 8), "w2", 1)
+        assert bool((clone.w2[1] == 1).all()) and not bool((re.w2[1] == 1).all())
+
+
+@pytest.mark.parametrize("flag", ["bias", "apply_router_weight_on_input"])
+def test_bool_flags_reject_non_bools(flag):
+    # "no" is truthy: it used to switch the feature on.
+    with pytest.raises(TypeError, match=f"{flag}: expected a bool, got str 'no'"):
+        RoutedExperts(3, 16, 8, **{flag: "no"})
 
 
 def test_weight_loader_places_gate_up_down():

@@ -51,7 +51,7 @@ class UnquantizedMoEMethod(MoEQuantMethod):
 
 
 def _param(data: torch.Tensor, layer: RoutedExperts) -> nn.Parameter:
-    p = nn.Parameter(data, requires_grad=False)
+    p = nn.Parameter(data)  # trainable like nn.Linear's; engines freeze with requires_grad_(False)
     # vLLM-style engines find the loader on the parameter itself.
     p.weight_loader = layer.weight_loader
     return p
