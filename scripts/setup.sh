@@ -10,7 +10,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-  .venv/bin/pip install --quiet "torch==${MOEKIT_TORCH_VERSION:-2.13.0}"
+  # MOEKIT_TORCH_INDEX_URL: an index to take torch from (e.g. PyTorch's CPU wheels where pip's default serves CUDA).
+  .venv/bin/pip install --quiet ${MOEKIT_TORCH_INDEX_URL:+--index-url "$MOEKIT_TORCH_INDEX_URL"} \
+    "torch==${MOEKIT_TORCH_VERSION:-2.13.0}"
 fi
 stamp=.venv/.moekit-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements-test.txt -nt "$stamp" ]; then
