@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from moekit.kernel.experts import Experts, Grads
-from moekit.ops.activation import Activation, activation_backward, activation_ref
+from moekit.ops.activation import Activation, activation_ref
+from moekit.ops.activation_backward import activation_backward_ref
 from moekit.quant.params import UNQUANTIZED, QuantParams
 
 
@@ -85,10 +86,12 @@ class TorchExperts(Experts):
             x_mH = hidden_states_TH[rows]
             h = _gemm1(x_mH, w13_E2IH[e], w13_bias_E2I, e)
             g = dout_TH[rows] @ w2_EHI[e].float()
-            a, dh = activation_backward(h, g * w_N[sel, None], activation)
-            a = a.to(w2_EHI.dtype).float()  # the forward's GEMM 2 read the activation in the weight dtype
+            # a as the forward's GEMM 2 read it (in the weight dtype); dh kept in fp32.
+            a, dh, dtw_m = activation_backward_ref(h, g, w_N[sel], activation, a_dtype=w2_EHI.dtype,
+                                                   dh_dtype=torch.float32)
+            a = a.float()
             if dtw_N is not None:
-                dtw_N[sel] = (g * a).sum(dim=-1)
+                dtw_N[sel] = dtw_m
                 if w2_bias_EH is not None:
                     dtw_N[sel] += dout_TH[rows] @ w2_bias_EH[e].float()
             if dx is not None:

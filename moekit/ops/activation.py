@@ -87,49 +87,14 @@ def activation_ref(h_N2I: torch.Tensor, activation: str | Activation) -> torch.T
     return gate * torch.sigmoid(act.alpha * gate) * (up + 1)
 
 
-def activation_backward(
-    h_N2I: torch.Tensor, grad_a_NI: torch.Tensor, activation: str | Activation
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a, dh)`` in fp32: ``a = activation_ref(h)`` and the gradient of ``sum(grad_a · a)`` w.r.t. ``h``.
+# Compile-time codes of the Triton kernels' activation branches (the epilogue of grouped_gemm, the backward
+# kernel): 0 none, then one per activation; clamped silu has its own branch.
+_CODES = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu2": 4, "swigluoai": 5}
+_CLAMPED_SILU = 6
 
-    Written out rather than left to autograd: it runs inside the backward custom op, below autograd. A clamp
-    passes the gradient where its input lies within the bounds (inclusive), as torch's clamp does.
-    """
-    act = resolve_activation(activation)
-    h = h_N2I.float()
-    da = grad_a_NI.float()
-    if not act.is_gated:  # relu2: relu(h)^2
-        r = F.relu(h)
-        return r.square(), 2.0 * r * da
-    gate, up = h.chunk(2, dim=-1)
-    d_gate_mask = d_up_mask = None
-    if act.limit is not None:
-        d_gate_mask = gate <= act.limit
-        d_up_mask = (up >= -act.limit) & (up <= act.limit)
-        gate = gate.clamp(max=act.limit)
-        up = up.clamp(min=-act.limit, max=act.limit)
-    if act.name == "swigluoai":
-        s = torch.sigmoid(act.alpha * gate)
-        glu = gate * s
-        a = glu * (up + 1)
-        d_gate = da * (up + 1) * (s + act.alpha * glu * (1 - s))
-        d_up = da * glu
-    else:
-        if act.name == "silu":
-            s = torch.sigmoid(gate)
-            f, df = gate * s, s * (1 + gate * (1 - s))
-        elif act.name == "gelu":
-            cdf = 0.5 * (1 + torch.erf(gate * 0.7071067811865476))
-            f, df = gate * cdf, cdf + gate * torch.exp(-0.5 * gate.square()) * 0.3989422804014327
-        else:  # gelu_tanh
-            c = 0.7978845608028654
-            t = torch.tanh(c * (gate + 0.044715 * gate.pow(3)))
-            f = 0.5 * gate * (1 + t)
-            df = 0.5 * (1 + t) + 0.5 * gate * (1 - t.square()) * c * (1 + 3 * 0.044715 * gate.square())
-        a = f * up
-        d_gate = da * up * df
-        d_up = da * f
-    if d_gate_mask is not None:
-        d_gate = torch.where(d_gate_mask, d_gate, 0.0)
-        d_up = torch.where(d_up_mask, d_up, 0.0)
-    return a, torch.cat([d_gate, d_up], dim=-1)
+
+def activation_code(activation: Activation | None) -> int:
+    """The ``ACTIVATION`` constexpr the Triton kernels branch on (None: identity)."""
+    if activation is not None and activation.name == "silu" and activation.limit is not None:
+        return _CLAMPED_SILU
+    return _CODES[activation.name if activation is not None else None]

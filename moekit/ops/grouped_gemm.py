@@ -19,18 +19,9 @@ import torch
 
 from moekit._checks import check_ndim, check_same_dtype, check_shape
 from moekit.ops._kernels.grouped_gemm import grouped_gemm_kernel
-from moekit.ops.activation import Activation, activation_ref
+from moekit.ops.activation import Activation, activation_code, activation_ref
 from moekit.ops.align import AlignResult
 from moekit.ops.heuristics import GemmConfig
-
-_ACTIVATION_CODES = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu2": 4, "swigluoai": 5}
-_CLAMPED_SILU = 6
-
-
-def _activation_code(activation: Activation | None) -> int:
-    if activation is not None and activation.name == "silu" and activation.limit is not None:
-        return _CLAMPED_SILU
-    return _ACTIVATION_CODES[activation.name if activation is not None else None]
 
 
 def grouped_gemm(
@@ -113,7 +104,7 @@ def grouped_gemm(
         bias_EN.stride(0) if bias_EN is not None else 0,
         activation.alpha if activation is not None else 0.0,
         activation.limit if activation is not None and activation.limit is not None else 0.0,
-        ACTIVATION=_activation_code(activation),
+        ACTIVATION=activation_code(activation),
         GATED=gated, HAS_BIAS=bias_EN is not None, HAS_WEIGHTS=weights_N is not None,
         BLOCK_M=layout.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
         EVEN_K=k_dim % block_k == 0, ROW_PER_BLOCK=layout.row_per_block,

@@ -20,6 +20,7 @@ import torch
 from moekit._checks import check_ndim, check_same_dtype, check_shape
 from moekit.ops._kernels.grouped_wgrad import grouped_wgrad_kernel
 from moekit.ops.align import AlignResult
+from moekit.ops.heuristics import GemmConfig, wgrad_config
 
 
 def expert_block_start(layout: AlignResult, num_experts: int) -> torch.Tensor:
@@ -45,8 +46,7 @@ def grouped_wgrad(
     x_row_div: int = 1,
     weights_N: torch.Tensor | None = None,
     bias_grad_EN: torch.Tensor | None = None,
-    block_n: int = 64,
-    block_k: int = 64,
+    config: GemmConfig | None = None,
 ) -> torch.Tensor:
     """Write every expert's weight gradient into ``out_ENK`` [E, n, k] (see the module docstring); return it.
 
@@ -57,6 +57,8 @@ def grouped_wgrad(
         out_ENK: [E, n, k], last dim contiguous; every element is written.
         weights_N: optional [N] per-row scale of ``g`` (applied before the product, then rounded to g's dtype).
         bias_grad_EN: optional [E, n] contiguous, receives the per-expert column sums of the scaled ``g``.
+        config: the [block_n, block_k] output tile, warps and stages (``split_k``/``group_m`` unused); default
+            ``heuristics.wgrad_config``.
     """
     check_ndim("g", g, 2, "[rows, n]")
     check_ndim("x", x, 2, "[rows, k]")
@@ -85,8 +87,9 @@ def grouped_wgrad(
             raise ValueError(f"bias_grad_EN: expected a contiguous last dim, got strides {bias_grad_EN.stride()}")
     if out_ENK.numel() == 0:
         return out_ENK
+    cfg = config or wgrad_config(n_dim, k_dim)
     block_start = expert_block_start(layout, num_experts)
-    grid = (num_experts, -(-n_dim // block_n) * -(-k_dim // block_k))
+    grid = (num_experts, -(-n_dim // cfg.block_n) * -(-k_dim // cfg.block_k))
     grouped_wgrad_kernel[grid](
         g, x, out_ENK,
         bias_grad_EN if bias_grad_EN is not None else out_ENK,
@@ -96,9 +99,9 @@ def grouped_wgrad(
         g.stride(0), x.stride(0), out_ENK.stride(0), out_ENK.stride(1),
         bias_grad_EN.stride(0) if bias_grad_EN is not None else 0,
         HAS_WEIGHTS=weights_N is not None, HAS_BIAS_GRAD=bias_grad_EN is not None,
-        BLOCK_M=layout.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=layout.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_PRECISION="ieee" if g.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out_ENK
 

@@ -103,6 +103,17 @@ class MoEShape:
     gpu: str | None = None
 
 
+def wgrad_config(n_dim: int, k_dim: int) -> GemmConfig:
+    """Tile of ``grouped_wgrad`` (the backward's weight gradients): an [n, k] output tile per program, the rows of
+    one expert as the reduction. There is one program per (expert, tile) whatever the row count, so the tile is
+    as large as the weight allows (fewer re-reads of the gathered rows) without leaving SMs idle on small weights.
+    """
+    block_n = 128 if n_dim >= 128 else 64
+    block_k = 128 if k_dim >= 128 else 64
+    return GemmConfig(block_n=block_n, block_k=block_k, num_warps=8 if block_n * block_k >= 128 * 128 else 4,
+                      num_stages=3)
+
+
 def choose_config(shape: MoEShape) -> MoEKernelConfig:
     """A tuned table entry if one covers ``shape``, else the heuristics of the module docstring."""
     tuned = _lookup_tuned(shape)

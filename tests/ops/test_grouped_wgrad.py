@@ -5,6 +5,7 @@ import torch
 
 from moekit.ops.align import align, row_per_block
 from moekit.ops.grouped_wgrad import expert_block_start, grouped_wgrad, grouped_wgrad_ref
+from moekit.ops.heuristics import GemmConfig
 from moekit.testing import assert_close
 
 
@@ -44,7 +45,7 @@ def test_matches_definition(num_tokens, top_k, num_experts, n, k, block_m, g_div
     out = torch.full((num_experts, n, k), float("nan"), dtype=dtype)  # poisoned: every element must be written
     bias = torch.full((num_experts, n), float("nan"), dtype=dtype)
     kw = {"num_rows": num_rows, "g_row_div": g_div, "x_row_div": x_div, "weights_N": w_N, "bias_grad_EN": bias}
-    grouped_wgrad(g, x, layout, out, **kw, block_n=32, block_k=16)
+    grouped_wgrad(g, x, layout, out, **kw, config=GemmConfig(block_n=32, block_k=16, num_stages=2))
     want, want_bias = _loop(g, x, ids.flatten(), num_experts, g_div, x_div, w_N)
     assert_close(out, want, dtype)
     assert_close(bias, want_bias, dtype, name="bias grad")
