@@ -303,3 +303,26 @@ def test_flags_must_be_bools(flag):
     # "no" is truthy: a string flag would silently switch the behaviour on.
     with pytest.raises(TypeError, match=f"{flag}: expected a bool"):
         select_experts(torch.randn(3, 8), 2, **{flag: "no"})
+
+
+def test_topk_ids_dtype_matches_the_message():
+    # uint8 ids index as a boolean mask in torch and int8/int16 cannot hold large expert ids: int32/int64 only.
+    for dtype in (torch.uint8, torch.int8, torch.int16):
+        with pytest.raises(TypeError, match=r"topk_ids: expected an integer dtype \(int32 or int64\)"):
+            select_experts(None, 2, topk_weights=torch.rand(3, 2), topk_ids=torch.zeros(3, 2, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        ({"routed_scaling_factor": "2.5"}, TypeError, "routed_scaling_factor: expected a float, got str"),
+        ({"routed_scaling_factor": float("nan")}, ValueError, "routed_scaling_factor"),
+        ({"num_expert_group": 2.0, "topk_group": 1}, TypeError, "num_expert_group: expected an int"),
+        ({"topk_group": 1}, ValueError, "set both"),
+        ({"num_expert_group": 2, "topk_group": 1, "topk_before_score": True}, ValueError, "topk_before_score"),
+        ({"e_score_correction_bias": torch.zeros(8, dtype=torch.int64)}, TypeError, "e_score_correction_bias"),
+    ],
+)
+def test_bad_argument_types(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        select_experts(torch.randn(3, 8), 2, **kwargs)
