@@ -15,6 +15,12 @@ sigmoid of the picked, chosen with a correction bias).
 Non-finite logits: ``topk_ids`` are always valid expert indices in [0, E), so no kernel can read out of
 bounds. A ``-inf`` logit means "never pick this expert" while K finite logits remain. A NaN or ``+inf`` logit
 (a diverged model) gives that token NaN weights, which reach only that token's output row.
+
+Non-finite correction bias: a NaN or ``+inf`` entry would win every token's choice with finite weights, so it
+is a corrupted checkpoint. ``select_experts`` raises a ``ValueError`` naming ``e_score_correction_bias`` and the
+experts, except while compiling or capturing a CUDA graph, where checking values would sync with the device:
+there the tokens that picked such an expert get NaN in all their weights. (This check is a device sync per call
+in eager mode.) A ``-inf`` entry means "never pick this expert" while K others remain, as a ``-inf`` logit.
 """
 
 from __future__ import annotations
@@ -100,6 +106,7 @@ def select_experts(
         weights, ids = _check_precomputed(weights, ids, router_logits, top_k, source="custom_routing_function")
         return _scale(weights, routed_scaling_factor), ids
 
+    bad_bias_E = None if e_score_correction_bias is None else _nonfinite_bias(e_score_correction_bias)
     logits = router_logits.float()
     if topk_before_score:
         choice = logits if e_score_correction_bias is None else logits + e_score_correction_bias.float()
@@ -130,6 +137,10 @@ def select_experts(
             # over the whole row keeps a NaN/+inf logit's NaN in its token's weights.
             log_scores = torch.log_softmax(logits, dim=-1) if scoring_func == "softmax" else F.logsigmoid(logits)
             weights = torch.softmax(log_scores.gather(1, ids), dim=-1)
+    if bad_bias_E is not None:
+        # A NaN/+inf bias wins every token it can reach, so a token that picked such an expert has a wrong
+        # choice; NaN in its whole row (the renormalized weights of its other experts are wrong too).
+        weights = weights.masked_fill(bad_bias_E[ids].any(dim=-1, keepdim=True), float("nan"))
     return _scale(weights, routed_scaling_factor), ids.to(torch.int32)
 
 
@@ -176,6 +187,23 @@ def _mask_groups(choice_TE: torch.Tensor, num_expert_group: int, topk_group: int
     best_groups = group_scores_TG.topk(topk_group, dim=-1).indices
     keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, best_groups, True)
     return grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
+
+
+def _nonfinite_bias(bias_E: torch.Tensor) -> torch.Tensor | None:
+    """Reject a NaN/+inf correction bias (a corrupted checkpoint) where values can be checked; else return the
+    [E] mask of such experts, for ``select_experts`` to put NaN in the weights of the tokens that picked one.
+    ``-inf`` is allowed: "never pick this expert", as a -inf logit."""
+    bad_E = torch.isnan(bias_E) | (bias_E == float("inf"))
+    if not values_checkable():
+        return bad_E
+    if bool(bad_E.any()):
+        experts = bad_E.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, experts[:16])) + (f", ... ({len(experts)} in all)" if len(experts) > 16 else "")
+        raise ValueError(
+            f"e_score_correction_bias: expected finite values (or -inf: never pick the expert), got NaN/+inf at "
+            f"experts [{shown}]; the checkpoint's correction bias is corrupted"
+        )
+    return None
 
 
 def _scale(weights: torch.Tensor, factor: float) -> torch.Tensor:
