@@ -6,11 +6,15 @@ actual shape, dtype or device, so a caller can fix the call without reading moek
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+# Index tensors (topk_ids, expert_map) must be int32 or int64: the Triton kernels read them as int32 and torch
+# indexes with them; uint8 would index as a boolean mask, and int8/int16 cannot hold E >= 128 / 32768 ids.
+_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def check_tensor(name: str, value: object) -> torch.Tensor:
@@ -54,12 +58,12 @@ def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tens
 
 
 def check_int_dtype(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in _INT_DTYPES:
+    if t.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{name}: expected an integer dtype (int32 or int64), got {str(t.dtype).removeprefix('torch.')}")
 
 
 def check_signed_int_dtype(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in (torch.int32, torch.int64):
+    if t.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{name}: expected int32 or int64 (it holds -1), got {str(t.dtype).removeprefix('torch.')}")
 
 
@@ -87,6 +91,14 @@ def check_positive(name: str, value: object) -> None:
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     if value <= 0:
         raise ValueError(f"{name}: expected a positive int, got {value}")
+
+
+def check_real(name: str, value: object, *, positive: bool = False) -> None:
+    """A finite real number (int or float; not a bool, a str or a tensor), > 0 when ``positive``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (positive and not value > 0):
+        raise ValueError(f"{name}: expected a finite value{' > 0' if positive else ''}, got {value}")
 
 
 def check_bool(name: str, value: object) -> None:

@@ -10,12 +10,54 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from moekit._checks import check_bool, check_choice, check_positive
+from moekit._checks import check_bool, check_choice, check_positive, check_real
 from moekit.ops.activation import Activation, resolve_activation
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 BACKENDS = ("auto", "torch", "triton")
+
+
+def check_grouped_topk(
+    num_expert_group: int | None,
+    topk_group: int | None,
+    *,
+    group_score: str = "max",
+    topk_before_score: bool = False,
+    num_experts: int | None = None,
+    top_k: int | None = None,
+    prefix: str = "",
+) -> bool:
+    """The rules of grouped top-k, in one place for ``RoutingConfig``, ``MoEConfig`` and ``select_experts``.
+
+    Returns whether routing is grouped. ``num_experts``/``top_k`` None skip the rules that need them (a
+    ``RoutingConfig`` knows neither); ``prefix`` (``"routing."``) is put before the argument names in errors.
+    """
+    if num_expert_group is None and topk_group is None:
+        return False
+    if num_expert_group is None or topk_group is None:
+        raise ValueError(
+            f"{prefix}num_expert_group/topk_group: set both for grouped top-k or neither, got "
+            f"num_expert_group={num_expert_group}, topk_group={topk_group}"
+        )
+    check_positive(f"{prefix}num_expert_group", num_expert_group)
+    check_positive(f"{prefix}topk_group", topk_group)
+    if topk_group > num_expert_group:
+        raise ValueError(f"{prefix}topk_group: expected <= num_expert_group={num_expert_group}, got {topk_group}")
+    if topk_before_score:
+        raise ValueError(f"{prefix}topk_before_score: not supported together with grouped top-k")
+    if num_experts is None:
+        return True
+    if num_experts % num_expert_group:
+        raise ValueError(
+            f"{prefix}num_expert_group: expected a divisor of num_experts={num_experts}, got {num_expert_group}"
+        )
+    per_group = num_experts // num_expert_group
+    if group_score == "top2_sum" and per_group < 2:
+        raise ValueError(f"{prefix}group_score: 'top2_sum' needs >= 2 experts per group, got {per_group}")
+    if top_k is not None and top_k > topk_group * per_group:
+        raise ValueError(f"top_k: expected <= topk_group * experts_per_group = {topk_group * per_group}, got {top_k}")
+    return True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,22 +86,14 @@ class RoutingConfig:
             check_bool(f"routing.{flag}", getattr(self, flag))
         check_choice("routing.scoring_func", self.scoring_func, SCORING_FUNCS)
         check_choice("routing.group_score", self.group_score, GROUP_SCORES)
-        if (self.num_expert_group is None) != (self.topk_group is None):
-            raise ValueError(
-                "routing.num_expert_group/topk_group: set both for grouped top-k or neither, got "
-                f"num_expert_group={self.num_expert_group}, topk_group={self.topk_group}"
-            )
-        if self.num_expert_group is not None:
-            check_positive("routing.num_expert_group", self.num_expert_group)
-            check_positive("routing.topk_group", self.topk_group)
-            if self.topk_group > self.num_expert_group:
-                raise ValueError(
-                    f"routing.topk_group: expected <= num_expert_group={self.num_expert_group}, got {self.topk_group}"
-                )
-            if self.topk_before_score:
-                raise ValueError("routing.topk_before_score: not supported together with grouped top-k")
-        if not 0 < self.routed_scaling_factor < float("inf"):
-            raise ValueError(f"routing.routed_scaling_factor: expected a finite value > 0, got {self.routed_scaling_factor}")
+        check_grouped_topk(
+            self.num_expert_group,
+            self.topk_group,
+            group_score=self.group_score,
+            topk_before_score=self.topk_before_score,
+            prefix="routing.",
+        )
+        check_real("routing.routed_scaling_factor", self.routed_scaling_factor, positive=True)
         if self.custom_routing_function is not None and not callable(self.custom_routing_function):
             raise TypeError("routing.custom_routing_function: expected a callable")
 
@@ -112,23 +146,21 @@ class MoEConfig:
             raise TypeError(f"shared_intermediate_size: expected an int, got {type(self.shared_intermediate_size).__name__}")
         if self.shared_intermediate_size < 0:
             raise ValueError(f"shared_intermediate_size: expected >= 0 (0 = none), got {self.shared_intermediate_size}")
+        for flag in ("shared_expert_gate", "bias", "router_bias", "router_fp32"):
+            check_bool(flag, getattr(self, flag))
         if self.shared_expert_gate and self.shared_intermediate_size == 0:
             raise ValueError("shared_expert_gate: needs shared_intermediate_size > 0")
         check_choice("backend", self.backend, BACKENDS)
         r = self.routing
-        if r.grouped:
-            if self.num_experts % r.num_expert_group:
-                raise ValueError(
-                    f"routing.num_expert_group: expected a divisor of num_experts={self.num_experts}, "
-                    f"got {r.num_expert_group}"
-                )
-            per_group = self.num_experts // r.num_expert_group
-            if r.group_score == "top2_sum" and per_group < 2:
-                raise ValueError(f"routing.group_score: 'top2_sum' needs >= 2 experts per group, got {per_group}")
-            if self.top_k > r.topk_group * per_group:
-                raise ValueError(
-                    f"top_k: expected <= topk_group * experts_per_group = {r.topk_group * per_group}, got {self.top_k}"
-                )
+        check_grouped_topk(
+            r.num_expert_group,
+            r.topk_group,
+            group_score=r.group_score,
+            topk_before_score=r.topk_before_score,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            prefix="routing.",
+        )
 
     @property
     def has_shared_experts(self) -> bool:

@@ -3,8 +3,10 @@
     ckpt   = Checkpoint(path)                       a .safetensors file, or a directory (with or without
                                                      model.safetensors.index.json); nothing is read yet
     report = load_moe(moe, ckpt, "model.layers.3.mlp")
-                                                     reads only that block's tensors, converts each to moekit's
-                                                     canonical layout, copies it into ``moe``
+                                                     checks that block's keys and shapes from the headers, then
+                                                     reads its tensors one at a time, converts each to moekit's
+                                                     canonical layout and copies it into ``moe``; a failed check
+                                                     (a shape, ``strict``) leaves ``moe`` untouched
 
 Expert layouts understood under ``{prefix}.experts.`` (E experts, H hidden, I intermediate):
 
@@ -16,8 +18,9 @@ Expert layouts understood under ``{prefix}.experts.`` (E experts, H hidden, I in
     transposed   gate_up_proj [E, H, 2I] (gate columns, then up), down_proj [E, I, H], optional biases
                  (Llama4, openai_privacy_filter)                                  -> transposed
 
-A transposed gate_up_proj alone cannot say whether its gate/up columns are interleaved: ``auto`` reads the
-checkpoint's ``config.json`` (only ``model_type`` gpt_oss interleaves) and asks for ``layout=`` without one.
+A transposed gate_up_proj alone cannot say whether its gate/up columns are interleaved, and with 2I = H it cannot
+even say whether it is transposed: ``auto`` reads the checkpoint's ``config.json``, whose ``model_type`` decides
+for the families in ``MODEL_LAYOUTS``; otherwise the shapes decide, and ``layout=`` is asked for where they cannot.
 
 Around the experts: the router (``gate.weight``, ``router.weight`` [+ ``.bias``]), the correction bias
 (``gate.e_score_correction_bias``, ``e_score_correction_bias``), and shared experts (``shared_expert(s).`` or
@@ -31,16 +34,24 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from moekit._checks import check_positive
+from moekit._checks import check_bool, check_choice, check_positive
 from moekit.layer import MoE
+from moekit.routed_experts import RoutedExperts
 
 LAYOUTS = ("auto", "per_expert", "fused", "gpt_oss", "transposed")
+# config.json model_type -> the layout its fused experts are stored in (per-expert names are recognised first)
+MODEL_LAYOUTS = {
+    "gpt_oss": "gpt_oss",
+    "llama4": "transposed",
+    "llama4_text": "transposed",
+    "openai_privacy_filter": "transposed",
+}
 
 # checkpoint projection name -> RoutedExperts shard id
 _SHARDS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "w1": "w1", "w3": "w3", "w2": "w2"}
@@ -89,11 +100,9 @@ class Checkpoint:
     def _handle(self, key: str):
         if key not in self._files:
             raise KeyError(f"checkpoint key {key!r} not found in {self.path}")
-        from safetensors import safe_open
-
         file = self._files[key]
         if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
+            self._handles[file] = _open(file)
         return self._handles[file]
 
     def model_types(self) -> set[str]:
@@ -124,10 +133,20 @@ def deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.index_select(dim, torch.cat((index[0::2], index[1::2])))
 
 
-def _header_keys(file: Path) -> list[str]:
-    from safetensors import safe_open
+def _open(file: Path):
+    """``safe_open`` whose errors name the file (safetensors' own say only "incomplete metadata")."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(file), framework="pt") as f:
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint file {file}: not found")
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"checkpoint file {file}: not a readable safetensors file (truncated?): {err}") from None
+
+
+def _header_keys(file: Path) -> list[str]:
+    with _open(file) as f:
         return list(f.keys())
 
 
@@ -192,74 +211,103 @@ def load_moe(
 ) -> LoadReport:
     """Load the block stored under ``prefix`` (e.g. ``model.layers.3.mlp``) into ``moe``.
 
+    Every key and shape is checked from the checkpoint's headers before anything is copied: when this raises,
+    ``moe`` is unchanged.
+
     Args:
-        layout: ``auto`` (per-expert names if present; else ``fused`` when ``gate_up_proj`` is [E, 2I, H]; a
-            transposed [E, H, 2I] one is ``gpt_oss`` if config.json says model_type gpt_oss, else ``transposed``),
-            or one of ``per_expert``, ``fused``, ``gpt_oss``, ``transposed``.
-        strict: raise ``KeyError`` listing the missing and unexpected keys instead of only reporting them.
+        layout: ``auto`` (per-expert names if present; else the layout ``MODEL_LAYOUTS`` gives config.json's
+            ``model_type``; else ``fused`` when ``gate_up_proj`` is [E, 2I, H], and a transposed [E, H, 2I] one is
+            ``transposed``), or one of ``per_expert``, ``fused``, ``gpt_oss``, ``transposed``.
+        strict: raise ``KeyError`` listing the missing and unexpected keys (or, when nothing is stored under
+            ``prefix``, the checkpoint's MoE prefixes) instead of only reporting them.
     Raises:
-        ValueError: a tensor's shape does not fit (the message names the checkpoint key), or ``auto`` finds
-            transposed experts and no config.json to tell interleaved gate/up columns from concatenated ones.
+        ValueError: a tensor's shape does not fit (the message names the checkpoint key), a shard is not a
+            readable safetensors file (named), or ``auto`` cannot tell the layout from the shapes and there is no
+            config.json to decide.
     """
     if not isinstance(moe, MoE):
         raise TypeError(f"moe: expected a moekit.MoE, got {type(moe).__name__}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout: expected one of {list(LAYOUTS)}, got {layout!r}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
+    check_choice("layout", layout, LAYOUTS)
+    check_bool("strict", strict)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     prefix = prefix.rstrip(".") + "."
+    if strict and not any(k.startswith(prefix) for k in ckpt.keys()):
+        raise KeyError(_prefix_not_found(ckpt, prefix[:-1]))
     layout = _detect_layout(moe, ckpt, prefix) if layout == "auto" else layout
     report = LoadReport(prefix=prefix[:-1], layout=layout)
-    loader = _Loader(ckpt, report)
-    _load_router(moe, loader, prefix)
+    plan = _Plan(ckpt, report)
+    _load_router(moe, plan, prefix)
     if layout == "per_expert":
-        _load_per_expert(moe, loader, prefix)
+        _load_per_expert(moe, plan, prefix)
     else:
         transposed = layout in ("gpt_oss", "transposed")
-        _load_fused(moe, loader, prefix + "experts.", transposed=transposed, interleaved=layout == "gpt_oss")
+        _load_fused(moe, plan, prefix + "experts.", transposed=transposed, interleaved=layout == "gpt_oss")
     if moe.shared_experts is not None:
-        _load_shared(moe, loader, prefix)
+        _load_shared(moe, plan, prefix)
     consumed = set(report.loaded)
     report.unexpected = [k for k in ckpt.keys() if k.startswith(prefix) and k not in consumed]
     if strict and not report.ok:
         raise KeyError(f"load_moe({report.prefix!r}): missing {report.missing}, unexpected {report.unexpected}")
+    plan.run()
     return report
 
 
-class _Loader:
-    """Reads keys, records them in the report, and names the key in every shape error."""
+def _prefix_not_found(ckpt: Checkpoint, prefix: str) -> str:
+    found = ckpt.moe_prefixes()
+    if not found:
+        return f"prefix {prefix!r} not found in {ckpt.path}; the checkpoint has no MoE blocks (no '.experts.' keys)"
+    shown = ", ".join(found[:16]) + (f", ... ({len(found)} in all)" if len(found) > 16 else "")
+    return f"prefix {prefix!r} not found in {ckpt.path}; the checkpoint has MoE blocks at: {shown}"
+
+
+class _Plan:
+    """The copies of one ``load_moe`` call. Each is checked when planned, from the headers (its shape, after a
+    conversion run on a meta tensor); ``run`` reads and copies them one at a time only once every check passed,
+    so a failure leaves the module as it was."""
 
     def __init__(self, ckpt: Checkpoint, report: LoadReport) -> None:
         self.ckpt = ckpt
         self.report = report
+        self._steps: list[tuple[str, Callable[[torch.Tensor], object]]] = []
 
     def first(self, keys: Iterable[str]) -> str | None:
         return next((k for k in keys if k in self.ckpt), None)
 
-    def read(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        got = self.ckpt.shape(key)
-        if got != tuple(shape):
-            raise ValueError(f"checkpoint key {key!r}: expected shape {tuple(shape)}, got {got}")
+    def add(self, key: str, expected: Sequence[int], apply: Callable, transform: Callable | None = None) -> None:
+        """Plan ``apply(transform(tensor))`` for the tensor stored under ``key``, which must convert to ``expected``."""
+        shape, expected = self.ckpt.shape(key), tuple(expected)
+        if transform is None:
+            if shape != expected:
+                raise ValueError(f"checkpoint key {key!r}: expected shape {expected}, got {shape}")
+        else:
+            try:
+                got = tuple(transform(torch.empty(shape, device="meta")).shape)
+                if got != expected:
+                    raise ValueError(f"expected shape {expected} after conversion, got {got}")
+            except (RuntimeError, ValueError, IndexError) as err:
+                raise ValueError(f"checkpoint key {key!r} (shape {shape}): {err}") from None
+            apply = _compose(apply, transform)
         self.report.loaded.append(key)
-        return self.ckpt.get(key)
+        self._steps.append((key, apply))
 
-    def copy(self, dest: torch.Tensor, keys: list[str], transform=None) -> None:
-        """Copy the first present key among ``keys`` into ``dest`` (after ``transform``); else report missing."""
+    def copy(self, dest: torch.Tensor, keys: list[str], transform: Callable | None = None) -> None:
+        """Plan a copy of the first present key among ``keys`` into ``dest`` (after ``transform``); else report
+        it missing."""
         key = self.first(keys)
         if key is None:
             self.report.missing.append(keys[0])
             return
-        if transform is None:
-            dest.copy_(self.read(key, tuple(dest.shape)))
-            return
-        value = self.ckpt.get(key)
-        try:
-            value = transform(value)
-            if tuple(value.shape) != tuple(dest.shape):
-                raise ValueError(f"expected shape {tuple(dest.shape)} after conversion, got {tuple(value.shape)}")
-        except (RuntimeError, ValueError, IndexError) as err:
-            raise ValueError(f"checkpoint key {key!r} (shape {self.ckpt.shape(key)}): {err}") from None
-        self.report.loaded.append(key)
-        dest.copy_(value)
+        self.add(key, dest.shape, dest.copy_, transform)
+
+    def run(self) -> None:
+        for key, apply in self._steps:
+            apply(self.ckpt.get(key))
+
+
+def _compose(apply: Callable, transform: Callable) -> Callable:
+    return lambda t: apply(transform(t))
 
 
 def _detect_layout(moe: MoE, ckpt: Checkpoint, prefix: str) -> str:
@@ -269,52 +317,75 @@ def _detect_layout(moe: MoE, ckpt: Checkpoint, prefix: str) -> str:
     key = experts + "gate_up_proj"
     if key not in ckpt:
         return "per_expert"  # reported as missing per-expert keys
-    hidden = moe.config.hidden_size
-    shape = ckpt.shape(key)
-    transposed = len(shape) == 3 and shape[1] == hidden and shape[2] != hidden
+    types = ckpt.model_types()
+    known = {MODEL_LAYOUTS[t] for t in types if t in MODEL_LAYOUTS}
+    if len(known) == 1:
+        # The family's own layout, whatever the shapes suggest: with 2I = H, gpt-oss's [E, H, 2I] has the shape of
+        # a fused [E, 2I, H] and read as one gives silently wrong experts.
+        return known.pop()
+    cfg = moe.config
+    num, hidden, inter = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+    rows = cfg.activation.w13_rows(inter)
+    down = experts + "down_proj"
+    down_shape = ckpt.shape(down) if down in ckpt else None
+    fused = ckpt.shape(key) == (num, rows, hidden) and down_shape in (None, (num, hidden, inter))
+    transposed = ckpt.shape(key) == (num, hidden, rows) and down_shape in (None, (num, inter, hidden))
+    if fused and transposed:
+        raise ValueError(
+            f"layout: {key!r} {ckpt.shape(key)} reads as fused [E, 2I, H] and as transposed [E, H, 2I]; pass "
+            "layout='fused', 'transposed' (gate columns, then up) or 'gpt_oss' (interleaved)"
+        )
     if not transposed:
-        return "fused"
+        return "fused"  # (shapes that fit neither are reported by the load, naming the key)
     # Llama4 and openai_privacy_filter store [E, H, 2I] with the gate columns first, gpt-oss interleaves them; the
     # shapes are the same, and de-interleaving concatenated columns gives silently wrong experts.
-    types = ckpt.model_types()
     if not types:
         raise ValueError(
             f"layout: {key!r} is stored transposed [E, H, 2I] and no config.json says whether its gate/up columns are "
             "interleaved; pass layout='gpt_oss' (interleaved) or layout='transposed' (gate columns, then up)"
         )
-    return "gpt_oss" if "gpt_oss" in types else "transposed"
+    return "transposed"
 
 
-def _load_router(moe: MoE, loader: _Loader, prefix: str) -> None:
-    loader.copy(moe.gate.weight, [f"{prefix}{n}.weight" for n in _ROUTER_NAMES])
+def _load_router(moe: MoE, plan: _Plan, prefix: str) -> None:
+    plan.copy(moe.gate.weight, [f"{prefix}{n}.weight" for n in _ROUTER_NAMES])
     if moe.gate.bias is not None:
-        loader.copy(moe.gate.bias, [f"{prefix}{n}.bias" for n in _ROUTER_NAMES])
+        plan.copy(moe.gate.bias, [f"{prefix}{n}.bias" for n in _ROUTER_NAMES])
     if moe.e_score_correction_bias is not None:
         names = [f"{prefix}{n}.e_score_correction_bias" for n in _ROUTER_NAMES] + [f"{prefix}e_score_correction_bias"]
-        loader.copy(moe.e_score_correction_bias, names)
+        plan.copy(moe.e_score_correction_bias, names)
 
 
-def _load_per_expert(moe: MoE, loader: _Loader, prefix: str) -> None:
+def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
     experts = moe.routed_experts
-    names = ("w1", "w3", "w2") if loader.first([f"{prefix}experts.0.w1.weight"]) else ("gate_proj", "up_proj", "down_proj")
+    names = ("w1", "w3", "w2") if plan.first([f"{prefix}experts.0.w1.weight"]) else ("gate_proj", "up_proj", "down_proj")
     if not experts.activation.is_gated:
         names = (names[1], names[2])  # non-gated: up -> all of w13, down -> w2
     for row in expert_params_mapping(experts.num_experts, gate=names[0], up=names[1], down=names[-1]):
         if not experts.activation.is_gated and row.shard_id == "w3":
             continue
         key = prefix + row.weight_name
-        if key not in loader.ckpt:
-            loader.report.missing.append(key)
+        if key not in plan.ckpt:
+            plan.report.missing.append(key)
             continue
         param = experts.w2 if row.shard_id == "w2" else experts.w13
-        try:
-            experts.weight_loader(param, loader.ckpt.get(key), row.shard_id, row.expert_id)
-        except ValueError as err:
-            raise ValueError(f"checkpoint key {key!r} (shape {loader.ckpt.shape(key)}): {err}") from None
-        loader.report.loaded.append(key)
+        plan.add(key, _shard_shape(experts, row.shard_id), _expert_loader(experts, param, row))
 
 
-def _load_fused(moe: MoE, loader: _Loader, experts_prefix: str, *, transposed: bool, interleaved: bool) -> None:
+def _shard_shape(experts: RoutedExperts, shard_id: str) -> tuple[int, ...]:
+    """The shape ``RoutedExperts.weight_loader`` takes for one expert's ``shard_id`` (w1/w3: half of w13's rows
+    when gated)."""
+    if shard_id == "w2":
+        return tuple(experts.w2.shape[1:])
+    rows, hidden = experts.w13.shape[1:]
+    return (rows // 2 if experts.activation.is_gated else rows, hidden)
+
+
+def _expert_loader(experts: RoutedExperts, param: torch.Tensor, row: ExpertParamMapping) -> Callable:
+    return lambda t: experts.weight_loader(param, t, row.shard_id, row.expert_id)
+
+
+def _load_fused(moe: MoE, plan: _Plan, experts_prefix: str, *, transposed: bool, interleaved: bool) -> None:
     experts = moe.routed_experts
     w13_from = w2_from = b13_from = None
     if transposed:
@@ -330,27 +401,27 @@ def _load_fused(moe: MoE, loader: _Loader, experts_prefix: str, *, transposed: b
 
         def b13_from(t: torch.Tensor) -> torch.Tensor:
             return deinterleave(t, dim=1)
-    loader.copy(experts.w13, [experts_prefix + "gate_up_proj"], w13_from)
-    loader.copy(experts.w2, [experts_prefix + "down_proj"], w2_from)
+    plan.copy(experts.w13, [experts_prefix + "gate_up_proj"], w13_from)
+    plan.copy(experts.w2, [experts_prefix + "down_proj"], w2_from)
     if experts.w13_bias is not None:
-        loader.copy(experts.w13_bias, [experts_prefix + "gate_up_proj_bias"], b13_from)
-        loader.copy(experts.w2_bias, [experts_prefix + "down_proj_bias"])
+        plan.copy(experts.w13_bias, [experts_prefix + "gate_up_proj_bias"], b13_from)
+        plan.copy(experts.w2_bias, [experts_prefix + "down_proj_bias"])
 
 
-def _load_shared(moe: MoE, loader: _Loader, prefix: str) -> None:
+def _load_shared(moe: MoE, plan: _Plan, prefix: str) -> None:
     shared = moe.shared_experts
     gate_up = shared.gate_up_proj.weight
     bases = [prefix + n + "." for n in _SHARED_NAMES]
-    base = next((b for b in bases if loader.first([b + "down_proj.weight", b + "gate_up_proj.weight"])), bases[0])
-    if base + "gate_up_proj.weight" in loader.ckpt or not shared.activation.is_gated:
-        loader.copy(gate_up, [base + "gate_up_proj.weight", base + "up_proj.weight"])
+    base = next((b for b in bases if plan.first([b + "down_proj.weight", b + "gate_up_proj.weight"])), bases[0])
+    if base + "gate_up_proj.weight" in plan.ckpt or not shared.activation.is_gated:
+        plan.copy(gate_up, [base + "gate_up_proj.weight", base + "up_proj.weight"])
     else:
         inter = shared.intermediate_size
-        loader.copy(gate_up[:inter], [base + "gate_proj.weight"])
-        loader.copy(gate_up[inter:], [base + "up_proj.weight"])
-    loader.copy(shared.down_proj.weight, [base + "down_proj.weight"])
+        plan.copy(gate_up[:inter], [base + "gate_proj.weight"])
+        plan.copy(gate_up[inter:], [base + "up_proj.weight"])
+    plan.copy(shared.down_proj.weight, [base + "down_proj.weight"])
     if shared.gate is not None:
-        loader.copy(shared.gate.weight, [prefix + "shared_expert_gate.weight", base + "gate.weight"])
+        plan.copy(shared.gate.weight, [prefix + "shared_expert_gate.weight", base + "gate.weight"])
 
 
 def load_moes(checkpoint: Checkpoint | str | os.PathLike, blocks: dict[str, MoE], **kwargs) -> list[LoadReport]:

@@ -15,6 +15,12 @@ sigmoid of the picked, chosen with a correction bias).
 Non-finite logits: ``topk_ids`` are always valid expert indices in [0, E), so no kernel can read out of
 bounds. A ``-inf`` logit means "never pick this expert" while K finite logits remain. A NaN or ``+inf`` logit
 (a diverged model) gives that token NaN weights, which reach only that token's output row.
+
+Non-finite correction bias: a NaN or ``+inf`` entry would win every token's choice with finite weights, so it
+is a corrupted checkpoint. ``select_experts`` raises a ``ValueError`` naming ``e_score_correction_bias`` and the
+experts, except while compiling or capturing a CUDA graph, where checking values would sync with the device:
+there the tokens that picked such an expert get NaN in all their weights. (This check is a device sync per call
+in eager mode.) A ``-inf`` entry means "never pick this expert" while K others remain, as a ``-inf`` logit.
 """
 
 from __future__ import annotations
@@ -31,11 +37,12 @@ from moekit._checks import (
     check_int_dtype,
     check_ndim,
     check_positive,
+    check_real,
     check_same_device,
     check_shape,
     values_checkable,
 )
-from moekit.config import GROUP_SCORES, SCORING_FUNCS, RoutingConfig
+from moekit.config import GROUP_SCORES, SCORING_FUNCS, RoutingConfig, check_grouped_topk
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -80,10 +87,18 @@ def select_experts(
     check_choice("group_score", group_score, GROUP_SCORES)
     check_bool("renormalize", renormalize)
     check_bool("topk_before_score", topk_before_score)
-    if not 0 < routed_scaling_factor < float("inf"):
-        raise ValueError(f"routed_scaling_factor: expected a finite value > 0, got {routed_scaling_factor}")
+    grouped = check_grouped_topk(
+        num_expert_group,
+        topk_group,
+        group_score=group_score,
+        topk_before_score=topk_before_score,
+        num_experts=num_experts,
+        top_k=top_k,
+    )
+    check_real("routed_scaling_factor", routed_scaling_factor, positive=True)
     if e_score_correction_bias is not None:
         check_shape("e_score_correction_bias", e_score_correction_bias, (num_experts,), "[E]")
+        check_dtype("e_score_correction_bias", e_score_correction_bias, _FLOAT_DTYPES)
         check_same_device("e_score_correction_bias", e_score_correction_bias, "router_logits", router_logits)
 
     if custom_routing_function is not None:
@@ -91,10 +106,9 @@ def select_experts(
         weights, ids = _check_precomputed(weights, ids, router_logits, top_k, source="custom_routing_function")
         return _scale(weights, routed_scaling_factor), ids
 
+    bad_bias_E = None if e_score_correction_bias is None else _nonfinite_bias(e_score_correction_bias)
     logits = router_logits.float()
     if topk_before_score:
-        if num_expert_group is not None or topk_group is not None:
-            raise ValueError("topk_before_score: not supported with grouped top-k (num_expert_group/topk_group)")
         choice = logits if e_score_correction_bias is None else logits + e_score_correction_bias.float()
         ids = torch.topk(choice, top_k, dim=-1).indices
         picked = logits.gather(1, ids)
@@ -104,7 +118,6 @@ def select_experts(
             weights = torch.softmax(F.logsigmoid(picked), dim=-1)
     else:
         scores = torch.softmax(logits, dim=-1) if scoring_func == "softmax" else torch.sigmoid(logits)
-        grouped = num_expert_group is not None or topk_group is not None
         if e_score_correction_bias is None and not (grouped and group_score == "top2_sum"):
             # softmax and sigmoid are monotone, so the logits rank experts exactly as their scores do, without
             # the fp32 underflow that makes scores tie at 0 (softmax far below the row max, sigmoid below ~-104;
@@ -115,7 +128,7 @@ def select_experts(
             # A -inf logit scores 0, and the bias would make it selectable again: keep it out.
             choice = choice.masked_fill(logits == float("-inf"), float("-inf"))
         if grouped:
-            choice = _mask_groups(choice, num_expert_group, topk_group, group_score, top_k)
+            choice = _mask_groups(choice, num_expert_group, topk_group, group_score)
         ids = torch.topk(choice, top_k, dim=-1).indices
         weights = scores.gather(1, ids)
         if renormalize:
@@ -124,6 +137,10 @@ def select_experts(
             # over the whole row keeps a NaN/+inf logit's NaN in its token's weights.
             log_scores = torch.log_softmax(logits, dim=-1) if scoring_func == "softmax" else F.logsigmoid(logits)
             weights = torch.softmax(log_scores.gather(1, ids), dim=-1)
+    if bad_bias_E is not None:
+        # A NaN/+inf bias wins every token it can reach, so a token that picked such an expert has a wrong
+        # choice; NaN in its whole row (the renormalized weights of its other experts are wrong too).
+        weights = weights.masked_fill(bad_bias_E[ids].any(dim=-1, keepdim=True), float("nan"))
     return _scale(weights, routed_scaling_factor), ids.to(torch.int32)
 
 
@@ -152,28 +169,15 @@ def route(
     )
 
 
-def _mask_groups(
-    choice_TE: torch.Tensor, num_expert_group: int | None, topk_group: int | None, group_score: str, top_k: int
-) -> torch.Tensor:
-    """Set the scores of experts outside the ``topk_group`` best groups to -inf."""
+def _mask_groups(choice_TE: torch.Tensor, num_expert_group: int, topk_group: int, group_score: str) -> torch.Tensor:
+    """Set the scores of experts outside the ``topk_group`` best groups to -inf (arguments checked by
+    ``check_grouped_topk``)."""
     num_tokens, num_experts = choice_TE.shape
-    if num_expert_group is None or topk_group is None:
-        raise ValueError("num_expert_group/topk_group: set both for grouped top-k or neither")
-    check_positive("num_expert_group", num_expert_group)
-    check_positive("topk_group", topk_group)
-    if num_experts % num_expert_group:
-        raise ValueError(f"num_expert_group: expected a divisor of E={num_experts}, got {num_expert_group}")
-    if topk_group > num_expert_group:
-        raise ValueError(f"topk_group: expected <= num_expert_group={num_expert_group}, got {topk_group}")
     per_group = num_experts // num_expert_group
-    if top_k > topk_group * per_group:
-        raise ValueError(f"top_k: expected <= topk_group * experts_per_group = {topk_group * per_group}, got {top_k}")
     grouped_TGe = choice_TE.view(num_tokens, num_expert_group, per_group)
     if group_score == "max":
         group_scores_TG = grouped_TGe.amax(dim=-1)
     else:
-        if per_group < 2:
-            raise ValueError(f"group_score: 'top2_sum' needs >= 2 experts per group, got {per_group}")
         top2_TG2 = grouped_TGe.topk(2, dim=-1).values
         # A masked (-inf) second best would make the sum -inf, tying a group that still has a selectable expert
         # with one that has none (and topk could keep the empty one: the token then loses its real experts).
@@ -183,6 +187,23 @@ def _mask_groups(
     best_groups = group_scores_TG.topk(topk_group, dim=-1).indices
     keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, best_groups, True)
     return grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
+
+
+def _nonfinite_bias(bias_E: torch.Tensor) -> torch.Tensor | None:
+    """Reject a NaN/+inf correction bias (a corrupted checkpoint) where values can be checked; else return the
+    [E] mask of such experts, for ``select_experts`` to put NaN in the weights of the tokens that picked one.
+    ``-inf`` is allowed: "never pick this expert", as a -inf logit."""
+    bad_E = torch.isnan(bias_E) | (bias_E == float("inf"))
+    if not values_checkable():
+        return bad_E
+    if bool(bad_E.any()):
+        experts = bad_E.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, experts[:16])) + (f", ... ({len(experts)} in all)" if len(experts) > 16 else "")
+        raise ValueError(
+            f"e_score_correction_bias: expected finite values (or -inf: never pick the expert), got NaN/+inf at "
+            f"experts [{shown}]; the checkpoint's correction bias is corrupted"
+        )
+    return None
 
 
 def _scale(weights: torch.Tensor, factor: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit._checks import check_positive
+from moekit._checks import check_bool, check_positive
 from moekit.ops.activation import Activation, activation_ref, resolve_activation
 
 
@@ -31,6 +31,8 @@ class SharedExperts(nn.Module):
         super().__init__()
         check_positive("hidden_size", hidden_size)
         check_positive("intermediate_size", intermediate_size)
+        check_bool("gate", gate)
+        check_bool("bias", bias)
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.activation = resolve_activation(activation)

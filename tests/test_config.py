@@ -67,3 +67,53 @@ def test_activation_errors():
 def test_routing_flags_must_be_bools(flag):
     with pytest.raises(TypeError, match=f"routing.{flag}: expected a bool"):
         RoutingConfig(**{flag: None if flag == "correction_bias" else "yes"})
+
+
+@pytest.mark.parametrize("flag", ["bias", "router_bias", "shared_expert_gate", "router_fp32"])
+def test_moe_config_flags_must_be_bools(flag):
+    # "no" is truthy: it silently switched the feature on.
+    with pytest.raises(TypeError, match=f"{flag}: expected a bool, got str 'no'"):
+        MoEConfig(**BASE, shared_intermediate_size=16, **{flag: "no"})
+
+
+@pytest.mark.parametrize(
+    "change, err, match",
+    [
+        ({"top_k": True}, TypeError, "top_k: expected an int, got bool"),
+        ({"top_k": 2.0}, TypeError, "top_k: expected an int, got float"),
+        ({"routing": RoutingConfig(num_expert_group=2, topk_group=1, group_score="top2_sum")}, None, None),
+    ],
+)
+def test_moe_config_types(change, err, match):
+    if err is None:
+        MoEConfig(**{**BASE, **change})
+    else:
+        with pytest.raises(err, match=match):
+            MoEConfig(**{**BASE, **change})
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        ({"routed_scaling_factor": "2.5"}, TypeError, "routing.routed_scaling_factor: expected a float, got str"),
+        ({"routed_scaling_factor": True}, TypeError, "routing.routed_scaling_factor: expected a float, got bool"),
+        ({"routed_scaling_factor": float("nan")}, ValueError, "routing.routed_scaling_factor: expected a finite"),
+        ({"num_expert_group": 2.0, "topk_group": 1}, TypeError, "routing.num_expert_group: expected an int"),
+        ({"num_expert_group": 2, "topk_group": "1"}, TypeError, "routing.topk_group: expected an int"),
+    ],
+)
+def test_routing_config_types(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        RoutingConfig(**kwargs)
+
+
+def test_grouped_topk_rules_live_in_one_place():
+    # RoutingConfig, MoEConfig and select_experts apply the same validator, so they cannot drift apart.
+    import moekit.config
+    import moekit.router
+
+    assert moekit.router.check_grouped_topk is moekit.config.check_grouped_topk
+    assert moekit.config.check_grouped_topk(None, None) is False
+    with pytest.raises(ValueError, match=r"num_expert_group: expected a divisor of num_experts=8, got 3"):
+        moekit.config.check_grouped_topk(3, 1, num_experts=8)
+

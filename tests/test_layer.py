@@ -173,3 +173,27 @@ def test_gpu_triton_layer_matches_torch_layer(kw, T):
     triton_out = moe(x)
     moe.routed_experts.backend = "torch"
     assert_close(triton_out, moe(x).float(), torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "dtype, err, match",
+    [
+        # the layer runs fp16/bf16/fp32 activations: a float64 layer rejected every input at its first call
+        (torch.float64, ValueError, r"dtype: expected one of \(float16, bfloat16, float32\), got float64"),
+        (torch.float8_e4m3fn, ValueError, r"got float8_e4m3fn; quantized weights come from a quant_method"),
+        ("bfloat16", TypeError, "dtype: expected a torch.dtype, got str"),
+    ],
+)
+def test_unsupported_layer_dtype_is_refused_at_construction(dtype, err, match):
+    with pytest.raises(err, match=match):
+        MoE(_config(), dtype=dtype)
+
+
+def test_unsupported_default_dtype_is_refused_at_construction():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with pytest.raises(ValueError, match=r"got float64 \(torch's default dtype; pass dtype=\)"):
+            MoE(_config())
+    finally:
+        torch.set_default_dtype(previous)

@@ -183,3 +183,96 @@ def test_bad_arguments_are_named(saved):
     # An odd row count has no gate/up pairs; the old code returned a silently shuffled tensor.
     with pytest.raises(ValueError, match="t: "):
         deinterleave(torch.arange(5.0), dim=0)
+
+
+def _params(moe):
+    return {name: t.detach().clone() for name, t in moe.state_dict().items()}
+
+
+def _assert_unchanged(moe, before):
+    after = moe.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gpt_oss_with_2i_equal_to_h_loads_by_config_json(tmp_path):
+    # With 2I = H, gpt-oss's gate_up_proj [E, H, 2I] has the shape of a fused [E, 2I, H]: shapes alone read it as
+    # fused (copied without de-interleaving). config.json says gpt_oss, and decides.
+    model = build("gpt_oss", intermediate_size=16)  # H = 32 = 2I
+    model.save_pretrained(tmp_path)
+    block = model.model.layers[0].mlp
+    moe = _fresh_like(block)
+    report = load_moe(moe, tmp_path, "model.layers.0.mlp")
+    assert report.ok and report.layout == "gpt_oss"
+    x = torch.randn(1, 5, model.config.hidden_size)
+    assert rel_errors(moe(x), _block_output(block, x))[0] <= 1e-5
+
+
+@pytest.mark.parametrize("failure", ["unexpected", "shape"])
+def test_failed_strict_load_leaves_the_module_unchanged(saved, failure):
+    # The router and the first experts were copied before the failure was found: a half-loaded module.
+    model, path = saved["qwen2_moe"]
+    config = mh.moe_from_hf(model.model.layers[0].mlp).config
+    if failure == "unexpected":  # no shared experts in this MoE: the checkpoint's are unexpected
+        change = {"shared_intermediate_size": 0, "shared_expert_gate": False}
+        err, match = KeyError, "unexpected"
+    else:  # shared experts of another width: the routed experts fit, the shared ones do not
+        change = {"shared_intermediate_size": config.shared_intermediate_size + 1}
+        err, match = ValueError, r"shared_expert\.gate_proj\.weight"
+    moe = MoE(type(config)(**{**config.__dict__, **change}))
+    before = _params(moe)
+    with pytest.raises(err, match=match):
+        load_moe(moe, path, "model.layers.0.mlp")
+    _assert_unchanged(moe, before)
+
+
+def test_wrong_prefix_lists_the_checkpoints_moe_prefixes(saved):
+    model, path = saved["qwen2_moe"]
+    moe = _fresh_like(model.model.layers[0].mlp)
+    before = _params(moe)
+    with pytest.raises(KeyError) as info:
+        load_moe(moe, path, "model.layers.9.mlp")
+    assert "prefix 'model.layers.9.mlp' not found" in str(info.value)
+    assert "the checkpoint has MoE blocks at: model.layers.0.mlp, model.layers.1.mlp" in str(info.value)
+    assert "missing" not in str(info.value)
+    _assert_unchanged(moe, before)
+
+
+@pytest.mark.parametrize("indexed", [True, False])
+def test_truncated_shard_is_named(saved, tmp_path, indexed):
+    import json
+    import shutil
+
+    model, path = saved["qwen2_moe"]
+    shutil.copytree(path, tmp_path, dirs_exist_ok=True)
+    shard = tmp_path / json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"][
+        "model.layers.0.mlp.experts.3.up_proj.weight"
+    ]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    if not indexed:  # every shard's header is read when the checkpoint is opened
+        (tmp_path / "model.safetensors.index.json").unlink()
+    moe = _fresh_like(model.model.layers[0].mlp)
+    before = _params(moe)
+    with pytest.raises(ValueError, match=f"checkpoint file {shard}: not a readable safetensors file"):
+        load_moe(moe, tmp_path, "model.layers.0.mlp")
+    _assert_unchanged(moe, before)
+
+
+def test_load_moe_argument_types(saved):
+    model, path = saved["qwen2_moe"]
+    moe = _fresh_like(model.model.layers[0].mlp)
+    with pytest.raises(TypeError, match="strict: expected a bool"):
+        load_moe(moe, path, "model.layers.0.mlp", strict="no")
+    with pytest.raises(TypeError, match="prefix: expected a str"):
+        load_moe(moe, path, 0)
+
+
+def test_transposed_experts_with_2i_equal_to_h_without_config_need_a_layout(tmp_path):
+    # gate_up_proj [E, H, 2I] = [E, 2I, H] here; down_proj [E, I, H] still shows it is transposed, and without
+    # config.json nothing says whether gate/up are interleaved (it was read as fused, then failed on down_proj).
+    model = build("gpt_oss", intermediate_size=16)
+    file = tmp_path / "model.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(file))
+    moe = _fresh_like(model.model.layers[0].mlp)
+    with pytest.raises(ValueError, match="layout: .* is stored transposed"):
+        load_moe(moe, file, "model.layers.0.mlp")
+    assert load_moe(moe, file, "model.layers.0.mlp", layout="gpt_oss").ok

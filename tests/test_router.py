@@ -303,3 +303,66 @@ def test_flags_must_be_bools(flag):
     # "no" is truthy: a string flag would silently switch the behaviour on.
     with pytest.raises(TypeError, match=f"{flag}: expected a bool"):
         select_experts(torch.randn(3, 8), 2, **{flag: "no"})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("topk_before_score", [False, True])
+def test_nonfinite_correction_bias_is_rejected(bad, topk_before_score):
+    # A NaN/+inf bias entry won every token's choice with finite weights: a corrupted checkpoint, never routed.
+    bias = torch.zeros(8)
+    bias[[2, 6]] = bad
+    with pytest.raises(ValueError, match=r"e_score_correction_bias: .*NaN/\+inf at experts \[2, 6\]"):
+        select_experts(torch.randn(4, 8), 2, scoring_func="sigmoid", topk_before_score=topk_before_score,
+                       e_score_correction_bias=bias)
+
+
+@pytest.mark.parametrize("grouped", [{}, {"num_expert_group": 4, "topk_group": 2, "group_score": "top2_sum"}])
+def test_nonfinite_correction_bias_gives_nan_weights_when_values_cannot_be_checked(monkeypatch, grouped):
+    # While compiling or capturing a graph nothing may sync: the tokens that picked the bad expert get NaN weights,
+    # a token that cannot pick it (its logit is -inf) keeps its finite, correct weights.
+    import moekit.router
+
+    monkeypatch.setattr(moekit.router, "values_checkable", lambda: False)
+    logits = torch.randn(4, 8)
+    logits[3, 5] = float("-inf")
+    bias = torch.zeros(8)
+    bias[5] = float("nan")
+    kw = {"scoring_func": "sigmoid", "renormalize": True, **grouped}
+    w, ids = select_experts(logits, 2, e_score_correction_bias=bias, **kw)
+    assert (ids[:3] == 5).any(dim=-1).all() and torch.isnan(w[:3]).all()
+    expected_w, expected_ids = select_experts(logits[3:], 2, e_score_correction_bias=torch.zeros(8), **kw)
+    assert torch.equal(ids[3:], expected_ids) and torch.equal(w[3:], expected_w)
+
+
+@pytest.mark.parametrize("topk_before_score", [False, True])
+def test_minus_inf_correction_bias_never_picks_the_expert(topk_before_score):
+    logits = torch.randn(16, 8)
+    logits[:, 4] = 10.0
+    bias = torch.zeros(8)
+    bias[4] = float("-inf")
+    w, ids = select_experts(logits, 2, scoring_func="sigmoid", topk_before_score=topk_before_score,
+                            e_score_correction_bias=bias)
+    assert not (ids == 4).any() and torch.isfinite(w).all()
+
+
+def test_topk_ids_dtype_matches_the_message():
+    # uint8 ids index as a boolean mask in torch and int8/int16 cannot hold large expert ids: int32/int64 only.
+    for dtype in (torch.uint8, torch.int8, torch.int16):
+        with pytest.raises(TypeError, match=r"topk_ids: expected an integer dtype \(int32 or int64\)"):
+            select_experts(None, 2, topk_weights=torch.rand(3, 2), topk_ids=torch.zeros(3, 2, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        ({"routed_scaling_factor": "2.5"}, TypeError, "routed_scaling_factor: expected a float, got str"),
+        ({"routed_scaling_factor": float("nan")}, ValueError, "routed_scaling_factor"),
+        ({"num_expert_group": 2.0, "topk_group": 1}, TypeError, "num_expert_group: expected an int"),
+        ({"topk_group": 1}, ValueError, "set both"),
+        ({"num_expert_group": 2, "topk_group": 1, "topk_before_score": True}, ValueError, "topk_before_score"),
+        ({"e_score_correction_bias": torch.zeros(8, dtype=torch.int64)}, TypeError, "e_score_correction_bias"),
+    ],
+)
+def test_bad_argument_types(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        select_experts(torch.randn(3, 8), 2, **kwargs)

@@ -23,3 +23,10 @@ def test_errors():
         SharedExperts(16, 0)
     with pytest.raises(ValueError, match=r"x: expected last dim H = 16, got shape \(2, 8\)"):
         SharedExperts(16, 8)(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("flag", ["gate", "bias"])
+def test_flags_must_be_bools(flag):
+    # "no" is truthy: it silently added a gate or biases.
+    with pytest.raises(TypeError, match=f"{flag}: expected a bool, got str 'no'"):
+        SharedExperts(16, 8, **{flag: "no"})

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moekit._checks import check_real
+
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2", "swigluoai")
 _GATED = {"silu": True, "gelu": True, "gelu_tanh": True, "relu2": False, "swigluoai": True}
 
@@ -39,15 +41,17 @@ class Activation:
     limit: float | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"activation.name: expected a str, got {type(self.name).__name__} {self.name!r}")
         if self.name not in _GATED:
             raise ValueError(f"activation: expected one of {list(ACTIVATIONS)}, got {self.name!r}")
+        check_real("activation.alpha", self.alpha)
         if self.name == "swigluoai" and self.limit is None:
             object.__setattr__(self, "limit", 7.0)
         if self.limit is not None:
             if self.name not in ("silu", "swigluoai"):
                 raise ValueError(f"activation.limit: only silu and swigluoai take a limit, got one for {self.name!r}")
-            if not self.limit > 0:
-                raise ValueError(f"activation.limit: expected a positive float, got {self.limit}")
+            check_real("activation.limit", self.limit, positive=True)
 
     @property
     def is_gated(self) -> bool:

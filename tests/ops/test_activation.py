@@ -70,3 +70,18 @@ def test_errors():
         activation_ref(torch.randn(2, 3), "silu")
     with pytest.raises(TypeError, match="activation: expected a str or moekit.Activation"):
         activation_ref(torch.randn(2, 4), 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        ({"name": 3}, TypeError, "activation.name: expected a str, got int"),
+        ({"name": "swigluoai", "alpha": "1.7"}, TypeError, "activation.alpha: expected a float, got str"),
+        ({"name": "swigluoai", "alpha": float("nan")}, ValueError, "activation.alpha: expected a finite value"),
+        ({"name": "swigluoai", "limit": "7"}, TypeError, "activation.limit: expected a float, got str"),
+        ({"name": "silu", "limit": -1.0}, ValueError, "activation.limit: expected a finite value > 0"),
+    ],
+)
+def test_activation_argument_types(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        Activation(**kwargs)
