@@ -78,7 +78,7 @@ def tune(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("moekit tune: needs a CUDA device (it times the Triton kernels); none is available", file=sys.stderr)
         return 2
-    from moekit.ops.tune import format_points, tune_preset
+    from moekit.bench.tune import format_points, tune_preset
 
     for name in names:
         points, path = tune_preset(PRESETS[name], tokens, out_dir=args.out, dtype=DTYPES[args.dtype],
