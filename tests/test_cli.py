@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from moekit.bench.shapes import PRESETS, shape_from_hf_config
 from moekit.cli import main
 
 
@@ -13,32 +12,9 @@ def tiny_config(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "qwen2_moe", "hidden_size": 64, "num_experts": 8,
                                 "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                                "shared_expert_intermediate_size": 48, "intermediate_size": 128}))
+                                "shared_expert_intermediate_size": 48, "intermediate_size": 128,
+                                "hidden_act": "silu"}))
     return path
-
-
-def test_shape_from_hf_config(tiny_config, tmp_path):
-    s = shape_from_hf_config(tiny_config)
-    assert (s.num_experts, s.hidden_size, s.intermediate_size, s.top_k, s.shared_intermediate_size) == (8, 64, 32, 2, 48)
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"model_type": "deepseek_v3", "hidden_size": 7168, "n_routed_experts": 256,
-                              "num_experts_per_tok": 8, "moe_intermediate_size": 2048, "n_shared_experts": 1}))
-    assert shape_from_hf_config(ds).shared_intermediate_size == 2048
-    oss = tmp_path / "oss.json"
-    oss.write_text(json.dumps({"model_type": "gpt_oss", "hidden_size": 2880, "num_local_experts": 128,
-                               "num_experts_per_tok": 4, "intermediate_size": 2880}))
-    s = shape_from_hf_config(oss)
-    assert s.activation == "swigluoai" and s.bias and s.num_experts == 128
-    bad = tmp_path / "dense.json"
-    bad.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128}))
-    with pytest.raises(ValueError, match="no expert count"):
-        shape_from_hf_config(bad)
-
-
-def test_presets_match_measuring_table():
-    assert set(PRESETS) == {"mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-120b", "olmoe-1b-7b"}
-    ds = PRESETS["deepseek-v3"]
-    assert (ds.num_experts, ds.hidden_size, ds.intermediate_size, ds.top_k) == (256, 7168, 2048, 8)
 
 
 def test_bench_writes_table_json_plot_markdown(tiny_config, tmp_path, capsys):
@@ -70,6 +46,8 @@ def test_bench_writes_table_json_plot_markdown(tiny_config, tmp_path, capsys):
         ({"hidden_size": 64, "num_experts": 4, "moe_topk": [2, 2], "moe_intermediate_size": 32},
          "moe_topk must be a positive int"),
         ([1, 2], "expected a JSON object"),
+        ({"hidden_size": 64, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+          "hidden_act": "quick_gelu"}, "hidden_act"),
     ],
 )
 def test_bench_rejects_bad_hf_configs(tmp_path, config, match):
@@ -109,6 +87,7 @@ def test_tune_token_errors_name_tune():
 
 def test_bench_rejects_preset_with_hf_config(tmp_path):
     cfg = tmp_path / "config.json"
-    cfg.write_text('{"num_experts": 4, "hidden_size": 16, "moe_intermediate_size": 8, "num_experts_per_tok": 2}')
+    cfg.write_text('{"num_experts": 4, "hidden_size": 16, "moe_intermediate_size": 8, "num_experts_per_tok": 2, '
+                   '"hidden_act": "silu"}')
     with pytest.raises(SystemExit, match="not both"):
         main(["bench", "--preset", "olmoe-1b-7b", "--hf-config", str(cfg)])

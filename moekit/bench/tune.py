@@ -149,7 +149,7 @@ def gpu_measure(preset, device: torch.device, dtype: torch.dtype, seed: int = 0)
     from moekit.kernel.triton_experts import TritonExperts
 
     weights = make_weights(preset, dtype, device, seed)
-    kw = dict(activation=preset.act, w13_bias_E2I=weights.get("w13_bias"), w2_bias_EH=weights.get("w2_bias"),
+    kw = dict(activation=preset.activation, w13_bias_E2I=weights.get("w13_bias"), w2_bias_EH=weights.get("w2_bias"),
               expert_map_E=None, quant=UNQUANTIZED, hidden_scale=None, out_dtype=dtype)
     cache: dict[int, tuple] = {}
 
@@ -210,7 +210,7 @@ def tune_preset(
         device = torch.device("cuda")
         measure, free = gpu_measure(preset, device, dtype)
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    gated = preset.act.is_gated
+    gated = preset.activation.is_gated
 
     def shape_of(t: int) -> MoEShape:
         return MoEShape(num_tokens=t, top_k=preset.top_k, num_experts=preset.num_experts,
