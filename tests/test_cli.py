@@ -81,7 +81,8 @@ def test_bench_runs_a_non_gated_relu2_config(tmp_path, capsys):
 @pytest.mark.parametrize(
     "config, match",
     [
-        ({**TINY, "text_config": None, "num_experts_per_tok": 8, "num_experts": 4}, "top-k 8 exceeds the expert count 4"),
+        ({**TINY, "text_config": None, "num_experts_per_tok": 8, "num_experts": 4},
+         "top-k 8 exceeds the expert count 4"),
         ({**TINY, "moe_topk": [2, 2], "num_experts_per_tok": None}, "moe_topk must be a positive int"),
         ([1, 2], "expected a JSON object"),
         ({**TINY, "hidden_act": "quick_gelu"}, "hidden_act"),

@@ -99,7 +99,7 @@ def _activation_name(cfg: dict) -> tuple[str, str]:
         if value is None:
             continue
         if not isinstance(value, str) or value not in _ACT_NAMES:
-            raise ValueError(f"{key}: expected one of {sorted(_ACT_NAMES)} (the activations moekit runs), got {value!r}")
+            raise ValueError(f"{key}: expected one of {sorted(_ACT_NAMES)} (activations moekit runs), got {value!r}")
         return key, _ACT_NAMES[value]
     raise ValueError(f"hidden_act: no experts activation in the config (looked for {', '.join(_ACT_KEYS)}); "
                      "assuming silu could benchmark the wrong GEMM1")

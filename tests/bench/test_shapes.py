@@ -25,10 +25,12 @@ def test_presets_match_measuring_table():
 def test_dimensions_and_shared_experts(tmp_path):
     s = _read(tmp_path, {**BASE, "model_type": "qwen2_moe", "hidden_act": "silu", "intermediate_size": 128,
                          "shared_expert_intermediate_size": 48})
-    assert (s.num_experts, s.hidden_size, s.intermediate_size, s.top_k, s.shared_intermediate_size) == (8, 64, 32, 2, 48)
+    dims = (s.num_experts, s.hidden_size, s.intermediate_size, s.top_k, s.shared_intermediate_size)
+    assert dims == (8, 64, 32, 2, 48)
     assert s.activation == Activation(name="silu") and not s.bias
-    ds = _read(tmp_path, {"model_type": "deepseek_v3", "hidden_size": 7168, "n_routed_experts": 256, "hidden_act": "silu",
-                          "num_experts_per_tok": 8, "moe_intermediate_size": 2048, "n_shared_experts": 1})
+    ds = _read(tmp_path, {"model_type": "deepseek_v3", "hidden_size": 7168, "n_routed_experts": 256,
+                          "hidden_act": "silu", "num_experts_per_tok": 8, "moe_intermediate_size": 2048,
+                          "n_shared_experts": 1})
     assert ds.shared_intermediate_size == 2048
 
 
@@ -54,7 +56,8 @@ def test_nemotron_h_relu2_is_not_gated(tmp_path):
         ({"hidden_act": "gelu"}, Activation(name="gelu")),
         ({"hidden_act": "swish"}, Activation(name="silu")),
         ({"model_type": "foo_moe", "mlp_hidden_act": "relu2", "hidden_act": "silu"}, Activation(name="relu2")),
-        ({"model_type": "deepseek_v4", "hidden_act": "silu", "swiglu_limit": 10.0}, Activation(name="silu", limit=10.0)),
+        ({"model_type": "deepseek_v4", "hidden_act": "silu", "swiglu_limit": 10.0},
+         Activation(name="silu", limit=10.0)),
         ({"model_type": "gpt_oss", "hidden_act": "silu"}, Activation(name="swigluoai")),
         ({"model_type": "gpt_oss", "swiglu_limit": 5.0}, Activation(name="swigluoai", limit=5.0)),
         ({"model_type": "minimax_m3_vl", "hidden_act": "swigluoai", "swiglu_alpha": 1.5, "swiglu_limit": 7.0},
