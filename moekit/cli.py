@@ -1,15 +1,22 @@
-"""The ``moekit`` command line: ``moekit bench`` (the main job), ``moekit tune``, ``moekit plot``, ``moekit info``."""
+"""The ``moekit`` command line: ``moekit bench`` (the main job), ``moekit tune``, ``moekit plot``, ``moekit info``.
+
+Every check of what the user gave (flags, files, folders, device, memory, optional packages) runs before any
+work, so a mistake costs no sweep and ends in one line on stderr with exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
+from moekit import __version__
 from moekit.config import BACKENDS
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -18,98 +25,89 @@ GPU_TOKENS = "1,4,16,64,256,1024,4096,16384"
 # A CPU sweep of one preset at decode sizes stays well under a minute on 2 cores.
 CPU_TOKENS = "1,4,16"
 CPU_PRESET = "olmoe-1b-7b"
+BENCH_EXTRA = "pip install 'moekit[bench]'"
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EPILOG = """exit status (every command):
+  0  done
+  2  a usage or input error, reported in one line: a bad flag or value, a missing file or folder, malformed
+     JSON, a device or preset this machine cannot run, a missing optional package (as argparse does)
+  1  an internal failure (a traceback): please report it"""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moekit", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+class UsageError(Exception):
+    """A mistake in the command line or in the files it names: one line on stderr, exit status 2."""
 
-    b = sub.add_parser("bench", help="time MoE shapes against the hardware floor and the baselines")
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="moekit", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                     formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"moekit {__version__}",
+                        help="print moekit's version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=EPILOG, formatter_class=fmt)
+
+    b = command("bench", "time MoE shapes against the hardware floor and the baselines")
     b.add_argument("--preset", default=None,
                    help="preset name(s), comma-separated, or 'all' (default: all on GPU, olmoe-1b-7b on CPU)")
-    b.add_argument("--hf-config", default=None, help="read the MoE dimensions from a transformers config.json")
+    b.add_argument("--hf-config", default=None,
+                   help="read the MoE dimensions, activation and biases from a transformers config.json")
     b.add_argument("--tokens", default=None, help=f"token counts (default GPU: {GPU_TOKENS}; CPU: {CPU_TOKENS})")
-    b.add_argument("--backend", default="auto", choices=list(BACKENDS))
-    b.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    b.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    b.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                   help="experts backend to time (auto: triton on CUDA when installed, else torch)")
+    b.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weights' and activations' dtype")
+    b.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     b.add_argument("--no-baselines", action="store_true", help="skip the torch grouped_mm and eager-loop baselines")
     b.add_argument("--json", default=None, help="write rows and ceilings to this JSON file")
     b.add_argument("--markdown", default=None, help="write the table as markdown to this file")
-    b.add_argument("--plot", default=None, help="write a plot (PNG) to this file; needs matplotlib")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--plot", default=None, help=f"write a plot (PNG) to this file; needs matplotlib ({BENCH_EXTRA})")
+    b.add_argument("--seed", type=int, default=0, help="seed of the random weights, tokens and routing")
 
-    p = sub.add_parser("plot", help="render a `moekit bench --json` file as a table, markdown and/or plot")
-    p.add_argument("json_file")
-    p.add_argument("--plot", default=None, help="PNG to write")
+    p = command("plot", "render a `moekit bench --json` file as a table, markdown and/or plot")
+    p.add_argument("json_file", help="a file written by `moekit bench --json`")
+    p.add_argument("--plot", default=None, help=f"PNG to write; needs matplotlib ({BENCH_EXTRA})")
     p.add_argument("--markdown", default=None, help="markdown table to write")
 
-    tn = sub.add_parser("tune", help="time launch configs around the heuristics; write a tuned table (CUDA)")
+    tn = command("tune", "time launch configs around the heuristics; write a tuned table (CUDA)")
     tn.add_argument("--preset", required=True, help="preset name(s), comma-separated, or 'all'")
     tn.add_argument("--tokens", default=GPU_TOKENS, help=f"token counts (default {GPU_TOKENS})")
-    tn.add_argument("--dtype", default="bf16", choices=["bf16", "bfloat16", "fp16", "float16"])
+    tn.add_argument("--dtype", default="bf16", choices=["bf16", "bfloat16", "fp16", "float16"],
+                    help="weights' and activations' dtype")
     tn.add_argument("--out", default=None, help="tables folder (default: $MOEKIT_TUNED_DIR or moekit/ops/tuned)")
-    tn.add_argument("--min-gain", type=float, default=0.03, help="keep a tuned config only if this much faster")
+    tn.add_argument("--min-gain", type=float, default=0.03,
+                    help="keep a tuned config only if it saves this fraction of the heuristic's time")
 
-    sub.add_parser("info", help="versions, devices and available backends")
+    command("info", "versions, devices and available backends")
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status (see ``EPILOG``). ``argv`` defaults to ``sys.argv[1:]``."""
     # Kept to record in bench's JSON: sys.argv is another program's when main(argv) is called from Python.
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # argparse: --help/--version (0) or a usage error it already printed (2)
+        return EXIT_OK if done.code is None else int(done.code)
     args.argv = argv
-    if args.command == "info":
-        print(json.dumps(info(), indent=2))
-        return 0
-    if args.command == "plot":
-        return replot(args)
-    if args.command == "tune":
-        return tune(args)
-    return bench(args)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {"bench": bench, "plot": replot, "tune": tune,
+                                                                 "info": _info}
+    try:
+        return commands[args.command](args)
+    except UsageError as err:
+        print(f"moekit {args.command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
 
 
-def tune(args: argparse.Namespace) -> int:
-    from moekit.bench.shapes import PRESETS
-
-    names = list(PRESETS) if args.preset == "all" else [n.strip() for n in args.preset.split(",")]
-    unknown = [n for n in names if n not in PRESETS]
-    if unknown:
-        print(f"moekit tune: --preset: unknown {unknown}; expected 'all' or some of {list(PRESETS)}", file=sys.stderr)
-        return 2
-    tokens = _tokens(args.tokens, "tune")
-    if not torch.cuda.is_available():
-        print("moekit tune: needs a CUDA device (it times the Triton kernels); none is available", file=sys.stderr)
-        return 2
-    from moekit.ops.tune import format_points, tune_preset
-
-    for name in names:
-        points, path = tune_preset(PRESETS[name], tokens, out_dir=args.out, dtype=DTYPES[args.dtype],
-                                   min_gain=args.min_gain, log=lambda s: print(s, file=sys.stderr, flush=True))
-        print(format_points(name, points))
-        print(f"  -> {path}" if path else "  -> no table: the heuristic is within --min-gain everywhere", flush=True)
-    return 0
-
-
-def replot(args: argparse.Namespace) -> int:
-    from moekit.bench.report import read_json, table
-
-    rows = read_json(args.json_file)
-    print(table(rows))
-    _write_outputs(rows, args)
-    return 0
-
-
-def _write_outputs(rows, args: argparse.Namespace) -> None:
-    """The optional --markdown and --plot files of ``bench`` and ``plot``."""
-    from moekit.bench.report import markdown, plot
-
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown(rows) + "\n")
-    if args.plot:
-        plot(args.plot, rows)
+def _info(args: argparse.Namespace) -> int:
+    print(json.dumps(info(), indent=2))
+    return EXIT_OK
 
 
 def info() -> dict:
-    from moekit import __version__
     from moekit.kernel import available_backends
 
     try:
@@ -130,43 +128,152 @@ def info() -> dict:
     }
 
 
-def _shapes(args: argparse.Namespace, device: torch.device):
-    from moekit.bench.shapes import PRESETS, shape_from_hf_config
+# ---- checks: each raises UsageError before any work ----
 
-    if args.hf_config:
-        if args.preset:
-            raise SystemExit("moekit bench: give --preset or --hf-config, not both")
+def _device(text: str | None) -> torch.device:
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {text!r} (moekit runs on CPU and CUDA)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise UsageError(f"--device {text}: CUDA is not available here ({build}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
+
+
+def _check_backend(backend: str, device: torch.device) -> None:
+    from moekit.kernel import available_backends
+
+    if backend != "auto" and backend not in available_backends(device):
+        raise UsageError(f"--backend {backend}: not available on {device.type} here; "
+                         f"expected auto or one of {available_backends(device)}")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """The folders of --json/--markdown/--plot exist and are writable; --plot has matplotlib."""
+    for flag in ("json", "markdown", "plot"):
+        path = getattr(args, flag, None)
+        if path is None:
+            continue
+        folder = Path(path).parent
+        if Path(path).is_dir():
+            raise UsageError(f"--{flag} {path}: is a folder; expected a file name")
+        if not folder.is_dir():
+            raise UsageError(f"--{flag} {path}: the folder {str(folder)!r} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"--{flag} {path}: the folder {str(folder)!r} is not writable")
+    if getattr(args, "plot", None):
+        from moekit.bench.report import require_matplotlib
+
         try:
-            return [shape_from_hf_config(args.hf_config)]
-        except (OSError, ValueError) as err:  # a bad file is the user's input: no traceback
-            raise SystemExit(f"moekit bench: {err}") from None
-    names = args.preset or ("all" if device.type == "cuda" else CPU_PRESET)
-    names = list(PRESETS) if names == "all" else [n.strip() for n in names.split(",")]
+            require_matplotlib()
+        except ImportError as err:
+            raise UsageError(f"--plot: {err}") from None
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Memory a sweep can take: free memory of a CUDA device; on the CPU the RAM available now (Linux's
+    MemAvailable, within a cgroup's limit), else the total RAM; None where the OS says neither."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    # Total RAM alone is not enough: other processes' memory counts, and going over it gets the sweep killed.
+    sizes = []
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        sizes.append(int(meminfo["MemAvailable"].split()[0]) * 1024)
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            sizes.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    if not sizes:
+        try:
+            sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+            return None
+    return min(sizes)
+
+
+def _check_memory(shapes, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse up front a shape whose expert weights (+ the fp32 reference's working set) cannot fit."""
+    from moekit.bench.floor import moe_bytes
+    from moekit.bench.run import REF_CHUNK_BYTES
+
+    available = device_memory_bytes(device)
+    if available is None:
+        return
+    where = f"{torch.cuda.get_device_name(device)} has" if device.type == "cuda" else "this machine has"
+    what = "free" if device.type == "cuda" else "of RAM available"
+    for shape in shapes:
+        weights = moe_bytes(shape, 0, shape.num_experts, dtype.itemsize)  # every expert, biases included
+        # The correctness check holds fp32 copies of up to REF_CHUNK_BYTES of experts beside the weights.
+        needed = weights + min(REF_CHUNK_BYTES, weights * 4 // dtype.itemsize)
+        if needed > available:
+            raise UsageError(f"{shape.name}: its {str(dtype).removeprefix('torch.')} expert weights take "
+                             f"{weights / 1e9:.1f} GB ({needed / 1e9:.1f} GB with the reference check), and {where} "
+                             f"{available / 1e9:.1f} GB {what}; pick a smaller preset or another device")
+
+
+def _preset_shapes(text: str):
+    from moekit.bench.shapes import PRESETS
+
+    names = list(PRESETS) if text == "all" else [n.strip() for n in text.split(",")]
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
-        raise SystemExit(f"moekit bench: --preset: unknown {unknown}; expected 'all' or some of {list(PRESETS)}")
+        raise UsageError(f"--preset: unknown {unknown}; expected 'all' or some of {list(PRESETS)}")
     return [PRESETS[n] for n in names]
 
 
-def _tokens(text: str, command: str = "bench") -> list[int]:
+def _shapes(args: argparse.Namespace, device: torch.device):
+    from moekit.bench.shapes import shape_from_hf_config
+
+    if args.hf_config:
+        if args.preset:
+            raise UsageError("give --preset or --hf-config, not both")
+        try:
+            return [shape_from_hf_config(args.hf_config)]
+        except OSError as err:
+            raise UsageError(f"--hf-config {args.hf_config}: {err.strerror or err}") from None
+        except ValueError as err:  # names the file and the field
+            raise UsageError(str(err)) from None
+    return _preset_shapes(args.preset or ("all" if device.type == "cuda" else CPU_PRESET))
+
+
+def _tokens(text: str) -> list[int]:
     try:
         tokens = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise SystemExit(f"moekit {command}: --tokens: expected comma-separated ints, got {text!r}") from None
+        raise UsageError(f"--tokens: expected comma-separated ints, got {text!r}") from None
     if not tokens or min(tokens) < 0:
-        raise SystemExit(f"moekit {command}: --tokens: expected non-negative ints, got {text!r}")
+        raise UsageError(f"--tokens: expected non-negative ints, got {text!r}")
     return tokens
 
+
+# ---- commands ----
 
 def bench(args: argparse.Namespace) -> int:
     from moekit.bench import bench_point, measure_ceilings
     from moekit.bench.report import table, write_json
     from moekit.bench.run import make_weights
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     shapes = _shapes(args, device)
     tokens = _tokens(args.tokens or (GPU_TOKENS if device.type == "cuda" else CPU_TOKENS))
     dtype = DTYPES[args.dtype]
+    _check_backend(args.backend, device)
+    _check_outputs(args)
+    _check_memory(shapes, dtype, device)
+
     ceilings = measure_ceilings(device) if device.type == "cuda" else None
     if ceilings:
         print(f"ceilings: read {ceilings.read_bw / 1e12:.2f} TB/s, bf16 matmul {ceilings.mm_rate / 1e12:.0f} TFLOP/s",
@@ -189,7 +296,51 @@ def bench(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, rows, meta, ceilings)
     _write_outputs(rows, args)
-    return 0
+    return EXIT_OK
+
+
+def replot(args: argparse.Namespace) -> int:
+    from moekit.bench.report import read_json, table
+
+    _check_outputs(args)
+    try:
+        rows = read_json(args.json_file)
+    except OSError as err:
+        raise UsageError(f"{args.json_file}: {err.strerror or err}") from None
+    except ValueError as err:  # names the file
+        raise UsageError(str(err)) from None
+    print(table(rows))
+    _write_outputs(rows, args)
+    return EXIT_OK
+
+
+def tune(args: argparse.Namespace) -> int:
+    shapes = _preset_shapes(args.preset)
+    tokens = _tokens(args.tokens)
+    if not 0 <= args.min_gain < 1:
+        raise UsageError(f"--min-gain: expected a fraction in [0, 1), got {args.min_gain}")
+    if not torch.cuda.is_available():
+        raise UsageError("needs a CUDA device (it times the Triton kernels); none is available")
+    dtype = DTYPES[args.dtype]
+    _check_memory(shapes, dtype, torch.device("cuda"))
+    from moekit.bench.tune import format_points, tune_preset
+
+    for shape in shapes:
+        points, path = tune_preset(shape, tokens, out_dir=args.out, dtype=dtype, min_gain=args.min_gain,
+                                   log=lambda s: print(s, file=sys.stderr, flush=True))
+        print(format_points(shape.name, points))
+        print(f"  -> {path}" if path else "  -> no table: the heuristic is within --min-gain everywhere", flush=True)
+    return EXIT_OK
+
+
+def _write_outputs(rows, args: argparse.Namespace) -> None:
+    """The optional --markdown and --plot files of ``bench`` and ``plot`` (their folders are checked first)."""
+    from moekit.bench.report import markdown, plot
+
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(rows) + "\n")
+    if args.plot:
+        plot(args.plot, rows)
 
 
 def _device_name(device: torch.device) -> str:
@@ -197,6 +348,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _progress(items):
+    """A tqdm progress bar when tqdm is installed (moekit[bench]); without it the sweep runs silently."""
     try:
         from tqdm import tqdm
     except ImportError:

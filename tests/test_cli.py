@@ -1,44 +1,47 @@
-"""The moekit CLI: bench (with an --hf-config shape so it stays fast), JSON/plot/markdown outputs, info."""
+"""The moekit CLI: bench (with an --hf-config shape so it stays fast), JSON/plot/markdown outputs, info, and the
+one-line exit-2 answer to every user mistake, given before any sweep."""
 
+import argparse
 import json
+import sys
 
 import pytest
+import torch
 
-from moekit.bench.shapes import PRESETS, shape_from_hf_config
+import moekit
+import moekit.bench.run
+import moekit.kernel
+import moekit.cli as cli
 from moekit.cli import main
+
+TINY = {"model_type": "qwen2_moe", "hidden_size": 64, "num_experts": 8, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48, "intermediate_size": 128,
+        "hidden_act": "silu"}
+FAST = ["--tokens", "1", "--dtype", "fp32", "--backend", "torch", "--no-baselines"]
 
 
 @pytest.fixture
 def tiny_config(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"model_type": "qwen2_moe", "hidden_size": 64, "num_experts": 8,
-                                "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                                "shared_expert_intermediate_size": 48, "intermediate_size": 128}))
+    path.write_text(json.dumps(TINY))
     return path
 
 
-def test_shape_from_hf_config(tiny_config, tmp_path):
-    s = shape_from_hf_config(tiny_config)
-    assert (s.num_experts, s.hidden_size, s.intermediate_size, s.top_k, s.shared_intermediate_size) == (8, 64, 32, 2, 48)
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"model_type": "deepseek_v3", "hidden_size": 7168, "n_routed_experts": 256,
-                              "num_experts_per_tok": 8, "moe_intermediate_size": 2048, "n_shared_experts": 1}))
-    assert shape_from_hf_config(ds).shared_intermediate_size == 2048
-    oss = tmp_path / "oss.json"
-    oss.write_text(json.dumps({"model_type": "gpt_oss", "hidden_size": 2880, "num_local_experts": 128,
-                               "num_experts_per_tok": 4, "intermediate_size": 2880}))
-    s = shape_from_hf_config(oss)
-    assert s.activation == "swigluoai" and s.bias and s.num_experts == 128
-    bad = tmp_path / "dense.json"
-    bad.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128}))
-    with pytest.raises(ValueError, match="no expert count"):
-        shape_from_hf_config(bad)
+@pytest.fixture
+def no_sweep(monkeypatch):
+    """Fail the test if a bench gets as far as making weights: user errors must be caught before."""
+    def boom(*args, **kwargs):
+        raise AssertionError("the sweep started before the arguments were checked")
+
+    monkeypatch.setattr(moekit.bench.run, "make_weights", boom)
 
 
-def test_presets_match_measuring_table():
-    assert set(PRESETS) == {"mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-120b", "olmoe-1b-7b"}
-    ds = PRESETS["deepseek-v3"]
-    assert (ds.num_experts, ds.hidden_size, ds.intermediate_size, ds.top_k) == (256, 7168, 2048, 8)
+def _usage_error(capsys, argv) -> str:
+    """Run ``argv``; it must exit 2 with one line on stderr; returns that line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err and "Traceback" not in err
+    return err
 
 
 def test_bench_writes_table_json_plot_markdown(tiny_config, tmp_path, capsys):
@@ -62,53 +65,134 @@ def test_bench_writes_table_json_plot_markdown(tiny_config, tmp_path, capsys):
     assert again.read_text() == out_md.read_text()
 
 
+def test_bench_runs_a_non_gated_relu2_config(tmp_path, capsys):
+    # Nemotron-H: I rows of w13 (not 2I), relu2; the benchmark's own reference check must agree with it.
+    path = tmp_path / "nemotron.json"
+    path.write_text(json.dumps({"model_type": "nemotron_h", "hidden_size": 64, "n_routed_experts": 8,
+                                "num_experts_per_tok": 2, "moe_intermediate_size": 32, "mlp_hidden_act": "relu2"}))
+    out = tmp_path / "b.json"
+    assert main(["bench", "--hf-config", str(path), *FAST, "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["shape"] == "nemotron_h" and row["max_rel_err"] < 1e-5
+    # T=1, K=2: 2 * K * (I + I) * H flops, where a gated activation would count 2 * K * (2I + I) * H.
+    assert row["tflops"] == pytest.approx(2 * 2 * (32 + 32) * 64 / row["moekit_us"] * 1e-6)
+
+
 @pytest.mark.parametrize(
     "config, match",
     [
-        ({"text_config": None, "hidden_size": 64, "num_experts": 4, "num_experts_per_tok": 8,
-          "moe_intermediate_size": 32}, "top-k 8 exceeds the expert count 4"),
-        ({"hidden_size": 64, "num_experts": 4, "moe_topk": [2, 2], "moe_intermediate_size": 32},
-         "moe_topk must be a positive int"),
+        ({**TINY, "text_config": None, "num_experts_per_tok": 8, "num_experts": 4},
+         "top-k 8 exceeds the expert count 4"),
+        ({**TINY, "moe_topk": [2, 2], "num_experts_per_tok": None}, "moe_topk must be a positive int"),
         ([1, 2], "expected a JSON object"),
+        ({**TINY, "hidden_act": "quick_gelu"}, "hidden_act"),
     ],
 )
-def test_bench_rejects_bad_hf_configs(tmp_path, config, match):
+def test_bench_rejects_bad_hf_configs(tmp_path, capsys, no_sweep, config, match):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
-    with pytest.raises(SystemExit, match=match):
-        main(["bench", "--hf-config", str(path)])
+    err = _usage_error(capsys, ["bench", "--hf-config", str(path)])
+    assert match in err and str(path) in err
 
 
-def test_bench_rejects_bad_arguments(capsys):
-    with pytest.raises(SystemExit, match="unknown"):
-        main(["bench", "--preset", "llama-moe"])
-    with pytest.raises(SystemExit, match="--tokens"):
-        main(["bench", "--tokens", "a,b"])
+def test_malformed_json_names_the_file(tmp_path, capsys, no_sweep):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert str(bad) in _usage_error(capsys, ["bench", "--hf-config", str(bad)])
+    assert str(bad) in _usage_error(capsys, ["plot", str(bad)])
+    not_bench = tmp_path / "other.json"
+    not_bench.write_text('{"rows": [{"shape": "x"}]}')
+    assert "moekit bench --json" in _usage_error(capsys, ["plot", str(not_bench)])
+    missing = tmp_path / "missing.json"
+    assert str(missing) in _usage_error(capsys, ["plot", str(missing)])
+    assert str(missing) in _usage_error(capsys, ["bench", "--hf-config", str(missing)])
 
 
-def test_info(capsys):
+def test_bench_rejects_bad_arguments(capsys, no_sweep, tiny_config):
+    assert "unknown" in _usage_error(capsys, ["bench", "--preset", "llama-moe"])
+    assert "--tokens" in _usage_error(capsys, ["bench", "--tokens", "a,b"])
+    assert "not both" in _usage_error(capsys, ["bench", "--preset", "olmoe-1b-7b", "--hf-config", str(tiny_config)])
+    assert "--device" in _usage_error(capsys, ["bench", "--device", "tpu"])
+    assert "--device" in _usage_error(capsys, ["bench", "--device", "not a device"])
+    assert main(["bench", "--dtype", "fp8"]) == 2  # argparse's own choice check, same status
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_bench_on_cuda_without_cuda(capsys, no_sweep):
+    for device in ("cuda", "cuda:1"):
+        assert "CUDA is not available" in _usage_error(capsys, ["bench", "--device", device])
+
+
+def test_bench_refuses_a_backend_the_device_lacks(capsys, no_sweep, tiny_config, monkeypatch):
+    # A CPU without Triton's interpreter runs only the torch backend.
+    monkeypatch.setattr(moekit.kernel, "available_backends", lambda device: ["torch"])
+    assert "--backend triton" in _usage_error(capsys, ["bench", "--hf-config", str(tiny_config), "--device", "cpu",
+                                                       "--backend", "triton"])
+
+
+@pytest.mark.parametrize("flag", ["--json", "--markdown", "--plot"])
+def test_outputs_into_a_missing_folder_are_refused_before_the_sweep(tmp_path, capsys, no_sweep, tiny_config, flag):
+    target = tmp_path / "nowhere" / "out.file"
+    err = _usage_error(capsys, ["bench", "--hf-config", str(tiny_config), *FAST, flag, str(target)])
+    assert flag in err and "does not exist" in err
+    assert "is a folder" in _usage_error(capsys, ["bench", "--hf-config", str(tiny_config), *FAST, flag, str(tmp_path)])
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path, capsys, no_sweep, tiny_config, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    err = _usage_error(capsys, ["bench", "--hf-config", str(tiny_config), *FAST, "--plot", str(tmp_path / "p.png")])
+    assert "pip install 'moekit[bench]'" in err
+
+
+def test_progress_without_tqdm_runs_silently(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert cli._progress([1, 2]) == [1, 2]
+
+
+def test_a_preset_that_cannot_fit_is_refused_with_its_size(capsys, no_sweep, monkeypatch):
+    # deepseek-v3's bf16 expert weights: 256 * 3 * 7168 * 2048 * 2 B = 22.5 GB
+    monkeypatch.setattr(cli, "device_memory_bytes", lambda device: 16 * 10**9)
+    err = _usage_error(capsys, ["bench", "--preset", "deepseek-v3", "--device", "cpu"])
+    assert "deepseek-v3" in err and "22.5 GB" in err and "16.0 GB" in err
+
+
+def test_device_memory_on_cpu_is_the_machines_ram():
+    ram = cli.device_memory_bytes(torch.device("cpu"))
+    assert ram is None or ram > 2**28
+
+
+def test_info_and_version(capsys):
     assert main(["info"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert "torch" in doc["backends"]["cpu"] and doc["torch"]
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"moekit {moekit.__version__}"
+
+
+def test_every_flag_has_help_and_the_epilog_gives_the_exit_codes(capsys):
+    parsers = [cli.build_parser()]
+    for parser in parsers:  # grows with the subcommands' parsers
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += action.choices.values()
+                assert all(a.help for a in action._choices_actions), "every command has a help line"
+            else:
+                assert action.help, f"{parser.prog}: {action.option_strings or action.dest} has no help"
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "exit status" in out and "2  a usage or input error" in out
 
 
 def test_bench_json_records_the_command_it_ran(tiny_config, tmp_path):
     # meta.command is how a JSON file is reproduced: it must be this call's arguments, not the host process's
     # sys.argv (pytest's, or any program's that calls main(argv)).
     out_json = tmp_path / "b.json"
-    argv = ["bench", "--hf-config", str(tiny_config), "--tokens", "1", "--dtype", "fp32", "--backend", "torch",
-            "--no-baselines", "--json", str(out_json)]
+    argv = ["bench", "--hf-config", str(tiny_config), *FAST, "--json", str(out_json)]
     assert main(argv) == 0
     assert json.loads(out_json.read_text())["meta"]["command"] == "moekit " + " ".join(argv)
 
 
-def test_tune_token_errors_name_tune():
-    with pytest.raises(SystemExit, match="moekit tune: --tokens"):
-        main(["tune", "--preset", "qwen3-30b-a3b", "--tokens", "1,x"])
-
-
-def test_bench_rejects_preset_with_hf_config(tmp_path):
-    cfg = tmp_path / "config.json"
-    cfg.write_text('{"num_experts": 4, "hidden_size": 16, "moe_intermediate_size": 8, "num_experts_per_tok": 2}')
-    with pytest.raises(SystemExit, match="not both"):
-        main(["bench", "--preset", "olmoe-1b-7b", "--hf-config", str(cfg)])
+def test_tune_errors_name_tune(capsys):
+    assert "moekit tune: --tokens" in _usage_error(capsys, ["tune", "--preset", "qwen3-30b-a3b", "--tokens", "1,x"])
+    assert "--min-gain" in _usage_error(capsys, ["tune", "--preset", "olmoe-1b-7b", "--min-gain", "-1"])

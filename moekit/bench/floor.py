@@ -23,7 +23,7 @@ class Ceilings:
 
 
 def moe_bytes(shape: MoEShape, num_tokens: int, num_active: int, elem_size: int) -> int:
-    rows = shape.act.w13_rows(shape.intermediate_size)
+    rows = shape.activation.w13_rows(shape.intermediate_size)
     per_expert = (rows * shape.hidden_size + shape.hidden_size * shape.intermediate_size) * elem_size
     if shape.bias:
         per_expert += (rows + shape.hidden_size) * elem_size
@@ -31,7 +31,7 @@ def moe_bytes(shape: MoEShape, num_tokens: int, num_active: int, elem_size: int)
 
 
 def moe_flops(shape: MoEShape, num_tokens: int) -> int:
-    rows = shape.act.w13_rows(shape.intermediate_size)
+    rows = shape.activation.w13_rows(shape.intermediate_size)
     return 2 * num_tokens * shape.top_k * (rows + shape.intermediate_size) * shape.hidden_size
 
 

@@ -54,14 +54,29 @@ def write_json(path: str | Path, rows: Sequence[Row], meta: dict, ceilings: Ceil
 
 
 def read_json(path: str | Path) -> list[Row]:
-    """Rows of a file written by ``write_json``."""
-    return [Row(**r) for r in json.loads(Path(path).read_text())["rows"]]
+    """Rows of a file written by ``write_json``; ``ValueError`` naming ``path`` when it is not one."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    try:
+        return [Row(**r) for r in doc["rows"]]
+    except (KeyError, TypeError) as err:  # no "rows", or rows with other fields than Row's
+        raise ValueError(f"{path}: not a `moekit bench --json` file ({type(err).__name__}: {err})") from None
+
+
+def require_matplotlib():
+    """The matplotlib module, or an ImportError that says which extra installs it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plots need matplotlib, which is not installed: pip install 'moekit[bench]'") from None
+    return matplotlib
 
 
 def plot(path: str | Path, rows: Sequence[Row]) -> None:
     """Per shape: moekit and the baselines, as % of floor (GPU) or latency (CPU) against T."""
-    import matplotlib
-
+    matplotlib = require_matplotlib()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -57,7 +57,7 @@ class Row:
 def make_weights(shape: MoEShape, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
     """Random expert weights for ``shape``, scaled like nn.Linear's init; made once per shape."""
     g = torch.Generator(device=device).manual_seed(seed)
-    rows = shape.act.w13_rows(shape.intermediate_size)
+    rows = shape.activation.w13_rows(shape.intermediate_size)
     E, H, I = shape.num_experts, shape.hidden_size, shape.intermediate_size
 
     def rand(*dims: int, scale: float) -> torch.Tensor:
@@ -106,7 +106,7 @@ def reference_error(inputs: dict, out: torch.Tensor, shape: MoEShape) -> float:
         for k in ("w13_bias", "w2_bias"):
             if k in inputs:
                 sub[k] = inputs[k][used[start:start + chunk]].float()
-        ref += fused_experts(**sub, activation=shape.act, backend="torch").float()
+        ref += fused_experts(**sub, activation=shape.activation, backend="torch").float()
     return rel_errors(out[:n], ref)[0]
 
 
@@ -128,7 +128,7 @@ def bench_point(
     rotate = ROTATE if device.type == "cuda" else 1
     token_sets = [make_tokens(shape, num_tokens, dtype, device, seed + 7919 * i) for i in range(rotate)]
     backend = resolve_backend(backend, device)
-    act = shape.act
+    act = shape.activation
     bias_kw = {"w13_bias_E2I": weights.get("w13_bias"), "w2_bias_EH": weights.get("w2_bias")}
 
     def timed(fn, graph: bool) -> float:

@@ -14,7 +14,7 @@ def test_reference_error_over_expert_chunks(monkeypatch, bias):
                      activation="swigluoai" if bias else "silu", bias=bias)
     inp = make_moe_inputs(20, 12, 32, 24, 3, dtype=torch.float32, bias=bias, seed=3)
     exact = reference_experts(inp["hidden_states"], inp["w13"], inp["w2"], inp["topk_weights"], inp["topk_ids"],
-                              activation=shape.act, w13_bias_E2I=inp.get("w13_bias"),
+                              activation=shape.activation, w13_bias_E2I=inp.get("w13_bias"),
                               w2_bias_EH=inp.get("w2_bias")).float()
     expert_bytes = 4 * (inp["w13"][0].numel() + inp["w2"][0].numel())
     for chunk in (1, 5, 100):  # one expert a chunk, ragged chunks, all at once

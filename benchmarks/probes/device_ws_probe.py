@@ -1,7 +1,7 @@
 """On a GPU: does Triton's Hopper warp specialization (TMA loads) beat the pointer-gather grouped GEMM?
 
-    PYTHONPATH=. python3 scripts/device_ws_probe.py            # every variant, each in its own subprocess
-    PYTHONPATH=. python3 scripts/device_ws_probe.py --one NAME # one variant (what the driver runs)
+    PYTHONPATH=. python3 benchmarks/probes/device_ws_probe.py             # every variant, each in a subprocess
+    PYTHONPATH=. python3 benchmarks/probes/device_ws_probe.py --one NAME  # one variant (what the driver runs)
 
 Problems: a plain 8192^3 bf16 matmul, and the GEMM1 / GEMM2 stages of mixtral-8x7b T=1024 and qwen3-30b-a3b
 T=4096 on a real routing's padded layout. Variants:

@@ -5,7 +5,8 @@
         keep the fastest if it beats the heuristic by > min_gain in two timings (and matches the torch backend)
     write {"E,H,I,K": {"<T>": best.to_dict() or null}} to <out>/<gpu>/<preset>.json
 
-The table is what ``moekit.ops.heuristics`` reads: an entry keyed by T covers the token counts above the previous
+A benchmark-side tool (it times the experts backends on ``moekit.bench`` inputs); the table is what
+``moekit.ops.heuristics`` reads: an entry keyed by T covers the token counts above the previous
 key up to T; ``null`` keeps the heuristic for that range. Only the points where tuning wins are written, so most
 presets need no table at all: good heuristics are the product, tables patch what they miss.
 Timing follows docs/perf/MEASURING.md: CUDA-graph replays for T <= 1024 (each replay runs ``ROTATE`` calls on
@@ -22,10 +23,15 @@ from pathlib import Path
 
 import torch
 
+from moekit.bench.run import ROTATE, make_tokens, make_weights
+from moekit.bench.timing import time_us
+from moekit.kernel.torch_experts import TorchExperts
+from moekit.ops import heuristics
 from moekit.ops.heuristics import GemmConfig, MoEKernelConfig, MoEShape, heuristic_config, tuned_dir
+from moekit.quant.params import UNQUANTIZED
+from moekit.testing import rel_errors
 
 GRAPH_MAX_TOKENS = 1024
-ROTATE = 4
 MAX_REL_ERR = 2e-2  # bf16 operands, fp32 accumulation; the torch backend is the reference
 
 # measure(num_tokens, {name: config}) -> {name: µs} (inf for a config that fails to compile or to match)
@@ -138,17 +144,12 @@ def gpu_measure(preset, device: torch.device, dtype: torch.dtype, seed: int = 0)
     Every candidate is checked against the torch backend (max-relative error under ``MAX_REL_ERR``) before
     it is timed; a failing or uncompilable one times as inf.
     """
-    import triton
+    import triton  # only on CUDA: the CPU install may lack it
 
-    from moekit.bench.run import make_tokens, make_weights
-    from moekit.bench.timing import time_us
-    from moekit.kernel.torch_experts import TorchExperts
     from moekit.kernel.triton_experts import TritonExperts
-    from moekit.quant.params import UNQUANTIZED
-    from moekit.testing import rel_errors
 
     weights = make_weights(preset, dtype, device, seed)
-    kw = dict(activation=preset.act, w13_bias_E2I=weights.get("w13_bias"), w2_bias_EH=weights.get("w2_bias"),
+    kw = dict(activation=preset.activation, w13_bias_E2I=weights.get("w13_bias"), w2_bias_EH=weights.get("w2_bias"),
               expert_map_E=None, quant=UNQUANTIZED, hidden_scale=None, out_dtype=dtype)
     cache: dict[int, tuple] = {}
 
@@ -204,14 +205,12 @@ def tune_preset(
     timing on the current CUDA device; tests inject their own. Tables go to ``<out_dir>/<gpu>/<name>.json``
     with ``<gpu>`` as ``heuristics`` names the current device.
     """
-    from moekit.ops import heuristics
-
     free = None
     if measure is None:
         device = torch.device("cuda")
         measure, free = gpu_measure(preset, device, dtype)
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    gated = preset.act.is_gated
+    gated = preset.activation.is_gated
 
     def shape_of(t: int) -> MoEShape:
         return MoEShape(num_tokens=t, top_k=preset.top_k, num_experts=preset.num_experts,

@@ -9,7 +9,7 @@ from moekit.bench.shapes import PRESETS
 from moekit.cli import main
 from moekit.ops import heuristics
 from moekit.ops.heuristics import MoEShape, choose_config, heuristic_config
-from moekit.ops.tune import candidate_configs, tune_preset
+from moekit.bench.tune import candidate_configs, tune_preset
 
 PRESET = PRESETS["olmoe-1b-7b"]
 

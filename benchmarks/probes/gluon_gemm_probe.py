@@ -1,7 +1,7 @@
 """Probe: a warp-specialized Gluon grouped GEMM (gather producer + TMA weights + wgmma consumer) on sm_90.
 
-    PYTHONPATH=. python3 scripts/gluon_gemm_probe.py            # on the GPU: check + time beside the Triton kernel
-    python3 scripts/gluon_gemm_probe.py --compile-only          # anywhere with triton 3.6: compile for sm_90
+    PYTHONPATH=. python3 benchmarks/probes/gluon_gemm_probe.py   # on the GPU: check + time beside the Triton kernel
+    python3 benchmarks/probes/gluon_gemm_probe.py --compile-only # anywhere with triton 3.6: compile for sm_90
 
 Partitions of one program (one BLOCK_M row block x one BLOCK_N tile of one expert):
   loader (4 warps): per K step, waits for a free stage, issues the weight tile by TMA (expect-tx on the stage's
@@ -322,7 +322,7 @@ def main() -> None:
     if args.compile_only:
         compile_only()
         return
-    sys.exit("GPU mode is in scripts/device_ws_probe.py (variant 'gluon')")
+    sys.exit("GPU mode is in benchmarks/probes/device_ws_probe.py (variant 'gluon')")
 
 
 if __name__ == "__main__":
