@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+# The activation dtypes every backend computes in.
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Index tensors (topk_ids, expert_map) must be int32 or int64: the Triton kernels read them as int32 and torch
 # indexes with them; uint8 would index as a boolean mask, and int8/int16 cannot hold E >= 128 / 32768 ids.
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -110,3 +112,22 @@ def check_bool(name: str, value: object) -> None:
 def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def check_layer_dtype(dtype: object) -> None:
+    """A layer's ``dtype=`` argument: None (torch's default) or an activation dtype."""
+    # The dtype is the activations' (experts' weights are stored in it unquantized): a layer built in any other
+    # would reject every input at its first call.
+    if dtype is None:
+        dtype = torch.get_default_dtype()
+        where = " (torch's default dtype; pass dtype=)"
+    elif not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__} {dtype!r}")
+    else:
+        where = ""
+    if dtype not in ACT_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in ACT_DTYPES)
+        hint = ""
+        if dtype.itemsize < 2:  # fp8/int8/fp4: a storage format, not an activation dtype
+            hint = "; quantized weights come from a quant_method, the layer's dtype is the activations'"
+        raise ValueError(f"dtype: expected one of ({names}), got {str(dtype).removeprefix('torch.')}{where}{hint}")

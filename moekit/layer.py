@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit._checks import check_ndim, check_shape, check_tensor
+from moekit._checks import check_layer_dtype, check_ndim, check_shape, check_tensor
 from moekit.config import MoEConfig
-from moekit.kernel.modular import ACT_DTYPES
 from moekit.quant.base import MoEQuantMethod
 from moekit.routed_experts import RoutedExperts
 from moekit.router import route, select_experts
@@ -44,7 +43,7 @@ class MoE(nn.Module):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a moekit.MoEConfig, got {type(config).__name__}")
-        _check_layer_dtype(dtype)
+        check_layer_dtype(dtype)
         self.config = config
         kw = {"dtype": dtype, "device": device}
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=config.router_bias, **kw)
@@ -148,20 +147,3 @@ class MoE(nn.Module):
         )
         return out_TH.view(hidden_states.shape)
 
-
-def _check_layer_dtype(dtype: object) -> None:
-    # The dtype is the activations' (experts' weights are stored in it unquantized): a layer built in any other
-    # would reject every input at its first call.
-    if dtype is None:
-        dtype = torch.get_default_dtype()
-        where = " (torch's default dtype; pass dtype=)"
-    elif not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__} {dtype!r}")
-    else:
-        where = ""
-    if dtype not in ACT_DTYPES:
-        names = ", ".join(str(d).removeprefix("torch.") for d in ACT_DTYPES)
-        hint = ""
-        if dtype.itemsize < 2:  # fp8/int8/fp4: a storage format, not an activation dtype
-            hint = "; quantized weights come from a quant_method, the layer's dtype is the activations'"
-        raise ValueError(f"dtype: expected one of ({names}), got {str(dtype).removeprefix('torch.')}{where}{hint}")

@@ -18,6 +18,7 @@ from moekit._checks import (
     check_bool,
     check_choice,
     check_expert_map_values,
+    check_layer_dtype,
     check_ndim,
     check_positive,
     check_signed_int_dtype,
@@ -64,6 +65,7 @@ class RoutedExperts(nn.Module):
         check_choice("backend", backend, BACKENDS)
         check_bool("bias", bias)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+        check_layer_dtype(dtype)
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -131,6 +133,7 @@ class RoutedExperts(nn.Module):
         shared_experts_input: torch.Tensor | None = None,
         check_ids: bool = True,
     ) -> torch.Tensor:
+        check_bool("check_ids", check_ids)
         return self.quant_method.apply(
             self, x_TH, topk_weights_TK, topk_ids_TK, shared_experts, shared_experts_input, check_ids=check_ids
         )

@@ -188,3 +188,11 @@ def test_bad_expert_map():
         fused_experts(**d, expert_map=torch.tensor([0, 0, 1, 2, 3, 4, 5, 6], dtype=torch.int32))
     with pytest.raises(TypeError, match="expert_map: expected int32 or int64"):
         fused_experts(**d, expert_map=torch.arange(8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("flag", ["apply_router_weight_on_input", "check_ids"])
+def test_bool_flags_reject_non_bools(flag):
+    # "no" is truthy: it switched weights-on-input on (and a falsy 0 would have skipped the id check).
+    d = make_moe_inputs(3, 4, 16, 8, 2)
+    with pytest.raises(TypeError, match=f"{flag}: expected a bool, got str 'no'"):
+        fused_experts(d["hidden_states"], d["w13"], d["w2"], d["topk_weights"], d["topk_ids"], **{flag: "no"})

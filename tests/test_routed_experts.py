@@ -128,3 +128,9 @@ def test_expert_map_validation():
         RoutedExperts(2, 16, 8, expert_map=torch.tensor([0, 5, -1, -1]))
     with pytest.raises(ValueError, match="expert_map: each local expert id may appear once"):
         RoutedExperts(2, 16, 8, expert_map=torch.tensor([0, 0, -1, 1]))
+
+
+def test_unsupported_dtype_is_refused_at_construction():
+    # A float64 layer would reject every input at its first call.
+    with pytest.raises(ValueError, match="dtype: expected one of"):
+        RoutedExperts(3, 16, 8, dtype=torch.float64)

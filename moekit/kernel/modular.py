@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 
 from moekit._checks import (
+    ACT_DTYPES,
+    check_bool,
     check_dtype,
     check_expert_map_values,
     check_int_dtype,
@@ -36,7 +38,6 @@ from moekit.kernel.prepare_finalize import PrepareFinalize
 from moekit.ops.activation import Activation, resolve_activation
 from moekit.quant.params import UNQUANTIZED, QuantParams
 
-ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Below this many tokens the routed experts are bandwidth-bound and leave SMs idle, so the shared experts
 # run concurrently on a side stream; above it both saturate the GPU and overlapping only adds contention.
 SHARED_OVERLAP_MAX_TOKENS = 1024
@@ -82,6 +83,8 @@ class ModularKernel:
         (a device-to-host sync); ids from ``select_experts`` are always valid.
         """
         act = resolve_activation(activation)
+        check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+        check_bool("check_ids", check_ids)
         check_expert_inputs(
             hidden_states, w13, w2, topk_weights, topk_ids,
             activation=act, w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map, quant=quant,

@@ -12,8 +12,6 @@ OPS = Path(moekit.ops.__file__).parent
 FORBIDDEN = ("moekit.kernel", "moekit.quant", "moekit.bench", "moekit.testing", "moekit.router", "moekit.layer",
              "moekit.routed_experts", "moekit.shared_experts", "moekit.functional", "moekit.hf", "moekit.cli",
              "moekit.loading")
-# custom_op.py still reaches the kernel registry; it is moving to moekit/kernel/, and this exemption goes with it.
-EXEMPT = {"custom_op.py"}
 
 
 def _imported_modules(source: str, package: str) -> list[str]:
@@ -33,7 +31,7 @@ def _imported_modules(source: str, package: str) -> list[str]:
     return names
 
 
-SOURCES = sorted(p for p in OPS.rglob("*.py") if p.name not in EXEMPT)
+SOURCES = sorted(OPS.rglob("*.py"))
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(OPS)))
