@@ -271,6 +271,7 @@ class _Plan:
         self.ckpt = ckpt
         self.report = report
         self._steps: list[tuple[str, Callable[[torch.Tensor], object]]] = []
+        self._value_checks: list[tuple[str, Callable[[str, torch.Tensor], None]]] = []
 
     def first(self, keys: Iterable[str]) -> str | None:
         return next((k for k in keys if k in self.ckpt), None)
@@ -301,9 +302,27 @@ class _Plan:
             return
         self.add(key, dest.shape, dest.copy_, transform)
 
+    def check_values(self, keys: list[str], check: Callable[[str, torch.Tensor], None]) -> None:
+        """Run ``check(key, tensor)`` on the first present key among ``keys`` before anything is copied."""
+        key = self.first(keys)
+        if key is not None:
+            self._value_checks.append((key, check))
+
     def run(self) -> None:
+        for key, check in self._value_checks:  # small tensors, read before the first copy
+            check(key, self.ckpt.get(key))
         for key, apply in self._steps:
             apply(self.ckpt.get(key))
+
+
+def _check_correction_bias(key: str, bias: torch.Tensor) -> None:
+    # A NaN/+inf entry would win every token's expert choice: a corrupted checkpoint, refused at load (routing on a
+    # GPU only marks the affected tokens NaN, since checking there would sync with the device on every call).
+    bad = torch.isnan(bias) | (bias == float("inf"))
+    if bool(bad.any()):
+        experts = bad.nonzero().flatten().tolist()
+        raise ValueError(f"checkpoint key {key!r}: expected a finite correction bias (or -inf: never pick the expert), "
+                         f"got NaN/+inf at experts {experts[:16]}{' ...' if len(experts) > 16 else ''}")
 
 
 def _compose(apply: Callable, transform: Callable) -> Callable:
@@ -354,6 +373,7 @@ def _load_router(moe: MoE, plan: _Plan, prefix: str) -> None:
     if moe.e_score_correction_bias is not None:
         names = [f"{prefix}{n}.e_score_correction_bias" for n in _ROUTER_NAMES] + [f"{prefix}e_score_correction_bias"]
         plan.copy(moe.e_score_correction_bias, names)
+        plan.check_values(names, _check_correction_bias)
 
 
 def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:

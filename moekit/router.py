@@ -17,10 +17,11 @@ bounds. A ``-inf`` logit means "never pick this expert" while K finite logits re
 (a diverged model) gives that token NaN weights, which reach only that token's output row.
 
 Non-finite correction bias: a NaN or ``+inf`` entry would win every token's choice with finite weights, so it
-is a corrupted checkpoint. ``select_experts`` raises a ``ValueError`` naming ``e_score_correction_bias`` and the
-experts, except while compiling or capturing a CUDA graph, where checking values would sync with the device:
-there the tokens that picked such an expert get NaN in all their weights. (This check is a device sync per call
-in eager mode.) A ``-inf`` entry means "never pick this expert" while K others remain, as a ``-inf`` logit.
+is a corrupted checkpoint. On the CPU ``select_experts`` raises a ``ValueError`` naming
+``e_score_correction_bias`` and the experts (except while compiling). On a GPU, where checking values would cost a
+device sync on every call, and while compiling, the tokens that picked such an expert get NaN in all their
+weights (so their outputs are NaN, never finite and wrong); ``moekit.loading.load_moe`` refuses such a bias at
+load. A ``-inf`` entry means "never pick this expert" while K others remain, as a ``-inf`` logit.
 """
 
 from __future__ import annotations
@@ -190,11 +191,11 @@ def _mask_groups(choice_TE: torch.Tensor, num_expert_group: int, topk_group: int
 
 
 def _nonfinite_bias(bias_E: torch.Tensor) -> torch.Tensor | None:
-    """Reject a NaN/+inf correction bias (a corrupted checkpoint) where values can be checked; else return the
-    [E] mask of such experts, for ``select_experts`` to put NaN in the weights of the tokens that picked one.
+    """Reject a NaN/+inf correction bias (a corrupted checkpoint) where values can be checked without a device
+    sync (a CPU tensor, not compiling); else return the [E] mask of such experts, for ``select_experts`` to put NaN in the weights of the tokens that picked one.
     ``-inf`` is allowed: "never pick this expert", as a -inf logit."""
     bad_E = torch.isnan(bias_E) | (bias_E == float("inf"))
-    if not values_checkable():
+    if bias_E.device.type != "cpu" or not values_checkable():  # no per-call device sync on the hot path
         return bad_E
     if bool(bad_E.any()):
         experts = bad_E.nonzero().flatten().tolist()

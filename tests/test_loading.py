@@ -276,3 +276,23 @@ def test_transposed_experts_with_2i_equal_to_h_without_config_need_a_layout(tmp_
     with pytest.raises(ValueError, match="layout: .* is stored transposed"):
         load_moe(moe, file, "model.layers.0.mlp")
     assert load_moe(moe, file, "model.layers.0.mlp", layout="gpt_oss").ok
+
+
+def test_nonfinite_correction_bias_is_refused_at_load(saved, tmp_path):
+    # Routing on a GPU only marks the affected tokens NaN (no per-call sync), so the loader refuses the corrupt
+    # bias up front, naming the key and the experts, before it copies anything.
+    model, path = saved["deepseek_v3"]
+    block = model.model.layers[1].mlp
+    prefix = "model.layers.1.mlp"
+    ckpt = Checkpoint(path)
+    tensors = {k: ckpt.get(k) for k in ckpt.keys() if k.startswith(prefix)}
+    key = next(k for k in tensors if k.endswith("e_score_correction_bias"))
+    tensors[key] = tensors[key].clone()
+    tensors[key][3] = float("nan")
+    file = tmp_path / "model.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(file))
+    moe = _fresh_like(block)
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    with pytest.raises(ValueError, match=r"correction_bias'.*NaN/\+inf at experts \[3\]"):
+        load_moe(moe, file, prefix)
+    assert all(torch.equal(before[k], v) for k, v in moe.state_dict().items())

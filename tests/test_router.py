@@ -366,3 +366,15 @@ def test_topk_ids_dtype_matches_the_message():
 def test_bad_argument_types(kwargs, err, match):
     with pytest.raises(err, match=match):
         select_experts(torch.randn(3, 8), 2, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_nonfinite_correction_bias_gives_nan_weights_without_a_sync():
+    # On the GPU no value check runs per call: the tokens that picked the corrupt expert get NaN weights.
+    logits = torch.randn(16, 8, device="cuda")
+    bias = torch.zeros(8, device="cuda")
+    bias[5] = float("nan")
+    weights, ids = select_experts(logits, 2, scoring_func="sigmoid", e_score_correction_bias=bias)
+    picked = (ids == 5).any(dim=-1)
+    assert bool(weights[picked].isnan().all()) and bool(weights[~picked].isfinite().all())
