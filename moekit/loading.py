@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from moekit._checks import check_positive
+from moekit._layout import deinterleave
 from moekit.layer import MoE
 
 LAYOUTS = ("auto", "per_expert", "fused", "gpt_oss", "transposed")
@@ -89,10 +90,10 @@ class Checkpoint:
     def _handle(self, key: str):
         if key not in self._files:
             raise KeyError(f"checkpoint key {key!r} not found in {self.path}")
-        from safetensors import safe_open
-
         file = self._files[key]
         if file not in self._handles:
+            from safetensors import safe_open
+
             self._handles[file] = safe_open(str(file), framework="pt")
         return self._handles[file]
 
@@ -114,14 +115,6 @@ class Checkpoint:
             if sep:
                 found.setdefault(head)
         return list(found)
-
-
-def deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Rows ``[g0, u0, g1, u1, ...]`` along ``dim`` -> ``[g0, g1, ..., u0, u1, ...]`` (gate rows, then up rows)."""
-    if t.shape[dim] % 2:
-        raise ValueError(f"t: expected an even size along dim {dim} (gate/up pairs), got shape {tuple(t.shape)}")
-    index = torch.arange(t.shape[dim], device=t.device)
-    return t.index_select(dim, torch.cat((index[0::2], index[1::2])))
 
 
 def _header_keys(file: Path) -> list[str]:

@@ -3,12 +3,17 @@
     import moekit.hf
     moekit.hf.register()                          # then: model.set_experts_implementation("moekit")
     n = moekit.hf.convert(model)                  # or: replace every sparse MoE block with a moekit.MoE
+    moe = moekit.hf.moe_from_hf(block)            # one block, left in place
 
 Needs ``pip install moekit[hf]`` (transformers >= 5.0). ``import moekit`` alone never imports transformers.
+
+Inside the package imports run one way: ``spec`` (what an experts module is) <- ``experts`` (the registered
+implementation); ``spec`` <- ``layouts``; ``layouts``, ``routers`` <- ``convert``.
 """
 
 from moekit.hf.convert import SUPPORTED_BLOCKS, convert, moe_from_hf, supported_families
-from moekit.hf.experts import ExpertsSpec, experts_forward, experts_spec, register
+from moekit.hf.experts import experts_forward, register
+from moekit.hf.spec import ExpertsSpec, experts_spec
 
 __all__ = [
     "SUPPORTED_BLOCKS",

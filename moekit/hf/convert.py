@@ -2,7 +2,8 @@
 
     block (router + experts [+ shared MLP [+ its sigmoid gate]] [+ output bias])
       router        -> MoE.gate (weight/bias shared), e_score_correction_bias (shared), RoutingConfig
-      experts       -> RoutedExperts.w13/w2 (+ biases): shared when stored [E, 2I, H] / [E, H, I], else rearranged
+      experts       -> RoutedExperts.w13/w2 (+ biases): shared, as views when stored transposed; copied only
+                       where gate/up rows must be reordered or joined (gpt-oss, DBRX)
       shared MLP    -> SharedExperts: down_proj and gate shared; gate_proj|up_proj concatenated into gate_up_proj;
                        its activation probed through its own forward (it may differ from the experts', HY-V4)
       output bias   -> HFMoE.output_bias (shared), added after routed + shared (JetMoE)
@@ -23,7 +24,7 @@ from torch import nn
 from moekit.config import MoEConfig
 from moekit.hf import layouts
 from moekit.hf import routers as r
-from moekit.hf.experts import gate_probe, match_activation
+from moekit.hf.spec import gate_probe, match_activation
 from moekit.layer import MoE
 from moekit.ops.activation import Activation
 from moekit.shared_experts import SharedExperts
