@@ -8,7 +8,7 @@
 Needs ``pip install moekit[hf]`` (transformers >= 5.0). ``import moekit`` alone never imports transformers.
 
 Inside the package imports run one way: ``spec`` (what an experts module is) <- ``experts`` (the registered
-implementation); ``spec`` <- ``layouts``; ``layouts``, ``routers`` <- ``convert``.
+implementation); ``spec``, ``saving`` <- ``layouts``; ``layouts``, ``routers``, ``saving`` <- ``convert``.
 """
 
 from moekit.hf.convert import SUPPORTED_BLOCKS, convert, moe_from_hf, supported_families
