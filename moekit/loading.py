@@ -92,9 +92,7 @@ class Checkpoint:
             raise KeyError(f"checkpoint key {key!r} not found in {self.path}")
         file = self._files[key]
         if file not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[file] = safe_open(str(file), framework="pt")
+            self._handles[file] = _safe_open()(str(file), framework="pt")
         return self._handles[file]
 
     def model_types(self) -> set[str]:
@@ -118,10 +116,16 @@ class Checkpoint:
 
 
 def _header_keys(file: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
+    with _safe_open()(str(file), framework="pt") as f:
         return list(f.keys())
+
+
+def _safe_open():
+    try:
+        from safetensors import safe_open
+    except ImportError as err:  # an optional dependency: say which extra brings it
+        raise ImportError("moekit.loading reads safetensors checkpoints: pip install 'moekit[hf]'") from err
+    return safe_open
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,14 @@
-"""How moekit.hf sits in the import graph."""
+"""How moekit.hf sits in the import graph, and what a missing optional dependency says."""
 
 from __future__ import annotations
 
 import ast
+import importlib
+import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 PACKAGE = Path(__file__).parents[2] / "moekit"
 
@@ -57,3 +62,28 @@ def test_hf_modules_form_a_dag_of_public_names():
     for name in ("experts", "spec"):
         modules = {m for m, _ in _imports(PACKAGE / "hf" / f"{name}.py")}
         assert not modules & {"moekit.layer", "moekit.loading"}, name
+
+
+def _reimport(monkeypatch, missing: str, module: str):
+    """Import ``module`` afresh while ``missing`` cannot be imported."""
+    monkeypatch.setitem(sys.modules, missing, None)  # None in sys.modules makes `import missing` fail
+    for name in [n for n in sys.modules if n == module or n.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    return importlib.import_module(module)
+
+
+def test_import_hf_without_transformers_names_the_extra(monkeypatch):
+    with pytest.raises(ImportError, match=r"pip install 'moekit\[hf\]'"):
+        _reimport(monkeypatch, "transformers", "moekit.hf")
+
+
+def test_reading_safetensors_without_safetensors_names_the_extra(monkeypatch, tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    from moekit.loading import Checkpoint
+
+    save_file({"model.layers.0.mlp.gate.weight": torch.zeros(4, 8)}, tmp_path / "model.safetensors")
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    with pytest.raises(ImportError, match=r"pip install 'moekit\[hf\]'"):
+        Checkpoint(tmp_path)
