@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
     else:
         model = tiny_model(args.family)
-    name = args.model or args.family
     if not moe_modules(model):
-        print(f"{name}: {type(model).__name__} has no MoE block, so there is nothing for moekit to run", file=sys.stderr)
+        name = args.model or args.family
+        print(f"{name}: {type(model).__name__} has no MoE block, so moekit has nothing to run", file=sys.stderr)
         return 2
     model.to(device=args.device, dtype=dtype)
     model.generation_config.pad_token_id = model.generation_config.eos_token_id = None
