@@ -84,13 +84,6 @@ class MoE(nn.Module):
             self.e_score_correction_bias = bias.float().to(new.device)
         return result
 
-    @classmethod
-    def from_hf(cls, block: nn.Module, *, backend: str = "auto") -> MoE:
-        """A moekit layer sharing the parameters of a transformers sparse-MoE block (see ``moekit.hf``)."""
-        from moekit.hf import moe_from_hf
-
-        return moe_from_hf(block, backend=backend)
-
     def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         """Router logits [T, E] for ``x_TH``."""
         if self.config.router_fp32:

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from moekit._checks import check_bool, check_choice, check_positive
+from moekit._layout import deinterleave
 from moekit.layer import MoE
 from moekit.routed_experts import RoutedExperts
 
@@ -125,17 +126,12 @@ class Checkpoint:
         return list(found)
 
 
-def deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Rows ``[g0, u0, g1, u1, ...]`` along ``dim`` -> ``[g0, g1, ..., u0, u1, ...]`` (gate rows, then up rows)."""
-    if t.shape[dim] % 2:
-        raise ValueError(f"t: expected an even size along dim {dim} (gate/up pairs), got shape {tuple(t.shape)}")
-    index = torch.arange(t.shape[dim], device=t.device)
-    return t.index_select(dim, torch.cat((index[0::2], index[1::2])))
-
-
 def _open(file: Path):
     """``safe_open`` whose errors name the file (safetensors' own say only "incomplete metadata")."""
-    from safetensors import SafetensorError, safe_open
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError as err:  # an optional dependency: say which extra brings it
+        raise ImportError("moekit.loading reads safetensors checkpoints: pip install 'moekit[hf]'") from err
 
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint file {file}: not found")

@@ -347,3 +347,28 @@ def test_failed_convert_leaves_no_weight_copies_behind():
     with torch.no_grad(), pytest.raises(NotImplementedError):
         mh.convert(model)
     assert "_moekit_weights" not in vars(model.model.layers[0].mlp.experts)
+
+
+@pytest.mark.parametrize("family", ["aria", "openai_privacy_filter", "llama4"])
+def test_transposed_experts_are_read_in_place(family):
+    # The kernels take any strides on w13/w2: experts stored [E, H, 2I] / [E, I, H] are transposed views, not a
+    # second copy (the experts path used to cache one per module, doubling expert memory).
+    model = build(family)
+    block = next(m for m in model.modules() if type(m).__name__ in mh.SUPPORTED_BLOCKS)
+    experts = block.experts
+    if family != "llama4":  # llama4's experts are not decorated: convert only
+        model.set_experts_implementation("moekit")
+        _logits(model, input_ids())
+        assert "_moekit_weights" not in vars(experts)
+    moe = mh.moe_from_hf(block)
+    assert moe.routed_experts.w13.data_ptr() == experts.gate_up_proj.data_ptr()
+    assert moe.routed_experts.w2.data_ptr() == experts.down_proj.data_ptr()
+
+
+def test_transposed_views_run_on_the_triton_backend():
+    model = build("aria")
+    ids = input_ids(batch=1, seq=3)
+    reference = _logits(model, ids)
+    assert not mh.moe_from_hf(model.model.layers[0].mlp).routed_experts.w13.is_contiguous()
+    mh.convert(model, backend="triton")
+    assert_close(_logits(model, ids), reference, torch.float32, name="aria on triton")

@@ -2,7 +2,8 @@
 
     block (router + experts [+ shared MLP [+ its sigmoid gate]] [+ output bias])
       router        -> MoE.gate (weight/bias shared), e_score_correction_bias (shared), RoutingConfig
-      experts       -> RoutedExperts.w13/w2 (+ biases): shared when stored [E, 2I, H] / [E, H, I], else rearranged
+      experts       -> RoutedExperts.w13/w2 (+ biases): shared, as views when stored transposed; copied only
+                       where gate/up rows must be reordered or joined (gpt-oss, DBRX)
       shared MLP    -> SharedExperts: down_proj and gate shared; gate_proj|up_proj concatenated into gate_up_proj;
                        its activation probed through its own forward (it may differ from the experts', HY-V4)
       output bias   -> HFMoE.output_bias (shared), added after routed + shared (JetMoE)
@@ -10,7 +11,8 @@
 ``SUPPORTED_BLOCKS`` maps each block class (by name) to the readers of its router (``routers.py``) and of its
 experts' layout (``layouts.py``); activation and shared experts are read from the modules themselves and checked.
 A block whose math moekit cannot reproduce raises ``NotImplementedError`` naming the class and the supported
-families.
+families. The ``HFMoE`` saves and loads under the block's own names and layouts (``saving.py``): after
+``convert``, ``save_pretrained`` writes the checkpoint the unconverted model would write.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig
-from moekit.hf import layouts
+from moekit.hf import layouts, saving
 from moekit.hf import routers as r
-from moekit.hf.experts import gate_probe, match_activation
+from moekit.hf.spec import gate_probe, match_activation
 from moekit.layer import MoE
 from moekit.ops.activation import Activation
 from moekit.shared_experts import SharedExperts
@@ -216,10 +218,18 @@ def _build(block: nn.Module, adapter: BlockAdapter, backend: str) -> HFMoE:
     w13, w2 = experts.w13, experts.w2
     num_experts, _, hidden = w13.shape
     inter = w2.shape[2]
-    shared, shared_gate = _shared_modules(block)
+    shared_name, shared, shared_gate = _shared_modules(block)
     shared_w13 = shared_w2 = shared_activation = None
+    saved = list(experts.saved)
     if shared is not None:
         shared_w13, shared_w2, shared_activation = _shared_weights(shared, experts.activation)
+        if shared_activation.is_gated:
+            half = tuple(shared.up_proj.weight.shape)
+            sources = (f"{shared_name}.gate_proj.weight", f"{shared_name}.up_proj.weight")
+            entry = saving.split_rows(
+                "shared_experts.gate_up_proj.weight", sources, dim=0, half_shape=half, source_shape=half
+            )
+            saved.append(entry)
     if router.weight.shape != (num_experts, hidden):
         raise NotImplementedError(f"a router weight of shape {tuple(router.weight.shape)} for {num_experts} experts")
     config = MoEConfig(
@@ -267,6 +277,7 @@ def _build(block: nn.Module, adapter: BlockAdapter, backend: str) -> HFMoE:
     left = [n for n, t in [*moe.named_parameters(), *moe.named_buffers()] if t.is_meta]
     if left:
         raise NotImplementedError(f"parameters moekit could not fill from the block: {left}")
+    saving.install(moe, saving.views(block, moe, saved))
     return moe
 
 
@@ -287,17 +298,17 @@ def _check_block(block: nn.Module) -> None:
             raise NotImplementedError(f"a latent projection ({name})")
 
 
-def _shared_modules(block: nn.Module) -> tuple[nn.Module | None, nn.Linear | None]:
-    shared = None
+def _shared_modules(block: nn.Module) -> tuple[str | None, nn.Module | None, nn.Linear | None]:
+    shared_name = shared = None
     for name in ("shared_experts", "shared_expert", "shared_mlp"):
         candidate = getattr(block, name, None)
         if isinstance(candidate, nn.Module):
-            shared = candidate
+            shared_name, shared = name, candidate
             break
     gate = getattr(block, "shared_expert_gate", None)
     if gate is not None and (gate.bias is not None or gate.out_features != 1):
         raise NotImplementedError("a shared-expert gate other than Linear(H, 1, bias=False)")
-    return shared, gate
+    return shared_name, shared, gate
 
 
 def _shared_weights(mlp: nn.Module, experts_activation: Activation) -> tuple[torch.Tensor, torch.Tensor, Activation]:

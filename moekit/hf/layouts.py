@@ -4,17 +4,19 @@ Each reader takes the block and returns ``ExpertsWeights``: the activation and w
 up rows), w2 [E, H, I] (+ biases). The layouts, in moekit terms:
 
     decorated  @use_experts_implementation modules: the decorator's flags        most families
-               (transposed, interleaved, biases) -> shared, or a rearranged copy
+               (transposed, interleaved, biases) -> views, or for interleaved
+               gate/up rows (gpt-oss) a de-interleaved copy of w13
     llama4     gate_up_proj [E, H, 2I] (gate | up), down_proj [E, I, H]          Llama4
-               -> transposed copies
+               -> transposed views
     dbrx       mlp.w1 (gate), mlp.v1 (up), mlp.w2 (down), each [E*I, H]          DBRX
-               -> w13 = cat(w1, v1) copy, w2 transposed copy
+               -> w13 = cat(w1, v1) copy, w2 a transposed view
     jetmoe     input_linear.weight [E, 2I, H] (gate | up),                       JetMoE
                output_linear.weight [E, H, I] -> shared as they are
 
-The kernels read w13/w2 row-major in the canonical layout, so a transposed or split layout is copied once at
-conversion; the copy then replaces the original tensors in the converted model. A reader raises
-``NotImplementedError`` for experts moekit cannot run exactly.
+The kernels take any strides on w13/w2, so a transposed layout is read in place; only rows that must be
+reordered or joined are copied, and the copy replaces the original tensors in the converted model. For each copy
+the reader also returns a ``SavedAs`` saying how it is saved back in the block's layout (``saving.py``). A reader
+raises ``NotImplementedError`` for experts moekit cannot run exactly.
 """
 
 from __future__ import annotations
@@ -25,49 +27,68 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moekit.hf.experts import _rearrange, _source_weights, gated_act_fn_activation, read_experts_spec
+from moekit._layout import deinterleave, interleave
+from moekit.hf.saving import SavedAs, split_rows
+from moekit.hf.spec import canonical_weights, gated_act_fn_activation, read_experts_spec, source_names
 from moekit.ops.activation import Activation
 
 
 @dataclass(frozen=True, kw_only=True)
 class ExpertsWeights:
-    """A block's routed experts in moekit's layout: w13 [E, 2I, H], w2 [E, H, I], w13_bias [E, 2I], w2_bias [E, H]."""
+    """A block's routed experts in moekit's layout: w13 [E, 2I, H], w2 [E, H, I], w13_bias [E, 2I], w2_bias [E, H];
+    ``saved`` describes the tensors that are copies (names relative to the block and to the ``HFMoE``)."""
 
     activation: Activation
     w13: torch.Tensor
     w2: torch.Tensor
     w13_bias: torch.Tensor | None = None
     w2_bias: torch.Tensor | None = None
+    saved: tuple[SavedAs, ...] = ()
 
 
 ExpertsReader = Callable[[nn.Module], ExpertsWeights]
 
 
+@torch.no_grad()
 def decorated(block: nn.Module) -> ExpertsWeights:
-    """``block.experts``, a module decorated with ``@use_experts_implementation`` (see ``moekit.hf.experts``)."""
+    """``block.experts``, a module decorated with ``@use_experts_implementation`` (see ``moekit.hf.spec``)."""
     experts = block.experts
     spec = read_experts_spec(experts)
     if spec.activation is None:
         raise NotImplementedError(f"experts {type(experts).__name__} with {spec.reason}")
-    sources = _source_weights(experts, spec)
-    if spec.canonical:
-        w13, w2, w13_bias, w2_bias = sources
-    else:
-        # Not canonical_weights: its cache would keep a second, full copy of the experts on the caller's module
-        # (the block the converted MoE replaces, or one left in place when convert gives up on a later block).
-        with torch.no_grad():
-            w13, w2, w13_bias, w2_bias = _rearrange(sources, spec)
-    return ExpertsWeights(activation=spec.activation, w13=w13, w2=w2, w13_bias=w13_bias, w2_bias=w2_bias)
+    # Not experts.weights: its cache would keep a second, full copy of interleaved experts on the caller's module
+    # (the block the converted MoE replaces, or one left in place when convert gives up on a later block).
+    w13, w2, w13_bias, w2_bias = canonical_weights(experts, spec)
+    saved = ()
+    if spec.interleaved:
+        w13_name, _, b13_name, _ = source_names(experts, spec)
+        saved = (_interleaved("routed_experts.w13", f"experts.{w13_name}", transposed=spec.transposed),)
+        if b13_name is not None:
+            saved += (_interleaved("routed_experts.w13_bias", f"experts.{b13_name}", transposed=False),)
+    return ExpertsWeights(
+        activation=spec.activation, w13=w13, w2=w2, w13_bias=w13_bias, w2_bias=w2_bias, saved=saved
+    )
 
 
-@torch.no_grad()
+def _interleaved(name: str, source: str, *, transposed: bool) -> SavedAs:
+    """gpt-oss: the source interleaves gate/up rows (columns when stored transposed, [E, H, 2I])."""
+    if not transposed:
+        return SavedAs(name, (source,), lambda t: (interleave(t, dim=1),), lambda s: deinterleave(s, dim=1))
+    return SavedAs(
+        name,
+        (source,),
+        lambda t: (interleave(t.transpose(1, 2), dim=2),),
+        lambda s: deinterleave(s.transpose(1, 2), dim=1),
+    )
+
+
 def llama4(block: nn.Module) -> ExpertsWeights:
-    """``gate_up_proj`` [E, H, 2I] with the gate columns first, ``down_proj`` [E, I, H]: transposed copies."""
+    """``gate_up_proj`` [E, H, 2I] with the gate columns first, ``down_proj`` [E, I, H]: transposed views."""
     experts = block.experts
     return ExpertsWeights(
         activation=_activation(experts, experts.act_fn),
-        w13=experts.gate_up_proj.transpose(1, 2).contiguous(),
-        w2=experts.down_proj.transpose(1, 2).contiguous(),
+        w13=experts.gate_up_proj.transpose(1, 2),
+        w2=experts.down_proj.transpose(1, 2),
     )
 
 
@@ -78,10 +99,18 @@ def dbrx(block: nn.Module) -> ExpertsWeights:
     experts = block.experts
     mlp = experts.mlp
     split = (experts.num_experts, experts.ffn_hidden_size, experts.hidden_size)
+    saved = split_rows(
+        "routed_experts.w13",
+        ("experts.mlp.w1", "experts.mlp.v1"),
+        dim=1,
+        half_shape=split,
+        source_shape=tuple(mlp.w1.shape),
+    )
     return ExpertsWeights(
         activation=_activation(mlp, mlp.activation_fn),
         w13=torch.cat((mlp.w1.view(split), mlp.v1.view(split)), dim=1),
-        w2=mlp.w2.view(split).transpose(1, 2).contiguous(),
+        w2=mlp.w2.view(split).transpose(1, 2),
+        saved=(saved,),
     )
 
 
