@@ -107,7 +107,7 @@ def grouped_gemm(
         ACTIVATION=activation_code(activation),
         GATED=gated, HAS_BIAS=bias_EN is not None, HAS_WEIGHTS=weights_N is not None,
         BLOCK_M=layout.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
-        EVEN_K=k_dim % block_k == 0, ROW_PER_BLOCK=layout.row_per_block,
+        EVEN_K=k_dim % block_k == 0, EVEN_N=n_out % out_n == 0, ROW_PER_BLOCK=layout.row_per_block,
         HALF_TAIL=config.half_tail and not layout.row_per_block and layout.block_m >= 32,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,

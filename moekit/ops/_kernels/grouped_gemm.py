@@ -48,7 +48,7 @@ def _tile(
     alpha, limit,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
 ):
     """The first TILE_M slots (TILE_M <= BLOCK_M) of row block ``i_m`` against output tile ``i_n``, split ``i_s``.
 
@@ -64,11 +64,15 @@ def _tile(
     o_a_rows = (b_rows // a_row_div).to(tl.int64) * stride_am
     o_j = tl.arange(0, BLOCK_N)
     # B row of each tile column. Out-of-range columns re-read valid rows (wrapped) instead of masking every B
-    # load; their results are never stored.
-    if GATED:
-        o_bn = (i_n * OUT_N + o_j % OUT_N) % n_out + tl.where(o_j < OUT_N, 0, up_offset)
+    # load; their results are never stored. When n_out is a multiple of the tile (EVEN_N) nothing wraps, and
+    # leaving the wrap out keeps the columns visibly contiguous: weights stored N-major (a transposed view)
+    # then load as wide vectors instead of one element at a time.
+    if EVEN_N:
+        o_bn = i_n * OUT_N + o_j % OUT_N
     else:
-        o_bn = (i_n * OUT_N + o_j) % n_out
+        o_bn = (i_n * OUT_N + o_j % OUT_N) % n_out
+    if GATED:
+        o_bn += tl.where(o_j < OUT_N, 0, up_offset)
     k_start = i_s * k_per_split
     o_k = k_start + tl.arange(0, BLOCK_K)
     p_a_tile = p_a + o_a_rows[:, None] + o_k[None, :]
@@ -114,7 +118,8 @@ def grouped_gemm_kernel(
     alpha, limit,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr, HALF_TAIL: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
+    HALF_TAIL: tl.constexpr,
 ):
     """C[s, row, n] for the rows of one block of M slots, a tile of output columns and split s = program_id(1).
 
@@ -157,7 +162,7 @@ def grouped_gemm_kernel(
             stride_am, stride_bn, stride_bk, stride_cs, stride_cm, stride_bias_e,
             alpha, limit,
             ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K,
-            EVEN_K, DOT_PRECISION, ROW_PER_BLOCK,
+            EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
         )
     else:
         _tile(
@@ -166,5 +171,5 @@ def grouped_gemm_kernel(
             stride_am, stride_bn, stride_bk, stride_cs, stride_cm, stride_bias_e,
             alpha, limit,
             ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K,
-            EVEN_K, DOT_PRECISION, ROW_PER_BLOCK,
+            EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
         )
