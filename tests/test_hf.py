@@ -400,3 +400,22 @@ def test_fine_tuning_gradients_match_transformers(family, path, backend):
         if isinstance(p, torch.nn.Parameter) and p.requires_grad:
             assert p.grad is not None, name
             assert_close(p.grad, grads[name].grad.double(), torch.float32, name=name)
+
+
+def test_shared_mlp_with_an_infinite_limit_is_plain_silu():
+    # An infinite clamp means "no clamp" (Step-3.7 style); it reached Activation(limit=inf), which now refuses it.
+    from torch import nn
+
+    from moekit.hf.convert import _mlp_activation
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = nn.Linear(8, 4, bias=False), nn.Linear(8, 4, bias=False)
+            self.down_proj = nn.Linear(4, 8, bias=False)
+            self.limit = float("inf")
+
+        def forward(self, x):
+            return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    assert _mlp_activation(MLP(), True, moekit.Activation(name="silu")) == moekit.Activation(name="silu")

@@ -17,6 +17,8 @@ families. The ``HFMoE`` saves and loads under the block's own names and layouts 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -343,10 +345,12 @@ def _mlp_activation(mlp: nn.Module, gated: bool, experts_activation: Activation)
     """
     width = mlp.down_proj.in_features
     limits = [getattr(mlp, name, None) for name in ("swiglu_limit", "limit")]
-    limits = [limit for limit in limits if isinstance(limit, (int, float)) and not isinstance(limit, bool)]
+    # An infinite limit means "no clamp" (and would make the probe infinite), as in spec._candidates.
+    limits = [limit for limit in limits
+              if isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 < limit < math.inf]
     if gated:
         candidates = [experts_activation, *(Activation(name=n) for n in ("silu", "gelu", "gelu_tanh"))]
-        candidates += [Activation(name="silu", limit=float(limit)) for limit in limits if limit > 0]
+        candidates += [Activation(name="silu", limit=float(limit)) for limit in limits]
     else:
         candidates = [experts_activation, Activation(name="relu2")]
     top = max([0.0, *limits, *(a.limit or 0.0 for a in candidates)])
