@@ -86,7 +86,10 @@ def fused_experts_backward_op(
 def _(grad_out, hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, expert_map, activation, alpha,
       limit, backend, needs):  # noqa: ANN001, ANN202
     like = (hidden_states, w13, w2, topk_weights, w13_bias, w2_bias)
-    return [torch.empty_like(t) if need and t is not None else grad_out.new_empty(0) for t, need in zip(like, needs)]
+    # Contiguous, as every backend returns them (empty_like would copy the strides of a transposed weight view,
+    # and inductor would then lay the real gradients out wrong).
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) if need and t is not None else grad_out.new_empty(0)
+            for t, need in zip(like, needs)]
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001

@@ -214,6 +214,7 @@ class TritonExperts(Experts):
         g_NI = alloc(num_rows, inter, **f32)
         grouped_gemm(dout_TH, w2_EHI.transpose(1, 2), layout, g_NI, cfg.gemm1, num_rows=num_rows, a_row_div=top_k)
         a_NI, dh_NR, dtw_N = activation_backward(h_NR, g_NI, w_N, activation, a_dtype=dtype, dh_dtype=dtype)
+        del h_NR, g_NI  # fp32 [N, 2I] and [N, I]: freed before the dx and weight-gradient GEMMs
         if need_tw:
             if w2_bias_EH is not None:
                 local_N = topk_ids_TK.reshape(-1).long()

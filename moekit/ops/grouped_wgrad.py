@@ -86,6 +86,10 @@ def grouped_wgrad(
         if bias_grad_EN.stride(-1) != 1:
             raise ValueError(f"bias_grad_EN: expected a contiguous last dim, got strides {bias_grad_EN.stride()}")
     if out_ENK.numel() == 0:
+        # No tile to launch (n or k is 0), but with n > 0 the bias gradient still sums g's rows: the twin does it.
+        if bias_grad_EN is not None:
+            grouped_wgrad_ref(g, x, layout, out_ENK, num_rows=num_rows, g_row_div=g_row_div, x_row_div=x_row_div,
+                              weights_N=weights_N, bias_grad_EN=bias_grad_EN)
         return out_ENK
     cfg = config or wgrad_config(n_dim, k_dim)
     block_start = expert_block_start(layout, num_experts)

@@ -234,3 +234,38 @@ def test_triton_backward_with_prefill_blocks():
     _, ref_grads = _run(inp, None, ref=True)
     for k, g in ref_grads.items():
         assert_close(leaves[k].grad, g, torch.float32, name=f"d{k}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_pass_opcheck_with_transposed_weights(backend):
+    # The fake implementations must describe what the real ones return, strides included: transformers keeps
+    # experts transposed ([E, H, 2I]) and moekit reads them as views; inductor lays gradients out by the fake's
+    # strides (a transposed fake gave silently wrong gradients once size asserts were off).
+    inp = make_moe_inputs(5, 4, 32, 16, 2, bias=True, seed=6)
+    w13 = inp["w13"].transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    w2 = inp["w2"].transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    x = inp["hidden_states"].requires_grad_(True)
+    args = (x, w13, w2, inp["topk_weights"], inp["topk_ids"], inp["w13_bias"], inp["w2_bias"], None,
+            "silu", 1.702, None, torch.float32, backend)
+    torch.library.opcheck(torch.ops.moekit.fused_experts.default, args)
+    dout = torch.randn(5, 32)
+    # (no double backward: the backward op is called on plain tensors)
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:8]]
+    bwd_args = (dout, *plain, "silu", 1.702, None, backend, [True, True, True, True, True, True])
+    torch.library.opcheck(torch.ops.moekit.fused_experts_backward.default, bwd_args)
+
+
+def test_activation_scalars_from_numpy_and_tensors_compile():
+    # alpha/limit given as NumPy or 0-d tensor values are stored as Python floats: the op's schema takes floats.
+    import numpy as np
+
+    from moekit import Activation
+
+    act = Activation(name="swigluoai", alpha=np.float32(1.5), limit=torch.tensor(5.0))
+    assert type(act.alpha) is float and type(act.limit) is float
+    inp = make_moe_inputs(4, 4, 16, 8, 2, activation=act, seed=2)
+    args = (inp["hidden_states"], inp["w13"], inp["w2"], inp["topk_weights"], inp["topk_ids"])
+    torch._dynamo.reset()
+    out = torch.compile(lambda *a: fused_experts(*a, activation=act, backend="torch"), backend="aot_eager",
+                        fullgraph=True)(*args)
+    assert_close(out, reference_experts(*args, activation=act), torch.float32)
