@@ -14,9 +14,10 @@ import torch
 
 # The activation dtypes every backend computes in.
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Index tensors (topk_ids, expert_map) must be int32 or int64: the Triton kernels read them as int32 and torch
-# indexes with them; uint8 would index as a boolean mask, and int8/int16 cannot hold E >= 128 / 32768 ids.
+# Expert ids (topk_ids) may be any of these integer dtypes; maps that hold -1 (expert_map) are int32 or int64.
+_ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _INDEX_DTYPES = (torch.int32, torch.int64)
+_NUMPY_BOOLS = ("numpy.bool_", "numpy.bool")
 
 
 def check_tensor(name: str, value: object) -> torch.Tensor:
@@ -60,8 +61,11 @@ def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tens
 
 
 def check_int_dtype(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"{name}: expected an integer dtype (int32 or int64), got {str(t.dtype).removeprefix('torch.')}")
+    """Expert ids: any integer dtype every consumer reads as numbers (int8/16/32/64, uint8). Each one converts
+    before it indexes (a raw uint8 index would be a boolean mask) and the kernels load the ids as they are."""
+    if t.dtype not in _ID_DTYPES:
+        raise TypeError(f"{name}: expected an integer dtype (int8, int16, int32, int64 or uint8), "
+                        f"got {str(t.dtype).removeprefix('torch.')}")
 
 
 def check_signed_int_dtype(name: str, t: torch.Tensor) -> None:
@@ -95,17 +99,23 @@ def check_positive(name: str, value: object) -> None:
         raise ValueError(f"{name}: expected a positive int, got {value}")
 
 
-def check_real(name: str, value: object, *, positive: bool = False) -> None:
-    """A finite real number (int or float; not a bool, a str or a tensor), > 0 when ``positive``."""
+def check_real(name: str, value: object, *, positive: bool = False) -> float:
+    """A finite real number (a Python or NumPy int/float, or a 0-d real tensor; not a bool or a str), > 0 when
+    ``positive``. Returns it as a Python float, which is what configs store and custom-op schemas take."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex and value.dtype != torch.bool:
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
+    value = float(value)
     if not math.isfinite(value) or (positive and not value > 0):
         raise ValueError(f"{name}: expected a finite value{' > 0' if positive else ''}, got {value}")
+    return value
 
 
 def check_bool(name: str, value: object) -> None:
-    # A flag given as a string ("no") or None would silently count as its truth value.
-    if not isinstance(value, bool):
+    # A flag given as a string ("no"), an int or None would silently count as its truth value. NumPy's bool is a
+    # bool (what a flag read from an array or a NumPy config gives).
+    if not isinstance(value, bool) and type(value).__module__ + "." + type(value).__name__ not in _NUMPY_BOOLS:
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
 
 

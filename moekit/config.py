@@ -93,7 +93,8 @@ class RoutingConfig:
             topk_before_score=self.topk_before_score,
             prefix="routing.",
         )
-        check_real("routing.routed_scaling_factor", self.routed_scaling_factor, positive=True)
+        factor = check_real("routing.routed_scaling_factor", self.routed_scaling_factor, positive=True)
+        object.__setattr__(self, "routed_scaling_factor", factor)
         if self.custom_routing_function is not None and not callable(self.custom_routing_function):
             raise TypeError("routing.custom_routing_function: expected a callable")
 

@@ -96,7 +96,7 @@ def select_experts(
         num_experts=num_experts,
         top_k=top_k,
     )
-    check_real("routed_scaling_factor", routed_scaling_factor, positive=True)
+    routed_scaling_factor = check_real("routed_scaling_factor", routed_scaling_factor, positive=True)
     if e_score_correction_bias is not None:
         check_shape("e_score_correction_bias", e_score_correction_bias, (num_experts,), "[E]")
         check_dtype("e_score_correction_bias", e_score_correction_bias, _FLOAT_DTYPES)

@@ -346,10 +346,45 @@ def test_minus_inf_correction_bias_never_picks_the_expert(topk_before_score):
 
 
 def test_topk_ids_dtype_matches_the_message():
-    # uint8 ids index as a boolean mask in torch and int8/int16 cannot hold large expert ids: int32/int64 only.
-    for dtype in (torch.uint8, torch.int8, torch.int16):
-        with pytest.raises(TypeError, match=r"topk_ids: expected an integer dtype \(int32 or int64\)"):
-            select_experts(None, 2, topk_weights=torch.rand(3, 2), topk_ids=torch.zeros(3, 2, dtype=dtype))
+    # The message lists what is accepted: every integer dtype (each consumer converts before indexing, so uint8
+    # never indexes as a mask); floats and bools are refused.
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        w, ids = select_experts(None, 2, topk_weights=torch.rand(3, 2), topk_ids=torch.ones(3, 2, dtype=dtype))
+        assert ids.dtype == torch.int32 and bool((ids == 1).all())
+    for dtype in (torch.float32, torch.bool):
+        with pytest.raises(TypeError, match=r"topk_ids: expected an integer dtype \(int8, int16, int32, int64 or uint8\)"):
+            select_experts(None, 2, topk_weights=torch.rand(3, 2), topk_ids=torch.ones(3, 2, dtype=dtype))
+
+
+def test_small_int_ids_give_the_int32_result():
+    # int8/int16/uint8 ids worked before the dtype check tightened, and must keep working on every backend.
+    from moekit import fused_experts
+    from moekit.kernel import available_backends
+    from moekit.testing import make_moe_inputs
+
+    d = make_moe_inputs(5, 4, 16, 8, 2)
+    for backend in available_backends("cpu"):
+        want = fused_experts(d["hidden_states"], d["w13"], d["w2"], d["topk_weights"], d["topk_ids"], backend=backend)
+        for dtype in (torch.int8, torch.int16, torch.uint8):
+            got = fused_experts(d["hidden_states"], d["w13"], d["w2"], d["topk_weights"], d["topk_ids"].to(dtype),
+                                backend=backend)
+            assert torch.equal(got, want), (backend, dtype)
+
+
+def test_numbers_from_numpy_and_0d_tensors_are_accepted():
+    import numpy as np
+
+    from moekit import Activation, MoEConfig, RoutingConfig
+
+    assert RoutingConfig(routed_scaling_factor=torch.tensor(2.5)).routed_scaling_factor == 2.5
+    assert type(RoutingConfig(routed_scaling_factor=np.float32(2.5)).routed_scaling_factor) is float
+    assert Activation(name="swigluoai", alpha=torch.tensor(1.5), limit=7).alpha == 1.5
+    w, _ = select_experts(torch.randn(3, 4), 2, routed_scaling_factor=torch.tensor(2.0), renormalize=True)
+    torch.testing.assert_close(w.sum(-1), torch.full((3,), 2.0))
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=8, intermediate_size=4, bias=np.bool_(True))
+    assert cfg.bias
+    with pytest.raises(TypeError, match="router_fp32: expected a bool, got int 1"):
+        MoEConfig(num_experts=4, top_k=2, hidden_size=8, intermediate_size=4, router_fp32=1)
 
 
 @pytest.mark.parametrize(

@@ -45,13 +45,14 @@ class Activation:
             raise TypeError(f"activation.name: expected a str, got {type(self.name).__name__} {self.name!r}")
         if self.name not in _GATED:
             raise ValueError(f"activation: expected one of {list(ACTIVATIONS)}, got {self.name!r}")
-        check_real("activation.alpha", self.alpha)
+        # Stored as Python floats: the custom op's schema takes floats (a NumPy or 0-d tensor value failed there).
+        object.__setattr__(self, "alpha", check_real("activation.alpha", self.alpha))
         if self.name == "swigluoai" and self.limit is None:
             object.__setattr__(self, "limit", 7.0)
         if self.limit is not None:
             if self.name not in ("silu", "swigluoai"):
                 raise ValueError(f"activation.limit: only silu and swigluoai take a limit, got one for {self.name!r}")
-            check_real("activation.limit", self.limit, positive=True)
+            object.__setattr__(self, "limit", check_real("activation.limit", self.limit, positive=True))
 
     @property
     def is_gated(self) -> bool:
