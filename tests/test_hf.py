@@ -56,6 +56,7 @@ IMPL_ONLY_FAMILIES = [
 FALLBACK_FAMILIES = ["inkling2", "muse_spark"]
 
 FP32_TOL = 1e-5
+FP32_GRAD_TOL = 1e-4
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -375,11 +376,15 @@ def test_transposed_views_run_on_the_triton_backend():
 
 
 @pytest.mark.parametrize("backend", [b for b in ("torch", "triton") if b in moekit.kernel.available_backends("cpu")])
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3", "llama4"])
 @pytest.mark.parametrize("path", ["experts_implementation", "convert"])
 def test_fine_tuning_gradients_match_transformers(family, path, backend):
-    # Through either path every parameter gets the gradient transformers' eager model gives it (on Triton the
-    # routed experts used to get none: the output came back detached).
+    # Through either path every parameter trains and gets the gradient transformers' eager model gives it: on
+    # Triton the routed experts used to get none (the output came back detached), and convert froze the copies and
+    # views it made (gpt-oss's de-interleaved w13, shared gate|up weights, transposed experts). One SGD step on
+    # both, compared through the state dict (the block's own names and layouts), compares every gradient.
+    if path == "experts_implementation" and family == "llama4":
+        pytest.skip("llama4's experts are not decorated: only convert reaches them")
     ref = build(family)
     model = build(family)
     model.load_state_dict(ref.state_dict())
@@ -389,17 +394,40 @@ def test_fine_tuning_gradients_match_transformers(family, path, backend):
         mh.register(backend=backend)
         model.set_experts_implementation("moekit")
     ids = input_ids()
+    before = {k: v.detach().clone() for k, v in ref.state_dict().items()}
     try:
         for m in (ref, model):
             m.train()
             m(input_ids=ids, use_cache=False).logits.square().mean().backward()
+            torch.optim.SGD(m.parameters(), lr=1e4).step()  # steps far larger than the weights: no cancellation
     finally:
         mh.register()  # the module's registration (backend auto) for the other tests
-    grads = dict(ref.named_parameters())
-    for name, p in model.state_dict(keep_vars=True).items():
-        if isinstance(p, torch.nn.Parameter) and p.requires_grad:
-            assert p.grad is not None, name
-            assert_close(p.grad, grads[name].grad.double(), torch.float32, name=name)
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    after_ref, after = ref.state_dict(), model.state_dict()
+    assert after.keys() == after_ref.keys()
+    for k, v in after.items():
+        if v.is_floating_point():
+            # Gradients through whole decoder layers: fp32 summation orders differ (moekit groups rows by expert),
+            # so compare like the logits (max relative error), with a bound for two layers of backprop.
+            err = rel_errors(v - before[k], after_ref[k] - before[k])[0]
+            assert err <= FP32_GRAD_TOL, f"{k}: max rel err {err:.3g}"
+
+
+def test_converted_model_pickles_and_standalone_blocks_keep_moekit_names():
+    # The save hooks hold plain data (no closures), so torch.save of a whole converted model works; a block from
+    # moe_from_hf, beside its source, keeps moekit's own names.
+    import io
+
+    model = build("gpt_oss")
+    moe = mh.moe_from_hf(model.model.layers[0].mlp)
+    assert "routed_experts.w13" in moe.state_dict()
+    mh.convert(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert_close(_logits(loaded, input_ids()), _logits(model, input_ids()).double(), torch.float32)
 
 
 def test_shared_mlp_with_an_infinite_limit_is_plain_silu():

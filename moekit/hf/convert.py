@@ -197,6 +197,9 @@ def convert(model: nn.Module, *, backend: str = "auto") -> int:
     found = [(n, m) for n, m in model.named_modules() if _is_moe_block(m)]
     built = [(n, moe_from_hf(m, backend=backend)) for n, m in found if n and not _inside(n, found)]
     for name, moe in built:
+        # In the model the block's names are gone: its checkpoint must still speak them (a block from
+        # moe_from_hf alone, beside its source, keeps moekit's names).
+        saving.install(moe, moe._moekit_saved_as)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, moe)
     return len(built)
@@ -279,14 +282,21 @@ def _build(block: nn.Module, adapter: BlockAdapter, backend: str) -> HFMoE:
     left = [n for n, t in [*moe.named_parameters(), *moe.named_buffers()] if t.is_meta]
     if left:
         raise NotImplementedError(f"parameters moekit could not fill from the block: {left}")
-    saving.install(moe, saving.views(block, moe, saved))
+    # Views and copies of the block's weights replace them in a converted model: they train as the block did
+    # (parameters shared with the block keep their own flag).
+    shared_ids = {id(p) for p in block.parameters()}
+    trainable = any(p.requires_grad for p in block.parameters())
+    for param in moe.parameters():
+        if id(param) not in shared_ids:
+            param.requires_grad_(trainable)
+    moe._moekit_saved_as = tuple(saving.views(block, moe, saved))
     return moe
 
 
 def _share(owner: nn.Module, attr: str, value: torch.Tensor) -> None:
     """Put ``value`` on ``owner.attr``: the same Parameter object when it is one (no copy), else a new one."""
     if not isinstance(value, nn.Parameter):
-        value = nn.Parameter(value.detach(), requires_grad=False)
+        value = nn.Parameter(value.detach(), requires_grad=False)  # trainability set by _build, from the block
     setattr(owner, attr, value)
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from moekit._layout import deinterleave, interleave
-from moekit.hf.saving import SavedAs, split_rows
+from moekit.hf.saving import SavedAs, interleaved, split_rows
 from moekit.hf.spec import canonical_weights, gated_act_fn_activation, read_experts_spec, source_names
 from moekit.ops.activation import Activation
 
@@ -62,23 +62,11 @@ def decorated(block: nn.Module) -> ExpertsWeights:
     saved = ()
     if spec.interleaved:
         w13_name, _, b13_name, _ = source_names(experts, spec)
-        saved = (_interleaved("routed_experts.w13", f"experts.{w13_name}", transposed=spec.transposed),)
+        saved = (interleaved("routed_experts.w13", f"experts.{w13_name}", transposed=spec.transposed),)
         if b13_name is not None:
-            saved += (_interleaved("routed_experts.w13_bias", f"experts.{b13_name}", transposed=False),)
+            saved += (interleaved("routed_experts.w13_bias", f"experts.{b13_name}", transposed=False),)
     return ExpertsWeights(
         activation=spec.activation, w13=w13, w2=w2, w13_bias=w13_bias, w2_bias=w2_bias, saved=saved
-    )
-
-
-def _interleaved(name: str, source: str, *, transposed: bool) -> SavedAs:
-    """gpt-oss: the source interleaves gate/up rows (columns when stored transposed, [E, H, 2I])."""
-    if not transposed:
-        return SavedAs(name, (source,), lambda t: (interleave(t, dim=1),), lambda s: deinterleave(s, dim=1))
-    return SavedAs(
-        name,
-        (source,),
-        lambda t: (interleave(t.transpose(1, 2), dim=2),),
-        lambda s: deinterleave(s.transpose(1, 2), dim=1),
     )
 
 

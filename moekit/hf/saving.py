@@ -24,16 +24,60 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moekit._layout import deinterleave, interleave
+
 
 @dataclass(frozen=True)
 class SavedAs:
-    """How the ``HFMoE`` tensor ``name`` is saved: as the block's tensors ``sources`` (names relative to the block),
-    ``to_source(t) -> tuple`` of them; ``from_source(*tensors)`` gives ``t`` back."""
+    """How the ``HFMoE`` tensor ``name`` is saved: as the block's tensors ``sources`` (names relative to the block).
+
+    ``kind`` names the relation (plain data, so a converted model still pickles):
+        same                   the source itself
+        reshape                the source seen as ``shape`` (``source_shape`` on disk)
+        transpose              the source [E, a, b] seen transposed, [E, b, a]
+        split_rows             the concatenation along ``dim`` of two sources of ``source_shape``, each seen as
+                               ``half_shape`` (a shared MLP's gate_proj | up_proj; DBRX's w1 | v1)
+        interleave             the source's gate/up rows along dim 1 interleaved (gpt-oss), ours gate then up
+        interleave_transposed  the same with the source stored transposed ([E, H, 2I]: interleaved columns)
+    """
 
     name: str
     sources: tuple[str, ...]
-    to_source: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
-    from_source: Callable[..., torch.Tensor]
+    kind: str
+    shape: tuple[int, ...] = ()
+    source_shape: tuple[int, ...] = ()
+    half_shape: tuple[int, ...] = ()
+    dim: int = 0
+
+    def to_source(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.kind == "same":
+            return (t,)
+        if self.kind == "reshape":
+            return (t.reshape(self.source_shape),)
+        if self.kind == "transpose":
+            return (t.transpose(1, 2).reshape(self.source_shape),)
+        if self.kind == "interleave":
+            return (interleave(t, dim=1),)
+        if self.kind == "interleave_transposed":
+            return (interleave(t.transpose(1, 2), dim=2),)
+        parts = [half.reshape(self.source_shape) for half in t.chunk(2, dim=self.dim)]  # split_rows
+        # Halves still sharing t's storage are cloned: safetensors refuses tensors that alias each other.
+        storage = t.untyped_storage().data_ptr()
+        return tuple(p.clone() if p.untyped_storage().data_ptr() == storage else p for p in parts)
+
+    def from_source(self, *sources: torch.Tensor) -> torch.Tensor:
+        (first, *rest) = sources
+        if self.kind == "same":
+            return first
+        if self.kind == "reshape":
+            return first.reshape(self.shape)
+        if self.kind == "transpose":
+            return first.reshape(self.shape[0], self.shape[2], self.shape[1]).transpose(1, 2)
+        if self.kind == "interleave":
+            return deinterleave(first, dim=1)
+        if self.kind == "interleave_transposed":
+            return deinterleave(first.transpose(1, 2), dim=1)
+        return torch.cat((first.reshape(self.half_shape), rest[0].reshape(self.half_shape)), dim=self.dim)
 
 
 def split_rows(
@@ -41,17 +85,13 @@ def split_rows(
 ) -> SavedAs:
     """``name`` is the concatenation along ``dim`` of two source tensors of ``source_shape``, each seen as
     ``half_shape`` (a shared MLP's gate_proj | up_proj; DBRX's w1 | v1 [E*I, H] seen as [E, I, H])."""
+    return SavedAs(name, sources, "split_rows", source_shape=tuple(source_shape), half_shape=tuple(half_shape),
+                   dim=dim)
 
-    def to_source(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        parts = [half.reshape(source_shape) for half in t.chunk(2, dim=dim)]
-        # Halves still sharing t's storage are cloned: safetensors refuses tensors that alias each other.
-        storage = t.untyped_storage().data_ptr()
-        return tuple(p.clone() if p.untyped_storage().data_ptr() == storage else p for p in parts)
 
-    def from_source(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        return torch.cat((first.reshape(half_shape), second.reshape(half_shape)), dim=dim)
-
-    return SavedAs(name, sources, to_source, from_source)
+def interleaved(name: str, source: str, *, transposed: bool) -> SavedAs:
+    """gpt-oss: the source interleaves gate/up rows (columns when stored transposed, [E, H, 2I])."""
+    return SavedAs(name, (source,), "interleave_transposed" if transposed else "interleave")
 
 
 def views(block: nn.Module, moe: nn.Module, declared: list[SavedAs]) -> list[SavedAs]:
@@ -87,17 +127,11 @@ def _view_entry(name: str, tensor: torch.Tensor, source: str, value: torch.Tenso
         return None
     shape, source_shape = tuple(tensor.shape), tuple(value.shape)
     if shape == source_shape and tensor.stride() == value.stride():
-        return SavedAs(name, (source,), lambda t: (t,), lambda s: s)
+        return SavedAs(name, (source,), "same")
     if _is_view(lambda: tensor.view(source_shape), value):
-        return SavedAs(name, (source,), lambda t: (t.reshape(source_shape),), lambda s: s.reshape(shape))
+        return SavedAs(name, (source,), "reshape", shape=shape, source_shape=source_shape)
     if tensor.dim() == 3 and _is_view(lambda: tensor.transpose(1, 2).view(source_shape), value):
-        stored = (shape[0], shape[2], shape[1])
-        return SavedAs(
-            name,
-            (source,),
-            lambda t: (t.transpose(1, 2).reshape(source_shape),),
-            lambda s: s.reshape(stored).transpose(1, 2),
-        )
+        return SavedAs(name, (source,), "transpose", shape=shape, source_shape=source_shape)
     return None
 
 
