@@ -74,7 +74,9 @@ class Checkpoint:
         elif self.path.is_dir():
             index = self.path / "model.safetensors.index.json"
             if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = _read_json(index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise ValueError(f"checkpoint index {index}: expected a JSON object with a 'weight_map' object")
                 self._files = {k: self.path / f for k, f in weight_map.items()}
             else:
                 shards = sorted(self.path.glob("*.safetensors"))
@@ -112,8 +114,9 @@ class Checkpoint:
         config = (self.path if self.path.is_dir() else self.path.parent) / "config.json"
         if not config.is_file():
             return set()
-        data = json.loads(config.read_text())
-        found = {data.get("model_type"), (data.get("text_config") or {}).get("model_type")}
+        data = _read_json(config)
+        text = data.get("text_config")
+        found = {data.get("model_type"), text.get("model_type") if isinstance(text, dict) else None}
         return {t for t in found if isinstance(t, str)}
 
     def moe_prefixes(self) -> list[str]:
@@ -139,6 +142,17 @@ def _open(file: Path):
         return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError) as err:
         raise ValueError(f"checkpoint file {file}: not a readable safetensors file (truncated?): {err}") from None
+
+
+def _read_json(file: Path) -> dict:
+    """A JSON object from ``file``; errors name the file."""
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _header_keys(file: Path) -> list[str]:

@@ -196,3 +196,17 @@ def test_bench_json_records_the_command_it_ran(tiny_config, tmp_path):
 def test_tune_errors_name_tune(capsys):
     assert "moekit tune: --tokens" in _usage_error(capsys, ["tune", "--preset", "qwen3-30b-a3b", "--tokens", "1,x"])
     assert "--min-gain" in _usage_error(capsys, ["tune", "--preset", "olmoe-1b-7b", "--min-gain", "-1"])
+
+
+def test_too_many_tokens_are_refused_with_the_activation_size(capsys, no_sweep, tiny_config):
+    # Only the weights were counted: a huge --tokens died in the allocator with a traceback.
+    err = _usage_error(capsys, ["bench", "--hf-config", str(tiny_config), "--device", "cpu",
+                                "--tokens", "99999999999999"])
+    assert "activations of T = 99999999999999" in err
+
+
+def test_plot_of_a_file_without_rows_is_a_usage_error(tmp_path, capsys):
+    empty = tmp_path / "empty.json"
+    empty.write_text('{"rows": []}')
+    err = _usage_error(capsys, ["plot", str(empty), "--plot", str(tmp_path / "x.png")])
+    assert str(empty) in err and "no rows" in err

@@ -57,12 +57,15 @@ def read_json(path: str | Path) -> list[Row]:
     """Rows of a file written by ``write_json``; ``ValueError`` naming ``path`` when it is not one."""
     try:
         doc = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     try:
-        return [Row(**r) for r in doc["rows"]]
+        rows = [Row(**r) for r in doc["rows"]]
     except (KeyError, TypeError) as err:  # no "rows", or rows with other fields than Row's
         raise ValueError(f"{path}: not a `moekit bench --json` file ({type(err).__name__}: {err})") from None
+    if not rows:
+        raise ValueError(f"{path}: a `moekit bench --json` file with no rows: nothing to show")
+    return rows
 
 
 def require_matplotlib():

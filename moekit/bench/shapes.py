@@ -67,6 +67,8 @@ def experts_activation(cfg: dict) -> tuple[Activation, bool]:
     if not isinstance(cfg, dict):
         raise TypeError(f"cfg: expected a dict, got {type(cfg).__name__}")
     family = cfg.get("model_type")
+    if isinstance(family, str) and family.endswith("_text"):
+        family = family.removesuffix("_text")  # a multimodal model's text_config (hy_v4_vl_text, minimax_m3_vl_text)
     if family in _SWIGLUOAI_FAMILIES:
         # Their hidden_act says "silu" (gpt-oss) or "swigluoai" (MiniMax-M3): the gate is computed inline from
         # swiglu_alpha (gpt-oss: fixed 1.702) and swiglu_limit.
@@ -119,7 +121,7 @@ def shape_from_hf_config(path: str | Path) -> MoEShape:
     """
     try:
         cfg = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"--hf-config {path}: not valid JSON ({err})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"--hf-config {path}: expected a JSON object, got {type(cfg).__name__}")

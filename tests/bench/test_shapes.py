@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from moekit.bench.shapes import PRESETS, shape_from_hf_config
+from moekit.bench.shapes import PRESETS, experts_activation, shape_from_hf_config
 from moekit.ops.activation import Activation
 
 BASE = {"hidden_size": 64, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
@@ -93,3 +93,11 @@ def test_refuses_what_it_cannot_map(tmp_path, extra, field):
 def test_refuses_missing_dimensions(tmp_path):
     with pytest.raises(ValueError, match="no expert count"):
         _read(tmp_path, {"hidden_size": 64, "intermediate_size": 128, "hidden_act": "silu"})
+
+
+@pytest.mark.parametrize("family, name", [("hy_v4_vl_text", "silu"), ("glm5_next_text", "silu"),
+                                          ("minimax_m3_vl_text", "swigluoai")])
+def test_multimodal_text_configs_map_like_their_family(family, name):
+    # --hf-config follows text_config, whose model_type carries a _text suffix.
+    act, _ = experts_activation({"model_type": family, "hidden_act": "silu", "swiglu_limit": 7.0})
+    assert act.name == name and act.limit == 7.0
