@@ -9,6 +9,7 @@ from moekit.config import MoEConfig, RoutingConfig
 from moekit.functional import fused_experts
 from moekit.kernel import Experts, LocalPrepareFinalize, ModularKernel, PrepareFinalize, PrepareResult
 from moekit.layer import MoE
+from moekit.online_quant import quantize
 from moekit.ops.activation import Activation
 from moekit.quant import MoEQuantMethod, QuantParams, UnquantizedMoEMethod
 from moekit.routed_experts import RoutedExperts
@@ -34,5 +35,6 @@ __all__ = [
     "UnquantizedMoEMethod",
     "__version__",
     "fused_experts",
+    "quantize",
     "select_experts",
 ]

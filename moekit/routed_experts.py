@@ -31,6 +31,8 @@ from moekit.quant.base import MoEQuantMethod
 from moekit.quant.unquantized import UnquantizedMoEMethod
 
 SHARD_IDS = ("w1", "w2", "w3")
+# Quantized codes: loaded only into a parameter of the same dtype (with their scales loaded alongside).
+_CODE_DTYPES = (torch.float8_e4m3fn, torch.int8)
 
 
 class RoutedExperts(nn.Module):
@@ -145,7 +147,8 @@ class RoutedExperts(nn.Module):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str, expert_id: int
     ) -> None:
-        """Copy one expert's checkpoint tensor into ``param`` (``w13``, ``w2`` or their biases).
+        """Copy one expert's checkpoint tensor into ``param`` (``w13``, ``w2``, their biases or, for quantized
+        methods, their scales ``w13_scale``/``w2_scale``).
 
         ``shard_id``: ``w1`` (gate, rows [0, I) of w13), ``w3`` (up, rows [I, 2I)), ``w2`` (down). For the
         non-gated ``relu2`` activation ``w1`` fills all I rows of w13 and ``w3`` does not exist. ``expert_id``
@@ -156,23 +159,33 @@ class RoutedExperts(nn.Module):
         local_id = self._local_expert_id(expert_id)
         if local_id is None:
             return
-        is_w13 = param is self.w13 or (self.w13_bias is not None and param is self.w13_bias)
-        is_w2 = param is self.w2 or (self.w2_bias is not None and param is self.w2_bias)
+        # w13, w2, their biases and a quant method's scales (w13_scale, w2_scale): grouped by name.
+        name = next((n for n, p in self.named_parameters(recurse=False) if p is param), None)
+        is_w13, is_w2 = name is not None and name.startswith("w13"), name is not None and name.startswith("w2")
         if not (is_w13 or is_w2):
-            raise ValueError("param: expected one of this layer's parameters w13, w2, w13_bias, w2_bias")
-        name = next(n for n, p in self.named_parameters(recurse=False) if p is param)
+            names = [n for n, _ in self.named_parameters(recurse=False)]
+            raise ValueError(f"param: expected one of this layer's parameters {names}")
         if (shard_id == "w2") != is_w2:
             raise ValueError(f"shard_id: {shard_id!r} does not load into {name!r} (w1/w3 -> w13*, w2 -> w2*)")
         dest = param.data[local_id]
         if is_w13 and self.activation.is_gated:
-            inter = self.intermediate_size
-            dest = dest[:inter] if shard_id == "w1" else dest[inter:]
+            # Gate rows first, then up rows, in every w13* parameter (I rows, ⌈I/128⌉ block-scale rows, ...).
+            half = dest.shape[0] // 2
+            dest = dest[:half] if shard_id == "w1" else dest[half:]
         elif shard_id == "w3":
             raise ValueError(f"shard_id: 'w3' (up) does not exist for the non-gated activation {self.activation.name!r}")
+        if dest.numel() == 1 == loaded_weight.numel():
+            loaded_weight = loaded_weight.reshape(dest.shape)  # a per-tensor scale: [1] in some formats, [] in others
         if tuple(loaded_weight.shape) != tuple(dest.shape):
             raise ValueError(
                 f"loaded_weight: expected shape {tuple(dest.shape)} for {name}[{expert_id}] shard {shard_id!r}, "
                 f"got {tuple(loaded_weight.shape)}"
+            )
+        if (dest.dtype in _CODE_DTYPES or loaded_weight.dtype in _CODE_DTYPES) and loaded_weight.dtype != dest.dtype:
+            # copy_ would cast values, not codes: 8-bit codes mean nothing without their scales, and the other way.
+            raise TypeError(
+                f"loaded_weight: expected dtype {str(dest.dtype).removeprefix('torch.')} for {name} "
+                f"(quant method {self.quant_method.name!r}), got {str(loaded_weight.dtype).removeprefix('torch.')}"
             )
         dest.copy_(loaded_weight)
 

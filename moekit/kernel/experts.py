@@ -51,7 +51,8 @@ class Experts(ABC):
     def check_supported(self, hidden_states: torch.Tensor, quant: QuantParams) -> None:
         """Raise ``ValueError`` if this backend cannot run these inputs; the default accepts unquantized ones."""
         if quant.is_quantized:
-            raise ValueError(f"backend {self.name!r}: quantized weights ({quant.weight_dtype}) are not supported")
+            raise ValueError(f"backend {self.name!r}: quantized weights ({quant.describe()}) are not supported yet; "
+                             "backend 'torch' runs 8-bit weights (a quantized layer's backend 'auto' picks it)")
 
     def apply(
         self,

@@ -36,6 +36,7 @@ from moekit._checks import (
 from moekit.kernel.experts import Experts, needs_grad
 from moekit.kernel.prepare_finalize import PrepareFinalize
 from moekit.ops.activation import Activation, resolve_activation
+from moekit.ops.quantize import QDTYPES, expert_scale_shapes
 from moekit.quant.params import UNQUANTIZED, QuantParams
 
 # Below this many tokens the routed experts are bandwidth-bound and leave SMs idle, so the shared experts
@@ -178,6 +179,7 @@ def check_expert_inputs(
     if not quant.is_quantized:
         check_same_dtype("w13", w13, "hidden_states", hidden_states)
         check_same_dtype("w2", w2, "hidden_states", hidden_states)
+    if not quant.is_quantized or quant.weight_dtype in QDTYPES:
         if hidden13 != hidden:
             raise ValueError(
                 f"hidden_states: expected hidden size H = {hidden13} (w13 [E, 2I, H] is {tuple(w13.shape)}), "
@@ -189,6 +191,8 @@ def check_expert_inputs(
             )
         inter = rows13 // 2 if activation.is_gated else rows13
         check_shape("w2", w2, (num_local, hidden, inter), f"[E, H, I] (w13 is {tuple(w13.shape)})")
+        if quant.granularity is not None:
+            _check_quant_scales(quant, w13, w2, hidden_states, inter=inter, gated=activation.is_gated)
     for name, t in (("w13", w13), ("w2", w2)):
         check_same_device(name, t, "hidden_states", hidden_states)
     check_ndim("topk_weights", topk_weights, 2, "[T, K]")
@@ -225,3 +229,26 @@ def check_expert_inputs(
         if lo < 0 or hi >= num_global:
             raise ValueError(f"topk_ids: expected values in [0, E={num_global}), got values in [{lo}, {hi}]")
 
+
+
+def _check_quant_scales(
+    quant: QuantParams, w13: torch.Tensor, w2: torch.Tensor, hidden_states: torch.Tensor, *, inter: int, gated: bool
+) -> None:
+    """8-bit weights: storage dtype and the scales' shapes, dtype and device (moekit.quant.params' table)."""
+    qdtype = QDTYPES[quant.weight_dtype]
+    for name, t in (("w13", w13), ("w2", w2)):
+        if t.dtype != qdtype:
+            raise TypeError(f"{name}: expected dtype {str(qdtype).removeprefix('torch.')} for "
+                            f"{quant.describe()}, got {str(t.dtype).removeprefix('torch.')}")
+    shapes = expert_scale_shapes(quant.granularity, quant.block_shape, num_experts=w13.shape[0],
+                                 hidden=hidden_states.shape[1], inter=inter, gated=gated)
+    for name, t, shape in (("w13_scale", quant.w13_scale, shapes[0]), ("w2_scale", quant.w2_scale, shapes[1]),
+                           ("a13_scale", quant.a13_scale, None), ("a2_scale", quant.a2_scale, None)):
+        if t is None:
+            continue
+        if shape is not None and tuple(t.shape) != shape:
+            raise ValueError(f"quant.{name}: expected shape {shape} for {quant.describe()} with w13 "
+                             f"{tuple(w13.shape)}, w2 {tuple(w2.shape)}, got {tuple(t.shape)}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"quant.{name}: expected dtype float32, got {str(t.dtype).removeprefix('torch.')}")
+        check_same_device(f"quant.{name}", t, "hidden_states", hidden_states)

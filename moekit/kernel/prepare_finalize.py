@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit.ops.quantize import QDTYPES, quantize_activation
 from moekit.quant.params import QuantParams
 
 
@@ -22,14 +23,16 @@ class PrepareResult:
 
     Attributes:
         hidden_states: [T', H] rows the experts stage computes on (T' = T for a local prepare).
-        hidden_scale: activation scales when ``hidden_states`` is quantized, else None.
+        hidden_scale: activation scales when ``hidden_states`` is quantized (float32: [T', ⌈H/g⌉] per group of
+            g columns, [T', 1] per token, [] per tensor; ``moekit.ops.quantize``), else None.
         topk_weights: [T', K] float32 routing weights (all ones when ``weights_applied``).
         topk_ids: [T', K] int32 expert ids.
         weights_applied: the router weights were already multiplied into ``hidden_states``.
         num_tokens: T, the row count ``finalize`` must return.
         experts_out_dtype: the dtype the experts stage should write (None: the layer's dtype); fp32 when
             ``finalize`` still sums rows, so the layer's output is rounded once.
-        handle: whatever a cross-rank finalize needs to route rows home; None locally.
+        handle: whatever a cross-rank finalize needs to route rows home; locally (K, the layer dtype) when x was
+            expanded to one row per (token, expert), else None.
     """
 
     hidden_states: torch.Tensor
@@ -79,10 +82,8 @@ class LocalPrepareFinalize(PrepareFinalize):
         apply_router_weight_on_input: bool,
         quant: QuantParams,
     ) -> PrepareResult:
-        if quant.act_dtype is not None:
-            # Activation quantization belongs here (one pass over x, shared by all experts); the quantized
-            # methods that need it bring it with them.
-            raise NotImplementedError(f"quant.act_dtype={quant.act_dtype!r}: activation quantization is not available yet")
+        if quant.act_dtype is not None and quant.act_dtype not in QDTYPES:
+            raise NotImplementedError(f"quant.act_dtype={quant.act_dtype!r}: only {list(QDTYPES)} activations exist")
         num_tokens, top_k = topk_ids_TK.shape
         x = hidden_states_TH
         weights, ids, expanded_k = topk_weights_TK, topk_ids_TK, None
@@ -96,19 +97,24 @@ class LocalPrepareFinalize(PrepareFinalize):
                 ids = ids.reshape(-1, 1)
                 weights = torch.ones(num_tokens * top_k, 1, dtype=torch.float32, device=x.device)
                 expanded_k = top_k
+        scale = None
+        if quant.act_dtype is not None:
+            # Once per routed row (after any weight folding), shared by all of its K experts.
+            x, scale = quantize_activation(x, quant.act_dtype, quant.act_granularity, quant.act_group_size,
+                                           static_scale=quant.a13_scale)
         return PrepareResult(
             hidden_states=x,
-            hidden_scale=None,
+            hidden_scale=scale,
             topk_weights=weights,
             topk_ids=ids,
             weights_applied=apply_router_weight_on_input,
             num_tokens=num_tokens,
             experts_out_dtype=None if expanded_k is None else torch.float32,
-            handle=expanded_k,
+            handle=None if expanded_k is None else (expanded_k, hidden_states_TH.dtype),
         )
 
     def finalize(self, output_TH: torch.Tensor, prep: PrepareResult) -> torch.Tensor:
         if prep.handle is None:
             return output_TH
-        top_k = prep.handle
-        return output_TH.view(prep.num_tokens, top_k, -1).sum(dim=1).to(prep.hidden_states.dtype)
+        top_k, dtype = prep.handle  # the layer's dtype: hidden_states may hold 8-bit codes by now
+        return output_TH.view(prep.num_tokens, top_k, -1).sum(dim=1).to(dtype)

@@ -4,6 +4,11 @@ It groups the N = T·K routed rows by expert with one stable sort and runs one p
 received tokens (no dense all-experts compute, no per-token loop). GEMMs run in the weight dtype (fp32
 accumulation inside torch's matmul); activation, biases, routing weights and the top-k sum run in fp32.
 ``backward`` is the same loop over the gradient formulas the Triton backend computes with grouped kernels.
+
+8-bit weights (``QuantParams``) run as their math says, in fp32: each expert that received tokens dequantizes its
+own weights inside the loop (no dequantized copy of the layer), GEMM 1 multiplies them with the activations
+``prepare`` quantized (dequantized again), and the activation's output is quantized with the same scheme before
+GEMM 2 (the fast path's GEMM 2 reads 8-bit activations too).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from moekit.kernel.experts import Experts, Grads
 from moekit.ops.activation import Activation, activation_ref
 from moekit.ops.activation_backward import activation_backward_ref
+from moekit.ops.quantize import QDTYPES, dequantize_activation, dequantize_weight, quantize_activation
 from moekit.quant.params import UNQUANTIZED, QuantParams
 
 
@@ -24,6 +30,18 @@ class TorchExperts(Experts):
     @property
     def op_backend(self) -> str:
         return "torch"  # stateless: the registry's instance computes the same
+
+    def check_supported(self, hidden_states: torch.Tensor, quant: QuantParams) -> None:
+        """Unquantized, and 8-bit weights (fp8_e4m3/int8, any granularity) with activations unquantized or in the
+        weights' dtype."""
+        if not quant.is_quantized:
+            return
+        if quant.weight_dtype not in QDTYPES or quant.granularity is None:
+            raise ValueError(f"backend 'torch': quantized weights ({quant.describe()}) are not supported: it runs "
+                             f"{list(QDTYPES)} weights with quant.granularity set")
+        if quant.act_dtype not in (None, quant.weight_dtype):
+            raise ValueError(f"backend 'torch': {quant.act_dtype} activations with {quant.weight_dtype} weights are "
+                             "not supported (activations are unquantized or in the weights' dtype)")
 
     def run(
         self,
@@ -41,6 +59,11 @@ class TorchExperts(Experts):
         quant: QuantParams = UNQUANTIZED,
         hidden_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if quant.is_quantized:
+            return _run_quantized(hidden_states_TH, w13_E2IH, w2_EHI, topk_weights_TK, topk_ids_TK,
+                                  activation=activation, w13_bias_E2I=w13_bias_E2I, w2_bias_EH=w2_bias_EH,
+                                  expert_map_E=expert_map_E, out_dtype=out_dtype, quant=quant,
+                                  hidden_scale=hidden_scale)
         num_tokens, hidden = hidden_states_TH.shape
         top_k = topk_ids_TK.shape[1]
         y_NH = torch.zeros(num_tokens * top_k, hidden, dtype=torch.float32, device=hidden_states_TH.device)
@@ -131,3 +154,48 @@ def _gemm1(x_mH: torch.Tensor, w13_RH: torch.Tensor, w13_bias_E2I: torch.Tensor 
     """Pre-activation rows of expert ``e``: the GEMM in the weight dtype, the bias added in fp32."""
     h = x_mH @ w13_RH.t()
     return h if w13_bias_E2I is None else h.float() + w13_bias_E2I[e].float()
+
+
+def _run_quantized(
+    x_TH: torch.Tensor,
+    w13_E2IH: torch.Tensor,
+    w2_EHI: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    *,
+    activation: Activation,
+    w13_bias_E2I: torch.Tensor | None,
+    w2_bias_EH: torch.Tensor | None,
+    expert_map_E: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    quant: QuantParams,
+    hidden_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """Two passes over the experts: GEMM 1 + activation for every routed row, then GEMM 2. A per-tensor dynamic
+    scale for GEMM 2's input is one amax over all rows this rank computed, which exists only after pass one."""
+    num_tokens, hidden = x_TH.shape
+    top_k = topk_ids_TK.shape[1]
+    act, group = quant.act_granularity, quant.act_group_size
+    gate_rows = w2_EHI.shape[2] if activation.is_gated else None
+    x_f = x_TH.float() if act is None else dequantize_activation(x_TH, hidden_scale, act, group)
+    groups = list(_by_expert(topk_ids_TK, expert_map_E, w13_E2IH.shape[0]))
+    a_NI = torch.zeros(num_tokens * top_k, w2_EHI.shape[2], dtype=torch.float32, device=x_TH.device)
+    for e, sel, rows in groups:
+        w13 = dequantize_weight(w13_E2IH[e], quant.w13_scale[e], quant.granularity, quant.block_shape,
+                                gate_rows=gate_rows)
+        h = x_f[rows] @ w13.t()
+        if w13_bias_E2I is not None:
+            h = h + w13_bias_E2I[e].float()
+        a_NI[sel] = activation_ref(h, activation).float()
+    if act is not None and groups:
+        # Quantize only the rows computed here (rows of other ranks' experts must not enter a per-tensor amax).
+        sel_all = torch.cat([sel for _, sel, _ in groups])
+        q, s = quantize_activation(a_NI[sel_all], quant.act_dtype, act, group, static_scale=quant.a2_scale)
+        a_NI[sel_all] = dequantize_activation(q, s, act, group)
+    y_NH = torch.zeros(num_tokens * top_k, hidden, dtype=torch.float32, device=x_TH.device)
+    for e, sel, _ in groups:
+        w2 = dequantize_weight(w2_EHI[e], quant.w2_scale[e], quant.granularity, quant.block_shape)
+        y = a_NI[sel] @ w2.t()
+        y_NH[sel] = y if w2_bias_EH is None else y + w2_bias_EH[e].float()
+    out_TH = (y_NH.view(num_tokens, top_k, hidden) * topk_weights_TK.float().unsqueeze(-1)).sum(dim=1)
+    return out_TH.to(out_dtype)

@@ -23,6 +23,7 @@ import torch
 from moekit.quant.params import QuantParams
 
 if TYPE_CHECKING:
+    from moekit.kernel import ModularKernel
     from moekit.routed_experts import RoutedExperts
 
 
@@ -49,6 +50,10 @@ class MoEQuantMethod(ABC):
     def quant_params(self, layer: RoutedExperts) -> QuantParams:
         """The scales and dtypes the kernel needs for this layer's weights."""
 
+    def kernel_for(self, layer: RoutedExperts, x: torch.Tensor) -> ModularKernel:
+        """The modular kernel for this call; by default the layer's (its backend resolved for ``x``'s device)."""
+        return layer.kernel_for(x)
+
     def apply(
         self,
         layer: RoutedExperts,
@@ -61,7 +66,7 @@ class MoEQuantMethod(ABC):
         check_ids: bool = True,
     ) -> torch.Tensor:
         """Routed (+ shared) experts for ``x`` [T, H] through the layer's modular kernel."""
-        return layer.kernel_for(x).apply(
+        return self.kernel_for(layer, x).apply(
             x,
             layer.w13,
             layer.w2,

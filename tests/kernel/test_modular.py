@@ -120,10 +120,12 @@ def test_quant_method_seam():
     assert "quant=halved" in repr(re)
 
 
-def test_quantized_params_are_rejected_by_unquantized_backend():
+def test_quantized_params_the_backend_cannot_run_are_rejected():
+    # fp8 weights without a granularity: the torch backend cannot tell how to read the scales.
     inputs = make_moe_inputs(2, 4, 16, 8, 2)
     q = QuantParams(weight_dtype="fp8_e4m3", w13_scale=torch.ones(4), w2_scale=torch.ones(4))
-    with pytest.raises(ValueError, match=r"quantized weights \(fp8_e4m3\) are not supported"):
+    with pytest.raises(ValueError, match=r"quantized weights \(fp8_e4m3 \(activations unquantized\)\) are not "
+                                         r"supported: it runs \['fp8_e4m3', 'int8'\] weights with quant.granularity"):
         make_kernel("torch", torch.device("cpu")).apply(*_args(inputs), quant=q)
 
 

@@ -1,0 +1,36 @@
+"""``moekit.quantize``: quantize a loaded layer's routed experts in place (online quantization).
+
+    moe = moekit.quantize(moe, "fp8_block")     # fp8_block | fp8_channel | fp8_tensor | int8_channel
+
+Only the routed experts change (w13/w2 become 8-bit codes with float32 scales, see ``moekit.quant``); the router
+gate and shared experts keep their dtype, and the layer still takes and returns activations in its dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit._checks import ACT_DTYPES, check_choice
+from moekit.layer import MoE
+from moekit.quant import QUANT_SCHEMES, UnquantizedMoEMethod
+from moekit.routed_experts import RoutedExperts
+
+
+def quantize(moe: MoE | RoutedExperts, scheme: str) -> MoE | RoutedExperts:
+    """Quantize the routed experts of ``moe`` (a ``moekit.MoE`` or ``RoutedExperts``) in place; returns ``moe``.
+
+    The float weights are dropped expert by expert: no dequantized copy stays on the layer. The layer's backend
+    ``auto`` then runs the torch backend (the Triton backend has no 8-bit kernels yet and refuses them).
+    """
+    if not isinstance(moe, (MoE, RoutedExperts)):
+        raise TypeError(f"moe: expected a moekit.MoE or RoutedExperts, got {type(moe).__name__}")
+    check_choice("scheme", scheme, tuple(QUANT_SCHEMES))
+    layer = moe.routed_experts if isinstance(moe, MoE) else moe
+    if type(layer.quant_method) is not UnquantizedMoEMethod:
+        raise ValueError(f"moe: expected unquantized routed experts, got quant method {layer.quant_method.name!r}")
+    if layer.w13.dtype not in ACT_DTYPES or layer.w13.device.type == "meta":
+        raise ValueError(f"moe: expected loaded weights in one of {[str(d) for d in ACT_DTYPES]}, got w13 "
+                         f"{layer.w13.dtype} on {layer.w13.device}")
+    with torch.no_grad():
+        QUANT_SCHEMES[scheme]().quantize_layer(layer)
+    return moe

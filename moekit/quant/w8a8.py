@@ -1,0 +1,153 @@
+"""8-bit routed experts (fp8 e4m3 / int8 weights, activations quantized on the fly): the shared method.
+
+Parameters (E local experts; R = 2I rows for gated activations, else I; scale shapes in ``moekit.quant.params``):
+
+    w13        fp8/int8 [E, R, H]        w13_scale  float32, per granularity
+    w2         fp8/int8 [E, H, I]        w2_scale   float32, per granularity
+    w13_bias   [E, R], w2_bias [E, H]    optional, in the activation dtype (unquantized)
+
+Nothing is trainable (``requires_grad=False``): quantized experts have no backward. ``fp8.py`` and ``int8.py`` name
+the schemes; ``moekit.quantize`` fills a layer from its unquantized weights (``quantize_layer``).
+
+Per-tensor weights load a scale per shard (``w13_scale`` [E, 2]: w1 and w3 of a checkpoint may differ);
+``process_weights_after_loading`` requantizes each expert's w1/w3 codes to the larger of the two, as vLLM does,
+so the kernel sees one scale per expert ([E]).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from moekit.ops.quantize import (
+    QDTYPES,
+    dequantize_weight,
+    expert_scale_shapes,
+    quantize_weight,
+    quantize_with_scale,
+)
+from moekit.quant.base import MoEQuantMethod
+from moekit.quant.params import QuantParams
+
+if TYPE_CHECKING:
+    from moekit.kernel import ModularKernel
+    from moekit.routed_experts import RoutedExperts
+
+
+class W8A8MoEMethod(MoEQuantMethod):
+    """8-bit weights in ``qdtype`` with scales per ``granularity``; activations quantized in the same dtype."""
+
+    qdtype: ClassVar[str]
+    granularity: ClassVar[str]
+    block_shape: tuple[int, int] | None = None
+
+    def create_weights(
+        self,
+        layer: RoutedExperts,
+        *,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        params_dtype: torch.dtype,
+        device: torch.device | None,
+    ) -> None:
+        gated = layer.activation.is_gated
+        rows = layer.activation.w13_rows(intermediate_size)
+        qdtype = QDTYPES[self.qdtype]
+        # Zero codes and unit scales: an unloaded layer computes zeros, never the NaN that empty fp8 bits can hold.
+        _register(layer, "w13", torch.zeros(num_experts, rows, hidden_size, dtype=qdtype, device=device))
+        _register(layer, "w2", torch.zeros(num_experts, hidden_size, intermediate_size, dtype=qdtype, device=device))
+        s13, s2 = expert_scale_shapes(self.granularity, self.block_shape, num_experts=num_experts,
+                                      hidden=hidden_size, inter=intermediate_size, gated=gated)
+        if self.granularity == "tensor" and gated:
+            s13 = (num_experts, 2)  # w1 and w3 as loaded; one per expert after process_weights_after_loading
+        _register(layer, "w13_scale", torch.ones(s13, dtype=torch.float32, device=device))
+        _register(layer, "w2_scale", torch.ones(s2, dtype=torch.float32, device=device))
+        if layer.has_bias:
+            _register(layer, "w13_bias", torch.zeros(num_experts, rows, dtype=params_dtype, device=device))
+            _register(layer, "w2_bias", torch.zeros(num_experts, hidden_size, dtype=params_dtype, device=device))
+        else:
+            layer.w13_bias = None
+            layer.w2_bias = None
+
+    @torch.no_grad()
+    def process_weights_after_loading(self, layer: RoutedExperts) -> None:
+        if self.granularity != "tensor" or layer.w13_scale.dim() == 1:
+            return
+        inter = layer.intermediate_size
+        scales = layer.w13_scale.data
+        merged = scales.amax(dim=1)
+        for e in range(scales.shape[0]):
+            for half, s in ((slice(0, inter), scales[e, 0]), (slice(inter, 2 * inter), scales[e, 1])):
+                if bool(s != merged[e]):  # requantize only the shard whose scale was smaller
+                    codes = layer.w13.data[e, half]
+                    layer.w13.data[e, half] = quantize_with_scale(codes.float() * s, merged[e], self.qdtype)
+        _register(layer, "w13_scale", merged.contiguous())
+
+    def quant_params(self, layer: RoutedExperts) -> QuantParams:
+        return QuantParams(
+            weight_dtype=self.qdtype,
+            act_dtype=self.qdtype,
+            w13_scale=layer.w13_scale,
+            w2_scale=layer.w2_scale,
+            block_shape=self.block_shape,
+            granularity=self.granularity,
+        )
+
+    def kernel_for(self, layer: RoutedExperts, x: torch.Tensor) -> ModularKernel:
+        # Only the torch backend runs 8-bit weights until the Triton fp8/int8 kernels exist: 'auto' means torch
+        # here, and an explicit 'triton' is refused by its check_supported, naming the scheme.
+        if self.granularity == "tensor" and layer.w13_scale.dim() != 1:
+            raise RuntimeError(
+                f"w13_scale: per-shard scales {tuple(layer.w13_scale.shape)} (w1, w3) are loaded but not merged; "
+                "call layer.process_weights_after_loading() after loading"
+            )
+        if layer.backend == "auto":
+            # Imported here: moekit.kernel imports moekit.quant.params, which runs this package's __init__.
+            from moekit.kernel import make_kernel
+
+            return make_kernel("torch", x.device)
+        return layer.kernel_for(x)
+
+    @torch.no_grad()
+    def quantize_layer(self, layer: RoutedExperts) -> None:
+        """Replace ``layer``'s unquantized weights by this method's, quantized expert by expert (the float
+        weights are dropped: no dequantized copy stays, and peak memory grows by one expert's fp32 temporaries)."""
+        w13, w2 = layer.w13.detach(), layer.w2.detach()
+        biases = (layer.w13_bias, layer.w2_bias)
+        for name in ("w13", "w2", "w13_bias", "w2_bias"):
+            if name in layer._parameters:
+                del layer._parameters[name]
+        self.create_weights(layer, num_experts=w13.shape[0], hidden_size=layer.hidden_size,
+                            intermediate_size=layer.intermediate_size, params_dtype=w13.dtype, device=w13.device)
+        gate_rows = layer.intermediate_size if layer.activation.is_gated else None
+        for e in range(w13.shape[0]):
+            q13, s13 = quantize_weight(w13[e], self.qdtype, self.granularity, self.block_shape, gate_rows=gate_rows)
+            q2, s2 = quantize_weight(w2[e], self.qdtype, self.granularity, self.block_shape)
+            layer.w13.data[e], layer.w2.data[e], layer.w2_scale.data[e] = q13, q2, s2
+            layer.w13_scale.data[e] = s13  # broadcast over [2] for per-shard tensor scales: both shards share it
+        for name, bias in zip(("w13_bias", "w2_bias"), biases):
+            if bias is not None:
+                getattr(layer, name).data.copy_(bias.detach())
+        layer.quant_method = self
+        layer._params_dtype = w13.dtype  # activations stay in the dtype the float weights had
+        self.process_weights_after_loading(layer)
+
+
+def dequantized_weights(layer: RoutedExperts) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (w13, w2) of an 8-bit layer, for tests and debugging (a full-size copy: never on a hot path)."""
+    method = layer.quant_method
+    if not isinstance(method, W8A8MoEMethod):
+        raise TypeError(f"layer: expected 8-bit routed experts, got quant method {method.name!r}")
+    gate_rows = layer.intermediate_size if layer.activation.is_gated else None
+    w13 = dequantize_weight(layer.w13, layer.w13_scale, method.granularity, method.block_shape, gate_rows=gate_rows)
+    w2 = dequantize_weight(layer.w2, layer.w2_scale, method.granularity, method.block_shape)
+    return w13, w2
+
+
+def _register(layer: RoutedExperts, name: str, data: torch.Tensor) -> None:
+    p = nn.Parameter(data, requires_grad=False)
+    p.weight_loader = layer.weight_loader  # vLLM-style engines find the loader on the parameter itself
+    layer.register_parameter(name, p)
