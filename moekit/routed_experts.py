@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moekit._checks import (
+    ACT_DTYPES,
     check_bool,
     check_choice,
     check_expert_map_values,
@@ -95,6 +96,27 @@ class RoutedExperts(nn.Module):
             params_dtype=self._params_dtype,
             device=torch.device(device) if device is not None else None,
         )
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        stored = [n for n in self.quant_method.stored_params if self._parameters.get(n) is not None]
+        if not stored:
+            return super()._apply(fn, recurse)
+        # A cast of a quantized layer is a cast of its activations: the codes and their scales keep their dtypes
+        # and only follow the device; the biases and the layer's activation dtype follow the cast.
+        order = list(self._parameters)
+        kept = {n: self._parameters.pop(n) for n in stored}
+        try:
+            super()._apply(fn, recurse)
+            probe = fn(torch.empty(0, dtype=self._params_dtype, device=kept[stored[0]].device))
+            for param in kept.values():
+                param.data = param.data.to(probe.device)
+        finally:
+            params = {n: kept[n] if n in kept else self._parameters[n] for n in order}
+            self._parameters.clear()
+            self._parameters.update(params)
+        if probe.dtype in ACT_DTYPES:
+            self._params_dtype = probe.dtype
+        return self
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

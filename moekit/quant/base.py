@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 class MoEQuantMethod(ABC):
     name: ClassVar[str]
+    # Parameters stored in the format's own dtypes (codes, their scales): a cast of the layer (.to(bf16), .half())
+    # moves them between devices but never converts them (float8 counts as floating point to torch).
+    stored_params: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def create_weights(

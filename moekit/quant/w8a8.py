@@ -41,6 +41,7 @@ class W8A8MoEMethod(MoEQuantMethod):
 
     qdtype: ClassVar[str]
     granularity: ClassVar[str]
+    stored_params = ("w13", "w2", "w13_scale", "w2_scale")
     block_shape: tuple[int, int] | None = None
 
     def create_weights(

@@ -9,7 +9,15 @@ from moekit import MoE, MoEConfig, QuantParams, RoutedExperts, fused_experts
 from moekit.ops.quantize import dequantize_weight, quantize_weight
 from moekit.quant import Fp8BlockMoEMethod, Fp8ChannelMoEMethod, Fp8TensorMoEMethod
 from moekit.quant.w8a8 import dequantized_weights
-from moekit.testing import QUANT_REFERENCE_TOLERANCE, assert_close, make_moe_inputs, reference_quantized_experts
+from moekit.testing import (
+    QUANT_REFERENCE_TOLERANCE,
+    QUANT_TOLERANCES,
+    TOLERANCES,
+    Tolerance,
+    assert_close,
+    make_moe_inputs,
+    reference_quantized_experts,
+)
 from tests.quant.cases import build, check_end_to_end, check_storage, reference, run
 
 SCHEMES = ["fp8_block", "fp8_channel", "fp8_tensor"]
@@ -249,3 +257,30 @@ def test_channel_method_creates_n_first_scales():
     layer.w13_scale.weight_loader(layer.w13_scale, s, "w3", 2)
     assert torch.equal(layer.w13_scale[2, 40:], s) and torch.equal(layer.w13_scale[2, :40], torch.ones(40, 1))
     assert torch.equal(dequantize_weight(q, s, "channel"), q.float() * s)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_casting_the_layer_keeps_codes_and_scales(scheme):
+    # .to(bf16)/.half() cast every floating tensor, float8 codes and fp32 scales included: the next forward failed
+    # and the scales had lost their precision. Now the codes and scales stay; biases and the layer's dtype follow.
+    moe, inputs = build(scheme, dtype=torch.float32, bias=True)
+    moekit.quantize(moe, scheme)
+    want = run(moe, inputs)
+    re = moe.routed_experts
+    before = {n: p.detach().clone() for n, p in re.named_parameters() if n in ("w13", "w2", "w13_scale", "w2_scale")}
+    order = [n for n, _ in re.named_parameters()]
+    moe.to(torch.bfloat16)
+    assert re.params_dtype == torch.bfloat16 and re.w13_bias.dtype == torch.bfloat16
+    assert [n for n, _ in re.named_parameters()] == order
+    for name, value in before.items():
+        assert torch.equal(getattr(re, name).view(torch.uint8) if value.dtype == torch.float8_e4m3fn
+                           else getattr(re, name), value.view(torch.uint8) if value.dtype == torch.float8_e4m3fn
+                           else value), name
+    bf16_inputs = {**inputs, "hidden_states": inputs["hidden_states"].bfloat16()}
+    out = run(moe, bf16_inputs)
+    assert out.dtype == torch.bfloat16
+    # The same codes as before the cast: the reference on them, as check_end_to_end compares a bf16 layer.
+    tol = Tolerance(max=max(QUANT_REFERENCE_TOLERANCE.max, TOLERANCES[torch.bfloat16].max),
+                    rms=max(QUANT_REFERENCE_TOLERANCE.rms, TOLERANCES[torch.bfloat16].rms))
+    assert_close(out, reference(moe, bf16_inputs), tol=tol)
+    assert_close(out, want.double(), tol=QUANT_TOLERANCES["fp8_e4m3"], name="vs the fp32 layer")
