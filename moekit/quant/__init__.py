@@ -1,6 +1,7 @@
 """Quant methods for routed experts: one module per weight format."""
 
 from moekit.quant.base import MoEQuantMethod
+from moekit.quant.config import UnsupportedQuantization, get_quant_method
 from moekit.quant.fp8 import Fp8BlockMoEMethod, Fp8ChannelMoEMethod, Fp8TensorMoEMethod
 from moekit.quant.int8 import Int8ChannelMoEMethod
 from moekit.quant.params import UNQUANTIZED, QuantParams
@@ -22,5 +23,7 @@ __all__ = [
     "MoEQuantMethod",
     "QuantParams",
     "UnquantizedMoEMethod",
+    "UnsupportedQuantization",
     "W8A8MoEMethod",
+    "get_quant_method",
 ]

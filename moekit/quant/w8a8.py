@@ -12,6 +12,10 @@ the schemes; ``moekit.quantize`` fills a layer from its unquantized weights (``q
 Per-tensor weights load a scale per shard (``w13_scale`` [E, 2]: w1 and w3 of a checkpoint may differ);
 ``process_weights_after_loading`` requantizes each expert's w1/w3 codes to the larger of the two, as vLLM does,
 so the kernel sees one scale per expert ([E]).
+
+Static activation scales (per-tensor only: a checkpoint's ``input_scale``, ``static_input_scales=True``) load per
+expert and shard into ``w13_input_scale`` [E, 2] (w1, w3) and ``w2_input_scale`` [E, 1]; after loading each
+becomes one scale per layer, the largest loaded (vLLM does the same: one quantization of x serves every expert).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from moekit._checks import check_bool
 from moekit.ops.quantize import (
     QDTYPES,
     dequantize_weight,
@@ -41,8 +46,15 @@ class W8A8MoEMethod(MoEQuantMethod):
 
     qdtype: ClassVar[str]
     granularity: ClassVar[str]
-    stored_params = ("w13", "w2", "w13_scale", "w2_scale")
+    stored_params = ("w13", "w2", "w13_scale", "w2_scale", "w13_input_scale", "w2_input_scale")
     block_shape: tuple[int, int] | None = None
+
+    def __init__(self, *, static_input_scales: bool = False) -> None:
+        check_bool("static_input_scales", static_input_scales)
+        if static_input_scales and self.granularity != "tensor":
+            raise ValueError(f"static_input_scales: static activation scales need per-tensor weights, got "
+                             f"{self.name!r}")
+        self.static_input_scales = static_input_scales
 
     def create_weights(
         self,
@@ -66,6 +78,11 @@ class W8A8MoEMethod(MoEQuantMethod):
             s13 = (num_experts, 2)  # w1 and w3 as loaded; one per expert after process_weights_after_loading
         _register(layer, "w13_scale", torch.ones(s13, dtype=torch.float32, device=device))
         _register(layer, "w2_scale", torch.ones(s2, dtype=torch.float32, device=device))
+        if self.static_input_scales:
+            # Unit scales until loaded; reduced to one per layer by process_weights_after_loading.
+            rows13 = 2 if gated else 1
+            _register(layer, "w13_input_scale", torch.ones(num_experts, rows13, dtype=torch.float32, device=device))
+            _register(layer, "w2_input_scale", torch.ones(num_experts, 1, dtype=torch.float32, device=device))
         if layer.has_bias:
             _register(layer, "w13_bias", torch.zeros(num_experts, rows, dtype=params_dtype, device=device))
             _register(layer, "w2_bias", torch.zeros(num_experts, hidden_size, dtype=params_dtype, device=device))
@@ -75,6 +92,13 @@ class W8A8MoEMethod(MoEQuantMethod):
 
     @torch.no_grad()
     def process_weights_after_loading(self, layer: RoutedExperts) -> None:
+        if self.static_input_scales and layer.w13_input_scale.dim() != 0:
+            for name in ("w13_input_scale", "w2_input_scale"):
+                scales = getattr(layer, name).data
+                if not bool(torch.isfinite(scales).all()) or bool((scales <= 0).any()):
+                    raise ValueError(f"{name}: expected positive finite static activation scales, got "
+                                     f"{scales.flatten()[:8].tolist()}")
+                _register(layer, name, scales.amax().reshape(()).contiguous())
         if self.granularity != "tensor" or layer.w13_scale.dim() == 1:
             return
         inter = layer.intermediate_size
@@ -88,11 +112,15 @@ class W8A8MoEMethod(MoEQuantMethod):
         _register(layer, "w13_scale", merged.contiguous())
 
     def quant_params(self, layer: RoutedExperts) -> QuantParams:
+        # Unmerged per-expert input scales are not a kernel input (kernel_for refuses to run before the merge).
+        static = self.static_input_scales and layer.w13_input_scale.dim() == 0
         return QuantParams(
             weight_dtype=self.qdtype,
             act_dtype=self.qdtype,
             w13_scale=layer.w13_scale,
             w2_scale=layer.w2_scale,
+            a13_scale=layer.w13_input_scale if static else None,
+            a2_scale=layer.w2_input_scale if static else None,
             block_shape=self.block_shape,
             granularity=self.granularity,
         )
@@ -100,9 +128,13 @@ class W8A8MoEMethod(MoEQuantMethod):
     def kernel_for(self, layer: RoutedExperts, x: torch.Tensor) -> ModularKernel:
         # Only the torch backend runs 8-bit weights until the Triton fp8/int8 kernels exist: 'auto' means torch
         # here, and an explicit 'triton' is refused by its check_supported, naming the scheme.
-        if self.granularity == "tensor" and layer.w13_scale.dim() != 1:
+        unmerged = [(n, p) for n, p in (("w13_scale", layer.w13_scale),
+                                         ("w13_input_scale", getattr(layer, "w13_input_scale", None)))
+                    if p is not None and self.granularity == "tensor" and p.dim() > (1 if n == "w13_scale" else 0)]
+        if unmerged:
+            name, param = unmerged[0]
             raise RuntimeError(
-                f"w13_scale: per-shard scales {tuple(layer.w13_scale.shape)} (w1, w3) are loaded but not merged; "
+                f"{name}: per-shard scales {tuple(param.shape)} are loaded but not merged; "
                 "call layer.process_weights_after_loading() after loading"
             )
         if layer.backend == "auto":
@@ -116,6 +148,9 @@ class W8A8MoEMethod(MoEQuantMethod):
     def quantize_layer(self, layer: RoutedExperts) -> None:
         """Replace ``layer``'s unquantized weights by this method's, quantized expert by expert (the float
         weights are dropped: no dequantized copy stays, and peak memory grows by one expert's fp32 temporaries)."""
+        if self.static_input_scales:
+            raise ValueError("static_input_scales: a layer quantized from float weights has no calibrated "
+                             "activation scales; use dynamic ones (static_input_scales=False)")
         w13, w2 = layer.w13.detach(), layer.w2.detach()
         biases = (layer.w13_bias, layer.w2_bias)
         for name in ("w13", "w2", "w13_bias", "w2_bias"):

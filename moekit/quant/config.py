@@ -1,0 +1,146 @@
+"""A checkpoint's ``quantization_config`` (config.json) -> the quant method of its routed experts.
+
+    quant_method          scheme                                                     moekit method
+    fp8                   weight_block_size [128, 128], activations dynamic          Fp8BlockMoEMethod
+                          (DeepSeek-V3/R1, Qwen3-FP8; ``weight_scale_inv``)
+                          no weight_block_size: per tensor (as vLLM reads it),       Fp8TensorMoEMethod
+                          activation_scheme dynamic | static (``input_scale``)
+    compressed-tensors    config_groups weights {num_bits 8, type float|int, strategy} and input_activations:
+                          float block [128, 128] + dynamic group 128  (FP8_BLOCK)    Fp8BlockMoEMethod
+                          float channel + dynamic token               (FP8_DYNAMIC)  Fp8ChannelMoEMethod
+                          float tensor + tensor, static or dynamic    (FP8)          Fp8TensorMoEMethod
+                          int channel (symmetric) + dynamic token     (W8A8)         Int8ChannelMoEMethod
+    modelopt              quant_algo FP8 (static ``input_scale``)                    Fp8TensorMoEMethod
+
+Everything else is refused with the scheme named: a known format moekit has no method for yet (int4 GPTQ/AWQ,
+mxfp4, NVFP4, weight-only 8-bit, ...) says "not supported yet", an unknown ``quant_method`` says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from moekit.quant.base import MoEQuantMethod
+from moekit.quant.fp8 import Fp8BlockMoEMethod, Fp8ChannelMoEMethod, Fp8TensorMoEMethod
+from moekit.quant.int8 import Int8ChannelMoEMethod
+
+# Formats that exist in the wild but have no moekit method yet (refused as "not supported yet").
+NOT_YET = ("gptq", "awq", "mxfp4", "bitsandbytes", "gguf", "hqq", "eetq", "fbgemm_fp8", "torchao", "quark",
+           "auto-round", "bitnet", "higgs", "vptq", "aqlm", "spqr", "fp_quant", "mxfp8")
+_BLOCK = [128, 128]
+
+
+class UnsupportedQuantization(ValueError):
+    """A ``quantization_config`` moekit cannot run (the message names the scheme and the field)."""
+
+
+def get_quant_method(quantization_config: Mapping) -> MoEQuantMethod:
+    """The quant method of the routed experts a ``quantization_config`` describes (see the module docstring).
+
+    Raises:
+        TypeError: ``quantization_config`` is not a mapping.
+        UnsupportedQuantization (a ValueError): an unknown ``quant_method``, or a scheme moekit does not run yet;
+            the message names the scheme and the field that decided.
+    """
+    if not isinstance(quantization_config, Mapping):
+        raise TypeError(f"quantization_config: expected a dict, got {type(quantization_config).__name__}")
+    method = quantization_config.get("quant_method")
+    if method == "fp8":
+        return _fp8(quantization_config)
+    if method == "compressed-tensors":
+        return _compressed_tensors(quantization_config)
+    if method == "modelopt":
+        return _modelopt(quantization_config)
+    if isinstance(method, str) and method.lower() in NOT_YET:
+        raise UnsupportedQuantization(f"quantization_config.quant_method: {method!r} checkpoints are not supported "
+                                      "yet (moekit runs fp8, compressed-tensors 8-bit and modelopt FP8)")
+    raise UnsupportedQuantization(f"quantization_config.quant_method: unknown {method!r}; expected one of "
+                                  "['fp8', 'compressed-tensors', 'modelopt']")
+
+
+def _fp8(cfg: Mapping) -> MoEQuantMethod:
+    fmt = cfg.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise UnsupportedQuantization(f"quantization_config.fmt: fp8 {fmt!r} is not supported yet (e4m3 only)")
+    scheme = cfg.get("activation_scheme", "dynamic")
+    if scheme not in ("dynamic", "static"):
+        raise UnsupportedQuantization(f"quantization_config.activation_scheme: expected 'dynamic' or 'static', "
+                                      f"got {scheme!r}")
+    block = cfg.get("weight_block_size")
+    if block is None:
+        # vLLM reads an fp8 checkpoint without blocks as per-tensor weights (a weight_scale per projection).
+        return Fp8TensorMoEMethod(static_input_scales=scheme == "static")
+    if list(block) != _BLOCK:
+        raise UnsupportedQuantization(f"quantization_config.weight_block_size: fp8 blocks {list(block)} are not "
+                                      f"supported yet (expected {_BLOCK})")
+    if scheme != "dynamic":
+        raise UnsupportedQuantization("quantization_config.activation_scheme: fp8 block weights with static "
+                                      "activation scales are not supported yet (expected 'dynamic')")
+    return Fp8BlockMoEMethod()
+
+
+def _modelopt(cfg: Mapping) -> MoEQuantMethod:
+    # config.json carries the fields at the top level; hf_quant_config.json nests them under "quantization".
+    inner = cfg.get("quantization", cfg)
+    algo = inner.get("quant_algo") if isinstance(inner, Mapping) else None
+    if algo == "FP8":
+        return Fp8TensorMoEMethod(static_input_scales=True)
+    raise UnsupportedQuantization(f"quantization_config.quant_algo: modelopt {algo!r} is not supported yet "
+                                  "(moekit runs modelopt 'FP8')")
+
+
+def _compressed_tensors(cfg: Mapping) -> MoEQuantMethod:
+    fmt = cfg.get("format")
+    if fmt in ("pack-quantized", "marlin-24", "nvfp4-pack-quantized", "mxfp4-pack-quantized"):
+        raise UnsupportedQuantization(f"quantization_config.format: compressed-tensors {fmt!r} is not supported yet")
+    groups = cfg.get("config_groups")
+    if not isinstance(groups, Mapping) or not groups:
+        raise UnsupportedQuantization("quantization_config.config_groups: expected a non-empty object of "
+                                      "compressed-tensors schemes")
+    schemes = [_ct_scheme(name, g) for name, g in groups.items()]
+    if any(type(s) is not type(schemes[0]) or s.static_input_scales != schemes[0].static_input_scales
+           for s in schemes):
+        raise UnsupportedQuantization(f"quantization_config.config_groups: groups {list(groups)} use different "
+                                      "schemes; moekit needs one scheme for every expert")
+    return schemes[0]
+
+
+def _ct_scheme(name: str, group: object) -> MoEQuantMethod:
+    where = f"quantization_config.config_groups.{name}"
+    if not isinstance(group, Mapping):
+        raise UnsupportedQuantization(f"{where}: expected an object, got {type(group).__name__}")
+    w, a = group.get("weights"), group.get("input_activations")
+    if not isinstance(w, Mapping):
+        raise UnsupportedQuantization(f"{where}.weights: expected an object, got {w!r}")
+    bits, kind, strategy = w.get("num_bits"), w.get("type"), w.get("strategy")
+    if bits != 8 or kind not in ("float", "int"):
+        raise UnsupportedQuantization(f"{where}.weights: {kind} {bits}-bit weights ({strategy}) are not supported "
+                                      "yet (moekit runs 8-bit float/int)")
+    if not w.get("symmetric", True):
+        raise UnsupportedQuantization(f"{where}.weights.symmetric: asymmetric 8-bit weights are not supported yet")
+    if w.get("dynamic", False):
+        raise UnsupportedQuantization(f"{where}.weights.dynamic: dynamic weight scales are not supported")
+    if not isinstance(a, Mapping):
+        raise UnsupportedQuantization(f"{where}.input_activations: weight-only {kind} 8-bit (W8A16) is not "
+                                      "supported yet")
+    if a.get("num_bits") != 8 or a.get("type") != kind:
+        raise UnsupportedQuantization(f"{where}.input_activations: {a.get('type')} {a.get('num_bits')}-bit "
+                                      f"activations with {kind} 8-bit weights are not supported")
+    if not a.get("symmetric", True):
+        raise UnsupportedQuantization(f"{where}.input_activations.symmetric: asymmetric activations are not "
+                                      "supported yet")
+    act, dynamic = a.get("strategy"), a.get("dynamic", False)
+    # (weight strategy, activation strategy, dynamic) -> method; static scales exist only per tensor.
+    if kind == "float" and strategy == "block":
+        block = w.get("block_structure")
+        if block is None or list(block) != _BLOCK:
+            raise UnsupportedQuantization(f"{where}.weights.block_structure: fp8 blocks {block} are not supported "
+                                          f"yet (expected {_BLOCK})")
+        if act == "group" and dynamic is True and a.get("group_size") == _BLOCK[1]:
+            return Fp8BlockMoEMethod()
+    elif strategy == "channel" and act == "token" and dynamic is True:
+        return Fp8ChannelMoEMethod() if kind == "float" else Int8ChannelMoEMethod()
+    elif kind == "float" and strategy == "tensor" and act == "tensor":
+        return Fp8TensorMoEMethod(static_input_scales=dynamic is False)
+    raise UnsupportedQuantization(f"{where}: {kind} 8-bit weights per {strategy} with "
+                                  f"{'dynamic' if dynamic else 'static'} activations per {act} are not supported yet")
