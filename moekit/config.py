@@ -7,7 +7,8 @@ not deep inside a kernel.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from moekit._checks import check_bool, check_choice, check_positive, check_real
@@ -162,6 +163,26 @@ class MoEConfig:
             top_k=self.top_k,
             prefix="routing.",
         )
+
+    @classmethod
+    def from_hf(cls, config: str | os.PathLike | Mapping, layer: int | None = None) -> MoEConfig:
+        """The config of the sparse MoE blocks of a transformers model, read from its ``config.json``.
+
+        Args:
+            config: the config dict, a ``config.json`` path or the checkpoint directory holding it; a multimodal
+                config's ``text_config`` is read. transformers is not imported.
+            layer: a decoder layer index; when given, it must be one of the model's sparse layers.
+        Raises:
+            ValueError: an unknown ``model_type``, a missing or ill-typed field, a dense ``layer``, or a setting
+                moekit cannot express (the message names the field).
+
+        Families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss (``moekit.families``). The weight
+        format is not part of a MoEConfig: ``moekit.quant.get_quant_method(cfg["quantization_config"])``.
+        """
+        # Imported here: moekit.families builds MoEConfigs, so it imports this module.
+        from moekit.families import moe_config_from_hf
+
+        return moe_config_from_hf(config, layer)
 
     @property
     def has_shared_experts(self) -> bool:
