@@ -12,6 +12,8 @@ N = T·K routed rows. ``x_TH`` is [T, H], ``w13_E2IH`` is [E, 2I, H].
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,6 +74,37 @@ class MoE(nn.Module):
                 gate=config.shared_expert_gate,
                 **kw,
             )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        layer: int | None = None,
+        *,
+        prefix: str | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str = "auto",
+    ) -> MoE:
+        """One MoE block of a transformers checkpoint directory, built and loaded from it.
+
+        The config comes from ``config.json`` (``MoEConfig.from_hf``), the quant method from its
+        ``quantization_config`` when present (``moekit.quant.get_quant_method``); then ``moekit.loading.load_moe``
+        reads the block's tensors only (8-bit codes with their scales, static ``input_scale``) and runs
+        ``process_weights_after_loading``.
+
+        Args:
+            layer: which MoE block: an index into the checkpoint's MoE blocks (``Checkpoint.moe_prefixes()``, in
+                checkpoint order; DeepSeek-V3's first sparse decoder layer is block 0); optional when there is one.
+            prefix: the block's checkpoint prefix instead (``model.layers.3.mlp``).
+            dtype: the activation dtype; by default config.json's ``dtype``/``torch_dtype``.
+        """
+        if cls is not MoE:
+            raise TypeError(f"from_pretrained builds a moekit.MoE, not a {cls.__name__}")
+        # Imported here: moekit.loading builds on this module (loading sits above the modules, never below).
+        from moekit.loading import from_pretrained
+
+        return from_pretrained(path, layer, prefix=prefix, dtype=dtype, device=device, backend=backend)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         # .to(dtype)/.half()/.bfloat16() cast every floating buffer, but the correction bias only ranks experts, by

@@ -32,7 +32,9 @@ Around the experts: the router (``gate.weight``, ``router.weight`` [+ ``.bias``]
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +45,8 @@ import torch
 from moekit._checks import check_bool, check_choice, check_positive
 from moekit._layout import deinterleave
 from moekit.layer import MoE
+from moekit.ops.quantize import dequantize_weight
+from moekit.quant.w8a8 import W8A8MoEMethod
 from moekit.routed_experts import RoutedExperts
 
 LAYOUTS = ("auto", "per_expert", "fused", "gpt_oss", "transposed")
@@ -95,6 +99,10 @@ class Checkpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        """The safetensors dtype name of ``key`` from its header (``BF16``, ``F32``, ``F8_E4M3``, ``I8``, ...)."""
+        return self._handle(key).get_slice(key).get_dtype()
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key`` (read from disk now)."""
@@ -246,6 +254,9 @@ def load_moe(
     if strict and not any(k.startswith(prefix) for k in ckpt.keys()):
         raise KeyError(_prefix_not_found(ckpt, prefix[:-1]))
     layout = _detect_layout(moe, ckpt, prefix) if layout == "auto" else layout
+    if layout != "per_expert" and isinstance(moe.routed_experts.quant_method, W8A8MoEMethod):
+        raise ValueError(f"layout: quantized experts load from per-expert tensors (experts.{{e}}.<proj>.weight + "
+                         f"scales), got the {layout!r} layout under {prefix[:-1]!r}")
     report = LoadReport(prefix=prefix[:-1], layout=layout)
     plan = _Plan(ckpt, report)
     _load_router(moe, plan, prefix)
@@ -261,6 +272,7 @@ def load_moe(
     if strict and not report.ok:
         raise KeyError(f"load_moe({report.prefix!r}): missing {report.missing}, unexpected {report.unexpected}")
     plan.run()
+    moe.routed_experts.process_weights_after_loading()  # e.g. per-shard fp8 scales merged per expert
     return report
 
 
@@ -286,9 +298,13 @@ class _Plan:
     def first(self, keys: Iterable[str]) -> str | None:
         return next((k for k in keys if k in self.ckpt), None)
 
-    def add(self, key: str, expected: Sequence[int], apply: Callable, transform: Callable | None = None) -> None:
-        """Plan ``apply(transform(tensor))`` for the tensor stored under ``key``, which must convert to ``expected``."""
+    def add(self, key: str, expected: Sequence[int], apply: Callable, transform: Callable | None = None,
+            *, dtype: torch.dtype | None = None) -> None:
+        """Plan ``apply(transform(tensor))`` for the tensor stored under ``key``, which must convert to ``expected``;
+        with ``dtype`` (the destination's), 8-bit codes load only into codes of their own dtype and the other way."""
         shape, expected = self.ckpt.shape(key), tuple(expected)
+        if dtype is not None:
+            _check_codes(key, self.ckpt.dtype(key), dtype)
         if transform is None:
             if shape != expected:
                 raise ValueError(f"checkpoint key {key!r}: expected shape {expected}, got {shape}")
@@ -310,7 +326,7 @@ class _Plan:
         if key is None:
             self.report.missing.append(keys[0])
             return
-        self.add(key, dest.shape, dest.copy_, transform)
+        self.add(key, dest.shape, dest.copy_, transform, dtype=dest.dtype)
 
     def check_values(self, keys: list[str], check: Callable[[str, torch.Tensor], None]) -> None:
         """Run ``check(key, tensor)`` on the first present key among ``keys`` before anything is copied."""
@@ -333,6 +349,23 @@ def _check_correction_bias(key: str, bias: torch.Tensor) -> None:
         experts = bad.nonzero().flatten().tolist()
         raise ValueError(f"checkpoint key {key!r}: expected a finite correction bias (or -inf: never pick the expert), "
                          f"got NaN/+inf at experts {experts[:16]}{' ...' if len(experts) > 16 else ''}")
+
+
+# safetensors dtype names of 8-bit codes -> their torch dtype
+_CODES = {"F8_E4M3": torch.float8_e4m3fn, "I8": torch.int8}
+
+
+def _check_codes(key: str, stored: str, dest: torch.dtype) -> None:
+    # copy_ would turn codes into values (or values into codes): a checkpoint read with the wrong quant method
+    # would load silently wrong weights.
+    code = _CODES.get(stored)
+    if code is None and dest not in _CODES.values():
+        return
+    if code is not dest:
+        what = f"8-bit codes ({stored})" if code is not None else f"{stored} values"
+        hint = (" (a quantized checkpoint: build the layer with the quant method its quantization_config names, as "
+                "MoE.from_pretrained does)" if code is not None else "")
+        raise ValueError(f"checkpoint key {key!r}: holds {what}, expected {str(dest).removeprefix('torch.')}{hint}")
 
 
 def _compose(apply: Callable, transform: Callable) -> Callable:
@@ -388,6 +421,8 @@ def _load_router(moe: MoE, plan: _Plan, prefix: str) -> None:
 
 def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
     experts = moe.routed_experts
+    method = experts.quant_method
+    quantized = isinstance(method, W8A8MoEMethod)
     names = ("w1", "w3", "w2") if plan.first([f"{prefix}experts.0.w1.weight"]) else ("gate_proj", "up_proj", "down_proj")
     if not experts.activation.is_gated:
         names = (names[1], names[2])  # non-gated: up -> all of w13, down -> w2
@@ -398,17 +433,43 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
         if key not in plan.ckpt:
             plan.report.missing.append(key)
             continue
-        param = experts.w2 if row.shard_id == "w2" else experts.w13
-        plan.add(key, _shard_shape(experts, row.shard_id), _expert_loader(experts, param, row))
+        w2 = row.shard_id == "w2"
+        param = experts.w2 if w2 else experts.w13
+        plan.add(key, _shard_shape(experts, param, row.shard_id), _expert_loader(experts, param, row), dtype=param.dtype)
+        if quantized:
+            # Scales beside the codes: DeepSeek/Qwen fp8 ``weight_scale_inv`` (fp32), compressed-tensors and
+            # ModelOpt ``weight_scale`` (any float dtype, copied into moekit's fp32 scales).
+            base = key.removesuffix("weight")
+            scale = experts.w2_scale if w2 else experts.w13_scale
+            _plan_scale(plan, experts, scale, row, [base + "weight_scale_inv", base + "weight_scale"])
+            if method.static_input_scales:
+                inputs = experts.w2_input_scale if w2 else experts.w13_input_scale
+                _plan_scale(plan, experts, inputs, row, [base + "input_scale"])
 
 
-def _shard_shape(experts: RoutedExperts, shard_id: str) -> tuple[int, ...]:
-    """The shape ``RoutedExperts.weight_loader`` takes for one expert's ``shard_id`` (w1/w3: half of w13's rows
-    when gated)."""
-    if shard_id == "w2":
-        return tuple(experts.w2.shape[1:])
-    rows, hidden = experts.w13.shape[1:]
-    return (rows // 2 if experts.activation.is_gated else rows, hidden)
+def _plan_scale(plan: _Plan, experts: RoutedExperts, param: torch.Tensor, row: ExpertParamMapping,
+                keys: list[str]) -> None:
+    key = plan.first(keys)
+    if key is None:
+        plan.report.missing.append(keys[0])
+        return
+    shape = _shard_shape(experts, param, row.shard_id)
+    # A per-tensor scale is stored 0-d (ModelOpt) or [1] (compressed-tensors): both load into one element.
+    transform = _reshape_to(shape) if math.prod(shape) == 1 else None
+    plan.add(key, shape, _expert_loader(experts, param, row), transform, dtype=param.dtype)
+
+
+def _reshape_to(shape: tuple[int, ...]) -> Callable:
+    return lambda t: t.reshape(shape)
+
+
+def _shard_shape(experts: RoutedExperts, param: torch.Tensor, shard_id: str) -> tuple[int, ...]:
+    """The shape ``RoutedExperts.weight_loader`` takes for one expert's ``shard_id`` of ``param`` (w1/w3: half of
+    the w13* parameter's rows when gated, its scale rows included)."""
+    shape = tuple(param.shape[1:])
+    if shard_id != "w2" and experts.activation.is_gated:
+        shape = (shape[0] // 2, *shape[1:])
+    return shape
 
 
 def _expert_loader(experts: RoutedExperts, param: torch.Tensor, row: ExpertParamMapping) -> Callable:
@@ -444,17 +505,102 @@ def _load_shared(moe: MoE, plan: _Plan, prefix: str) -> None:
     bases = [prefix + n + "." for n in _SHARED_NAMES]
     base = next((b for b in bases if plan.first([b + "down_proj.weight", b + "gate_up_proj.weight"])), bases[0])
     if base + "gate_up_proj.weight" in plan.ckpt or not shared.activation.is_gated:
-        plan.copy(gate_up, [base + "gate_up_proj.weight", base + "up_proj.weight"])
+        _copy_shared(moe, plan, gate_up, [base + "gate_up_proj.weight", base + "up_proj.weight"])
     else:
         inter = shared.intermediate_size
-        plan.copy(gate_up[:inter], [base + "gate_proj.weight"])
-        plan.copy(gate_up[inter:], [base + "up_proj.weight"])
-    plan.copy(shared.down_proj.weight, [base + "down_proj.weight"])
+        _copy_shared(moe, plan, gate_up[:inter], [base + "gate_proj.weight"])
+        _copy_shared(moe, plan, gate_up[inter:], [base + "up_proj.weight"])
+    _copy_shared(moe, plan, shared.down_proj.weight, [base + "down_proj.weight"])
     if shared.gate is not None:
         plan.copy(shared.gate.weight, [prefix + "shared_expert_gate.weight", base + "gate.weight"])
+
+
+def _copy_shared(moe: MoE, plan: _Plan, dest: torch.Tensor, keys: list[str]) -> None:
+    """``plan.copy``, except that 8-bit shared weights (DeepSeek-V3 FP8 quantizes its shared experts) are
+    dequantized into the layer's dtype: moekit's shared experts are unquantized Linears."""
+    key = plan.first(keys)
+    if key is None or plan.ckpt.dtype(key) not in _CODES:
+        plan.copy(dest, keys)
+        return
+    base = key.removesuffix("weight")
+    scale_key = plan.first([base + "weight_scale_inv", base + "weight_scale"])
+    if scale_key is None:
+        plan.report.missing.append(base + "weight_scale_inv")
+        return
+    n, k = dest.shape
+    method = moe.routed_experts.quant_method
+    block = method.block_shape if isinstance(method, W8A8MoEMethod) and method.block_shape else (128, 128)
+    scale_shape = plan.ckpt.shape(scale_key)
+    # The scale's shape says the granularity: one element per tensor, [N, 1] per row, else blocks.
+    if math.prod(scale_shape) == 1:
+        granularity, expected = "tensor", scale_shape
+    elif scale_shape == (n, 1):
+        granularity, expected = "channel", (n, 1)
+    else:
+        granularity, expected = "block", (math.ceil(n / block[0]), math.ceil(k / block[1]))
+    if plan.ckpt.shape(key) != (n, k) or scale_shape != expected:
+        raise ValueError(f"checkpoint key {scale_key!r}: expected shape {expected} for {key!r} "
+                         f"{plan.ckpt.shape(key)} -> {(n, k)} ({granularity}), got {scale_shape}")
+    ckpt = plan.ckpt
+
+    def apply(q: torch.Tensor) -> None:
+        s = ckpt.get(scale_key).float()
+        s = s.reshape(()) if granularity == "tensor" else s
+        dest.copy_(dequantize_weight(q, s, granularity, block if granularity == "block" else None))
+
+    plan.add(key, (n, k), apply)
+    plan.report.loaded.append(scale_key)
+    if base + "input_scale" in ckpt:  # the activation scale of a quantized shared MLP, unused unquantized
+        plan.report.loaded.append(base + "input_scale")
 
 
 def load_moes(checkpoint: Checkpoint | str | os.PathLike, blocks: dict[str, MoE], **kwargs) -> list[LoadReport]:
     """``load_moe`` for several blocks of one checkpoint; ``blocks`` maps checkpoint prefix -> MoE."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     return [load_moe(moe, ckpt, prefix, **kwargs) for prefix, moe in blocks.items()]
+
+
+# config.json "dtype" / "torch_dtype" -> the layer's activation dtype
+_CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    layer: int | None = None,
+    *,
+    prefix: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    backend: str = "auto",
+) -> MoE:
+    """``MoE.from_pretrained``: one MoE block of a checkpoint directory, built from its ``config.json`` and loaded
+    with ``load_moe`` (only the tensors under the block's prefix are read)."""
+    from moekit.config import MoEConfig
+    from moekit.families import read_hf_config, text_config
+    from moekit.quant.config import get_quant_method
+
+    if not isinstance(path, (str, os.PathLike)) or not Path(path).is_dir():
+        raise FileNotFoundError(f"path: expected a checkpoint directory with config.json, got {path!r}")
+    cfg = read_hf_config(path)
+    config = dataclasses.replace(MoEConfig.from_hf(cfg), backend=backend)  # validated again: backend is checked
+    quant = cfg.get("quantization_config", text_config(cfg).get("quantization_config"))
+    method = get_quant_method(quant) if quant is not None else None
+    if dtype is None:
+        named = cfg.get("dtype") or cfg.get("torch_dtype") or text_config(cfg).get("dtype")
+        dtype = _CONFIG_DTYPES.get(named, torch.get_default_dtype())
+    ckpt = Checkpoint(path)
+    found = ckpt.moe_prefixes()
+    if prefix is not None and layer is not None:
+        raise ValueError(f"layer/prefix: give one, got layer={layer!r} and prefix={prefix!r}")
+    if prefix is None:
+        if layer is None and len(found) != 1:
+            raise ValueError(f"layer: the checkpoint has {len(found)} MoE blocks; pick one with layer= (an index "
+                             f"into them) or prefix=: {_prefix_not_found(ckpt, '').split('at: ')[-1]}")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
+                                  or not 0 <= layer < len(found)):
+            raise ValueError(f"layer: expected an index into the checkpoint's {len(found)} MoE blocks "
+                             f"[0, {len(found)}), got {layer!r}")
+        prefix = found[0 if layer is None else layer]
+    moe = MoE(config, dtype=dtype, device=device, quant_method=method)
+    load_moe(moe, ckpt, prefix)
+    return moe

@@ -1,0 +1,238 @@
+"""MoE.from_pretrained on tiny Qwen3-MoE and DeepSeek-V3 checkpoints saved by transformers in bf16, and on
+quantized copies of them: fp8 blocks written by transformers' own Fp8Quantize (weight_scale_inv, fp32), and the
+compressed-tensors / ModelOpt spellings (weight_scale in bf16 or fp32, per block, row or tensor, input_scale).
+
+Each loaded layer holds exactly the codes and scales written, dequantizes to what transformers' Fp8Dequantize gives,
+and computes what the bf16 model's block computes within the quantization tolerance."""
+
+from __future__ import annotations
+
+import json
+import re
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from transformers import FineGrainedFP8Config  # noqa: E402
+from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize  # noqa: E402
+
+from moekit import MoE  # noqa: E402
+from moekit.loading import Checkpoint  # noqa: E402
+from moekit.quant import UnsupportedQuantization  # noqa: E402
+from moekit.quant.w8a8 import dequantized_weights  # noqa: E402
+from moekit.testing import QUANT_TOLERANCES, TOLERANCES, Tolerance, assert_close  # noqa: E402
+from tests.hf.tiny_models import build  # noqa: E402
+
+FAMILIES = ["qwen3_moe", "deepseek_v3"]
+# Multiples of 128 where the block format needs them: H = 256 (2 blocks), I = 128 (1 block per gate/up half).
+SIZES = dict(hidden_size=256, moe_intermediate_size=128, intermediate_size=128)
+EXPERT = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+SHARED = re.compile(r"\.shared_experts\.(gate|up|down)_proj\.weight$")
+
+FP8 = dict(num_bits=8, type="float", symmetric=True, dynamic=False)
+CONFIGS = {
+    "fp8": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]},
+    "ct_block": {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {
+        "weights": {**FP8, "strategy": "block", "block_structure": [128, 128]},
+        "input_activations": {**FP8, "strategy": "group", "group_size": 128, "dynamic": True}}}},
+    "ct_channel": {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {
+        "weights": {**FP8, "strategy": "channel"}, "input_activations": {**FP8, "strategy": "token", "dynamic": True}}}},
+    "ct_int8": {"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {"group_0": {
+        "weights": {**FP8, "type": "int", "strategy": "channel"},
+        "input_activations": {**FP8, "type": "int", "strategy": "token", "dynamic": True}}}},
+    "ct_tensor": {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {
+        "weights": {**FP8, "strategy": "tensor"}, "input_activations": {**FP8, "strategy": "tensor"}}}},
+    "modelopt": {"quant_method": "modelopt", "quant_algo": "FP8", "kv_cache_quant_algo": None},
+}
+QDTYPE = {"ct_int8": "int8"}
+
+
+def _hf_quantizer():
+    return types.SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=[128, 128]))
+
+
+def _scaled_codes(w: torch.Tensor, scale: torch.Tensor, int8: bool = False) -> torch.Tensor:
+    """Codes of ``w`` for a given dequant multiplier (broadcast): the formats' own rule, written independently."""
+    y = w.float() / scale.float()
+    if int8:
+        return y.round().clamp(-127, 127).to(torch.int8)
+    return y.clamp(-448, 448).to(torch.float8_e4m3fn)
+
+
+def _quantize(key: str, w: torch.Tensor, scheme: str, tied: float | None, gen: torch.Generator) -> dict:
+    base = key.removesuffix("weight")
+    if scheme == "fp8":  # transformers' producer, as DeepSeek-V3 / Qwen3-FP8 checkpoints store it
+        return Fp8Quantize(_hf_quantizer()).convert({key: w})
+    if scheme == "ct_block":  # bf16 block scales, codes made with the stored (rounded) scale
+        blocks = w.float().reshape(w.shape[0] // 128, 128, w.shape[1] // 128, 128)
+        s = (blocks.abs().amax(dim=(1, 3)) / 448).to(torch.bfloat16)
+        full = s.float().repeat_interleave(128, 0).repeat_interleave(128, 1)
+        return {key: _scaled_codes(w, full), base + "weight_scale": s}
+    if scheme in ("ct_channel", "ct_int8"):
+        qmax = 127 if scheme == "ct_int8" else 448
+        s = (w.float().abs().amax(dim=1, keepdim=True) / qmax).to(torch.bfloat16)
+        return {key: _scaled_codes(w, s, int8=scheme == "ct_int8"), base + "weight_scale": s}
+    # per tensor: compressed-tensors [1] bf16 scales; ModelOpt 0-d fp32 with gate/up of an expert tied
+    s = torch.tensor(tied if tied is not None else float(w.float().abs().amax()) / 448)
+    x_scale = torch.rand((), generator=gen) * 0.02 + 0.01  # static activation scale, different per expert
+    if scheme == "ct_tensor":
+        s, x_scale = s.reshape(1).to(torch.bfloat16), x_scale.reshape(1).to(torch.bfloat16)
+    return {key: _scaled_codes(w, s), base + "weight_scale": s, base + "input_scale": x_scale}
+
+
+def write_quantized(src, dst, scheme: str) -> None:
+    """A quantized copy of the bf16 checkpoint ``src``: routed experts (and DeepSeek's shared experts) quantized."""
+    ckpt = Checkpoint(src)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for key in ckpt.keys():
+        w = ckpt.get(key)
+        if not (EXPERT.search(key) or SHARED.search(key)):
+            tensors[key] = w
+            continue
+        tied = None
+        if scheme == "modelopt" and not key.endswith("down_proj.weight"):
+            other = ckpt.get(re.sub(r"(gate|up)_proj", lambda m: "up_proj" if m[1] == "gate" else "gate_proj", key))
+            tied = float(torch.maximum(w.float().abs().amax(), other.float().abs().amax())) / 448
+        tensors.update(_quantize(key, w, scheme, tied, gen))
+    dst.mkdir()
+    safetensors_torch.save_file(tensors, dst / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "quantization_config": CONFIGS[scheme]}))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """family -> (bf16 model, its checkpoint dir, {scheme: quantized checkpoint dir})."""
+    out = {}
+    for family in FAMILIES:
+        model = build(family, **SIZES).to(torch.bfloat16)
+        path = tmp_path_factory.mktemp(family)
+        model.save_pretrained(path / "bf16")
+        quantized = {}
+        for scheme in CONFIGS:
+            write_quantized(path / "bf16", path / scheme, scheme)
+            quantized[scheme] = path / scheme
+        out[family] = model, path / "bf16", quantized
+    return out
+
+
+def _x(model):
+    return torch.randn(2, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unquantized_matches_the_block(saved, family):
+    model, path, _ = saved[family]
+    x = _x(model)
+    for i, layer in enumerate(model.model.layers):
+        moe = MoE.from_pretrained(path, layer=i)
+        assert moe.gate.weight.dtype == torch.bfloat16  # config.json's dtype
+        with torch.no_grad():
+            assert_close(moe(x), layer.mlp(x).float(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("scheme", list(CONFIGS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_checkpoint_loads_exactly_and_runs(saved, family, scheme):
+    model, _, quantized = saved[family]
+    ckpt = Checkpoint(quantized[scheme])
+    x = _x(model)
+    for i, prefix in enumerate(ckpt.moe_prefixes()):
+        moe = MoE.from_pretrained(quantized[scheme], layer=i)
+        experts = moe.routed_experts
+        inter = experts.intermediate_size
+        w13, w2 = dequantized_weights(experts)
+        for e in range(experts.num_experts):
+            for proj, codes, scale, rows, deq in (("gate_proj", experts.w13[e, :inter], experts.w13_scale[e], 0, w13[e, :inter]),
+                                                  ("up_proj", experts.w13[e, inter:], experts.w13_scale[e], 1, w13[e, inter:]),
+                                                  ("down_proj", experts.w2[e], experts.w2_scale[e], None, w2[e])):
+                base = f"{prefix}.experts.{e}.{proj}."
+                stored = ckpt.get(base + "weight")
+                s_key = base + ("weight_scale_inv" if scheme == "fp8" else "weight_scale")
+                stored_scale = ckpt.get(s_key)
+                if scheme == "ct_tensor" and proj != "down_proj":
+                    continue  # w1/w3 scales differ: the smaller shard is requantized to the larger (checked below)
+                assert torch.equal(codes.view(torch.uint8), stored.view(torch.uint8)), base
+                if scheme in ("ct_block", "ct_channel", "fp8", "ct_int8") and proj != "down_proj":
+                    half = scale.shape[0] // 2
+                    scale = scale[:half] if rows == 0 else scale[half:]
+                assert torch.equal(scale.reshape(stored_scale.shape), stored_scale.float()), s_key
+                if scheme != "ct_int8":  # Fp8Dequantize reads the block from the scale grid: rows and tensors too
+                    expected = Fp8Dequantize(_hf_quantizer())._dequantize_one(stored, stored_scale.float().reshape(
+                        stored_scale.shape if stored_scale.dim() == 2 else (1, 1)), torch.float32)
+                    assert torch.equal(deq, expected), base
+        if scheme == "ct_tensor":
+            gate, up = (ckpt.get(f"{prefix}.experts.0.{p}.weight_scale").float() for p in ("gate_proj", "up_proj"))
+            assert experts.w13_scale[0] == torch.maximum(gate, up).squeeze()
+        if scheme in ("ct_tensor", "modelopt"):
+            inputs = [ckpt.get(k).float().reshape(()) for k in ckpt.keys()
+                      if k.startswith(prefix + ".experts.") and k.endswith("input_scale") and "down_proj" not in k]
+            assert experts.w13_input_scale == torch.stack(inputs).max()  # one static scale per layer: the max
+        with torch.no_grad():
+            out = moe(x)
+            ref = model.model.layers[i].mlp(x).float()
+        tol = QUANT_TOLERANCES[QDTYPE.get(scheme, "fp8_e4m3")]
+        bf16 = TOLERANCES[torch.bfloat16]  # the reference block itself runs in bf16
+        assert_close(out, ref, tol=Tolerance(max=tol.max + bf16.max, rms=tol.rms + bf16.rms))
+
+
+def test_only_the_block_is_read(saved, monkeypatch):
+    _, _, quantized = saved["deepseek_v3"]
+    read = []
+    original = Checkpoint.get
+    monkeypatch.setattr(Checkpoint, "get", lambda self, key: read.append(key) or original(self, key))
+    moe = MoE.from_pretrained(quantized["fp8"], prefix="model.layers.1.mlp", backend="torch")
+    assert read and all(k.startswith("model.layers.1.mlp.") for k in read)
+    assert moe.config.backend == "torch"
+
+
+def test_mismatched_scales_are_refused_naming_the_tensor(saved, tmp_path):
+    _, _, quantized = saved["qwen3_moe"]
+    tensors = safetensors_torch.load_file(quantized["fp8"] / "model.safetensors")
+    key = "model.layers.0.mlp.experts.3.up_proj.weight_scale_inv"
+    tensors[key] = torch.ones(2, 2)  # [⌈128/128⌉, ⌈256/128⌉] = [1, 2] expected
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    safetensors_torch.save_file(tensors, bad / "model.safetensors")
+    (bad / "config.json").write_text((quantized["fp8"] / "config.json").read_text())
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint key {key!r}: expected shape (1, 2), got (2, 2)")):
+        MoE.from_pretrained(bad, layer=0)
+    # codes read as values: a quantized checkpoint whose config.json lost its quantization_config
+    config = json.loads((bad / "config.json").read_text())
+    del config["quantization_config"]
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"experts\.0\.gate_proj\.weight': holds 8-bit codes \(F8_E4M3\)"):
+        MoE.from_pretrained(bad, layer=1)
+    # a missing scale is named
+    del tensors["model.layers.1.mlp.experts.5.down_proj.weight_scale_inv"]
+    safetensors_torch.save_file(tensors, bad / "model.safetensors")
+    (bad / "config.json").write_text((quantized["fp8"] / "config.json").read_text())
+    with pytest.raises(KeyError, match=r"missing \['model.layers.1.mlp.experts.5.down_proj.weight_scale_inv'\]"):
+        MoE.from_pretrained(bad, layer=1)
+
+
+def test_unknown_quant_method_and_bad_arguments(saved, tmp_path):
+    _, path, _ = saved["qwen3_moe"]
+    other = tmp_path / "odd"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    config = json.loads((path / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fancy4"}}))
+    with pytest.raises(UnsupportedQuantization, match="quant_method: unknown 'fancy4'"):
+        MoE.from_pretrained(other, layer=0)
+    with pytest.raises(ValueError, match="layer: the checkpoint has 2 MoE blocks; pick one .*model.layers.0.mlp"):
+        MoE.from_pretrained(path)
+    with pytest.raises(ValueError, match=r"layer: expected an index into the checkpoint's 2 MoE blocks \[0, 2\), got 2"):
+        MoE.from_pretrained(path, layer=2)
+    with pytest.raises(ValueError, match="layer/prefix: give one"):
+        MoE.from_pretrained(path, layer=0, prefix="model.layers.0.mlp")
+    with pytest.raises(FileNotFoundError, match="path: expected a checkpoint directory"):
+        MoE.from_pretrained(path / "model.safetensors")
+    with pytest.raises(ValueError, match="backend"):
+        MoE.from_pretrained(path, layer=0, backend="cuda")
+    assert MoE.from_pretrained(path, layer=1, dtype=torch.float32).gate.weight.dtype == torch.float32
