@@ -49,6 +49,11 @@ def read_hf_config(config: str | os.PathLike | Mapping) -> dict:
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"config: {file} not found")
+    return read_json(file)
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object from ``file``; errors name the file (checkpoint indexes and config.json alike)."""
     try:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

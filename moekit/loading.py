@@ -26,26 +26,33 @@ Around the experts: the router (``gate.weight``, ``router.weight`` [+ ``.bias``]
 (``gate.e_score_correction_bias``, ``e_score_correction_bias``), and shared experts (``shared_expert(s).`` or
 ``shared_mlp.`` ``gate_proj``/``up_proj``/``down_proj``, ``shared_expert_gate.weight``).
 
+Quantized experts (a ``W8A8MoEMethod`` layer; per-expert layout only): beside each ``{e}.<proj>.weight`` of 8-bit
+codes, ``weight_scale_inv`` (DeepSeek-V3/Qwen3 fp8, fp32) or ``weight_scale`` (compressed-tensors, ModelOpt; any
+float dtype), per block/row/tensor (0-d or [1]), and with static activation scales ``input_scale``; then
+``process_weights_after_loading``. 8-bit shared experts are dequantized into the layer's dtype. ``from_pretrained``
+(``MoE.from_pretrained``) builds the layer from config.json first.
+
 ``expert_params_mapping`` gives the (param, checkpoint name, expert, shard) table for engines that drive
 ``RoutedExperts.weight_loader`` from their own loader, in the spirit of vLLM's ``make_expert_params_mapping``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from moekit._checks import check_bool, check_choice, check_positive
 from moekit._layout import deinterleave
+from moekit.config import MoEConfig
+from moekit.families import read_hf_config, read_json, text_config
 from moekit.layer import MoE
 from moekit.ops.quantize import dequantize_weight
+from moekit.quant.config import get_quant_method
 from moekit.quant.w8a8 import W8A8MoEMethod
 from moekit.routed_experts import RoutedExperts
 
@@ -78,7 +85,7 @@ class Checkpoint:
         elif self.path.is_dir():
             index = self.path / "model.safetensors.index.json"
             if index.is_file():
-                weight_map = _read_json(index).get("weight_map")
+                weight_map = read_json(index).get("weight_map")
                 if not isinstance(weight_map, dict):
                     raise ValueError(f"checkpoint index {index}: expected a JSON object with a 'weight_map' object")
                 self._files = {k: self.path / f for k, f in weight_map.items()}
@@ -122,7 +129,7 @@ class Checkpoint:
         config = (self.path if self.path.is_dir() else self.path.parent) / "config.json"
         if not config.is_file():
             return set()
-        data = _read_json(config)
+        data = read_json(config)
         text = data.get("text_config")
         found = {data.get("model_type"), text.get("model_type") if isinstance(text, dict) else None}
         return {t for t in found if isinstance(t, str)}
@@ -150,17 +157,6 @@ def _open(file: Path):
         return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError) as err:
         raise ValueError(f"checkpoint file {file}: not a readable safetensors file (truncated?): {err}") from None
-
-
-def _read_json(file: Path) -> dict:
-    """A JSON object from ``file``; errors name the file."""
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _header_keys(file: Path) -> list[str]:
@@ -254,9 +250,17 @@ def load_moe(
     if strict and not any(k.startswith(prefix) for k in ckpt.keys()):
         raise KeyError(_prefix_not_found(ckpt, prefix[:-1]))
     layout = _detect_layout(moe, ckpt, prefix) if layout == "auto" else layout
-    if layout != "per_expert" and isinstance(moe.routed_experts.quant_method, W8A8MoEMethod):
-        raise ValueError(f"layout: quantized experts load from per-expert tensors (experts.{{e}}.<proj>.weight + "
-                         f"scales), got the {layout!r} layout under {prefix[:-1]!r}")
+    method = moe.routed_experts.quant_method
+    if isinstance(method, W8A8MoEMethod):
+        if layout != "per_expert":
+            raise ValueError(f"layout: quantized experts load from per-expert tensors (experts.{{e}}.<proj>.weight "
+                             f"+ scales), got the {layout!r} layout under {prefix[:-1]!r}")
+        experts = moe.routed_experts
+        merged = ((method.granularity == "tensor" and experts.activation.is_gated and experts.w13_scale.dim() == 1)
+                  or (method.static_input_scales and experts.w13_input_scale.dim() == 0))
+        if merged:
+            raise ValueError("moe: its per-shard scales were merged by an earlier load "
+                             "(process_weights_after_loading); load into a freshly built layer")
     report = LoadReport(prefix=prefix[:-1], layout=layout)
     plan = _Plan(ckpt, report)
     _load_router(moe, plan, prefix)
@@ -280,8 +284,11 @@ def _prefix_not_found(ckpt: Checkpoint, prefix: str) -> str:
     found = ckpt.moe_prefixes()
     if not found:
         return f"prefix {prefix!r} not found in {ckpt.path}; the checkpoint has no MoE blocks (no '.experts.' keys)"
-    shown = ", ".join(found[:16]) + (f", ... ({len(found)} in all)" if len(found) > 16 else "")
-    return f"prefix {prefix!r} not found in {ckpt.path}; the checkpoint has MoE blocks at: {shown}"
+    return f"prefix {prefix!r} not found in {ckpt.path}; the checkpoint has MoE blocks at: {_shown(found)}"
+
+
+def _shown(prefixes: list[str]) -> str:
+    return ", ".join(prefixes[:16]) + (f", ... ({len(prefixes)} in all)" if len(prefixes) > 16 else "")
 
 
 class _Plan:
@@ -575,14 +582,10 @@ def from_pretrained(
 ) -> MoE:
     """``MoE.from_pretrained``: one MoE block of a checkpoint directory, built from its ``config.json`` and loaded
     with ``load_moe`` (only the tensors under the block's prefix are read)."""
-    from moekit.config import MoEConfig
-    from moekit.families import read_hf_config, text_config
-    from moekit.quant.config import get_quant_method
-
     if not isinstance(path, (str, os.PathLike)) or not Path(path).is_dir():
         raise FileNotFoundError(f"path: expected a checkpoint directory with config.json, got {path!r}")
     cfg = read_hf_config(path)
-    config = dataclasses.replace(MoEConfig.from_hf(cfg), backend=backend)  # validated again: backend is checked
+    config = replace(MoEConfig.from_hf(cfg), backend=backend)  # validated again: backend is checked
     quant = cfg.get("quantization_config", text_config(cfg).get("quantization_config"))
     method = get_quant_method(quant) if quant is not None else None
     if dtype is None:
@@ -595,7 +598,7 @@ def from_pretrained(
     if prefix is None:
         if layer is None and len(found) != 1:
             raise ValueError(f"layer: the checkpoint has {len(found)} MoE blocks; pick one with layer= (an index "
-                             f"into them) or prefix=: {_prefix_not_found(ckpt, '').split('at: ')[-1]}")
+                             f"into them) or prefix=: {_shown(found)}")
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
                                   or not 0 <= layer < len(found)):
             raise ValueError(f"layer: expected an index into the checkpoint's {len(found)} MoE blocks "

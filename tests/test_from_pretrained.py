@@ -21,8 +21,8 @@ from transformers import FineGrainedFP8Config  # noqa: E402
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize  # noqa: E402
 
 from moekit import MoE  # noqa: E402
-from moekit.loading import Checkpoint  # noqa: E402
-from moekit.quant import UnsupportedQuantization  # noqa: E402
+from moekit.loading import Checkpoint, load_moe  # noqa: E402
+from moekit.quant import Fp8BlockMoEMethod, UnsupportedQuantization  # noqa: E402
 from moekit.quant.w8a8 import dequantized_weights  # noqa: E402
 from moekit.testing import QUANT_TOLERANCES, TOLERANCES, Tolerance, assert_close  # noqa: E402
 from tests.hf.tiny_models import build  # noqa: E402
@@ -236,3 +236,13 @@ def test_unknown_quant_method_and_bad_arguments(saved, tmp_path):
     with pytest.raises(ValueError, match="backend"):
         MoE.from_pretrained(path, layer=0, backend="cuda")
     assert MoE.from_pretrained(path, layer=1, dtype=torch.float32).gate.weight.dtype == torch.float32
+
+
+def test_quantized_layers_load_per_expert_tensors_once(saved):
+    _, path, quantized = saved["qwen3_moe"]
+    moe = MoE.from_pretrained(quantized["modelopt"], layer=0)
+    with pytest.raises(ValueError, match="moe: its per-shard scales were merged by an earlier load"):
+        load_moe(moe, quantized["modelopt"], "model.layers.0.mlp")
+    fresh = MoE(moe.config, dtype=torch.bfloat16, quant_method=Fp8BlockMoEMethod())
+    with pytest.raises(ValueError, match="layout: quantized experts load from per-expert tensors"):
+        load_moe(fresh, path, "model.layers.0.mlp", layout="fused")
