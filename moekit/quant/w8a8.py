@@ -98,8 +98,8 @@ class W8A8MoEMethod(MoEQuantMethod):
         )
 
     def kernel_for(self, layer: RoutedExperts, x: torch.Tensor) -> ModularKernel:
-        # Only the torch backend runs 8-bit weights until the Triton fp8/int8 kernels exist: 'auto' means torch
-        # here, and an explicit 'triton' is refused by its check_supported, naming the scheme.
+        # 'auto' means torch here until the Triton fp8/int8 kernels are validated on a GPU; an explicit 'triton'
+        # runs them (TritonExperts._run_w8a8).
         if self.granularity == "tensor" and layer.w13_scale.dim() != 1:
             raise RuntimeError(
                 f"w13_scale: per-shard scales {tuple(layer.w13_scale.shape)} (w1, w3) are loaded but not merged; "
