@@ -87,7 +87,8 @@ class TritonExperts(Experts):
         else:
             super().check_supported(hidden_states, quant)
             if hidden_states.dtype not in _DTYPES:
-                raise ValueError(f"backend 'triton': expected hidden_states in {list(_DTYPES)}, got {hidden_states.dtype}")
+                raise ValueError(f"backend 'triton': expected hidden_states in {list(_DTYPES)}, "
+                                 f"got {hidden_states.dtype}")
         if hidden_states.device.type != "cuda" and not triton_interpreting():
             raise ValueError(
                 f"backend 'triton': needs a CUDA device (or TRITON_INTERPRET=1), got {hidden_states.device}"

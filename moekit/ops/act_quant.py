@@ -18,7 +18,14 @@ import torch
 
 from moekit._checks import check_choice, check_dtype, check_ndim, check_tensor
 from moekit.ops._kernels.quantize import act_quant_kernel
-from moekit.ops.quantize import ACT_GRANULARITIES, QDTYPES, QMAX, act_block, quantize_activation
+from moekit.ops.quantize import (
+    ACT_GRANULARITIES,
+    QDTYPES,
+    QMAX,
+    act_block,
+    quantize_activation,
+    static_act_scale,
+)
 
 act_quant_ref = quantize_activation
 
@@ -62,11 +69,7 @@ def act_quant(
             raise ValueError(f"out[1]: expected float32 [{m}, {num_groups}], got {s.dtype} {tuple(s.shape)}")
     mult = None
     if static_scale is not None:
-        check_tensor("static_scale", static_scale)
-        if granularity != "tensor" or static_scale.numel() != 1:
-            raise ValueError(f"static_scale: expected one element with tensor granularity, got shape "
-                             f"{tuple(static_scale.shape)} with {granularity!r}")
-        s = static_scale.float().reshape(())
+        s = static_act_scale(static_scale, granularity)
         mult = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
     elif granularity == "tensor":
         # The torch function's arithmetic, so the multiplier (hence every code) is the same float.

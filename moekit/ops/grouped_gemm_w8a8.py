@@ -4,10 +4,10 @@ Same layout and semantics as ``moekit.ops.grouped_gemm`` (see there), with A and
 
     h = dequant(A)[row // a_row_div] @ dequant(B[e]).T + bias[e]    (fp32 accumulate; exact integer dots for int8)
 
-    granularity  a_scale                       b_scale                                applied
-    tensor       []                            [E]                                    after the K loop
-    channel      [rows, 1]  (per token)        [E, n_b, 1]                            after the K loop
-    block        [rows, ⌈k/bk⌉] (per 1×bk)     [E, ⌈n_b/bn⌉ or 2·⌈n_out/bn⌉, ⌈k/bk⌉]  per K tile, inside the loop
+    granularity  a_scale                     b_scale                              applied
+    tensor       []                          [E]                                  after the K loop
+    channel      [rows, 1] (per token)       [E, n_b, 1]                          after the K loop
+    block        [rows, ⌈k/bk⌉] (per 1×bk)   [E, ⌈n_b/bn⌉ or 2·⌈n_out/bn⌉, ⌈k/bk⌉] per K tile, in the loop
 
 For a gated activation with block scales, gate rows [0, n_out) and up rows [n_out, 2·n_out) are blocked apart
 (``moekit.ops.quantize.expert_scale_shapes``): up row n_out + n has scale row ⌈n_out/bn⌉ + n // bn. Block mode
@@ -26,7 +26,7 @@ from moekit._checks import check_ndim, check_shape
 from moekit.ops._kernels.grouped_gemm_w8a8 import grouped_gemm_w8a8_kernel
 from moekit.ops.activation import Activation, activation_code
 from moekit.ops.align import AlignResult
-from moekit.ops.grouped_gemm import grouped_gemm_ref
+from moekit.ops.grouped_gemm import check_epilogue_args, grouped_gemm_ref
 from moekit.ops.heuristics import GemmConfig
 from moekit.ops.quantize import QDTYPES, WEIGHT_GRANULARITIES, dequantize_activation, dequantize_weight
 
@@ -74,7 +74,8 @@ def grouped_gemm_w8a8(
     if a_q.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("grouped_gemm_w8a8: a_q and out need a contiguous last dim")
     if gated and n_b % 2:
-        raise ValueError(f"b_ENK: gated activation {activation.name!r} needs an even row count, got {tuple(b_ENK.shape)}")
+        raise ValueError(f"b_ENK: gated activation {activation.name!r} needs an even row count, "
+                         f"got {tuple(b_ENK.shape)}")
     if a_q.shape[0] < -(-num_rows // a_row_div):
         raise ValueError(f"a_q: expected at least {-(-num_rows // a_row_div)} rows, got shape {tuple(a_q.shape)}")
     for name, t in (("a_scale", a_scale), ("b_scale", b_scale)):
@@ -108,21 +109,9 @@ def grouped_gemm_w8a8(
         if group_k % block_k:
             raise ValueError(f"block_shape: bk = {group_k} needs a K tile (power of two >= 16) that divides it")
         a_stride = a_scale.stride(0)
-    if bias_EN is not None:
-        check_shape("bias_EN", bias_EN, (num_experts, n_b), "[E, n]")
-        if bias_EN.stride(-1) != 1:
-            raise ValueError(f"bias_EN: expected a contiguous last dim, got strides {bias_EN.stride()}")
-    if weights_N is not None:
-        check_shape("weights_N", weights_N, (num_rows,), "[N]")
-        if num_rows > 1 and weights_N.stride(0) != 1:
-            raise ValueError(f"weights_N: expected a contiguous [N] tensor, got stride {weights_N.stride()}")
     split = config.split_k
-    if split > 1 and activation is not None:
-        raise ValueError("grouped_gemm_w8a8: split_k > 1 cannot fuse an activation (it needs the whole sum)")
-    out_3d = out if out.dim() == 3 else out.unsqueeze(0)
-    if out_3d.dim() != 3 or tuple(out_3d.shape) != (split, num_rows, n_out):
-        raise ValueError(f"out: expected [{split}, {num_rows}, {n_out}] (or [{num_rows}, {n_out}] when split_k = 1), "
-                         f"got shape {tuple(out.shape)}")
+    out_3d = check_epilogue_args("grouped_gemm_w8a8", b_ENK, out, split, num_rows=num_rows, n_out=n_out,
+                                 bias_EN=bias_EN, weights_N=weights_N, activation=activation)
     k_per_split = -(-k_dim // (split * block_k)) * block_k
     out_n = config.block_n // 2 if gated else config.block_n
     grid = (layout.expert_ids.numel() * -(-n_out // out_n), split)

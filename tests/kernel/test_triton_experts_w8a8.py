@@ -116,6 +116,23 @@ def test_expert_map(scheme):
     _check(layer, q, torch.randn(11, 128), weights, ids, DECODE)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_router_weights_on_input(k):
+    # Llama4: K = 1 folds the weights into x before quantization; K = 2 expands x to one quantized row per
+    # (token, expert), which the Triton layout reads one to one. Same codes as the torch backend's.
+    cfg = moekit.MoEConfig(num_experts=4, top_k=k, hidden_size=128, intermediate_size=128,
+                           routing=moekit.RoutingConfig(scoring_func="sigmoid", renormalize=False,
+                                                        apply_weights_on_input=True))
+    moe = moekit.MoE(cfg, dtype=torch.float32)
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        moekit.quantize(moe, "fp8_block")
+        want = moe(x)
+        moe.routed_experts.backend = "triton"
+        out = moe(x)
+    assert_close(out, want, tol=QUANT_REFERENCE_TOLERANCE)
+
+
 def test_static_activation_scales_and_all_zero_token():
     layer, q = _layer("fp8_tensor", 4, 128, 64)
     q = QuantParams(weight_dtype=q.weight_dtype, act_dtype=q.act_dtype, w13_scale=q.w13_scale, w2_scale=q.w2_scale,
