@@ -8,6 +8,7 @@ ranks). The handle that connects the two is a frozen ``PrepareResult``, not a tu
 
 from __future__ import annotations
 
+import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -99,9 +100,13 @@ class LocalPrepareFinalize(PrepareFinalize):
                 expanded_k = top_k
         scale = None
         if quant.act_dtype is not None:
-            # Once per routed row (after any weight folding), shared by all of its K experts.
-            x, scale = quantize_activation(x, quant.act_dtype, quant.act_granularity, quant.act_group_size,
-                                           static_scale=quant.a13_scale)
+            # Once per routed row (after any weight folding), shared by all of its K experts. On CUDA one Triton
+            # launch (moekit.ops.act_quant) gives the torch function's codes and scales bit for bit.
+            quantize = quantize_activation
+            if x.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+                from moekit.ops.act_quant import act_quant as quantize  # imported on use: Triton is optional
+            x, scale = quantize(x if x.stride(-1) == 1 else x.contiguous(), quant.act_dtype, quant.act_granularity,
+                                quant.act_group_size, static_scale=quant.a13_scale)
         return PrepareResult(
             hidden_states=x,
             hidden_scale=scale,

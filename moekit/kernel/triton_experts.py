@@ -12,6 +12,10 @@ the whole call is capturable in a CUDA graph. Intermediates live in one cached w
 (a fresh allocation only while capturing, where the graph's private pool owns it). Under ``torch.compile`` the
 call goes through the ``moekit::fused_experts`` custom op (``moekit.kernel.custom_op``) so it is a single opaque node.
 Gradients: ``backward`` (grouped GEMMs over the same layout, plus ``grouped_wgrad`` for the weights).
+
+8-bit experts (fp8 e4m3 / int8 weights, activations quantized in the same dtype: ``QuantParams``) run the same
+pipeline on codes (``_run_w8a8``): ``prepare`` hands over x's codes and scales, GEMM 1 writes the activation's
+output in fp32, ``act_quant`` quantizes it with the scheme's activation granularity, GEMM 2 reads those codes.
 """
 
 from __future__ import annotations
@@ -29,11 +33,14 @@ except ImportError as exc:  # pragma: no cover - exercised only where triton is 
 from moekit.kernel import triton_interpreting
 from moekit.kernel.experts import Experts, Grads
 from moekit.ops.activation import Activation
+from moekit.ops.act_quant import act_quant
 from moekit.ops.activation_backward import activation_backward
 from moekit.ops.align import AlignResult, align, align_num_blocks, align_workspace_elems, row_per_block
 from moekit.ops.grouped_gemm import grouped_gemm
+from moekit.ops.grouped_gemm_w8a8 import grouped_gemm_w8a8
 from moekit.ops.grouped_wgrad import grouped_wgrad
 from moekit.ops.heuristics import MoEKernelConfig, MoEShape, choose_config, gpu_name
+from moekit.ops.quantize import QDTYPES
 from moekit.ops.reduce import topk_reduce
 from moekit.quant.params import UNQUANTIZED, QuantParams
 
@@ -62,9 +69,26 @@ class TritonExperts(Experts):
         self._workspace: dict[tuple[torch.device, int], torch.Tensor] = {}
 
     def check_supported(self, hidden_states: torch.Tensor, quant: QuantParams) -> None:
-        super().check_supported(hidden_states, quant)
-        if hidden_states.dtype not in _DTYPES:
-            raise ValueError(f"backend 'triton': expected hidden_states in {list(_DTYPES)}, got {hidden_states.dtype}")
+        """Unquantized fp16/bf16/fp32, and 8-bit weights (fp8_e4m3/int8, any granularity) with activations
+        quantized in the weights' dtype (``hidden_states`` then holds their codes)."""
+        if quant.is_quantized:
+            if (quant.weight_dtype not in QDTYPES or quant.granularity is None
+                    or quant.act_dtype != quant.weight_dtype):
+                raise ValueError(f"backend 'triton': quantized weights ({quant.describe()}) are not supported: it runs "
+                                 f"{list(QDTYPES)} weights with activations quantized in the same dtype; backend "
+                                 "'torch' runs the others")
+            if hidden_states.dtype != QDTYPES[quant.weight_dtype]:
+                raise ValueError(f"backend 'triton': expected hidden_states as {QDTYPES[quant.weight_dtype]} codes "
+                                 f"for {quant.describe()}, got {hidden_states.dtype}")
+            if (hidden_states.device.type == "cuda" and quant.weight_dtype == "fp8_e4m3"
+                    and torch.cuda.get_device_capability(hidden_states.device) < (8, 9)):
+                raise ValueError("backend 'triton': fp8 e4m3 dots need compute capability 8.9 or newer (Ada, "
+                                 f"Hopper), got {torch.cuda.get_device_capability(hidden_states.device)}")
+        else:
+            super().check_supported(hidden_states, quant)
+            if hidden_states.dtype not in _DTYPES:
+                raise ValueError(f"backend 'triton': expected hidden_states in {list(_DTYPES)}, "
+                                 f"got {hidden_states.dtype}")
         if hidden_states.device.type != "cuda" and not triton_interpreting():
             raise ValueError(
                 f"backend 'triton': needs a CUDA device (or TRITON_INTERPRET=1), got {hidden_states.device}"
@@ -92,6 +116,12 @@ class TritonExperts(Experts):
         hidden_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The pipeline of the module docstring, for validated inputs (``Experts.apply``'s contract)."""
+        if quant.is_quantized:
+            return self._run_w8a8(
+                x_TH, w13_E2IH, w2_EHI, topk_weights_TK, topk_ids_TK, activation=activation,
+                w13_bias_E2I=w13_bias_E2I, w2_bias_EH=w2_bias_EH, expert_map_E=expert_map_E, out_dtype=out_dtype,
+                quant=quant, hidden_scale=hidden_scale,
+            )
         num_tokens, hidden = x_TH.shape
         top_k = topk_ids_TK.shape[1]
         num_experts, _, inter = w2_EHI.shape
@@ -143,6 +173,70 @@ class TritonExperts(Experts):
         )
         grouped_gemm(
             a_NI, w2_EHI, layout, y_SNH if split > 1 else y_SNH[0], cfg.gemm2,
+            num_rows=num_rows, bias_EN=w2_bias_EH, weights_N=topk_weights_TK.reshape(-1),
+        )
+        return topk_reduce(
+            y_SNH, top_k, out_TH, topk_ids_TK=topk_ids_TK, expert_map=expert_map_E, num_experts=num_experts,
+        )
+
+    def _run_w8a8(
+        self,
+        xq_TH: torch.Tensor,
+        w13_E2IH: torch.Tensor,
+        w2_EHI: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        *,
+        activation: Activation,
+        w13_bias_E2I: torch.Tensor | None,
+        w2_bias_EH: torch.Tensor | None,
+        expert_map_E: torch.Tensor | None,
+        out_dtype: torch.dtype,
+        quant: QuantParams,
+        hidden_scale: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """8-bit experts: ``xq_TH`` holds x's codes and ``hidden_scale`` their scales (``prepare``).
+
+        Intermediates are allocated per call (no cached workspace yet; inside a CUDA graph they come from the
+        graph's pool). GEMM 1's output stays fp32 until it is quantized, as in the torch backend and the reference.
+        """
+        num_tokens, hidden = xq_TH.shape
+        top_k = topk_ids_TK.shape[1]
+        num_experts, _, inter = w2_EHI.shape
+        num_rows = num_tokens * top_k
+        device = xq_TH.device
+        out_TH = torch.empty((num_tokens, hidden), dtype=out_dtype, device=device)
+        if num_tokens == 0:
+            return out_TH
+        cfg = self._config(xq_TH, top_k, w2_EHI, activation)
+        xq_TH = xq_TH.contiguous()
+        topk_ids_TK, topk_weights_TK = topk_ids_TK.contiguous(), topk_weights_TK.contiguous()
+        w13_bias_E2I = None if w13_bias_E2I is None else w13_bias_E2I.contiguous()
+        w2_bias_EH = None if w2_bias_EH is None else w2_bias_EH.contiguous()
+        expert_map_E = None if expert_map_E is None else expert_map_E.contiguous()
+        if num_tokens == 1 and expert_map_E is None:
+            layout = row_per_block(topk_ids_TK, cfg.block_m)
+        else:
+            layout = align(topk_ids_TK, num_experts, cfg.block_m, expert_map=expert_map_E)
+        gran, act_gran, group = quant.granularity, quant.act_granularity, quant.act_group_size
+        scales = {"w13": quant.w13_scale.contiguous(), "w2": quant.w2_scale.contiguous()}
+        x_scale = hidden_scale.float().reshape(1) if gran == "tensor" else hidden_scale.float().contiguous()
+        # A per-tensor amax covers only the rows this rank computes: rows of other ranks' experts are never
+        # written by GEMM 1, so they are zeros (which change no amax) instead of stale memory.
+        alloc = torch.zeros if (gran == "tensor" and expert_map_E is not None) else torch.empty
+        a_NI = alloc((num_rows, inter), dtype=torch.float32, device=device)
+        grouped_gemm_w8a8(
+            xq_TH, x_scale, w13_E2IH, scales["w13"], layout, a_NI, cfg.gemm1, granularity=gran,
+            block_shape=quant.block_shape, num_rows=num_rows, a_row_div=top_k, bias_EN=w13_bias_E2I,
+            activation=activation,
+        )
+        aq_NI, a_scale = act_quant(a_NI, quant.act_dtype, act_gran, group, static_scale=quant.a2_scale)
+        del a_NI
+        split = cfg.gemm2.split_k
+        y_SNH = torch.empty((split, num_rows, hidden), dtype=torch.float32, device=device)
+        grouped_gemm_w8a8(
+            aq_NI, a_scale.reshape(-1) if gran == "tensor" else a_scale, w2_EHI, scales["w2"], layout,
+            y_SNH if split > 1 else y_SNH[0], cfg.gemm2, granularity=gran, block_shape=quant.block_shape,
             num_rows=num_rows, bias_EN=w2_bias_EH, weights_N=topk_weights_TK.reshape(-1),
         )
         return topk_reduce(

@@ -69,24 +69,9 @@ def grouped_gemm(
     if a.shape[0] < min_a_rows:
         raise ValueError(f"a: expected at least {min_a_rows} rows (N = {num_rows}, a_row_div = {a_row_div}), "
                          f"got shape {tuple(a.shape)}")
-    # Bias rows and the per-row weights are read as dense vectors (no column stride is passed): a strided view
-    # would be read at the wrong addresses.
-    if bias_EN is not None:
-        check_shape("bias_EN", bias_EN, (b_ENK.shape[0], b_ENK.shape[1]), "[E, n]")
-        if bias_EN.stride(-1) != 1:
-            raise ValueError(f"bias_EN: expected a contiguous last dim, got strides {bias_EN.stride()}")
-    if weights_N is not None:
-        check_shape("weights_N", weights_N, (num_rows,), "[N]")
-        if num_rows > 1 and weights_N.stride(0) != 1:
-            raise ValueError(f"weights_N: expected a contiguous [N] tensor, got stride {weights_N.stride()}")
     split = config.split_k
-    if split > 1 and activation is not None:
-        raise ValueError("grouped_gemm: split_k > 1 cannot fuse an activation (it needs the whole sum)")
-    out_3d = out if out.dim() == 3 else out.unsqueeze(0)
-    # Every routed row is written at row sorted_ids[j] of out: fewer than N rows are out-of-bounds writes.
-    if out_3d.dim() != 3 or tuple(out_3d.shape) != (split, num_rows, n_out):
-        raise ValueError(f"out: expected [{split}, {num_rows}, {n_out}] (or [{num_rows}, {n_out}] when split_k = 1), "
-                         f"got shape {tuple(out.shape)}")
+    out_3d = check_epilogue_args("grouped_gemm", b_ENK, out, split, num_rows=num_rows, n_out=n_out, bias_EN=bias_EN,
+                                 weights_N=weights_N, activation=activation)
     block_k = config.block_k
     # Each split covers a whole number of K tiles, so only the last tile of the last split can be ragged.
     k_per_split = -(-k_dim // (split * block_k)) * block_k
@@ -113,6 +98,39 @@ def grouped_gemm(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
+
+
+def check_epilogue_args(
+    op: str,
+    b_ENK: torch.Tensor,
+    out: torch.Tensor,
+    split: int,
+    *,
+    num_rows: int,
+    n_out: int,
+    bias_EN: torch.Tensor | None,
+    weights_N: torch.Tensor | None,
+    activation: Activation | None,
+) -> torch.Tensor:
+    """Checks of the epilogue's inputs shared by the grouped GEMMs; returns ``out`` as [split, N, n_out]."""
+    # Bias rows and the per-row weights are read as dense vectors (no column stride is passed): a strided view
+    # would be read at the wrong addresses.
+    if bias_EN is not None:
+        check_shape("bias_EN", bias_EN, (b_ENK.shape[0], b_ENK.shape[1]), "[E, n]")
+        if bias_EN.stride(-1) != 1:
+            raise ValueError(f"bias_EN: expected a contiguous last dim, got strides {bias_EN.stride()}")
+    if weights_N is not None:
+        check_shape("weights_N", weights_N, (num_rows,), "[N]")
+        if num_rows > 1 and weights_N.stride(0) != 1:
+            raise ValueError(f"weights_N: expected a contiguous [N] tensor, got stride {weights_N.stride()}")
+    if split > 1 and activation is not None:
+        raise ValueError(f"{op}: split_k > 1 cannot fuse an activation (it needs the whole sum)")
+    out_3d = out if out.dim() == 3 else out.unsqueeze(0)
+    # Every routed row is written at row sorted_ids[j] of out: fewer than N rows are out-of-bounds writes.
+    if out_3d.dim() != 3 or tuple(out_3d.shape) != (split, num_rows, n_out):
+        raise ValueError(f"out: expected [{split}, {num_rows}, {n_out}] (or [{num_rows}, {n_out}] when split_k = 1), "
+                         f"got shape {tuple(out.shape)}")
+    return out_3d
 
 
 def grouped_gemm_ref(

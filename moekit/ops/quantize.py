@@ -171,15 +171,21 @@ def quantize_activation(
     if x_MK.dim() != 2:
         raise ValueError(f"x_MK: expected a 2-d tensor [M, K], got shape {tuple(x_MK.shape)}")
     if static_scale is not None:
-        check_tensor("static_scale", static_scale)
-        if granularity != "tensor" or static_scale.numel() != 1:
-            raise ValueError(f"static_scale: expected one element with tensor granularity, got shape "
-                             f"{tuple(static_scale.shape)} with {granularity!r}")
-        s = static_scale.float().reshape(())
+        s = static_act_scale(static_scale, granularity)
         return quantize_with_scale(x_MK, s, qdtype), s
     m, k = x_MK.shape
     q, s = quantize_blocks(x_MK, act_block(granularity, group_size, m, k), qdtype)
     return q, (s.reshape(()) if granularity == "tensor" else s)
+
+
+def static_act_scale(static_scale: torch.Tensor, granularity: str) -> torch.Tensor:
+    """A given activation scale as the float32 0-d tensor ``quantize_activation`` returns (checked: one element,
+    tensor granularity)."""
+    check_tensor("static_scale", static_scale)
+    if granularity != "tensor" or static_scale.numel() != 1:
+        raise ValueError(f"static_scale: expected one element with tensor granularity, got shape "
+                         f"{tuple(static_scale.shape)} with {granularity!r}")
+    return static_scale.float().reshape(())
 
 
 def dequantize_activation(

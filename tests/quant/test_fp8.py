@@ -178,7 +178,9 @@ def test_per_tensor_shards_are_requantized_to_their_max():
     assert rel[:64].max() < 0.25  # w1 lost resolution to w3's 4x larger scale, but stays close
 
 
-def test_auto_backend_runs_torch_and_triton_refuses_naming_the_scheme():
+def test_auto_backend_runs_torch_and_triton_accepts_the_codes():
+    # 'auto' stays on torch until the Triton 8-bit kernels are validated on a GPU; 'triton' runs them
+    # (tests/kernel/test_triton_experts_w8a8.py), on x's codes from prepare.
     moe, inputs = build("fp8_block")
     moekit.quantize(moe, "fp8_block")
     assert moe.routed_experts.quant_method.kernel_for(moe.routed_experts, inputs["hidden_states"]).experts.name == "torch"
@@ -186,8 +188,9 @@ def test_auto_backend_runs_torch_and_triton_refuses_naming_the_scheme():
     from moekit.kernel.triton_experts import TritonExperts
 
     q = moe.routed_experts.quant_method.quant_params(moe.routed_experts)
-    with pytest.raises(ValueError, match=r"backend 'triton': quantized weights \(fp8_e4m3 block 128x128 "
-                                         r"\(activations fp8_e4m3 per group\)\) are not supported yet; backend 'torch'"):
+    TritonExperts().check_supported(inputs["hidden_states"].to(torch.float8_e4m3fn), q)
+    with pytest.raises(ValueError, match=r"backend 'triton': expected hidden_states as torch.float8_e4m3fn codes "
+                                         r"for fp8_e4m3 block 128x128 \(activations fp8_e4m3 per group\)"):
         TritonExperts().check_supported(inputs["hidden_states"], q)
 
 

@@ -1,0 +1,132 @@
+"""Triton body of ``moekit.ops.grouped_gemm_w8a8``: the grouped GEMM on 8-bit A and B codes with their scales.
+
+A sibling of ``grouped_gemm_kernel`` (same row layout, grid order, gate|up tile and epilogue) that leaves the
+bf16 kernel's code paths untouched. Names: ``i_`` index, ``o_`` offset vector, ``m_`` mask, ``p_`` pointer,
+``b_`` register block.
+
+SCALE_MODE (compile-time), A = activation codes, B = weight codes of expert e:
+    0 tensor:  acc = Σ_k dot(a, b);                    acc *= a_s[0] · b_s[e]               (after the K loop)
+    1 channel: acc = Σ_k dot(a, b);                    acc *= a_s[row] · b_s[e, n]          (after the K loop)
+    2 block:   acc += dot(a, b) · a_s[row, kb] · b_s[e, nb(n), kb]   per K tile             (inside the K loop)
+with kb = k // group_k and nb(n) the scale row of B row n (gate and up rows blocked apart: see the wrapper).
+int8 dots accumulate in int32 (exact), e4m3 dots in fp32. In the interpreter both are exact-product numpy
+matmuls (see ``moekit.ops._kernels.quantize``), so interpreted results match the fp64 reference closely.
+"""
+
+import triton
+import triton.language as tl
+
+from moekit.ops._kernels.grouped_gemm import _activate
+
+
+# Row counts change with every batch: specializing on them (== 1, % 16) would recompile as T moves.
+@triton.jit(do_not_specialize=["num_rows"])
+def grouped_gemm_w8a8_kernel(
+    p_a, p_a_scale, p_b, p_b_scale, p_c, p_bias, p_weights,
+    p_sorted_ids, p_expert_ids, p_num_padded,
+    num_rows, n_out, k_dim, a_row_div, up_offset, up_scale_offset, k_per_split, group_n, group_k,
+    stride_am, stride_be, stride_bn, stride_bk, stride_cs, stride_cm, stride_bias_e,
+    stride_asm, stride_bse, stride_bsn, stride_bsk,
+    alpha, limit,
+    SCALE_MODE: tl.constexpr, IS_INT: tl.constexpr,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
+):
+    """C[s, row, n] for one block of M slots, a tile of output columns and split s = program_id(1) (see the
+    bf16 ``grouped_gemm_kernel`` for the layout, GATED and ROW_PER_BLOCK)."""
+    OUT_N: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
+    i_pid = tl.program_id(0)
+    i_s = tl.program_id(1)
+    if ROW_PER_BLOCK:
+        num_pid_m = num_rows
+    else:
+        num_pid_m = tl.cdiv(tl.load(p_num_padded), BLOCK_M)
+    num_pid_n = tl.cdiv(n_out, OUT_N)
+    num_in_group = GROUP_M * num_pid_n
+    i_group = i_pid // num_in_group
+    first_m = i_group * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    if group_m <= 0:
+        return
+    i_m = first_m + ((i_pid % num_in_group) % group_m)
+    i_n = (i_pid % num_in_group) // group_m
+    if i_n >= num_pid_n:
+        return
+    i_e = tl.load(p_expert_ids + i_m).to(tl.int64)
+
+    if ROW_PER_BLOCK:
+        b_rows = tl.where(tl.arange(0, BLOCK_M) == 0, i_m, num_rows)
+    else:
+        b_rows = tl.load(p_sorted_ids + i_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    m_rows = b_rows < num_rows
+    o_a_rows = (b_rows // a_row_div).to(tl.int64)
+    o_j = tl.arange(0, BLOCK_N)
+    if EVEN_N:
+        o_local = i_n * OUT_N + o_j % OUT_N
+    else:
+        o_local = (i_n * OUT_N + o_j % OUT_N) % n_out
+    o_bn = o_local
+    if GATED:
+        o_bn += tl.where(o_j < OUT_N, 0, up_offset)
+    k_start = i_s * k_per_split
+    o_k = k_start + tl.arange(0, BLOCK_K)
+    p_a_tile = p_a + o_a_rows[:, None] * stride_am + o_k[None, :]
+    p_b_e = p_b + i_e * stride_be
+    p_b_tile = p_b_e + o_bn[None, :].to(tl.int64) * stride_bn + o_k[:, None] * stride_bk
+    p_bs_e = p_b_scale + i_e * stride_bse
+    if SCALE_MODE == 2:
+        # Scale row of each B row: gate rows n // group_n, up rows up_scale_offset + n // group_n.
+        o_bs_rows = o_local // group_n
+        if GATED:
+            o_bs_rows += tl.where(o_j < OUT_N, 0, up_scale_offset)
+        p_bs_rows = p_bs_e + o_bs_rows * stride_bsn
+        p_as_rows = p_a_scale + o_a_rows * stride_asm
+
+    ACC_DTYPE: tl.constexpr = tl.int32 if (IS_INT and SCALE_MODE != 2) else tl.float32
+    b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+    k_end = min(k_start + k_per_split, k_dim)
+    for k in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            b_a = tl.load(p_a_tile, mask=m_rows[:, None], other=0.0)
+            b_b = tl.load(p_b_tile)
+        else:
+            m_k = (k + tl.arange(0, BLOCK_K)) < k_end
+            b_a = tl.load(p_a_tile, mask=m_rows[:, None] & m_k[None, :], other=0.0)
+            b_b = tl.load(p_b_tile, mask=m_k[:, None], other=0.0)
+        if SCALE_MODE == 2:
+            # BLOCK_K divides group_k (the wrapper checks), so the tile lies in one scale group.
+            i_kb = k // group_k
+            b_as = tl.load(p_as_rows + i_kb, mask=m_rows, other=0.0)
+            b_bs = tl.load(p_bs_rows + i_kb * stride_bsk)
+            if IS_INT:
+                b_part = tl.dot(b_a, b_b, out_dtype=tl.int32).to(tl.float32)
+            else:
+                b_part = tl.dot(b_a, b_b, out_dtype=tl.float32)
+            b_acc += b_part * b_as[:, None] * b_bs[None, :]
+        else:
+            b_acc = tl.dot(b_a, b_b, b_acc, out_dtype=ACC_DTYPE)
+        p_a_tile += BLOCK_K
+        p_b_tile += BLOCK_K * stride_bk
+
+    b_acc = b_acc.to(tl.float32)
+    if SCALE_MODE == 0:
+        b_acc = b_acc * (tl.load(p_a_scale) * tl.load(p_bs_e))
+    elif SCALE_MODE == 1:
+        b_as = tl.load(p_a_scale + o_a_rows * stride_asm, mask=m_rows, other=0.0)
+        b_bs = tl.load(p_bs_e + o_bn * stride_bsn)
+        b_acc = b_acc * b_as[:, None] * b_bs[None, :]
+    if HAS_BIAS:
+        if i_s == 0:  # with split-K the bias belongs to exactly one partial sum
+            b_acc += tl.load(p_bias + i_e * stride_bias_e + o_bn).to(tl.float32)[None, :]
+    if GATED:
+        b_gate, b_up = tl.split(tl.permute(tl.reshape(b_acc, [BLOCK_M, 2, OUT_N]), [0, 2, 1]))
+        b_out = _activate(b_gate, b_up, alpha, limit, ACTIVATION)
+    else:
+        b_out = _activate(b_acc, b_acc, alpha, limit, ACTIVATION)
+    if HAS_WEIGHTS:
+        b_w = tl.load(p_weights + b_rows, mask=m_rows, other=0.0).to(tl.float32)
+        b_out = b_out * b_w[:, None]
+    o_n = i_n * OUT_N + tl.arange(0, OUT_N)
+    p_c_tile = p_c + i_s * stride_cs + b_rows.to(tl.int64)[:, None] * stride_cm + o_n[None, :]
+    tl.store(p_c_tile, b_out.to(p_c.dtype.element_ty), mask=m_rows[:, None] & (o_n < n_out)[None, :])

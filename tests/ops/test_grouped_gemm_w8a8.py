@@ -1,0 +1,113 @@
+"""grouped_gemm_w8a8 vs grouped_gemm_w8a8_ref (grouped_gemm_ref on the dequantized codes), in the interpreter, where
+e4m3 and int8 dots are exact-product numpy matmuls: every granularity, fp8 and int8, gated (gate and up blocked
+apart) and plain, split-K, ragged shapes. Outputs are poisoned with NaN so unwritten rows show."""
+
+import pytest
+import torch
+
+from moekit.ops.act_quant import act_quant
+from moekit.ops.activation import Activation
+from moekit.ops.align import align_ref, row_per_block
+from moekit.ops.grouped_gemm_w8a8 import grouped_gemm_w8a8, grouped_gemm_w8a8_ref
+from moekit.ops.heuristics import GemmConfig
+from moekit.ops.quantize import quantize_weight
+from moekit.testing import assert_close
+
+SMALL = GemmConfig(block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=2)
+ACT = {"tensor": ("tensor", None), "channel": ("token", None), "block": ("group", 64)}
+BLOCK = (32, 64)  # (bn, bk): small blocks so a test shape spans several of each, BLOCK_K = 32 divides bk
+
+
+def _weights(num_experts, n_b, k_dim, qdtype, granularity, gate_rows=None):
+    w = torch.randn(num_experts, n_b, k_dim) * k_dim**-0.5
+    shape = BLOCK if granularity == "block" else None
+    per_expert = [quantize_weight(w[e], qdtype, granularity, shape, gate_rows=gate_rows) for e in range(num_experts)]
+    return torch.stack([q for q, _ in per_expert]), torch.stack([s for _, s in per_expert])
+
+
+def _acts(a, qdtype, granularity):
+    gran, group = ACT[granularity]
+    if granularity == "block":
+        group = BLOCK[1]
+    return act_quant(a, qdtype, gran, group)
+
+
+@pytest.mark.parametrize("qdtype", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("activation", ["silu", "relu2"])
+def test_gemm1_gathers_and_activates(qdtype, granularity, activation):
+    # Gated: I = 40 is not a multiple of bn = 32, so gate and up rows have their own scale rows; K = 200 ragged
+    # (last K tile and last scale group short); bias in the epilogue; rows gathered by a_row_div = K.
+    act = Activation(name=activation)
+    num_tokens, top_k, num_experts, inter, k_dim = 9, 2, 4, 40, 200
+    n_b = act.w13_rows(inter)
+    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)])
+    layout = align_ref(ids, num_experts, 16)
+    b_q, b_s = _weights(num_experts, n_b, k_dim, qdtype, granularity, inter if act.is_gated else None)
+    a_q, a_s = _acts(torch.randn(num_tokens, k_dim), qdtype, granularity)
+    bias = torch.randn(num_experts, n_b)
+    num_rows = ids.numel()
+    kw = dict(granularity=granularity, block_shape=BLOCK if granularity == "block" else None, num_rows=num_rows,
+              a_row_div=top_k, bias_EN=bias, activation=act)
+    out = torch.full((num_rows, inter), float("nan"))
+    grouped_gemm_w8a8(a_q, a_s, b_q, b_s, layout, out, SMALL, **kw)
+    want = grouped_gemm_w8a8_ref(a_q, a_s, b_q, b_s, layout, torch.empty(num_rows, inter), **kw)
+    assert_close(out, want, torch.float32)
+
+
+@pytest.mark.parametrize("qdtype", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gemm2_weights_and_split_k(qdtype, granularity, split_k):
+    # Rows read one to one with routing weights; split-K partials cross scale groups (k_per_split = 96 with
+    # bk = 64): each K tile still lies in one group.
+    num_tokens, top_k, num_experts, hidden, k_dim = 11, 3, 5, 48, 264
+    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)])
+    layout = align_ref(ids, num_experts, 16)
+    num_rows = ids.numel()
+    b_q, b_s = _weights(num_experts, hidden, k_dim, qdtype, granularity)
+    a_q, a_s = _acts(torch.randn(num_rows, k_dim), qdtype, granularity)
+    weights = torch.rand(num_rows)
+    bias = torch.randn(num_experts, hidden)
+    cfg = GemmConfig(block_n=32, block_k=32, split_k=split_k, num_stages=2)
+    kw = dict(granularity=granularity, block_shape=BLOCK if granularity == "block" else None, num_rows=num_rows,
+              bias_EN=bias, weights_N=weights)
+    out = torch.full((split_k, num_rows, hidden), float("nan"))
+    grouped_gemm_w8a8(a_q, a_s, b_q, b_s, layout, out if split_k > 1 else out[0], cfg, **kw)
+    want = grouped_gemm_w8a8_ref(a_q, a_s, b_q, b_s, layout, torch.empty(num_rows, hidden), **kw)
+    assert_close(out.sum(0), want, torch.float32)
+
+
+def test_row_per_block_and_block_k_clamped_to_the_scale_group():
+    # Decode layout (one routed row per block, no align) and a config whose BLOCK_K = 128 exceeds bk = 64: the
+    # wrapper halves the K tile so a tile never straddles two scale groups.
+    num_experts, inter, k_dim, top_k = 6, 64, 256, 3
+    ids = torch.randperm(num_experts)[:top_k][None]
+    layout = row_per_block(ids.int(), 16)
+    b_q, b_s = _weights(num_experts, 2 * inter, k_dim, "fp8_e4m3", "block", inter)
+    a_q, a_s = _acts(torch.randn(1, k_dim), "fp8_e4m3", "block")
+    kw = dict(granularity="block", block_shape=BLOCK, num_rows=top_k, a_row_div=top_k,
+              activation=Activation(name="silu"))
+    out = torch.full((top_k, inter), float("nan"))
+    grouped_gemm_w8a8(a_q, a_s, b_q, b_s, layout, out, GemmConfig(block_n=64, block_k=128), **kw)
+    want = grouped_gemm_w8a8_ref(a_q, a_s, b_q, b_s, layout, torch.empty(top_k, inter), **kw)
+    assert_close(out, want, torch.float32)
+
+
+def test_bad_inputs_name_the_argument():
+    ids = torch.tensor([[0], [1]])
+    layout = align_ref(ids, 2, 16)
+    b_q, b_s = _weights(2, 32, 64, "fp8_e4m3", "channel")
+    a_q, a_s = _acts(torch.randn(2, 64), "fp8_e4m3", "channel")
+    out = torch.empty(2, 32)
+    kw = dict(granularity="channel", num_rows=2)
+    with pytest.raises(ValueError, match="a_q, b_ENK"):
+        grouped_gemm_w8a8(a_q.view(torch.int8), a_s, b_q, b_s, layout, out, SMALL, **kw)
+    with pytest.raises(ValueError, match="a_scale"):
+        grouped_gemm_w8a8(a_q, a_s[:, :0], b_q, b_s, layout, out, SMALL, **kw)
+    with pytest.raises(ValueError, match="b_scale"):
+        grouped_gemm_w8a8(a_q, a_s, b_q, b_s.double(), layout, out, SMALL, **kw)
+    with pytest.raises(ValueError, match="block_shape"):
+        grouped_gemm_w8a8(a_q, a_s, b_q, b_s, layout, out, SMALL, granularity="block", num_rows=2)
+    with pytest.raises(ValueError, match="granularity"):
+        grouped_gemm_w8a8(a_q, a_s, b_q, b_s, layout, out, SMALL, granularity="group", num_rows=2)
