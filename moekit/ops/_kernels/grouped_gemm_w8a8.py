@@ -9,7 +9,7 @@ SCALE_MODE (compile-time), A = activation codes, B = weight codes of expert e:
     1 channel: acc = Σ_k dot(a, b);                    acc *= a_s[row] · b_s[e, n]          (after the K loop)
     2 block:   acc += dot(a, b) · a_s[row, kb] · b_s[e, nb(n), kb]   per K tile             (inside the K loop)
 with kb = k // group_k and nb(n) the scale row of B row n (gate and up rows blocked apart: see the wrapper).
-int8 dots accumulate in int32 (exact), e4m3 dots in fp32. In the interpreter both are exact-product numpy
+int8 dots accumulate in int32 (exact), e4m3 dots in fp32, one K tile at a time (no chained fp8 accumulator). In the interpreter both are exact-product numpy
 matmuls (see ``moekit.ops._kernels.quantize``), so interpreted results match the fp64 reference closely.
 """
 
@@ -104,8 +104,13 @@ def grouped_gemm_w8a8_kernel(
             else:
                 b_part = tl.dot(b_a, b_b, out_dtype=tl.float32)
             b_acc += b_part * b_as[:, None] * b_bs[None, :]
+        elif IS_INT:
+            b_acc = tl.dot(b_a, b_b, b_acc, out_dtype=ACC_DTYPE)  # int32: exact
         else:
-            b_acc = tl.dot(b_a, b_b, b_acc, out_dtype=ACC_DTYPE)
+            # Hopper's fp8 MMA accumulates in reduced precision (~14 bits) across a chained K loop: each K tile's
+            # product is added in fp32 instead (DeepSeek-V3's promotion), as block mode does with its scales. On
+            # an H200 chaining put the channel/tensor outputs at 1-2% rms from the torch backend.
+            b_acc += tl.dot(b_a, b_b, out_dtype=tl.float32)
         p_a_tile += BLOCK_K
         p_b_tile += BLOCK_K * stride_bk
 
