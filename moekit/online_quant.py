@@ -20,7 +20,7 @@ def quantize(moe: MoE | RoutedExperts, scheme: str) -> MoE | RoutedExperts:
     """Quantize the routed experts of ``moe`` (a ``moekit.MoE`` or ``RoutedExperts``) in place; returns ``moe``.
 
     The float weights are dropped expert by expert: no dequantized copy stays on the layer. The layer's backend
-    ``auto`` then runs the torch backend (the Triton backend has no 8-bit kernels yet and refuses them).
+    ``auto`` then runs the torch backend (the Triton 8-bit path, ``backend="triton"``, is not tuned yet).
     """
     if not isinstance(moe, (MoE, RoutedExperts)):
         raise TypeError(f"moe: expected a moekit.MoE or RoutedExperts, got {type(moe).__name__}")

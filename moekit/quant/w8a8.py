@@ -126,8 +126,8 @@ class W8A8MoEMethod(MoEQuantMethod):
         )
 
     def kernel_for(self, layer: RoutedExperts, x: torch.Tensor) -> ModularKernel:
-        # 'auto' means torch here until the Triton fp8/int8 kernels are validated on a GPU; an explicit 'triton'
-        # runs them (TritonExperts._run_w8a8).
+        # 'auto' means torch here until the Triton fp8/int8 kernels are tuned (correct on an H200, but slower than
+        # bf16 at some sizes); an explicit 'triton' runs them (TritonExperts._run_w8a8).
         unmerged = [(n, p) for n, p in (("w13_scale", layer.w13_scale),
                                          ("w13_input_scale", getattr(layer, "w13_input_scale", None)))
                     if p is not None and self.granularity == "tensor" and p.dim() > (1 if n == "w13_scale" else 0)]
