@@ -12,6 +12,10 @@ under the name ``"moekit"``:
 
 A module moekit cannot run exactly (unknown activation, post-expert norm, expert parallelism) falls back to
 transformers' own ``grouped_mm`` forward with a one-time warning, so the result is always the family's math.
+
+fp8 models (``FineGrainedFP8Config``) dispatch their ``FP8Experts`` through a second interface; ``register()``
+puts ``"moekit"`` there too, running the module's own fp8 codes and scales on moekit's fp8 block method
+(``fp8.py`` maps the layouts; a variant it cannot express falls back to transformers' fp8 ``grouped_mm``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import nn
 from moekit._checks import check_choice
 from moekit.config import BACKENDS
 from moekit.functional import fused_experts
+from moekit.hf.fp8 import fp8_unsupported, fp8_weights, is_fp8_experts
 from moekit.hf.spec import ExpertsSpec, ExpertsTensors, canonical_weights, experts_spec, source_weights
 
 IMPLEMENTATION_NAME = "moekit"
@@ -47,6 +52,12 @@ def register(*, backend: str = "auto") -> None:
 
     moekit_experts_forward.moekit_backend = backend
     ExpertsInterface.register(IMPLEMENTATION_NAME, moekit_experts_forward)
+    try:
+        from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
+    except ImportError:  # a transformers without fine-grained fp8: nothing more to register
+        return
+    # Its own mapping (a class attribute of the subclass), so registering above does not reach fp8 models.
+    FP8ExpertsInterface.register(IMPLEMENTATION_NAME, moekit_experts_forward)
 
 
 def experts_forward(
@@ -65,6 +76,8 @@ def experts_forward(
         [T, H] in x's dtype.
     """
     spec = experts_spec(module)
+    if is_fp8_experts(module):
+        return _fp8_forward(module, spec, hidden_states, top_k_index, top_k_weights, backend)
     if spec.activation is None or getattr(module, "_is_expert_parallel", False):
         return _fallback(module, spec, hidden_states, top_k_index, top_k_weights)
     w13, w2, w13_bias, w2_bias = weights(module, spec)
@@ -105,14 +118,36 @@ def weights(module: nn.Module, spec: ExpertsSpec) -> ExpertsTensors:
     return cached[1]
 
 
+def _fp8_forward(module, spec, hidden_states, top_k_index, top_k_weights, backend):
+    reason = spec.reason or fp8_unsupported(module)
+    if reason is not None or getattr(module, "_is_expert_parallel", False):
+        from transformers.integrations.finegrained_fp8 import fp8_grouped_mm_experts_forward
+
+        return _fallback(module, spec, hidden_states, top_k_index, top_k_weights,
+                         reason=reason, forward=fp8_grouped_mm_experts_forward)
+    w13, w2, quant = fp8_weights(module)
+    return fused_experts(
+        hidden_states,
+        w13,
+        w2,
+        top_k_weights,
+        top_k_index,
+        activation=spec.activation,
+        backend=backend,
+        quant=quant,
+        check_ids=False,
+    )
+
+
 _WARNED: set[str] = set()
 
 
-def _fallback(module, spec, hidden_states, top_k_index, top_k_weights):
-    from transformers.integrations.moe import grouped_mm_experts_forward
+def _fallback(module, spec, hidden_states, top_k_index, top_k_weights, *, reason=None, forward=None):
+    if forward is None:
+        from transformers.integrations.moe import grouped_mm_experts_forward as forward
 
     name = type(module).__name__
-    reason = spec.reason or "expert parallelism (moekit's transformers path is single-rank)"
+    reason = reason or spec.reason or "expert parallelism (moekit's transformers path is single-rank)"
     if name not in _WARNED:
         _WARNED.add(name)
         warnings.warn(
@@ -120,4 +155,4 @@ def _fallback(module, spec, hidden_states, top_k_index, top_k_weights):
             RuntimeWarning,
             stacklevel=3,
         )
-    return grouped_mm_experts_forward(module, hidden_states, top_k_index, top_k_weights)
+    return forward(module, hidden_states, top_k_index, top_k_weights)
