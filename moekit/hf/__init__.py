@@ -7,8 +7,9 @@
 
 Needs ``pip install 'moekit[hf]'`` (transformers >= 5.0). ``import moekit`` alone never imports transformers.
 
-Inside the package imports run one way: ``spec`` (what an experts module is) <- ``experts`` (the registered
-implementation); ``spec``, ``saving`` <- ``layouts``; ``layouts``, ``routers``, ``saving`` <- ``convert``.
+Inside the package imports run one way: ``spec`` (what an experts module is), ``fp8`` (transformers' fp8 experts
+in moekit's layout) <- ``experts`` (the registered implementation); ``spec``, ``fp8``, ``saving`` <- ``layouts``;
+``layouts``, ``routers``, ``saving`` <- ``convert``.
 """
 
 try:

@@ -251,15 +251,22 @@ def _build(block: nn.Module, adapter: BlockAdapter, backend: str) -> HFMoE:
         router_fp32=router.fp32 or router.weight.dtype == torch.float32,
         backend=backend,
     )
+    # Quantized experts hold codes: the layer computes in the router's dtype, the model's.
+    dtype = router.weight.dtype if experts.quant_method is not None else w13.dtype
     moe = HFMoE(
-        config, returns_tuple=adapter.returns_tuple, source=type(block).__name__, dtype=w13.dtype, device="meta"
+        config,
+        returns_tuple=adapter.returns_tuple,
+        source=type(block).__name__,
+        dtype=dtype,
+        device="meta",
+        quant_method=experts.quant_method,
     )
     _share(moe.gate, "weight", router.weight)
     if router.bias is not None:
         _share(moe.gate, "bias", router.bias)
     if router.correction_bias is not None:
         moe.register_buffer("e_score_correction_bias", router.correction_bias.detach())
-    for attr in ("w13", "w2", "w13_bias", "w2_bias"):
+    for attr in ("w13", "w2", "w13_bias", "w2_bias", "w13_scale", "w2_scale"):
         value = getattr(experts, attr)
         if value is not None:
             _share(moe.routed_experts, attr, value)

@@ -30,6 +30,7 @@ from moekit.config import BACKENDS
 from moekit.functional import fused_experts
 from moekit.hf.fp8 import fp8_unsupported, fp8_weights, is_fp8_experts
 from moekit.hf.spec import ExpertsSpec, ExpertsTensors, canonical_weights, experts_spec, source_weights
+from moekit.quant.params import UNQUANTIZED
 
 IMPLEMENTATION_NAME = "moekit"
 
@@ -76,11 +77,21 @@ def experts_forward(
         [T, H] in x's dtype.
     """
     spec = experts_spec(module)
+    expert_parallel = getattr(module, "_is_expert_parallel", False)
     if is_fp8_experts(module):
-        return _fp8_forward(module, spec, hidden_states, top_k_index, top_k_weights, backend)
-    if spec.activation is None or getattr(module, "_is_expert_parallel", False):
-        return _fallback(module, spec, hidden_states, top_k_index, top_k_weights)
-    w13, w2, w13_bias, w2_bias = weights(module, spec)
+        reason = spec.reason or fp8_unsupported(module)
+        if reason is not None or expert_parallel:
+            from transformers.integrations.finegrained_fp8 import fp8_grouped_mm_experts_forward
+
+            return _fallback(module, spec, hidden_states, top_k_index, top_k_weights,
+                             reason=reason, forward=fp8_grouped_mm_experts_forward)
+        w13, w2, quant = fp8_weights(module)  # the module's own codes and scales
+        w13_bias = w2_bias = None
+    else:
+        if spec.activation is None or expert_parallel:
+            return _fallback(module, spec, hidden_states, top_k_index, top_k_weights)
+        w13, w2, w13_bias, w2_bias = weights(module, spec)
+        quant = UNQUANTIZED
     # Ids come from the family's own router over this module's experts, so the value check (a device sync)
     # is skipped.
     return fused_experts(
@@ -93,6 +104,7 @@ def experts_forward(
         w13_bias=w13_bias,
         w2_bias=w2_bias,
         backend=backend,
+        quant=quant,
         check_ids=False,
     )
 
@@ -116,27 +128,6 @@ def weights(module: nn.Module, spec: ExpertsSpec) -> ExpertsTensors:
             cached = (key, canonical_weights(module, spec))
         module._moekit_weights = cached
     return cached[1]
-
-
-def _fp8_forward(module, spec, hidden_states, top_k_index, top_k_weights, backend):
-    reason = spec.reason or fp8_unsupported(module)
-    if reason is not None or getattr(module, "_is_expert_parallel", False):
-        from transformers.integrations.finegrained_fp8 import fp8_grouped_mm_experts_forward
-
-        return _fallback(module, spec, hidden_states, top_k_index, top_k_weights,
-                         reason=reason, forward=fp8_grouped_mm_experts_forward)
-    w13, w2, quant = fp8_weights(module)
-    return fused_experts(
-        hidden_states,
-        w13,
-        w2,
-        top_k_weights,
-        top_k_index,
-        activation=spec.activation,
-        backend=backend,
-        quant=quant,
-        check_ids=False,
-    )
 
 
 _WARNED: set[str] = set()

@@ -5,7 +5,9 @@ up rows), w2 [E, H, I] (+ biases). The layouts, in moekit terms:
 
     decorated  @use_experts_implementation modules: the decorator's flags        most families
                (transposed, interleaved, biases) -> views, or for interleaved
-               gate/up rows (gpt-oss) a de-interleaved copy of w13
+               gate/up rows (gpt-oss) a de-interleaved copy of w13;
+               fp8 ``FP8Experts`` (FineGrainedFP8Config) -> their codes and
+               scales, shared, for moekit's fp8 block method (``fp8.py``)
     llama4     gate_up_proj [E, H, 2I] (gate | up), down_proj [E, I, H]          Llama4
                -> transposed views
     dbrx       mlp.w1 (gate), mlp.v1 (up), mlp.w2 (down), each [E*I, H]          DBRX
@@ -28,15 +30,19 @@ import torch
 from torch import nn
 
 from moekit._layout import deinterleave, interleave
+from moekit.hf.fp8 import fp8_unsupported, fp8_weights, is_fp8_experts
 from moekit.hf.saving import SavedAs, interleaved, split_rows
 from moekit.hf.spec import canonical_weights, gated_act_fn_activation, read_experts_spec, source_names
 from moekit.ops.activation import Activation
+from moekit.quant.base import MoEQuantMethod
+from moekit.quant.fp8 import Fp8BlockMoEMethod
 
 
 @dataclass(frozen=True, kw_only=True)
 class ExpertsWeights:
     """A block's routed experts in moekit's layout: w13 [E, 2I, H], w2 [E, H, I], w13_bias [E, 2I], w2_bias [E, H];
-    ``saved`` describes the tensors that are copies (names relative to the block and to the ``HFMoE``)."""
+    ``saved`` describes the tensors that are copies (names relative to the block and to the ``HFMoE``).
+    Quantized experts: w13/w2 hold codes, ``w13_scale``/``w2_scale`` their scales, for ``quant_method``."""
 
     activation: Activation
     w13: torch.Tensor
@@ -44,6 +50,9 @@ class ExpertsWeights:
     w13_bias: torch.Tensor | None = None
     w2_bias: torch.Tensor | None = None
     saved: tuple[SavedAs, ...] = ()
+    w13_scale: torch.Tensor | None = None
+    w2_scale: torch.Tensor | None = None
+    quant_method: MoEQuantMethod | None = None
 
 
 ExpertsReader = Callable[[nn.Module], ExpertsWeights]
@@ -56,6 +65,8 @@ def decorated(block: nn.Module) -> ExpertsWeights:
     spec = read_experts_spec(experts)
     if spec.activation is None:
         raise NotImplementedError(f"experts {type(experts).__name__} with {spec.reason}")
+    if is_fp8_experts(experts):
+        return _fp8(experts, spec.activation)
     # Not experts.weights: its cache would keep a second, full copy of interleaved experts on the caller's module
     # (the block the converted MoE replaces, or one left in place when convert gives up on a later block).
     w13, w2, w13_bias, w2_bias = canonical_weights(experts, spec)
@@ -68,6 +79,17 @@ def decorated(block: nn.Module) -> ExpertsWeights:
     return ExpertsWeights(
         activation=spec.activation, w13=w13, w2=w2, w13_bias=w13_bias, w2_bias=w2_bias, saved=saved
     )
+
+
+def _fp8(experts: nn.Module, activation: Activation) -> ExpertsWeights:
+    # The converted layer shares the codes and scales; a derived scale (2I <= 128) would be a tensor the block
+    # does not save, so it is refused here rather than described.
+    reason = fp8_unsupported(experts, allow_scale_copy=False)
+    if reason is not None:
+        raise NotImplementedError(f"fp8 experts {type(experts).__name__} with {reason}")
+    w13, w2, quant = fp8_weights(experts)
+    return ExpertsWeights(activation=activation, w13=w13, w2=w2, w13_scale=quant.w13_scale,
+                          w2_scale=quant.w2_scale, quant_method=Fp8BlockMoEMethod())
 
 
 def llama4(block: nn.Module) -> ExpertsWeights:

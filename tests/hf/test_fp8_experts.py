@@ -147,9 +147,7 @@ def test_fp8_variants_moekit_cannot_express_fall_back_naming_why(expected, kw, m
 
 def _ue8m0_model(inter: int):
     """ue8m0 scales: Fp8Quantize rounds them to powers of two stored as float8_e8m0fnu."""
-    model = build("qwen3_moe", hidden_size=HIDDEN, moe_intermediate_size=inter, num_hidden_layers=1)
-    block = model.model.layers[0].mlp
-    fp8 = _fp8_experts(block.experts, model.config)
+    model, block, fp8 = _model(inter)
     e8m0 = torch.float8_e8m0fnu
     for name in ("gate_up_proj_scale_inv", "down_proj_scale_inv"):
         scale = getattr(fp8, name)
@@ -165,3 +163,51 @@ def test_fp8_quiet_when_supported():
         warnings.simplefilter("error")
         with torch.no_grad():
             fp8(x, ids, w)
+
+
+def test_convert_fp8_block_shares_codes_and_scales():
+    from moekit.hf.convert import HFMoE
+    from moekit.quant.fp8 import Fp8BlockMoEMethod
+
+    model, block, fp8 = _model(128)
+    ids = input_ids()
+    with torch.no_grad():
+        bf16 = model(input_ids=ids, use_cache=False).logits
+        block.experts = fp8
+        model.config._experts_implementation = "moekit"
+        on_moekit = model(input_ids=ids, use_cache=False).logits
+        assert mh.convert(model) == 1
+        out = model(input_ids=ids, use_cache=False).logits
+    moe = model.model.layers[0].mlp
+    assert isinstance(moe, HFMoE) and isinstance(moe.routed_experts.quant_method, Fp8BlockMoEMethod)
+    routed = moe.routed_experts
+    # The fp8 codes and fp32 scales are the block's own tensors: no dequantized copy, memory not doubled.
+    assert routed.w13 is fp8.gate_up_proj and routed.w2 is fp8.down_proj
+    assert routed.w13_scale is fp8.gate_up_proj_scale_inv and routed.w2_scale is fp8.down_proj_scale_inv
+    assert {p.dtype for p in routed.parameters()} == {torch.float8_e4m3fn, torch.float32}
+    assert_close(out, bf16, name="converted fp8 logits", tol=FP8)
+    assert_close(out, on_moekit, name="converted vs experts implementation", tol=QUANT_REFERENCE_TOLERANCE)
+    # Saved under the block's names and layout, and loaded back.
+    state = model.state_dict()
+    prefix = "model.layers.0.mlp.experts."
+    for name in ("gate_up_proj", "gate_up_proj_scale_inv", "down_proj", "down_proj_scale_inv"):
+        assert state[prefix + name].data_ptr() == getattr(fp8, name).data_ptr(), name
+    assert not any("routed_experts" in k for k in state)
+    model.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "expected, kw",
+    [
+        ("intermediate size 64, not a multiple of 128", dict(inter=64)),
+        ("intermediate size 192, not a multiple of 128", dict(inter=192)),
+        ("activation_scheme='static'", dict(inter=128, activation_scheme="static")),
+    ],
+)
+def test_convert_refuses_fp8_variants_naming_why(expected, kw):
+    inter = kw.pop("inter")
+    model, block, fp8 = _model(inter, **kw)
+    block.experts = fp8
+    with pytest.raises(NotImplementedError, match=re.escape(expected)):
+        mh.convert(model)
+    assert block.experts is fp8  # the model is left untouched
