@@ -69,8 +69,8 @@ def _fp8_experts(experts, config, *, scale_fmt="float", activation_scheme="dynam
     return fp8
 
 
-def _model(inter: int, **kw):
-    model = build("qwen3_moe", hidden_size=HIDDEN, moe_intermediate_size=inter, num_hidden_layers=1)
+def _model(inter: int, family: str = "qwen3_moe", **kw):
+    model = build(family, hidden_size=HIDDEN, moe_intermediate_size=inter, num_hidden_layers=1)
     block = model.model.layers[0].mlp
     fp8 = _fp8_experts(block.experts, model.config, **kw)
     return model, block, fp8
@@ -165,11 +165,12 @@ def test_fp8_quiet_when_supported():
             fp8(x, ids, w)
 
 
-def test_convert_fp8_block_shares_codes_and_scales():
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_convert_fp8_block_shares_codes_and_scales(family):
     from moekit.hf.convert import HFMoE
     from moekit.quant.fp8 import Fp8BlockMoEMethod
 
-    model, block, fp8 = _model(128)
+    model, block, fp8 = _model(128, family)
     ids = input_ids()
     with torch.no_grad():
         bf16 = model(input_ids=ids, use_cache=False).logits
