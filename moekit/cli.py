@@ -208,9 +208,10 @@ def device_memory_bytes(device: torch.device) -> int | None:
     return min(sizes)
 
 
-def _check_memory(shapes, dtype: torch.dtype, device: torch.device, tokens: list[int] = ()) -> None:
-    """Refuse up front a shape whose expert weights (+ the fp32 reference's working set, + the activations of its
-    largest token count) cannot fit."""
+def _check_memory(shapes, dtype: torch.dtype, device: torch.device, tokens: list[int] = (),
+                  quant: str | None = None) -> None:
+    """Refuse up front a shape whose expert weights (+ their ``quant`` copy, + the fp32 reference's working set,
+    + the activations of its largest token count) cannot fit."""
     from moekit.bench.floor import moe_bytes
     from moekit.bench.run import REF_CHUNK_BYTES
 
@@ -223,14 +224,19 @@ def _check_memory(shapes, dtype: torch.dtype, device: torch.device, tokens: list
         weights = moe_bytes(shape, 0, shape.num_experts, dtype.itemsize)  # every expert, biases included
         # The correctness check holds fp32 copies of up to REF_CHUNK_BYTES of experts beside the weights.
         needed = weights + min(REF_CHUNK_BYTES, weights * 4 // dtype.itemsize)
+        # --quant keeps the float weights (baselines, reference) beside the quantized experts moekit runs.
+        quantized = 0 if quant is None else moe_bytes(shape, 0, shape.num_experts, dtype.itemsize, quant)
+        needed += quantized
         # Activations, counted in fp32 and generously: x, the output, the reference's and a baseline's outputs
         # ([T, H] each), and the routed rows' GEMM 1 and GEMM 2 outputs ([T·K, 2I + H]).
         t = max(tokens, default=0)
         acts = 4 * (4 * t * shape.hidden_size + t * shape.top_k * (2 * shape.intermediate_size + shape.hidden_size))
         if needed + acts > available:
             with_acts = f", {acts / 1e9:.1f} GB more for the activations of T = {t}" if acts else ""
+            with_quant = f" their {quant} copy and" if quant else ""
             raise UsageError(f"{shape.name}: its {str(dtype).removeprefix('torch.')} expert weights take "
-                             f"{weights / 1e9:.1f} GB ({needed / 1e9:.1f} GB with the reference check{with_acts}), "
+                             f"{weights / 1e9:.1f} GB ({needed / 1e9:.1f} GB with{with_quant} the reference check"
+                             f"{with_acts}), "
                              f"and {where} {available / 1e9:.1f} GB {what}; pick a smaller preset, fewer tokens or "
                              "another device")
 
@@ -309,7 +315,7 @@ def bench(args: argparse.Namespace) -> int:
     quant = _quant_scheme(args)
     _check_backend(args.backend, device)
     _check_outputs(args)
-    _check_memory(shapes, dtype, device, tokens)
+    _check_memory(shapes, dtype, device, tokens, quant)
 
     ceilings = measure_ceilings(device, quant) if device.type == "cuda" else None
     if ceilings:

@@ -260,3 +260,10 @@ def test_bench_refuses_bad_quant(tmp_path, capsys, no_sweep, quantization_config
     path.write_text(json.dumps({**TINY, "quantization_config": quantization_config}))
     err = _usage_error(capsys, ["bench", "--hf-config", str(path), *FAST, *flag])
     assert re.search(match, err), err
+
+
+def test_quant_counts_the_quantized_copy_in_the_memory_check(capsys, no_sweep, monkeypatch):
+    # deepseek-v3: bf16 weights 22.5 GB + 2.1 GB of reference fit in 30 GB; their fp8 copy (11.3 GB) does not.
+    monkeypatch.setattr(cli, "device_memory_bytes", lambda device: 30 * 10**9)
+    err = _usage_error(capsys, ["bench", "--preset", "deepseek-v3", "--device", "cpu", "--quant", "fp8_block"])
+    assert "deepseek-v3" in err and "fp8_block" in err and "30.0 GB" in err
