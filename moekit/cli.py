@@ -18,6 +18,7 @@ import torch
 
 from moekit import __version__
 from moekit.config import BACKENDS
+from moekit.quant import QUANT_SCHEMES
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="auto", choices=list(BACKENDS),
                    help="experts backend to time (auto: triton on CUDA when installed, else torch)")
     b.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weights' and activations' dtype")
+    b.add_argument("--quant", default=None, choices=list(QUANT_SCHEMES),
+                   help="quantize moekit's routed experts with moekit.quantize before timing (default: none, or the "
+                        "scheme of --hf-config's quantization_config); --dtype stays the activations' dtype")
     b.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     b.add_argument("--no-baselines", action="store_true", help="skip the torch grouped_mm and eager-loop baselines")
     b.add_argument("--json", default=None, help="write rows and ceilings to this JSON file")
@@ -204,9 +208,10 @@ def device_memory_bytes(device: torch.device) -> int | None:
     return min(sizes)
 
 
-def _check_memory(shapes, dtype: torch.dtype, device: torch.device, tokens: list[int] = ()) -> None:
-    """Refuse up front a shape whose expert weights (+ the fp32 reference's working set, + the activations of its
-    largest token count) cannot fit."""
+def _check_memory(shapes, dtype: torch.dtype, device: torch.device, tokens: list[int] = (),
+                  quant: str | None = None) -> None:
+    """Refuse up front a shape whose expert weights (+ their ``quant`` copy, + the fp32 reference's working set,
+    + the activations of its largest token count) cannot fit."""
     from moekit.bench.floor import moe_bytes
     from moekit.bench.run import REF_CHUNK_BYTES
 
@@ -219,14 +224,19 @@ def _check_memory(shapes, dtype: torch.dtype, device: torch.device, tokens: list
         weights = moe_bytes(shape, 0, shape.num_experts, dtype.itemsize)  # every expert, biases included
         # The correctness check holds fp32 copies of up to REF_CHUNK_BYTES of experts beside the weights.
         needed = weights + min(REF_CHUNK_BYTES, weights * 4 // dtype.itemsize)
+        # --quant keeps the float weights (baselines, reference) beside the quantized experts moekit runs.
+        quantized = 0 if quant is None else moe_bytes(shape, 0, shape.num_experts, dtype.itemsize, quant)
+        needed += quantized
         # Activations, counted in fp32 and generously: x, the output, the reference's and a baseline's outputs
         # ([T, H] each), and the routed rows' GEMM 1 and GEMM 2 outputs ([T·K, 2I + H]).
         t = max(tokens, default=0)
         acts = 4 * (4 * t * shape.hidden_size + t * shape.top_k * (2 * shape.intermediate_size + shape.hidden_size))
         if needed + acts > available:
             with_acts = f", {acts / 1e9:.1f} GB more for the activations of T = {t}" if acts else ""
+            with_quant = f" their {quant} copy and" if quant else ""
             raise UsageError(f"{shape.name}: its {str(dtype).removeprefix('torch.')} expert weights take "
-                             f"{weights / 1e9:.1f} GB ({needed / 1e9:.1f} GB with the reference check{with_acts}), "
+                             f"{weights / 1e9:.1f} GB ({needed / 1e9:.1f} GB with{with_quant} the reference check"
+                             f"{with_acts}), "
                              f"and {where} {available / 1e9:.1f} GB {what}; pick a smaller preset, fewer tokens or "
                              "another device")
 
@@ -256,6 +266,31 @@ def _shapes(args: argparse.Namespace, device: torch.device):
     return _preset_shapes(args.preset or ("all" if device.type == "cuda" else CPU_PRESET))
 
 
+def _quant_scheme(args: argparse.Namespace) -> str | None:
+    """--quant, or the scheme of --hf-config's quantization_config (they must agree when both are given)."""
+    from moekit.quant import UnsupportedQuantization, get_quant_method
+
+    if not args.hf_config:
+        return args.quant
+    # The file was read and checked by _shapes already; only its quantization_config is looked at here.
+    cfg = json.loads(Path(args.hf_config).read_text())
+    cfg_q = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
+    if cfg_q is None:
+        return args.quant
+    try:
+        method = get_quant_method(cfg_q)
+    except (TypeError, UnsupportedQuantization) as err:
+        raise UsageError(f"--hf-config {args.hf_config}: {err}") from None
+    if method.static_input_scales:
+        # Static scales come from a checkpoint's calibration; random weights have none (moekit.quantize refuses).
+        print(f"moekit bench: {args.hf_config} uses static activation scales; timing {method.name} with dynamic "
+              "ones (random weights have no calibrated scales)", file=sys.stderr)
+    if args.quant is not None and args.quant != method.name:
+        raise UsageError(f"--quant {args.quant}: --hf-config {args.hf_config} is quantized as {method.name} "
+                         f"(quantization_config); drop --quant or pass --quant {method.name}")
+    return method.name
+
+
 def _tokens(text: str) -> list[int]:
     try:
         tokens = [int(t) for t in text.split(",") if t.strip()]
@@ -277,14 +312,15 @@ def bench(args: argparse.Namespace) -> int:
     shapes = _shapes(args, device)
     tokens = _tokens(args.tokens or (GPU_TOKENS if device.type == "cuda" else CPU_TOKENS))
     dtype = DTYPES[args.dtype]
+    quant = _quant_scheme(args)
     _check_backend(args.backend, device)
     _check_outputs(args)
-    _check_memory(shapes, dtype, device, tokens)
+    _check_memory(shapes, dtype, device, tokens, quant)
 
-    ceilings = measure_ceilings(device) if device.type == "cuda" else None
+    ceilings = measure_ceilings(device, quant) if device.type == "cuda" else None
     if ceilings:
-        print(f"ceilings: read {ceilings.read_bw / 1e12:.2f} TB/s, bf16 matmul {ceilings.mm_rate / 1e12:.0f} TFLOP/s",
-              file=sys.stderr)
+        print(f"ceilings: read {ceilings.read_bw / 1e12:.2f} TB/s, {ceilings.mm_dtype} matmul "
+              f"{ceilings.mm_rate / 1e12:.0f} TFLOP/s", file=sys.stderr)
     points = [(s, t) for s in shapes for t in tokens]
     rows = []
     weights = {}
@@ -293,13 +329,16 @@ def bench(args: argparse.Namespace) -> int:
             weights.clear()  # one shape's weights at a time: deepseek-v3's alone are 22 GB in bf16
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            weights[shape.name] = make_weights(shape, dtype, device, args.seed)
+            weights[shape.name] = make_weights(shape, dtype, device, args.seed, quant)
         rows.append(bench_point(shape, t, backend=args.backend, dtype=dtype, device=device, ceilings=ceilings,
-                                weights=weights[shape.name], baselines=not args.no_baselines, seed=args.seed))
-    print(f"moekit bench on {_device_name(device)}, {args.dtype}, backend {rows[0].backend if rows else args.backend}"
+                                weights=weights[shape.name], baselines=not args.no_baselines, seed=args.seed,
+                                quant=quant))
+    weights_text = args.dtype if quant is None else f"{quant} experts ({args.dtype} activations and baselines)"
+    print(f"moekit bench on {_device_name(device)}, {weights_text}, "
+          f"backend {rows[0].backend if rows else args.backend}"
           + ("" if ceilings else " (no floor on CPU: the floor is defined for GPUs)"))
     print(table(rows))
-    meta = {**info(), "device": _device_name(device), "dtype": args.dtype, "command": " ".join(["moekit", *args.argv])}
+    meta = {**info(), "device": _device_name(device), "dtype": args.dtype, "quant": quant, "command": " ".join(["moekit", *args.argv])}
     if args.json:
         write_json(args.json, rows, meta, ceilings)
     _write_outputs(rows, args)

@@ -3,6 +3,7 @@ one-line exit-2 answer to every user mistake, given before any sweep."""
 
 import argparse
 import json
+import re
 import sys
 
 import pytest
@@ -13,6 +14,7 @@ import moekit.bench.run
 import moekit.kernel
 import moekit.cli as cli
 from moekit.cli import main
+from moekit.testing import QUANT_TOLERANCES
 
 TINY = {"model_type": "qwen2_moe", "hidden_size": 64, "num_experts": 8, "num_experts_per_tok": 2,
         "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48, "intermediate_size": 128,
@@ -210,3 +212,58 @@ def test_plot_of_a_file_without_rows_is_a_usage_error(tmp_path, capsys):
     empty.write_text('{"rows": []}')
     err = _usage_error(capsys, ["plot", str(empty), "--plot", str(tmp_path / "x.png")])
     assert str(empty) in err and "no rows" in err
+
+
+FP8_BLOCK_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                    "weight_block_size": [128, 128]}
+
+
+def test_bench_quant_runs_quantized_experts(tiny_config, tmp_path, capsys):
+    out = tmp_path / "q.json"
+    assert main(["bench", "--hf-config", str(tiny_config), "--quant", "fp8_block", "--tokens", "1,5", "--dtype",
+                 "fp32", "--backend", "torch", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "fp8_block" in text.splitlines()[0] and text.splitlines()[-1].split()[-1] == "fp8_block"
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["quant"] == "fp8_block"
+    for r in doc["rows"]:
+        # Against the unquantized fp32 reference: within fp8's tolerance, and not bit-exact (it did quantize).
+        assert r["quant"] == "fp8_block" and 1e-4 < r["max_rel_err"] < QUANT_TOLERANCES["fp8_e4m3"].max
+        assert r["eager_us"] > 0 and r["floor_us"] is None
+
+
+def test_bench_takes_the_scheme_from_quantization_config(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**TINY, "quantization_config": FP8_BLOCK_CONFIG}))
+    out = tmp_path / "q.json"
+    assert main(["bench", "--hf-config", str(path), *FAST, "--json", str(out)]) == 0
+    assert [r["quant"] for r in json.loads(out.read_text())["rows"]] == ["fp8_block"]
+    int8 = {"quant_method": "compressed-tensors", "config_groups": {"group_0": {
+        "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True,
+                              "dynamic": True}}}}
+    path.write_text(json.dumps({**TINY, "quantization_config": int8}))
+    assert main(["bench", "--hf-config", str(path), *FAST, "--json", str(out), "--quant", "int8_channel"]) == 0
+    assert [r["quant"] for r in json.loads(out.read_text())["rows"]] == ["int8_channel"]
+
+
+@pytest.mark.parametrize(
+    "quantization_config, flag, match",
+    [
+        (FP8_BLOCK_CONFIG, ["--quant", "fp8_tensor"], "--quant fp8_tensor: .* is quantized as fp8_block"),
+        ({"quant_method": "gptq", "bits": 4}, [], "'gptq' checkpoints are not supported yet"),
+        (None, ["--quant", "fp4"], "--quant: invalid choice: 'fp4'"),
+    ],
+)
+def test_bench_refuses_bad_quant(tmp_path, capsys, no_sweep, quantization_config, flag, match):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**TINY, "quantization_config": quantization_config}))
+    err = _usage_error(capsys, ["bench", "--hf-config", str(path), *FAST, *flag])
+    assert re.search(match, err), err
+
+
+def test_quant_counts_the_quantized_copy_in_the_memory_check(capsys, no_sweep, monkeypatch):
+    # deepseek-v3: bf16 weights 22.5 GB + 2.1 GB of reference fit in 30 GB; their fp8 copy (11.3 GB) does not.
+    monkeypatch.setattr(cli, "device_memory_bytes", lambda device: 30 * 10**9)
+    err = _usage_error(capsys, ["bench", "--preset", "deepseek-v3", "--device", "cpu", "--quant", "fp8_block"])
+    assert "deepseek-v3" in err and "fp8_block" in err and "30.0 GB" in err

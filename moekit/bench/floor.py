@@ -4,28 +4,47 @@
     flops    = 2 · T · K · (rows(w13) + I) · H          (= 2·T·K·3·H·I for gated activations)
     floor_us = max(bytes / read_bw, flops / mm_rate)
 
-``read_bw`` and ``mm_rate`` are measured in the same run by ``measure_ceilings``.
+With a quant scheme (``moekit bench --quant``) a weight is 1 byte, each touched expert adds its float32 scales,
+and ``mm_rate`` is the 8-bit matmul's (``torch._scaled_mm`` fp8 or ``torch._int_mm`` int8). ``read_bw`` and
+``mm_rate`` are measured in the same run by ``measure_ceilings``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from moekit.bench.shapes import MoEShape
+from moekit.ops.quantize import expert_scale_shapes
+from moekit.quant import QUANT_SCHEMES
 
 
 @dataclass(frozen=True)
 class Ceilings:
     read_bw: float  # bytes / s
     mm_rate: float  # flop / s
+    mm_dtype: str = "bf16"  # the matmul mm_rate was measured with: bf16, fp8_e4m3 or int8
 
 
-def moe_bytes(shape: MoEShape, num_tokens: int, num_active: int, elem_size: int) -> int:
+def scale_bytes(shape: MoEShape, scheme: str) -> int:
+    """float32 scale bytes of one expert (w13 and w2) under ``scheme`` (a ``moekit.quantize`` scheme name)."""
+    method = QUANT_SCHEMES[scheme]
+    s13, s2 = expert_scale_shapes(method.granularity, method.block_shape, num_experts=1, hidden=shape.hidden_size,
+                                  inter=shape.intermediate_size, gated=shape.activation.is_gated)
+    return 4 * (math.prod(s13) + math.prod(s2))
+
+
+def moe_bytes(shape: MoEShape, num_tokens: int, num_active: int, elem_size: int, scheme: str | None = None) -> int:
+    """Bytes one call must move: touched experts' weights (+ biases, + scales when ``scheme`` quantizes them to
+    1 byte a weight) and the activations in and out, in ``elem_size`` bytes."""
     rows = shape.activation.w13_rows(shape.intermediate_size)
-    per_expert = (rows * shape.hidden_size + shape.hidden_size * shape.intermediate_size) * elem_size
-    if shape.bias:
+    weight_size = elem_size if scheme is None else 1
+    per_expert = (rows * shape.hidden_size + shape.hidden_size * shape.intermediate_size) * weight_size
+    if scheme is not None:
+        per_expert += scale_bytes(shape, scheme)
+    if shape.bias:  # biases stay in the activation dtype when the weights are quantized
         per_expert += (rows + shape.hidden_size) * elem_size
     return num_active * per_expert + 2 * num_tokens * shape.hidden_size * elem_size
 
@@ -35,14 +54,16 @@ def moe_flops(shape: MoEShape, num_tokens: int) -> int:
     return 2 * num_tokens * shape.top_k * (rows + shape.intermediate_size) * shape.hidden_size
 
 
-def floor_us(shape: MoEShape, num_tokens: int, num_active: int, elem_size: int, ceilings: Ceilings) -> float:
-    t_bytes = moe_bytes(shape, num_tokens, num_active, elem_size) / ceilings.read_bw
+def floor_us(shape: MoEShape, num_tokens: int, num_active: int, elem_size: int, ceilings: Ceilings,
+             scheme: str | None = None) -> float:
+    t_bytes = moe_bytes(shape, num_tokens, num_active, elem_size, scheme) / ceilings.read_bw
     t_flops = moe_flops(shape, num_tokens) / ceilings.mm_rate
     return max(t_bytes, t_flops) * 1e6
 
 
-def measure_ceilings(device: torch.device) -> Ceilings:
-    """Streaming read of a 4 GiB tensor (best of a few persistent grids) and an 8192³ bf16 matmul."""
+def measure_ceilings(device: torch.device, scheme: str | None = None) -> Ceilings:
+    """Streaming read of a 4 GiB tensor (best of a few persistent grids) and an 8192³ matmul: bf16, or the 8-bit
+    one of ``scheme`` (``torch._scaled_mm`` for fp8, ``torch._int_mm`` for int8)."""
     from triton.testing import do_bench
 
     from moekit.bench._kernels import _stream_read
@@ -58,8 +79,24 @@ def measure_ceilings(device: torch.device) -> Ceilings:
         best = min(best, ms)
     read_bw = n * 2 / (best * 1e-3)
     del x  # free the 4 GiB before the matmul's buffers
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    ms = do_bench(lambda: torch.matmul(a, b), return_mode="median")
+    mm_dtype = "bf16" if scheme is None else QUANT_SCHEMES[scheme].qdtype
+    ms = do_bench(_matmul_8192(mm_dtype, device), return_mode="median")
     mm_rate = 2 * 8192**3 / (ms * 1e-3)
-    return Ceilings(read_bw=read_bw, mm_rate=mm_rate)
+    return Ceilings(read_bw=read_bw, mm_rate=mm_rate, mm_dtype=mm_dtype)
+
+
+def _matmul_8192(mm_dtype: str, device: torch.device):
+    """A call of the 8192³ matmul in ``mm_dtype`` on random operands."""
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    if mm_dtype == "bf16":
+        return lambda: torch.matmul(a, b)
+    # The 8-bit kernels take b column-major (b.t() of a row-major tensor), as the cuBLASLt paths require.
+    if mm_dtype == "int8":
+        a8 = a.clamp(-127, 127).to(torch.int8)
+        b8 = b.clamp(-127, 127).to(torch.int8).t()
+        return lambda: torch._int_mm(a8, b8)
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device=device, dtype=torch.float32)
+    return lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)

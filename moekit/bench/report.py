@@ -15,7 +15,7 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 HEADER = ["shape", "T", "moekit us", "TFLOP/s", "GB/s", "floor us", "% floor", "grouped_mm us", "x vs gmm",
-          "eager us", "max rel err"]
+          "eager us", "max rel err", "weights"]
 
 
 def _cells(rows: Sequence[Row]) -> list[list[str]]:
@@ -26,6 +26,7 @@ def _cells(rows: Sequence[Row]) -> list[list[str]]:
             r.shape, str(r.tokens), _fmt(r.moekit_us, ".1f"), _fmt(r.tflops, ".2f"), _fmt(r.gbps, ".0f"),
             _fmt(r.floor_us, ".1f"), _fmt(r.efficiency and 100 * r.efficiency, ".1f"), _fmt(r.grouped_mm_us, ".1f"),
             _fmt(speedup, ".2f"), _fmt(r.eager_us, ".1f"), _fmt(r.max_rel_err, ".2e"),
+            r.quant or r.dtype,  # moekit's experts: a quant scheme, else the float dtype
         ])
     return cells
 
@@ -47,7 +48,8 @@ def markdown(rows: Sequence[Row]) -> str:
 def write_json(path: str | Path, rows: Sequence[Row], meta: dict, ceilings: Ceilings | None) -> None:
     doc = {
         "meta": meta,
-        "ceilings": None if ceilings is None else {"read_bw_Bps": ceilings.read_bw, "mm_rate_flops": ceilings.mm_rate},
+        "ceilings": None if ceilings is None else {"read_bw_Bps": ceilings.read_bw, "mm_rate_flops": ceilings.mm_rate,
+                                                   "mm_dtype": ceilings.mm_dtype},
         "rows": [r.as_dict() for r in rows],
     }
     Path(path).write_text(json.dumps(doc, indent=2) + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
 from moekit.bench.baselines import eager_experts, grouped_mm_experts
 from moekit.bench.floor import Ceilings, floor_us, moe_bytes, moe_flops
@@ -17,7 +18,10 @@ from moekit.bench.shapes import MoEShape
 from moekit.bench.timing import time_us
 from moekit.functional import fused_experts
 from moekit.kernel import resolve_backend
+from moekit.online_quant import quantize
+from moekit.quant import QUANT_SCHEMES
 from moekit.router import select_experts
+from moekit.routed_experts import RoutedExperts
 from moekit.testing import rel_errors
 
 # MEASURING.md requires CUDA-graph replays for T <= 1024 and allows eager timing above. Every call that can be
@@ -49,13 +53,19 @@ class Row:
     grouped_mm_us: float | None
     eager_us: float | None
     graph: bool
+    quant: str | None = None  # the moekit.quantize scheme of moekit's experts; None: unquantized (dtype)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def make_weights(shape: MoEShape, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
-    """Random expert weights for ``shape``, scaled like nn.Linear's init; made once per shape."""
+def make_weights(shape: MoEShape, dtype: torch.dtype, device: torch.device, seed: int,
+                 quant: str | None = None) -> dict:
+    """Random expert weights for ``shape``, scaled like nn.Linear's init; made once per shape.
+
+    With ``quant`` (a ``moekit.quantize`` scheme), ``"quantized"`` also holds those weights quantized by
+    ``moekit.quantize`` as a ``RoutedExperts``: moekit runs it, the baselines and the reference the float weights.
+    """
     g = torch.Generator(device=device).manual_seed(seed)
     rows = shape.activation.w13_rows(shape.intermediate_size)
     E, H, I = shape.num_experts, shape.hidden_size, shape.intermediate_size
@@ -67,7 +77,24 @@ def make_weights(shape: MoEShape, dtype: torch.dtype, device: torch.device, seed
     if shape.bias:
         weights["w13_bias"] = rand(E, rows, scale=0.1)
         weights["w2_bias"] = rand(E, H, scale=0.1)
+    if quant is not None:
+        weights["quantized"] = quantized_experts(shape, weights, quant)
     return weights
+
+
+def quantized_experts(shape: MoEShape, weights: dict, scheme: str) -> RoutedExperts:
+    """``weights`` quantized with ``moekit.quantize(…, scheme)``; ``weights`` themselves stay as they are."""
+    if scheme not in QUANT_SCHEMES:
+        raise ValueError(f"scheme: expected one of {list(QUANT_SCHEMES)}, got {scheme!r}")
+    w13 = weights["w13"]
+    # Built on meta and handed the float weights as parameters: no second full-size float copy is made
+    # (quantize replaces the parameters by new code tensors and never writes into the old ones).
+    layer = RoutedExperts(shape.num_experts, shape.hidden_size, shape.intermediate_size, activation=shape.activation,
+                          bias=shape.bias, dtype=w13.dtype, device="meta")
+    for name in ("w13", "w2", "w13_bias", "w2_bias"):
+        if name in weights:
+            setattr(layer, name, nn.Parameter(weights[name], requires_grad=False))
+    return quantize(layer, scheme)
 
 
 def make_tokens(shape: MoEShape, num_tokens: int, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
@@ -121,22 +148,39 @@ def bench_point(
     weights: dict | None = None,
     baselines: bool = True,
     seed: int = 0,
+    quant: str | None = None,
 ) -> Row:
-    """Time one (shape, T) point. Pass ``weights`` from ``make_weights`` to reuse them across token counts."""
+    """Time one (shape, T) point. Pass ``weights`` from ``make_weights`` (with the same ``quant``) to reuse them
+    across token counts.
+
+    With ``quant``, moekit runs the routed experts quantized by ``moekit.quantize`` (``auto`` runs the torch
+    backend, as a quantized layer does); the baselines run the float weights, the error column is against the
+    unquantized fp32 reference (MEASURING.md), and the floor counts 8-bit weights and their scales.
+    """
     if weights is None:
-        weights = make_weights(shape, dtype, device, seed)
+        weights = make_weights(shape, dtype, device, seed, quant)
+    if quant is not None and "quantized" not in weights:
+        raise ValueError(f"weights: expected make_weights(..., quant={quant!r})'s, which hold the quantized layer")
     rotate = ROTATE if device.type == "cuda" else 1
     token_sets = [make_tokens(shape, num_tokens, dtype, device, seed + 7919 * i) for i in range(rotate)]
-    backend = resolve_backend(backend, device)
+    # A quantized layer's auto is torch (W8A8MoEMethod.kernel_for): the bench times what the layer would run.
+    backend = resolve_backend("torch" if quant is not None and backend == "auto" else backend, device)
     act = shape.activation
     bias_kw = {"w13_bias_E2I": weights.get("w13_bias"), "w2_bias_EH": weights.get("w2_bias")}
+    float_weights = {k: v for k, v in weights.items() if k != "quantized"}
+    if quant is None:
+        moekit_weights = float_weights
+    else:
+        layer = weights["quantized"]
+        moekit_weights = {"w13": layer.w13, "w2": layer.w2, "w13_bias": layer.w13_bias, "w2_bias": layer.w2_bias,
+                          "quant": layer.quant_method.quant_params(layer)}
 
     def timed(fn, graph: bool) -> float:
         return time_us(lambda: [fn(**tokens) for tokens in token_sets], device, graph=graph) / rotate
 
     def moekit_fn(hidden_states, topk_weights, topk_ids):
         return fused_experts(hidden_states, topk_weights=topk_weights, topk_ids=topk_ids, activation=act,
-                             backend=backend, **weights)
+                             backend=backend, **moekit_weights)
 
     def grouped_fn(hidden_states, topk_weights, topk_ids):
         return grouped_mm_experts(hidden_states, weights["w13"], weights["w2"], topk_weights, topk_ids,
@@ -146,7 +190,7 @@ def bench_point(
         return eager_experts(hidden_states, weights["w13"], weights["w2"], topk_weights, topk_ids,
                              activation=act, **bias_kw)
 
-    err = reference_error({**weights, **token_sets[0]}, moekit_fn(**token_sets[0]), shape)
+    err = reference_error({**float_weights, **token_sets[0]}, moekit_fn(**token_sets[0]), shape)
     # The torch backend syncs to size its per-expert loop, so only Triton is captured in a graph.
     graph = device.type == "cuda" and backend != "torch"
     moekit_us = timed(moekit_fn, graph)
@@ -160,7 +204,7 @@ def bench_point(
     actives = [int(torch.unique(tokens["topk_ids"]).numel()) for tokens in token_sets]
     active = round(sum(actives) / rotate)
     elem = weights["w13"].element_size()
-    fl = sum(floor_us(shape, num_tokens, a, elem, ceilings) for a in actives) / rotate if ceilings else None
+    fl = sum(floor_us(shape, num_tokens, a, elem, ceilings, quant) for a in actives) / rotate if ceilings else None
     return Row(
         shape=shape.name,
         tokens=num_tokens,
@@ -168,7 +212,7 @@ def bench_point(
         dtype=str(dtype).removeprefix("torch."),
         moekit_us=moekit_us,
         tflops=moe_flops(shape, num_tokens) / moekit_us * 1e-6,
-        gbps=moe_bytes(shape, num_tokens, active, elem) / moekit_us * 1e-3,
+        gbps=moe_bytes(shape, num_tokens, active, elem, quant) / moekit_us * 1e-3,
         active_experts=active,
         floor_us=fl,
         efficiency=fl / moekit_us if fl else None,
@@ -176,6 +220,7 @@ def bench_point(
         grouped_mm_us=grouped_us,
         eager_us=eager_us,
         graph=graph,
+        quant=quant,
     )
 
 

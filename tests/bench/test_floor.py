@@ -26,3 +26,25 @@ def test_floor_is_the_larger_term():
     assert abs(t1 - moe_bytes(s, 1, 2, 2) / 4.4e12 * 1e6) < 1e-9  # decode: bandwidth-bound
     t16k = floor_us(s, 16384, 8, 2, c)
     assert abs(t16k - moe_flops(s, 16384) / 7.5e14 * 1e6) < 1e-9  # prefill: compute-bound
+
+
+def test_quantized_bytes_count_codes_and_scales_by_hand():
+    # mixtral: H = 4096, I = 14336 (112 blocks of 128), gated: w13 [2I, H], w2 [H, I], 1 byte a weight.
+    s = PRESETS["mixtral-8x7b"]
+    codes = 3 * 4096 * 14336
+    acts = 2 * 3 * 4096 * 2  # T = 3 tokens in and out, bf16
+    block_scales = (2 * 112 * 32 + 32 * 112) * 4  # w13: gate and up blocked apart, [224, 32]; w2 [32, 112]
+    assert moe_bytes(s, 3, 2, 2, "fp8_block") == 2 * (codes + block_scales) + acts
+    channel_scales = (2 * 14336 + 4096) * 4  # one per output row
+    assert moe_bytes(s, 3, 2, 2, "fp8_channel") == 2 * (codes + channel_scales) + acts
+    assert moe_bytes(s, 3, 2, 2, "int8_channel") == 2 * (codes + channel_scales) + acts
+    assert moe_bytes(s, 3, 2, 2, "fp8_tensor") == 2 * (codes + 2 * 4) + acts  # one scale per expert and weight
+    # Biases stay in the activation dtype.
+    g = PRESETS["gpt-oss-120b"]
+    assert moe_bytes(g, 0, 1, 2, "fp8_tensor") == 3 * 2880 * 2880 + 8 + (2 * 2880 + 2880) * 2
+
+
+def test_quantized_floor_uses_the_quantized_bytes():
+    s = PRESETS["mixtral-8x7b"]
+    c = Ceilings(read_bw=4.4e12, mm_rate=1.25e15, mm_dtype="fp8_e4m3")
+    assert abs(floor_us(s, 1, 2, 2, c, "fp8_block") - moe_bytes(s, 1, 2, 2, "fp8_block") / 4.4e12 * 1e6) < 1e-9
