@@ -208,7 +208,7 @@ class TritonExperts(Experts):
         out_TH = torch.empty((num_tokens, hidden), dtype=out_dtype, device=device)
         if num_tokens == 0:
             return out_TH
-        cfg = self._config(xq_TH, top_k, w2_EHI, activation)
+        cfg = self._config(xq_TH, top_k, w2_EHI, activation, quant)
         xq_TH = xq_TH.contiguous()
         topk_ids_TK, topk_weights_TK = topk_ids_TK.contiguous(), topk_weights_TK.contiguous()
         w13_bias_E2I = None if w13_bias_E2I is None else w13_bias_E2I.contiguous()
@@ -331,13 +331,15 @@ class TritonExperts(Experts):
             grouped_wgrad(dh_NR, x_TH, wgrad_layout, dw13, num_rows=num_rows, x_row_div=top_k, bias_grad_EN=db13)
         return dx, dw13 if need_w13 else None, dw2 if need_w2 else None, dtw, db13, db2
 
-    def _config(self, x_TH: torch.Tensor, top_k: int, w2_EHI: torch.Tensor, activation: Activation) -> MoEKernelConfig:
+    def _config(self, x_TH: torch.Tensor, top_k: int, w2_EHI: torch.Tensor, activation: Activation,
+                quant: QuantParams = UNQUANTIZED) -> MoEKernelConfig:
         num_experts, hidden, inter = w2_EHI.shape
         return self.config or choose_config(
             MoEShape(
                 num_tokens=x_TH.shape[0], top_k=top_k, num_experts=num_experts, hidden=hidden, inter=inter,
                 gated=activation.is_gated, num_sms=_num_sms(x_TH.device), elem_bytes=x_TH.element_size(),
                 gpu=gpu_name(x_TH.device),  # the tables of the card the call runs on, also on mixed hosts
+                weights=quant.scheme if quant.is_quantized else str(w2_EHI.dtype).removeprefix("torch."),
             )
         )
 

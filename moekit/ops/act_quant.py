@@ -82,16 +82,25 @@ def act_quant(
         if s is not None and s.dim() == 2:
             s.zero_()  # an empty group (K = 0) has amax 0
         return q, s
-    one_pass = group <= 128
-    block_k = 128 if one_pass else 256
-    block_m = 4
-    grid = (-(-m // block_m), num_groups)  # token and tensor: one group of K columns per row
+    if mult is not None:
+        # One multiplier for every element: no reduction, so the columns are cut into independent one-pass chunks
+        # (a whole row per program would walk a 14336-wide row in a serial loop: ~15 µs of a decode call).
+        group = min(_next_pow2(k), 1024)
+        num_groups = -(-k // group)
+    one_pass = group <= 1024 if mult is not None else group <= 128
+    if one_pass:
+        block_m, block_k = (4 if group <= 128 else 1), max(16, _next_pow2(group))
+    else:
+        # A per-token amax over a long row: one row per program, wide tiles, so each of the two passes over the
+        # row is a few iterations (at decode there are only a handful of rows: parallelism comes from width).
+        block_m, block_k = 1, min(4096, _next_pow2(group))
+    grid = (-(-m // block_m), num_groups)
     act_quant_kernel[grid](
         x_MK, q, s if mult is None else q, mult.reshape(1) if mult is not None else x_MK,
         m, k, group,
         x_MK.stride(0), q.stride(0), s.stride(0) if mult is None else 0,
         QMAX=QMAX[qdtype], IS_INT=qdtype == "int8", GIVEN_MULT=mult is not None,
-        BLOCK_M=block_m, BLOCK_K=block_k if not one_pass else max(16, _next_pow2(group)), ONE_PASS=one_pass,
+        BLOCK_M=block_m, BLOCK_K=block_k, ONE_PASS=one_pass, num_warps=8 if block_k >= 2048 else 4,
     )
     return q, s
 

@@ -101,6 +101,16 @@ class MoEShape:
     elem_bytes: int = 2
     # Which tuned tables apply (``tuned/<gpu>/``); None: the current CUDA device's.
     gpu: str | None = None
+    # The weights' format: a float dtype name, or the 8-bit scheme (``moekit.quantize``'s names, e.g. "fp8_block";
+    # elem_bytes is then 1). Tuned entries are keyed by it: an 8-bit layer has other best tiles than a bf16 one.
+    weights: str = "bfloat16"
+
+    @property
+    def table_key(self) -> str:
+        """The key of this shape's entries in a tuned table: "E,H,I,K" for 2-byte float weights (bf16 and fp16
+        share tiles), "E,H,I,K,<weights>" for every other format."""
+        key = f"{self.num_experts},{self.hidden},{self.inter},{self.top_k}"
+        return key if self.weights in ("bfloat16", "float16") else f"{key},{self.weights}"
 
 
 def wgrad_config(n_dim: int, k_dim: int) -> GemmConfig:
@@ -141,6 +151,16 @@ def heuristic_config(s: MoEShape) -> MoEKernelConfig:
     blocks = active * -(-int(rows_per_expert) // block_m)
     target = 2 * s.num_sms  # programs that keep every SM streaming with a second program to hide tails
 
+    if s.elem_bytes == 1 and rows_per_expert >= 24:
+        # 8-bit codes, from ~24 rows an expert on: 64 x 128 tiles of 128-wide K (the bytes of a bf16 64-wide K
+        # stage), 4 warps, 4 stages (96 KB: two programs an SM), wide GROUP_M swizzle. Each K tile's product gets
+        # its scales before it is added (block scales; fp32 adds for channel/tensor, see the kernel), which needs
+        # a second accumulator-sized register block: the bf16 128 x 256 tile spills. H200 (docs/perf/NOTES.md
+        # §8-bit tiles): deepseek-v3 fp8_block T=4096 7.2-7.5 ms against 17.9 ms on the bf16 tiles and 8.0 ms on
+        # 128 x 128 x 8 warps; T=1024 (32 rows an expert) 3.2 ms against 4.4 ms on the decode tiles.
+        g = GemmConfig(block_n=128, block_k=128, group_m=32, num_warps=4, num_stages=4)
+        return MoEKernelConfig(block_m=64, gemm1=g, gemm2=g, y_fp32=False)
+
     if block_m <= 32:
         # Memory-bound: 128-wide K tiles (256 B per bf16 row) and 4 stages keep ~64 KB in flight per program.
         bk = 128 if s.elem_bytes <= 2 else 64
@@ -165,6 +185,7 @@ def heuristic_config(s: MoEShape) -> MoEKernelConfig:
         gemm2 = GemmConfig(block_n=bn2, block_k=bk, split_k=split, num_warps=4, num_stages=4)
         return MoEKernelConfig(block_m=block_m, gemm1=gemm1, gemm2=gemm2, y_fp32=True)
 
+
     # Compute-bound: 64 x 128 tiles per 4 warps, or 128 x 256 per 8 (128 accumulator registers a thread; the
     # wide tile halves the A re-reads: 1.32x on mixtral at T=4096 on an H100 against 128 x 128), 64-wide K and as
     # many stages as shared memory holds (48 KB a stage at 128 x 256).
@@ -183,7 +204,7 @@ def heuristic_config(s: MoEShape) -> MoEKernelConfig:
 
 def _lookup_tuned(s: MoEShape) -> MoEKernelConfig | None:
     folder = tuned_dir() / (s.gpu or gpu_name())
-    table = _tuned_tables(str(folder)).get(f"{s.num_experts},{s.hidden},{s.inter},{s.top_k}")
+    table = _tuned_tables(str(folder)).get(s.table_key)
     if not table:
         return None
     # Entries are keyed by the largest token count they were tuned for: take the first that covers T. A null

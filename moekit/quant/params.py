@@ -86,6 +86,15 @@ class QuantParams:
         """Columns per activation scale with ``group`` granularity (the weights' block K)."""
         return self.block_shape[1] if self.act_granularity == "group" else None
 
+    @property
+    def scheme(self) -> str | None:
+        """The format as ``moekit.quantize`` names it (``fp8_block``, ``int8_channel``; tuned tables are keyed by
+        it), with ``_a16`` when activations stay float; None when unquantized."""
+        if self.weight_dtype is None:
+            return None
+        name = f"{self.weight_dtype.split('_')[0]}_{self.granularity}"
+        return name if self.act_dtype is not None else f"{name}_a16"
+
     def describe(self) -> str:
         """A short name of the scheme for messages: ``fp8_e4m3 block 128x128 (activations fp8_e4m3 per group)``."""
         if not self.is_quantized:

@@ -24,7 +24,8 @@ def _x(m, k, dtype):
 @pytest.mark.parametrize(("m", "k"), [
     (5, 300),    # ragged last group (300 = 2·128 + 44), rows not a multiple of the 4-row program
     (1, 128),    # one row, one whole group
-    (7, 1030),   # token: two passes over K in 256-wide tiles, ragged tail
+    (7, 1030),   # token: one ragged 2048-wide tile a pass; tensor: two 1024-wide chunks, the second ragged
+    (3, 9000),   # token: three 4096-wide tiles a pass (the loop), ragged tail; tensor: nine chunks
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matches_ref_bit_for_bit(qdtype, granularity, group, m, k, dtype):

@@ -64,3 +64,29 @@ def test_split_k_leaves_no_empty_split(inter, elem_bytes):
         k_per_split = -(-inter // (split * bk)) * bk
         assert (split - 1) * k_per_split < inter, (split, bk, k_per_split)
 
+
+
+def test_tuned_entries_are_keyed_by_weight_format(monkeypatch, tmp_path):
+    # An fp8 layer and a bf16 layer of one shape have different best tiles: each reads only its own entries.
+    bf16 = MoEShape(num_tokens=100, top_k=2, num_experts=8, hidden=64, inter=32, gpu="card")
+    fp8 = replace(bf16, elem_bytes=1, weights="fp8_block")
+    assert bf16.table_key == replace(bf16, weights="float16").table_key == "8,64,32,2"
+    assert fp8.table_key == "8,64,32,2,fp8_block"
+    pinned = heuristic_config(MoEShape(num_tokens=1, top_k=2, num_experts=8, hidden=64, inter=32))
+    (tmp_path / "card").mkdir()
+    (tmp_path / "card" / "t.json").write_text(json.dumps({"8,64,32,2,fp8_block": {"128": pinned.to_dict()}}))
+    monkeypatch.setenv("MOEKIT_TUNED_DIR", str(tmp_path))
+    assert choose_config(fp8) == pinned
+    assert choose_config(bf16) == heuristic_config(bf16)
+    assert choose_config(replace(fp8, weights="fp8_channel")) == heuristic_config(fp8)
+
+
+@pytest.mark.parametrize(("num_experts", "hidden", "inter", "top_k", "num_tokens"), [
+    (256, 7168, 2048, 8, 1024), (256, 7168, 2048, 8, 16384), (8, 4096, 14336, 2, 256)])
+def test_8bit_prefill_tiles(num_experts, hidden, inter, top_k, num_tokens):
+    # Block-scaled 8-bit dots need a second accumulator-sized register block: the 128 x 256 bf16 prefill tile
+    # spills there, so 8-bit prefill runs 64 x 128 tiles with 128-wide K (the bytes of a bf16 64-wide K stage),
+    # from 24 rows an expert on (deepseek-v3 T=1024 has 32: bf16 keeps its 32-row decode tiles there).
+    shape = MoEShape(num_tokens=num_tokens, top_k=top_k, num_experts=num_experts, hidden=hidden, inter=inter)
+    cfg = heuristic_config(replace(shape, elem_bytes=1, weights="fp8_block"))
+    assert cfg.block_m == 64 and cfg.gemm1.block_n == 128 and cfg.gemm1.block_k == 128

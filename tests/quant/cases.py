@@ -86,3 +86,4 @@ def check_storage(scheme, storage_dtype):
         if isinstance(value, torch.Tensor) and value.numel() >= big:
             assert value.dtype == storage_dtype, f"a {value.dtype} tensor of {value.numel()} elements is left"
     assert re.params_dtype == torch.bfloat16
+    assert re.quant_method.quant_params(re).scheme == scheme  # the key of tuned tables and heuristics
