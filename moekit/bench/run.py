@@ -20,6 +20,7 @@ from moekit.functional import fused_experts
 from moekit.kernel import resolve_backend
 from moekit.online_quant import quantize
 from moekit.quant import QUANT_SCHEMES
+from moekit.quant.w8a8 import native_8bit_dots
 from moekit.router import select_experts
 from moekit.routed_experts import RoutedExperts
 from moekit.testing import rel_errors
@@ -153,8 +154,8 @@ def bench_point(
     """Time one (shape, T) point. Pass ``weights`` from ``make_weights`` (with the same ``quant``) to reuse them
     across token counts.
 
-    With ``quant``, moekit runs the routed experts quantized by ``moekit.quantize`` (``auto`` runs the torch
-    backend, as a quantized layer does); the baselines run the float weights, the error column is against the
+    With ``quant``, moekit runs the routed experts quantized by ``moekit.quantize`` (``auto`` picks what such a
+    layer runs: Triton on CUDA with the scheme's dots, else torch); the baselines run the float weights, the error column is against the
     unquantized fp32 reference (MEASURING.md), and the floor counts 8-bit weights and their scales.
     """
     if weights is None:
@@ -163,8 +164,10 @@ def bench_point(
         raise ValueError(f"weights: expected make_weights(..., quant={quant!r})'s, which hold the quantized layer")
     rotate = ROTATE if device.type == "cuda" else 1
     token_sets = [make_tokens(shape, num_tokens, dtype, device, seed + 7919 * i) for i in range(rotate)]
-    # A quantized layer's auto is torch (W8A8MoEMethod.kernel_for): the bench times what the layer would run.
-    backend = resolve_backend("torch" if quant is not None and backend == "auto" else backend, device)
+    # The bench times what the layer would run: auto is torch for an 8-bit layer on a GPU without its dots.
+    if quant is not None and backend == "auto":
+        backend = "triton" if native_8bit_dots(weights["quantized"].quant_method.qdtype, device) else "torch"
+    backend = resolve_backend(backend, device)
     act = shape.activation
     bias_kw = {"w13_bias_E2I": weights.get("w13_bias"), "w2_bias_EH": weights.get("w2_bias")}
     float_weights = {k: v for k, v in weights.items() if k != "quantized"}

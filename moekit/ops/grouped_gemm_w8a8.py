@@ -129,6 +129,8 @@ def grouped_gemm_w8a8(
         activation.alpha if activation is not None else 0.0,
         activation.limit if activation is not None and activation.limit is not None else 0.0,
         SCALE_MODE=_SCALE_MODES[granularity], IS_INT=b_ENK.dtype == torch.int8,
+        # Every tile's (half-)rows in one scale row: tiles start at multiples of out_n, which divides group_n.
+        UNIFORM_BS=granularity == "block" and group_n % out_n == 0,
         ACTIVATION=activation_code(activation),
         GATED=gated, HAS_BIAS=bias_EN is not None, HAS_WEIGHTS=weights_N is not None,
         BLOCK_M=layout.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,

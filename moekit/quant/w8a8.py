@@ -126,8 +126,8 @@ class W8A8MoEMethod(MoEQuantMethod):
         )
 
     def kernel_for(self, layer: RoutedExperts, x: torch.Tensor) -> ModularKernel:
-        # 'auto' means torch here until the Triton fp8/int8 kernels are tuned (correct on an H200, but slower than
-        # bf16 at some sizes); an explicit 'triton' runs them (TritonExperts._run_w8a8).
+        # 'auto' is the layer's choice (Triton on CUDA: TritonExperts._run_w8a8), except for fp8 on a GPU without
+        # fp8 dots, where the torch backend (dequantizing per expert) is the one that runs.
         unmerged = [(n, p) for n, p in (("w13_scale", layer.w13_scale),
                                          ("w13_input_scale", getattr(layer, "w13_input_scale", None)))
                     if p is not None and self.granularity == "tensor" and p.dim() > (1 if n == "w13_scale" else 0)]
@@ -137,7 +137,7 @@ class W8A8MoEMethod(MoEQuantMethod):
                 f"{name}: per-shard scales {tuple(param.shape)} are loaded but not merged; "
                 "call layer.process_weights_after_loading() after loading"
             )
-        if layer.backend == "auto":
+        if layer.backend == "auto" and not native_8bit_dots(self.qdtype, x.device):
             # Imported here: moekit.kernel imports moekit.quant.params, which runs this package's __init__.
             from moekit.kernel import make_kernel
 
@@ -187,3 +187,11 @@ def _register(layer: RoutedExperts, name: str, data: torch.Tensor) -> None:
     p = nn.Parameter(data, requires_grad=False)
     p.weight_loader = layer.weight_loader  # vLLM-style engines find the loader on the parameter itself
     layer.register_parameter(name, p)
+
+
+def native_8bit_dots(qdtype: str, device: torch.device) -> bool:
+    """Whether ``device`` runs ``qdtype`` dots in its tensor cores (int8: every CUDA GPU Triton supports; fp8 e4m3:
+    compute capability 8.9+, Ada and Hopper). Where not, ``backend='auto'`` runs 8-bit layers on the torch backend."""
+    if device.type != "cuda":
+        return False
+    return qdtype == "int8" or torch.cuda.get_device_capability(device) >= (8, 9)

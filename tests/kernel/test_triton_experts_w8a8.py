@@ -146,11 +146,11 @@ def test_static_activation_scales_and_all_zero_token():
     assert torch.isfinite(out).all() and torch.equal(out[3], torch.zeros(128))
 
 
-def test_backend_triton_runs_quantized_layers_and_auto_stays_torch():
+def test_backend_triton_runs_quantized_layers_and_auto_is_torch_on_cpu():
     layer, _ = _layer("fp8_block", 4, 128, 64)
     x = torch.randn(3, 128)
     weights, ids = _routing(3, 4, 2)
-    assert layer.quant_method.kernel_for(layer, x).experts.name == "torch"  # until validated on a GPU
+    assert layer.quant_method.kernel_for(layer, x).experts.name == "torch"  # CPU tensors, also when interpreting
     layer.backend = "triton"
     assert layer.quant_method.kernel_for(layer, x).experts.name == "triton"
     with torch.no_grad():
@@ -236,3 +236,21 @@ def test_gpu_cuda_graph_capture_and_replay():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme", ["fp8_block", "int8_channel"])
+def test_gpu_auto_runs_triton_eager_and_compiled(scheme):
+    # A quantized layer's 'auto' is the Triton 8-bit path on a GPU with the scheme's dots, and the layer compiles
+    # (the Triton launches are traced as user kernels) to the eager result.
+    cfg = moekit.MoEConfig(num_experts=16, top_k=2, hidden_size=1024, intermediate_size=512)
+    moe = moekit.MoE(cfg, dtype=torch.bfloat16, device="cuda").requires_grad_(False)
+    moekit.quantize(moe, scheme)
+    x = torch.randn(37, 1024, device="cuda", dtype=torch.bfloat16)
+    re = moe.routed_experts
+    assert re.quant_method.kernel_for(re, x).experts.name == "triton"
+    with torch.no_grad():
+        eager = moe(x)
+        compiled = torch.compile(moe)(x)
+    assert_close(compiled, eager.double(), torch.bfloat16)

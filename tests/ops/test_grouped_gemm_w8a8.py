@@ -2,6 +2,8 @@
 e4m3 and int8 dots are exact-product numpy matmuls: every granularity, fp8 and int8, gated (gate and up blocked
 apart) and plain, split-K, ragged shapes. Outputs are poisoned with NaN so unwritten rows show."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -35,7 +37,10 @@ def _acts(a, qdtype, granularity):
 @pytest.mark.parametrize("qdtype", ["fp8_e4m3", "int8"])
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
 @pytest.mark.parametrize("activation", ["silu", "relu2"])
-def test_gemm1_gathers_and_activates(qdtype, granularity, activation):
+@pytest.mark.parametrize("block_n", [32, 128])
+def test_gemm1_gathers_and_activates(qdtype, granularity, activation, block_n):
+    # block_n 32: the (half-)tile is narrower than bn = 32 (block scales: one scale row a tile, gate and up as two
+    # dots); 128: wider (a scale row per column).
     # Gated: I = 40 is not a multiple of bn = 32, so gate and up rows have their own scale rows; K = 200 ragged
     # (last K tile and last scale group short); bias in the epilogue; rows gathered by a_row_div = K.
     act = Activation(name=activation)
@@ -50,7 +55,7 @@ def test_gemm1_gathers_and_activates(qdtype, granularity, activation):
     kw = dict(granularity=granularity, block_shape=BLOCK if granularity == "block" else None, num_rows=num_rows,
               a_row_div=top_k, bias_EN=bias, activation=act)
     out = torch.full((num_rows, inter), float("nan"))
-    grouped_gemm_w8a8(a_q, a_s, b_q, b_s, layout, out, SMALL, **kw)
+    grouped_gemm_w8a8(a_q, a_s, b_q, b_s, layout, out, replace(SMALL, block_n=block_n), **kw)
     want = grouped_gemm_w8a8_ref(a_q, a_s, b_q, b_s, layout, torch.empty(num_rows, inter), **kw)
     assert_close(out, want, torch.float32)
 
@@ -58,7 +63,8 @@ def test_gemm1_gathers_and_activates(qdtype, granularity, activation):
 @pytest.mark.parametrize("qdtype", ["fp8_e4m3", "int8"])
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_gemm2_weights_and_split_k(qdtype, granularity, split_k):
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_gemm2_weights_and_split_k(qdtype, granularity, split_k, block_n):
     # Rows read one to one with routing weights; split-K partials cross scale groups (k_per_split = 96 with
     # bk = 64): each K tile still lies in one group.
     num_tokens, top_k, num_experts, hidden, k_dim = 11, 3, 5, 48, 264
@@ -69,7 +75,7 @@ def test_gemm2_weights_and_split_k(qdtype, granularity, split_k):
     a_q, a_s = _acts(torch.randn(num_rows, k_dim), qdtype, granularity)
     weights = torch.rand(num_rows)
     bias = torch.randn(num_experts, hidden)
-    cfg = GemmConfig(block_n=32, block_k=32, split_k=split_k, num_stages=2)
+    cfg = GemmConfig(block_n=block_n, block_k=32, split_k=split_k, num_stages=2)
     kw = dict(granularity=granularity, block_shape=BLOCK if granularity == "block" else None, num_rows=num_rows,
               bias_EN=bias, weights_N=weights)
     out = torch.full((split_k, num_rows, hidden), float("nan"))

@@ -178,12 +178,22 @@ def test_per_tensor_shards_are_requantized_to_their_max():
     assert rel[:64].max() < 0.25  # w1 lost resolution to w3's 4x larger scale, but stays close
 
 
-def test_auto_backend_runs_torch_and_triton_accepts_the_codes():
-    # 'auto' stays on torch until the Triton 8-bit kernels are validated on a GPU; 'triton' runs them
+def test_auto_backend_and_triton_accepts_the_codes(monkeypatch):
+    # 'auto' is torch on CPU and on a GPU without fp8 dots, Triton on CUDA otherwise
     # (tests/kernel/test_triton_experts_w8a8.py), on x's codes from prepare.
+    from moekit.quant import w8a8
+
     moe, inputs = build("fp8_block")
     moekit.quantize(moe, "fp8_block")
-    assert moe.routed_experts.quant_method.kernel_for(moe.routed_experts, inputs["hidden_states"]).experts.name == "torch"
+    re, x = moe.routed_experts, inputs["hidden_states"]
+    assert re.quant_method.kernel_for(re, x).experts.name == "torch"
+    cuda = torch.device("cuda")
+    for capability, want in (((8, 0), False), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert w8a8.native_8bit_dots("fp8_e4m3", cuda) is want
+        assert w8a8.native_8bit_dots("int8", cuda)
+    assert not w8a8.native_8bit_dots("int8", torch.device("cpu"))
+    monkeypatch.undo()
     pytest.importorskip("triton")
     from moekit.kernel.triton_experts import TritonExperts
 
