@@ -1,6 +1,7 @@
 """Probe: launch configurations of the Triton 8-bit (w8a8) path, per preset, scheme and T, on one GPU.
 
     python3 benchmarks/probes/fp8_tune.py [--cells deepseek-v3:fp8_block,...] [--tokens 1,16,...] [--out F.jsonl]
+                                          [--heuristic-only]
 
 For each cell it times the heuristic and a grid of candidates through ``moekit.bench.run.bench_point`` (the
 bench's own timing, rotation, floor and error column: the whole layer call, activation quantization included),
@@ -63,6 +64,7 @@ def main() -> None:
     p.add_argument("--cells", default=CELLS)
     p.add_argument("--tokens", default=TOKENS)
     p.add_argument("--out", default=None)
+    p.add_argument("--heuristic-only", action="store_true", help="time only what ships (the table's run)")
     args = p.parse_args()
     dev = torch.device("cuda")
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__} triton {triton.__version__}", flush=True)
@@ -94,7 +96,7 @@ def main() -> None:
                                weights=weights, baselines=False, quant=scheme)
             results = {"heuristic": (heur.moekit_us, heur.max_rel_err)}
             for cname, cfg in candidates(base, scheme.endswith("block"), t >= 16384).items():
-                if cname == "heuristic":
+                if cname == "heuristic" or args.heuristic_only:
                     continue
                 triton_experts.choose_config = lambda s, _c=cfg: _c
                 try:

@@ -37,10 +37,10 @@ def _acts(a, qdtype, granularity):
 @pytest.mark.parametrize("qdtype", ["fp8_e4m3", "int8"])
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
 @pytest.mark.parametrize("activation", ["silu", "relu2"])
-@pytest.mark.parametrize("block_n", [32, 128])
+@pytest.mark.parametrize("block_n", [32, 64, 128])
 def test_gemm1_gathers_and_activates(qdtype, granularity, activation, block_n):
-    # block_n 32: the (half-)tile is narrower than bn = 32 (block scales: one scale row a tile, gate and up as two
-    # dots); 128: wider (a scale row per column).
+    # Block scales, gated: block_n 64 = 32 outputs, one scale row a half-tile (gate and up as two dots); 32 (16
+    # outputs, kept as one dot) and 128 (wider than bn = 32): a scale row per column.
     # Gated: I = 40 is not a multiple of bn = 32, so gate and up rows have their own scale rows; K = 200 ragged
     # (last K tile and last scale group short); bias in the epilogue; rows gathered by a_row_div = K.
     act = Activation(name=activation)

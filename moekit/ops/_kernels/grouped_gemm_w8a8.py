@@ -9,7 +9,8 @@ SCALE_MODE (compile-time), A = activation codes, B = weight codes of expert e:
     1 channel: acc = Σ_k dot(a, b);                    acc *= a_s[row] · b_s[e, n]          (after the K loop)
     2 block:   acc += dot(a, b) · a_s[row, kb] · b_s[e, nb(n), kb]   per K tile             (inside the K loop)
 with kb = k // group_k and nb(n) the scale row of B row n (gate and up rows blocked apart: see the wrapper).
-UNIFORM_BS (block mode, set by the wrapper when group_n is a multiple of the tile's output width): all B rows of a
+UNIFORM_BS (block mode, set by the wrapper when group_n is a multiple of the tile's output width, gated tiles
+from 32 outputs): all B rows of a
 tile (of each half, gated) share one scale row, so the scaling is one FMA an element with a per-row factor
 a_s · b_s instead of an outer product and two multiplies — the per-tile scaling is what made block mode ~1.4x
 slower than channel mode at prefill on an H200. A gated tile then runs as two dots, gate and up, each with its
