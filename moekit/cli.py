@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--tokens", default=GPU_TOKENS, help=f"token counts (default {GPU_TOKENS})")
     tn.add_argument("--dtype", default="bf16", choices=["bf16", "bfloat16", "fp16", "float16"],
                     help="weights' and activations' dtype")
+    tn.add_argument("--quant", default=None, choices=list(QUANT_SCHEMES),
+                    help="tune the 8-bit layer of this moekit.quantize scheme (its own table, <preset>.<scheme>.json)")
     tn.add_argument("--out", default=None, help="tables folder (default: $MOEKIT_TUNED_DIR or moekit/ops/tuned)")
     tn.add_argument("--min-gain", type=float, default=0.03,
                     help="keep a tuned config only if it saves this fraction of the heuristic's time")
@@ -368,12 +370,12 @@ def tune(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise UsageError("needs a CUDA device (it times the Triton kernels); none is available")
     dtype = DTYPES[args.dtype]
-    _check_memory(shapes, dtype, torch.device("cuda"), tokens)
+    _check_memory(shapes, dtype, torch.device("cuda"), tokens, args.quant)
     from moekit.bench.tune import format_points, tune_preset
 
     for shape in shapes:
         points, path = tune_preset(shape, tokens, out_dir=args.out, dtype=dtype, min_gain=args.min_gain,
-                                   log=lambda s: print(s, file=sys.stderr, flush=True))
+                                   log=lambda s: print(s, file=sys.stderr, flush=True), quant=args.quant)
         print(format_points(shape.name, points))
         print(f"  -> {path}" if path else "  -> no table: the heuristic is within --min-gain everywhere", flush=True)
     return EXIT_OK

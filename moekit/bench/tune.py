@@ -25,9 +25,12 @@ import torch
 
 from moekit.bench.run import ROTATE, make_tokens, make_weights
 from moekit.bench.timing import time_us
+from moekit.kernel.modular import ModularKernel
+from moekit.kernel.prepare_finalize import LocalPrepareFinalize
 from moekit.kernel.torch_experts import TorchExperts
 from moekit.ops import heuristics
 from moekit.ops.heuristics import GemmConfig, MoEKernelConfig, MoEShape, heuristic_config, tuned_dir
+from moekit.quant import QUANT_SCHEMES
 from moekit.quant.params import UNQUANTIZED
 from moekit.testing import rel_errors
 
@@ -66,6 +69,12 @@ def candidate_configs(shape: MoEShape) -> dict[str, MoEKernelConfig]:
         if g2.split_k > 1:
             out["split/2"] = replace(base, gemm2=replace(g2, split_k=g2.split_k // 2))
         out["bm32" if base.block_m == 16 else "bm16"] = replace(base, block_m=48 - base.block_m)
+    elif shape.elem_bytes == 1:  # 8-bit codes, compute-bound: around 64 x 128 x 128 (docs/perf/NOTES.md)
+        out["stages3"] = replace(base, gemm1=replace(g1, num_stages=3), gemm2=replace(g2, num_stages=3))
+        out["group8"] = replace(base, gemm1=replace(g1, group_m=8), gemm2=replace(g2, group_m=8))
+        out["g2bn64"] = replace(base, gemm2=replace(g2, block_n=64))
+        out["bm128w8"] = replace(base, block_m=128, gemm1=replace(g1, num_warps=8, half_tail=True),
+                                 gemm2=replace(g2, num_warps=8, half_tail=True))
     else:  # compute-bound: tile shape, pipeline depth, GEMM2 grid
         narrow = GemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=4)
         wide = GemmConfig(block_n=256, block_k=64, num_warps=8, num_stages=3)
@@ -123,10 +132,6 @@ def table_entries(points: list[TunePoint]) -> dict[str, dict | None]:
     return entries
 
 
-def shape_key(num_experts: int, hidden: int, inter: int, top_k: int) -> str:
-    return f"{num_experts},{hidden},{inter},{top_k}"
-
-
 def write_table(path: Path, key: str, points: list[TunePoint]) -> bool:
     """Write (or remove, when nothing beat the heuristic) the table at ``path``; True if one was written."""
     entries = table_entries(points)
@@ -138,20 +143,31 @@ def write_table(path: Path, key: str, points: list[TunePoint]) -> bool:
     return True
 
 
-def gpu_measure(preset, device: torch.device, dtype: torch.dtype, seed: int = 0) -> tuple[Measure, Callable]:
+def gpu_measure(preset, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                quant: str | None = None) -> tuple[Measure, Callable]:
     """A ``Measure`` over random inputs for a ``moekit.bench.shapes`` preset on CUDA, and a function freeing them.
 
-    Every candidate is checked against the torch backend (max-relative error under ``MAX_REL_ERR``) before
-    it is timed; a failing or uncompilable one times as inf.
+    Each call is the whole modular kernel (with ``quant``, a ``moekit.quantize`` scheme: the layer's weights in
+    that scheme, and the activation quantization of ``prepare`` timed too). Every candidate is checked against the
+    torch backend on the same weights (max-relative error under ``MAX_REL_ERR``) before it is timed; a failing or
+    uncompilable one times as inf.
     """
     import triton  # only on CUDA: the CPU install may lack it
 
     from moekit.kernel.triton_experts import TritonExperts
 
-    weights = make_weights(preset, dtype, device, seed)
-    kw = dict(activation=preset.activation, w13_bias_E2I=weights.get("w13_bias"), w2_bias_EH=weights.get("w2_bias"),
-              expert_map_E=None, quant=UNQUANTIZED, hidden_scale=None, out_dtype=dtype)
+    weights = make_weights(preset, dtype, device, seed, quant)
+    if quant is None:
+        w13, w2, b13, b2, q = weights["w13"], weights["w2"], weights.get("w13_bias"), weights.get("w2_bias"), UNQUANTIZED
+    else:
+        layer = weights["quantized"]
+        w13, w2, b13, b2 = layer.w13, layer.w2, layer.w13_bias, layer.w2_bias
+        q = layer.quant_method.quant_params(layer)
+    kw = dict(activation=preset.activation, w13_bias=b13, w2_bias=b2, quant=q, check_ids=False)
     cache: dict[int, tuple] = {}
+
+    def kernel(experts) -> ModularKernel:
+        return ModularKernel(LocalPrepareFinalize(), experts)
 
     def inputs(t: int):
         if t not in cache:
@@ -160,18 +176,20 @@ def gpu_measure(preset, device: torch.device, dtype: torch.dtype, seed: int = 0)
                     for i in range(ROTATE if t <= GRAPH_MAX_TOKENS else 1)]
             sets = [(s["hidden_states"], s["topk_weights"], s["topk_ids"]) for s in sets]
             x, tw, ids = sets[0]
-            ref = TorchExperts().apply(x, weights["w13"], weights["w2"], tw, ids, **kw)
+            with torch.no_grad():
+                ref = kernel(TorchExperts()).apply(x, w13, w2, tw, ids, **kw)
             cache[t] = (sets, ref)
         return cache[t]
 
     def time_one(cfg: MoEKernelConfig, sets, graph: bool) -> float:
-        exp = TritonExperts(config=cfg)
+        mk = kernel(TritonExperts(config=cfg))
 
         def run_all():
             for x, tw, ids in sets:
-                exp.apply(x, weights["w13"], weights["w2"], tw, ids, **kw)
+                mk.apply(x, w13, w2, tw, ids, **kw)
 
-        return time_us(run_all, device, graph=graph) / len(sets)
+        with torch.no_grad():
+            return time_us(run_all, device, graph=graph) / len(sets)
 
     def measure(t: int, configs: dict[str, MoEKernelConfig]) -> dict[str, float]:
         sets, ref = inputs(t)
@@ -179,7 +197,8 @@ def gpu_measure(preset, device: torch.device, dtype: torch.dtype, seed: int = 0)
         out = {}
         for name, cfg in configs.items():
             try:
-                got = TritonExperts(config=cfg).apply(x, weights["w13"], weights["w2"], tw, ids, **kw)
+                with torch.no_grad():
+                    got = kernel(TritonExperts(config=cfg)).apply(x, w13, w2, tw, ids, **kw)
                 err = rel_errors(got, ref)[0]
                 out[name] = time_one(cfg, sets, t <= GRAPH_MAX_TOKENS) if err < MAX_REL_ERR else math.inf
             except triton.runtime.errors.OutOfResources:  # a tile too big for shared memory
@@ -197,34 +216,37 @@ def gpu_measure(preset, device: torch.device, dtype: torch.dtype, seed: int = 0)
 def tune_preset(
     preset, tokens: list[int], *, out_dir: Path | None = None, dtype: torch.dtype = torch.bfloat16,
     min_gain: float = 0.03, measure: Measure | None = None, num_sms: int | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, quant: str | None = None,
 ) -> tuple[list[TunePoint], Path | None]:
     """Tune ``preset`` (a ``moekit.bench.shapes.MoEShape``) at ``tokens``; write its table under ``out_dir``.
 
     Returns the points and the path written (None when the heuristic won everywhere). ``measure`` defaults to
     timing on the current CUDA device; tests inject their own. Tables go to ``<out_dir>/<gpu>/<name>.json``
-    with ``<gpu>`` as ``heuristics`` names the current device.
+    (``<name>.<quant>.json`` for a ``moekit.quantize`` scheme, whose entries are keyed by it) with ``<gpu>`` as
+    ``heuristics`` names the current device; ``dtype`` is the activations' (and float weights') dtype.
     """
+    if quant is not None and quant not in QUANT_SCHEMES:
+        raise ValueError(f"quant: expected None or one of {list(QUANT_SCHEMES)}, got {quant!r}")
     free = None
     if measure is None:
         device = torch.device("cuda")
-        measure, free = gpu_measure(preset, device, dtype)
+        measure, free = gpu_measure(preset, device, dtype, quant=quant)
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     gated = preset.activation.is_gated
 
     def shape_of(t: int) -> MoEShape:
         return MoEShape(num_tokens=t, top_k=preset.top_k, num_experts=preset.num_experts,
                         hidden=preset.hidden_size, inter=preset.intermediate_size, gated=gated,
-                        num_sms=num_sms or 132, elem_bytes=dtype.itemsize)
+                        num_sms=num_sms or 132, elem_bytes=1 if quant else dtype.itemsize,
+                        weights=quant or str(dtype).removeprefix("torch."))
 
     try:
         points = tune_points(shape_of, tokens, measure, min_gain=min_gain, log=log)
     finally:
         if free is not None:
             free()
-    path = Path(out_dir or tuned_dir()) / heuristics.gpu_name() / f"{preset.name}.json"
-    key = shape_key(preset.num_experts, preset.hidden_size, preset.intermediate_size, preset.top_k)
-    written = write_table(path, key, points)
+    path = Path(out_dir or tuned_dir()) / heuristics.gpu_name() / f"{preset.name}{f'.{quant}' if quant else ''}.json"
+    written = write_table(path, shape_of(tokens[0] if tokens else 1).table_key, points)
     heuristics._tuned_tables.cache_clear()
     return points, path if written else None
 

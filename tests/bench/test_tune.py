@@ -1,6 +1,7 @@
 """moekit tune: the candidate grid, the choice of a winner, the table's JSON round trip, the CLI without CUDA."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -55,6 +56,30 @@ def test_tune_writes_a_table_that_choose_config_reads(tmp_path, monkeypatch):
                                                                    for n in c if n in ("heuristic", "bk64")},
                                 log=lambda s: None)
     assert points[0].best_name == "heuristic" and path2 is None and not path.exists()
+    heuristics._tuned_tables.cache_clear()
+
+
+def test_tune_8bit_writes_its_own_table_keyed_by_scheme(tmp_path, monkeypatch):
+    # An fp8 table sits beside the bf16 one (its own file, its own key) and only 8-bit calls of that scheme read it.
+    monkeypatch.setenv("MOEKIT_TUNED_DIR", str(tmp_path))
+    heuristics._tuned_tables.cache_clear()
+    fp8 = lambda t: replace(_shape(t), elem_bytes=1, weights="fp8_block")  # noqa: E731
+    assert "bm128w8" in candidate_configs(fp8(4096)) and "stages3" in candidate_configs(fp8(4096))
+    seen = []
+
+    def measure(t, configs):
+        seen.append(configs["heuristic"])
+        return {name: 50.0 if name == "stages3" else 100.0 for name in configs}
+
+    points, path = tune_preset(PRESET, [4096], measure=measure, log=lambda s: None, quant="fp8_block")
+    assert seen[0] == heuristic_config(fp8(4096))  # the 8-bit heuristic is the baseline
+    assert path == tmp_path / heuristics.gpu_name() / "olmoe-1b-7b.fp8_block.json"
+    assert list(json.loads(path.read_text())) == ["64,2048,1024,8,fp8_block"]
+    assert choose_config(fp8(4096)) == candidate_configs(fp8(4096))["stages3"]
+    assert choose_config(_shape(4096)) == heuristic_config(_shape(4096))
+    assert choose_config(replace(fp8(4096), weights="fp8_channel")) == heuristic_config(fp8(4096))
+    with pytest.raises(ValueError, match="quant: expected None or one of"):
+        tune_preset(PRESET, [1], measure=measure, quant="fp4")
     heuristics._tuned_tables.cache_clear()
 
 
