@@ -92,6 +92,19 @@ def _tile(
         p_a_tile += BLOCK_K
         p_b_tile += BLOCK_K * stride_bk
 
+    _epilogue(b_acc, p_bias, p_weights, p_c, i_e, i_s, i_n, b_rows, m_rows, o_bn, n_out, stride_bias_e, stride_cs,
+              stride_cm, alpha, limit, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, TILE_M, OUT_N)
+
+
+@triton.jit
+def _epilogue(
+    b_acc, p_bias, p_weights, p_c, i_e, i_s, i_n, b_rows, m_rows, o_bn, n_out, stride_bias_e, stride_cs, stride_cm,
+    alpha, limit,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    TILE_M: tl.constexpr, OUT_N: tl.constexpr,
+):
+    """fp32 tile ``b_acc`` [TILE_M, BLOCK_N] (columns = weight rows ``o_bn``; gated: gate half then up half) ->
+    + bias (split 0 only) -> activation -> the rows' outputs (shared with the 8-bit kernel)."""
     if HAS_BIAS:
         if i_s == 0:  # with split-K the bias belongs to exactly one partial sum
             b_acc += tl.load(p_bias + i_e * stride_bias_e + o_bn).to(tl.float32)[None, :]
@@ -100,6 +113,15 @@ def _tile(
         b_out = _activate(b_gate, b_up, alpha, limit, ACTIVATION)
     else:
         b_out = _activate(b_acc, b_acc, alpha, limit, ACTIVATION)
+    _store_rows(b_out, p_weights, p_c, b_rows, m_rows, i_s, i_n, n_out, stride_cs, stride_cm, HAS_WEIGHTS, OUT_N)
+
+
+@triton.jit
+def _store_rows(
+    b_out, p_weights, p_c, b_rows, m_rows, i_s, i_n, n_out, stride_cs, stride_cm,
+    HAS_WEIGHTS: tl.constexpr, OUT_N: tl.constexpr,
+):
+    """× routing weight of each row, then store the [rows, OUT_N] outputs of column tile ``i_n``, split ``i_s``."""
     if HAS_WEIGHTS:
         b_w = tl.load(p_weights + b_rows, mask=m_rows, other=0.0).to(tl.float32)
         b_out = b_out * b_w[:, None]

@@ -22,7 +22,7 @@ matmuls (see ``moekit.ops._kernels.quantize``), so interpreted results match the
 import triton
 import triton.language as tl
 
-from moekit.ops._kernels.grouped_gemm import _activate
+from moekit.ops._kernels.grouped_gemm import _activate, _epilogue, _store_rows
 
 
 # Row counts change with every batch: specializing on them (== 1, % 16) would recompile as T moves.
@@ -159,21 +159,10 @@ def grouped_gemm_w8a8_kernel(
                 b_acc += tl.load(p_bias_e + o_half).to(tl.float32)[None, :]
                 b_acc_up += tl.load(p_bias_e + up_offset + o_half).to(tl.float32)[None, :]
         b_out = _activate(b_acc, b_acc_up, alpha, limit, ACTIVATION)
+        _store_rows(b_out, p_weights, p_c, b_rows, m_rows, i_s, i_n, n_out, stride_cs, stride_cm, HAS_WEIGHTS, OUT_N)
     else:
-        if HAS_BIAS:
-            if i_s == 0:  # with split-K the bias belongs to exactly one partial sum
-                b_acc += tl.load(p_bias + i_e * stride_bias_e + o_bn).to(tl.float32)[None, :]
-        if GATED:
-            b_gate, b_up = tl.split(tl.permute(tl.reshape(b_acc, [BLOCK_M, 2, OUT_N]), [0, 2, 1]))
-            b_out = _activate(b_gate, b_up, alpha, limit, ACTIVATION)
-        else:
-            b_out = _activate(b_acc, b_acc, alpha, limit, ACTIVATION)
-    if HAS_WEIGHTS:
-        b_w = tl.load(p_weights + b_rows, mask=m_rows, other=0.0).to(tl.float32)
-        b_out = b_out * b_w[:, None]
-    o_n = i_n * OUT_N + tl.arange(0, OUT_N)
-    p_c_tile = p_c + i_s * stride_cs + b_rows.to(tl.int64)[:, None] * stride_cm + o_n[None, :]
-    tl.store(p_c_tile, b_out.to(p_c.dtype.element_ty), mask=m_rows[:, None] & (o_n < n_out)[None, :])
+        _epilogue(b_acc, p_bias, p_weights, p_c, i_e, i_s, i_n, b_rows, m_rows, o_bn, n_out, stride_bias_e,
+                  stride_cs, stride_cm, alpha, limit, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, OUT_N)
 
 
 @triton.jit
