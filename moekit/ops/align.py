@@ -163,7 +163,7 @@ def align(
         out.sorted_ids, out.expert_ids, out.num_padded,
         num_rows, num_experts, num_chunks, num_blocks,
         HAS_MAP=expert_map is not None, SINGLE=single,
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_E=block_e, BLOCK_B=block_b, num_warps=4,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_E=block_e, BLOCK_B=block_b, num_warps=_scatter_warps(single, block_e),
     )
     return out
 
@@ -196,6 +196,11 @@ def align_ref(
         pos += padded
     num_padded = torch.tensor([pos], dtype=torch.int32, device=device)
     return AlignResult(sorted_ids=sorted_ids, expert_ids=expert_ids, num_padded=num_padded, block_m=block_m)
+
+
+def _scatter_warps(single: bool, block_e: int) -> int:
+    """Warps of the scatter kernel (a seam for benchmarks/probes/align_timing.py)."""
+    return 4
 
 
 def _block_e(num_experts: int) -> int:
