@@ -54,9 +54,10 @@ class ExpertLoadRecorder:
         check_positive("num_experts", num_experts)
         check_positive("window", window)
         self.num_layers, self.num_experts, self.window = num_layers, num_experts, window
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        kw = {"dtype": torch.int64, "device": self.device}
+        kw = {"dtype": torch.int64, "device": device if device is not None else "cpu"}
         self.current = torch.zeros(num_layers, num_experts, **kw)
+        # The buffers' own device: "cuda" given as such becomes "cuda:N", which is what topk_ids report.
+        self.device = self.current.device
         self.window_counts = torch.zeros(window, num_layers, num_experts, **kw)
         self.row = torch.zeros(1, **kw)
         self.steps = torch.zeros(1, **kw)

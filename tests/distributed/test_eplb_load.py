@@ -143,3 +143,12 @@ def test_recording_inside_a_cuda_graph():
         torch.cuda.synchronize()
         assert torch.equal(rec.load().cpu(), sum(history[-3:]))
     assert buffers(rec) == ptrs and int(rec.steps) == 5
+
+
+def test_device_given_with_or_without_index():
+    # A recorder made for "cuda" holds buffers on "cuda:0", which is what topk_ids report; "cpu:0" is the CPU
+    # analogue. Comparing against the device as given refused every id.
+    rec = ExpertLoadRecorder(1, 4, window=2, device="cpu:0")
+    rec.record(0, torch.tensor([[1, 2]]))
+    rec.step()
+    assert rec.load().tolist() == [[0, 1, 1, 0]] and rec.device == torch.device("cpu")
