@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit._checks import check_int_dtype, check_ndim, check_signed_int_dtype, check_tensor
+from moekit._checks import check_int_dtype, check_ndim, check_positive, check_signed_int_dtype, check_tensor
 
 __all__ = ["logical_to_physical", "rebalance_experts"]
 
@@ -36,14 +36,6 @@ __all__ = ["logical_to_physical", "rebalance_experts"]
 # whose high bits spread consecutive i evenly (a Weyl sequence).
 _HASH_MULTIPLIER = 2654435769
 _HASH_MASK = 0xFFFFFFFF
-
-
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
-    return value
 
 
 def _check_rebalance_args(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int,
@@ -56,7 +48,7 @@ def _check_rebalance_args(weight: torch.Tensor, num_replicas: int, num_groups: i
         raise ValueError(f"weight: expected at least one layer and one expert, got shape {tuple(weight.shape)}")
     for name, value in (("num_replicas", num_replicas), ("num_groups", num_groups), ("num_nodes", num_nodes),
                         ("num_ranks", num_ranks)):
-        _check_count(name, value)
+        check_positive(name, value)
     if num_replicas < num_experts:
         raise ValueError(f"num_replicas: expected at least the number of logical experts ({num_experts}, "
                          f"weight.shape[1]) so every expert has a slot, got {num_replicas}")
@@ -84,7 +76,7 @@ def _balanced_packing(load_LN: torch.Tensor, num_packs: int) -> tuple[torch.Tens
     num_layers, num_items = load_LN.shape
     per_pack = num_items // num_packs
     rows = torch.arange(num_layers)
-    if per_pack == 1:  # one item per pack: item i alone in pack i (what the greedy rule would give up to order)
+    if per_pack == 1:  # one item per pack: item i alone in pack i (as DeepSeek's reference; any order is as even)
         return torch.arange(num_items).expand(num_layers, -1).clone(), torch.zeros(num_layers, num_items,
                                                                                    dtype=torch.int64)
     order_LN = load_LN.sort(dim=-1, descending=True, stable=True).indices

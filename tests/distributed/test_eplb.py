@@ -214,8 +214,9 @@ def test_mapping_is_deterministic_and_offset_shifts_it():
 def test_mapping_zero_tokens_and_unreplicated():
     _, log2phy, logcnt = example_maps(0)
     assert logical_to_physical(torch.empty(0, 2, dtype=torch.int32), log2phy, logcnt).shape == (0, 2)
-    identity = logical_to_physical(torch.arange(8).view(4, 2), torch.arange(8).view(8, 1), torch.ones(8,
-                                                                                                      dtype=torch.int64))
+    # One replica each: the mapping is the identity whatever the hash says.
+    one_each = torch.ones(8, dtype=torch.int64)
+    identity = logical_to_physical(torch.arange(8).view(4, 2), torch.arange(8).view(8, 1), one_each)
     assert identity.tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
