@@ -1,4 +1,5 @@
-"""The ``moekit`` command line: ``moekit bench`` (the main job), ``moekit tune``, ``moekit plot``, ``moekit info``.
+"""The ``moekit`` command line: ``moekit bench`` (the main job), ``moekit tune``, ``moekit plot``, ``moekit eplb``,
+``moekit info``.
 
 Every check of what the user gave (flags, files, folders, device, memory, optional packages) runs before any
 work, so a mistake costs no sweep and ends in one line on stderr with exit status 2, never a traceback.
@@ -86,6 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--min-gain", type=float, default=0.03,
                     help="keep a tuned config only if it saves this fraction of the heuristic's time")
 
+    ep = command("eplb", "plan expert-parallel load balancing (EPLB) from recorded or synthetic expert loads")
+    ep.add_argument("load_file", nargs="?", default=None,
+                    help="loads per layer and expert: a .json or .csv file (ExpertLoadRecorder.save)")
+    ep.add_argument("--synthetic-skew", type=float, default=None, metavar="S",
+                    help="instead of a file: Zipf-like loads, P(j-th most popular expert) ~ 1/j^S (0 = uniform)")
+    ep.add_argument("--layers", type=int, default=None, help="synthetic: layers (default 4)")
+    ep.add_argument("--experts", type=int, default=None, help="synthetic: experts per layer (default 64)")
+    ep.add_argument("--tokens", type=int, default=None, help="synthetic: routed entries per layer (default 65536)")
+    ep.add_argument("--seed", type=int, default=None, help="synthetic: seed of the loads (default 0)")
+    ep.add_argument("--ranks", type=int, required=True, help="expert-parallel ranks (GPUs) over all nodes")
+    ep.add_argument("--redundant", type=int, default=0, help="redundant expert slots (physical = experts + this)")
+    ep.add_argument("--groups", type=int, default=1, help="expert groups of group-limited routing")
+    ep.add_argument("--nodes", type=int, default=1,
+                    help="nodes (hierarchical plan when they divide --groups, else global)")
+    ep.add_argument("--layer", type=int, default=None,
+                    help="layer shown per rank (default: the least balanced before EPLB)")
+    ep.add_argument("--png", default=None,
+                    help=f"draw per-rank load bars and an expert->rank heatmap; needs matplotlib ({BENCH_EXTRA})")
+
     command("info", "versions, devices and available backends")
     return parser
 
@@ -100,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK if done.code is None else int(done.code)
     args.argv = argv
     commands: dict[str, Callable[[argparse.Namespace], int]] = {"bench": bench, "plot": replot, "tune": tune,
-                                                                 "info": _info}
+                                                                 "eplb": eplb, "info": _info}
     try:
         return commands[args.command](args)
     except UsageError as err:
@@ -163,8 +183,8 @@ def _check_backend(backend: str, device: torch.device) -> None:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    """The folders of --json/--markdown/--plot exist and are writable; --plot has matplotlib."""
-    for flag in ("json", "markdown", "plot"):
+    """The folders of --json/--markdown/--plot/--png exist and are writable; --plot/--png have matplotlib."""
+    for flag in ("json", "markdown", "plot", "png"):
         path = getattr(args, flag, None)
         if path is None:
             continue
@@ -175,13 +195,14 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag} {path}: the folder {str(folder)!r} does not exist")
         if not os.access(folder, os.W_OK):
             raise UsageError(f"--{flag} {path}: the folder {str(folder)!r} is not writable")
-    if getattr(args, "plot", None):
-        from moekit.bench.report import require_matplotlib
+    for flag in ("plot", "png"):
+        if getattr(args, flag, None):
+            from moekit.bench.report import require_matplotlib
 
-        try:
-            require_matplotlib()
-        except ImportError as err:
-            raise UsageError(f"--plot: {err}") from None
+            try:
+                require_matplotlib()
+            except ImportError as err:
+                raise UsageError(f"--{flag}: {err}") from None
 
 
 def device_memory_bytes(device: torch.device) -> int | None:
@@ -378,6 +399,23 @@ def tune(args: argparse.Namespace) -> int:
                                    log=lambda s: print(s, file=sys.stderr, flush=True), quant=args.quant)
         print(format_points(shape.name, points))
         print(f"  -> {path}" if path else "  -> no table: the heuristic is within --min-gain everywhere", flush=True)
+    return EXIT_OK
+
+
+def eplb(args: argparse.Namespace) -> int:
+    from moekit.distributed import eplb_report
+
+    _check_outputs(args)
+    try:
+        load, source = eplb_report.load_from_args(args)
+        plan = eplb_report.make_plan(load, num_redundant=args.redundant, num_groups=args.groups,
+                                     num_nodes=args.nodes, num_ranks=args.ranks)
+        layer = eplb_report.pick_layer(plan, args.layer)
+    except eplb_report.InputError as err:
+        raise UsageError(str(err)) from None
+    print(eplb_report.format_plan(plan, layer, source))
+    if args.png:
+        eplb_report.plot_plan(args.png, plan, layer)
     return EXIT_OK
 
 
