@@ -1,0 +1,191 @@
+"""Expert-parallel MoE on gloo (127.0.0.1), world 2 and 4: every rank's output equals the single-process layer.
+
+Process start dominates on a small CPU machine (seconds per spawn), so the ranks are spawned once per world size
+and run every case inside the workers; each worker writes {case: error or None} to a JSON file and the pytest side
+asserts per case. A case runs its layer on four token patterns per rank: all 0, all 1, all 7, and mixed
+(7, 0, 1, 3 by rank: uneven counts and a rank with none).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import traceback
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import moekit
+from moekit.distributed import local_experts
+from moekit.kernel import available_backends
+from moekit.testing import QUANT_TOLERANCES, assert_close
+
+WORLDS = (2, 4)
+DISPATCHES = ("allgather_reducescatter", "all_to_all")
+H, I = 32, 16
+
+
+def _patterns(world: int) -> list[list[int]]:
+    return [[0] * world, [1] * world, [7] * world, [(7, 0, 1, 3)[r % 4] for r in range(world)]]
+
+
+def _float_cases() -> dict[str, dict]:
+    cases = {}
+    for e in (8, 10):  # 10 over 4 ranks: 3, 3, 2, 2
+        for k in (1, 2, e):
+            for dispatch in DISPATCHES:
+                cfg = moekit.MoEConfig(num_experts=e, top_k=k, hidden_size=H, intermediate_size=I,
+                                       routing=moekit.RoutingConfig(renormalize=k > 1))
+                cases[f"E{e}-K{k}-{dispatch}"] = dict(cfg=cfg, dispatch=dispatch)
+    base = moekit.MoEConfig(num_experts=10, top_k=2, hidden_size=H, intermediate_size=I)
+    llama4 = moekit.RoutingConfig(scoring_func="sigmoid", topk_before_score=True, apply_weights_on_input=True)
+    for dispatch in DISPATCHES:
+        cases[f"bf16-{dispatch}"] = dict(cfg=base, dispatch=dispatch, dtype=torch.bfloat16)
+        cases[f"round_robin-{dispatch}"] = dict(cfg=base, dispatch=dispatch, placement="round_robin")
+        # Shared experts (replicated) and biases (sliced with their experts).
+        cases[f"shared-bias-{dispatch}"] = dict(
+            cfg=replace(base, shared_intermediate_size=24, shared_expert_gate=True, bias=True), dispatch=dispatch)
+        for k in (1, 2):  # weights on the input: K = 1 folds them into x, K > 1 expands rows
+            cases[f"weights-on-input-K{k}-{dispatch}"] = dict(cfg=replace(base, top_k=k, routing=llama4),
+                                                              dispatch=dispatch)
+        for scheme in ("fp8_channel", "fp8_block", "int8_channel"):  # per-row scales travel with the codes
+            cases[f"{scheme}-{dispatch}"] = dict(cfg=replace(base, hidden_size=128, intermediate_size=64),
+                                                 dispatch=dispatch, scheme=scheme)
+        if "triton" in available_backends("cpu"):
+            cases[f"triton-{dispatch}"] = dict(cfg=replace(base, backend="triton"), dispatch=dispatch, patterns=2)
+    # Dynamic per-tensor scales depend on which rows a rank computes: its GEMM 2 input scale covers only the rows
+    # of its own experts, so the result differs from one process within the quantization tolerance only.
+    for dispatch in DISPATCHES:
+        cases[f"fp8_tensor-{dispatch}"] = dict(cfg=replace(base, hidden_size=128, intermediate_size=64),
+                                               dispatch=dispatch, scheme="fp8_tensor", tol=QUANT_TOLERANCES["fp8_e4m3"])
+    return cases
+
+
+CASES = _float_cases()
+OTHER = ("collective_counts", "refusals")
+
+
+def _shard(full: moekit.MoE, parallel: moekit.ParallelConfig, dtype: torch.dtype) -> moekit.MoE:
+    """The EP layer holding ``full``'s router, shared experts and this rank's experts."""
+    ep = moekit.MoE(full.config, dtype=dtype, parallel=parallel)
+    ids = local_experts(parallel.ep_size, parallel.ep_rank, full.config.num_experts, parallel.placement)
+    state = {k: v[ids] if k.startswith("routed_experts.") else v for k, v in full.state_dict().items()}
+    ep.load_state_dict(state)
+    return ep
+
+
+def _run_case(name: str, case: dict, rank: int, world: int) -> None:
+    dtype = case.get("dtype", torch.float32)
+    torch.manual_seed(1234)  # the same full layer and inputs on every rank
+    full = moekit.MoE(case["cfg"], dtype=dtype)
+    parallel = moekit.ParallelConfig(ep_size=world, ep_rank=rank, dispatch=case["dispatch"],
+                                     placement=case.get("placement", "linear"))
+    ep = _shard(full, parallel, dtype)
+    if "scheme" in case:
+        moekit.quantize(full, case["scheme"])
+        moekit.quantize(ep, case["scheme"])
+    errors = []  # every pattern runs on every rank even after a mismatch, so the ranks' collectives stay paired
+    for counts in _patterns(world)[-case.get("patterns", 4):]:
+        x_all = torch.randn(sum(counts), full.config.hidden_size, dtype=dtype)
+        start = sum(counts[:rank])
+        with torch.no_grad():
+            expected = full(x_all)[start:start + counts[rank]]
+            got = ep(x_all[start:start + counts[rank]])
+        try:
+            assert got.dtype == dtype, got.dtype
+            # fp32: within 1e-5 of the single-process layer (the table's fp32 row); bf16: the bf16 row.
+            assert_close(got, expected, dtype, name=f"{name} tokens {counts}", tol=case.get("tol"))
+        except AssertionError as err:
+            errors.append(str(err))
+    assert not errors, "\n".join(errors)
+
+
+def _collective_counts(rank: int, world: int) -> None:
+    """Three collectives per call for both dispatches, as moekit.distributed.dispatch documents (one for
+    allgather_reducescatter when no rank has a token)."""
+    calls: list[str] = []
+    names = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor",
+             "all_to_all_single", "all_reduce", "all_gather", "broadcast", "barrier")
+    originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+
+    def counting(n):
+        def call(*args, **kwargs):
+            calls.append(n)
+            return originals[n](*args, **kwargs)
+        return call
+
+    cfg = moekit.MoEConfig(num_experts=8, top_k=2, hidden_size=H, intermediate_size=I, shared_intermediate_size=8)
+    expected = {"allgather_reducescatter": ["all_gather_single", "all_gather_single", "reduce_scatter_single"],
+                "all_to_all": ["all_to_all_single"] * 3}
+    for dispatch, seq in expected.items():
+        ep = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank, dispatch=dispatch))
+        for tokens, want in ((3 + rank, seq), (0, seq if dispatch == "all_to_all" else seq[:1])):
+            for n in originals:
+                setattr(dist, n, counting(n))
+            try:
+                calls.clear()
+                with torch.no_grad():
+                    ep(torch.randn(tokens, H))
+            finally:
+                for n, fn in originals.items():
+                    setattr(dist, n, fn)
+            assert calls == want, f"{dispatch}, {tokens} tokens: {calls} != {want}"
+
+
+def _refusals(rank: int, world: int) -> None:
+    cfg = moekit.MoEConfig(num_experts=8, top_k=2, hidden_size=H, intermediate_size=I)
+    with pytest.raises(ValueError, match="ep_rank"):
+        moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=(rank + 1) % world))
+    with pytest.raises(ValueError, match="ep_size"):
+        moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world + 1, ep_rank=rank))
+    ep = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank))
+    with pytest.raises(ValueError, match="no backward"):  # refused before any collective: no rank waits
+        ep(torch.randn(2, H))
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # A rank that fails between collectives leaves the others waiting: a short timeout turns that into an error.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    results: dict[str, str | None] = {}
+    steps = [(n, lambda n=n, c=c: _run_case(n, c, rank, world)) for n, c in CASES.items()]
+    steps += [("collective_counts", lambda: _collective_counts(rank, world)),
+              ("refusals", lambda: _refusals(rank, world))]
+    try:
+        for name, step in steps:
+            try:
+                step()
+                results[name] = None
+            except Exception:  # reported per case; the ranks stay in step since every case ends collectively
+                results[name] = traceback.format_exc()
+            dist.barrier()
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
+def results(request, tmp_path_factory):
+    world = request.param
+    out_dir = tmp_path_factory.mktemp(f"ep_world{world}")
+    mp.spawn(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world)
+    return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)}
+
+
+@pytest.mark.parametrize("case", [*CASES, *OTHER])
+def test_expert_parallel(results, case):
+    failures = {rank: res.get(case, "not run") for rank, res in results.items() if res.get(case, "not run")}
+    assert not failures, "\n".join(f"rank {r}:\n{err}" for r, err in failures.items())
