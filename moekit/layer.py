@@ -111,6 +111,8 @@ class MoE(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         backend: str = "auto",
+        parallel: ParallelConfig | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> MoE:
         """One MoE block of a transformers checkpoint directory, built and loaded from it.
 
@@ -124,13 +126,16 @@ class MoE(nn.Module):
                 checkpoint order; DeepSeek-V3's first sparse decoder layer is block 0); optional when there is one.
             prefix: the block's checkpoint prefix instead (``model.layers.3.mlp``).
             dtype: the activation dtype; by default config.json's ``dtype``/``torch_dtype``.
+            parallel, process_group: expert parallelism as in ``MoE(config, parallel=..., process_group=...)``;
+                only this rank's experts are read from the full checkpoint.
         """
         if cls is not MoE:
             raise TypeError(f"from_pretrained builds a moekit.MoE, not a {cls.__name__}")
-        # Imported here: moekit.loading builds on this module (loading sits above the modules, never below).
-        from moekit.loading import from_pretrained
+        # Imported here: moekit.pretrained builds on this module (loading sits above the modules, never below).
+        from moekit.pretrained import from_pretrained
 
-        return from_pretrained(path, layer, prefix=prefix, dtype=dtype, device=device, backend=backend)
+        return from_pretrained(path, layer, prefix=prefix, dtype=dtype, device=device, backend=backend,
+                               parallel=parallel, process_group=process_group)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         # .to(dtype)/.half()/.bfloat16() cast every floating buffer, but the correction bias only ranks experts, by

@@ -67,7 +67,8 @@ def _float_cases() -> dict[str, dict]:
 
 
 CASES = _float_cases()
-OTHER = ("collective_counts", "refusals")
+OTHER = ("collective_counts", "checkpoint_loads_local_experts", "from_pretrained_parallel",
+         "fused_checkpoint_loads_local_rows", "refusals")
 
 
 def _shard(full: moekit.MoE, parallel: moekit.ParallelConfig, dtype: torch.dtype) -> moekit.MoE:
@@ -137,6 +138,80 @@ def _collective_counts(rank: int, world: int) -> None:
             assert calls == want, f"{dispatch}, {tokens} tokens: {calls} != {want}"
 
 
+def _write_checkpoint(full: moekit.MoE, path: str) -> None:
+    """A Qwen3-MoE-style checkpoint of ``full`` (per-expert tensors) with its config.json, written by rank 0."""
+    from safetensors.torch import save_file
+
+    cfg = full.config
+    prefix = "model.layers.0.mlp."
+    tensors = {prefix + "gate.weight": full.gate.weight}
+    w13, w2 = full.routed_experts.w13, full.routed_experts.w2
+    for e in range(cfg.num_experts):
+        tensors[f"{prefix}experts.{e}.gate_proj.weight"] = w13[e, :I]
+        tensors[f"{prefix}experts.{e}.up_proj.weight"] = w13[e, I:]
+        tensors[f"{prefix}experts.{e}.down_proj.weight"] = w2[e]
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
+    config = {"model_type": "qwen3_moe", "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k,
+              "hidden_size": H, "moe_intermediate_size": I, "norm_topk_prob": True, "num_hidden_layers": 1,
+              "decoder_sparse_step": 1, "mlp_only_layers": [], "hidden_act": "silu", "torch_dtype": "float32"}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def _fused_checkpoint_case(rank: int, world: int, out_dir: str) -> None:
+    """Fused [E, 2I, H] / [E, H, I] tensors (with biases): each rank keeps its experts' rows."""
+    path = os.path.join(out_dir, "fused.safetensors")
+    torch.manual_seed(8)
+    cfg = moekit.MoEConfig(num_experts=10, top_k=2, hidden_size=H, intermediate_size=I, bias=True)
+    full = moekit.MoE(cfg)
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        r = full.routed_experts
+        save_file({"mlp.gate.weight": full.gate.weight.detach(), "mlp.experts.gate_up_proj": r.w13.detach(),
+                   "mlp.experts.down_proj": r.w2.detach(), "mlp.experts.gate_up_proj_bias": r.w13_bias.detach(),
+                   "mlp.experts.down_proj_bias": r.w2_bias.detach()}, path)
+    dist.barrier()
+    from moekit.loading import load_moe
+
+    ep = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank))
+    report = load_moe(ep, path, "mlp")
+    assert report.layout == "fused" and not report.missing and not report.unexpected, report
+    ids = local_experts(world, rank, 10)
+    for name in ("w13", "w2", "w13_bias", "w2_bias"):
+        assert torch.equal(getattr(ep.routed_experts, name), getattr(full.routed_experts, name)[ids]), name
+
+
+def _checkpoint_case(rank: int, world: int, out_dir: str, via_from_pretrained: bool) -> None:
+    path = os.path.join(out_dir, "ckpt")
+    torch.manual_seed(7)
+    cfg = moekit.MoEConfig(num_experts=10, top_k=2, hidden_size=H, intermediate_size=I,
+                           routing=moekit.RoutingConfig(renormalize=True))
+    full = moekit.MoE(cfg)
+    if rank == 0 and not os.path.exists(os.path.join(path, "config.json")):
+        os.makedirs(path, exist_ok=True)
+        _write_checkpoint(full, path)
+    dist.barrier()
+    parallel = moekit.ParallelConfig(ep_size=world, ep_rank=rank, placement="round_robin", dispatch="all_to_all")
+    ids = local_experts(world, rank, 10, "round_robin")
+    if via_from_pretrained:
+        ep = moekit.MoE.from_pretrained(path, parallel=parallel)
+    else:
+        from moekit.loading import load_moe
+
+        ep = moekit.MoE(cfg, parallel=parallel)
+        report = load_moe(ep, path, "model.layers.0.mlp")  # strict: no missing, no unexpected keys
+        assert not report.missing and not report.unexpected, report
+        held = {int(k.split(".experts.")[1].split(".")[0]) for k in report.loaded if ".experts." in k}
+        skipped = {int(k.split(".experts.")[1].split(".")[0]) for k in report.skipped}
+        assert held == set(ids.tolist()) and skipped == set(range(10)) - held, (held, skipped)
+    assert torch.equal(ep.routed_experts.w13, full.routed_experts.w13[ids])
+    assert torch.equal(ep.routed_experts.w2, full.routed_experts.w2[ids])
+    x_all = torch.randn(4 * world, H)
+    with torch.no_grad():
+        assert_close(ep(x_all[4 * rank:4 * rank + 4]), full(x_all)[4 * rank:4 * rank + 4], torch.float32)
+
+
 def _refusals(rank: int, world: int) -> None:
     cfg = moekit.MoEConfig(num_experts=8, top_k=2, hidden_size=H, intermediate_size=I)
     with pytest.raises(ValueError, match="ep_rank"):
@@ -156,6 +231,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     results: dict[str, str | None] = {}
     steps = [(n, lambda n=n, c=c: _run_case(n, c, rank, world)) for n, c in CASES.items()]
     steps += [("collective_counts", lambda: _collective_counts(rank, world)),
+              ("checkpoint_loads_local_experts", lambda: _checkpoint_case(rank, world, out_dir, False)),
+              ("from_pretrained_parallel", lambda: _checkpoint_case(rank, world, out_dir, True)),
+              ("fused_checkpoint_loads_local_rows", lambda: _fused_checkpoint_case(rank, world, out_dir)),
               ("refusals", lambda: _refusals(rank, world))]
     try:
         for name, step in steps:
