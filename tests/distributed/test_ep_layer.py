@@ -80,7 +80,7 @@ def _shard(full: moekit.MoE, parallel: moekit.ParallelConfig, dtype: torch.dtype
     return ep
 
 
-def _run_case(name: str, case: dict, rank: int, world: int) -> None:
+def _run_case(name: str, case: dict, rank: int, world: int, device: str = "cpu") -> None:
     dtype = case.get("dtype", torch.float32)
     torch.manual_seed(1234)  # the same full layer and inputs on every rank
     full = moekit.MoE(case["cfg"], dtype=dtype)
@@ -90,9 +90,10 @@ def _run_case(name: str, case: dict, rank: int, world: int) -> None:
     if "scheme" in case:
         moekit.quantize(full, case["scheme"])
         moekit.quantize(ep, case["scheme"])
+    full, ep = full.to(device), ep.to(device)  # built on the CPU: the same weights on every rank's device
     errors = []  # every pattern runs on every rank even after a mismatch, so the ranks' collectives stay paired
     for counts in _patterns(world)[-case.get("patterns", 4):]:
-        x_all = torch.randn(sum(counts), full.config.hidden_size, dtype=dtype)
+        x_all = torch.randn(sum(counts), full.config.hidden_size, dtype=dtype).to(device)
         start = sum(counts[:rank])
         with torch.no_grad():
             expected = full(x_all)[start:start + counts[rank]]
@@ -106,7 +107,7 @@ def _run_case(name: str, case: dict, rank: int, world: int) -> None:
     assert not errors, "\n".join(errors)
 
 
-def _collective_counts(rank: int, world: int) -> None:
+def _collective_counts(rank: int, world: int, device: str = "cpu") -> None:
     """Three collectives per call for both dispatches, as moekit.distributed.dispatch documents (one for
     allgather_reducescatter when no rank has a token)."""
     calls: list[str] = []
@@ -124,14 +125,15 @@ def _collective_counts(rank: int, world: int) -> None:
     expected = {"allgather_reducescatter": ["all_gather_single", "all_gather_single", "reduce_scatter_single"],
                 "all_to_all": ["all_to_all_single"] * 3}
     for dispatch, seq in expected.items():
-        ep = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank, dispatch=dispatch))
+        ep = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank, dispatch=dispatch),
+                        device=device)
         for tokens, want in ((3 + rank, seq), (0, seq if dispatch == "all_to_all" else seq[:1])):
             for n in originals:
                 setattr(dist, n, counting(n))
             try:
                 calls.clear()
                 with torch.no_grad():
-                    ep(torch.randn(tokens, H))
+                    ep(torch.randn(tokens, H, device=device))
             finally:
                 for n, fn in originals.items():
                     setattr(dist, n, fn)
@@ -223,18 +225,24 @@ def _refusals(rank: int, world: int) -> None:
         ep(torch.randn(2, H))
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") -> None:
+    """One rank: gloo on the CPU, or NCCL on GPU ``rank`` (the layer cases and the collective count only)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    device = "cpu"
+    if backend == "nccl":
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(device)
     # A rank that fails between collectives leaves the others waiting: a short timeout turns that into an error.
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     results: dict[str, str | None] = {}
-    steps = [(n, lambda n=n, c=c: _run_case(n, c, rank, world)) for n, c in CASES.items()]
-    steps += [("collective_counts", lambda: _collective_counts(rank, world)),
-              ("checkpoint_loads_local_experts", lambda: _checkpoint_case(rank, world, out_dir, False)),
-              ("from_pretrained_parallel", lambda: _checkpoint_case(rank, world, out_dir, True)),
-              ("fused_checkpoint_loads_local_rows", lambda: _fused_checkpoint_case(rank, world, out_dir)),
-              ("refusals", lambda: _refusals(rank, world))]
+    steps = [(n, lambda n=n, c=c: _run_case(n, c, rank, world, device)) for n, c in CASES.items()]
+    steps += [("collective_counts", lambda: _collective_counts(rank, world, device))]
+    if backend == "gloo":
+        steps += [("checkpoint_loads_local_experts", lambda: _checkpoint_case(rank, world, out_dir, False)),
+                  ("from_pretrained_parallel", lambda: _checkpoint_case(rank, world, out_dir, True)),
+                  ("fused_checkpoint_loads_local_rows", lambda: _fused_checkpoint_case(rank, world, out_dir)),
+                  ("refusals", lambda: _refusals(rank, world))]
     try:
         for name, step in steps:
             try:
