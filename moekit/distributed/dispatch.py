@@ -19,8 +19,12 @@ Every rank holds the router, the shared experts and its own experts (``RoutedExp
         combine  all_to_all_single back with the splits reversed; at home out[t] = Σ_k w[t, k] · y[t, k] in fp32,
                  rounded once
 
-Collectives per layer call: 3 for both (allgather_reducescatter: 1 when no rank has a token). One host sync per
-call for the split sizes; a padded, sync-free variant for CUDA-graph capture is not built yet.
+Collectives per layer call: 3 for both (allgather_reducescatter: 1 when no rank has a token), and one host sync
+for the counts. Sync-free (``sync_free``; by default while a CUDA graph is being captured) every rank must call
+with the same token count T: allgather_reducescatter then skips the counts (2 collectives, 0 when T = 0);
+all_to_all skips them too and sends N = T·K slots to every rank, real rows in the first ones and zero rows
+routed to one of that rank's experts after them (2 collectives; each rank computes W·N rows, cheap at decode
+sizes).
 
 8-bit activations travel as their codes (uint8 views) with per-row scales, so fewer bytes move, whenever the
 quantization is per row (token, group) or uses a static scale. A dynamic per-tensor scale cannot be computed
@@ -38,7 +42,7 @@ import torch.distributed as dist
 
 from moekit._checks import check_choice, check_positive
 from moekit.config import DISPATCHES, PLACEMENTS
-from moekit.distributed.placement import expert_owners
+from moekit.distributed.placement import expert_owners, local_experts
 from moekit.kernel.prepare_finalize import (
     LocalPrepareFinalize,
     PrepareFinalize,
@@ -95,9 +99,14 @@ class ExpertParallelPrepareFinalize(PrepareFinalize):
         ep_size, ep_rank: this rank's place; must be the process group's size and this process's rank in it.
         placement: ``linear`` | ``round_robin`` (``moekit.distributed.determine_expert_map``).
         group: the process group (None: the default group, the ranks of ``torchrun``).
+
+    ``sync_free``: None (default) runs the sync-free variant only while a CUDA graph is being captured, True
+    always, False never. Sync-free, no count is exchanged and nothing waits for the host: every rank must then
+    call with the same token count (a padded decode batch, as CUDA graphs have anyway).
     """
 
     collective = True
+    sync_free: bool | None = None
 
     def __init__(self, *, num_experts: int, ep_size: int, ep_rank: int, placement: str = "linear",
                  group: dist.ProcessGroup | None = None) -> None:
@@ -117,18 +126,29 @@ class ExpertParallelPrepareFinalize(PrepareFinalize):
         self.num_experts, self.ep_size, self.ep_rank = num_experts, ep_size, ep_rank
         self.placement, self.group = placement, group
         self._owners = expert_owners(ep_size, num_experts, placement)
-        self._owners_on: dict[torch.device, torch.Tensor] = {}
+        # Each rank's first expert: the id padding rows of a sync-free all-to-all carry (any of its experts would do).
+        self._first = torch.stack([local_experts(ep_size, r, num_experts, placement)[0] for r in range(ep_size)])
+        self._tables_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(num_experts={self.num_experts}, ep_size={self.ep_size}, "
                 f"ep_rank={self.ep_rank}, placement={self.placement!r})")
 
-    def owners(self, device: torch.device) -> torch.Tensor:
-        """The rank of each global expert, int64 [E], on ``device`` (copied there once)."""
-        owners = self._owners_on.get(device)
-        if owners is None:
-            owners = self._owners_on[device] = self._owners.to(device)
-        return owners
+    def __deepcopy__(self, memo: dict) -> ExpertParallelPrepareFinalize:
+        return self  # stateless past its construction and bound to a process group: a copied layer shares it
+
+    def _sync_free(self, device: torch.device) -> bool:
+        if self.sync_free is not None:
+            return self.sync_free
+        return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(owners int64 [E], first int32 [W])`` on ``device`` (copied there once): the rank of each global
+        expert and each rank's first expert."""
+        tables = self._tables_on.get(device)
+        if tables is None:
+            tables = self._tables_on[device] = (self._owners.to(device), self._first.to(device, torch.int32))
+        return tables
 
 
 @dataclass(frozen=True)
@@ -149,9 +169,12 @@ class AllGatherReduceScatter(ExpertParallelPrepareFinalize):
         check_act_dtype(quant)
         num_tokens, top_k = topk_ids_TK.shape
         device = hidden_states_TH.device
-        counts = torch.empty(self.ep_size, dtype=torch.int64, device=device)
-        _all_gather(counts, torch.tensor([num_tokens], dtype=torch.int64, device=device), self.group)
-        counts_list = counts.tolist()  # the host sync: padding and the rows to keep depend on every rank's count
+        if self._sync_free(device):
+            counts_list = [num_tokens] * self.ep_size  # the caller's promise: every rank has as many tokens
+        else:
+            counts = torch.empty(self.ep_size, dtype=torch.int64, device=device)
+            _all_gather(counts, torch.tensor([num_tokens], dtype=torch.int64, device=device), self.group)
+            counts_list = counts.tolist()  # the host sync: padding and the rows to keep depend on every count
         max_tokens = max(counts_list)
         # Prepared where the tokens are (codes + per-row scales travel) unless a row's result depends on other rows
         # (a dynamic per-tensor scale) or K rows per token would travel instead of one (weights on the input, K > 1).
@@ -213,8 +236,9 @@ class AllGatherReduceScatter(ExpertParallelPrepareFinalize):
 @dataclass(frozen=True)
 class _AllToAllHandle:
     order: torch.Tensor  # int64 [N]: routed row (t·K + k) of each sent row, sorted by destination rank
-    send_splits: list[int]  # rows sent to each rank
-    recv_splits: list[int]  # rows received from each rank
+    send_splits: list[int] | None  # rows sent to each rank (None: sync-free, N padded rows to each)
+    recv_splits: list[int] | None  # rows received from each rank
+    slots: torch.Tensor | None  # sync-free: int64 [N], each sorted row's place among the W·N padded rows
     weights: torch.Tensor | None  # float32 [T, K] applied at home; None when already multiplied into x
     top_k: int
     dtype: torch.dtype  # the layer's dtype
@@ -229,14 +253,25 @@ class AllToAll(ExpertParallelPrepareFinalize):
         check_act_dtype(quant)
         num_tokens, top_k = topk_ids_TK.shape
         x, device = hidden_states_TH, hidden_states_TH.device
+        num_rows, world = num_tokens * top_k, self.ep_size
+        owners, first = self.tables(device)
         ids_N = topk_ids_TK.reshape(-1)
-        dest_N = self.owners(device)[ids_N.long()]
+        dest_N = owners[ids_N.long()]
         order = torch.sort(dest_N, stable=True).indices  # stable: a rank's rows stay in routed-row order
-        send_counts = torch.bincount(dest_N, minlength=self.ep_size)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        # The one host sync: the payload's split sizes (a CUDA-graph variant would pad to a fixed size instead).
-        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+        send_splits = recv_splits = slots = None
+        if self._sync_free(device):
+            # N slots per destination (all N rows may go to one rank), so no count travels and the host never
+            # waits; row i of destination r, in sorted order, takes slot r·N + i. Every rank has N rows too.
+            counts = torch.zeros(world, dtype=torch.int64, device=device).index_add_(0, dest_N, torch.ones_like(dest_N))
+            dest_sorted = dest_N[order]
+            starts = torch.cumsum(counts, 0) - counts
+            slots = dest_sorted * num_rows + torch.arange(num_rows, device=device) - starts[dest_sorted]
+        else:
+            send_counts = torch.bincount(dest_N, minlength=world)
+            recv_counts = torch.empty_like(send_counts)
+            dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+            # The one host sync: the payload's split sizes.
+            send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
         token_N = order // top_k
         if apply_router_weight_on_input:
             # Each row scaled by its own expert's weight, rounded to the layer's dtype as the local path does.
@@ -254,11 +289,18 @@ class AllToAll(ExpertParallelPrepareFinalize):
                 rows.append(scale)
             else:
                 static_scale = scale
-        rows.append(ids_N[order].to(torch.int32).unsqueeze(1))
+        ids_rows = ids_N[order].to(torch.int32).unsqueeze(1)
+        layout = _row_layout([*rows, ids_rows])
         send = _pack(rows)
-        recv = send.new_empty(sum(recv_splits), send.shape[1])
+        if slots is not None:
+            # Padding rows are zero bytes routed to an expert of their destination; their results are never read.
+            # (Padded as bytes: index_copy_ has no 8-bit float kernel on every device.)
+            send = send.new_zeros(world * num_rows, send.shape[1]).index_copy_(0, slots, send)
+            ids_rows = first.repeat_interleave(num_rows).unsqueeze(1).index_copy_(0, slots, ids_rows)
+        send = torch.cat([send, _pack([ids_rows])], dim=1)
+        recv = send.new_empty(send.shape[0] if slots is not None else sum(recv_splits), send.shape[1])
         dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group)
-        got = _unpack(recv, _row_layout(rows))
+        got = _unpack(recv, layout)
         x_n, ids_n1 = got[0], got[-1]
         scale_n = got[1] if len(got) == 3 else static_scale
         if not early:
@@ -268,14 +310,17 @@ class AllToAll(ExpertParallelPrepareFinalize):
             hidden_states=x_n, hidden_scale=scale_n,
             topk_weights=torch.ones(x_n.shape[0], 1, dtype=torch.float32, device=device), topk_ids=ids_n1,
             weights_applied=apply_router_weight_on_input, num_tokens=num_tokens, experts_out_dtype=x.dtype,
-            handle=_AllToAllHandle(order, send_splits, recv_splits, weights, top_k, x.dtype),
+            handle=_AllToAllHandle(order, send_splits, recv_splits, slots, weights, top_k, x.dtype),
         )
 
     def finalize(self, output_TH: torch.Tensor, prep: PrepareResult) -> torch.Tensor:
         handle: _AllToAllHandle = prep.handle
         hidden = output_TH.shape[1]
-        back = output_TH.new_empty(len(handle.order), hidden)
+        rows = len(handle.order) if handle.slots is None else output_TH.shape[0]
+        back = output_TH.new_empty(rows, hidden)
         dist.all_to_all_single(back, output_TH.contiguous(), handle.send_splits, handle.recv_splits, group=self.group)
+        if handle.slots is not None:
+            back = back.index_select(0, handle.slots)
         y_N = torch.empty_like(back).index_copy_(0, handle.order, back).float()
         y_TKH = y_N.view(prep.num_tokens, handle.top_k, hidden)
         if handle.weights is not None:

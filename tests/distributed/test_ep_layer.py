@@ -8,7 +8,9 @@ asserts per case. A case runs its layer on four token patterns per rank: all 0, 
 
 from __future__ import annotations
 
+import copy
 import datetime
+import itertools
 import json
 import os
 import socket
@@ -56,6 +58,12 @@ def _float_cases() -> dict[str, dict]:
         for scheme in ("fp8_channel", "fp8_block", "int8_channel"):  # per-row scales travel with the codes
             cases[f"{scheme}-{dispatch}"] = dict(cfg=replace(base, hidden_size=128, intermediate_size=64),
                                                  dispatch=dispatch, scheme=scheme)
+        # Sync-free (what CUDA-graph capture runs): equal token counts on every rank, no count exchanged.
+        for label, cfg in (("", base), ("weights-on-input-K2-", replace(base, routing=llama4)),
+                           ("E10-K10-", replace(base, top_k=10))):
+            cases[f"sync-free-{label}{dispatch}"] = dict(cfg=cfg, dispatch=dispatch, sync_free=True)
+        cases[f"sync-free-fp8_block-{dispatch}"] = dict(cfg=replace(base, hidden_size=128, intermediate_size=64),
+                                                        dispatch=dispatch, scheme="fp8_block", sync_free=True)
         if "triton" in available_backends("cpu"):
             cases[f"triton-{dispatch}"] = dict(cfg=replace(base, backend="triton"), dispatch=dispatch, patterns=2)
     # Dynamic per-tensor scales depend on which rows a rank computes: its GEMM 2 input scale covers only the rows
@@ -87,12 +95,14 @@ def _run_case(name: str, case: dict, rank: int, world: int, device: str = "cpu")
     parallel = moekit.ParallelConfig(ep_size=world, ep_rank=rank, dispatch=case["dispatch"],
                                      placement=case.get("placement", "linear"))
     ep = _shard(full, parallel, dtype)
+    ep.routed_experts.prepare_finalize.sync_free = case.get("sync_free")
     if "scheme" in case:
         moekit.quantize(full, case["scheme"])
         moekit.quantize(ep, case["scheme"])
     full, ep = full.to(device), ep.to(device)  # built on the CPU: the same weights on every rank's device
     errors = []  # every pattern runs on every rank even after a mismatch, so the ranks' collectives stay paired
-    for counts in _patterns(world)[-case.get("patterns", 4):]:
+    patterns = _patterns(world)[:3] if case.get("sync_free") else _patterns(world)  # sync-free: equal counts
+    for counts in patterns[-case.get("patterns", 4):]:
         x_all = torch.randn(sum(counts), full.config.hidden_size, dtype=dtype).to(device)
         start = sum(counts[:rank])
         with torch.no_grad():
@@ -124,10 +134,14 @@ def _collective_counts(rank: int, world: int, device: str = "cpu") -> None:
     cfg = moekit.MoEConfig(num_experts=8, top_k=2, hidden_size=H, intermediate_size=I, shared_intermediate_size=8)
     expected = {"allgather_reducescatter": ["all_gather_single", "all_gather_single", "reduce_scatter_single"],
                 "all_to_all": ["all_to_all_single"] * 3}
-    for dispatch, seq in expected.items():
+    for (dispatch, seq), sync_free in itertools.product(expected.items(), (None, True)):
         ep = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank, dispatch=dispatch),
                         device=device)
-        for tokens, want in ((3 + rank, seq), (0, seq if dispatch == "all_to_all" else seq[:1])):
+        ep.routed_experts.prepare_finalize.sync_free = sync_free
+        runs = ((3 + rank, seq), (0, seq if dispatch == "all_to_all" else seq[:1]))
+        if sync_free:  # no count exchange; equal token counts on every rank
+            runs = ((3, seq[1:]), (0, seq[1:] if dispatch == "all_to_all" else []))
+        for tokens, want in runs:
             for n in originals:
                 setattr(dist, n, counting(n))
             try:
@@ -137,7 +151,13 @@ def _collective_counts(rank: int, world: int, device: str = "cpu") -> None:
             finally:
                 for n, fn in originals.items():
                     setattr(dist, n, fn)
-            assert calls == want, f"{dispatch}, {tokens} tokens: {calls} != {want}"
+            assert calls == want, f"{dispatch}, sync_free={sync_free}, {tokens} tokens: {calls} != {want}"
+    # A copied layer shares the dispatch (bound to the process group) and computes the same.
+    x = torch.randn(5, H, device=device)
+    with torch.no_grad():
+        copied = copy.deepcopy(ep)
+        assert copied.routed_experts.prepare_finalize is ep.routed_experts.prepare_finalize
+        assert torch.equal(copied(x), ep(x))
 
 
 def _write_checkpoint(full: moekit.MoE, path: str) -> None:
@@ -225,6 +245,37 @@ def _refusals(rank: int, world: int) -> None:
         ep(torch.randn(2, H))
 
 
+def _cuda_graph_case(rank: int, world: int, device: str) -> None:
+    """NCCL only: a whole EP layer captured in a CUDA graph (the sync-free dispatch, chosen while capturing)
+    replays to what the eager layer computes on new inputs."""
+    cfg = moekit.MoEConfig(num_experts=10, top_k=2, hidden_size=H, intermediate_size=I)
+    torch.manual_seed(5)
+    full = moekit.MoE(cfg, dtype=torch.bfloat16)
+    errors = []
+    for dispatch in DISPATCHES:
+        parallel = moekit.ParallelConfig(ep_size=world, ep_rank=rank, dispatch=dispatch)
+        ep = _shard(full, parallel, torch.bfloat16).to(device)
+        static_x = torch.randn(4, H, dtype=torch.bfloat16, device=device)
+        with torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (Triton compiles, allocator settles) outside the capture
+                ep(static_x)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y = ep(static_x)
+            for _ in range(2):
+                x = torch.randn(4, H, dtype=torch.bfloat16, device=device)
+                static_x.copy_(x)
+                graph.replay()
+                try:
+                    assert_close(static_y, ep(x), torch.bfloat16, name=f"{dispatch} graph replay")
+                except AssertionError as err:
+                    errors.append(str(err))
+    assert not errors, "\n".join(errors)
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") -> None:
     """One rank: gloo on the CPU, or NCCL on GPU ``rank`` (the layer cases and the collective count only)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -238,6 +289,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo
     results: dict[str, str | None] = {}
     steps = [(n, lambda n=n, c=c: _run_case(n, c, rank, world, device)) for n, c in CASES.items()]
     steps += [("collective_counts", lambda: _collective_counts(rank, world, device))]
+    if backend == "nccl":
+        steps += [("cuda_graph", lambda: _cuda_graph_case(rank, world, device))]
     if backend == "gloo":
         steps += [("checkpoint_loads_local_experts", lambda: _checkpoint_case(rank, world, out_dir, False)),
                   ("from_pretrained_parallel", lambda: _checkpoint_case(rank, world, out_dir, True)),

@@ -1,5 +1,6 @@
 """The expert-parallel cases of test_ep_layer.py on NCCL, one rank per GPU (2 to 4 GPUs): every rank's output
-equals the single-process layer on its GPU, and the collective count is the documented one."""
+equals the single-process layer on its GPU, the collective count is the documented one, and a layer captured
+in a CUDA graph replays to the eager result."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def results(tmp_path_factory):
     return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)}
 
 
-@pytest.mark.parametrize("case", [*CASES, "collective_counts"])
+@pytest.mark.parametrize("case", [*CASES, "collective_counts", "cuda_graph"])
 def test_expert_parallel_nccl(results, case):
     failures = {rank: res.get(case, "not run") for rank, res in results.items() if res.get(case, "not run")}
     assert not failures, "\n".join(f"rank {r}:\n{err}" for r, err in failures.items())
