@@ -5,7 +5,7 @@
 See docs/ARCHITECTURE.md for the pipeline and where each kind of change belongs.
 """
 
-from moekit.config import MoEConfig, RoutingConfig
+from moekit.config import MoEConfig, ParallelConfig, RoutingConfig
 from moekit.functional import fused_experts
 from moekit.kernel import Experts, LocalPrepareFinalize, ModularKernel, PrepareFinalize, PrepareResult
 from moekit.layer import MoE
@@ -26,6 +26,7 @@ __all__ = [
     "MoEConfig",
     "MoEQuantMethod",
     "ModularKernel",
+    "ParallelConfig",
     "PrepareFinalize",
     "PrepareResult",
     "QuantParams",

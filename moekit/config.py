@@ -1,7 +1,7 @@
 """Frozen, validated configuration for a MoE layer.
 
-``MoEConfig`` describes one layer: sizes, activation, routing (``RoutingConfig``), shared experts and biases.
-Every field is checked in ``__post_init__`` and errors name the field, so a bad config fails where it is built,
+``MoEConfig`` describes one layer: sizes, activation, routing (``RoutingConfig``), shared experts and biases;
+``ParallelConfig`` how the layer is spread over ranks (expert parallelism). Every field is checked in ``__post_init__`` and errors name the field, so a bad config fails where it is built,
 not deep inside a kernel.
 """
 
@@ -17,6 +17,9 @@ from moekit.ops.activation import Activation, resolve_activation
 SCORING_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 BACKENDS = ("auto", "torch", "triton")
+# Expert placements (moekit.distributed.determine_expert_map) and expert-parallel dispatches (moekit.distributed).
+PLACEMENTS = ("linear", "round_robin")
+DISPATCHES = ("allgather_reducescatter", "all_to_all")
 
 
 def check_grouped_topk(
@@ -187,3 +190,61 @@ class MoEConfig:
     @property
     def has_shared_experts(self) -> bool:
         return self.shared_intermediate_size > 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How one MoE layer is spread over the ranks of a process group (``MoE(config, parallel=...)``).
+
+    Args:
+        ep_size: ranks the routed experts are split over (expert parallelism); 1 = every expert on every rank.
+        ep_rank: this rank's index in [0, ep_size).
+        tp_size: ranks each expert's intermediate dimension is split over (tensor parallelism); only 1 for now.
+        tp_rank: this rank's index in [0, tp_size). Ranks are laid out TP-innermost, as in vLLM: the rank in the
+            process group is ``ep_rank * tp_size + tp_rank``.
+        placement: which experts a rank holds: ``linear`` (contiguous ranges, the first ``E % ep_size`` ranks one
+            more) or ``round_robin`` (expert e on rank ``e % ep_size``).
+        dispatch: how tokens reach the experts' ranks: ``allgather_reducescatter`` (every rank sees every token)
+            or ``all_to_all`` (each routed row travels only to the rank that owns its expert).
+        num_redundant_experts: extra expert replicas for load balancing (EPLB); only 0 for now.
+    """
+
+    ep_size: int = 1
+    ep_rank: int = 0
+    tp_size: int = 1
+    tp_rank: int = 0
+    placement: str = "linear"
+    dispatch: str = "allgather_reducescatter"
+    num_redundant_experts: int = 0
+
+    def __post_init__(self) -> None:
+        for size, rank in (("ep_size", "ep_rank"), ("tp_size", "tp_rank")):
+            check_positive(size, getattr(self, size))
+            value = getattr(self, rank)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{rank}: expected an int, got {type(value).__name__}")
+            if not 0 <= value < getattr(self, size):
+                raise ValueError(f"{rank}: expected in [0, {size}={getattr(self, size)}), got {value}")
+        check_choice("placement", self.placement, PLACEMENTS)
+        check_choice("dispatch", self.dispatch, DISPATCHES)
+        redundant = self.num_redundant_experts
+        if isinstance(redundant, bool) or not isinstance(redundant, int):
+            raise TypeError(f"num_redundant_experts: expected an int, got {type(redundant).__name__}")
+        if redundant < 0:
+            raise ValueError(f"num_redundant_experts: expected >= 0, got {redundant}")
+        # Refused here rather than ignored: a layer built without them would silently hold a different layout.
+        if self.tp_size > 1:
+            raise NotImplementedError(f"tp_size: tensor-parallel experts are not implemented yet, got {self.tp_size}")
+        if redundant > 0:
+            raise NotImplementedError(f"num_redundant_experts: redundant experts (EPLB) are not implemented yet, "
+                                      f"got {redundant}")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the layer's process group: ``ep_size * tp_size``."""
+        return self.ep_size * self.tp_size
+
+    @property
+    def rank(self) -> int:
+        """This rank's index in the layer's process group (TP-innermost)."""
+        return self.ep_rank * self.tp_size + self.tp_rank

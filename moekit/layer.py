@@ -15,11 +15,13 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from moekit._checks import check_layer_dtype, check_ndim, check_shape, check_tensor
-from moekit.config import MoEConfig
+from moekit.config import MoEConfig, ParallelConfig
+from moekit.distributed import determine_expert_map, make_prepare_finalize
 from moekit.quant.base import MoEQuantMethod
 from moekit.routed_experts import RoutedExperts
 from moekit.router import route, select_experts
@@ -28,6 +30,11 @@ from moekit.shared_experts import SharedExperts
 
 class MoE(nn.Module):
     """A Mixture-of-Experts layer: router gate + ``RoutedExperts`` + optional ``SharedExperts``.
+
+    ``parallel`` (a ``moekit.ParallelConfig``) spreads the routed experts over the ranks of ``process_group``
+    (None: the default group, the ranks of ``torchrun``): each rank holds ``determine_expert_map``'s share and
+    calls the layer on its own tokens, every rank on every call (the dispatch is collective), under
+    ``torch.no_grad()``/``torch.inference_mode()``.
 
     ``forward(hidden_states [..., H], router_logits=None, *, topk_weights=None, topk_ids=None)`` returns
     the same shape and dtype. Give ``router_logits`` [T, E] to skip the gate, or ``topk_weights``/``topk_ids``
@@ -41,12 +48,29 @@ class MoE(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         quant_method: MoEQuantMethod | None = None,
+        parallel: ParallelConfig | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a moekit.MoEConfig, got {type(config).__name__}")
         check_layer_dtype(dtype)
+        parallel = ParallelConfig() if parallel is None else parallel
+        if not isinstance(parallel, ParallelConfig):
+            raise TypeError(f"parallel: expected a moekit.ParallelConfig or None, got {type(parallel).__name__}")
         self.config = config
+        self.parallel = parallel
+        # Expert parallelism: this rank holds only its experts (global ids map to local ones through expert_map)
+        # and the dispatch moves tokens to them; the router and the shared experts are replicated on every rank.
+        num_local, expert_map, prepare_finalize = config.num_experts, None, None
+        if parallel.ep_size > 1:
+            prepare_finalize = make_prepare_finalize(
+                parallel.dispatch, num_experts=config.num_experts, ep_size=parallel.ep_size,
+                ep_rank=parallel.ep_rank, placement=parallel.placement, group=process_group,
+            )
+            num_local, expert_map = determine_expert_map(
+                parallel.ep_size, parallel.ep_rank, config.num_experts, parallel.placement
+            )
         kw = {"dtype": dtype, "device": device}
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=config.router_bias, **kw)
         if config.routing.correction_bias:
@@ -55,14 +79,16 @@ class MoE(nn.Module):
         else:
             self.e_score_correction_bias = None
         self.routed_experts = RoutedExperts(
-            config.num_experts,
+            num_local,
             config.hidden_size,
             config.intermediate_size,
             activation=config.activation,
             bias=config.bias,
             apply_router_weight_on_input=config.routing.apply_weights_on_input,
             quant_method=quant_method,
+            expert_map=expert_map,
             backend=config.backend,
+            prepare_finalize=prepare_finalize,
             **kw,
         )
         self.shared_experts = None
@@ -85,6 +111,8 @@ class MoE(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         backend: str = "auto",
+        parallel: ParallelConfig | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> MoE:
         """One MoE block of a transformers checkpoint directory, built and loaded from it.
 
@@ -98,13 +126,16 @@ class MoE(nn.Module):
                 checkpoint order; DeepSeek-V3's first sparse decoder layer is block 0); optional when there is one.
             prefix: the block's checkpoint prefix instead (``model.layers.3.mlp``).
             dtype: the activation dtype; by default config.json's ``dtype``/``torch_dtype``.
+            parallel, process_group: expert parallelism as in ``MoE(config, parallel=..., process_group=...)``;
+                only this rank's experts are read from the full checkpoint.
         """
         if cls is not MoE:
             raise TypeError(f"from_pretrained builds a moekit.MoE, not a {cls.__name__}")
-        # Imported here: moekit.loading builds on this module (loading sits above the modules, never below).
-        from moekit.loading import from_pretrained
+        # Imported here: moekit.pretrained builds on this module (loading sits above the modules, never below).
+        from moekit.pretrained import from_pretrained
 
-        return from_pretrained(path, layer, prefix=prefix, dtype=dtype, device=device, backend=backend)
+        return from_pretrained(path, layer, prefix=prefix, dtype=dtype, device=device, backend=backend,
+                               parallel=parallel, process_group=process_group)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         # .to(dtype)/.half()/.bfloat16() cast every floating buffer, but the correction bias only ranks experts, by

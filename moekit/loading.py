@@ -29,8 +29,11 @@ Around the experts: the router (``gate.weight``, ``router.weight`` [+ ``.bias``]
 Quantized experts (a ``W8A8MoEMethod`` layer; per-expert layout only): beside each ``{e}.<proj>.weight`` of 8-bit
 codes, ``weight_scale_inv`` (DeepSeek-V3/Qwen3 fp8, fp32) or ``weight_scale`` (compressed-tensors, ModelOpt; any
 float dtype), per block/row/tensor (0-d or [1]), and with static activation scales ``input_scale``; then
-``process_weights_after_loading``. 8-bit shared experts are dequantized into the layer's dtype. ``from_pretrained``
-(``MoE.from_pretrained``) builds the layer from config.json first.
+``process_weights_after_loading``. 8-bit shared experts are dequantized into the layer's dtype.
+``moekit.pretrained.from_pretrained`` (``MoE.from_pretrained``) builds the layer from config.json first.
+
+Expert parallelism (a layer with an ``expert_map``): only this rank's experts are loaded; the other experts'
+per-expert tensors are not read (``LoadReport.skipped``), the fused layouts' rows are selected after the read.
 
 ``expert_params_mapping`` gives the (param, checkpoint name, expert, shard) table for engines that drive
 ``RoutedExperts.weight_loader`` from their own loader, in the spirit of vLLM's ``make_expert_params_mapping``.
@@ -41,18 +44,16 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from moekit._checks import check_bool, check_choice, check_positive
 from moekit._layout import deinterleave
-from moekit.config import MoEConfig
-from moekit.families import read_hf_config, read_json, text_config
+from moekit.families import read_json
 from moekit.layer import MoE
 from moekit.ops.quantize import dequantize_weight
-from moekit.quant.config import get_quant_method
 from moekit.quant.w8a8 import W8A8MoEMethod
 from moekit.routed_experts import RoutedExperts
 
@@ -201,13 +202,15 @@ def expert_params_mapping(
 @dataclass
 class LoadReport:
     """What ``load_moe`` did: checkpoint keys ``loaded``; ``missing`` (moekit tensors nothing filled, named by
-    the checkpoint key expected for them); ``unexpected`` (keys under the prefix that nothing consumed)."""
+    the checkpoint key expected for them); ``unexpected`` (keys under the prefix that nothing consumed);
+    ``skipped`` (keys of experts held by other ranks under expert parallelism: known, not read)."""
 
     prefix: str
     layout: str
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -271,7 +274,7 @@ def load_moe(
         _load_fused(moe, plan, prefix + "experts.", transposed=transposed, interleaved=layout == "gpt_oss")
     if moe.shared_experts is not None:
         _load_shared(moe, plan, prefix)
-    consumed = set(report.loaded)
+    consumed = set(report.loaded) | set(report.skipped)
     report.unexpected = [k for k in ckpt.keys() if k.startswith(prefix) and k not in consumed]
     if strict and not report.ok:
         raise KeyError(f"load_moe({report.prefix!r}): missing {report.missing}, unexpected {report.unexpected}")
@@ -433,8 +436,15 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
     names = ("w1", "w3", "w2") if plan.first([f"{prefix}experts.0.w1.weight"]) else ("gate_proj", "up_proj", "down_proj")
     if not experts.activation.is_gated:
         names = (names[1], names[2])  # non-gated: up -> all of w13, down -> w2
-    for row in expert_params_mapping(experts.num_experts, gate=names[0], up=names[1], down=names[-1]):
-        if not experts.activation.is_gated and row.shard_id == "w3":
+    # Global expert ids: under expert parallelism weight_loader keeps this rank's experts; the others' tensors
+    # are not read (their keys, scales included, are reported as skipped).
+    remote = set() if experts.expert_map is None else set((experts.expert_map < 0).nonzero().flatten().tolist())
+    remote_names = {str(e) for e in remote}
+    plan.report.skipped += [k for k in plan.ckpt.keys() if k.startswith(prefix + "experts.")
+                            and k.removeprefix(prefix + "experts.").split(".")[0] in remote_names]
+    num_global = experts.num_experts if experts.expert_map is None else experts.expert_map.shape[0]
+    for row in expert_params_mapping(num_global, gate=names[0], up=names[1], down=names[-1]):
+        if (not experts.activation.is_gated and row.shard_id == "w3") or row.expert_id in remote:
             continue
         key = prefix + row.weight_name
         if key not in plan.ckpt:
@@ -486,6 +496,10 @@ def _expert_loader(experts: RoutedExperts, param: torch.Tensor, row: ExpertParam
 def _load_fused(moe: MoE, plan: _Plan, experts_prefix: str, *, transposed: bool, interleaved: bool) -> None:
     experts = moe.routed_experts
     w13_from = w2_from = b13_from = None
+    local = None
+    if experts.expert_map is not None:  # expert parallelism: this rank's rows of the [E_global, ...] tensors
+        held = (experts.expert_map >= 0).nonzero().flatten()
+        local = held[torch.argsort(experts.expert_map[held])].cpu()
     if transposed:
 
         def w13_from(t: torch.Tensor) -> torch.Tensor:
@@ -499,11 +513,20 @@ def _load_fused(moe: MoE, plan: _Plan, experts_prefix: str, *, transposed: bool,
 
         def b13_from(t: torch.Tensor) -> torch.Tensor:
             return deinterleave(t, dim=1)
+    if local is not None:
+        w13_from, w2_from, b13_from, b2_from = (_rows_then(local, f) for f in (w13_from, w2_from, b13_from, None))
+    else:
+        b2_from = None
     plan.copy(experts.w13, [experts_prefix + "gate_up_proj"], w13_from)
     plan.copy(experts.w2, [experts_prefix + "down_proj"], w2_from)
     if experts.w13_bias is not None:
         plan.copy(experts.w13_bias, [experts_prefix + "gate_up_proj_bias"], b13_from)
-        plan.copy(experts.w2_bias, [experts_prefix + "down_proj_bias"])
+        plan.copy(experts.w2_bias, [experts_prefix + "down_proj_bias"], b2_from)
+
+
+def _rows_then(rows: torch.Tensor, then: Callable | None) -> Callable:
+    """Select the local experts' rows (the whole tensor is still read), then convert."""
+    return lambda t: t.index_select(0, rows) if then is None else then(t.index_select(0, rows))
 
 
 def _load_shared(moe: MoE, plan: _Plan, prefix: str) -> None:
@@ -565,45 +588,3 @@ def load_moes(checkpoint: Checkpoint | str | os.PathLike, blocks: dict[str, MoE]
     """``load_moe`` for several blocks of one checkpoint; ``blocks`` maps checkpoint prefix -> MoE."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     return [load_moe(moe, ckpt, prefix, **kwargs) for prefix, moe in blocks.items()]
-
-
-# config.json "dtype" / "torch_dtype" -> the layer's activation dtype
-_CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def from_pretrained(
-    path: str | os.PathLike,
-    layer: int | None = None,
-    *,
-    prefix: str | None = None,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    backend: str = "auto",
-) -> MoE:
-    """``MoE.from_pretrained``: one MoE block of a checkpoint directory, built from its ``config.json`` and loaded
-    with ``load_moe`` (only the tensors under the block's prefix are read)."""
-    if not isinstance(path, (str, os.PathLike)) or not Path(path).is_dir():
-        raise FileNotFoundError(f"path: expected a checkpoint directory with config.json, got {path!r}")
-    cfg = read_hf_config(path)
-    config = replace(MoEConfig.from_hf(cfg), backend=backend)  # validated again: backend is checked
-    quant = cfg.get("quantization_config", text_config(cfg).get("quantization_config"))
-    method = get_quant_method(quant) if quant is not None else None
-    if dtype is None:
-        named = cfg.get("dtype") or cfg.get("torch_dtype") or text_config(cfg).get("dtype")
-        dtype = _CONFIG_DTYPES.get(named, torch.get_default_dtype())
-    ckpt = Checkpoint(path)
-    found = ckpt.moe_prefixes()
-    if prefix is not None and layer is not None:
-        raise ValueError(f"layer/prefix: give one, got layer={layer!r} and prefix={prefix!r}")
-    if prefix is None:
-        if layer is None and len(found) != 1:
-            raise ValueError(f"layer: the checkpoint has {len(found)} MoE blocks; pick one with layer= (an index "
-                             f"into them) or prefix=: {_shown(found)}")
-        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
-                                  or not 0 <= layer < len(found)):
-            raise ValueError(f"layer: expected an index into the checkpoint's {len(found)} MoE blocks "
-                             f"[0, {len(found)}), got {layer!r}")
-        prefix = found[0 if layer is None else layer]
-    moe = MoE(config, dtype=dtype, device=device, quant_method=method)
-    load_moe(moe, ckpt, prefix)
-    return moe

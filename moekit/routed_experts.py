@@ -26,7 +26,7 @@ from moekit._checks import (
     check_tensor,
 )
 from moekit.config import BACKENDS
-from moekit.kernel import ModularKernel, make_kernel
+from moekit.kernel import ModularKernel, PrepareFinalize, make_kernel
 from moekit.ops.activation import Activation, resolve_activation
 from moekit.quant.base import MoEQuantMethod
 from moekit.quant.unquantized import UnquantizedMoEMethod
@@ -44,6 +44,8 @@ class RoutedExperts(nn.Module):
         expert_map: optional [E_global] int tensor mapping a global expert id to a local one (-1: elsewhere);
             ``topk_ids`` and ``weight_loader``'s ``expert_id`` are then global ids.
         backend: ``auto`` | ``torch`` | ``triton``; resolved per call from the input's device.
+        prepare_finalize: the dispatch around the experts (None: local, one rank); an expert-parallel one comes
+            from ``moekit.distributed`` (``MoE(config, parallel=...)`` builds it).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class RoutedExperts(nn.Module):
         quant_method: MoEQuantMethod | None = None,
         expert_map: torch.Tensor | None = None,
         backend: str = "auto",
+        prepare_finalize: PrepareFinalize | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -76,6 +79,10 @@ class RoutedExperts(nn.Module):
         self.has_bias = bias
         self.apply_router_weight_on_input = apply_router_weight_on_input
         self.backend = backend
+        if prepare_finalize is not None and not isinstance(prepare_finalize, PrepareFinalize):
+            raise TypeError(f"prepare_finalize: expected a moekit.PrepareFinalize or None, got "
+                            f"{type(prepare_finalize).__name__}")
+        self.prepare_finalize = prepare_finalize
         if expert_map is not None:
             check_ndim("expert_map", expert_map, 1, "[E_global]")
             check_signed_int_dtype("expert_map", expert_map)
@@ -144,8 +151,12 @@ class RoutedExperts(nn.Module):
             f"bias={self.has_bias}, quant={self.quant_method.name}, backend={self.backend}"
         )
 
-    def kernel_for(self, x: torch.Tensor) -> ModularKernel:
-        return make_kernel(self.backend, x.device)
+    def kernel_for(self, x: torch.Tensor, backend: str | None = None) -> ModularKernel:
+        """The modular kernel for ``x``: ``backend`` (default: the layer's) inside the layer's prepare/finalize."""
+        kernel = make_kernel(self.backend if backend is None else backend, x.device)
+        if self.prepare_finalize is None:
+            return kernel
+        return ModularKernel(self.prepare_finalize, kernel.experts)  # stateless and cheap: built per call
 
     def forward(
         self,

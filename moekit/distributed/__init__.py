@@ -1,11 +1,32 @@
-"""Expert parallelism across ranks: expert-parallel load balancing (EPLB) today.
+"""Expert parallelism on torch.distributed: expert placement, the expert-parallel prepare/finalize, and
+expert-parallel load balancing (EPLB).
 
+``placement.py`` decides which rank holds which experts; ``dispatch.py`` moves tokens to them and back;
 ``eplb.py`` plans replicas from measured loads and maps routed ids to replicas; ``eplb_load.py`` measures the
 loads (a device-side sliding window) and reads/writes load files; ``eplb_report.py`` is ``moekit eplb``.
 """
 
+from moekit.distributed.dispatch import (
+    AllGatherReduceScatter,
+    AllToAll,
+    ExpertParallelPrepareFinalize,
+    make_prepare_finalize,
+)
 from moekit.distributed.eplb import logical_to_physical, rebalance_experts
 from moekit.distributed.eplb_load import ExpertLoadRecorder, read_expert_load, write_expert_load
+from moekit.distributed.placement import determine_expert_map, expert_owners, local_experts
 
-__all__ = ["ExpertLoadRecorder", "logical_to_physical", "read_expert_load", "rebalance_experts",
-           "write_expert_load"]
+__all__ = [
+    "AllGatherReduceScatter",
+    "AllToAll",
+    "ExpertLoadRecorder",
+    "ExpertParallelPrepareFinalize",
+    "determine_expert_map",
+    "expert_owners",
+    "local_experts",
+    "logical_to_physical",
+    "make_prepare_finalize",
+    "read_expert_load",
+    "rebalance_experts",
+    "write_expert_load",
+]

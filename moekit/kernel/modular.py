@@ -102,8 +102,17 @@ class ModularKernel:
                 f"quant: quantized experts ({quant.weight_dtype}) have no backward, but a gradient is required "
                 "(an input or weight requires grad): run them under torch.no_grad()/torch.inference_mode()"
             )
+        collective = self.prepare_finalize.collective
+        if grad and collective:
+            # The collectives of an expert-parallel dispatch are not differentiable: a backward would silently
+            # miss every other rank's contribution.
+            raise ValueError(
+                f"{type(self.prepare_finalize).__name__}: an expert-parallel layer has no backward, but a gradient "
+                "is required (an input or weight requires grad): run it under torch.no_grad()/torch.inference_mode()"
+            )
         num_tokens, hidden = hidden_states.shape
-        if num_tokens == 0 and not grad:  # with a gradient, the backend returns an output autograd can follow
+        # With no tokens of its own, a rank still joins the dispatch's collectives (the other ranks wait on it).
+        if num_tokens == 0 and not grad and not collective:  # with a gradient, autograd needs the backend's output
             return hidden_states.new_empty((0, hidden))
 
         shared_in = hidden_states if shared_experts_input is None else shared_experts_input

@@ -47,7 +47,13 @@ class PrepareResult:
 
 
 class PrepareFinalize(ABC):
-    """Base class; subclasses keep no per-layer state so one instance serves every layer."""
+    """Base class; subclasses keep no per-layer state so one instance serves every layer.
+
+    ``collective``: prepare/finalize run collectives across ranks (expert parallelism), so every rank must call
+    them on every layer call, even with no tokens of its own, and no gradient flows through them.
+    """
+
+    collective: bool = False
 
     @abstractmethod
     def prepare(
@@ -63,6 +69,28 @@ class PrepareFinalize(ABC):
     @abstractmethod
     def finalize(self, output_TH: torch.Tensor, prep: PrepareResult) -> torch.Tensor:
         """Return the layer's routed output [T, H], in the layer's dtype, from the experts stage's output."""
+
+
+def check_act_dtype(quant: QuantParams) -> None:
+    if quant.act_dtype is not None and quant.act_dtype not in QDTYPES:
+        raise NotImplementedError(f"quant.act_dtype={quant.act_dtype!r}: only {list(QDTYPES)} activations exist")
+
+
+def quantize_input(x_TH: torch.Tensor, quant: QuantParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x, None)`` unquantized, else ``(codes, scale)`` as ``quant`` asks (scale layouts: ``PrepareResult``).
+
+    On CUDA one Triton launch (moekit.ops.act_quant) gives the torch function's codes and scales bit for bit.
+    """
+    if quant.act_dtype is None:
+        return x_TH, None
+    if x_TH.shape[0] == 0 and quant.act_granularity == "tensor" and quant.a13_scale is None:
+        # No rows, no amax (an expert-parallel rank can receive none): any scale quantizes nothing.
+        return x_TH.to(QDTYPES[quant.act_dtype]), torch.ones((), dtype=torch.float32, device=x_TH.device)
+    quantize = quantize_activation
+    if x_TH.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        from moekit.ops.act_quant import act_quant as quantize  # imported on use: Triton is optional
+    return quantize(x_TH if x_TH.stride(-1) == 1 else x_TH.contiguous(), quant.act_dtype, quant.act_granularity,
+                    quant.act_group_size, static_scale=quant.a13_scale)
 
 
 class LocalPrepareFinalize(PrepareFinalize):
@@ -83,8 +111,7 @@ class LocalPrepareFinalize(PrepareFinalize):
         apply_router_weight_on_input: bool,
         quant: QuantParams,
     ) -> PrepareResult:
-        if quant.act_dtype is not None and quant.act_dtype not in QDTYPES:
-            raise NotImplementedError(f"quant.act_dtype={quant.act_dtype!r}: only {list(QDTYPES)} activations exist")
+        check_act_dtype(quant)
         num_tokens, top_k = topk_ids_TK.shape
         x = hidden_states_TH
         weights, ids, expanded_k = topk_weights_TK, topk_ids_TK, None
@@ -94,19 +121,12 @@ class LocalPrepareFinalize(PrepareFinalize):
                 weights = torch.ones_like(weights)
             else:
                 x_NH = x.float().unsqueeze(1) * weights.float().unsqueeze(-1)
-                x = x_NH.reshape(num_tokens * top_k, -1).to(x.dtype)
+                x = x_NH.reshape(num_tokens * top_k, x.shape[-1]).to(x.dtype)
                 ids = ids.reshape(-1, 1)
                 weights = torch.ones(num_tokens * top_k, 1, dtype=torch.float32, device=x.device)
                 expanded_k = top_k
-        scale = None
-        if quant.act_dtype is not None:
-            # Once per routed row (after any weight folding), shared by all of its K experts. On CUDA one Triton
-            # launch (moekit.ops.act_quant) gives the torch function's codes and scales bit for bit.
-            quantize = quantize_activation
-            if x.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
-                from moekit.ops.act_quant import act_quant as quantize  # imported on use: Triton is optional
-            x, scale = quantize(x if x.stride(-1) == 1 else x.contiguous(), quant.act_dtype, quant.act_granularity,
-                                quant.act_group_size, static_scale=quant.a13_scale)
+        # Once per routed row (after any weight folding), shared by all of its K experts.
+        x, scale = quantize_input(x, quant)
         return PrepareResult(
             hidden_states=x,
             hidden_scale=scale,
@@ -122,4 +142,4 @@ class LocalPrepareFinalize(PrepareFinalize):
         if prep.handle is None:
             return output_TH
         top_k, dtype = prep.handle  # the layer's dtype: hidden_states may hold 8-bit codes by now
-        return output_TH.view(prep.num_tokens, top_k, -1).sum(dim=1).to(dtype)
+        return output_TH.view(prep.num_tokens, top_k, output_TH.shape[-1]).sum(dim=1).to(dtype)

@@ -138,10 +138,7 @@ class W8A8MoEMethod(MoEQuantMethod):
                 "call layer.process_weights_after_loading() after loading"
             )
         if layer.backend == "auto" and not native_8bit_dots(self.qdtype, x.device):
-            # Imported here: moekit.kernel imports moekit.quant.params, which runs this package's __init__.
-            from moekit.kernel import make_kernel
-
-            return make_kernel("torch", x.device)
+            return layer.kernel_for(x, backend="torch")
         return layer.kernel_for(x)
 
     @torch.no_grad()

@@ -1,0 +1,330 @@
+"""Expert-parallel MoE on gloo (127.0.0.1), world 2 and 4: every rank's output equals the single-process layer.
+
+Process start dominates on a small CPU machine (seconds per spawn), so the ranks are spawned once per world size
+and run every case inside the workers; each worker writes {case: error or None} to a JSON file and the pytest side
+asserts per case. A case runs its layer on four token patterns per rank: all 0, all 1, all 7, and mixed
+(7, 0, 1, 3 by rank: uneven counts and a rank with none).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import itertools
+import json
+import os
+import socket
+import traceback
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import moekit
+from moekit.distributed import local_experts
+from moekit.kernel import available_backends
+from moekit.testing import QUANT_TOLERANCES, assert_close
+
+WORLDS = (2, 4)
+DISPATCHES = ("allgather_reducescatter", "all_to_all")
+H, I = 32, 16
+
+
+def _patterns(world: int) -> list[list[int]]:
+    return [[0] * world, [1] * world, [7] * world, [(7, 0, 1, 3)[r % 4] for r in range(world)]]
+
+
+def _float_cases() -> dict[str, dict]:
+    cases = {}
+    for e in (8, 10):  # 10 over 4 ranks: 3, 3, 2, 2
+        for k in (1, 2, e):
+            for dispatch in DISPATCHES:
+                cfg = moekit.MoEConfig(num_experts=e, top_k=k, hidden_size=H, intermediate_size=I,
+                                       routing=moekit.RoutingConfig(renormalize=k > 1))
+                cases[f"E{e}-K{k}-{dispatch}"] = dict(cfg=cfg, dispatch=dispatch)
+    base = moekit.MoEConfig(num_experts=10, top_k=2, hidden_size=H, intermediate_size=I)
+    llama4 = moekit.RoutingConfig(scoring_func="sigmoid", topk_before_score=True, apply_weights_on_input=True)
+    for dispatch in DISPATCHES:
+        cases[f"bf16-{dispatch}"] = dict(cfg=base, dispatch=dispatch, dtype=torch.bfloat16)
+        cases[f"round_robin-{dispatch}"] = dict(cfg=base, dispatch=dispatch, placement="round_robin")
+        # Shared experts (replicated) and biases (sliced with their experts).
+        cases[f"shared-bias-{dispatch}"] = dict(
+            cfg=replace(base, shared_intermediate_size=24, shared_expert_gate=True, bias=True), dispatch=dispatch)
+        for k in (1, 2):  # weights on the input: K = 1 folds them into x, K > 1 expands rows
+            cases[f"weights-on-input-K{k}-{dispatch}"] = dict(cfg=replace(base, top_k=k, routing=llama4),
+                                                              dispatch=dispatch)
+        for scheme in ("fp8_channel", "fp8_block", "int8_channel"):  # per-row scales travel with the codes
+            cases[f"{scheme}-{dispatch}"] = dict(cfg=replace(base, hidden_size=128, intermediate_size=64),
+                                                 dispatch=dispatch, scheme=scheme)
+        # Sync-free (what CUDA-graph capture runs): equal token counts on every rank, no count exchanged.
+        for label, cfg in (("", base), ("weights-on-input-K2-", replace(base, routing=llama4)),
+                           ("E10-K10-", replace(base, top_k=10))):
+            cases[f"sync-free-{label}{dispatch}"] = dict(cfg=cfg, dispatch=dispatch, sync_free=True)
+        cases[f"sync-free-fp8_block-{dispatch}"] = dict(cfg=replace(base, hidden_size=128, intermediate_size=64),
+                                                        dispatch=dispatch, scheme="fp8_block", sync_free=True)
+        if "triton" in available_backends("cpu"):
+            cases[f"triton-{dispatch}"] = dict(cfg=replace(base, backend="triton"), dispatch=dispatch, patterns=2)
+    # Dynamic per-tensor scales depend on which rows a rank computes: its GEMM 2 input scale covers only the rows
+    # of its own experts, so the result differs from one process within the quantization tolerance only.
+    for dispatch in DISPATCHES:
+        cases[f"fp8_tensor-{dispatch}"] = dict(cfg=replace(base, hidden_size=128, intermediate_size=64),
+                                               dispatch=dispatch, scheme="fp8_tensor", tol=QUANT_TOLERANCES["fp8_e4m3"])
+    return cases
+
+
+CASES = _float_cases()
+OTHER = ("collective_counts", "checkpoint_loads_local_experts", "from_pretrained_parallel",
+         "fused_checkpoint_loads_local_rows", "refusals")
+
+
+def _shard(full: moekit.MoE, parallel: moekit.ParallelConfig, dtype: torch.dtype) -> moekit.MoE:
+    """The EP layer holding ``full``'s router, shared experts and this rank's experts."""
+    ep = moekit.MoE(full.config, dtype=dtype, parallel=parallel)
+    ids = local_experts(parallel.ep_size, parallel.ep_rank, full.config.num_experts, parallel.placement)
+    state = {k: v[ids] if k.startswith("routed_experts.") else v for k, v in full.state_dict().items()}
+    ep.load_state_dict(state)
+    return ep
+
+
+def _run_case(name: str, case: dict, rank: int, world: int, device: str = "cpu") -> None:
+    dtype = case.get("dtype", torch.float32)
+    torch.manual_seed(1234)  # the same full layer and inputs on every rank
+    full = moekit.MoE(case["cfg"], dtype=dtype)
+    parallel = moekit.ParallelConfig(ep_size=world, ep_rank=rank, dispatch=case["dispatch"],
+                                     placement=case.get("placement", "linear"))
+    ep = _shard(full, parallel, dtype)
+    ep.routed_experts.prepare_finalize.sync_free = case.get("sync_free")
+    if "scheme" in case:
+        moekit.quantize(full, case["scheme"])
+        moekit.quantize(ep, case["scheme"])
+    full, ep = full.to(device), ep.to(device)  # built on the CPU: the same weights on every rank's device
+    errors = []  # every pattern runs on every rank even after a mismatch, so the ranks' collectives stay paired
+    patterns = _patterns(world)[:3] if case.get("sync_free") else _patterns(world)  # sync-free: equal counts
+    for counts in patterns[-case.get("patterns", 4):]:
+        x_all = torch.randn(sum(counts), full.config.hidden_size, dtype=dtype).to(device)
+        start = sum(counts[:rank])
+        with torch.no_grad():
+            expected = full(x_all)[start:start + counts[rank]]
+            got = ep(x_all[start:start + counts[rank]])
+        try:
+            assert got.dtype == dtype, got.dtype
+            # fp32: within 1e-5 of the single-process layer (the table's fp32 row); bf16: the bf16 row.
+            assert_close(got, expected, dtype, name=f"{name} tokens {counts}", tol=case.get("tol"))
+        except AssertionError as err:
+            errors.append(str(err))
+    assert not errors, "\n".join(errors)
+
+
+def _collective_counts(rank: int, world: int, device: str = "cpu") -> None:
+    """Three collectives per call for both dispatches, as moekit.distributed.dispatch documents (one for
+    allgather_reducescatter when no rank has a token)."""
+    calls: list[str] = []
+    names = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor",
+             "all_to_all_single", "all_reduce", "all_gather", "broadcast", "barrier")
+    originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+
+    def counting(n):
+        def call(*args, **kwargs):
+            calls.append(n)
+            return originals[n](*args, **kwargs)
+        return call
+
+    cfg = moekit.MoEConfig(num_experts=8, top_k=2, hidden_size=H, intermediate_size=I, shared_intermediate_size=8)
+    expected = {"allgather_reducescatter": ["all_gather_single", "all_gather_single", "reduce_scatter_single"],
+                "all_to_all": ["all_to_all_single"] * 3}
+    for (dispatch, seq), sync_free in itertools.product(expected.items(), (None, True)):
+        ep = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank, dispatch=dispatch),
+                        device=device)
+        ep.routed_experts.prepare_finalize.sync_free = sync_free
+        runs = ((3 + rank, seq), (0, seq if dispatch == "all_to_all" else seq[:1]))
+        if sync_free:  # no count exchange; equal token counts on every rank
+            runs = ((3, seq[1:]), (0, seq[1:] if dispatch == "all_to_all" else []))
+        for tokens, want in runs:
+            for n in originals:
+                setattr(dist, n, counting(n))
+            try:
+                calls.clear()
+                with torch.no_grad():
+                    ep(torch.randn(tokens, H, device=device))
+            finally:
+                for n, fn in originals.items():
+                    setattr(dist, n, fn)
+            assert calls == want, f"{dispatch}, sync_free={sync_free}, {tokens} tokens: {calls} != {want}"
+    # A copied layer shares the dispatch (bound to the process group) and computes the same.
+    x = torch.randn(5, H, device=device)
+    with torch.no_grad():
+        copied = copy.deepcopy(ep)
+        assert copied.routed_experts.prepare_finalize is ep.routed_experts.prepare_finalize
+        assert torch.equal(copied(x), ep(x))
+
+
+def _write_checkpoint(full: moekit.MoE, path: str) -> None:
+    """A Qwen3-MoE-style checkpoint of ``full`` (per-expert tensors) with its config.json, written by rank 0."""
+    from safetensors.torch import save_file
+
+    cfg = full.config
+    prefix = "model.layers.0.mlp."
+    tensors = {prefix + "gate.weight": full.gate.weight}
+    w13, w2 = full.routed_experts.w13, full.routed_experts.w2
+    for e in range(cfg.num_experts):
+        tensors[f"{prefix}experts.{e}.gate_proj.weight"] = w13[e, :I]
+        tensors[f"{prefix}experts.{e}.up_proj.weight"] = w13[e, I:]
+        tensors[f"{prefix}experts.{e}.down_proj.weight"] = w2[e]
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
+    config = {"model_type": "qwen3_moe", "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k,
+              "hidden_size": H, "moe_intermediate_size": I, "norm_topk_prob": True, "num_hidden_layers": 1,
+              "decoder_sparse_step": 1, "mlp_only_layers": [], "hidden_act": "silu", "torch_dtype": "float32"}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def _fused_checkpoint_case(rank: int, world: int, out_dir: str) -> None:
+    """Fused [E, 2I, H] / [E, H, I] tensors (with biases): each rank keeps its experts' rows."""
+    path = os.path.join(out_dir, "fused.safetensors")
+    torch.manual_seed(8)
+    cfg = moekit.MoEConfig(num_experts=10, top_k=2, hidden_size=H, intermediate_size=I, bias=True)
+    full = moekit.MoE(cfg)
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        r = full.routed_experts
+        save_file({"mlp.gate.weight": full.gate.weight.detach(), "mlp.experts.gate_up_proj": r.w13.detach(),
+                   "mlp.experts.down_proj": r.w2.detach(), "mlp.experts.gate_up_proj_bias": r.w13_bias.detach(),
+                   "mlp.experts.down_proj_bias": r.w2_bias.detach()}, path)
+    dist.barrier()
+    from moekit.loading import load_moe
+
+    ep = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank))
+    report = load_moe(ep, path, "mlp")
+    assert report.layout == "fused" and not report.missing and not report.unexpected, report
+    ids = local_experts(world, rank, 10)
+    for name in ("w13", "w2", "w13_bias", "w2_bias"):
+        assert torch.equal(getattr(ep.routed_experts, name), getattr(full.routed_experts, name)[ids]), name
+
+
+def _checkpoint_case(rank: int, world: int, out_dir: str, via_from_pretrained: bool) -> None:
+    path = os.path.join(out_dir, "ckpt")
+    torch.manual_seed(7)
+    cfg = moekit.MoEConfig(num_experts=10, top_k=2, hidden_size=H, intermediate_size=I,
+                           routing=moekit.RoutingConfig(renormalize=True))
+    full = moekit.MoE(cfg)
+    if rank == 0 and not os.path.exists(os.path.join(path, "config.json")):
+        os.makedirs(path, exist_ok=True)
+        _write_checkpoint(full, path)
+    dist.barrier()
+    parallel = moekit.ParallelConfig(ep_size=world, ep_rank=rank, placement="round_robin", dispatch="all_to_all")
+    ids = local_experts(world, rank, 10, "round_robin")
+    if via_from_pretrained:
+        ep = moekit.MoE.from_pretrained(path, parallel=parallel)
+    else:
+        from moekit.loading import load_moe
+
+        ep = moekit.MoE(cfg, parallel=parallel)
+        report = load_moe(ep, path, "model.layers.0.mlp")  # strict: no missing, no unexpected keys
+        assert not report.missing and not report.unexpected, report
+        held = {int(k.split(".experts.")[1].split(".")[0]) for k in report.loaded if ".experts." in k}
+        skipped = {int(k.split(".experts.")[1].split(".")[0]) for k in report.skipped}
+        assert held == set(ids.tolist()) and skipped == set(range(10)) - held, (held, skipped)
+    assert torch.equal(ep.routed_experts.w13, full.routed_experts.w13[ids])
+    assert torch.equal(ep.routed_experts.w2, full.routed_experts.w2[ids])
+    x_all = torch.randn(4 * world, H)
+    with torch.no_grad():
+        assert_close(ep(x_all[4 * rank:4 * rank + 4]), full(x_all)[4 * rank:4 * rank + 4], torch.float32)
+
+
+def _refusals(rank: int, world: int) -> None:
+    cfg = moekit.MoEConfig(num_experts=8, top_k=2, hidden_size=H, intermediate_size=I)
+    with pytest.raises(ValueError, match="ep_rank"):
+        moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=(rank + 1) % world))
+    with pytest.raises(ValueError, match="ep_size"):
+        moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world + 1, ep_rank=rank))
+    ep = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank))
+    with pytest.raises(ValueError, match="no backward"):  # refused before any collective: no rank waits
+        ep(torch.randn(2, H))
+
+
+def _cuda_graph_case(rank: int, world: int, device: str) -> None:
+    """NCCL only: a whole EP layer captured in a CUDA graph (the sync-free dispatch, chosen while capturing)
+    replays to what the eager layer computes on new inputs."""
+    cfg = moekit.MoEConfig(num_experts=10, top_k=2, hidden_size=H, intermediate_size=I)
+    torch.manual_seed(5)
+    full = moekit.MoE(cfg, dtype=torch.bfloat16)
+    errors = []
+    for dispatch in DISPATCHES:
+        parallel = moekit.ParallelConfig(ep_size=world, ep_rank=rank, dispatch=dispatch)
+        ep = _shard(full, parallel, torch.bfloat16).to(device)
+        static_x = torch.randn(4, H, dtype=torch.bfloat16, device=device)
+        with torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (Triton compiles, allocator settles) outside the capture
+                ep(static_x)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y = ep(static_x)
+            for _ in range(2):
+                x = torch.randn(4, H, dtype=torch.bfloat16, device=device)
+                static_x.copy_(x)
+                graph.replay()
+                try:
+                    assert_close(static_y, ep(x), torch.bfloat16, name=f"{dispatch} graph replay")
+                except AssertionError as err:
+                    errors.append(str(err))
+    assert not errors, "\n".join(errors)
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") -> None:
+    """One rank: gloo on the CPU, or NCCL on GPU ``rank`` (the layer cases and the collective count only)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    device = "cpu"
+    if backend == "nccl":
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(device)
+    # A rank that fails between collectives leaves the others waiting: a short timeout turns that into an error.
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    results: dict[str, str | None] = {}
+    steps = [(n, lambda n=n, c=c: _run_case(n, c, rank, world, device)) for n, c in CASES.items()]
+    steps += [("collective_counts", lambda: _collective_counts(rank, world, device))]
+    if backend == "nccl":
+        steps += [("cuda_graph", lambda: _cuda_graph_case(rank, world, device))]
+    if backend == "gloo":
+        steps += [("checkpoint_loads_local_experts", lambda: _checkpoint_case(rank, world, out_dir, False)),
+                  ("from_pretrained_parallel", lambda: _checkpoint_case(rank, world, out_dir, True)),
+                  ("fused_checkpoint_loads_local_rows", lambda: _fused_checkpoint_case(rank, world, out_dir)),
+                  ("refusals", lambda: _refusals(rank, world))]
+    try:
+        for name, step in steps:
+            try:
+                step()
+                results[name] = None
+            except Exception:  # reported per case; the ranks stay in step since every case ends collectively
+                results[name] = traceback.format_exc()
+            dist.barrier()
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
+def results(request, tmp_path_factory):
+    world = request.param
+    out_dir = tmp_path_factory.mktemp(f"ep_world{world}")
+    mp.spawn(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world)
+    return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)}
+
+
+@pytest.mark.parametrize("case", [*CASES, *OTHER])
+def test_expert_parallel(results, case):
+    failures = {rank: res.get(case, "not run") for rank, res in results.items() if res.get(case, "not run")}
+    assert not failures, "\n".join(f"rank {r}:\n{err}" for r, err in failures.items())

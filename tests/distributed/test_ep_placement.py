@@ -1,0 +1,65 @@
+"""ParallelConfig validation and determine_expert_map against vLLM's split, written out by hand."""
+
+import pytest
+import torch
+
+import moekit
+from moekit.distributed import determine_expert_map, expert_owners
+
+# vLLM: base = E // ep, rem = E % ep, rank r holds base + (r < rem); linear = contiguous, round_robin = arange(r, E, ep).
+# Written as literal ranges, not from a formula, so the test does not share the implementation's arithmetic.
+EXPECTED = {
+    (4, 10, "linear"): [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]],
+    (4, 10, "round_robin"): [[0, 4, 8], [1, 5, 9], [2, 6], [3, 7]],
+    # 256 = 6·42 + 4: ranks 0-3 hold 43 experts, ranks 4-5 hold 42.
+    (6, 256, "linear"): [list(range(0, 43)), list(range(43, 86)), list(range(86, 129)), list(range(129, 172)),
+                         list(range(172, 214)), list(range(214, 256))],
+    (6, 256, "round_robin"): [list(range(r, 256, 6)) for r in range(6)],
+}
+
+
+@pytest.mark.parametrize("key", list(EXPECTED), ids=lambda k: f"ep{k[0]}-E{k[1]}-{k[2]}")
+def test_determine_expert_map_matches_vllm(key):
+    ep, num_experts, placement = key
+    owners = expert_owners(ep, num_experts, placement)
+    for rank, ids in enumerate(EXPECTED[key]):
+        num_local, expert_map = determine_expert_map(ep, rank, num_experts, placement)
+        assert num_local == len(ids)
+        assert expert_map.dtype == torch.int32 and expert_map.shape == (num_experts,)
+        expected = torch.full((num_experts,), -1, dtype=torch.int32)
+        expected[ids] = torch.arange(len(ids), dtype=torch.int32)
+        assert torch.equal(expert_map, expected)
+        assert (owners[ids] == rank).all()
+
+
+@pytest.mark.parametrize("args, match", [
+    ((0, 0, 8), "ep_size"), ((2, 2, 8), "ep_rank"), ((2, 0, 0), "num_experts"), ((2, 0, 8, "random"), "placement"),
+])
+def test_determine_expert_map_validates(args, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        determine_expert_map(*args)
+
+
+def test_parallel_config_defaults_and_rank():
+    cfg = moekit.ParallelConfig(ep_size=4, ep_rank=3, dispatch="all_to_all", placement="round_robin")
+    assert (cfg.world_size, cfg.rank) == (4, 3)
+    assert moekit.ParallelConfig() == moekit.ParallelConfig(ep_size=1, ep_rank=0, tp_size=1, tp_rank=0,
+                                                            placement="linear", dispatch="allgather_reducescatter",
+                                                            num_redundant_experts=0)
+    with pytest.raises(AttributeError):
+        cfg.ep_rank = 0  # frozen
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    ({"ep_size": 0}, ValueError, "ep_size"),
+    ({"ep_size": 2, "ep_rank": 2}, ValueError, "ep_rank"),
+    ({"ep_rank": True}, TypeError, "ep_rank"),
+    ({"placement": "random"}, ValueError, "placement"),
+    ({"dispatch": "deepep"}, ValueError, "dispatch"),
+    ({"num_redundant_experts": -1}, ValueError, "num_redundant_experts"),
+    ({"tp_size": 2}, NotImplementedError, "tp_size"),
+    ({"num_redundant_experts": 2}, NotImplementedError, "num_redundant_experts"),
+])
+def test_parallel_config_validates(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        moekit.ParallelConfig(**kwargs)
