@@ -212,7 +212,12 @@ def _pow2(n: int) -> int:
 
 
 def _block_r(num_rows: int, num_experts: int) -> int:
-    return max(16, min(1024, _ONEHOT_ELEMS // _block_e(num_experts), _pow2(num_rows)))
+    # From 128 experts on, half-size one-hot tiles: decode-sized calls then take the count + scatter programs
+    # instead of one program looping over [64, 128] tiles (H200, benchmarks/probes/align_timing.py, N = 128 /
+    # 512 rows: E = 128 13.2 / 11.2 -> 7.4 / 8.8 µs, E = 256 10.2 / 10.6 -> 8.1 / 9.0 µs; E = 64: 8.8 -> 10.0,
+    # so not below 128).
+    elems = _ONEHOT_ELEMS // 2 if num_experts >= 128 else _ONEHOT_ELEMS
+    return max(16, min(1024, elems // _block_e(num_experts), _pow2(num_rows)))
 
 
 def _num_chunks(num_rows: int, num_experts: int) -> int:

@@ -37,6 +37,7 @@ def _check(ids: torch.Tensor, num_experts: int, block_m: int, expert_map=None) -
         (5, 8, 256, 16),    # E >= 256: most experts empty
         (700, 2, 8, 64),    # two chunks in the single-program path
         (160, 8, 64, 16),   # > 2 chunks: count kernel + cumsum + scatter path
+        (16, 8, 128, 16),   # E = 128 at decode: half-size one-hot tiles, 4 chunks, the multi-program path
         (9, 1, 3, 128),     # top_k = 1, block_m > N
     ],
 )
