@@ -9,11 +9,26 @@ accumulation inside torch's matmul); activation, biases, routing weights and the
 own weights inside the loop (no dequantized copy of the layer), GEMM 1 multiplies them with the activations
 ``prepare`` quantized (dequantized again), and the activation's output is quantized with the same scheme before
 GEMM 2 (the fast path's GEMM 2 reads 8-bit activations too).
+
+On CPU the unquantized forward runs its experts on a small pool of worker threads, one expert at a time per
+worker, each worker's torch ops single-threaded (``_ExpertPool``). Decode-sized calls are a few rows per expert:
+each GEMM is a memory-bound GEMV that an intra-op parallel region splits over the cores, ending in a barrier
+that each of the ~9 ops per expert pays. When another process holds a core, every barrier waits for a
+descheduled thread: on a shared 2-core machine the serial loop's bf16 olmoe T = 1 call took 4 ms in one run and
+250 ms in another, in rounds where the pool took 40 ms. Workers that each stream whole experts meet only
+once, at the end of the call, and one worker picks up the experts a slowed one leaves. For fp32 GEMMs of 2-16
+rows one thread each was also faster than two (MKL's small-M sgemm), and a one-row fp32 GEMV runs on one thread
+whatever the count, so there the pool is what puts the second core to work. The result equals the serial loop's up
+to GEMM rounding: each expert's rows are computed alone and the top-k sum keeps its fixed order.
+docs/perf/NOTES.md ("CPU: the torch backend") has the measurements.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -67,13 +82,24 @@ class TorchExperts(Experts):
         num_tokens, hidden = hidden_states_TH.shape
         top_k = topk_ids_TK.shape[1]
         y_NH = torch.zeros(num_tokens * top_k, hidden, dtype=torch.float32, device=hidden_states_TH.device)
-        for e, sel, rows in _by_expert(topk_ids_TK, expert_map_E, w13_E2IH.shape[0]):
+        groups = list(_by_expert(topk_ids_TK, expert_map_E, w13_E2IH.shape[0]))
+
+        def expert_rows(e: int, rows: torch.Tensor) -> torch.Tensor:
+            """GEMM 2's fp32 output rows of expert ``e`` for tokens ``rows``."""
             h = _gemm1(hidden_states_TH[rows], w13_E2IH[e], w13_bias_E2I, e)
             a = activation_ref(h, activation).to(w2_EHI.dtype)
             y = (a @ w2_EHI[e].t()).float()
-            if w2_bias_EH is not None:
-                y = y + w2_bias_EH[e].float()
-            y_NH[sel] = y
+            return y if w2_bias_EH is None else y + w2_bias_EH[e].float()
+
+        pool = _pool_for(hidden_states_TH, len(groups), w13_E2IH, w2_EHI, w13_bias_E2I, w2_bias_EH)
+        if pool is None:
+            for e, sel, rows in groups:
+                y_NH[sel] = expert_rows(e, rows)
+        elif groups:
+            # Largest experts first, so the last expert a worker picks up is a short one.
+            groups.sort(key=lambda g: -g[1].numel())
+            ys = pool.map(expert_rows, [(e, rows) for e, _, rows in groups])
+            y_NH[torch.cat([sel for _, sel, _ in groups])] = torch.cat(ys)
         # Summing over K in a fixed order (not index_add_) keeps the result deterministic.
         out_TH = (y_NH.view(num_tokens, top_k, hidden) * topk_weights_TK.float().unsqueeze(-1)).sum(dim=1)
         return out_TH.to(out_dtype)
@@ -154,6 +180,86 @@ def _gemm1(x_mH: torch.Tensor, w13_RH: torch.Tensor, w13_bias_E2I: torch.Tensor 
     """Pre-activation rows of expert ``e``: the GEMM in the weight dtype, the bias added in fp32."""
     h = x_mH @ w13_RH.t()
     return h if w13_bias_E2I is None else h.float() + w13_bias_E2I[e].float()
+
+
+def _pool_for(x_TH: torch.Tensor, num_experts_hit: int, *weights: torch.Tensor | None) -> _ExpertPool | None:
+    """The worker pool to run this call's experts on, or None to run them here (the serial loop, whose GEMMs
+    use every intra-op thread): off CPU, with one intra-op thread, when fewer experts have rows than there are
+    workers (whole experts would not balance over them), when autograd would record the call, and where
+    threads' counts are not per thread (``_ExpertPool.supported``)."""
+    workers = torch.get_num_threads()
+    if x_TH.device.type != "cpu" or workers < 2 or num_experts_hit < workers or not _ExpertPool.supported():
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_TH, *weights)):
+        return None
+    if getattr(_ExpertPool.local, "worker", False):  # called from a worker: never wait on the pool's own threads
+        return None
+    return _ExpertPool.get(workers)
+
+
+class _ExpertPool:
+    """``workers`` threads whose torch ops run on one intra-op thread each (the module docstring says why).
+
+    ``torch.set_num_threads`` sets the calling thread's OpenMP and MKL counts (both are per thread) and the
+    process-wide count that threads started later begin with; each worker sets its own to 1, then the creating
+    thread's count is written back as the process-wide one, so no other thread sees a change.
+    """
+
+    local = threading.local()
+    _lock = threading.Lock()
+    _current: _ExpertPool | None = None
+    _supported: bool | None = None
+
+    def __init__(self, workers: int) -> None:
+        caller = torch.get_num_threads()
+        self.workers = workers
+        self.pid = os.getpid()
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="moekit-experts")
+        # Every worker must have taken its one thread before the process-wide count is put back; the barrier also
+        # makes the pool start each of its threads now (one init task per thread).
+        ready = threading.Barrier(workers + 1, timeout=60)
+        inits = [self._executor.submit(self._init_worker, ready) for _ in range(workers)]
+        ready.wait()
+        torch.set_num_threads(caller)
+        self.worker_threads = [f.result() for f in inits]
+
+    @staticmethod
+    def _init_worker(ready: threading.Barrier) -> int:
+        _ExpertPool.local.worker = True
+        torch.get_num_threads()  # initialise this thread's counts from the process-wide one first, then override
+        torch.set_num_threads(1)
+        ready.wait()
+        return torch.get_num_threads()
+
+    @classmethod
+    def supported(cls) -> bool:
+        """Per-thread counts are OpenMP's; torch's other parallel backends share one count across threads."""
+        if cls._supported is None:
+            cls._supported = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+        return cls._supported
+
+    @classmethod
+    def get(cls, workers: int) -> _ExpertPool:
+        """The process's pool, rebuilt when the thread count changed or after a fork (threads do not survive it)."""
+        with cls._lock:
+            pool = cls._current
+            if pool is None or pool.workers != workers or pool.pid != os.getpid():
+                if pool is not None and pool.pid == os.getpid():
+                    pool._executor.shutdown(wait=False)
+                pool = cls._current = cls(workers)
+            return pool
+
+    def map(self, fn: Callable[..., torch.Tensor], args: Sequence[tuple]) -> list[torch.Tensor]:
+        """``[fn(*a) for a in args]``, run on the workers in order of ``args`` (each worker takes the next one)."""
+        # Grad and inference modes are per thread. The pool only serves calls that record nothing (_pool_for), so
+        # workers run without grad, in the caller's inference mode (whose results are inference tensors).
+        inference = torch.is_inference_mode_enabled()
+
+        def call(a: tuple) -> torch.Tensor:
+            with torch.inference_mode(inference), torch.no_grad():
+                return fn(*a)
+
+        return [f.result() for f in [self._executor.submit(call, a) for a in args]]
 
 
 def _run_quantized(
