@@ -10,17 +10,24 @@ own weights inside the loop (no dequantized copy of the layer), GEMM 1 multiplie
 ``prepare`` quantized (dequantized again), and the activation's output is quantized with the same scheme before
 GEMM 2 (the fast path's GEMM 2 reads 8-bit activations too).
 
-On CPU the unquantized forward runs its experts on a small pool of worker threads, one expert at a time per
-worker, each worker's torch ops single-threaded (``_ExpertPool``). Decode-sized calls are a few rows per expert:
-each GEMM is a memory-bound GEMV that an intra-op parallel region splits over the cores, ending in a barrier
-that each of the ~9 ops per expert pays. When another process holds a core, every barrier waits for a
-descheduled thread: on a shared 2-core machine the serial loop's bf16 olmoe T = 1 call took 4 ms in one run and
-250 ms in another, in rounds where the pool took 40 ms. Workers that each stream whole experts meet only
-once, at the end of the call, and one worker picks up the experts a slowed one leaves. For fp32 GEMMs of 2-16
-rows one thread each was also faster than two (MKL's small-M sgemm), and a one-row fp32 GEMV runs on one thread
-whatever the count, so there the pool is what puts the second core to work. The result equals the serial loop's up
-to GEMM rounding: each expert's rows are computed alone and the top-k sum keeps its fixed order.
-docs/perf/NOTES.md ("CPU: the torch backend") has the measurements.
+The unquantized forward groups the routed rows by expert once (``_expert_spans``) and runs one of two paths
+(``_pool_for`` picks; docs/perf/NOTES.md, "CPU: the torch backend", has the measurements, 2 cores):
+
+- ``_experts_serial``: both GEMMs expert by expert into one buffer each, every GEMM on all intra-op threads;
+  the biases and the activation once over all rows (2 ops an expert: decode calls are a few rows an expert,
+  where per-op costs are a visible part of the time). One-row bf16/fp16 GEMMs run as two rows
+  (``_gemm_by_expert``).
+- ``_experts_pooled``: each expert whole on one of a few worker threads whose torch ops are single-threaded
+  (``_ExpertPool``). Workers meet once per call, where the serial path's every GEMM ends in an OpenMP
+  barrier: with another process on a core, each barrier waits for a descheduled thread (bf16 olmoe T = 16:
+  ~60 ms pooled against ~400 ms serial in the same rounds on a busy machine). MKL's fp32 GEMMs of a few rows
+  use one thread whatever the count (a one-row GEMV, and 2-row sgemm ran as fast on one thread as on two),
+  so in fp32 the pool is also what puts the other cores to work on a quiet machine (olmoe T = 4: 1.5x).
+  Its cost: the caller's OpenMP threads keep spinning ~5-10 ms after its last parallel op (a model's or a
+  baseline's), taking a core from the workers; bf16 GEMMs already use every core (oneDNN), so bf16/fp16 calls
+  take the pool only when they stream enough weight to outlast that (``POOL_MIN_BYTES_HALF``).
+
+Both compute each expert's rows alone, with the same GEMMs, and keep the top-k sum's fixed order.
 """
 
 from __future__ import annotations
@@ -82,24 +89,15 @@ class TorchExperts(Experts):
         num_tokens, hidden = hidden_states_TH.shape
         top_k = topk_ids_TK.shape[1]
         y_NH = torch.zeros(num_tokens * top_k, hidden, dtype=torch.float32, device=hidden_states_TH.device)
-        groups = list(_by_expert(topk_ids_TK, expert_map_E, w13_E2IH.shape[0]))
-
-        def expert_rows(e: int, rows: torch.Tensor) -> torch.Tensor:
-            """GEMM 2's fp32 output rows of expert ``e`` for tokens ``rows``."""
-            h = _gemm1(hidden_states_TH[rows], w13_E2IH[e], w13_bias_E2I, e)
-            a = activation_ref(h, activation).to(w2_EHI.dtype)
-            y = (a @ w2_EHI[e].t()).float()
-            return y if w2_bias_EH is None else y + w2_bias_EH[e].float()
-
-        pool = _pool_for(hidden_states_TH, len(groups), w13_E2IH, w2_EHI, w13_bias_E2I, w2_bias_EH)
-        if pool is None:
-            for e, sel, rows in groups:
-                y_NH[sel] = expert_rows(e, rows)
-        elif groups:
-            # Largest experts first, so the last expert a worker picks up is a short one.
-            groups.sort(key=lambda g: -g[1].numel())
-            ys = pool.map(expert_rows, [(e, rows) for e, _, rows in groups])
-            y_NH[torch.cat([sel for _, sel, _ in groups])] = torch.cat(ys)
+        order_M, ids_M, spans = _expert_spans(topk_ids_TK, expert_map_E, w13_E2IH.shape[0])
+        if spans:
+            x_MH = hidden_states_TH[order_M // top_k]  # the routed rows of local experts, grouped by expert
+            weights = (w13_E2IH, w2_EHI, w13_bias_E2I, w2_bias_EH)
+            pool = _pool_for(x_MH, spans, *weights)
+            if pool is None:
+                y_NH[order_M] = _experts_serial(x_MH, ids_M, spans, *weights, activation)
+            else:
+                y_NH[order_M] = _experts_pooled(pool, x_MH, spans, *weights, activation)
         # Summing over K in a fixed order (not index_add_) keeps the result deterministic.
         out_TH = (y_NH.view(num_tokens, top_k, hidden) * topk_weights_TK.float().unsqueeze(-1)).sum(dim=1)
         return out_TH.to(out_dtype)
@@ -157,10 +155,12 @@ class TorchExperts(Experts):
         return tuple(None if g is None else g.to(t.dtype) for g, t in zip(acc, like))
 
 
-def _by_expert(topk_ids_TK: torch.Tensor, expert_map_E: torch.Tensor | None, num_local: int):
-    """Yield ``(e, sel, rows)`` per local expert with routed rows: ``sel`` its routed-row indices (ascending),
-    ``rows`` their tokens. One stable sort groups the rows; rows of remote experts (-1) are never yielded."""
-    top_k = topk_ids_TK.shape[1]
+def _expert_spans(
+    topk_ids_TK: torch.Tensor, expert_map_E: torch.Tensor | None, num_local: int
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+    """The routed rows of local experts grouped by expert, by one stable sort: ``order_M`` their routed-row
+    indices (ascending within an expert), ``ids_M`` their local experts, and ``(e, start, end)`` for each expert
+    with rows (its rows are ``order_M[start:end]``). Rows of remote experts (-1) are left out."""
     ids_N = topk_ids_TK.reshape(-1).long()
     if expert_map_E is not None:
         ids_N = expert_map_E.long()[ids_N]
@@ -168,12 +168,85 @@ def _by_expert(topk_ids_TK: torch.Tensor, expert_map_E: torch.Tensor | None, num
     ids_N = torch.where(ids_N < 0, num_local, ids_N)
     order_N = torch.argsort(ids_N, stable=True)
     counts = torch.bincount(ids_N, minlength=num_local + 1)[:num_local].tolist()
-    start = 0
+    spans, start = [], 0
     for e, count in enumerate(counts):
         if count:
-            sel = order_N[start : start + count]
-            yield e, sel, sel // top_k
+            spans.append((e, start, start + count))
         start += count
+    order_M = order_N[:start]
+    return order_M, ids_N[order_M], spans
+
+
+def _by_expert(topk_ids_TK: torch.Tensor, expert_map_E: torch.Tensor | None, num_local: int):
+    """Yield ``(e, sel, rows)`` per local expert with routed rows: ``sel`` its routed-row indices (ascending),
+    ``rows`` their tokens; rows of remote experts (-1) are never yielded."""
+    top_k = topk_ids_TK.shape[1]
+    order_M, _, spans = _expert_spans(topk_ids_TK, expert_map_E, num_local)
+    for e, start, end in spans:
+        sel = order_M[start:end]
+        yield e, sel, sel // top_k
+
+
+def _experts_serial(
+    x_MH: torch.Tensor,
+    ids_M: torch.Tensor,
+    spans: list[tuple[int, int, int]],
+    w13_E2IH: torch.Tensor,
+    w2_EHI: torch.Tensor,
+    w13_bias_E2I: torch.Tensor | None,
+    w2_bias_EH: torch.Tensor | None,
+    activation: Activation,
+) -> torch.Tensor:
+    """GEMM 2's fp32 output for the grouped rows ``x_MH``, in this thread: each GEMM expert by expert into one
+    buffer (each uses every intra-op thread), the biases and the activation once over all rows (two ops per
+    expert instead of ~9: decode calls are a few rows per expert, where per-op costs are much of the time)."""
+    h_MR = _gemm_by_expert(x_MH, w13_E2IH, spans)
+    h = h_MR if w13_bias_E2I is None else h_MR.float() + w13_bias_E2I[ids_M].float()
+    a_MI = activation_ref(h, activation).to(w2_EHI.dtype)
+    y = _gemm_by_expert(a_MI, w2_EHI, spans).float()
+    return y if w2_bias_EH is None else y + w2_bias_EH[ids_M].float()
+
+
+def _gemm_by_expert(a_MK: torch.Tensor, w_ENK: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
+    """``out[start:end] = a[start:end] @ w[e].T`` for each ``(e, start, end)`` of ``spans``, in ``w``'s dtype."""
+    if torch.is_grad_enabled() and (a_MK.requires_grad or w_ENK.requires_grad):
+        return torch.cat([a_MK[start:end] @ w_ENK[e].t() for e, start, end in spans])  # out= is not recorded
+    out = torch.empty(a_MK.shape[0], w_ENK.shape[1], dtype=w_ENK.dtype, device=a_MK.device)
+    pad = w_ENK.dtype in (torch.bfloat16, torch.float16)
+    for e, start, end in spans:
+        if pad and end - start == 1:
+            # oneDNN's one-row bf16 kernel streamed a [2048, 2048] weight at 22 GB/s where its two-row kernel
+            # streams 27 (2 cores, docs/perf/NOTES.md): compute the row twice, a free FLOP on a memory-bound GEMV.
+            out[start] = (a_MK[start:end].expand(2, -1) @ w_ENK[e].t())[0]
+        else:
+            torch.matmul(a_MK[start:end], w_ENK[e].t(), out=out[start:end])
+    return out
+
+
+def _experts_pooled(
+    pool: _ExpertPool,
+    x_MH: torch.Tensor,
+    spans: list[tuple[int, int, int]],
+    w13_E2IH: torch.Tensor,
+    w2_EHI: torch.Tensor,
+    w13_bias_E2I: torch.Tensor | None,
+    w2_bias_EH: torch.Tensor | None,
+    activation: Activation,
+) -> torch.Tensor:
+    """What ``_experts_serial`` computes, with each expert run whole on one of ``pool``'s workers."""
+    y_MH = torch.empty(x_MH.shape[0], w2_EHI.shape[1], dtype=torch.float32, device=x_MH.device)
+
+    def expert(e: int, start: int, end: int) -> None:
+        own = [(e, 0, end - start)]
+        h = _gemm_by_expert(x_MH[start:end], w13_E2IH, own)
+        h = h if w13_bias_E2I is None else h.float() + w13_bias_E2I[e].float()
+        a = activation_ref(h, activation).to(w2_EHI.dtype)
+        y = _gemm_by_expert(a, w2_EHI, own).float()
+        y_MH[start:end] = y if w2_bias_EH is None else y + w2_bias_EH[e].float()  # rows no other worker writes
+
+    # Largest experts first, so the last expert a worker picks up is a short one.
+    pool.map(expert, sorted(spans, key=lambda span: span[1] - span[2]))
+    return y_MH
 
 
 def _gemm1(x_mH: torch.Tensor, w13_RH: torch.Tensor, w13_bias_E2I: torch.Tensor | None, e: int) -> torch.Tensor:
@@ -182,15 +255,32 @@ def _gemm1(x_mH: torch.Tensor, w13_RH: torch.Tensor, w13_bias_E2I: torch.Tensor 
     return h if w13_bias_E2I is None else h.float() + w13_bias_E2I[e].float()
 
 
-def _pool_for(x_TH: torch.Tensor, num_experts_hit: int, *weights: torch.Tensor | None) -> _ExpertPool | None:
-    """The worker pool to run this call's experts on, or None to run them here (the serial loop, whose GEMMs
-    use every intra-op thread): off CPU, with one intra-op thread, when fewer experts have rows than there are
-    workers (whole experts would not balance over them), when autograd would record the call, and where
-    threads' counts are not per thread (``_ExpertPool.supported``)."""
+# bf16/fp16 calls touching less expert weight than this run serially (module docstring: below it the pool's
+# workers mostly share the cores with the caller's still-spinning OpenMP thread). olmoe: T = 4 touches ~25
+# experts (0.3 GB in bf16), T = 16 ~56 (0.7 GB).
+POOL_MIN_BYTES_HALF = 512 << 20
+
+
+def _pool_for(
+    x_MH: torch.Tensor,
+    spans: list[tuple[int, int, int]],
+    w13_E2IH: torch.Tensor,
+    w2_EHI: torch.Tensor,
+    *biases: torch.Tensor | None,
+) -> _ExpertPool | None:
+    """The worker pool to run this call's experts on, or None to run them here (``_experts_serial``, whose
+    GEMMs use every intra-op thread): off CPU, with one intra-op thread, when fewer experts have rows than there
+    are workers (whole experts would not balance over them), for bf16/fp16 calls under
+    ``POOL_MIN_BYTES_HALF``, when autograd would record the call, and where threads' counts are not per thread
+    (``_ExpertPool.supported``)."""
     workers = torch.get_num_threads()
-    if x_TH.device.type != "cpu" or workers < 2 or num_experts_hit < workers or not _ExpertPool.supported():
+    if x_MH.device.type != "cpu" or workers < 2 or len(spans) < workers or not _ExpertPool.supported():
         return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_TH, *weights)):
+    if w13_E2IH.dtype in (torch.bfloat16, torch.float16):
+        expert_bytes = w13_E2IH[0].numel() * w13_E2IH.element_size() + w2_EHI[0].numel() * w2_EHI.element_size()
+        if len(spans) * expert_bytes < POOL_MIN_BYTES_HALF:
+            return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_MH, w13_E2IH, w2_EHI, *biases)):
         return None
     if getattr(_ExpertPool.local, "worker", False):  # called from a worker: never wait on the pool's own threads
         return None
@@ -249,13 +339,13 @@ class _ExpertPool:
                 pool = cls._current = cls(workers)
             return pool
 
-    def map(self, fn: Callable[..., torch.Tensor], args: Sequence[tuple]) -> list[torch.Tensor]:
+    def map(self, fn: Callable[..., object], args: Sequence[tuple]) -> list:
         """``[fn(*a) for a in args]``, run on the workers in order of ``args`` (each worker takes the next one)."""
         # Grad and inference modes are per thread. The pool only serves calls that record nothing (_pool_for), so
         # workers run without grad, in the caller's inference mode (whose results are inference tensors).
         inference = torch.is_inference_mode_enabled()
 
-        def call(a: tuple) -> torch.Tensor:
+        def call(a: tuple) -> object:
             with torch.inference_mode(inference), torch.no_grad():
                 return fn(*a)
 

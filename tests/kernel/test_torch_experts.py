@@ -31,6 +31,8 @@ def _args(d):
     "num_tokens, activation, bias, dtype",
     [
         (1, "silu", False, torch.float32),  # decode: K experts of one row each
+        (1, "silu", True, torch.bfloat16),  # bf16 decode: one-row GEMMs run as two rows (_gemm_by_expert)
+        (3, "gelu", False, torch.float16),  # fp16: one- and two-row experts side by side
         (37, "silu", False, torch.bfloat16),  # several rows per expert, odd T, bf16 GEMMs with fp32 sums
         (19, "swigluoai", True, torch.float32),  # both biases, clamped activation
         (11, "relu2", False, torch.float32),  # non-gated: w13 has I rows
@@ -85,15 +87,22 @@ def test_run_under_autograd_recording_stays_serial(monkeypatch):
     assert_close(grad, ref, torch.float32)
 
 
-def test_pool_is_picked_only_when_it_can_balance(monkeypatch):
-    x = torch.randn(4, 8)
+def test_pool_is_picked_by_threads_experts_dtype_and_size(monkeypatch):
     monkeypatch.setattr(te._ExpertPool, "get", lambda workers: f"pool of {workers}")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert te._pool_for(x, 2) == "pool of 2"
-    assert te._pool_for(x, 1) is None  # one expert: its GEMMs use both threads in the serial loop
+    x = torch.randn(4, 8)
+    w13, w2 = torch.randn(4, 16, 8), torch.randn(4, 8, 8)  # 768 bytes an expert in fp32
+    two, one = [(0, 0, 2), (3, 2, 4)], [(1, 0, 4)]
+    assert te._pool_for(x, two, w13, w2) == "pool of 2"
+    assert te._pool_for(x, one, w13, w2) is None  # one expert: its GEMMs use both threads in the serial loop
+    assert te._pool_for(x.to("meta"), two, w13.to("meta"), w2.to("meta")) is None  # not a CPU tensor
+    # bf16 (oneDNN GEMMs use both threads): only calls touching POOL_MIN_BYTES_HALF of expert weights
+    xb, w13b, w2b = x.bfloat16(), w13.bfloat16(), w2.bfloat16()  # 384 bytes an expert
+    assert te._pool_for(xb, two, w13b, w2b) is None
+    monkeypatch.setattr(te, "POOL_MIN_BYTES_HALF", 2 * 384)
+    assert te._pool_for(xb, two, w13b, w2b) == "pool of 2"
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert te._pool_for(x, 8) is None
-    assert te._pool_for(x.to("meta"), 8) is None  # not a CPU tensor
+    assert te._pool_for(x, two, w13, w2) is None
 
 
 def test_pool_workers_are_single_threaded_and_others_unchanged():
