@@ -13,21 +13,23 @@ GEMM 2 (the fast path's GEMM 2 reads 8-bit activations too).
 The unquantized forward groups the routed rows by expert once (``_expert_spans``) and runs one of two paths
 (``_pool_for`` picks; docs/perf/NOTES.md, "CPU: the torch backend", has the measurements, 2 cores):
 
-- ``_experts_serial``: both GEMMs expert by expert into one buffer each, every GEMM on all intra-op threads;
-  the biases and the activation once over all rows (2 ops an expert: decode calls are a few rows an expert,
-  where per-op costs are a visible part of the time). One-row bf16/fp16 GEMMs run as two rows
-  (``_gemm_by_expert``).
-- ``_experts_pooled``: each expert whole on one of a few worker threads whose torch ops are single-threaded
-  (``_ExpertPool``). Workers meet once per call, where the serial path's every GEMM ends in an OpenMP
-  barrier: with another process on a core, each barrier waits for a descheduled thread (bf16 olmoe T = 16:
-  ~60 ms pooled against ~400 ms serial in the same rounds on a busy machine). MKL's fp32 GEMMs of a few rows
-  use one thread whatever the count (a one-row GEMV, and 2-row sgemm ran as fast on one thread as on two),
-  so in fp32 the pool is also what puts the other cores to work on a quiet machine (olmoe T = 4: 1.5x).
-  Its cost: the caller's OpenMP threads keep spinning ~5-10 ms after its last parallel op (a model's or a
-  baseline's), taking a core from the workers; bf16 GEMMs already use every core (oneDNN), so bf16/fp16 calls
-  take the pool only when they stream enough weight to outlast that (``POOL_MIN_BYTES_HALF``).
+- ``_experts_serial`` (bf16/fp16, and wherever the pool is not used): both GEMMs as one ``torch._grouped_mm``
+  each (a per-expert loop in C++, every GEMM on all intra-op threads; a Python loop where it cannot run), the
+  biases and the activation once over all rows. An expert's single bf16/fp16 row is computed twice: oneDNN's
+  one-row kernel streamed a [2048, 2048] bf16 weight at 22 GB/s where its two-row kernel streams 27 (a free
+  FLOP on a memory-bound GEMV; 1.5-2.5% of an olmoe decode call).
+- ``_experts_pooled`` (fp32/fp64): each expert whole on one of a few worker threads whose torch ops are
+  single-threaded (``_ExpertPool``). MKL runs GEMMs of a few rows on one thread whatever the count (a one-row
+  fp32 GEMV streamed 23 GB/s on one thread and on two, a two-row one 11 and 11), so the pool is what puts the
+  other cores to work: olmoe fp32 T = 4 and 16 ran 1.3-1.7x the serial path. Workers also meet only once per
+  call, where every multi-threaded GEMM ends in an OpenMP barrier that, when another process holds a core,
+  waits for a descheduled thread (fp32 T = 16 on a busy machine: ~170 ms pooled against ~870 serial, same
+  rounds). bf16/fp16 do not take the pool: oneDNN's GEMMs already use every core (17 GB/s on one thread, 29
+  on two), and the caller's OpenMP threads spin ~5-10 ms after its last parallel op (a model's or a
+  baseline's), taking a core from the workers: bf16 olmoe ran 0.6-0.9x serial pooled on a quiet machine
+  (though 3-6x faster on a busy one, where the serial path and the baselines wait at every barrier).
 
-Both compute each expert's rows alone, with the same GEMMs, and keep the top-k sum's fixed order.
+Both compute each expert's rows alone and keep the top-k sum's fixed order.
 """
 
 from __future__ import annotations
@@ -200,11 +202,72 @@ def _experts_serial(
     """GEMM 2's fp32 output for the grouped rows ``x_MH``, in this thread: each GEMM expert by expert into one
     buffer (each uses every intra-op thread), the biases and the activation once over all rows (two ops per
     expert instead of ~9: decode calls are a few rows per expert, where per-op costs are much of the time)."""
-    h_MR = _gemm_by_expert(x_MH, w13_E2IH, spans)
+    grouped = _grouped_layout(x_MH, ids_M, spans, w13_E2IH, w2_EHI)
+    if grouped is not None:
+        h_MR = _grouped_gemm(x_MH, w13_E2IH, *grouped)
+    else:
+        h_MR = _gemm_by_expert(x_MH, w13_E2IH, spans)
     h = h_MR if w13_bias_E2I is None else h_MR.float() + w13_bias_E2I[ids_M].float()
     a_MI = activation_ref(h, activation).to(w2_EHI.dtype)
-    y = _gemm_by_expert(a_MI, w2_EHI, spans).float()
+    if grouped is not None:
+        y = _grouped_gemm(a_MI, w2_EHI, *grouped).float()
+    else:
+        y = _gemm_by_expert(a_MI, w2_EHI, spans).float()
     return y if w2_bias_EH is None else y + w2_bias_EH[ids_M].float()
+
+
+def _grouped_layout(
+    x_MH: torch.Tensor, ids_M: torch.Tensor, spans: list[tuple[int, int, int]], w13_E2IH: torch.Tensor,
+    w2_EHI: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """``(offs_E, src_P, keep_M)`` for ``_grouped_gemm``, or None where ``torch._grouped_mm`` cannot run these
+    operands (then ``_gemm_by_expert`` loops in Python). In bf16/fp16 an expert's single row is computed twice
+    (``src_P`` repeats it, ``keep_M`` picks each row's first copy): see ``_gemm_by_expert``."""
+    if not (_grouped_mm_runs(x_MH, w13_E2IH) and _grouped_mm_runs(x_MH.new_empty(0, w2_EHI.shape[2]), w2_EHI)):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_MH, w13_E2IH, w2_EHI)):
+        return None
+    num_experts = w13_E2IH.shape[0]
+    counts_E = torch.bincount(ids_M, minlength=num_experts)
+    src_P = keep_M = None
+    if w13_E2IH.dtype in (torch.bfloat16, torch.float16) and any(end - start == 1 for _, start, end in spans):
+        single = counts_E == 1
+        repeats_M = 1 + single[ids_M].long()
+        src_P = torch.repeat_interleave(torch.arange(ids_M.shape[0], device=ids_M.device), repeats_M)
+        keep_M = torch.cumsum(repeats_M, 0) - repeats_M
+        counts_E = counts_E + single.long()
+    return torch.cumsum(counts_E, 0, dtype=torch.int32), src_P, keep_M
+
+
+def _grouped_gemm(a_MK: torch.Tensor, w_ENK: torch.Tensor, offs_E: torch.Tensor, src_P: torch.Tensor | None,
+                  keep_M: torch.Tensor | None) -> torch.Tensor:
+    """``_gemm_by_expert`` as one ``torch._grouped_mm`` (its per-expert loop runs in C++, not Python)."""
+    a = a_MK if src_P is None else a_MK[src_P]
+    out = torch._grouped_mm(a, w_ENK.transpose(1, 2), offs=offs_E)
+    return out if keep_M is None else out[keep_M]
+
+
+_GROUPED_MM_RUNS: dict[tuple, bool] = {}
+
+
+def _grouped_mm_runs(a_MK: torch.Tensor, w_ENK: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs ``a @ w[e].T`` on this device, these dtypes and these sizes (it needs
+    16-byte aligned rows, and not every torch build has it for every dtype); probed once per such key on a
+    two-expert problem of the same sizes."""
+    key = (a_MK.device.type, a_MK.dtype, w_ENK.dtype, w_ENK.shape[1], w_ENK.shape[2])
+    if key not in _GROUPED_MM_RUNS:
+        ok = hasattr(torch, "_grouped_mm") and a_MK.dtype == w_ENK.dtype
+        if ok:
+            try:
+                k, n = w_ENK.shape[2], w_ENK.shape[1]
+                a = torch.zeros(3, k, dtype=a_MK.dtype, device=a_MK.device)
+                w = torch.zeros(2, n, k, dtype=w_ENK.dtype, device=w_ENK.device)
+                torch._grouped_mm(a, w.transpose(1, 2), offs=torch.tensor([1, 3], dtype=torch.int32,
+                                                                             device=a.device))
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED_MM_RUNS[key] = ok
+    return _GROUPED_MM_RUNS[key]
 
 
 def _gemm_by_expert(a_MK: torch.Tensor, w_ENK: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -214,9 +277,7 @@ def _gemm_by_expert(a_MK: torch.Tensor, w_ENK: torch.Tensor, spans: list[tuple[i
     out = torch.empty(a_MK.shape[0], w_ENK.shape[1], dtype=w_ENK.dtype, device=a_MK.device)
     pad = w_ENK.dtype in (torch.bfloat16, torch.float16)
     for e, start, end in spans:
-        if pad and end - start == 1:
-            # oneDNN's one-row bf16 kernel streamed a [2048, 2048] weight at 22 GB/s where its two-row kernel
-            # streams 27 (2 cores, docs/perf/NOTES.md): compute the row twice, a free FLOP on a memory-bound GEMV.
+        if pad and end - start == 1:  # oneDNN's two-row kernel is the faster one (module docstring)
             out[start] = (a_MK[start:end].expand(2, -1) @ w_ENK[e].t())[0]
         else:
             torch.matmul(a_MK[start:end], w_ENK[e].t(), out=out[start:end])
@@ -255,12 +316,6 @@ def _gemm1(x_mH: torch.Tensor, w13_RH: torch.Tensor, w13_bias_E2I: torch.Tensor 
     return h if w13_bias_E2I is None else h.float() + w13_bias_E2I[e].float()
 
 
-# bf16/fp16 calls touching less expert weight than this run serially (module docstring: below it the pool's
-# workers mostly share the cores with the caller's still-spinning OpenMP thread). olmoe: T = 4 touches ~25
-# experts (0.3 GB in bf16), T = 16 ~56 (0.7 GB).
-POOL_MIN_BYTES_HALF = 512 << 20
-
-
 def _pool_for(
     x_MH: torch.Tensor,
     spans: list[tuple[int, int, int]],
@@ -269,17 +324,15 @@ def _pool_for(
     *biases: torch.Tensor | None,
 ) -> _ExpertPool | None:
     """The worker pool to run this call's experts on, or None to run them here (``_experts_serial``, whose
-    GEMMs use every intra-op thread): off CPU, with one intra-op thread, when fewer experts have rows than there
-    are workers (whole experts would not balance over them), for bf16/fp16 calls under
-    ``POOL_MIN_BYTES_HALF``, when autograd would record the call, and where threads' counts are not per thread
+    GEMMs use every intra-op thread): off CPU, for bf16/fp16 weights (module docstring), with one intra-op
+    thread, when fewer experts have rows than there are workers (whole experts would not balance over them),
+    when autograd would record the call, and where threads' counts are not per thread
     (``_ExpertPool.supported``)."""
     workers = torch.get_num_threads()
-    if x_MH.device.type != "cpu" or workers < 2 or len(spans) < workers or not _ExpertPool.supported():
+    if x_MH.device.type != "cpu" or w13_E2IH.dtype in (torch.bfloat16, torch.float16):
         return None
-    if w13_E2IH.dtype in (torch.bfloat16, torch.float16):
-        expert_bytes = w13_E2IH[0].numel() * w13_E2IH.element_size() + w2_EHI[0].numel() * w2_EHI.element_size()
-        if len(spans) * expert_bytes < POOL_MIN_BYTES_HALF:
-            return None
+    if workers < 2 or len(spans) < workers or not _ExpertPool.supported():
+        return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_MH, w13_E2IH, w2_EHI, *biases)):
         return None
     if getattr(_ExpertPool.local, "worker", False):  # called from a worker: never wait on the pool's own threads

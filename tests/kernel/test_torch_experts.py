@@ -13,13 +13,17 @@ from moekit.ops.activation import Activation
 from moekit.testing import assert_close, make_moe_inputs, reference_experts
 
 
-@pytest.fixture(params=["serial", "pool"])
+@pytest.fixture(params=["grouped_mm", "loop", "pool"])
 def path(request, monkeypatch):
-    """Force one path whatever this machine's thread count (a 1-core runner never picks the pool itself)."""
-    if request.param == "serial":
-        monkeypatch.setattr(te, "_pool_for", lambda *args: None)
-    else:
+    """Force one path whatever the dtype and this machine's thread count (a 1-core runner never picks the pool
+    itself): the serial path on torch._grouped_mm, on its Python loop (torch without _grouped_mm for the dtype
+    or strides), or the worker pool."""
+    if request.param == "pool":
         monkeypatch.setattr(te, "_pool_for", lambda *args: te._ExpertPool.get(2))
+    else:
+        monkeypatch.setattr(te, "_pool_for", lambda *args: None)
+    if request.param == "loop":
+        monkeypatch.setattr(te, "_grouped_mm_runs", lambda *args: False)
     return request.param
 
 
@@ -31,7 +35,7 @@ def _args(d):
     "num_tokens, activation, bias, dtype",
     [
         (1, "silu", False, torch.float32),  # decode: K experts of one row each
-        (1, "silu", True, torch.bfloat16),  # bf16 decode: one-row GEMMs run as two rows (_gemm_by_expert)
+        (1, "silu", True, torch.bfloat16),  # bf16 decode: single rows computed twice (src_P / keep_M)
         (3, "gelu", False, torch.float16),  # fp16: one- and two-row experts side by side
         (37, "silu", False, torch.bfloat16),  # several rows per expert, odd T, bf16 GEMMs with fp32 sums
         (19, "swigluoai", True, torch.float32),  # both biases, clamped activation
@@ -87,7 +91,7 @@ def test_run_under_autograd_recording_stays_serial(monkeypatch):
     assert_close(grad, ref, torch.float32)
 
 
-def test_pool_is_picked_by_threads_experts_dtype_and_size(monkeypatch):
+def test_pool_is_picked_by_threads_experts_and_dtype(monkeypatch):
     monkeypatch.setattr(te._ExpertPool, "get", lambda workers: f"pool of {workers}")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     x = torch.randn(4, 8)
@@ -96,11 +100,9 @@ def test_pool_is_picked_by_threads_experts_dtype_and_size(monkeypatch):
     assert te._pool_for(x, two, w13, w2) == "pool of 2"
     assert te._pool_for(x, one, w13, w2) is None  # one expert: its GEMMs use both threads in the serial loop
     assert te._pool_for(x.to("meta"), two, w13.to("meta"), w2.to("meta")) is None  # not a CPU tensor
-    # bf16 (oneDNN GEMMs use both threads): only calls touching POOL_MIN_BYTES_HALF of expert weights
-    xb, w13b, w2b = x.bfloat16(), w13.bfloat16(), w2.bfloat16()  # 384 bytes an expert
-    assert te._pool_for(xb, two, w13b, w2b) is None
-    monkeypatch.setattr(te, "POOL_MIN_BYTES_HALF", 2 * 384)
-    assert te._pool_for(xb, two, w13b, w2b) == "pool of 2"
+    # bf16/fp16: oneDNN's GEMMs use every thread already (module docstring)
+    for half in (torch.bfloat16, torch.float16):
+        assert te._pool_for(x.to(half), two, w13.to(half), w2.to(half)) is None
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert te._pool_for(x, two, w13, w2) is None
 
