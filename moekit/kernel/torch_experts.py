@@ -26,8 +26,8 @@ The unquantized forward groups the routed rows by expert once (``_expert_spans``
   waits for a descheduled thread (fp32 T = 16 on a busy machine: ~170 ms pooled against ~870 serial, same
   rounds). bf16/fp16 do not take the pool: oneDNN's GEMMs already use every core (17 GB/s on one thread, 29
   on two), and the caller's OpenMP threads spin ~5-10 ms after its last parallel op (a model's or a
-  baseline's), taking a core from the workers: bf16 olmoe ran 0.6-0.9x serial pooled on a quiet machine
-  (though 3-6x faster on a busy one, where the serial path and the baselines wait at every barrier).
+  baseline's), taking a core from the workers: pooled, bf16 olmoe ran 0.6-0.9x grouped_mm on a quiet machine
+  (though 1.3-6x faster on a busy one, where the serial path and the baselines wait at every barrier).
 
 Both compute each expert's rows alone and keep the top-k sum's fixed order.
 """
@@ -199,9 +199,9 @@ def _experts_serial(
     w2_bias_EH: torch.Tensor | None,
     activation: Activation,
 ) -> torch.Tensor:
-    """GEMM 2's fp32 output for the grouped rows ``x_MH``, in this thread: each GEMM expert by expert into one
-    buffer (each uses every intra-op thread), the biases and the activation once over all rows (two ops per
-    expert instead of ~9: decode calls are a few rows per expert, where per-op costs are much of the time)."""
+    """GEMM 2's fp32 output for the grouped rows ``x_MH``, in this thread: each GEMM as one ``torch._grouped_mm``
+    (``_grouped_layout``; else expert by expert, ``_gemm_by_expert``), each expert's GEMM on every intra-op
+    thread, the biases and the activation once over all rows."""
     grouped = _grouped_layout(x_MH, ids_M, spans, w13_E2IH, w2_EHI)
     if grouped is not None:
         h_MR = _grouped_gemm(x_MH, w13_E2IH, *grouped)
