@@ -328,7 +328,7 @@ def _tokens(text: str) -> list[int]:
 
 def bench(args: argparse.Namespace) -> int:
     from moekit.bench import bench_point, measure_ceilings
-    from moekit.bench.report import table, write_json
+    from moekit.bench.report import noise_warning, table, write_json
     from moekit.bench.run import make_weights
 
     device = _device(args.device)
@@ -361,6 +361,8 @@ def bench(args: argparse.Namespace) -> int:
           f"backend {rows[0].backend if rows else args.backend}"
           + ("" if ceilings else " (no floor on CPU: the floor is defined for GPUs)"))
     print(table(rows))
+    if warning := noise_warning(rows):
+        print(f"moekit bench: {warning}", file=sys.stderr)
     meta = {**info(), "device": _device_name(device), "dtype": args.dtype, "quant": quant, "command": " ".join(["moekit", *args.argv])}
     if args.json:
         write_json(args.json, rows, meta, ceilings)

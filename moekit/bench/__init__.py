@@ -3,7 +3,7 @@
     shapes.py     presets (MEASURING.md) and dims from a transformers config.json
     floor.py      bytes, flops, measured ceilings -> floor
     baselines.py  torch grouped_mm and the eager loop
-    timing.py     medians; CUDA-graph replays for decode-sized calls
+    timing.py     medians; CUDA-graph replays for decode-sized calls; on CPU interleaved rounds (min, spread)
     run.py        one point: inputs, correctness vs the reference, timings
     report.py     table, markdown, JSON, plot
 """

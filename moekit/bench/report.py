@@ -8,41 +8,78 @@ from pathlib import Path
 
 from moekit.bench.floor import Ceilings
 from moekit.bench.run import Row
+from moekit.bench.timing import NOISY_SPREAD
 
 
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-HEADER = ["shape", "T", "moekit us", "TFLOP/s", "GB/s", "floor us", "% floor", "grouped_mm us", "x vs gmm",
-          "eager us", "max rel err", "weights"]
+def _ratio(baseline_us: float | None, moekit_us: float) -> float | None:
+    return baseline_us / moekit_us if baseline_us else None
 
 
-def _cells(rows: Sequence[Row]) -> list[list[str]]:
+# Rates print in the largest unit in which the table's largest value reads >= 10, so that a CPU's GFLOP/s do not
+# print as 0.00 TFLOP/s; a GPU table keeps TFLOP/s and GB/s.
+_FLOP_UNITS = (("TFLOP/s", 1e12), ("GFLOP/s", 1e9), ("MFLOP/s", 1e6), ("kFLOP/s", 1e3))
+_BYTE_UNITS = (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3))
+
+
+def _unit(values: Sequence[float], units: Sequence[tuple[str, float]]) -> tuple[str, float]:
+    """``(name, scale)`` of the unit for ``values`` (in units of one, e.g. flop/s)."""
+    top = max(values, default=0.0)
+    return next(((name, scale) for name, scale in units if top >= 10 * scale), units[-1])
+
+
+def _columns(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells. ``min us`` and ``spread`` (interquartile range / median of moekit's rounds) appear when a
+    row has them (CPU runs); the ``us`` columns are medians."""
+    flop_name, flop_scale = _unit([r.tflops * 1e12 for r in rows], _FLOP_UNITS)
+    byte_name, byte_scale = _unit([r.gbps * 1e9 for r in rows], _BYTE_UNITS)
+    stats = any(r.moekit_min_us is not None for r in rows)
+    header = ["shape", "T", "moekit us", *(["min us", "spread"] if stats else []), flop_name, byte_name, "floor us",
+              "% floor", "grouped_mm us", "x vs gmm", "eager us", "x vs eager", "max rel err", "weights"]
     cells = []
     for r in rows:
-        speedup = r.grouped_mm_us / r.moekit_us if r.grouped_mm_us else None
+        spread = None if r.moekit_spread is None else 100 * r.moekit_spread
         cells.append([
-            r.shape, str(r.tokens), _fmt(r.moekit_us, ".1f"), _fmt(r.tflops, ".2f"), _fmt(r.gbps, ".0f"),
+            r.shape, str(r.tokens), _fmt(r.moekit_us, ".1f"),
+            *([_fmt(r.moekit_min_us, ".1f"), "-" if spread is None else f"{spread:.0f}%"] if stats else []),
+            _fmt(r.tflops * 1e12 / flop_scale, ".2f"), _fmt(r.gbps * 1e9 / byte_scale, ".0f"),
             _fmt(r.floor_us, ".1f"), _fmt(r.efficiency and 100 * r.efficiency, ".1f"), _fmt(r.grouped_mm_us, ".1f"),
-            _fmt(speedup, ".2f"), _fmt(r.eager_us, ".1f"), _fmt(r.max_rel_err, ".2e"),
+            _fmt(_ratio(r.grouped_mm_us, r.moekit_us), ".2f"), _fmt(r.eager_us, ".1f"),
+            _fmt(_ratio(r.eager_us, r.moekit_us), ".2f"), _fmt(r.max_rel_err, ".2e"),
             r.quant or r.dtype,  # moekit's experts: a quant scheme, else the float dtype
         ])
-    return cells
+    return header, cells
 
 
 def table(rows: Sequence[Row]) -> str:
-    lines = [HEADER, *_cells(rows)]
-    widths = [max(len(row[i]) for row in lines) for i in range(len(HEADER))]
+    header, cells = _columns(rows)
+    lines = [header, *cells]
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     out = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 
 
 def markdown(rows: Sequence[Row]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(c) + " |" for c in _cells(rows)]
+    header, cells = _columns(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
     return "\n".join(lines)
+
+
+def noise_warning(rows: Sequence[Row]) -> str | None:
+    """A warning naming the points whose rounds spread by more than ``NOISY_SPREAD`` (another process was using
+    the CPU), or None."""
+    noisy = [r for r in rows if r.max_spread is not None and r.max_spread > NOISY_SPREAD]
+    if not noisy:
+        return None
+    where = ", ".join(f"{r.shape} T={r.tokens} ({100 * r.max_spread:.0f}%)" for r in noisy)
+    return (f"warning: timings spread by more than {100 * NOISY_SPREAD:.0f}% between rounds at {where}: the machine "
+            "was busy. The ratios (moekit and the baselines timed in the same interleaved rounds) still compare; "
+            "for absolute numbers rerun on a quiet machine.")
 
 
 def write_json(path: str | Path, rows: Sequence[Row], meta: dict, ceilings: Ceilings | None) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from moekit.bench.baselines import eager_experts, grouped_mm_experts
 from moekit.bench.floor import Ceilings, floor_us, moe_bytes, moe_flops
 from moekit.bench.shapes import MoEShape
-from moekit.bench.timing import time_us
+from moekit.bench.timing import time_cpu, time_us
 from moekit.functional import fused_experts
 from moekit.kernel import resolve_backend
 from moekit.online_quant import quantize
@@ -55,6 +55,20 @@ class Row:
     eager_us: float | None
     graph: bool
     quant: str | None = None  # the moekit.quantize scheme of moekit's experts; None: unquantized (dtype)
+    # CPU only (interleaved rounds, timing.time_cpu; the *_us fields above are medians): each variant's fastest
+    # call and its spread (interquartile range / median). None on CUDA (do_bench's median) and in older files.
+    moekit_min_us: float | None = None
+    moekit_spread: float | None = None
+    grouped_mm_min_us: float | None = None
+    grouped_mm_spread: float | None = None
+    eager_min_us: float | None = None
+    eager_spread: float | None = None
+
+    @property
+    def max_spread(self) -> float | None:
+        """The largest spread of the variants timed at this point (None when none was measured)."""
+        spreads = [s for s in (self.moekit_spread, self.grouped_mm_spread, self.eager_spread) if s is not None]
+        return max(spreads, default=None)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -196,12 +210,24 @@ def bench_point(
     err = reference_error({**float_weights, **token_sets[0]}, moekit_fn(**token_sets[0]), shape)
     # The torch backend syncs to size its per-expert loop, so only Triton is captured in a graph.
     graph = device.type == "cuda" and backend != "torch"
-    moekit_us = timed(moekit_fn, graph)
-    grouped_us = eager_us = None
+    variants = {"moekit": moekit_fn}
     if baselines:
         if _grouped_mm_runs(device, dtype):
-            grouped_us = timed(grouped_fn, device.type == "cuda")
-        eager_us = timed(eager_fn, False)
+            variants["grouped_mm"] = grouped_fn
+        variants["eager"] = eager_fn
+    cpu_stats = {}
+    if device.type == "cuda":
+        graphed = {"moekit": graph, "grouped_mm": True, "eager": False}
+        timings = {name: timed(fn, graphed[name]) for name, fn in variants.items()}
+    else:
+        # Interleaved rounds (timing.time_cpu): the ratios hold on a machine other processes share.
+        measured = time_cpu({name: (lambda fn=fn: fn(**token_sets[0])) for name, fn in variants.items()})
+        timings = {name: t.median_us for name, t in measured.items()}
+        for name, t in measured.items():
+            cpu_stats.update({f"{name}_min_us": t.min_us, f"{name}_spread": t.spread})
+    moekit_us = timings["moekit"]
+    grouped_us = timings.get("grouped_mm")
+    eager_us = timings.get("eager")
 
     # The floor of the average call: each set's own active experts.
     actives = [int(torch.unique(tokens["topk_ids"]).numel()) for tokens in token_sets]
@@ -224,6 +250,7 @@ def bench_point(
         eager_us=eager_us,
         graph=graph,
         quant=quant,
+        **cpu_stats,
     )
 
 
