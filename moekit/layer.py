@@ -122,8 +122,8 @@ class MoE(nn.Module):
         ``process_weights_after_loading``.
 
         Args:
-            layer: which MoE block: an index into the checkpoint's MoE blocks (``Checkpoint.moe_prefixes()``, in
-                checkpoint order; DeepSeek-V3's first sparse decoder layer is block 0); optional when there is one.
+            layer: which MoE block: its decoder layer index (``model.layers.<layer>.mlp``; a dense decoder layer,
+                e.g. DeepSeek-V3's first three, is refused naming the sparse ones); optional when there is one.
             prefix: the block's checkpoint prefix instead (``model.layers.3.mlp``).
             dtype: the activation dtype; by default config.json's ``dtype``/``torch_dtype``.
             parallel, process_group: expert parallelism as in ``MoE(config, parallel=..., process_group=...)``;

@@ -4,6 +4,7 @@ loaded with ``moekit.loading.load_moe``."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,7 +38,9 @@ def from_pretrained(
     if not isinstance(path, (str, os.PathLike)) or not Path(path).is_dir():
         raise FileNotFoundError(f"path: expected a checkpoint directory with config.json, got {path!r}")
     cfg = read_hf_config(path)
-    config = replace(MoEConfig.from_hf(cfg), backend=backend)  # validated again: backend is checked
+    # layer: the decoder layer index, as MoEConfig.from_hf reads it (a dense layer is refused there, naming the
+    # sparse ones).
+    config = replace(MoEConfig.from_hf(cfg, layer), backend=backend)  # validated again: backend is checked
     quant = cfg.get("quantization_config", text_config(cfg).get("quantization_config"))
     method = get_quant_method(quant) if quant is not None else None
     if dtype is None:
@@ -48,14 +51,23 @@ def from_pretrained(
     if prefix is not None and layer is not None:
         raise ValueError(f"layer/prefix: give one, got layer={layer!r} and prefix={prefix!r}")
     if prefix is None:
-        if layer is None and len(found) != 1:
-            raise ValueError(f"layer: the checkpoint has {len(found)} MoE blocks; pick one with layer= (an index "
-                             f"into them) or prefix=: {_shown(found)}")
-        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
-                                  or not 0 <= layer < len(found)):
-            raise ValueError(f"layer: expected an index into the checkpoint's {len(found)} MoE blocks "
-                             f"[0, {len(found)}), got {layer!r}")
-        prefix = found[0 if layer is None else layer]
+        if layer is None:
+            if len(found) != 1:
+                raise ValueError(f"layer: the checkpoint has {len(found)} MoE blocks; pick one with layer= (its "
+                                 f"decoder layer index) or prefix=: {_shown(found)}")
+            prefix = found[0]
+        else:
+            matches = [p for p in found if _decoder_layer(p) == layer]
+            if len(matches) != 1:
+                raise ValueError(f"layer: expected one MoE block of decoder layer {layer} in the checkpoint, found "
+                                 f"{len(matches)} among {_shown(found)}; pass prefix=")
+            prefix = matches[0]
     moe = MoE(config, dtype=dtype, device=device, quant_method=method, parallel=parallel, process_group=process_group)
     load_moe(moe, ckpt, prefix)
     return moe
+
+
+def _decoder_layer(prefix: str) -> int | None:
+    """The decoder layer index in a block prefix (``model.layers.7.mlp`` -> 7), or None."""
+    m = re.search(r"(?:^|\.)(?:layers|h|blocks|blk)\.(\d+)(?:\.|$)", prefix)
+    return int(m.group(1)) if m else None

@@ -225,9 +225,9 @@ def test_unknown_quant_method_and_bad_arguments(saved, tmp_path):
     (other / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fancy4"}}))
     with pytest.raises(UnsupportedQuantization, match="quant_method: unknown 'fancy4'"):
         MoE.from_pretrained(other, layer=0)
-    with pytest.raises(ValueError, match="layer: the checkpoint has 2 MoE blocks; pick one .*model.layers.0.mlp"):
+    with pytest.raises(ValueError, match="layer: the checkpoint has 2 MoE blocks; pick one with layer= .*model.layers.0.mlp"):
         MoE.from_pretrained(path)
-    with pytest.raises(ValueError, match=r"layer: expected an index into the checkpoint's 2 MoE blocks \[0, 2\), got 2"):
+    with pytest.raises(ValueError, match=r"layer: expected a decoder layer in \[0, num_hidden_layers=2\), got 2"):
         MoE.from_pretrained(path, layer=2)
     with pytest.raises(ValueError, match="layer/prefix: give one"):
         MoE.from_pretrained(path, layer=0, prefix="model.layers.0.mlp")
@@ -246,3 +246,20 @@ def test_quantized_layers_load_per_expert_tensors_once(saved):
     fresh = MoE(moe.config, dtype=torch.bfloat16, quant_method=Fp8BlockMoEMethod())
     with pytest.raises(ValueError, match="layout: quantized experts load from per-expert tensors"):
         load_moe(fresh, path, "model.layers.0.mlp", layout="fused")
+
+
+def test_layer_is_the_decoder_layer_index(saved, tmp_path):
+    # layer=i means decoder layer i (model.layers.i.mlp), as MoEConfig.from_hf reads it: with DeepSeek-V3's first
+    # layer dense, layer=0 is refused as dense and layer=1 is model.layers.1.mlp, not "the second MoE block".
+    model, path, _ = saved["deepseek_v3"]
+    dense_first = tmp_path / "dense_first"
+    dense_first.mkdir()
+    (dense_first / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    config = json.loads((path / "config.json").read_text())
+    (dense_first / "config.json").write_text(json.dumps({**config, "first_k_dense_replace": 1}))
+    with pytest.raises(ValueError, match="layer: decoder layer 0 of this deepseek_v3 config is dense"):
+        MoE.from_pretrained(dense_first, layer=0)
+    moe = MoE.from_pretrained(dense_first, layer=1)
+    x = _x(model)
+    with torch.no_grad():
+        assert_close(moe(x), model.model.layers[1].mlp(x).float(), torch.bfloat16)
