@@ -192,7 +192,7 @@ def test_gpu_presets_match_torch_backend(scheme, preset):
         layer.w2.normal_(std=I**-0.5)
     moekit.quantize(layer, scheme)
     q = layer.quant_method.quant_params(layer)
-    for num_tokens in (1, 7, 64, 1024, 4096):
+    for num_tokens in (1, 7, 64, 1024, 4096, 9000):  # past 8192: where vLLM widens its fp8 tolerance
         routing = make_moe_inputs(num_tokens, E, 16, 16, K, device="cuda", seed=num_tokens)
         x = torch.randn(num_tokens, H, device="cuda").bfloat16()
         args = (x, layer.w13, layer.w2, routing["topk_weights"], routing["topk_ids"])
