@@ -52,8 +52,8 @@ import torch
 
 from moekit._checks import check_bool, check_choice, check_positive
 from moekit._layout import deinterleave
-from moekit.families import read_json
 from moekit.distributed import shard_intermediate
+from moekit.families import read_json
 from moekit.layer import MoE
 from moekit.ops.quantize import dequantize_weight
 from moekit.quant.w8a8 import W8A8MoEMethod
