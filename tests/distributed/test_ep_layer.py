@@ -165,9 +165,12 @@ def _collective_counts(rank: int, world: int, device: str = "cpu") -> None:
              "all_to_all_single", "all_reduce", "all_gather", "broadcast", "barrier")
     originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
 
+    # Older torch (2.11 on the GPU machine) has only the *_tensor spellings that dispatch.py falls back to.
+    same = {"all_gather_into_tensor": "all_gather_single", "reduce_scatter_tensor": "reduce_scatter_single"}
+
     def counting(n):
         def call(*args, **kwargs):
-            calls.append(n)
+            calls.append(same.get(n, n))
             return originals[n](*args, **kwargs)
         return call
 
