@@ -199,7 +199,8 @@ class ParallelConfig:
     Args:
         ep_size: ranks the routed experts are split over (expert parallelism); 1 = every expert on every rank.
         ep_rank: this rank's index in [0, ep_size).
-        tp_size: ranks each expert's intermediate dimension is split over (tensor parallelism); only 1 for now.
+        tp_size: ranks each expert's intermediate dimension I is split over (tensor parallelism; I divisible by it,
+            unquantized experts without biases for now).
         tp_rank: this rank's index in [0, tp_size). Ranks are laid out TP-innermost, as in vLLM: the rank in the
             process group is ``ep_rank * tp_size + tp_rank``.
         placement: which experts a rank holds: ``linear`` (contiguous ranges, the first ``E % ep_size`` ranks one
@@ -233,8 +234,6 @@ class ParallelConfig:
         if redundant < 0:
             raise ValueError(f"num_redundant_experts: expected >= 0, got {redundant}")
         # Refused here rather than ignored: a layer built without them would silently hold a different layout.
-        if self.tp_size > 1:
-            raise NotImplementedError(f"tp_size: tensor-parallel experts are not implemented yet, got {self.tp_size}")
         if redundant > 0:
             raise NotImplementedError(f"num_redundant_experts: redundant experts (EPLB) are not implemented yet, "
                                       f"got {redundant}")

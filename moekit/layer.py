@@ -21,8 +21,10 @@ from torch import nn
 
 from moekit._checks import check_layer_dtype, check_ndim, check_shape, check_tensor
 from moekit.config import MoEConfig, ParallelConfig
-from moekit.distributed import determine_expert_map, make_prepare_finalize
+from moekit.distributed import TensorParallel, determine_expert_map, make_prepare_finalize, parallel_groups
+from moekit.kernel import LocalPrepareFinalize
 from moekit.quant.base import MoEQuantMethod
+from moekit.quant.unquantized import UnquantizedMoEMethod
 from moekit.routed_experts import RoutedExperts
 from moekit.router import route, select_experts
 from moekit.shared_experts import SharedExperts
@@ -34,7 +36,8 @@ class MoE(nn.Module):
     ``parallel`` (a ``moekit.ParallelConfig``) spreads the routed experts over the ranks of ``process_group``
     (None: the default group, the ranks of ``torchrun``): each rank holds ``determine_expert_map``'s share and
     calls the layer on its own tokens, every rank on every call (the dispatch is collective), under
-    ``torch.no_grad()``/``torch.inference_mode()``.
+    ``torch.no_grad()``/``torch.inference_mode()``. With ``tp_size > 1`` each rank holds a slice of I of its
+    experts and the ranks of a TP group (same tokens) sum their outputs with an all-reduce.
 
     ``forward(hidden_states [..., H], router_logits=None, *, topk_weights=None, topk_ids=None)`` returns
     the same shape and dtype. Give ``router_logits`` [T, E] to skip the gate, or ``topk_weights``/``topk_ids``
@@ -62,15 +65,24 @@ class MoE(nn.Module):
         self.parallel = parallel
         # Expert parallelism: this rank holds only its experts (global ids map to local ones through expert_map)
         # and the dispatch moves tokens to them; the router and the shared experts are replicated on every rank.
-        num_local, expert_map, prepare_finalize = config.num_experts, None, None
-        if parallel.ep_size > 1:
-            prepare_finalize = make_prepare_finalize(
-                parallel.dispatch, num_experts=config.num_experts, ep_size=parallel.ep_size,
-                ep_rank=parallel.ep_rank, placement=parallel.placement, group=process_group,
-            )
-            num_local, expert_map = determine_expert_map(
-                parallel.ep_size, parallel.ep_rank, config.num_experts, parallel.placement
-            )
+        # Tensor parallelism: each rank of a TP group holds a slice of I of its experts; an all-reduce sums them.
+        num_local, inter, expert_map, prepare_finalize = config.num_experts, config.intermediate_size, None, None
+        if parallel.tp_size > 1:
+            _check_tensor_parallel(config, parallel, quant_method)
+            inter //= parallel.tp_size
+        if parallel.world_size > 1:
+            ep_group, tp_group = parallel_groups(parallel, process_group)
+            if parallel.ep_size > 1:
+                prepare_finalize = make_prepare_finalize(
+                    parallel.dispatch, num_experts=config.num_experts, ep_size=parallel.ep_size,
+                    ep_rank=parallel.ep_rank, placement=parallel.placement, group=ep_group,
+                )
+                num_local, expert_map = determine_expert_map(
+                    parallel.ep_size, parallel.ep_rank, config.num_experts, parallel.placement
+                )
+            if parallel.tp_size > 1:
+                prepare_finalize = TensorParallel(prepare_finalize or LocalPrepareFinalize(), tp_size=parallel.tp_size,
+                                                  tp_rank=parallel.tp_rank, group=tp_group)
         kw = {"dtype": dtype, "device": device}
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=config.router_bias, **kw)
         if config.routing.correction_bias:
@@ -81,7 +93,7 @@ class MoE(nn.Module):
         self.routed_experts = RoutedExperts(
             num_local,
             config.hidden_size,
-            config.intermediate_size,
+            inter,
             activation=config.activation,
             bias=config.bias,
             apply_router_weight_on_input=config.routing.apply_weights_on_input,
@@ -204,3 +216,15 @@ class MoE(nn.Module):
         )
         return out_TH.view(hidden_states.shape)
 
+
+def _check_tensor_parallel(config: MoEConfig, parallel: ParallelConfig, quant_method: MoEQuantMethod | None) -> None:
+    if config.intermediate_size % parallel.tp_size:
+        raise ValueError(f"parallel.tp_size: expected a divisor of intermediate_size={config.intermediate_size}, got "
+                         f"{parallel.tp_size}")
+    # Refused rather than approximated: a bias on GEMM 2 would be added once per TP rank, and 8-bit scales (blocks
+    # over I) would need slicing of their own.
+    if config.bias:
+        raise NotImplementedError("parallel.tp_size: tensor-parallel experts with biases are not implemented yet")
+    if quant_method is not None and type(quant_method) is not UnquantizedMoEMethod:
+        raise NotImplementedError(f"parallel.tp_size: tensor-parallel experts with quant method "
+                                  f"{quant_method.name!r} are not implemented yet")

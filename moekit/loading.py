@@ -41,6 +41,7 @@ per-expert tensors are not read (``LoadReport.skipped``), the fused layouts' row
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +52,7 @@ import torch
 
 from moekit._checks import check_bool, check_choice, check_positive
 from moekit._layout import deinterleave
+from moekit.distributed import shard_intermediate
 from moekit.families import read_json
 from moekit.layer import MoE
 from moekit.ops.quantize import dequantize_weight
@@ -452,7 +454,8 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
             continue
         w2 = row.shard_id == "w2"
         param = experts.w2 if w2 else experts.w13
-        plan.add(key, _shard_shape(experts, param, row.shard_id), _expert_loader(experts, param, row), dtype=param.dtype)
+        plan.add(key, _shard_shape(experts, param, row.shard_id), _expert_loader(experts, param, row),
+                 _tp_slicer(moe, 1 if w2 else 0), dtype=param.dtype)
         if quantized:
             # Scales beside the codes: DeepSeek/Qwen fp8 ``weight_scale_inv`` (fp32), compressed-tensors and
             # ModelOpt ``weight_scale`` (any float dtype, copied into moekit's fp32 scales).
@@ -513,20 +516,26 @@ def _load_fused(moe: MoE, plan: _Plan, experts_prefix: str, *, transposed: bool,
 
         def b13_from(t: torch.Tensor) -> torch.Tensor:
             return deinterleave(t, dim=1)
-    if local is not None:
-        w13_from, w2_from, b13_from, b2_from = (_rows_then(local, f) for f in (w13_from, w2_from, b13_from, None))
-    else:
-        b2_from = None
-    plan.copy(experts.w13, [experts_prefix + "gate_up_proj"], w13_from)
-    plan.copy(experts.w2, [experts_prefix + "down_proj"], w2_from)
-    if experts.w13_bias is not None:
-        plan.copy(experts.w13_bias, [experts_prefix + "gate_up_proj_bias"], b13_from)
-        plan.copy(experts.w2_bias, [experts_prefix + "down_proj_bias"], b2_from)
+    # Expert parallelism: this rank's experts (the whole tensor is still read); tensor parallelism: its I slice.
+    rows = None if local is None else (lambda t: t.index_select(0, local))
+    halves = 2 if experts.activation.is_gated else 1
+    plan.copy(experts.w13, [experts_prefix + "gate_up_proj"], _chain(rows, w13_from, _tp_slicer(moe, 1, halves)))
+    plan.copy(experts.w2, [experts_prefix + "down_proj"], _chain(rows, w2_from, _tp_slicer(moe, 2)))
+    if experts.w13_bias is not None:  # (tensor parallelism refuses biases)
+        plan.copy(experts.w13_bias, [experts_prefix + "gate_up_proj_bias"], _chain(rows, b13_from))
+        plan.copy(experts.w2_bias, [experts_prefix + "down_proj_bias"], _chain(rows))
 
 
-def _rows_then(rows: torch.Tensor, then: Callable | None) -> Callable:
-    """Select the local experts' rows (the whole tensor is still read), then convert."""
-    return lambda t: t.index_select(0, rows) if then is None else then(t.index_select(0, rows))
+def _chain(*fns: Callable | None) -> Callable | None:
+    """``fns`` applied in order (None entries skipped); None when all are None."""
+    fns = [f for f in fns if f is not None]
+    return (lambda t: functools.reduce(lambda acc, f: f(acc), fns, t)) if fns else None
+
+
+def _tp_slicer(moe: MoE, dim: int, halves: int = 1) -> Callable | None:
+    """This rank's slice of the intermediate dimension ``dim`` under tensor parallelism, else None."""
+    tp_size, tp_rank = moe.parallel.tp_size, moe.parallel.tp_rank
+    return None if tp_size == 1 else (lambda t: shard_intermediate(t, dim, tp_size, tp_rank, halves=halves))
 
 
 def _load_shared(moe: MoE, plan: _Plan, prefix: str) -> None:

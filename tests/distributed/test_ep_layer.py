@@ -66,6 +66,16 @@ def _float_cases() -> dict[str, dict]:
                                                         dispatch=dispatch, scheme="fp8_block", sync_free=True)
         if "triton" in available_backends("cpu"):
             cases[f"triton-{dispatch}"] = dict(cfg=replace(base, backend="triton"), dispatch=dispatch, patterns=2)
+    # Tensor parallelism: world 2 runs TP 2; world 4 runs EP 2 x TP 2 and TP 4 ("all").
+    for dispatch in DISPATCHES:
+        cases[f"tp2-{dispatch}"] = dict(cfg=base, dispatch=dispatch, tp=2)
+        cases[f"tp2-K10-sync-free-{dispatch}"] = dict(cfg=replace(base, top_k=10), dispatch=dispatch, tp=2,
+                                                      sync_free=True)
+    cases["tp2-shared-bf16"] = dict(cfg=replace(base, shared_intermediate_size=24), dispatch="all_to_all", tp=2,
+                                    dtype=torch.bfloat16)
+    cases["tp2-weights-on-input-K2"] = dict(cfg=replace(base, routing=llama4), dispatch="all_to_all", tp=2)
+    cases["tp-all-E8-K1"] = dict(cfg=replace(base, num_experts=8, top_k=1), dispatch="allgather_reducescatter",
+                                 tp="all")
     # Dynamic per-tensor scales depend on which rows a rank computes: its GEMM 2 input scale covers only the rows
     # of its own experts, so the result differs from one process within the quantization tolerance only.
     for dispatch in DISPATCHES:
@@ -76,38 +86,68 @@ def _float_cases() -> dict[str, dict]:
 
 CASES = _float_cases()
 OTHER = ("collective_counts", "checkpoint_loads_local_experts", "from_pretrained_parallel",
-         "fused_checkpoint_loads_local_rows", "refusals")
+         "fused_checkpoint_loads_local_rows", "tp_checkpoint_loads_slices", "refusals")
+
+
+def _parallel(world: int, rank: int, tp: int = 1, **kw) -> moekit.ParallelConfig:
+    """Rank ``rank`` of ``world`` laid out TP-innermost: ep_size = world / tp."""
+    ep_rank, tp_rank = divmod(rank, tp)
+    return moekit.ParallelConfig(ep_size=world // tp, ep_rank=ep_rank, tp_size=tp, tp_rank=tp_rank, **kw)
+
+
+def _local_state(full: moekit.MoE, parallel: moekit.ParallelConfig) -> dict[str, torch.Tensor]:
+    """``full``'s state with the routed experts cut to this rank's experts and, under TP, its slice of I
+    (gate rows, up rows and w2's columns alike; written out here, not with moekit's helpers)."""
+    ids = local_experts(parallel.ep_size, parallel.ep_rank, full.config.num_experts, parallel.placement)
+    inter, tp, t = full.config.intermediate_size, parallel.tp_size, parallel.tp_rank
+    part = slice(t * inter // tp, (t + 1) * inter // tp)
+    up = slice(inter + part.start, inter + part.stop)
+    state = {}
+    for k, v in full.state_dict().items():
+        if k.startswith("routed_experts."):
+            v = v[ids]
+            if k == "routed_experts.w13":
+                v = torch.cat([v[:, part], v[:, up]], dim=1)
+            elif k == "routed_experts.w2":
+                v = v[:, :, part]
+        state[k] = v
+    return state
 
 
 def _shard(full: moekit.MoE, parallel: moekit.ParallelConfig, dtype: torch.dtype) -> moekit.MoE:
-    """The EP layer holding ``full``'s router, shared experts and this rank's experts."""
+    """The parallel layer holding ``full``'s router, shared experts and this rank's experts (and I slice)."""
     ep = moekit.MoE(full.config, dtype=dtype, parallel=parallel)
-    ids = local_experts(parallel.ep_size, parallel.ep_rank, full.config.num_experts, parallel.placement)
-    state = {k: v[ids] if k.startswith("routed_experts.") else v for k, v in full.state_dict().items()}
-    ep.load_state_dict(state)
+    ep.load_state_dict(_local_state(full, parallel))
     return ep
+
+
+def _dispatch(moe: moekit.MoE):
+    pf = moe.routed_experts.prepare_finalize
+    return getattr(pf, "inner", pf)  # inside TensorParallel
 
 
 def _run_case(name: str, case: dict, rank: int, world: int, device: str = "cpu") -> None:
     dtype = case.get("dtype", torch.float32)
     torch.manual_seed(1234)  # the same full layer and inputs on every rank
     full = moekit.MoE(case["cfg"], dtype=dtype)
-    parallel = moekit.ParallelConfig(ep_size=world, ep_rank=rank, dispatch=case["dispatch"],
-                                     placement=case.get("placement", "linear"))
+    tp = world if case.get("tp") == "all" else case.get("tp", 1)
+    parallel = _parallel(world, rank, tp, dispatch=case["dispatch"], placement=case.get("placement", "linear"))
     ep = _shard(full, parallel, dtype)
-    ep.routed_experts.prepare_finalize.sync_free = case.get("sync_free")
+    _dispatch(ep).sync_free = case.get("sync_free")
     if "scheme" in case:
         moekit.quantize(full, case["scheme"])
         moekit.quantize(ep, case["scheme"])
     full, ep = full.to(device), ep.to(device)  # built on the CPU: the same weights on every rank's device
     errors = []  # every pattern runs on every rank even after a mismatch, so the ranks' collectives stay paired
-    patterns = _patterns(world)[:3] if case.get("sync_free") else _patterns(world)  # sync-free: equal counts
+    # Token counts per EP rank: the ranks of one TP group hold the same tokens.
+    patterns = _patterns(parallel.ep_size)
+    patterns = patterns[:3] if case.get("sync_free") else patterns  # sync-free: equal counts
     for counts in patterns[-case.get("patterns", 4):]:
         x_all = torch.randn(sum(counts), full.config.hidden_size, dtype=dtype).to(device)
-        start = sum(counts[:rank])
+        start, mine = sum(counts[:parallel.ep_rank]), counts[parallel.ep_rank]
         with torch.no_grad():
-            expected = full(x_all)[start:start + counts[rank]]
-            got = ep(x_all[start:start + counts[rank]])
+            expected = full(x_all)[start:start + mine]
+            got = ep(x_all[start:start + mine])
         try:
             assert got.dtype == dtype, got.dtype
             # fp32: within 1e-5 of the single-process layer (the table's fp32 row); bf16: the bf16 row.
@@ -155,6 +195,21 @@ def _collective_counts(rank: int, world: int, device: str = "cpu") -> None:
                 for n, fn in originals.items():
                     setattr(dist, n, fn)
             assert calls == want, f"{dispatch}, sync_free={sync_free}, {tokens} tokens: {calls} != {want}"
+    # Tensor parallelism adds one all-reduce (TP 2; with world 4 inside EP 2).
+    for dispatch, seq in expected.items():
+        parallel = _parallel(world, rank, 2, dispatch=dispatch)
+        tp = moekit.MoE(cfg, parallel=parallel, device=device)
+        for n in originals:
+            setattr(dist, n, counting(n))
+        try:
+            calls.clear()
+            with torch.no_grad():
+                tp(torch.randn(3, H, device=device))
+        finally:
+            for n, fn in originals.items():
+                setattr(dist, n, fn)
+        want = (seq if parallel.ep_size > 1 else []) + ["all_reduce"]
+        assert calls == want, f"TP 2 {dispatch}: {calls} != {want}"
     # A copied layer shares the dispatch (bound to the process group) and computes the same.
     x = torch.randn(5, H, device=device)
     with torch.no_grad():
@@ -237,12 +292,52 @@ def _checkpoint_case(rank: int, world: int, out_dir: str, via_from_pretrained: b
         assert_close(ep(x_all[4 * rank:4 * rank + 4]), full(x_all)[4 * rank:4 * rank + 4], torch.float32)
 
 
+def _tp_checkpoint_case(rank: int, world: int, out_dir: str) -> None:
+    """TP 2 (world 4: EP 2 x TP 2): per-expert and fused checkpoints load this rank's experts and I slice."""
+    from safetensors.torch import save_file
+
+    from moekit.loading import load_moe
+
+    torch.manual_seed(9)
+    cfg = moekit.MoEConfig(num_experts=10, top_k=2, hidden_size=H, intermediate_size=I,
+                           routing=moekit.RoutingConfig(renormalize=True))
+    full = moekit.MoE(cfg)
+    per_expert, fused = os.path.join(out_dir, "tp_ckpt"), os.path.join(out_dir, "tp_fused.safetensors")
+    if rank == 0:
+        os.makedirs(per_expert, exist_ok=True)
+        _write_checkpoint(full, per_expert)
+        r = full.routed_experts
+        save_file({"mlp.gate.weight": full.gate.weight.detach(), "mlp.experts.gate_up_proj": r.w13.detach(),
+                   "mlp.experts.down_proj": r.w2.detach()}, fused)
+    dist.barrier()
+    parallel = _parallel(world, rank, 2, dispatch="all_to_all")
+    expected = _local_state(full, parallel)
+    x_all = torch.randn(3 * parallel.ep_size, H)
+    mine = x_all[3 * parallel.ep_rank:3 * parallel.ep_rank + 3]
+    for path, prefix in ((per_expert, "model.layers.0.mlp"), (fused, "mlp")):
+        tp = moekit.MoE(cfg, parallel=parallel)
+        report = load_moe(tp, path, prefix)
+        assert not report.missing and not report.unexpected, report
+        for name in ("w13", "w2"):
+            assert torch.equal(getattr(tp.routed_experts, name), expected[f"routed_experts.{name}"]), (path, name)
+        with torch.no_grad():
+            assert_close(tp(mine), full(x_all)[3 * parallel.ep_rank:3 * parallel.ep_rank + 3], torch.float32)
+    tp = moekit.MoE.from_pretrained(per_expert, parallel=parallel)
+    assert torch.equal(tp.routed_experts.w2, expected["routed_experts.w2"])
+
+
 def _refusals(rank: int, world: int) -> None:
     cfg = moekit.MoEConfig(num_experts=8, top_k=2, hidden_size=H, intermediate_size=I)
     with pytest.raises(ValueError, match="ep_rank"):
         moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=(rank + 1) % world))
     with pytest.raises(ValueError, match="ep_size"):
         moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world + 1, ep_rank=rank))
+    with pytest.raises(NotImplementedError, match="tp_size"):  # a GEMM 2 bias would be added once per TP rank
+        moekit.MoE(replace(cfg, bias=True), parallel=_parallel(world, rank, 2))
+    with pytest.raises(NotImplementedError, match="tp_size"):
+        moekit.MoE(cfg, parallel=_parallel(world, rank, 2), quant_method=moekit.quant.Fp8ChannelMoEMethod())
+    with pytest.raises(ValueError, match="tp_size"):
+        moekit.MoE(replace(cfg, intermediate_size=15), parallel=_parallel(world, rank, 2))
     ep = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank))
     with pytest.raises(ValueError, match="no backward"):  # refused before any collective: no rank waits
         ep(torch.randn(2, H))
@@ -298,6 +393,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo
         steps += [("checkpoint_loads_local_experts", lambda: _checkpoint_case(rank, world, out_dir, False)),
                   ("from_pretrained_parallel", lambda: _checkpoint_case(rank, world, out_dir, True)),
                   ("fused_checkpoint_loads_local_rows", lambda: _fused_checkpoint_case(rank, world, out_dir)),
+              ("tp_checkpoint_loads_slices", lambda: _tp_checkpoint_case(rank, world, out_dir)),
                   ("refusals", lambda: _refusals(rank, world))]
     try:
         for name, step in steps:

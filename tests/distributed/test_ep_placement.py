@@ -57,7 +57,7 @@ def test_parallel_config_defaults_and_rank():
     ({"placement": "random"}, ValueError, "placement"),
     ({"dispatch": "deepep"}, ValueError, "dispatch"),
     ({"num_redundant_experts": -1}, ValueError, "num_redundant_experts"),
-    ({"tp_size": 2}, NotImplementedError, "tp_size"),
+    ({"tp_size": 2, "tp_rank": 2}, ValueError, "tp_rank"),
     ({"num_redundant_experts": 2}, NotImplementedError, "num_redundant_experts"),
 ])
 def test_parallel_config_validates(kwargs, err, match):
