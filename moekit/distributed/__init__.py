@@ -3,7 +3,8 @@ expert-parallel load balancing (EPLB).
 
 ``placement.py`` decides which rank holds which experts; ``dispatch.py`` moves tokens to them and back;
 ``eplb.py`` plans replicas from measured loads and maps routed ids to replicas; ``eplb_load.py`` measures the
-loads (a device-side sliding window) and reads/writes load files; ``eplb_report.py`` is ``moekit eplb``.
+loads (a device-side sliding window) and reads/writes load files; ``eplb_rearrange.py`` moves expert
+weights between ranks to apply a plan; ``eplb_report.py`` is ``moekit eplb``.
 """
 
 from moekit.distributed.dispatch import (
@@ -14,6 +15,7 @@ from moekit.distributed.dispatch import (
 )
 from moekit.distributed.eplb import logical_to_physical, rebalance_experts
 from moekit.distributed.eplb_load import ExpertLoadRecorder, read_expert_load, write_expert_load
+from moekit.distributed.eplb_rearrange import check_rearrangeable, rearrange_expert_weights
 from moekit.distributed.placement import determine_expert_map, expert_owners, local_experts
 
 __all__ = [
@@ -21,12 +23,14 @@ __all__ = [
     "AllToAll",
     "ExpertLoadRecorder",
     "ExpertParallelPrepareFinalize",
+    "check_rearrangeable",
     "determine_expert_map",
     "expert_owners",
     "local_experts",
     "logical_to_physical",
     "make_prepare_finalize",
     "read_expert_load",
+    "rearrange_expert_weights",
     "rebalance_experts",
     "write_expert_load",
 ]
