@@ -11,7 +11,6 @@ import datetime
 import itertools
 import json
 import os
-import socket
 import traceback
 
 import pytest
@@ -30,6 +29,8 @@ from moekit.distributed import (
 )
 from moekit.quant import Fp8TensorMoEMethod, UnquantizedMoEMethod
 from moekit.routed_experts import RoutedExperts
+from moekit.testing import assert_close
+from tests.distributed.test_ep_layer import _free_port
 
 WORLDS = (2, 4)
 E, H, I = 6, 16, 8  # logical experts; R = 8 physical slots (2 redundant) at both world sizes
@@ -67,18 +68,20 @@ def _full(seed: int = 0) -> RoutedExperts:
     return RoutedExperts(E, H, I, bias=True)
 
 
-def _local(full: RoutedExperts, phy2log: torch.Tensor, rank: int, world: int, **kwargs) -> RoutedExperts:
-    """This rank's layer over the physical slots of ``phy2log``, holding full[phy2log[slot]]."""
+def _local(full: RoutedExperts, phy2log: torch.Tensor, rank: int, world: int, device: str = "cpu",
+           **kwargs) -> RoutedExperts:
+    """This rank's layer over the physical slots of ``phy2log``, holding full[phy2log[slot]], on ``device``."""
     layer = RoutedExperts(R // world, full.hidden_size, full.intermediate_size, bias=full.has_bias, **kwargs)
     mine = phy2log[rank * R // world:(rank + 1) * R // world]
     with torch.no_grad():
         for name, t in full.named_parameters():
             getattr(layer, name).copy_(t[mine])
-    return layer
+    return layer.to(device)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().view(torch.uint8) if t.element_size() == 1 else t.detach()
+    t = t.detach().cpu()
+    return t.view(torch.uint8) if t.element_size() == 1 else t
 
 
 def _assert_holds(layer: RoutedExperts, full: RoutedExperts, phy2log: torch.Tensor, rank: int, world: int,
@@ -89,11 +92,12 @@ def _assert_holds(layer: RoutedExperts, full: RoutedExperts, phy2log: torch.Tens
         assert torch.equal(got, want), f"{label}: {name} differs from the logical experts {mine.tolist()}"
 
 
-def _moves_exactly(rank: int, world: int) -> None:
+def _moves_exactly(rank: int, world: int, device: str) -> None:
     full = _full()
     errors = []  # every plan runs on every rank even after a mismatch, so the ranks' collectives stay paired
     for label, (old, new) in _plans(world).items():
-        layer = _local(full, old, rank, world)
+        layer = _local(full, old, rank, world, device)
+        old, new = old.to(device), new.to(device)  # plans may live on the layer's device
         storage = {n: getattr(layer, n).data_ptr() for n in NAMES}
         rearrange_expert_weights(layer, old, new, ep_rank=rank, ep_size=world)
         try:
@@ -109,7 +113,7 @@ def _moves_exactly(rank: int, world: int) -> None:
     assert not errors, "\n".join(errors)
 
 
-def _fp8_block(rank: int, world: int) -> None:
+def _fp8_block(rank: int, world: int, device: str) -> None:
     torch.manual_seed(1)
     full = moekit.quantize(RoutedExperts(E, 128, 192, bias=True), "fp8_block")  # 2 x 2 blocks per w2
     old, new = _plans(world)["random0"]
@@ -120,6 +124,7 @@ def _fp8_block(rank: int, world: int) -> None:
         for name, t in full.named_parameters():
             getattr(layer, name).copy_(t[mine])
     assert layer.w13.dtype == torch.float8_e4m3fn and layer.w13_scale.dim() == 3
+    layer = layer.to(device)
     rearrange_expert_weights(layer, old, new, ep_rank=rank, ep_size=world)
     _assert_holds(layer, full, new, rank, world, "fp8_block")
 
@@ -136,9 +141,10 @@ def _pinned(phy2log: torch.Tensor, replica: str) -> tuple[torch.Tensor, torch.Te
     return log2phy.gather(1, column[:, None]), torch.ones_like(logcnt)
 
 
-def _output_unchanged(rank: int, world: int, dispatch: str) -> None:
-    """The layer's output, fp32, is bit-identical before and after: the same logical ids go through the old plan
-    before and the new plan after, and the slots they reach hold the same weights."""
+def _output_unchanged(rank: int, world: int, dispatch: str, device: str) -> None:
+    """The layer's output, fp32, is bit-identical before and after (on the CPU; within the fp32 tolerance on GPUs):
+    the same logical ids go through the old plan before and the new plan after, and the slots they reach hold the
+    same weights."""
     full = _full(2)
     _, expert_map = determine_expert_map(world, rank, R)  # linear over physical slots = rank-major
     g = torch.Generator().manual_seed(10 + rank)
@@ -146,16 +152,22 @@ def _output_unchanged(rank: int, world: int, dispatch: str) -> None:
     x = torch.randn(tokens, H, generator=g)
     ids = torch.rand(tokens, E, generator=g).argsort(dim=1)[:, :2]  # two distinct logical experts per token
     weights = torch.rand(tokens, 2, generator=g)
+    x, ids, weights = x.to(device), ids.to(device), weights.to(device)
     errors = []
     for (label, (old, new)), replica in itertools.product(_plans(world).items(), ("first", "last")):
         pf = make_prepare_finalize(dispatch, num_experts=R, ep_size=world, ep_rank=rank)
-        layer = _local(full, old, rank, world, expert_map=expert_map, prepare_finalize=pf)
+        layer = _local(full, old, rank, world, device, expert_map=expert_map, prepare_finalize=pf)
         with torch.no_grad():
-            before = layer(x, weights, logical_to_physical(ids, *_pinned(old, replica)))
+            before = layer(x, weights, logical_to_physical(ids, *(t.to(device) for t in _pinned(old, replica))))
             rearrange_expert_weights(layer, old, new, ep_rank=rank, ep_size=world)
-            after = layer(x, weights, logical_to_physical(ids, *_pinned(new, replica)))
-        if not torch.equal(before, after):
+            after = layer(x, weights, logical_to_physical(ids, *(t.to(device) for t in _pinned(new, replica))))
+        if device == "cpu" and not torch.equal(before, after):
             errors.append(f"{label}, {replica} replica ({dispatch}): max diff {(before - after).abs().max()}")
+        elif device != "cpu":  # GPU kernels may sum in another order from call to call (atomics): the fp32 row
+            try:
+                assert_close(after, before, torch.float32, name=f"{label}, {replica} replica ({dispatch})")
+            except AssertionError as err:
+                errors.append(str(err))
     assert not errors, "\n".join(errors)
 
 
@@ -164,7 +176,7 @@ class _NoEplb(UnquantizedMoEMethod):
     supports_eplb = False
 
 
-def _refusals(rank: int, world: int) -> None:
+def _refusals(rank: int, world: int, device: str) -> None:
     """Every refusal raises on every rank before any rank moved anything."""
     full = _full()
     old, new = _plans(world)["swap_all"]
@@ -176,36 +188,79 @@ def _refusals(rank: int, world: int) -> None:
         for n, t in layer.named_parameters():
             assert torch.equal(_bits(t), _bits(before[n])), f"{match}: {n} moved"
 
-    refused(_local(full, old, rank, world, quant_method=_NoEplb()), TypeError, "no_eplb_method")
-    odd = _local(full, old, rank, world)
-    odd.register_buffer("odd_scale", torch.tensor(1.0))  # a per-layer 0-d scale: cannot follow its experts
+    refused(_local(full, old, rank, world, device, quant_method=_NoEplb()), TypeError, "no_eplb_method")
+    odd = _local(full, old, rank, world, device)
+    odd.register_buffer("odd_scale", torch.tensor(1.0, device=device))  # per layer (0-d): cannot follow experts
     refused(odd, ValueError, r"odd_scale.*shape \(\)")
     # Only rank 0's layer is refused: rank 0 says why, the others that rank 0 refused.
-    one = _local(full, old, rank, world)
+    one = _local(full, old, rank, world, device)
     if rank == 0:
-        one.register_buffer("odd_scale", torch.ones(3))
+        one.register_buffer("odd_scale", torch.ones(3, device=device))
         refused(one, ValueError, "odd_scale")
     else:
         refused(one, RuntimeError, r"ranks \[0\] refused")
     # Merged static input scales are one per layer (each rank's maximum over its own experts).
-    static = RoutedExperts(R // world, H, I, quant_method=Fp8TensorMoEMethod(static_input_scales=True))
+    static = RoutedExperts(R // world, H, I, quant_method=Fp8TensorMoEMethod(static_input_scales=True),
+                           device=device)
     static.process_weights_after_loading()
     refused(static, ValueError, "w13_input_scale")
     # Different plans on different ranks.
     plan = new.roll(1) if rank == world - 1 else new
-    refused(_local(full, old, rank, world), ValueError, "same plans on every rank", (old, plan))
+    refused(_local(full, old, rank, world, device), ValueError, "same plans on every rank", (old, plan))
     missing = torch.tensor([0, 1, 2, 3, 4, 4, 4, 4])  # expert 5 is nowhere in it
-    refused(_local(full, missing, rank, world), ValueError, r"logical experts \[5\]", (missing, old))
+    refused(_local(full, missing, rank, world, device), ValueError, r"logical experts \[5\]", (missing, old))
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _cuda_graph(rank: int, world: int, device: str) -> None:
+    """NCCL only: a layer captured in a CUDA graph before a rearrangement that moves every expert replays, after it
+    (new physical ids copied into the captured input), what the eager layer computes: the graph read the moved
+    weights through the parameters' unchanged storage."""
+    full = _full(2)
+    old, new = _plans(world)["swap_all"]
+    _, expert_map = determine_expert_map(world, rank, R)
+    pf = make_prepare_finalize("all_to_all", num_experts=R, ep_size=world, ep_rank=rank)
+    layer = _local(full, old, rank, world, device, expert_map=expert_map, prepare_finalize=pf)
+    g = torch.Generator().manual_seed(20 + rank)
+    x = torch.randn(4, H, generator=g).to(device)  # equal counts on every rank: the sync-free dispatch is captured
+    ids = torch.rand(4, E, generator=g).argsort(dim=1)[:, :2].to(device)
+    weights = torch.rand(4, 2, generator=g).to(device)
+    static_ids = logical_to_physical(ids, *(t.to(device) for t in _pinned(old, "first")))
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (Triton compiles, allocator settles) outside the capture
+            layer(x, weights, static_ids)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(x, weights, static_ids)
+        graph.replay()
+        before = static_y.clone()
+        rearrange_expert_weights(layer, old, new, ep_rank=rank, ep_size=world)
+        static_ids.copy_(logical_to_physical(ids, *(t.to(device) for t in _pinned(new, "first"))))
+        graph.replay()
+        eager = layer(x, weights, static_ids)
+    assert_close(static_y, eager, torch.float32, name="graph replay after the rearrangement")
+    assert_close(static_y, before, torch.float32, name="graph replay, before vs after")
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") -> None:
+    """One rank: gloo on the CPU, or NCCL on GPU ``rank`` (every case, and the CUDA-graph one)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    steps = {"moves_exactly": lambda: _moves_exactly(rank, world), "fp8_block": lambda: _fp8_block(rank, world),
-             "output_allgather_reducescatter": lambda: _output_unchanged(rank, world, "allgather_reducescatter"),
-             "output_all_to_all": lambda: _output_unchanged(rank, world, "all_to_all"),
-             "refusals": lambda: _refusals(rank, world)}
+    device = "cpu"
+    if backend == "nccl":
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    steps = {"moves_exactly": lambda: _moves_exactly(rank, world, device),
+             "fp8_block": lambda: _fp8_block(rank, world, device),
+             "output_allgather_reducescatter": lambda: _output_unchanged(rank, world, "allgather_reducescatter",
+                                                                         device),
+             "output_all_to_all": lambda: _output_unchanged(rank, world, "all_to_all", device),
+             "refusals": lambda: _refusals(rank, world, device)}
+    if backend == "nccl":
+        steps["cuda_graph"] = lambda: _cuda_graph(rank, world, device)
     results: dict[str, str | None] = {}
     try:
         for name, step in steps.items():
@@ -224,12 +279,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 CASES = ("moves_exactly", "fp8_block", "output_allgather_reducescatter", "output_all_to_all", "refusals")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
 def results(request, tmp_path_factory):
     world = request.param
@@ -238,20 +287,50 @@ def results(request, tmp_path_factory):
     return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)}
 
 
+def _failures(results: dict, case: str) -> str:
+    failures = {rank: res.get(case, "not run") for rank, res in results.items() if res.get(case, "not run")}
+    return "\n".join(f"rank {r}:\n{err}" for r, err in failures.items())
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_rearrange(results, case):
-    failures = {rank: res.get(case, "not run") for rank, res in results.items() if res.get(case, "not run")}
-    assert not failures, "\n".join(f"rank {r}:\n{err}" for r, err in failures.items())
+    failures = _failures(results, case)
+    assert not failures, failures
+
+
+@pytest.fixture(scope="module")
+def nccl_results(tmp_path_factory):
+    world = min(torch.cuda.device_count(), 4)
+    if world < 2:
+        pytest.skip(f"needs 2 GPUs, found {world}")
+    out_dir = tmp_path_factory.mktemp("rearrange_nccl")
+    mp.spawn(_worker, args=(world, _free_port(), str(out_dir), "nccl"), nprocs=world)
+    return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [*CASES, "cuda_graph"])
+def test_rearrange_nccl(nccl_results, case):
+    failures = _failures(nccl_results, case)
+    assert not failures, failures
 
 
 # Single process (ep_size = 1): moves inside the rank, and the argument checks.
 
 def test_single_rank_moves_and_duplicates():
+    """Moves inside one rank, and buffers move too: an int32 zero point and a bool mask, per expert."""
     full = _full()
     old, new = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1]), torch.tensor([5, 5, 0, 1, 1, 1, 4, 2])
     layer = _local(full, old, 0, 1)
+    zero_point = torch.arange(E * 3, dtype=torch.int32).view(E, 3)
+    mask = torch.rand(E, 5, generator=torch.Generator().manual_seed(0)) > 0.5
+    layer.register_buffer("w13_zero_point", zero_point[old].clone())
+    layer.register_buffer("w2_mask", mask[old].t().contiguous().t())  # non-contiguous: written in place too
+    buffers = {n: b for n, b in layer.named_buffers() if b is not None}
     rearrange_expert_weights(layer, old.int(), new.int(), ep_rank=0, ep_size=1)
     _assert_holds(layer, full, new, 0, 1, "single rank")
+    assert torch.equal(layer.w13_zero_point, zero_point[new]) and torch.equal(layer.w2_mask, mask[new])
+    assert all(getattr(layer, n) is b for n, b in buffers.items())
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
