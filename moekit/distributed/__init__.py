@@ -3,7 +3,8 @@
 ``placement.py`` decides which rank holds which experts; ``dispatch.py`` moves tokens to them and back;
 ``tensor_parallel.py`` is the all-reduce around a slice of every expert's intermediate size; ``eplb.py`` plans
 replicas from measured loads and maps routed ids to replicas; ``eplb_load.py`` measures the loads (a device-side
-sliding window) and reads/writes load files; ``eplb_report.py`` is ``moekit eplb``.
+sliding window) and reads/writes load files; ``eplb_rearrange.py`` moves expert weights between ranks to apply a
+plan; ``eplb_report.py`` is ``moekit eplb``.
 """
 
 from moekit.distributed.dispatch import (
@@ -14,6 +15,7 @@ from moekit.distributed.dispatch import (
 )
 from moekit.distributed.eplb import logical_to_physical, rebalance_experts
 from moekit.distributed.eplb_load import ExpertLoadRecorder, read_expert_load, write_expert_load
+from moekit.distributed.eplb_rearrange import check_rearrangeable, rearrange_expert_weights
 from moekit.distributed.placement import determine_expert_map, expert_owners, local_experts
 from moekit.distributed.tensor_parallel import TensorParallel, parallel_groups, shard_intermediate
 
@@ -23,6 +25,7 @@ __all__ = [
     "ExpertLoadRecorder",
     "ExpertParallelPrepareFinalize",
     "TensorParallel",
+    "check_rearrangeable",
     "determine_expert_map",
     "expert_owners",
     "local_experts",
@@ -30,6 +33,7 @@ __all__ = [
     "make_prepare_finalize",
     "parallel_groups",
     "read_expert_load",
+    "rearrange_expert_weights",
     "rebalance_experts",
     "shard_intermediate",
     "write_expert_load",

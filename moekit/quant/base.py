@@ -32,6 +32,9 @@ class MoEQuantMethod(ABC):
     # Parameters stored in the format's own dtypes (codes, their scales): a cast of the layer (.to(bf16), .half())
     # moves them between devices but never converts them (float8 counts as floating point to torch).
     stored_params: ClassVar[tuple[str, ...]] = ()
+    # EPLB weight rearrangement (moekit.distributed.rearrange_expert_weights) moves every [E, ...] tensor of the
+    # layer; a method opts in only when that is all of its per-expert state (refused otherwise, by name).
+    supports_eplb: ClassVar[bool] = False
 
     @abstractmethod
     def create_weights(

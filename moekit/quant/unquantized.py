@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 class UnquantizedMoEMethod(MoEQuantMethod):
     name = "unquantized"
+    supports_eplb = True  # w13, w2 and their biases, all [E, ...]
 
     def create_weights(
         self,

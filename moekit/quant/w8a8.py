@@ -48,6 +48,9 @@ class W8A8MoEMethod(MoEQuantMethod):
     granularity: ClassVar[str]
     stored_params = ("w13", "w2", "w13_scale", "w2_scale", "w13_input_scale", "w2_input_scale")
     block_shape: tuple[int, int] | None = None
+    # Codes, scales and biases are [E, ...]; merged static input scales are one per layer (0-d) and are refused
+    # by the rearrangement itself, since each rank's maximum covers only its own experts.
+    supports_eplb = True
 
     def __init__(self, *, static_input_scales: bool = False) -> None:
         check_bool("static_input_scales", static_input_scales)
