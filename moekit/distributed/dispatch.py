@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from moekit._checks import check_choice, check_positive
 from moekit.config import DISPATCHES, PLACEMENTS
-from moekit.distributed.placement import expert_owners, local_experts
+from moekit.distributed.placement import check_group, expert_owners, local_experts
 from moekit.kernel.prepare_finalize import (
     LocalPrepareFinalize,
     PrepareFinalize,
@@ -112,14 +112,7 @@ class ExpertParallelPrepareFinalize(PrepareFinalize):
                  group: dist.ProcessGroup | None = None) -> None:
         check_positive("num_experts", num_experts)
         check_choice("placement", placement, PLACEMENTS)
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group "
-                               "(torchrun sets up its environment) before building an expert-parallel layer")
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        if world != ep_size:
-            raise ValueError(f"ep_size: expected the process group's size {world}, got {ep_size}")
-        if rank != ep_rank:
-            raise ValueError(f"ep_rank: expected this process's rank in the group {rank}, got {ep_rank}")
+        check_group(ep_size, ep_rank, group, building="an expert-parallel layer")
         if num_experts < ep_size:
             raise ValueError(f"num_experts: expected >= ep_size={ep_size} (every rank holds an expert), "
                              f"got {num_experts}")

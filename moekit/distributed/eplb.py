@@ -21,7 +21,8 @@ The rebalancing is DeepSeek's published algorithm (deepseek-ai/EPLB), written he
 pack that still has room (ties: lower pack first). Both tie rules and the replication's "first maximum" are fixed,
 so every rank computing the plan from the same loads gets the same plan.
 
-Not here: how the loads are measured (``eplb_load.py``) and moving expert weights between ranks (the EP layer).
+Not here: how the loads are measured (``eplb_load.py``) and moving expert weights between ranks
+(``eplb_rearrange.py``).
 """
 
 from __future__ import annotations

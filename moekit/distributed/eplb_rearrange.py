@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from moekit._checks import check_ndim, check_signed_int_dtype, check_tensor
+from moekit.distributed.placement import check_group
 from moekit.routed_experts import RoutedExperts
 
 __all__ = ["check_rearrangeable", "rearrange_expert_weights"]
@@ -97,14 +98,7 @@ def _check_local(experts: RoutedExperts, old: torch.Tensor, new: torch.Tensor, e
     if not 0 <= ep_rank < ep_size:
         raise ValueError(f"ep_rank: expected in [0, ep_size={ep_size}), got {ep_rank}")
     if ep_size > 1 or (dist.is_available() and dist.is_initialized()):
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("torch.distributed is not initialized: rearranging over ep_size > 1 ranks needs "
-                               "torch.distributed.init_process_group first")
-        world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
-        if world != ep_size:
-            raise ValueError(f"ep_size: expected the process group's size {world}, got {ep_size}")
-        if rank != ep_rank:
-            raise ValueError(f"ep_rank: expected this process's rank in the group {rank}, got {ep_rank}")
+        check_group(ep_size, ep_rank, process_group, building="rearranging over ep_size > 1 ranks")
     num_slots = old.shape[0]
     if num_slots % ep_size or num_slots // ep_size != experts.num_experts:
         raise ValueError(f"old_phy2log: expected ep_size * local experts = {ep_size} * {experts.num_experts} = "

@@ -13,6 +13,7 @@ indices follow ascending global ids.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from moekit._checks import check_choice, check_positive
 from moekit.config import PLACEMENTS
@@ -56,3 +57,16 @@ def expert_owners(ep_size: int, num_experts: int, placement: str = "linear") -> 
     for rank in range(ep_size):
         owners[local_experts(ep_size, rank, num_experts, placement)] = rank
     return owners
+
+
+def check_group(ep_size: int, ep_rank: int, group: "dist.ProcessGroup | None", *, building: str) -> None:
+    """``ep_size`` and ``ep_rank`` against the (initialized) process ``group`` they claim to describe;
+    ``building`` names what needs it, for the error."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"torch.distributed is not initialized: {building} needs "
+                           "torch.distributed.init_process_group first (torchrun sets up its environment)")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if world != ep_size:
+        raise ValueError(f"ep_size: expected the process group's size {world}, got {ep_size}")
+    if rank != ep_rank:
+        raise ValueError(f"ep_rank: expected this process's rank in the group {rank}, got {ep_rank}")

@@ -9,23 +9,20 @@ asserts per case. A case runs its layer on four token patterns per rank: all 0, 
 from __future__ import annotations
 
 import copy
-import datetime
 import itertools
 import json
 import os
-import socket
-import traceback
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import moekit
 from moekit.distributed import local_experts
 from moekit.kernel import available_backends
 from moekit.testing import QUANT_TOLERANCES, assert_close
+from tests.distributed.ranks import failures, init_rank, run_cases, spawn
 
 WORLDS = (2, 4)
 DISPATCHES = ("allgather_reducescatter", "all_to_all")
@@ -376,15 +373,7 @@ def _cuda_graph_case(rank: int, world: int, device: str) -> None:
 
 def _worker(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") -> None:
     """One rank: gloo on the CPU, or NCCL on GPU ``rank`` (the layer cases and the collective count only)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    device = "cpu"
-    if backend == "nccl":
-        device = f"cuda:{rank}"
-        torch.cuda.set_device(device)
-    # A rank that fails between collectives leaves the others waiting: a short timeout turns that into an error.
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    results: dict[str, str | None] = {}
+    device = init_rank(rank, world, port, backend, timeout_s=120)
     steps = [(n, lambda n=n, c=c: _run_case(n, c, rank, world, device)) for n, c in CASES.items()]
     steps += [("collective_counts", lambda: _collective_counts(rank, world, device))]
     if backend == "nccl":
@@ -393,37 +382,18 @@ def _worker(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo
         steps += [("checkpoint_loads_local_experts", lambda: _checkpoint_case(rank, world, out_dir, False)),
                   ("from_pretrained_parallel", lambda: _checkpoint_case(rank, world, out_dir, True)),
                   ("fused_checkpoint_loads_local_rows", lambda: _fused_checkpoint_case(rank, world, out_dir)),
-              ("tp_checkpoint_loads_slices", lambda: _tp_checkpoint_case(rank, world, out_dir)),
+                  ("tp_checkpoint_loads_slices", lambda: _tp_checkpoint_case(rank, world, out_dir)),
                   ("refusals", lambda: _refusals(rank, world))]
-    try:
-        for name, step in steps:
-            try:
-                step()
-                results[name] = None
-            except Exception:  # reported per case; the ranks stay in step since every case ends collectively
-                results[name] = traceback.format_exc()
-            dist.barrier()
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    run_cases(steps, rank, out_dir)
 
 
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
 def results(request, tmp_path_factory):
     world = request.param
-    out_dir = tmp_path_factory.mktemp(f"ep_world{world}")
-    mp.spawn(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world)
-    return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)}
+    return spawn(_worker, world, tmp_path_factory.mktemp(f"ep_world{world}"))
 
 
 @pytest.mark.parametrize("case", [*CASES, *OTHER])
 def test_expert_parallel(results, case):
-    failures = {rank: res.get(case, "not run") for rank, res in results.items() if res.get(case, "not run")}
-    assert not failures, "\n".join(f"rank {r}:\n{err}" for r, err in failures.items())
+    failed = failures(results, case)
+    assert not failed, failed

@@ -4,13 +4,11 @@ in a CUDA graph replays to the eager result."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.distributed.test_ep_layer import CASES, _free_port, _worker
+from tests.distributed.ranks import failures, spawn
+from tests.distributed.test_ep_layer import CASES, _worker
 
 pytestmark = pytest.mark.gpu
 
@@ -21,12 +19,10 @@ def results(tmp_path_factory):
     if found < 2:
         pytest.skip(f"needs 2 GPUs, found {found}")
     world = 4 if found >= 4 else 2  # the cases' TP 2 layouts need an even world
-    out_dir = tmp_path_factory.mktemp("ep_nccl")
-    mp.spawn(_worker, args=(world, _free_port(), str(out_dir), "nccl"), nprocs=world)
-    return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)}
+    return spawn(_worker, world, tmp_path_factory.mktemp("ep_nccl"), "nccl")
 
 
 @pytest.mark.parametrize("case", [*CASES, "collective_counts", "cuda_graph"])
 def test_expert_parallel_nccl(results, case):
-    failures = {rank: res.get(case, "not run") for rank, res in results.items() if res.get(case, "not run")}
-    assert not failures, "\n".join(f"rank {r}:\n{err}" for r, err in failures.items())
+    failed = failures(results, case)
+    assert not failed, failed

@@ -7,16 +7,10 @@ so the reference of every slot, before and after, is ``full[phy2log[slot]]``.
 
 from __future__ import annotations
 
-import datetime
 import itertools
-import json
-import os
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import moekit
 from moekit.distributed import (
@@ -30,7 +24,7 @@ from moekit.distributed import (
 from moekit.quant import Fp8TensorMoEMethod, UnquantizedMoEMethod
 from moekit.routed_experts import RoutedExperts
 from moekit.testing import assert_close
-from tests.distributed.test_ep_layer import _free_port
+from tests.distributed.ranks import failures, init_rank, run_cases, spawn
 
 WORLDS = (2, 4)
 E, H, I = 6, 16, 8  # logical experts; R = 8 physical slots (2 redundant) at both world sizes
@@ -246,13 +240,7 @@ def _cuda_graph(rank: int, world: int, device: str) -> None:
 
 def _worker(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") -> None:
     """One rank: gloo on the CPU, or NCCL on GPU ``rank`` (every case, and the CUDA-graph one)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    device = "cpu"
-    if backend == "nccl":
-        device = f"cuda:{rank}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    device = init_rank(rank, world, port, backend, timeout_s=60)
     steps = {"moves_exactly": lambda: _moves_exactly(rank, world, device),
              "fp8_block": lambda: _fp8_block(rank, world, device),
              "output_allgather_reducescatter": lambda: _output_unchanged(rank, world, "allgather_reducescatter",
@@ -261,19 +249,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo
              "refusals": lambda: _refusals(rank, world, device)}
     if backend == "nccl":
         steps["cuda_graph"] = lambda: _cuda_graph(rank, world, device)
-    results: dict[str, str | None] = {}
-    try:
-        for name, step in steps.items():
-            try:
-                step()
-                results[name] = None
-            except Exception:  # reported per case; every case ends collectively, so the ranks stay in step
-                results[name] = traceback.format_exc()
-            dist.barrier()
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
+    run_cases(steps.items(), rank, out_dir)
 
 
 CASES = ("moves_exactly", "fp8_block", "output_allgather_reducescatter", "output_all_to_all", "refusals")
@@ -282,20 +258,13 @@ CASES = ("moves_exactly", "fp8_block", "output_allgather_reducescatter", "output
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
 def results(request, tmp_path_factory):
     world = request.param
-    out_dir = tmp_path_factory.mktemp(f"rearrange_world{world}")
-    mp.spawn(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world)
-    return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)}
-
-
-def _failures(results: dict, case: str) -> str:
-    failures = {rank: res.get(case, "not run") for rank, res in results.items() if res.get(case, "not run")}
-    return "\n".join(f"rank {r}:\n{err}" for r, err in failures.items())
+    return spawn(_worker, world, tmp_path_factory.mktemp(f"rearrange_world{world}"))
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_rearrange(results, case):
-    failures = _failures(results, case)
-    assert not failures, failures
+    failed = failures(results, case)
+    assert not failed, failed
 
 
 @pytest.fixture(scope="module")
@@ -303,16 +272,14 @@ def nccl_results(tmp_path_factory):
     world = min(torch.cuda.device_count(), 4)
     if world < 2:
         pytest.skip(f"needs 2 GPUs, found {world}")
-    out_dir = tmp_path_factory.mktemp("rearrange_nccl")
-    mp.spawn(_worker, args=(world, _free_port(), str(out_dir), "nccl"), nprocs=world)
-    return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)}
+    return spawn(_worker, world, tmp_path_factory.mktemp("rearrange_nccl"), "nccl")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [*CASES, "cuda_graph"])
 def test_rearrange_nccl(nccl_results, case):
-    failures = _failures(nccl_results, case)
-    assert not failures, failures
+    failed = failures(nccl_results, case)
+    assert not failed, failed
 
 
 # Single process (ep_size = 1): moves inside the rank, and the argument checks.
