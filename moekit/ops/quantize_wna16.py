@@ -115,8 +115,8 @@ def gptq_to_wna16(
         W[n, k] = scales[g(k), n] · (q[k, n] − (qzeros[g(k), n] + 1))            (v1 stores the zero minus one)
 
     Sym (``sym=True``): every stored zero must read 2^(bits-1) − 1 (checked; ``qzeros`` may be None) and the result
-    has ``zeros=None``. The v1 storage cannot hold a true zero of 0: a stored all-ones reads 2^bits, as GPTQ's own
-    kernels compute it (4-bit: 16 in a uint8); at 8 bits that 256 does not fit and is refused.
+    has ``zeros=None``. The v1 storage cannot hold a true zero of 0: a stored all-ones reads 2^bits, as the formula
+    above says (4-bit: 16, which a uint8 holds); at 8 bits that 256 does not fit and is refused.
     ``g_idx`` must be ``k // group_size`` (or None): act-order checkpoints (``desc_act=True``) are refused with
     vLLM's message; dequantize them with ``dequantize_gptq``.
     """
@@ -131,8 +131,9 @@ def gptq_to_wna16(
         z = _gptq_zeros(qzeros, bits, n)
         if sym:
             if not bool((z == 1 << (bits - 1)).all()):
-                raise ValueError(f"qzeros: expected every zero to be {1 << (bits - 1)} (stored {(1 << (bits - 1)) - 1}) "
-                                 f"for sym=True, got values {sorted(set(z.unique().tolist()))[:8]}")
+                mid = 1 << (bits - 1)
+                raise ValueError(f"qzeros: expected every zero to be {mid} (stored {mid - 1}) for sym=True, "
+                                 f"got values {z.unique().tolist()[:8]}")
         else:
             if bits == 8 and bool((z > 255).any()):
                 raise ValueError("qzeros: a stored zero of 255 (v1 storage of zero 0, i.e. 256) does not fit the "
@@ -217,7 +218,8 @@ def compressed_tensors_to_wna16(
     if k is None:
         k = words * per_word
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0 or math.ceil(k / per_word) != words:
-        raise ValueError(f"k: expected a positive int with ⌈k/{per_word}⌉ = {words} (weight_packed columns), got {k!r}")
+        raise ValueError(f"k: expected a positive int with ⌈k/{per_word}⌉ = {words} (weight_packed columns), "
+                         f"got {k!r}")
     g = _group_size(group_size, k)
     groups = math.ceil(k / g)
     check_shape("weight_scale", weight_scale, (n, groups), f"[N, ⌈K/g⌉] for N={n}, K={k}, g={g}")
