@@ -1,11 +1,16 @@
 """The examples run as documented and report full agreement."""
 
 import importlib.util
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from moekit.testing import TOLERANCES
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "examples" / "hf_generate.py"
@@ -59,3 +64,65 @@ def test_hf_generate_refuses_a_dense_family(hf_generate, capsys):
     # A dense model used to run and report "moekit.hf.convert (0 blocks)" as if moekit had been exercised.
     assert hf_generate.main(["--family", "llama", "--tokens", "4", "--device", "cpu"]) == 2
     assert "has no MoE block" in capsys.readouterr().err
+
+
+EP_BENCH = ROOT / "examples" / "ep_torchrun.py"
+# A tiny deepseek-v3: E = 10 over 2 ranks (5 each), K = 8, so most tokens reach both ranks.
+EP_TINY = ["--preset", "deepseek-v3", "--experts", "10", "--hidden", "64", "--intermediate", "32"]
+
+
+@pytest.fixture(scope="module")
+def ep_torchrun():
+    spec = importlib.util.spec_from_file_location("ep_torchrun", EP_BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("dispatch", ["all_to_all", "allgather_reducescatter"])
+def test_ep_torchrun_runs_at_world_2_on_gloo(dispatch, tmp_path):
+    out = tmp_path / "ep.json"
+    # --standalone: torchrun picks a free port, so concurrent test runs on one machine do not collide.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(EP_BENCH),
+           *EP_TINY, "--tokens", "1,7", "--dtype", "fp32", "--iters", "2", "--warmup", "1", "--dispatch", dispatch,
+           "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "T/rank" in run.stdout and "comm GB/s" in run.stdout, run.stdout
+    report = json.loads(out.read_text())
+    assert report["meta"]["world"] == 2 and report["meta"]["dispatch"] == dispatch
+    hidden_bytes, top_k = 64 * 4, 8
+    for row, tokens in zip(report["rows"], [1, 7], strict=True):
+        assert row["tokens"] == tokens
+        assert row["max_rel_err"] <= TOLERANCES[torch.float32].max  # rank 0's EP output = the single-device layer
+        assert row["single_us"] > 0 and row["layer_us"] > 0 and row["comm_us"] > 0
+        assert row["compute_us"] == pytest.approx(row["layer_us"] - row["comm_us"])
+        for sent in row["bytes_sent_per_rank"]:
+            if dispatch == "allgather_reducescatter":
+                # T rows of x, K fp32 weights and K int32 ids to the other rank, T result rows back, 8-byte count.
+                assert sent == tokens * (2 * hidden_bytes + 8 * top_k) + 8
+            else:
+                # At most every routed row out (x + int32 id) and every received row's result back, + the counts.
+                assert 8 < sent <= 8 + tokens * top_k * (2 * hidden_bytes + 4)
+
+
+@pytest.mark.parametrize(("argv", "world", "message"), [
+    ([], None, "WORLD_SIZE is not set"),  # not started by torchrun
+    ([], 1, "expected >= 2 ranks"),
+    (["--tokens", "1,0"], 2, "--tokens"),
+    (["--tokens", "1,x"], 2, "--tokens"),
+    (["--tp", "3"], 2, "--tp: expected a divisor of the world size 2"),
+    (["--tp", "2", "--intermediate", "33"], 4, "--tp: expected a divisor of the intermediate size 33"),
+    (["--preset", "gpt-oss-120b", "--tp", "2"], 2, "no biases yet"),
+    (["--experts", "3", "--top-k", "2"], 4, "--experts: expected >= ep_size 4"),
+    (["--experts", "4", "--top-k", "5"], 2, "--top-k: expected <= the expert count 4"),
+    (["--dispatch", "ring"], 2, "--dispatch"),
+    (["--iters", "0"], 2, "--iters"),
+])
+def test_ep_torchrun_refuses_bad_arguments_in_one_line(ep_torchrun, argv, world, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        ep_torchrun.parse_args(argv, world)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
