@@ -15,10 +15,12 @@ each T tokens per rank, times:
     single  (rank 0) the same experts, all E of them, on one device with rank 0's tokens, when they fit in its
             free memory; rank 0's EP output is also checked against it (``moekit.testing`` tolerances).
 
-On GPUs (NCCL) every call is captured once in a CUDA graph and its replays are timed with CUDA events: while a
-graph is captured the dispatch is the sync-free one (no counts exchanged; all_to_all sends N = T·K slots to every
-rank), as a decode step would run it. ``--eager`` times eager calls instead (the dispatch then waits once per call
-for the counts). On CPUs (gloo) wall time per call. Every rank makes the same number of calls (collectives pair
+On GPUs (NCCL), up to ``--graph-max-tokens`` per rank (decode sizes, default 64), each call is captured once in a
+CUDA graph and its replays are timed with CUDA events: while a graph is captured the dispatch is the sync-free one
+(no counts exchanged), as a decode step would run it. Above, eager calls are timed with CUDA events (the dispatch
+waits once per call for the counts): a sync-free all_to_all sends N = T·K slots to every rank and each rank
+computes W·N rows, which at prefill sizes would time W times the real work. On CPUs (gloo) wall time per call.
+The single-device layer is timed the same way at each T. Every rank makes the same number of calls (collectives pair
 up); a rank's time is its median, and the table shows the slowest rank's.
 
 Bytes: what each rank sends to the other ranks per call (its own rows stay), from the dispatch's row layout:
@@ -103,7 +105,8 @@ def parse_args(argv: list[str] | None, world: int | None) -> argparse.Namespace:
         p.add_argument(f"--{name}", type=_positive, default=None, help=f"override the preset's {name}")
     p.add_argument("--iters", type=_positive, default=None, help="timed calls per point (20 on GPU, 10 on CPU)")
     p.add_argument("--warmup", type=_positive, default=3)
-    p.add_argument("--eager", action="store_true", help="GPU: time eager calls, not CUDA-graph replays")
+    p.add_argument("--graph-max-tokens", type=int, default=64,
+                   help="GPU: CUDA-graph replays up to this many tokens per rank, eager calls above (0: never)")
     p.add_argument("--no-single", action="store_true", help="skip the single-device comparison on rank 0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="rank 0 writes the rows here")
@@ -129,6 +132,8 @@ def parse_args(argv: list[str] | None, world: int | None) -> argparse.Namespace:
         p.error(f"--tp: expected a divisor of the intermediate size {shape.intermediate_size}, got {args.tp}")
     if args.tp > 1 and shape.bias:
         p.error(f"--tp: tensor-parallel experts have no biases yet, and {args.preset} has them; use --tp 1")
+    if args.graph_max_tokens < 0:
+        p.error(f"--graph-max-tokens: expected >= 0 (0: never capture), got {args.graph_max_tokens}")
     if args.backend == "auto":
         args.backend = "nccl" if torch.cuda.is_available() else "gloo"
     if args.backend == "nccl" and not torch.cuda.is_available():
@@ -282,11 +287,11 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     moe = build_layer(shape, args, device, parallel)
     routed, pf = moe.routed_experts, moe.routed_experts.prepare_finalize
     quant = routed.quant_method.quant_params(routed)
-    graph = device.type == "cuda" and not args.eager
     hidden_bytes = shape.hidden_size * dtype.itemsize
-    timing = {"iters": args.iters, "warmup": args.warmup, "graph": graph}
     rows, ep_out = [], {}
     for tokens in args.tokens:
+        graph = device.type == "cuda" and tokens <= args.graph_max_tokens
+        timing = {"iters": args.iters, "warmup": args.warmup, "graph": graph}
         # A TP group's ranks hold the same tokens (seeded by ep_rank); rank 0's are redrawn for the single layer.
         x, weights, ids = make_routing(shape, tokens, _token_seed(args.seed, parallel.ep_rank, tokens), dtype, device)
 
@@ -312,7 +317,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
         layer_max, comm_max = max(r[0] for r in per_rank), max(r[1] for r in per_rank)
         sent_max = max(r[2] for r in per_rank)
         rows.append({
-            "tokens": tokens, "layer_us": layer_max, "comm_us": comm_max, "compute_us": layer_max - comm_max,
+            "tokens": tokens, "timing": "graph" if graph else ("eager" if device.type == "cuda" else "wall"),
+            "layer_us": layer_max, "comm_us": comm_max, "compute_us": layer_max - comm_max,
             "comm_share": comm_max / layer_max, "bytes_sent": sent_max,
             "comm_gbps": sent_max / (comm_max * 1e3) if sent_max else 0.0,
             "layer_us_per_rank": [r[0] for r in per_rank], "comm_us_per_rank": [r[1] for r in per_rank],
@@ -334,7 +340,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
                 x, weights, ids = make_routing(shape, tokens, _token_seed(args.seed, 0, tokens), dtype, device)
                 with torch.inference_mode():
                     row["single_us"] = time_calls({"single": lambda: single(x, weights, ids, check_ids=False)},
-                                                  device, collective=False, **timing)["single"]
+                                                  device, collective=False, iters=args.iters, warmup=args.warmup,
+                                                  graph=row["timing"] == "graph")["single"]
                     expected = single(x, weights, ids, check_ids=False)
                 row["ep_over_single"] = row["layer_us"] / row["single_us"]
                 row["max_rel_err"] = rel_errors(ep_out[tokens], expected)[0]
@@ -349,7 +356,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
             "world": world, "ep_size": parallel.ep_size, "tp_size": tp,
             "dispatch": args.dispatch if parallel.ep_size > 1 else "none (ep 1)",
             "placement": args.placement, "backend": args.backend, "kernel": args.kernel, "device": str(device),
-            "graph": graph, "iters": args.iters, "single": note,
+            "graph_max_tokens": args.graph_max_tokens if device.type == "cuda" else None, "iters": args.iters,
+            "single": note,
             "comm_method": "prepare+finalize around a no-op experts stage"}
     print(_table(meta, rows))
     if args.json is not None:
@@ -366,23 +374,23 @@ def _token_seed(seed: int, ep_rank: int, tokens: int) -> int:
 
 
 def _table(meta: dict, rows: list[dict]) -> str:
-    how = "CUDA-graph replays (sync-free dispatch)" if meta["graph"] else (
-        "CUDA events, eager" if meta["device"].startswith("cuda") else "CPU wall time")
+    how = "CPU wall time" if meta["graph_max_tokens"] is None else (
+        f"CUDA events: graph replays (sync-free dispatch) up to T={meta['graph_max_tokens']}, eager above")
     lines = [
         f"{meta['preset']} (E={meta['num_experts']} H={meta['hidden_size']} I={meta['intermediate_size']} "
         f"K={meta['top_k']}) {meta['dtype']}: {meta['world']} ranks (ep {meta['ep_size']} x tp {meta['tp_size']}), "
         f"{meta['dispatch']}, {meta['backend']}, {how}; slowest rank's median of {meta['iters']} calls",
         f"comm = dispatch + combine alone ({meta['comm_method']}); single: {meta['single']}",
-        f"{'T/rank':>7} {'layer us':>10} {'comm us':>10} {'comm %':>7} {'compute us':>11} {'MB sent/rank':>13} "
-        f"{'comm GB/s':>10} {'single us':>10} {'EP/single':>10} {'max err':>9}",
+        f"{'T/rank':>7} {'timing':>6} {'layer us':>10} {'comm us':>10} {'comm %':>7} {'compute us':>11} "
+        f"{'MB sent/rank':>13} {'comm GB/s':>10} {'single us':>10} {'EP/single':>10} {'max err':>9}",
     ]
     for r in rows:
         single = "-" if r["single_us"] is None else f"{r['single_us']:.1f}"
         ratio = "-" if r["ep_over_single"] is None else f"{r['ep_over_single']:.2f}"
         err = "-" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
-        lines.append(f"{r['tokens']:>7} {r['layer_us']:>10.1f} {r['comm_us']:>10.1f} {100 * r['comm_share']:>6.0f}% "
-                     f"{r['compute_us']:>11.1f} {r['bytes_sent'] / 1e6:>13.3f} {r['comm_gbps']:>10.1f} {single:>10} "
-                     f"{ratio:>10} {err:>9}")
+        lines.append(f"{r['tokens']:>7} {r['timing']:>6} {r['layer_us']:>10.1f} {r['comm_us']:>10.1f} "
+                     f"{100 * r['comm_share']:>6.0f}% {r['compute_us']:>11.1f} {r['bytes_sent'] / 1e6:>13.3f} "
+                     f"{r['comm_gbps']:>10.1f} {single:>10} {ratio:>10} {err:>9}")
     return "\n".join(lines)
 
 

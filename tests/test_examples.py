@@ -94,7 +94,7 @@ def test_ep_torchrun_runs_at_world_2_on_gloo(dispatch, tmp_path):
     assert report["meta"]["world"] == 2 and report["meta"]["dispatch"] == dispatch
     hidden_bytes, top_k = 64 * 4, 8
     for row, tokens in zip(report["rows"], [1, 7], strict=True):
-        assert row["tokens"] == tokens
+        assert row["tokens"] == tokens and row["timing"] == "wall"
         assert row["max_rel_err"] <= TOLERANCES[torch.float32].max  # rank 0's EP output = the single-device layer
         assert row["single_us"] > 0 and row["layer_us"] > 0 and row["comm_us"] > 0
         assert row["compute_us"] == pytest.approx(row["layer_us"] - row["comm_us"])
@@ -119,6 +119,7 @@ def test_ep_torchrun_runs_at_world_2_on_gloo(dispatch, tmp_path):
     (["--experts", "4", "--top-k", "5"], 2, "--top-k: expected <= the expert count 4"),
     (["--dispatch", "ring"], 2, "--dispatch"),
     (["--iters", "0"], 2, "--iters"),
+    (["--graph-max-tokens", "-1"], 2, "--graph-max-tokens: expected >= 0"),
 ])
 def test_ep_torchrun_refuses_bad_arguments_in_one_line(ep_torchrun, argv, world, message, capsys):
     with pytest.raises(SystemExit) as exit_:
