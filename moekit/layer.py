@@ -250,7 +250,9 @@ class MoE(nn.Module):
                 if lo < 0 or hi >= cfg.num_experts:
                     raise ValueError(f"topk_ids: expected values in [0, E={cfg.num_experts}), got values in "
                                      f"[{lo}, {hi}]")
-            ids = logical_to_physical(ids, self.log2phy, self.logcnt)
+            # Offset by the rank: at decode (a token or two per rank) every rank would otherwise hash the same
+            # entry indices and send an expert's rows to the same replica. From shapes only: no sync, graph-safe.
+            ids = logical_to_physical(ids, self.log2phy, self.logcnt, offset=self.parallel.ep_rank * ids.numel())
         out_TH = self.routed_experts(
             x_TH,
             weights,

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import moekit
-from moekit.distributed import ExpertLoadRecorder, rebalance_experts
+from moekit.distributed import ExpertLoadRecorder, logical_to_physical, rebalance_experts
 from moekit.quant.unquantized import UnquantizedMoEMethod
 from moekit.router import route
 from moekit.testing import assert_close
@@ -46,13 +46,14 @@ def _load_from(full: moekit.MoE, ep: moekit.MoE) -> None:
             dst.weight_loader(dst.w2_bias, src.w2_bias[e], "w2", e)
 
 
-def _check_slots(full: moekit.MoE, ep: moekit.MoE, rank: int) -> None:
-    """Every local slot holds exactly the weights of the logical expert the layer's phy2log names."""
+def _check_slots(full: moekit.MoE, ep: moekit.MoE, rank: int) -> list[str]:
+    """Every local slot holds exactly the weights of the logical expert the layer's phy2log names (the errors:
+    returned, not raised, so that a rank failing alone still joins the collectives that follow)."""
     num_local = ep.routed_experts.num_experts
     logical = ep.phy2log[rank * num_local:(rank + 1) * num_local]
-    for name in ("w13", "w2", "w13_bias", "w2_bias"):
-        if getattr(full.routed_experts, name) is not None:
-            assert torch.equal(getattr(ep.routed_experts, name), getattr(full.routed_experts, name)[logical]), name
+    return [f"slots {logical.tolist()}: {name} differs" for name in ("w13", "w2", "w13_bias", "w2_bias")
+            if getattr(full.routed_experts, name) is not None
+            and not torch.equal(getattr(ep.routed_experts, name), getattr(full.routed_experts, name)[logical])]
 
 
 def _compare(full: moekit.MoE, ep: moekit.MoE, rank: int, world: int, label: str) -> list[str]:
@@ -77,18 +78,27 @@ def _layer_case(cfg: moekit.MoEConfig, dispatch: str, rank: int, world: int) -> 
     assert ep.routed_experts.num_experts == num_slots // world
     assert ep.phy2log.tolist() == [p % E for p in range(num_slots)]  # vLLM's initial layout
     _load_from(full, ep)
-    _check_slots(full, ep, rank)
+    errors = _check_slots(full, ep, rank)
     recorder = ExpertLoadRecorder(num_layers=2, num_experts=E)
     ep.record_load(recorder, 1)
     x = torch.randn(5, H)
-    with torch.no_grad():
-        ids = route(ep.router_logits(x), cfg.top_k, cfg.routing)[1]
-        ep(x)
+    seen = []  # the slot ids the experts receive: this rank's entries hashed from rank * T * K on
+    forward = ep.routed_experts.forward
+    ep.routed_experts.forward = lambda x_TH, w, ids_TK, **kw: seen.append(ids_TK) or forward(x_TH, w, ids_TK, **kw)
+    try:
+        with torch.no_grad():
+            ids = route(ep.router_logits(x), cfg.top_k, cfg.routing)[1]
+            ep(x)
+    finally:
+        del ep.routed_experts.forward
     ep.record_load(None)
+    if not torch.equal(seen[0], logical_to_physical(ids, ep.log2phy, ep.logcnt, offset=rank * ids.numel())):
+        errors.append(f"slot ids {seen[0].tolist()}: not hashed from entry rank * T * K = {rank * ids.numel()}")
     # Logical ids, this rank's tokens, into the given layer's row.
-    assert recorder.current[1].tolist() == torch.bincount(ids.flatten(), minlength=E).tolist()
-    assert not recorder.current[0].any()
-    errors = _compare(full, ep, rank, world, "initial layout")
+    counts = torch.bincount(ids.flatten(), minlength=E)
+    if recorder.current[1].tolist() != counts.tolist() or recorder.current[0].any():
+        errors.append(f"recorded {recorder.current.tolist()}, expected row 1 = {counts.tolist()}")
+    errors += _compare(full, ep, rank, world, "initial layout")
     # A skewed load: the hot experts get the replicas; apply the plan and compute the same again.
     load = torch.tensor([[900.0, 10.0, 300.0, 5.0, 40.0, 1.0]])
     phy2log = rebalance_experts(load, num_slots, 1, 1, world)[0][0]
@@ -97,7 +107,7 @@ def _layer_case(cfg: moekit.MoEConfig, dispatch: str, rank: int, world: int) -> 
     assert ep.phy2log.tolist() == phy2log.tolist()
     assert [p.data_ptr() for p in ep.routed_experts.parameters()] == params  # in place
     assert int(ep.logcnt[0]) > 1, ep.logcnt  # the hot expert has replicas
-    _check_slots(full, ep, rank)
+    errors += _check_slots(full, ep, rank)
     errors += _compare(full, ep, rank, world, "after rearrange")
     assert not errors, "\n".join(errors)
 
@@ -120,10 +130,11 @@ def _checkpoint_case(rank: int, world: int, out_dir: str, write: Callable[[moeki
     for where, prefix in ((path, "model.layers.0.mlp"), (fused, "mlp")):
         ep = moekit.MoE(cfg, parallel=parallel)
         report = load_moe(ep, where, prefix)
-        assert not report.missing and not report.unexpected, report
-        _check_slots(full, ep, rank)
+        if report.missing or report.unexpected:
+            errors.append(f"{prefix}: missing {report.missing}, unexpected {report.unexpected}")
+        errors += _check_slots(full, ep, rank)
         errors += _compare(full, ep, rank, world, f"checkpoint {prefix}")
-    _check_slots(full, moekit.MoE.from_pretrained(path, parallel=parallel), rank)
+    errors += _check_slots(full, moekit.MoE.from_pretrained(path, parallel=parallel), rank)
     assert not errors, "\n".join(errors)
 
 
