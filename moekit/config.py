@@ -207,7 +207,9 @@ class ParallelConfig:
             more) or ``round_robin`` (expert e on rank ``e % ep_size``).
         dispatch: how tokens reach the experts' ranks: ``allgather_reducescatter`` (every rank sees every token)
             or ``all_to_all`` (each routed row travels only to the rank that owns its expert).
-        num_redundant_experts: extra expert replicas for load balancing (EPLB); only 0 for now.
+        num_redundant_experts: r, extra expert replicas for load balancing (EPLB): the layer then holds
+            R = E + r physical slots (R divisible by ep_size), slot p holding expert p % E until a rearrangement
+            (``MoE.rearrange``); needs ep_size > 1, the ``linear`` placement and tp_size = 1.
     """
 
     ep_size: int = 1
@@ -233,10 +235,19 @@ class ParallelConfig:
             raise TypeError(f"num_redundant_experts: expected an int, got {type(redundant).__name__}")
         if redundant < 0:
             raise ValueError(f"num_redundant_experts: expected >= 0, got {redundant}")
-        # Refused here rather than ignored: a layer built without them would silently hold a different layout.
         if redundant > 0:
-            raise NotImplementedError(f"num_redundant_experts: redundant experts (EPLB) are not implemented yet, "
-                                      f"got {redundant}")
+            # Replicas live in physical slots laid out rank-major over the EP ranks (what a rebalancing plan and
+            # rearrange_expert_weights assume): without EP there is nothing to balance, and round_robin would
+            # put the slots elsewhere. Refused rather than ignored: the layer would hold another layout.
+            if self.ep_size == 1:
+                raise ValueError(f"num_redundant_experts: expected 0 without expert parallelism (ep_size=1), "
+                                 f"got {redundant}")
+            if self.placement != "linear":
+                raise ValueError(f"placement: expected 'linear' with num_redundant_experts={redundant} (physical "
+                                 f"slots are rank-major), got {self.placement!r}")
+            if self.tp_size > 1:
+                raise NotImplementedError(f"num_redundant_experts: redundant experts with tensor-parallel experts "
+                                          f"(tp_size={self.tp_size}) are not implemented yet, got {redundant}")
 
     @property
     def world_size(self) -> int:

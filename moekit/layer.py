@@ -19,9 +19,25 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moekit._checks import check_layer_dtype, check_ndim, check_shape, check_tensor
+from moekit._checks import (
+    check_layer_dtype,
+    check_ndim,
+    check_shape,
+    check_signed_int_dtype,
+    check_tensor,
+    values_checkable,
+)
 from moekit.config import MoEConfig, ParallelConfig
-from moekit.distributed import TensorParallel, determine_expert_map, make_prepare_finalize, parallel_groups
+from moekit.distributed import (
+    ExpertLoadRecorder,
+    TensorParallel,
+    check_rearrangeable,
+    determine_expert_map,
+    logical_to_physical,
+    make_prepare_finalize,
+    parallel_groups,
+    rearrange_expert_weights,
+)
 from moekit.kernel import LocalPrepareFinalize
 from moekit.quant.base import MoEQuantMethod
 from moekit.quant.unquantized import UnquantizedMoEMethod
@@ -37,7 +53,11 @@ class MoE(nn.Module):
     (None: the default group, the ranks of ``torchrun``): each rank holds ``determine_expert_map``'s share and
     calls the layer on its own tokens, every rank on every call (the dispatch is collective), under
     ``torch.no_grad()``/``torch.inference_mode()``. With ``tp_size > 1`` each rank holds a slice of I of its
-    experts and the ranks of a TP group (same tokens) sum their outputs with an all-reduce.
+    experts and the ranks of a TP group (same tokens) sum their outputs with an all-reduce. With
+    ``num_redundant_experts = r`` (EPLB) the EP ranks hold R = E + r physical slots, R / ep_size each (slot p:
+    expert p % E at first); each routed (token, k) goes to one slot of its expert (``logical_to_physical``, maps
+    ``log2phy``/``logcnt``), loaders fill every slot of an expert, and ``rearrange(new_phy2log)`` applies a
+    ``rebalance_experts`` plan.
 
     ``forward(hidden_states [..., H], router_logits=None, *, topk_weights=None, topk_ids=None)`` returns
     the same shape and dtype. Give ``router_logits`` [T, E] to skip the gate, or ``topk_weights``/``topk_ids``
@@ -67,6 +87,13 @@ class MoE(nn.Module):
         # and the dispatch moves tokens to them; the router and the shared experts are replicated on every rank.
         # Tensor parallelism: each rank of a TP group holds a slice of I of its experts; an all-reduce sums them.
         num_local, inter, expert_map, prepare_finalize = config.num_experts, config.intermediate_size, None, None
+        # EPLB: R = E + r physical slots, rank-major over the EP ranks; the dispatch and expert_map see slots, and
+        # forward maps each routed logical id to one of its expert's slots (logical_to_physical).
+        num_slots = config.num_experts + parallel.num_redundant_experts
+        if num_slots % parallel.ep_size and parallel.num_redundant_experts:
+            raise ValueError(f"parallel.num_redundant_experts: expected E + r divisible by ep_size="
+                             f"{parallel.ep_size} (every rank holds as many slots), got E={config.num_experts} + "
+                             f"r={parallel.num_redundant_experts} = {num_slots}")
         if parallel.tp_size > 1:
             _check_tensor_parallel(config, parallel, quant_method)
             inter //= parallel.tp_size
@@ -74,11 +101,11 @@ class MoE(nn.Module):
             ep_group, tp_group = parallel_groups(parallel, process_group)
             if parallel.ep_size > 1:
                 prepare_finalize = make_prepare_finalize(
-                    parallel.dispatch, num_experts=config.num_experts, ep_size=parallel.ep_size,
+                    parallel.dispatch, num_experts=num_slots, ep_size=parallel.ep_size,
                     ep_rank=parallel.ep_rank, placement=parallel.placement, group=ep_group,
                 )
                 num_local, expert_map = determine_expert_map(
-                    parallel.ep_size, parallel.ep_rank, config.num_experts, parallel.placement
+                    parallel.ep_size, parallel.ep_rank, num_slots, parallel.placement
                 )
             if parallel.tp_size > 1:
                 prepare_finalize = TensorParallel(prepare_finalize or LocalPrepareFinalize(), tp_size=parallel.tp_size,
@@ -103,6 +130,14 @@ class MoE(nn.Module):
             prepare_finalize=prepare_finalize,
             **kw,
         )
+        self._load_recorder: tuple[ExpertLoadRecorder, int] | None = None
+        for name in ("phy2log", "log2phy", "logcnt"):  # the EPLB maps (_set_plan), None without redundant experts
+            self.register_buffer(name, None, persistent=False)
+        if parallel.num_redundant_experts:
+            # Refused here, not at the first rebalancing: a quant method whose per-expert state cannot move.
+            check_rearrangeable(self.routed_experts)
+            # vLLM's initial layout: slot p holds expert p for p < E, then replicas p % E.
+            self._set_plan(torch.arange(num_slots) % config.num_experts)
         self.shared_experts = None
         if config.has_shared_experts:
             self.shared_experts = SharedExperts(
@@ -206,6 +241,18 @@ class MoE(nn.Module):
                 e_score_correction_bias=self.e_score_correction_bias,
                 hidden_states=x_TH,
             )
+        if self._load_recorder is not None:
+            recorder, layer = self._load_recorder
+            recorder.record(layer, ids)  # logical ids, this rank's tokens (device-side, no sync)
+        if self.log2phy is not None:
+            if precomputed and ids.numel() and values_checkable():  # (routed ids are in range by construction)
+                lo, hi = int(ids.min()), int(ids.max())
+                if lo < 0 or hi >= cfg.num_experts:
+                    raise ValueError(f"topk_ids: expected values in [0, E={cfg.num_experts}), got values in "
+                                     f"[{lo}, {hi}]")
+            # Offset by the rank: at decode (a token or two per rank) every rank would otherwise hash the same
+            # entry indices and send an expert's rows to the same replica. From shapes only: no sync, graph-safe.
+            ids = logical_to_physical(ids, self.log2phy, self.logcnt, offset=self.parallel.ep_rank * ids.numel())
         out_TH = self.routed_experts(
             x_TH,
             weights,
@@ -215,6 +262,64 @@ class MoE(nn.Module):
             check_ids=precomputed,
         )
         return out_TH.view(hidden_states.shape)
+
+    def record_load(self, recorder: ExpertLoadRecorder | None, layer: int = 0) -> None:
+        """Count every call's routed logical ids into ``recorder``'s row ``layer`` (None: stop recording). Each
+        rank records its own tokens; the caller sums the loads over the EP group before planning."""
+        if recorder is None:
+            self._load_recorder = None
+            return
+        if not isinstance(recorder, ExpertLoadRecorder):
+            raise TypeError(f"recorder: expected a moekit.distributed.ExpertLoadRecorder or None, got "
+                            f"{type(recorder).__name__}")
+        if recorder.num_experts != self.config.num_experts:
+            raise ValueError(f"recorder: expected num_experts={self.config.num_experts} (the layer's logical "
+                             f"experts), got {recorder.num_experts}")
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < recorder.num_layers:
+            raise ValueError(f"layer: expected an int in [0, {recorder.num_layers}), got {layer!r}")
+        self._load_recorder = (recorder, layer)
+
+    def _set_plan(self, phy2log: torch.Tensor) -> None:
+        """Install the placement ``phy2log`` [R]: the maps forward routes by, and which logical expert each local
+        slot holds (for the loaders)."""
+        phy2log = phy2log.to("cpu", torch.int64)
+        num_experts = self.config.num_experts
+        logcnt = torch.bincount(phy2log, minlength=num_experts)
+        order = torch.argsort(phy2log, stable=True)  # slots grouped by expert, ascending within one
+        experts = phy2log[order]
+        replica = torch.arange(phy2log.numel()) - (torch.cumsum(logcnt, 0) - logcnt)[experts]
+        log2phy = torch.full((num_experts, int(logcnt.max())), -1, dtype=torch.int64)
+        log2phy[experts, replica] = order
+        # Non-persistent buffers: they follow .to(device) but a state dict stays the one without EPLB.
+        for name, value in (("phy2log", phy2log), ("log2phy", log2phy), ("logcnt", logcnt)):
+            self.register_buffer(name, value.to(self.gate.weight.device), persistent=False)
+        num_local = self.routed_experts.num_experts
+        first = self.parallel.ep_rank * num_local
+        self.routed_experts.set_slot_experts(phy2log[first:first + num_local].tolist(), num_experts)
+
+    @torch.no_grad()
+    def rearrange(self, new_phy2log: torch.Tensor) -> None:
+        """Apply an EPLB placement: move the experts' weights so that physical slot p holds logical expert
+        ``new_phy2log[p]`` (``rearrange_expert_weights``, collective: every rank of the EP group at once, with the
+        same plan), then route by it. ``new_phy2log``: int [R], one layer of ``rebalance_experts``' phy2log; every
+        logical expert in at least one slot. The output for the same logical ids is unchanged."""
+        if self.phy2log is None:
+            raise RuntimeError("rearrange: expected a layer built with parallel.num_redundant_experts > 0 (EPLB), "
+                               f"got num_redundant_experts={self.parallel.num_redundant_experts}")
+        check_tensor("new_phy2log", new_phy2log)
+        check_signed_int_dtype("new_phy2log", new_phy2log)
+        check_shape("new_phy2log", new_phy2log, tuple(self.phy2log.shape), "[R] (one layer's phy2log)")
+        new = new_phy2log.detach().to("cpu", torch.int64)
+        num_experts = self.config.num_experts
+        if int(new.min()) < 0 or int(new.max()) >= num_experts:
+            raise ValueError(f"new_phy2log: expected logical ids in [0, E={num_experts}), got values in "
+                             f"[{int(new.min())}, {int(new.max())}]")
+        missing = sorted(set(range(num_experts)) - set(new.tolist()))
+        if missing:
+            raise ValueError(f"new_phy2log: expected every logical expert in a slot, experts {missing[:8]} have none")
+        rearrange_expert_weights(self.routed_experts, self.phy2log, new, ep_rank=self.parallel.ep_rank,
+                                 ep_size=self.parallel.ep_size, process_group=self.routed_experts.prepare_finalize.group)
+        self._set_plan(new)
 
 
 def _check_tensor_parallel(config: MoEConfig, parallel: ParallelConfig, quant_method: MoEQuantMethod | None) -> None:

@@ -440,11 +440,11 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
         names = (names[1], names[2])  # non-gated: up -> all of w13, down -> w2
     # Global expert ids: under expert parallelism weight_loader keeps this rank's experts; the others' tensors
     # are not read (their keys, scales included, are reported as skipped).
-    remote = set() if experts.expert_map is None else set((experts.expert_map < 0).nonzero().flatten().tolist())
+    num_global, held = experts.held_experts()  # logical experts, also with redundant (EPLB) slots
+    remote = set() if held is None else set(range(num_global)) - set(held)
     remote_names = {str(e) for e in remote}
     plan.report.skipped += [k for k in plan.ckpt.keys() if k.startswith(prefix + "experts.")
                             and k.removeprefix(prefix + "experts.").split(".")[0] in remote_names]
-    num_global = experts.num_experts if experts.expert_map is None else experts.expert_map.shape[0]
     for row in expert_params_mapping(num_global, gate=names[0], up=names[1], down=names[-1]):
         if (not experts.activation.is_gated and row.shard_id == "w3") or row.expert_id in remote:
             continue
@@ -499,10 +499,9 @@ def _expert_loader(experts: RoutedExperts, param: torch.Tensor, row: ExpertParam
 def _load_fused(moe: MoE, plan: _Plan, experts_prefix: str, *, transposed: bool, interleaved: bool) -> None:
     experts = moe.routed_experts
     w13_from = w2_from = b13_from = None
-    local = None
-    if experts.expert_map is not None:  # expert parallelism: this rank's rows of the [E_global, ...] tensors
-        held = (experts.expert_map >= 0).nonzero().flatten()
-        local = held[torch.argsort(experts.expert_map[held])].cpu()
+    # Expert parallelism: this rank's rows of the [E_global, ...] tensors (a replicated expert's row once per slot).
+    held = experts.held_experts()[1]
+    local = None if held is None else torch.tensor(held, dtype=torch.int64)
     if transposed:
 
         def w13_from(t: torch.Tensor) -> torch.Tensor:

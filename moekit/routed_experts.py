@@ -10,6 +10,7 @@ Parameters (unquantized; E = local experts):
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -92,6 +93,10 @@ class RoutedExperts(nn.Module):
                 raise ValueError(f"expert_map: expected {num_experts} local experts (entries >= 0), got {local}")
             expert_map = expert_map.to(device=device, dtype=torch.int32)
         self.register_buffer("expert_map", expert_map, persistent=False)
+        # EPLB (redundant experts): the logical (checkpoint) expert each local slot holds; None when slots are
+        # experts. A plain tuple, not a buffer: it must not travel with the weights in a rearrangement.
+        self._slot_experts: tuple[int, ...] | None = None
+        self._num_logical: int | None = None
         self.quant_method = quant_method if quant_method is not None else UnquantizedMoEMethod()
         # The activation dtype the layer expects; quantized weights may be stored in another (see params_dtype).
         self._params_dtype = dtype if dtype is not None else torch.get_default_dtype()
@@ -185,12 +190,13 @@ class RoutedExperts(nn.Module):
 
         ``shard_id``: ``w1`` (gate, rows [0, I) of w13), ``w3`` (up, rows [I, 2I)), ``w2`` (down). For the
         non-gated ``relu2`` activation ``w1`` fills all I rows of w13 and ``w3`` does not exist. ``expert_id``
-        is global; an expert that ``expert_map`` places on another rank is skipped.
+        is global; an expert that ``expert_map`` places on another rank is skipped. With redundant experts
+        (``set_slot_experts``) it is the logical expert, copied into every local slot that holds it.
         """
         check_choice("shard_id", shard_id, SHARD_IDS)
         check_tensor("loaded_weight", loaded_weight)
-        local_id = self._local_expert_id(expert_id)
-        if local_id is None:
+        slots = self._local_slots(expert_id)
+        if not slots:
             return
         # w13, w2, their biases and a quant method's scales (w13_scale, w2_scale): grouped by name.
         name = next((n for n, p in self.named_parameters(recurse=False) if p is param), None)
@@ -200,7 +206,11 @@ class RoutedExperts(nn.Module):
             raise ValueError(f"param: expected one of this layer's parameters {names}")
         if (shard_id == "w2") != is_w2:
             raise ValueError(f"shard_id: {shard_id!r} does not load into {name!r} (w1/w3 -> w13*, w2 -> w2*)")
-        dest = param.data[local_id]
+        for local_id in slots:  # every replica of the expert on this rank gets its own copy
+            self._load_into(name, param.data[local_id], loaded_weight, shard_id, expert_id, is_w13)
+
+    def _load_into(self, name: str, dest: torch.Tensor, loaded_weight: torch.Tensor,
+                   shard_id: str, expert_id: int, is_w13: bool) -> None:
         if is_w13 and self.activation.is_gated:
             # Gate rows first, then up rows, in every w13* parameter (I rows, ⌈I/128⌉ block-scale rows, ...).
             half = dest.shape[0] // 2
@@ -222,7 +232,35 @@ class RoutedExperts(nn.Module):
             )
         dest.copy_(loaded_weight)
 
-    def _local_expert_id(self, expert_id: int) -> int | None:
+    def set_slot_experts(self, slot_experts: Sequence[int] | None, num_logical: int | None = None) -> None:
+        """EPLB: the logical expert held by each local slot (``[num_experts]`` ids in ``[0, num_logical)``), so
+        that ``weight_loader`` and ``held_experts`` speak of logical (checkpoint) experts while ``expert_map``
+        and ``topk_ids`` speak of physical slots. None restores slots = experts. ``MoE`` sets it at construction
+        and after each rearrangement."""
+        if slot_experts is None:
+            self._slot_experts = self._num_logical = None
+            return
+        check_positive("num_logical", num_logical)
+        ids = tuple(int(e) for e in slot_experts)
+        if len(ids) != self.num_experts:
+            raise ValueError(f"slot_experts: expected {self.num_experts} ids (one per local slot), got {len(ids)}")
+        if ids and not all(0 <= e < num_logical for e in ids):
+            raise ValueError(f"slot_experts: expected ids in [0, num_logical={num_logical}), got {list(ids)}")
+        self._slot_experts, self._num_logical = ids, num_logical
+
+    def held_experts(self) -> tuple[int, list[int] | None]:
+        """``(E, held)``: the number of logical (checkpoint) experts and the one each local slot holds, in local
+        order (a replica appears once per slot), or None when every expert is local in order: what a loader
+        reads for this layer."""
+        if self._slot_experts is not None:
+            return self._num_logical, list(self._slot_experts)
+        if self.expert_map is None:
+            return self.num_experts, None
+        held = (self.expert_map >= 0).nonzero().flatten()
+        return self.expert_map.shape[0], held[torch.argsort(self.expert_map[held])].tolist()
+
+    def _local_slots(self, expert_id: int) -> list[int]:
+        """The local slots that hold logical expert ``expert_id`` (none: it lives on another rank)."""
         # An int, numpy int or 0-d integer tensor; a bool would index param.data[True] (a new leading dim).
         try:
             if isinstance(expert_id, bool):
@@ -230,10 +268,9 @@ class RoutedExperts(nn.Module):
             expert_id = operator.index(expert_id)
         except TypeError:
             raise TypeError(f"expert_id: expected an int, got {type(expert_id).__name__}") from None
-        num_global = self.num_experts if self.expert_map is None else self.expert_map.shape[0]
+        num_global, held = self.held_experts()
         if not 0 <= expert_id < num_global:
             raise ValueError(f"expert_id: expected in [0, {num_global}), got {expert_id}")
-        if self.expert_map is None:
-            return expert_id
-        local = int(self.expert_map[expert_id])
-        return None if local < 0 else local
+        if held is None:
+            return [expert_id]
+        return [slot for slot, e in enumerate(held) if e == expert_id]

@@ -22,6 +22,7 @@ import moekit
 from moekit.distributed import local_experts
 from moekit.kernel import available_backends
 from moekit.testing import QUANT_TOLERANCES, assert_close
+from tests.distributed import ep_layer_eplb
 from tests.distributed.ranks import failures, init_rank, run_cases, spawn
 
 WORLDS = (2, 4)
@@ -83,7 +84,7 @@ def _float_cases() -> dict[str, dict]:
 
 CASES = _float_cases()
 OTHER = ("collective_counts", "checkpoint_loads_local_experts", "from_pretrained_parallel",
-         "fused_checkpoint_loads_local_rows", "tp_checkpoint_loads_slices", "refusals")
+         "fused_checkpoint_loads_local_rows", "tp_checkpoint_loads_slices", "refusals", *ep_layer_eplb.NAMES)
 
 
 def _parallel(world: int, rank: int, tp: int = 1, **kw) -> moekit.ParallelConfig:
@@ -235,6 +236,17 @@ def _write_checkpoint(full: moekit.MoE, path: str) -> None:
         json.dump(config, f)
 
 
+def _write_checkpoints(full: moekit.MoE, per_expert: str, fused: str) -> None:
+    """``full`` as a per-expert checkpoint directory (``_write_checkpoint``) and as a fused file (prefix ``mlp``)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(per_expert, exist_ok=True)
+    _write_checkpoint(full, per_expert)
+    r = full.routed_experts
+    save_file({"mlp.gate.weight": full.gate.weight.detach(), "mlp.experts.gate_up_proj": r.w13.detach(),
+               "mlp.experts.down_proj": r.w2.detach()}, fused)
+
+
 def _fused_checkpoint_case(rank: int, world: int, out_dir: str) -> None:
     """Fused [E, 2I, H] / [E, H, I] tensors (with biases): each rank keeps its experts' rows."""
     path = os.path.join(out_dir, "fused.safetensors")
@@ -291,8 +303,6 @@ def _checkpoint_case(rank: int, world: int, out_dir: str, via_from_pretrained: b
 
 def _tp_checkpoint_case(rank: int, world: int, out_dir: str) -> None:
     """TP 2 (world 4: EP 2 x TP 2): per-expert and fused checkpoints load this rank's experts and I slice."""
-    from safetensors.torch import save_file
-
     from moekit.loading import load_moe
 
     torch.manual_seed(9)
@@ -301,11 +311,7 @@ def _tp_checkpoint_case(rank: int, world: int, out_dir: str) -> None:
     full = moekit.MoE(cfg)
     per_expert, fused = os.path.join(out_dir, "tp_ckpt"), os.path.join(out_dir, "tp_fused.safetensors")
     if rank == 0:
-        os.makedirs(per_expert, exist_ok=True)
-        _write_checkpoint(full, per_expert)
-        r = full.routed_experts
-        save_file({"mlp.gate.weight": full.gate.weight.detach(), "mlp.experts.gate_up_proj": r.w13.detach(),
-                   "mlp.experts.down_proj": r.w2.detach()}, fused)
+        _write_checkpoints(full, per_expert, fused)
     dist.barrier()
     parallel = _parallel(world, rank, 2, dispatch="all_to_all")
     expected = _local_state(full, parallel)
@@ -384,6 +390,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo
                   ("fused_checkpoint_loads_local_rows", lambda: _fused_checkpoint_case(rank, world, out_dir)),
                   ("tp_checkpoint_loads_slices", lambda: _tp_checkpoint_case(rank, world, out_dir)),
                   ("refusals", lambda: _refusals(rank, world))]
+        steps += ep_layer_eplb.cases(rank, world, out_dir, _write_checkpoints)
     run_cases(steps, rank, out_dir)
 
 

@@ -58,7 +58,10 @@ def test_parallel_config_defaults_and_rank():
     ({"dispatch": "deepep"}, ValueError, "dispatch"),
     ({"num_redundant_experts": -1}, ValueError, "num_redundant_experts"),
     ({"tp_size": 2, "tp_rank": 2}, ValueError, "tp_rank"),
-    ({"num_redundant_experts": 2}, NotImplementedError, "num_redundant_experts"),
+    # Redundant experts (EPLB): only over EP ranks, in rank-major (linear) slots, without TP for now.
+    ({"num_redundant_experts": 2}, ValueError, "num_redundant_experts"),
+    ({"num_redundant_experts": 2, "ep_size": 2, "placement": "round_robin"}, ValueError, "placement"),
+    ({"num_redundant_experts": 2, "ep_size": 2, "tp_size": 2}, NotImplementedError, "num_redundant_experts"),
 ])
 def test_parallel_config_validates(kwargs, err, match):
     with pytest.raises(err, match=match):
