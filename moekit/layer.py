@@ -12,6 +12,8 @@ N = T·K routed rows. ``x_TH`` is [T, H], ``w13_E2IH`` is [E, 2I, H].
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import os
 
 import torch
@@ -130,7 +132,7 @@ class MoE(nn.Module):
             prepare_finalize=prepare_finalize,
             **kw,
         )
-        self._load_recorder: tuple[ExpertLoadRecorder, int] | None = None
+        self._load_recorder: _RecorderHook | None = None
         for name in ("phy2log", "log2phy", "logcnt"):  # the EPLB maps (_set_plan), None without redundant experts
             self.register_buffer(name, None, persistent=False)
         if parallel.num_redundant_experts:
@@ -242,8 +244,8 @@ class MoE(nn.Module):
                 hidden_states=x_TH,
             )
         if self._load_recorder is not None:
-            recorder, layer = self._load_recorder
-            recorder.record(layer, ids)  # logical ids, this rank's tokens (device-side, no sync)
+            hook = self._load_recorder
+            hook.recorder.record(hook.layer, ids)  # logical ids, this rank's tokens (device-side, no sync)
         if self.log2phy is not None:
             if precomputed and ids.numel() and values_checkable():  # (routed ids are in range by construction)
                 lo, hi = int(ids.min()), int(ids.max())
@@ -265,7 +267,8 @@ class MoE(nn.Module):
 
     def record_load(self, recorder: ExpertLoadRecorder | None, layer: int = 0) -> None:
         """Count every call's routed logical ids into ``recorder``'s row ``layer`` (None: stop recording). Each
-        rank records its own tokens; the caller sums the loads over the EP group before planning."""
+        rank records its own tokens; the caller sums the loads over the EP group before planning. A deep copy of
+        the layer records into the same recorder (one model-wide counter, like the shared dispatch)."""
         if recorder is None:
             self._load_recorder = None
             return
@@ -277,7 +280,7 @@ class MoE(nn.Module):
                              f"experts), got {recorder.num_experts}")
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < recorder.num_layers:
             raise ValueError(f"layer: expected an int in [0, {recorder.num_layers}), got {layer!r}")
-        self._load_recorder = (recorder, layer)
+        self._load_recorder = _RecorderHook(recorder, layer)
 
     def _set_plan(self, phy2log: torch.Tensor) -> None:
         """Install the placement ``phy2log`` [R]: the maps forward routes by, and which logical expert each local
@@ -333,3 +336,15 @@ def _check_tensor_parallel(config: MoEConfig, parallel: ParallelConfig, quant_me
     if quant_method is not None and type(quant_method) is not UnquantizedMoEMethod:
         raise NotImplementedError(f"parallel.tp_size: tensor-parallel experts with quant method "
                                   f"{quant_method.name!r} are not implemented yet")
+
+
+@dataclass(frozen=True)
+class _RecorderHook:
+    """Where a layer records its loads. Deep copies share it: a copied model must not count into a private copy
+    of the recorder that nothing reads."""
+
+    recorder: ExpertLoadRecorder
+    layer: int
+
+    def __deepcopy__(self, memo: dict) -> _RecorderHook:
+        return self

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moekit import MoE, MoEConfig, RoutingConfig, select_experts
+from moekit.router import route
 from moekit.ops.activation import activation_ref
 from moekit.testing import assert_close, reference_experts
 
@@ -192,3 +193,28 @@ def test_unsupported_default_dtype_is_refused_at_construction():
             MoE(_config())
     finally:
         torch.set_default_dtype(previous)
+
+
+def test_load_recorder_counts_logical_ids_and_deep_copies_share_it():
+    # A single-process layer records its routed ids too; a deep copy (e.g. a copied model) keeps counting into
+    # the same recorder instead of a private copy nobody reads.
+    import copy
+
+    from moekit.distributed import ExpertLoadRecorder
+
+    moe = MoE(MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8))
+    recorder = ExpertLoadRecorder(num_layers=3, num_experts=6)
+    moe.record_load(recorder, 2)
+    x = torch.randn(5, 16)
+    weights, ids = route(moe.router_logits(x), 2, moe.config.routing)
+    with torch.no_grad():
+        moe(x)
+        copy.deepcopy(moe)(x)
+    counts = torch.bincount(ids.flatten(), minlength=6)
+    assert recorder.current[2].tolist() == (2 * counts).tolist() and not recorder.current[:2].any()
+    with pytest.raises(ValueError, match="recorder: expected num_experts=6"):
+        moe.record_load(ExpertLoadRecorder(num_layers=1, num_experts=7))
+    moe.record_load(None)
+    with torch.no_grad():
+        moe(x)
+    assert recorder.current[2].tolist() == (2 * counts).tolist()
