@@ -87,7 +87,7 @@ def act_quant(
         # (a whole row per program would walk a 14336-wide row in a serial loop: ~15 µs of a decode call).
         group = min(_next_pow2(k), 1024)
         num_groups = -(-k // group)
-    one_pass = group <= 1024 if mult is not None else group <= 128
+    one_pass = mult is not None or group <= 128  # a given multiplier's chunks are at most 1024 wide (above)
     if one_pass:
         block_m, block_k = (4 if group <= 128 else 1), max(16, _next_pow2(group))
     else:
