@@ -18,9 +18,9 @@ from moekit.bench.shapes import MoEShape
 from moekit.bench.timing import time_cpu, time_us
 from moekit.functional import fused_experts
 from moekit.kernel import resolve_backend
+from moekit.ops.quantize import native_8bit_dots
 from moekit.online_quant import quantize
 from moekit.quant import QUANT_SCHEMES
-from moekit.quant.w8a8 import native_8bit_dots
 from moekit.router import select_experts
 from moekit.routed_experts import RoutedExperts
 from moekit.testing import rel_errors
@@ -169,8 +169,9 @@ def bench_point(
     across token counts.
 
     With ``quant``, moekit runs the routed experts quantized by ``moekit.quantize`` (``auto`` picks what such a
-    layer runs: Triton on CUDA with the scheme's dots, else torch); the baselines run the float weights, the error column is against the
-    unquantized fp32 reference (MEASURING.md), and the floor counts 8-bit weights and their scales.
+    layer runs: Triton on CUDA with the scheme's dots, else torch); the baselines run the float weights, the error
+    column is against the unquantized fp32 reference (MEASURING.md), and the floor counts 8-bit weights and their
+    scales.
     """
     if weights is None:
         weights = make_weights(shape, dtype, device, seed, quant)

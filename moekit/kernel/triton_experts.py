@@ -40,7 +40,7 @@ from moekit.ops.grouped_gemm import grouped_gemm
 from moekit.ops.grouped_gemm_w8a8 import grouped_gemm_w8a8
 from moekit.ops.grouped_wgrad import grouped_wgrad
 from moekit.ops.heuristics import MoEKernelConfig, MoEShape, choose_config, gpu_name
-from moekit.ops.quantize import QDTYPES
+from moekit.ops.quantize import QDTYPES, native_8bit_dots
 from moekit.ops.reduce import topk_reduce
 from moekit.quant.params import UNQUANTIZED, QuantParams
 
@@ -80,10 +80,10 @@ class TritonExperts(Experts):
             if hidden_states.dtype != QDTYPES[quant.weight_dtype]:
                 raise ValueError(f"backend 'triton': expected hidden_states as {QDTYPES[quant.weight_dtype]} codes "
                                  f"for {quant.describe()}, got {hidden_states.dtype}")
-            if (hidden_states.device.type == "cuda" and quant.weight_dtype == "fp8_e4m3"
-                    and torch.cuda.get_device_capability(hidden_states.device) < (8, 9)):
+            device = hidden_states.device
+            if device.type == "cuda" and not native_8bit_dots(quant.weight_dtype, device):
                 raise ValueError("backend 'triton': fp8 e4m3 dots need compute capability 8.9 or newer (Ada, "
-                                 f"Hopper), got {torch.cuda.get_device_capability(hidden_states.device)}")
+                                 f"Hopper), got {torch.cuda.get_device_capability(device)}")
         else:
             super().check_supported(hidden_states, quant)
             if hidden_states.dtype not in _DTYPES:

@@ -40,6 +40,15 @@ ACT_GRANULARITIES = ("tensor", "token", "group")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def native_8bit_dots(qdtype: str, device: torch.device) -> bool:
+    """Whether ``device`` runs ``qdtype`` dots in its tensor cores (int8: every CUDA GPU Triton supports; fp8 e4m3:
+    compute capability 8.9+, Ada and Hopper). Where not, ``backend='auto'`` runs 8-bit layers on the torch backend
+    and the Triton backend refuses fp8."""
+    if device.type != "cuda":
+        return False
+    return qdtype == "int8" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _codes(y: torch.Tensor, qdtype: str) -> torch.Tensor:
     qmax = QMAX[qdtype]
     if qdtype == "int8":

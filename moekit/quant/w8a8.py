@@ -30,6 +30,7 @@ from moekit.ops.quantize import (
     QDTYPES,
     dequantize_weight,
     expert_scale_shapes,
+    native_8bit_dots,
     quantize_weight,
     quantize_with_scale,
 )
@@ -187,11 +188,3 @@ def _register(layer: RoutedExperts, name: str, data: torch.Tensor) -> None:
     p = nn.Parameter(data, requires_grad=False)
     p.weight_loader = layer.weight_loader  # vLLM-style engines find the loader on the parameter itself
     layer.register_parameter(name, p)
-
-
-def native_8bit_dots(qdtype: str, device: torch.device) -> bool:
-    """Whether ``device`` runs ``qdtype`` dots in its tensor cores (int8: every CUDA GPU Triton supports; fp8 e4m3:
-    compute capability 8.9+, Ada and Hopper). Where not, ``backend='auto'`` runs 8-bit layers on the torch backend."""
-    if device.type != "cuda":
-        return False
-    return qdtype == "int8" or torch.cuda.get_device_capability(device) >= (8, 9)

@@ -181,7 +181,7 @@ def test_per_tensor_shards_are_requantized_to_their_max():
 def test_auto_backend_and_triton_accepts_the_codes(monkeypatch):
     # 'auto' is torch on CPU and on a GPU without fp8 dots, Triton on CUDA otherwise
     # (tests/kernel/test_triton_experts_w8a8.py), on x's codes from prepare.
-    from moekit.quant import w8a8
+    from moekit.ops import quantize as w8a8_dots
 
     moe, inputs = build("fp8_block")
     moekit.quantize(moe, "fp8_block")
@@ -190,9 +190,9 @@ def test_auto_backend_and_triton_accepts_the_codes(monkeypatch):
     cuda = torch.device("cuda")
     for capability, want in (((8, 0), False), ((8, 9), True), ((9, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert w8a8.native_8bit_dots("fp8_e4m3", cuda) is want
-        assert w8a8.native_8bit_dots("int8", cuda)
-    assert not w8a8.native_8bit_dots("int8", torch.device("cpu"))
+        assert w8a8_dots.native_8bit_dots("fp8_e4m3", cuda) is want
+        assert w8a8_dots.native_8bit_dots("int8", cuda)
+    assert not w8a8_dots.native_8bit_dots("int8", torch.device("cpu"))
     monkeypatch.undo()
     pytest.importorskip("triton")
     from moekit.kernel.triton_experts import TritonExperts
