@@ -21,7 +21,7 @@ Symmetric codes (no zero points) subtract 2^(bits-1). Names: ``i_`` index, ``o_`
 import triton
 import triton.language as tl
 
-from moekit.ops._kernels.grouped_gemm import _epilogue
+from moekit.ops._kernels.grouped_gemm import _epilogue, _program_tile, _rows_and_columns
 
 
 @triton.jit
@@ -40,20 +40,9 @@ def _tile(
     OUT_N: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
     PACK: tl.constexpr = 2 if BITS == 4 else 1  # codes a byte
     SUB_B: tl.constexpr = SUB_K // PACK  # bytes of a weight row in one sub-tile
-    if ROW_PER_BLOCK:
-        b_rows = tl.where(tl.arange(0, TILE_M) == 0, i_m, num_rows)
-    else:
-        b_rows = tl.load(p_sorted_ids + i_m * BLOCK_M + tl.arange(0, TILE_M))
-    m_rows = b_rows < num_rows
+    b_rows, m_rows, o_bn = _rows_and_columns(p_sorted_ids, i_m, i_n, num_rows, n_out, up_offset, GATED, BLOCK_M,
+                                             TILE_M, BLOCK_N, EVEN_N, ROW_PER_BLOCK)
     o_a_rows = (b_rows // a_row_div).to(tl.int64) * stride_am
-    # Weight row of each tile column, wrapped past n_out as in the bf16 kernel (those columns are never stored).
-    o_j = tl.arange(0, BLOCK_N)
-    if EVEN_N:
-        o_bn = i_n * OUT_N + o_j % OUT_N
-    else:
-        o_bn = (i_n * OUT_N + o_j % OUT_N) % n_out
-    if GATED:
-        o_bn += tl.where(o_j < OUT_N, 0, up_offset)
     o_bn64 = o_bn.to(tl.int64)
     k_start = i_s * k_per_split
     k_end = min(k_start + k_per_split, k_dim)
@@ -124,22 +113,10 @@ def grouped_gemm_wna16_kernel(
     """C[s, row, n] for one block of M slots, a tile of output columns and split s = program_id(1) (see the bf16
     ``grouped_gemm_kernel`` for the layout, the grid order, GATED, ROW_PER_BLOCK and HALF_TAIL)."""
     OUT_N: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
-    i_pid = tl.program_id(0)
     i_s = tl.program_id(1)
-    if ROW_PER_BLOCK:
-        num_pid_m = num_rows
-    else:
-        num_pid_m = tl.cdiv(tl.load(p_num_padded), BLOCK_M)
-    num_pid_n = tl.cdiv(n_out, OUT_N)
-    num_in_group = GROUP_M * num_pid_n
-    i_group = i_pid // num_in_group
-    first_m = i_group * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    if group_m <= 0:
-        return
-    i_m = first_m + ((i_pid % num_in_group) % group_m)
-    i_n = (i_pid % num_in_group) // group_m
-    if i_n >= num_pid_n:
+    i_m, i_n, has_tile = _program_tile(tl.program_id(0), p_num_padded, num_rows, n_out, BLOCK_M, OUT_N, GROUP_M,
+                                       ROW_PER_BLOCK)
+    if not has_tile:
         return
     i_e = tl.load(p_expert_ids + i_m).to(tl.int64)
     p_b_e = p_b + i_e * stride_be
