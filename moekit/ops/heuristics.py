@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -102,7 +103,8 @@ class MoEShape:
     # Which tuned tables apply (``tuned/<gpu>/``); None: the current CUDA device's.
     gpu: str | None = None
     # The weights' format: a float dtype name, or the 8-bit scheme (``moekit.quantize``'s names, e.g. "fp8_block";
-    # elem_bytes is then 1). Tuned entries are keyed by it: an 8-bit layer has other best tiles than a bf16 one.
+    # elem_bytes is then 1), or a weight-only integer scheme ("w4a16_g128": ``wna16_bits``; elem_bytes is the
+    # activations'). Tuned entries are keyed by it: an 8-bit layer has other best tiles than a bf16 one.
     weights: str = "bfloat16"
 
     @property
@@ -150,6 +152,9 @@ def heuristic_config(s: MoEShape) -> MoEKernelConfig:
         block_m = 128
     blocks = active * -(-int(rows_per_expert) // block_m)
     target = 2 * s.num_sms  # programs that keep every SM streaming with a second program to hide tails
+    bits = wna16_bits(s.weights)
+    if bits is not None:
+        return _wna16_config(s, bits, block_m, blocks, target)
 
     if s.elem_bytes == 1 and rows_per_expert >= 24:
         # 8-bit codes, from ~24 rows an expert on: 64 x 128 tiles of 128-wide K (the bytes of a bf16 64-wide K
@@ -163,27 +168,7 @@ def heuristic_config(s: MoEShape) -> MoEKernelConfig:
 
     if block_m <= 32:
         # Memory-bound: 128-wide K tiles (256 B per bf16 row) and 4 stages keep ~64 KB in flight per program.
-        bk = 128 if s.elem_bytes <= 2 else 64
-        # GEMM1's BLOCK_N counts weight rows: for a gated activation half gate, half up, so a tile yields
-        # BLOCK_N / 2 outputs. Shrink it until the grid fills the chip.
-        per_out = 2 if s.gated else 1
-        bn1 = 128
-        while bn1 > 16 * per_out and blocks * -(-s.inter * per_out // bn1) < target:
-            bn1 //= 2
-        gemm1 = GemmConfig(block_n=bn1, block_k=bk, num_warps=4, num_stages=4)
-        bn2 = 64
-        while bn2 > 32 and blocks * -(-s.hidden // bn2) < target:
-            bn2 //= 2
-        # Split K of GEMM2 while the grid is short of the target and each split keeps >= 4 K tiles. grouped_gemm
-        # gives every split ceil(tiles / S) K tiles, so for a ragged I the last splits could get none (programs
-        # that only write zeros; I = 4100, BLOCK_K = 128: 33 tiles in 8 splits of 5, the 8th starts past the end).
-        split = 1
-        k_tiles = -(-s.inter // bk)
-        while (blocks * -(-s.hidden // bn2) * split < target and s.inter // (2 * split) >= 4 * bk
-               and (2 * split - 1) * -(-k_tiles // (2 * split)) < k_tiles):
-            split *= 2
-        gemm2 = GemmConfig(block_n=bn2, block_k=bk, split_k=split, num_warps=4, num_stages=4)
-        return MoEKernelConfig(block_m=block_m, gemm1=gemm1, gemm2=gemm2, y_fp32=True)
+        return _decode_config(s, block_m, blocks, target, 128 if s.elem_bytes <= 2 else 64)
 
 
     # Compute-bound: 64 x 128 tiles per 4 warps, or 128 x 256 per 8 (128 accumulator registers a thread; the
@@ -200,6 +185,65 @@ def heuristic_config(s: MoEShape) -> MoEKernelConfig:
     # y [N, H] is written once and read once by the reduction; in fp32 those bytes are a visible share of a
     # prefill of small experts, in the activation dtype they cost half and lose nothing beyond its rounding.
     return MoEKernelConfig(block_m=block_m, gemm1=gemm1, gemm2=gemm2, y_fp32=False)
+
+
+def _decode_config(s: MoEShape, block_m: int, blocks: int, target: int, bk: int) -> MoEKernelConfig:
+    """Memory-bound tiles (rows of ``block_m`` <= 32) of K width ``bk``: ``blocks`` row blocks, ``target``
+    programs wanted per GEMM."""
+    # GEMM1's BLOCK_N counts weight rows: for a gated activation half gate, half up, so a tile yields
+    # BLOCK_N / 2 outputs. Shrink it until the grid fills the chip.
+    per_out = 2 if s.gated else 1
+    bn1 = 128
+    while bn1 > 16 * per_out and blocks * -(-s.inter * per_out // bn1) < target:
+        bn1 //= 2
+    gemm1 = GemmConfig(block_n=bn1, block_k=bk, num_warps=4, num_stages=4)
+    bn2 = 64
+    while bn2 > 32 and blocks * -(-s.hidden // bn2) < target:
+        bn2 //= 2
+    # Split K of GEMM2 while the grid is short of the target and each split keeps >= 4 K tiles. grouped_gemm
+    # gives every split ceil(tiles / S) K tiles, so for a ragged I the last splits could get none (programs
+    # that only write zeros; I = 4100, BLOCK_K = 128: 33 tiles in 8 splits of 5, the 8th starts past the end).
+    split = 1
+    k_tiles = -(-s.inter // bk)
+    while (blocks * -(-s.hidden // bn2) * split < target and s.inter // (2 * split) >= 4 * bk
+           and (2 * split - 1) * -(-k_tiles // (2 * split)) < k_tiles):
+        split *= 2
+    gemm2 = GemmConfig(block_n=bn2, block_k=bk, split_k=split, num_warps=4, num_stages=4)
+    return MoEKernelConfig(block_m=block_m, gemm1=gemm1, gemm2=gemm2, y_fp32=True)
+
+
+# Weight-only integer schemes ("w4a16_g128", "w4a16_g128_asym", "w8a16_g32", ...): codes of 4 or 8 bits.
+_WNA16_SCHEME = re.compile(r"w([48])a16(?:_|$)")
+
+
+def wna16_bits(weights: str) -> int | None:
+    """4 or 8 for a weight-only integer scheme name (``MoEShape.weights``), else None."""
+    m = _WNA16_SCHEME.match(weights)
+    return int(m.group(1)) if m else None
+
+
+def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int) -> MoEKernelConfig:
+    """Tiles of ``grouped_gemm_wna16`` (integer weight codes, float activations).
+
+    A weight element costs bits/16 of a bf16 one, so the layer stays bound by the weight stream up to more rows
+    an expert than bf16, but each code also costs a few integer ops to dequantize, once per tile of rows.
+    - Decode (BLOCK_M <= 32, R <~ 9-48 rows an expert): the bf16 rules for BLOCK_N and split-K, with K tiles of
+      128 B of codes per weight row (256 columns at 4 bits, 128 at 8), so that a program keeps as many weight
+      bytes in flight per stage as the bf16 decode tile (its A tile of 16 rows is then as large as its B tile).
+    - Otherwise compute-bound: 64 x 128 tiles of 4 warps (the product is scaled after each dot, which needs a
+      second accumulator-sized register block, like the 8-bit kernel), 128 x 128 of 8 warps with the half tail
+      from 128-row blocks; K tiles of 128 columns at 4 bits (64 B a row), 64 at 8.
+    Untuned on a GPU: ``benchmarks/probes/wna16_timing.py`` times these against alternatives; tuned tables hold
+    exceptions under the key "E,H,I,K,<scheme>".
+    """
+    if block_m <= 32:
+        return _decode_config(s, block_m, blocks, target, 256 if bits == 4 else 128)
+    bk = 128 if bits == 4 else 64
+    if block_m == 128:
+        g = GemmConfig(block_n=128, block_k=bk, group_m=8, num_warps=8, num_stages=3, half_tail=True)
+    else:
+        g = GemmConfig(block_n=128, block_k=bk, group_m=8, num_warps=4, num_stages=4)
+    return MoEKernelConfig(block_m=block_m, gemm1=g, gemm2=g, y_fp32=False)
 
 
 def _lookup_tuned(s: MoEShape) -> MoEKernelConfig | None:
@@ -237,4 +281,5 @@ def _read_tables(folder: Path) -> dict:
     return merged
 
 
-__all__ = ["GemmConfig", "MoEKernelConfig", "MoEShape", "choose_config", "gpu_name", "heuristic_config", "tuned_dir"]
+__all__ = ["GemmConfig", "MoEKernelConfig", "MoEShape", "choose_config", "gpu_name", "heuristic_config", "tuned_dir",
+           "wna16_bits"]

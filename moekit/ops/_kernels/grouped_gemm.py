@@ -55,24 +55,10 @@ def _tile(
     ``p_b`` points at expert ``i_e``'s weights.
     """
     OUT_N: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
-    if ROW_PER_BLOCK:
-        b_rows = tl.where(tl.arange(0, TILE_M) == 0, i_m, num_rows)
-    else:
-        b_rows = tl.load(p_sorted_ids + i_m * BLOCK_M + tl.arange(0, TILE_M))
-    m_rows = b_rows < num_rows
+    b_rows, m_rows, o_bn = _rows_and_columns(p_sorted_ids, i_m, i_n, num_rows, n_out, up_offset, GATED, BLOCK_M,
+                                             TILE_M, BLOCK_N, EVEN_N, ROW_PER_BLOCK)
     # int64 offsets: T·K·H and E·2I·H exceed 2**31 elements at real sizes.
     o_a_rows = (b_rows // a_row_div).to(tl.int64) * stride_am
-    o_j = tl.arange(0, BLOCK_N)
-    # B row of each tile column. Out-of-range columns re-read valid rows (wrapped) instead of masking every B
-    # load; their results are never stored. When n_out is a multiple of the tile (EVEN_N) nothing wraps, and
-    # leaving the wrap out keeps the columns visibly contiguous: weights stored N-major (a transposed view)
-    # then load as wide vectors instead of one element at a time.
-    if EVEN_N:
-        o_bn = i_n * OUT_N + o_j % OUT_N
-    else:
-        o_bn = (i_n * OUT_N + o_j % OUT_N) % n_out
-    if GATED:
-        o_bn += tl.where(o_j < OUT_N, 0, up_offset)
     k_start = i_s * k_per_split
     o_k = k_start + tl.arange(0, BLOCK_K)
     p_a_tile = p_a + o_a_rows[:, None] + o_k[None, :]
@@ -130,6 +116,58 @@ def _store_rows(
     tl.store(p_c_tile, b_out.to(p_c.dtype.element_ty), mask=m_rows[:, None] & (o_n < n_out)[None, :])
 
 
+@triton.jit
+def _rows_and_columns(
+    p_sorted_ids, i_m, i_n, num_rows, n_out, up_offset,
+    GATED: tl.constexpr, BLOCK_M: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+    ROW_PER_BLOCK: tl.constexpr,
+):
+    """(routed row of each of the TILE_M slots, which are real rows, B row of each of the BLOCK_N tile columns)
+    of row block ``i_m`` and output tile ``i_n`` (shared with the quantized kernels)."""
+    OUT_N: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
+    if ROW_PER_BLOCK:
+        b_rows = tl.where(tl.arange(0, TILE_M) == 0, i_m, num_rows)
+    else:
+        b_rows = tl.load(p_sorted_ids + i_m * BLOCK_M + tl.arange(0, TILE_M))
+    o_j = tl.arange(0, BLOCK_N)
+    # Out-of-range columns re-read valid rows (wrapped) instead of masking every B load; their results are never
+    # stored. When n_out is a multiple of the tile (EVEN_N) nothing wraps, and leaving the wrap out keeps the
+    # columns visibly contiguous: weights stored N-major (a transposed view) then load as wide vectors instead of
+    # one element at a time.
+    if EVEN_N:
+        o_bn = i_n * OUT_N + o_j % OUT_N
+    else:
+        o_bn = (i_n * OUT_N + o_j % OUT_N) % n_out
+    if GATED:
+        o_bn += tl.where(o_j < OUT_N, 0, up_offset)
+    return b_rows, b_rows < num_rows, o_bn
+
+
+@triton.jit
+def _program_tile(
+    i_pid, p_num_padded, num_rows, n_out,
+    BLOCK_M: tl.constexpr, OUT_N: tl.constexpr, GROUP_M: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
+):
+    """(row block, output tile, whether there is one) of program ``i_pid`` (shared with the quantized kernels).
+
+    GROUP_M consecutive row blocks walk the N tiles together, so one expert's B tiles are reused from L2. The
+    grid is sized for the worst case: programs past the padded rows in use, or in the last, partial group past
+    the N tiles, have no tile.
+    """
+    if ROW_PER_BLOCK:
+        num_pid_m = num_rows
+    else:
+        num_pid_m = tl.cdiv(tl.load(p_num_padded), BLOCK_M)
+    num_pid_n = tl.cdiv(n_out, OUT_N)
+    num_in_group = GROUP_M * num_pid_n
+    first_m = (i_pid // num_in_group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    group_div = max(group_m, 1)  # no division by zero for the programs without a tile
+    i_m = first_m + ((i_pid % num_in_group) % group_div)
+    i_n = (i_pid % num_in_group) // group_div
+    return i_m, i_n, (group_m > 0) & (i_n < num_pid_n)
+
+
 # Row counts change with every batch: specializing on them (== 1, % 16) would recompile as T moves.
 @triton.jit(do_not_specialize=["num_rows"])
 def grouped_gemm_kernel(
@@ -154,24 +192,11 @@ def grouped_gemm_kernel(
     expert with 128-row blocks).
     """
     OUT_N: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
-    i_pid = tl.program_id(0)
     i_s = tl.program_id(1)
-    if ROW_PER_BLOCK:
-        num_pid_m = num_rows
-    else:
-        num_pid_m = tl.cdiv(tl.load(p_num_padded), BLOCK_M)
-    num_pid_n = tl.cdiv(n_out, OUT_N)
-    # GROUP_M consecutive row blocks walk the N tiles together, so one expert's B tiles are reused from L2.
-    num_in_group = GROUP_M * num_pid_n
-    i_group = i_pid // num_in_group
-    first_m = i_group * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    if group_m <= 0:
-        return  # past the padded rows in use: the grid is sized for the worst case
-    i_m = first_m + ((i_pid % num_in_group) % group_m)
-    i_n = (i_pid % num_in_group) // group_m
-    if i_n >= num_pid_n:
-        return  # the last, partial group of the worst-case grid
+    i_m, i_n, has_tile = _program_tile(tl.program_id(0), p_num_padded, num_rows, n_out, BLOCK_M, OUT_N, GROUP_M,
+                                       ROW_PER_BLOCK)
+    if not has_tile:
+        return
     i_e = tl.load(p_expert_ids + i_m).to(tl.int64)
     p_b_e = p_b + i_e * stride_be
     is_half = False  # compile-time False unless HALF_TAIL: one tile shape only

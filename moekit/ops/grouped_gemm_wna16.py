@@ -1,0 +1,156 @@
+"""Grouped GEMM on 4-bit / 8-bit integer weight codes with group scales ("WNA16": weight-only, activations stay
+fp16/bf16/fp32), dequantized inside the K loop.
+
+Same layout and semantics as ``moekit.ops.grouped_gemm`` (see there: gathered rows, gate|up tiles with the
+activation in the epilogue, routing weight, bias, split-K partials), with B in the internal layout of
+``moekit.ops.quantize_wna16`` stacked over experts:
+
+    W[e, n, k] = (q[e, n, k] - z[e, n, k // g]) * s[e, n, k // g]        (z = 2^(bits-1) without zero points)
+    h = A[row // a_row_div] @ W[e].T + bias[e]                            (fp32 accumulate)
+
+    qweight  uint8 [E, n_b, ⌈k/2⌉] (4 bits, low nibble = even k) or [E, n_b, k] (8 bits)
+    scales   [E, n_b, ⌈k/g⌉] fp16/bf16/fp32;   zeros  uint8 [E, n_b, ⌈k/g⌉] or None
+
+A K tile lies in one scale group or is a whole number of groups: g a multiple of BLOCK_K (or g >= k, one group),
+or BLOCK_K a multiple of g with g >= 32 (4 bits; 16 for 8 bits: each group is one tl.dot of at least 16). Other
+group sizes (e.g. 96) run on the largest power-of-two K tile dividing g. The checkpoints in use have g in
+{32, 64, 128} or one group per row (g = -1).
+
+How the Triton experts backend calls it (both GEMMs over one ``align`` layout, as ``TritonExperts._run`` does for
+bf16; the weight codes stay packed, the activations are not quantized):
+
+    gemm1: grouped_gemm_wna16(x_TH, WNA16Weight(w13_q, w13_s, w13_z, bits, g, H), layout, a_NI, cfg.gemm1,
+                              num_rows=N, a_row_div=K, bias_EN=w13_bias, activation=activation)
+    gemm2: grouped_gemm_wna16(a_NI, WNA16Weight(w2_q, w2_s, w2_z, bits, g, I), layout, y_SNH, cfg.gemm2,
+                              num_rows=N, bias_EN=w2_bias, weights_N=topk_weights.reshape(-1))
+    then topk_reduce(y_SNH, K, out_TH)
+
+with ``cfg = choose_config(MoEShape(..., weights="w4a16_g128"))`` (the scheme's name selects the WNA16 tiles).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit._checks import ACT_DTYPES, check_dtype, check_ndim, check_same_device
+from moekit.ops._kernels.grouped_gemm_wna16 import grouped_gemm_wna16_kernel
+from moekit.ops.activation import Activation, activation_code
+from moekit.ops.align import AlignResult
+from moekit.ops.grouped_gemm import check_epilogue_args, grouped_gemm_ref
+from moekit.ops.heuristics import GemmConfig
+from moekit.ops.quantize_wna16 import WNA16Weight, _check_wna16, dequantize_wna16
+
+
+def grouped_gemm_wna16(
+    a: torch.Tensor,
+    b: WNA16Weight,
+    layout: AlignResult,
+    out: torch.Tensor,
+    config: GemmConfig,
+    *,
+    num_rows: int,
+    a_row_div: int = 1,
+    bias_EN: torch.Tensor | None = None,
+    weights_N: torch.Tensor | None = None,
+    activation: Activation | None = None,
+) -> torch.Tensor:
+    """Run one grouped GEMM on weight codes (module docstring) into ``out`` and return it.
+
+    Args:
+        a: [rows, k] fp16/bf16/fp32 activations, last dim contiguous; the dots run in this dtype.
+        b: the experts' weights, ``qweight`` [E, n_b, ⌈k/2⌉ or k] (n_b = 2·n_out for a gated activation).
+        The other arguments are ``grouped_gemm``'s.
+    """
+    check_ndim("a", a, 2, "[rows, k]")
+    check_dtype("a", a, ACT_DTYPES)
+    qweight, scales, zeros, bits, group, k_dim = _check_wna16(b)
+    check_ndim("b.qweight", qweight, 3, "[E, n, packed k]")
+    for name, t in (("b.qweight", qweight), ("b.scales", scales), ("b.zeros", zeros), ("out", out)):
+        if t is not None:
+            check_same_device(name, t, "a", a)
+    if a.shape[1] != k_dim:
+        raise ValueError(f"a: expected [rows, {k_dim}] (b.k = {k_dim}), got shape {tuple(a.shape)}")
+    if a.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError(f"grouped_gemm_wna16: a and out need a contiguous last dim, got strides {a.stride()} "
+                         f"and {out.stride()}")
+    n_b = qweight.shape[1]
+    gated = activation is not None and activation.is_gated
+    n_out = n_b // 2 if gated else n_b
+    if gated and n_b % 2:
+        raise ValueError(f"b.qweight: gated activation {activation.name!r} needs an even row count 2·n_out, got "
+                         f"{tuple(qweight.shape)}")
+    min_a_rows = -(-num_rows // a_row_div)
+    if a.shape[0] < min_a_rows:
+        raise ValueError(f"a: expected at least {min_a_rows} rows (N = {num_rows}, a_row_div = {a_row_div}), "
+                         f"got shape {tuple(a.shape)}")
+    split = config.split_k
+    out_3d = check_epilogue_args("grouped_gemm_wna16", qweight, out, split, num_rows=num_rows, n_out=n_out,
+                                 bias_EN=bias_EN, weights_N=weights_N, activation=activation)
+    block_k, sub_k = k_tiles(config.block_k, group, k_dim, bits)
+    half_tail = config.half_tail and not layout.row_per_block and layout.block_m >= 32
+    num_blocks = layout.expert_ids.numel()
+    out_n = config.block_n // 2 if gated else config.block_n
+    grid = (num_blocks * -(-n_out // out_n), split)
+    if grid[0] == 0:
+        return out  # no routed rows (T = 0): nothing to launch
+    k_per_split = -(-k_dim // (split * block_k)) * block_k
+    z = zeros if zeros is not None else scales  # never read without zero points
+    grouped_gemm_wna16_kernel[grid](
+        a, qweight, scales, z, out_3d,
+        bias_EN if bias_EN is not None else a,
+        weights_N if weights_N is not None else a,
+        layout.sorted_ids, layout.expert_ids, layout.num_padded,
+        num_rows, n_out, k_dim, a_row_div, n_out, k_per_split, group,
+        a.stride(0), qweight.stride(0), qweight.stride(1), qweight.stride(2),
+        scales.stride(0), scales.stride(1), scales.stride(2), z.stride(0), z.stride(1), z.stride(2),
+        out_3d.stride(0), out_3d.stride(1),
+        bias_EN.stride(0) if bias_EN is not None else 0,
+        activation.alpha if activation is not None else 0.0,
+        activation.limit if activation is not None and activation.limit is not None else 0.0,
+        BITS=bits, HAS_ZEROS=zeros is not None, SUB_K=sub_k,
+        ACTIVATION=activation_code(activation),
+        GATED=gated, HAS_BIAS=bias_EN is not None, HAS_WEIGHTS=weights_N is not None,
+        BLOCK_M=layout.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
+        EVEN_K=k_dim % block_k == 0, EVEN_N=n_out % out_n == 0, ROW_PER_BLOCK=layout.row_per_block,
+        HALF_TAIL=half_tail, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+def k_tiles(block_k: int, group_size: int, k_dim: int, bits: int) -> tuple[int, int]:
+    """(BLOCK_K, SUB_K) for a configured K tile and the weights' group size: SUB_K columns lie in one group and
+    divide BLOCK_K (module docstring). Raises naming the argument when no K tile fits."""
+    # 4 bits: a sub-tile is two dots of SUB_K/2 columns (even, odd); tl.dot needs a K of at least 16.
+    min_sub = 32 if bits == 4 else 16
+    if block_k < min_sub:
+        raise ValueError(f"config.block_k: {bits}-bit weights need a K tile >= {min_sub}, got {block_k}")
+    if group_size >= k_dim or group_size % block_k == 0:
+        return block_k, block_k
+    if block_k % group_size == 0 and group_size >= min_sub:
+        return block_k, group_size
+    # A group size that is not a power of two (96): the largest power-of-two tile that divides it.
+    tile = block_k
+    while tile > min_sub and group_size % tile:
+        tile //= 2
+    if group_size % tile:
+        raise ValueError(f"b.group_size: {bits}-bit weights need a group size that is a multiple of a K tile (a "
+                         f"power of two >= {min_sub}) or a power of two >= {min_sub} dividing it, got {group_size}")
+    return tile, tile
+
+
+def grouped_gemm_wna16_ref(
+    a: torch.Tensor,
+    b: WNA16Weight,
+    layout: AlignResult,
+    out: torch.Tensor,
+    *,
+    num_rows: int,
+    a_row_div: int = 1,
+    bias_EN: torch.Tensor | None = None,
+    weights_N: torch.Tensor | None = None,
+    activation: Activation | None = None,
+) -> torch.Tensor:
+    """Pure-torch twin (``split_k`` = 1): ``grouped_gemm_ref`` on ``dequantize_wna16(b)``, in fp32."""
+    return grouped_gemm_ref(a, dequantize_wna16(b), layout, out, num_rows=num_rows, a_row_div=a_row_div,
+                            bias_EN=bias_EN, weights_N=weights_N, activation=activation)
