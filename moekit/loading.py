@@ -579,6 +579,9 @@ def _copy_shared(moe: MoE, plan: _Plan, dest: torch.Tensor, keys: list[str]) -> 
     """``plan.copy``, except that 8-bit shared weights (DeepSeek-V3 FP8 quantizes its shared experts) are
     dequantized into the layer's dtype: moekit's shared experts are unquantized Linears."""
     key = plan.first(keys)
+    method = moe.routed_experts.quant_method
+    if key is None and isinstance(method, WNA16MoEMethod) and _copy_shared_wna16(plan, dest, keys[0], method):
+        return
     if key is None or plan.ckpt.dtype(key) not in _CODES:
         plan.copy(dest, keys)
         return
@@ -588,7 +591,6 @@ def _copy_shared(moe: MoE, plan: _Plan, dest: torch.Tensor, keys: list[str]) -> 
         plan.report.missing.append(base + "weight_scale_inv")
         return
     n, k = dest.shape
-    method = moe.routed_experts.quant_method
     block = method.block_shape if isinstance(method, W8A8MoEMethod) and method.block_shape else (128, 128)
     scale_shape = plan.ckpt.shape(scale_key)
     # The scale's shape says the granularity: one element per tensor, [N, 1] per row, else blocks.
@@ -612,6 +614,32 @@ def _copy_shared(moe: MoE, plan: _Plan, dest: torch.Tensor, keys: list[str]) -> 
     plan.report.loaded.append(scale_key)
     if base + "input_scale" in ckpt:  # the activation scale of a quantized shared MLP, unused unquantized
         plan.report.loaded.append(base + "input_scale")
+
+
+def _copy_shared_wna16(plan: _Plan, dest: torch.Tensor, key: str, method: WNA16MoEMethod) -> bool:
+    """A shared-expert linear stored as the routed experts' 4/8-bit tensors (GPTQ/AWQ checkpoints quantize every
+    Linear), dequantized into ``dest``; False when it is not stored that way."""
+    base = key.removesuffix("weight")
+    keys = {name: base + name for _, name in method.checkpoint_tensors()}
+    if not any(k in plan.ckpt for k in keys.values()):
+        return False
+    missing = [k for k in keys.values() if k not in plan.ckpt]
+    if missing:
+        plan.report.missing += missing
+        return True
+    first, ckpt, done = next(iter(keys.values())), plan.ckpt, {}
+
+    def dequantize(_key: str, _t: torch.Tensor) -> None:  # before any copy: a failure leaves the layer as it was
+        try:
+            done["w"] = method.dequantize_tensors({n: ckpt.get(k) for n, k in keys.items()}, n=dest.shape[0],
+                                                  k=dest.shape[1])
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"checkpoint key {first!r} ({method.name}): {err}") from None
+
+    plan.check_values([first], dequantize)
+    plan.add(first, ckpt.shape(first), lambda _t: dest.copy_(done.pop("w")))
+    plan.report.loaded += [k for k in keys.values() if k != first]
+    return True
 
 
 def load_moes(checkpoint: Checkpoint | str | os.PathLike, blocks: dict[str, MoE], **kwargs) -> list[LoadReport]:

@@ -280,7 +280,8 @@ WNA16_CONFIGS = {
 
 
 def _write_wna16(src, dst, deq_dst, scheme: str) -> None:
-    """A 4-bit copy of ``src`` (routed experts only) and a bf16 copy holding the weights its codes mean."""
+    """A 4-bit copy of ``src`` (routed and shared experts, as GPTQ/AWQ quantize every Linear) and a bf16 copy
+    holding the weights its codes mean."""
     from moekit.ops.quantize_wna16 import quantize_wna16
     from tests.quant.test_wna16 import _checkpoint_tensors, formula
 
@@ -291,7 +292,7 @@ def _write_wna16(src, dst, deq_dst, scheme: str) -> None:
     for key in ckpt.keys():
         w = ckpt.get(key)
         dequantized[key] = w
-        if not EXPERT.search(key):
+        if not (EXPERT.search(key) or SHARED.search(key)):
             tensors[key] = w
             continue
         qw = quantize_wna16(w, 4, _G, sym)
@@ -310,8 +311,9 @@ def _write_wna16(src, dst, deq_dst, scheme: str) -> None:
 
 
 @pytest.mark.parametrize("scheme", list(WNA16_CONFIGS))
-def test_wna16_checkpoint_matches_transformers_on_dequantized_weights(saved, scheme, tmp_path):
-    model, path, _ = saved["qwen3_moe"]
+@pytest.mark.parametrize("family", FAMILIES)  # deepseek_v3: quantized shared experts, dequantized at load
+def test_wna16_checkpoint_matches_transformers_on_dequantized_weights(saved, family, scheme, tmp_path):
+    model, path, _ = saved[family]
     _write_wna16(path, tmp_path / scheme, tmp_path / "dequantized", scheme)
     reference = type(model).from_pretrained(tmp_path / "dequantized", dtype=torch.bfloat16).eval()
     x = _x(model)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,6 +39,7 @@ from moekit.ops.quantize_wna16 import (
     WNA16Weight,
     awq_to_wna16,
     compressed_tensors_to_wna16,
+    dequantize_gptq,
     dequantize_wna16,
     gptq_to_wna16,
     quantize_wna16,
@@ -248,6 +250,27 @@ class WNA16MoEMethod(MoEQuantMethod):
                                  part(p["_g_idx"], 0), bits=b, group_size=self.group_size, sym=self.sym)
         return awq_to_wna16(part(p["_qweight"], 1), part(p["_qzeros"], 1), part(p["_scales"], 1),
                             group_size=self.group_size)
+
+    def dequantize_tensors(self, tensors: Mapping[str, torch.Tensor], *, n: int, k: int) -> torch.Tensor:
+        """float32 [N, K] of one linear stored in this method's checkpoint format (``tensors`` by the checkpoint
+        names of ``checkpoint_tensors``): how a loader reads a quantized shared expert into an unquantized Linear.
+        GPTQ act order (any ``g_idx``) dequantizes too: nothing is kept in the packed layout here."""
+        fmt, b, g, t = self.checkpoint_format, self.bits, self.group_size, tensors
+        if fmt == "gptq":
+            w = dequantize_gptq(t["qweight"], t.get("qzeros"), t["scales"], t.get("g_idx"), bits=b, group_size=g,
+                                sym=self.sym)
+        elif fmt == "awq":
+            w = dequantize_wna16(awq_to_wna16(t["qweight"], t["qzeros"], t["scales"], group_size=g))
+        elif fmt == "compressed-tensors":
+            shape = t.get("weight_shape")
+            w = dequantize_wna16(compressed_tensors_to_wna16(
+                t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"), bits=b, group_size=g,
+                k=k if shape is None else int(shape[1])))
+        else:
+            w = dequantize_wna16(WNA16Weight(t["weight"], t["weight_scale"], t.get("weight_zero_point"), b, g, k))
+        if tuple(w.shape) != (n, k):
+            raise ValueError(f"expected a weight of shape {(n, k)} [N, K], got {tuple(w.shape)}")
+        return w
 
     def quant_params(self, layer: RoutedExperts) -> QuantParams:
         if "w13" not in layer._parameters:

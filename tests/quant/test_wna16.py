@@ -442,3 +442,15 @@ def test_load_moe_refusals(tmp_path):
     fresh = MoE(cfg, quant_method=WNA16MoEMethod(checkpoint_format="gptq", group_size=32))
     with pytest.raises(ValueError, match="layout: w4a16_g32 experts load from per-expert tensors"):
         load_moe(fresh, tmp_path, "model.layers.0.mlp", layout="fused", strict=False)
+
+
+@pytest.mark.parametrize(("fmt", "sym"), [("compressed-tensors", False), ("gptq", True), ("awq", False)])
+def test_dequantize_tensors_of_a_shared_expert(fmt, sym):
+    # A quantized shared-expert linear, read into an unquantized Linear: the float32 weights its codes mean.
+    gen = torch.Generator().manual_seed(5)
+    q, z, s = _codes(48, 64, 32, 4, sym, torch.float16, gen)
+    method = WNA16MoEMethod(group_size=32, sym=sym, checkpoint_format=fmt)
+    tensors = _checkpoint_tensors(fmt, q, z, s, 32, 4, sym)
+    assert torch.equal(method.dequantize_tensors(tensors, n=48, k=64), formula(q, z, s, 32))
+    with pytest.raises(ValueError, match=r"expected a weight of shape \(64, 48\)"):
+        method.dequantize_tensors(tensors, n=64, k=48)
