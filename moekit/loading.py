@@ -29,7 +29,11 @@ Around the experts: the router (``gate.weight``, ``router.weight`` [+ ``.bias``]
 Quantized experts (a ``W8A8MoEMethod`` layer; per-expert layout only): beside each ``{e}.<proj>.weight`` of 8-bit
 codes, ``weight_scale_inv`` (DeepSeek-V3/Qwen3 fp8, fp32) or ``weight_scale`` (compressed-tensors, ModelOpt; any
 float dtype), per block/row/tensor (0-d or [1]), and with static activation scales ``input_scale``; then
-``process_weights_after_loading``. 8-bit shared experts are dequantized into the layer's dtype.
+``process_weights_after_loading``. 8-bit shared experts are dequantized into the layer's dtype. Weight-only
+4/8-bit experts (a ``WNA16MoEMethod`` layer) read the tensors its ``checkpoint_tensors`` names beside each
+projection (compressed-tensors ``weight_packed``/``weight_scale``/``weight_zero_point``/``weight_shape``, GPTQ
+``qweight``/``qzeros``/``scales``/``g_idx``, AWQ ``qweight``/``qzeros``/``scales``) through each parameter's own
+``weight_loader``; ``process_weights_after_loading`` converts them into the kernel's layout.
 ``moekit.pretrained.from_pretrained`` (``MoE.from_pretrained``) builds the layer from config.json first.
 
 Expert parallelism (a layer with an ``expert_map``): only this rank's experts are loaded; the other experts'
@@ -57,6 +61,7 @@ from moekit.families import read_json
 from moekit.layer import MoE
 from moekit.ops.quantize import dequantize_weight
 from moekit.quant.w8a8 import W8A8MoEMethod
+from moekit.quant.wna16 import WNA16MoEMethod
 from moekit.routed_experts import RoutedExperts
 
 LAYOUTS = ("auto", "per_expert", "fused", "gpt_oss", "transposed")
@@ -186,18 +191,23 @@ def expert_params_mapping(
     down: str = "down_proj",
     param_prefix: str = "routed_experts.",
     weight_prefix: str = "experts.",
+    tensors: Sequence[tuple[str, str]] = (("", "weight"),),
 ) -> list[ExpertParamMapping]:
     """The per-expert checkpoint names of one MoE block and where they load.
 
     ``experts.{e}.{gate}.weight`` -> ``routed_experts.w13`` shard ``w1``; ``{up}`` -> ``w13`` shard ``w3``;
-    ``{down}`` -> ``w2`` shard ``w2``. Mixtral checkpoints use ``gate="w1", up="w3", down="w2"``.
+    ``{down}`` -> ``w2`` shard ``w2``. Mixtral checkpoints use ``gate="w1", up="w3", down="w2"``. ``tensors``:
+    ``(parameter suffix, checkpoint name)`` per tensor of a projection, e.g. a weight-only method's
+    ``WNA16MoEMethod.checkpoint_tensors()`` (``("_qweight", "qweight")``: ``gate_proj.qweight`` -> ``w13_qweight``).
     """
     check_positive("num_experts", num_experts)
     rows = []
     for e in range(num_experts):
         for proj, shard in ((gate, "w1"), (up, "w3"), (down, "w2")):
             param = "w2" if shard == "w2" else "w13"
-            rows.append(ExpertParamMapping(f"{param_prefix}{param}", f"{weight_prefix}{e}.{proj}.weight", e, shard))
+            for suffix, name in tensors:
+                rows.append(ExpertParamMapping(f"{param_prefix}{param}{suffix}", f"{weight_prefix}{e}.{proj}.{name}",
+                                               e, shard))
     return rows
 
 
@@ -266,6 +276,8 @@ def load_moe(
         if merged:
             raise ValueError("moe: its per-shard scales were merged by an earlier load "
                              "(process_weights_after_loading); load into a freshly built layer")
+    if isinstance(method, WNA16MoEMethod):
+        method.check_loadable(moe.routed_experts, layout=layout, tp_size=moe.parallel.tp_size)
     report = LoadReport(prefix=prefix[:-1], layout=layout)
     plan = _Plan(ckpt, report)
     _load_router(moe, plan, prefix)
@@ -445,12 +457,22 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
     remote_names = {str(e) for e in remote}
     plan.report.skipped += [k for k in plan.ckpt.keys() if k.startswith(prefix + "experts.")
                             and k.removeprefix(prefix + "experts.").split(".")[0] in remote_names]
-    for row in expert_params_mapping(num_global, gate=names[0], up=names[1], down=names[-1]):
+    wna16 = isinstance(method, WNA16MoEMethod)
+    tensors = method.checkpoint_tensors() if wna16 else (("", "weight"),)
+    for row in expert_params_mapping(num_global, gate=names[0], up=names[1], down=names[-1], tensors=tensors):
         if (not experts.activation.is_gated and row.shard_id == "w3") or row.expert_id in remote:
             continue
         key = prefix + row.weight_name
         if key not in plan.ckpt:
             plan.report.missing.append(key)
+            continue
+        if wna16:
+            # Each checkpoint tensor through its parameter's own weight_loader (N lies on a different axis per
+            # tensor); process_weights_after_loading converts them.
+            name = row.param_name.removeprefix("routed_experts.")
+            param = getattr(experts, name)
+            loader = functools.partial(param.weight_loader, param, shard_id=row.shard_id, expert_id=row.expert_id)
+            plan.add(key, method.shard_shape(experts, name, row.shard_id), loader, dtype=param.dtype)
             continue
         w2 = row.shard_id == "w2"
         param = experts.w2 if w2 else experts.w13
@@ -557,6 +579,9 @@ def _copy_shared(moe: MoE, plan: _Plan, dest: torch.Tensor, keys: list[str]) -> 
     """``plan.copy``, except that 8-bit shared weights (DeepSeek-V3 FP8 quantizes its shared experts) are
     dequantized into the layer's dtype: moekit's shared experts are unquantized Linears."""
     key = plan.first(keys)
+    method = moe.routed_experts.quant_method
+    if key is None and isinstance(method, WNA16MoEMethod) and _copy_shared_wna16(plan, dest, keys[0], method):
+        return
     if key is None or plan.ckpt.dtype(key) not in _CODES:
         plan.copy(dest, keys)
         return
@@ -566,7 +591,6 @@ def _copy_shared(moe: MoE, plan: _Plan, dest: torch.Tensor, keys: list[str]) -> 
         plan.report.missing.append(base + "weight_scale_inv")
         return
     n, k = dest.shape
-    method = moe.routed_experts.quant_method
     block = method.block_shape if isinstance(method, W8A8MoEMethod) and method.block_shape else (128, 128)
     scale_shape = plan.ckpt.shape(scale_key)
     # The scale's shape says the granularity: one element per tensor, [N, 1] per row, else blocks.
@@ -590,6 +614,32 @@ def _copy_shared(moe: MoE, plan: _Plan, dest: torch.Tensor, keys: list[str]) -> 
     plan.report.loaded.append(scale_key)
     if base + "input_scale" in ckpt:  # the activation scale of a quantized shared MLP, unused unquantized
         plan.report.loaded.append(base + "input_scale")
+
+
+def _copy_shared_wna16(plan: _Plan, dest: torch.Tensor, key: str, method: WNA16MoEMethod) -> bool:
+    """A shared-expert linear stored as the routed experts' 4/8-bit tensors (GPTQ/AWQ checkpoints quantize every
+    Linear), dequantized into ``dest``; False when it is not stored that way."""
+    base = key.removesuffix("weight")
+    keys = {name: base + name for _, name in method.checkpoint_tensors()}
+    if not any(k in plan.ckpt for k in keys.values()):
+        return False
+    missing = [k for k in keys.values() if k not in plan.ckpt]
+    if missing:
+        plan.report.missing += missing
+        return True
+    first, ckpt, done = next(iter(keys.values())), plan.ckpt, {}
+
+    def dequantize(_key: str, _t: torch.Tensor) -> None:  # before any copy: a failure leaves the layer as it was
+        try:
+            done["w"] = method.dequantize_tensors({n: ckpt.get(k) for n, k in keys.items()}, n=dest.shape[0],
+                                                  k=dest.shape[1])
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"checkpoint key {first!r} ({method.name}): {err}") from None
+
+    plan.check_values([first], dequantize)
+    plan.add(first, ckpt.shape(first), lambda _t: dest.copy_(done.pop("w")))
+    plan.report.loaded += [k for k in keys.values() if k != first]
+    return True
 
 
 def load_moes(checkpoint: Checkpoint | str | os.PathLike, blocks: dict[str, MoE], **kwargs) -> list[LoadReport]:

@@ -1,8 +1,10 @@
 """``moekit.quantize``: quantize a loaded layer's routed experts in place (online quantization).
 
     moe = moekit.quantize(moe, "fp8_block")     # fp8_block | fp8_channel | fp8_tensor | int8_channel
+    moe = moekit.quantize(moe, "w4a16_g128")    # w4a16_g128 | w4a16_g128_asym | w8a16_g128 (weight-only)
 
-Only the routed experts change (w13/w2 become 8-bit codes with float32 scales, see ``moekit.quant``); the router
+Only the routed experts change (w13/w2 become 8-bit codes with float32 scales, or packed 4/8-bit codes with group
+scales in the layer's dtype and optional zero points, see ``moekit.quant``); the router
 gate and shared experts keep their dtype, and the layer still takes and returns activations in its dtype.
 """
 
@@ -12,7 +14,7 @@ import torch
 
 from moekit._checks import ACT_DTYPES, check_choice
 from moekit.layer import MoE
-from moekit.quant import QUANT_SCHEMES, UnquantizedMoEMethod
+from moekit.quant import QUANT_SCHEMES, WNA16_SCHEMES, UnquantizedMoEMethod
 from moekit.routed_experts import RoutedExperts
 
 
@@ -20,11 +22,12 @@ def quantize(moe: MoE | RoutedExperts, scheme: str) -> MoE | RoutedExperts:
     """Quantize the routed experts of ``moe`` (a ``moekit.MoE`` or ``RoutedExperts``) in place; returns ``moe``.
 
     The float weights are dropped expert by expert: no dequantized copy stays on the layer. The layer's backend
-    ``auto`` then runs the torch backend (the Triton 8-bit path, ``backend="triton"``, is not tuned yet).
+    ``auto`` then runs the torch backend (the Triton 8-bit path, ``backend="triton"``, is not tuned yet; the
+    weight-only schemes have no Triton kernel yet and ``backend="triton"`` refuses them).
     """
     if not isinstance(moe, (MoE, RoutedExperts)):
         raise TypeError(f"moe: expected a moekit.MoE or RoutedExperts, got {type(moe).__name__}")
-    check_choice("scheme", scheme, tuple(QUANT_SCHEMES))
+    check_choice("scheme", scheme, (*QUANT_SCHEMES, *WNA16_SCHEMES))
     layer = moe.routed_experts if isinstance(moe, MoE) else moe
     if type(layer.quant_method) is not UnquantizedMoEMethod:
         raise ValueError(f"moe: expected unquantized routed experts, got quant method {layer.quant_method.name!r}")
@@ -32,5 +35,6 @@ def quantize(moe: MoE | RoutedExperts, scheme: str) -> MoE | RoutedExperts:
         raise ValueError(f"moe: expected loaded weights in one of {[str(d) for d in ACT_DTYPES]}, got w13 "
                          f"{layer.w13.dtype} on {layer.w13.device}")
     with torch.no_grad():
-        QUANT_SCHEMES[scheme]().quantize_layer(layer)
+        method = QUANT_SCHEMES[scheme]() if scheme in QUANT_SCHEMES else WNA16_SCHEMES[scheme]()
+        method.quantize_layer(layer)
     return moe

@@ -263,3 +263,63 @@ def test_layer_is_the_decoder_layer_index(saved, tmp_path):
     x = _x(model)
     with torch.no_grad():
         assert_close(moe(x), model.model.layers[1].mlp(x).float(), torch.bfloat16)
+
+
+# ---- weight-only 4-bit checkpoints (GPTQ v1, AWQ gemm, compressed-tensors pack-quantized), packed here by the
+# ---- formats' documented formulas (tests/quant/test_wna16.py), against transformers on the dequantized weights
+
+_G = 64
+WNA16_CONFIGS = {
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": _G, "sym": False, "desc_act": False,
+             "checkpoint_format": "gptq"},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": _G, "version": "gemm", "zero_point": True},
+    "ct_w4a16": {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": _G,
+                                           "symmetric": True, "actorder": None}}}},
+}
+
+
+def _write_wna16(src, dst, deq_dst, scheme: str) -> None:
+    """A 4-bit copy of ``src`` (routed and shared experts, as GPTQ/AWQ quantize every Linear) and a bf16 copy
+    holding the weights its codes mean."""
+    from moekit.ops.quantize_wna16 import quantize_wna16
+    from tests.quant.test_wna16 import _checkpoint_tensors, formula
+
+    fmt = {"ct_w4a16": "compressed-tensors"}.get(scheme, scheme)
+    sym = scheme == "ct_w4a16"
+    ckpt = Checkpoint(src)
+    tensors, dequantized = {}, {}
+    for key in ckpt.keys():
+        w = ckpt.get(key)
+        dequantized[key] = w
+        if not (EXPERT.search(key) or SHARED.search(key)):
+            tensors[key] = w
+            continue
+        qw = quantize_wna16(w, 4, _G, sym)
+        q = torch.stack((qw.qweight & 15, qw.qweight >> 4), dim=-1).flatten(-2)[:, : w.shape[1]].to(torch.int32)
+        z = (torch.full_like(qw.scales, 8, dtype=torch.int32) if sym else qw.zeros.to(torch.int32))
+        s = qw.scales if fmt == "compressed-tensors" else qw.scales.to(torch.float16)  # GPTQ/AWQ store fp16
+        base = key.removesuffix("weight")
+        tensors.update({base + k: v for k, v in _checkpoint_tensors(fmt, q, z, s, _G, 4, sym).items()})
+        dequantized[key] = formula(q, z, s, _G).to(torch.bfloat16)
+    for d, t in ((dst, tensors), (deq_dst, dequantized)):
+        d.mkdir()
+        safetensors_torch.save_file(t, d / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "quantization_config": WNA16_CONFIGS[scheme]}))
+    (deq_dst / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("scheme", list(WNA16_CONFIGS))
+@pytest.mark.parametrize("family", FAMILIES)  # deepseek_v3: quantized shared experts, dequantized at load
+def test_wna16_checkpoint_matches_transformers_on_dequantized_weights(saved, family, scheme, tmp_path):
+    model, path, _ = saved[family]
+    _write_wna16(path, tmp_path / scheme, tmp_path / "dequantized", scheme)
+    reference = type(model).from_pretrained(tmp_path / "dequantized", dtype=torch.bfloat16).eval()
+    x = _x(model)
+    for i, layer in enumerate(reference.model.layers):
+        moe = MoE.from_pretrained(tmp_path / scheme, layer=i)
+        assert moe.routed_experts.quant_method.name == ("w4a16_g64" if scheme == "ct_w4a16" else "w4a16_g64_asym")
+        assert moe.routed_experts.w13.dtype == torch.uint8
+        with torch.no_grad():
+            assert_close(moe(x), layer.mlp(x).float(), torch.bfloat16)

@@ -37,7 +37,7 @@ from moekit.kernel.experts import Experts, needs_grad
 from moekit.kernel.prepare_finalize import PrepareFinalize
 from moekit.ops.activation import Activation, resolve_activation
 from moekit.ops.quantize import QDTYPES, expert_scale_shapes
-from moekit.quant.params import UNQUANTIZED, QuantParams
+from moekit.quant.params import UNQUANTIZED, QuantParams, check_group_weights
 
 # Below this many tokens the routed experts are bandwidth-bound and leave SMs idle, so the shared experts
 # run concurrently on a side stream; above it both saturate the GPU and overlapping only adds contention.
@@ -188,7 +188,9 @@ def check_expert_inputs(
     if not quant.is_quantized:
         check_same_dtype("w13", w13, "hidden_states", hidden_states)
         check_same_dtype("w2", w2, "hidden_states", hidden_states)
-    if not quant.is_quantized or quant.weight_dtype in QDTYPES:
+    if quant.granularity == "group":
+        check_group_weights(quant, w13, w2, hidden_states, gated=activation.is_gated)
+    elif not quant.is_quantized or quant.weight_dtype in QDTYPES:
         if hidden13 != hidden:
             raise ValueError(
                 f"hidden_states: expected hidden size H = {hidden13} (w13 [E, 2I, H] is {tuple(w13.shape)}), "

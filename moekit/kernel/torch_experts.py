@@ -8,7 +8,8 @@ accumulation inside torch's matmul); activation, biases, routing weights and the
 8-bit weights (``QuantParams``) run as their math says, in fp32: each expert that received tokens dequantizes its
 own weights inside the loop (no dequantized copy of the layer), GEMM 1 multiplies them with the activations
 ``prepare`` quantized (dequantized again), and the activation's output is quantized with the same scheme before
-GEMM 2 (the fast path's GEMM 2 reads 8-bit activations too).
+GEMM 2 (the fast path's GEMM 2 reads 8-bit activations too). Weight-only 4/8-bit integer groups (w4a16, w8a16)
+take the same loop, each expert's codes dequantized with ``dequantize_wna16`` and activations kept in fp32.
 
 The unquantized forward groups the routed rows by expert once (``_expert_spans``) and runs one of two paths
 (``_pool_for`` picks; docs/perf/NOTES.md, "CPU: the torch backend", has the measurements, 2 cores):
@@ -45,6 +46,7 @@ from moekit.kernel.experts import Experts, Grads
 from moekit.ops.activation import Activation, activation_ref
 from moekit.ops.activation_backward import activation_backward_ref
 from moekit.ops.quantize import QDTYPES, dequantize_activation, dequantize_weight, quantize_activation
+from moekit.ops.quantize_wna16 import WNA16Weight, dequantize_wna16
 from moekit.quant.params import UNQUANTIZED, QuantParams
 
 
@@ -56,9 +58,9 @@ class TorchExperts(Experts):
         return "torch"  # stateless: the registry's instance computes the same
 
     def check_supported(self, hidden_states: torch.Tensor, quant: QuantParams) -> None:
-        """Unquantized, and 8-bit weights (fp8_e4m3/int8, any granularity) with activations unquantized or in the
-        weights' dtype."""
-        if not quant.is_quantized:
+        """Unquantized, 8-bit weights (fp8_e4m3/int8, any granularity) with activations unquantized or in the
+        weights' dtype, and int4/int8 weights with group scales (activations unquantized)."""
+        if not quant.is_quantized or quant.granularity == "group":  # QuantParams validated the group case
             return
         if quant.weight_dtype not in QDTYPES or quant.granularity is None:
             raise ValueError(f"backend 'torch': quantized weights ({quant.describe()}) are not supported: it runs "
@@ -425,13 +427,14 @@ def _run_quantized(
     num_tokens, hidden = x_TH.shape
     top_k = topk_ids_TK.shape[1]
     act, group = quant.act_granularity, quant.act_group_size
-    gate_rows = w2_EHI.shape[2] if activation.is_gated else None
+    # Group-scaled codes pack K, so I comes from w13's rows.
+    inter = w13_E2IH.shape[1] // 2 if activation.is_gated else w13_E2IH.shape[1]
+    gate_rows = inter if activation.is_gated else None
     x_f = x_TH.float() if act is None else dequantize_activation(x_TH, hidden_scale, act, group)
     groups = list(_by_expert(topk_ids_TK, expert_map_E, w13_E2IH.shape[0]))
-    a_NI = torch.zeros(num_tokens * top_k, w2_EHI.shape[2], dtype=torch.float32, device=x_TH.device)
+    a_NI = torch.zeros(num_tokens * top_k, inter, dtype=torch.float32, device=x_TH.device)
     for e, sel, rows in groups:
-        w13 = dequantize_weight(w13_E2IH[e], quant.w13_scale[e], quant.granularity, quant.block_shape,
-                                gate_rows=gate_rows)
+        w13 = _expert_weight(w13_E2IH, quant.w13_scale, quant.w13_zp, e, quant, k=hidden, gate_rows=gate_rows)
         h = x_f[rows] @ w13.t()
         if w13_bias_E2I is not None:
             h = h + w13_bias_E2I[e].float()
@@ -443,8 +446,17 @@ def _run_quantized(
         a_NI[sel_all] = dequantize_activation(q, s, act, group)
     y_NH = torch.zeros(num_tokens * top_k, hidden, dtype=torch.float32, device=x_TH.device)
     for e, sel, _ in groups:
-        w2 = dequantize_weight(w2_EHI[e], quant.w2_scale[e], quant.granularity, quant.block_shape)
+        w2 = _expert_weight(w2_EHI, quant.w2_scale, quant.w2_zp, e, quant, k=inter, gate_rows=None)
         y = a_NI[sel] @ w2.t()
         y_NH[sel] = y if w2_bias_EH is None else y + w2_bias_EH[e].float()
     out_TH = (y_NH.view(num_tokens, top_k, hidden) * topk_weights_TK.float().unsqueeze(-1)).sum(dim=1)
     return out_TH.to(out_dtype)
+
+
+def _expert_weight(codes_E: torch.Tensor, scale_E: torch.Tensor, zp_E: torch.Tensor | None, e: int,
+                   quant: QuantParams, *, k: int, gate_rows: int | None) -> torch.Tensor:
+    """Expert ``e``'s weight [N, K] in float32, dequantized from its codes alone (never the whole layer)."""
+    if quant.granularity == "group":
+        zp = None if zp_E is None else zp_E[e]
+        return dequantize_wna16(WNA16Weight(codes_E[e], scale_E[e], zp, quant.bits, quant.group_size, k))
+    return dequantize_weight(codes_E[e], scale_E[e], quant.granularity, quant.block_shape, gate_rows=gate_rows)

@@ -71,6 +71,10 @@ class TritonExperts(Experts):
     def check_supported(self, hidden_states: torch.Tensor, quant: QuantParams) -> None:
         """Unquantized fp16/bf16/fp32, and 8-bit weights (fp8_e4m3/int8, any granularity) with activations
         quantized in the weights' dtype (``hidden_states`` then holds their codes)."""
+        if quant.granularity == "group":
+            # Weight-only int4/int8 groups: no Triton kernel yet (the torch backend runs them; 'auto' picks it).
+            raise ValueError(f"backend 'triton': {quant.scheme} weights ({quant.describe()}) are not supported yet; "
+                             "backend 'torch' (or 'auto') runs them")
         if quant.is_quantized:
             if (quant.weight_dtype not in QDTYPES or quant.granularity is None
                     or quant.act_dtype != quant.weight_dtype):

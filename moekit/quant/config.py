@@ -10,22 +10,29 @@
                           float channel + dynamic token               (FP8_DYNAMIC)  Fp8ChannelMoEMethod
                           float tensor + tensor, static or dynamic    (FP8)          Fp8TensorMoEMethod
                           int channel (symmetric) + dynamic token     (W8A8)         Int8ChannelMoEMethod
+                          format pack-quantized: int weights per group, no activations
+                          (W4A16, W4A16_ASYM, W8A16; actorder null)                  WNA16MoEMethod
     modelopt              quant_algo FP8 (static ``input_scale``)                    Fp8TensorMoEMethod
+    gptq                  bits 4 | 8, group_size, sym, checkpoint_format gptq (v1);  WNA16MoEMethod
+                          desc_act=True with groups is refused (act order)
+    awq                   version gemm, bits 4, zero_point true                      WNA16MoEMethod
 
-Everything else is refused with the scheme named: a known format moekit has no method for yet (int4 GPTQ/AWQ,
-mxfp4, NVFP4, weight-only 8-bit, ...) says "not supported yet", an unknown ``quant_method`` says so.
+Everything else is refused with the scheme named: a known format moekit has no method for yet (mxfp4, NVFP4,
+GPTQ v2, ...) says "not supported yet", an unknown ``quant_method`` says so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from moekit.ops.quantize_wna16 import DESC_ACT_MESSAGE
 from moekit.quant.base import MoEQuantMethod
 from moekit.quant.fp8 import Fp8BlockMoEMethod, Fp8ChannelMoEMethod, Fp8TensorMoEMethod
 from moekit.quant.int8 import Int8ChannelMoEMethod
+from moekit.quant.wna16 import WNA16MoEMethod
 
 # Formats that exist in the wild but have no moekit method yet (refused as "not supported yet").
-NOT_YET = ("gptq", "awq", "mxfp4", "bitsandbytes", "gguf", "hqq", "eetq", "fbgemm_fp8", "torchao", "quark",
+NOT_YET = ("mxfp4", "bitsandbytes", "gguf", "hqq", "eetq", "fbgemm_fp8", "torchao", "quark",
            "auto-round", "bitnet", "higgs", "vptq", "aqlm", "spqr", "fp_quant", "mxfp8")
 _BLOCK = [128, 128]
 
@@ -51,11 +58,15 @@ def get_quant_method(quantization_config: Mapping) -> MoEQuantMethod:
         return _compressed_tensors(quantization_config)
     if method == "modelopt":
         return _modelopt(quantization_config)
+    if method == "gptq":
+        return _gptq(quantization_config)
+    if method == "awq":
+        return _awq(quantization_config)
     if isinstance(method, str) and method.lower() in NOT_YET:
         raise UnsupportedQuantization(f"quantization_config.quant_method: {method!r} checkpoints are not supported "
-                                      "yet (moekit runs fp8, compressed-tensors 8-bit and modelopt FP8)")
+                                      "yet (moekit runs fp8, compressed-tensors, modelopt FP8, gptq and awq)")
     raise UnsupportedQuantization(f"quantization_config.quant_method: unknown {method!r}; expected one of "
-                                  "['fp8', 'compressed-tensors', 'modelopt']")
+                                  "['fp8', 'compressed-tensors', 'modelopt', 'gptq', 'awq']")
 
 
 def _fp8(cfg: Mapping) -> MoEQuantMethod:
@@ -89,9 +100,48 @@ def _modelopt(cfg: Mapping) -> MoEQuantMethod:
                                   "(moekit runs modelopt 'FP8')")
 
 
+def _group_size(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or (value <= 0 and value != -1):
+        raise UnsupportedQuantization(f"{where}: expected a positive int or -1, got {value!r}")
+    return value
+
+
+def _gptq(cfg: Mapping) -> MoEQuantMethod:
+    bits, group = cfg.get("bits"), _group_size(cfg.get("group_size", 128), "quantization_config.group_size")
+    if bits not in (4, 8):
+        raise UnsupportedQuantization(f"quantization_config.bits: gptq {bits}-bit weights are not supported yet "
+                                      "(moekit runs 4 and 8)")
+    fmt = cfg.get("checkpoint_format", "gptq")
+    if fmt != "gptq":
+        raise UnsupportedQuantization(f"quantization_config.checkpoint_format: gptq {fmt!r} is not supported yet "
+                                      "(moekit reads the v1 'gptq' storage)")
+    if cfg.get("desc_act", False) and group != -1:
+        raise UnsupportedQuantization(f"quantization_config.desc_act: {DESC_ACT_MESSAGE}")
+    sym = cfg.get("sym", True)
+    if not isinstance(sym, bool):
+        raise UnsupportedQuantization(f"quantization_config.sym: expected a bool, got {sym!r}")
+    return WNA16MoEMethod(bits=bits, group_size=group, sym=sym, checkpoint_format="gptq")
+
+
+def _awq(cfg: Mapping) -> MoEQuantMethod:
+    version = str(cfg.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise UnsupportedQuantization(f"quantization_config.version: awq {version!r} is not supported yet "
+                                      "(moekit reads 'gemm')")
+    if cfg.get("bits", cfg.get("w_bit", 4)) != 4:
+        raise UnsupportedQuantization(f"quantization_config.bits: awq {cfg.get('bits', cfg.get('w_bit'))}-bit "
+                                      "weights are not supported (AWQ GEMM is 4-bit)")
+    if not cfg.get("zero_point", True):
+        raise UnsupportedQuantization("quantization_config.zero_point: awq without zero points is not supported yet")
+    group = _group_size(cfg.get("group_size", cfg.get("q_group_size", 128)), "quantization_config.group_size")
+    return WNA16MoEMethod(bits=4, group_size=group, sym=False, checkpoint_format="awq")
+
+
 def _compressed_tensors(cfg: Mapping) -> MoEQuantMethod:
     fmt = cfg.get("format")
-    if fmt in ("pack-quantized", "marlin-24", "nvfp4-pack-quantized", "mxfp4-pack-quantized"):
+    if fmt == "pack-quantized":
+        return _ct_packed(cfg)
+    if fmt in ("marlin-24", "nvfp4-pack-quantized", "mxfp4-pack-quantized"):
         raise UnsupportedQuantization(f"quantization_config.format: compressed-tensors {fmt!r} is not supported yet")
     groups = cfg.get("config_groups")
     if not isinstance(groups, Mapping) or not groups:
@@ -144,3 +194,37 @@ def _ct_scheme(name: str, group: object) -> MoEQuantMethod:
         return Fp8TensorMoEMethod(static_input_scales=dynamic is False)
     raise UnsupportedQuantization(f"{where}: {kind} 8-bit weights per {strategy} with "
                                   f"{'dynamic' if dynamic else 'static'} activations per {act} are not supported yet")
+
+
+def _ct_packed(cfg: Mapping) -> MoEQuantMethod:
+    """compressed-tensors ``pack-quantized``: one W4A16 / W4A16_ASYM / W8A16 group scheme for every expert."""
+    groups = cfg.get("config_groups")
+    if not isinstance(groups, Mapping) or not groups:
+        raise UnsupportedQuantization("quantization_config.config_groups: expected a non-empty object of "
+                                      "compressed-tensors schemes")
+    methods = []
+    for name, group in groups.items():
+        where = f"quantization_config.config_groups.{name}"
+        w = group.get("weights") if isinstance(group, Mapping) else None
+        if not isinstance(w, Mapping):
+            raise UnsupportedQuantization(f"{where}.weights: expected an object, got {w!r}")
+        bits, kind, strategy = w.get("num_bits"), w.get("type"), w.get("strategy")
+        scheme = f"{kind} {bits}-bit weights per {strategy}"
+        if group.get("input_activations") is not None:
+            raise UnsupportedQuantization(f"{where}.input_activations: pack-quantized {scheme} with quantized "
+                                          "activations is not supported yet (moekit runs W4A16, W4A16_ASYM, W8A16)")
+        if kind != "int" or bits not in (4, 8) or strategy not in ("group", "channel"):
+            raise UnsupportedQuantization(f"{where}.weights: pack-quantized {scheme} is not supported yet (moekit "
+                                          "runs int 4/8-bit per group: W4A16, W4A16_ASYM, W8A16)")
+        if w.get("actorder") not in (None, "static", "weight"):
+            raise UnsupportedQuantization(f"{where}.weights.actorder: {w.get('actorder')!r} (group activation "
+                                          f"ordering) is not supported: {DESC_ACT_MESSAGE}")
+        if w.get("dynamic", False):
+            raise UnsupportedQuantization(f"{where}.weights.dynamic: dynamic weight scales are not supported")
+        size = -1 if strategy == "channel" else _group_size(w.get("group_size"), f"{where}.weights.group_size")
+        methods.append(WNA16MoEMethod(bits=bits, group_size=size, sym=bool(w.get("symmetric", True)),
+                                      checkpoint_format="compressed-tensors"))
+    if any(m.name != methods[0].name for m in methods):
+        raise UnsupportedQuantization(f"quantization_config.config_groups: groups {list(groups)} use different "
+                                      f"schemes ({[m.name for m in methods]}); moekit needs one for every expert")
+    return methods[0]

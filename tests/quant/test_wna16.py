@@ -1,0 +1,456 @@
+"""4/8-bit weight-only experts (w4a16 / w8a16 with group scales): QuantParams, the quant method and its
+checkpoint loaders (compressed-tensors pack-quantized, GPTQ v1, AWQ), the torch backend, the Triton refusal."""
+
+import pytest
+import torch
+
+import moekit
+from moekit import QuantParams, RoutedExperts, fused_experts
+from moekit.quant import WNA16MoEMethod, get_quant_method
+from moekit.loading import expert_params_mapping
+from moekit.quant.wna16 import dequantized_weights
+from moekit.testing import (
+    QUANT_REFERENCE_TOLERANCE,
+    QUANT_TOLERANCES,
+    TOLERANCES,
+    Tolerance,
+    assert_close,
+    make_moe_inputs,
+    reference_experts,
+)
+from tests.ops.test_quantize_wna16 import _pack_words, awq_pack, formula, gptq_pack
+from tests.quant.cases import build, routed_bytes, run
+
+
+def _scales(e=2, n=4, g=2, dtype=torch.bfloat16):
+    return torch.ones(e, n, g, dtype=dtype)
+
+
+@pytest.mark.parametrize(("weight_dtype", "group_size", "zp", "scheme"), [
+    ("int4", 128, False, "w4a16_g128"),
+    ("int4", 128, True, "w4a16_g128_asym"),
+    ("int8", 128, False, "w8a16_g128"),
+    ("int4", 32, False, "w4a16_g32"),
+    ("int4", -1, False, "w4a16_channel"),   # one group per row
+])
+def test_quant_params_scheme_and_describe(weight_dtype, group_size, zp, scheme):
+    s = _scales()
+    z = torch.zeros_like(s, dtype=torch.uint8) if zp else None
+    q = QuantParams(weight_dtype=weight_dtype, granularity="group", group_size=group_size, w13_scale=s, w2_scale=s,
+                    w13_zp=z, w2_zp=z)
+    assert q.scheme == scheme and q.is_quantized and q.act_granularity is None
+    assert q.bits == (4 if weight_dtype == "int4" else 8)
+    assert q.describe() == (f"{weight_dtype} group {group_size} {'asym' if zp else 'sym'} "
+                            "(activations unquantized)")
+
+
+def test_quant_params_8bit_cases_unchanged():
+    s = torch.ones(2, 4, 1)
+    q = QuantParams(weight_dtype="int8", act_dtype="int8", granularity="channel", w13_scale=s, w2_scale=s)
+    assert q.scheme == "int8_channel" and q.bits is None and q.group_size is None
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"act_dtype": "int8"}, "quant.act_dtype"),              # weight-only
+    ({"group_size": 0}, "quant.group_size"),
+    ({"group_size": True}, "quant.group_size"),
+    ({"group_size": None}, "quant.group_size"),
+    ({"weight_dtype": "fp8_e4m3"}, "quant.weight_dtype"),
+    ({"w13_zp": torch.zeros(2, 4, 2, dtype=torch.uint8)}, "quant.w13_zp/w2_zp"),     # only one of the pair
+    ({"w13_zp": torch.zeros(2, 4, 2), "w2_zp": torch.zeros(2, 4, 2)}, "quant.w13_zp"),  # float zero points
+    ({"w13_zp": torch.zeros(2, 4, 3, dtype=torch.uint8), "w2_zp": torch.zeros(2, 4, 3, dtype=torch.uint8)},
+     "quant.w13_zp"),                                          # not the scales' shape
+    ({"w13_scale": torch.ones(4, 2)}, "quant.w13_scale"),    # not [E, N, G]
+    ({"w2_scale": torch.ones(2, 4, 2, dtype=torch.int32)}, "quant.w2_scale"),
+    ({"granularity": "channel", "group_size": None}, "quant.granularity"),  # int4 needs groups
+])
+def test_quant_params_refusals_name_the_field(change, field):
+    kw = dict(weight_dtype="int4", granularity="group", group_size=128, w13_scale=_scales(), w2_scale=_scales())
+    kw.update(change)
+    with pytest.raises(ValueError, match=field):
+        QuantParams(**kw)
+
+
+def test_group_size_only_with_groups():
+    s = torch.ones(2, 4, 1)
+    with pytest.raises(ValueError, match="quant.group_size"):
+        QuantParams(weight_dtype="int8", granularity="channel", group_size=128, w13_scale=s, w2_scale=s)
+
+
+# ------------------------------------------------------------------ the layer: moekit.quantize and the torch backend
+
+SCHEMES = ["w4a16_g128", "w4a16_g128_asym", "w8a16_g128"]
+
+
+def _reference(layer, inputs):
+    """fp64 experts on the layer's own dequantized weights (no other rounding)."""
+    w13, w2 = dequantized_weights(layer)
+    return reference_experts(inputs["hidden_states"], w13, w2, inputs["topk_weights"], inputs["topk_ids"],
+                             activation=layer.activation, w13_bias_E2I=layer.w13_bias, w2_bias_EH=layer.w2_bias,
+                             expert_map=layer.expert_map)
+
+
+def _tol(dtype):
+    # Same weights as the reference: only fp32 GEMMs and the output's rounding to the layer dtype differ.
+    tight, rounding = QUANT_REFERENCE_TOLERANCE, TOLERANCES[dtype]
+    return Tolerance(max=max(tight.max, rounding.max), rms=max(tight.rms, rounding.rms))
+
+
+def _check_layer(moe, inputs, before=None, qdtype=None):
+    out = run(moe, inputs)
+    assert out.dtype == inputs["hidden_states"].dtype and torch.isfinite(out).all()
+    assert_close(out, _reference(moe.routed_experts, inputs), tol=_tol(out.dtype), name="vs dequantized reference")
+    if before is not None:
+        assert_close(out, before, tol=QUANT_TOLERANCES[qdtype], name="vs unquantized")
+    return out
+
+
+def _vllm_inputs(inputs):
+    """vLLM's wNa16 test inputs: x = randn / 10 (the layer's weights stay nn.Linear-scaled)."""
+    g = torch.Generator().manual_seed(7)
+    x = inputs["hidden_states"]
+    inputs["hidden_states"] = (torch.randn(x.shape, generator=g) / 10).to(x.dtype)
+    return inputs
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_storage_stays_packed(scheme):
+    moe, _ = build(scheme, hidden=512, inter=256)
+    re = moe.routed_experts
+    before = routed_bytes(re)
+    moekit.quantize(moe, scheme)
+    assert re.w13.dtype == re.w2.dtype == torch.uint8
+    assert re.w13_scale.dtype == torch.bfloat16  # the weights' dtype: the scales are never rounded again
+    assert all(not p.requires_grad for p in re.parameters(recurse=False))
+    ratio = routed_bytes(re) / before
+    assert ratio <= (0.3 if scheme.startswith("w4") else 0.52), ratio  # scales and zero points included
+    big = re.w2.numel()
+    for value in (*vars(re).values(), *re._buffers.values(), *re._parameters.values()):
+        if isinstance(value, torch.Tensor) and value.numel() >= big:
+            assert value.dtype == torch.uint8, f"a {value.dtype} tensor of {value.numel()} elements is left"
+    assert re.params_dtype == torch.bfloat16
+    assert re.quant_method.quant_params(re).scheme == scheme  # the key of tuned tables
+    assert re.to(torch.float16).w13_scale.dtype == torch.bfloat16  # a cast moves activations, not scales
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize(("num_tokens", "top_k", "hidden", "inter", "dtype"), [
+    (1, 2, 256, 192, torch.bfloat16),   # decode; I = 192 is not a multiple of g = 128 (a short last group)
+    (7, 1, 130, 67, torch.float32),     # odd T, top_k = 1, odd H and I: a padding nibble per row
+    (9, 8, 256, 128, torch.float16),    # top_k = E
+])
+def test_quantize_matches_references(scheme, num_tokens, top_k, hidden, inter, dtype):
+    moe, inputs = build(scheme, num_tokens=num_tokens, top_k=top_k, hidden=hidden, inter=inter, dtype=dtype)
+    inputs = _vllm_inputs(inputs)
+    before = run(moe, inputs)
+    moekit.quantize(moe, scheme)
+    _check_layer(moe, inputs, before, "int4" if scheme.startswith("w4") else "int8")
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_group_sizes_and_zero_points(group_size, sym, bits):
+    moe, inputs = build("", num_tokens=11, hidden=192, inter=160, dtype=torch.bfloat16)
+    inputs = _vllm_inputs(inputs)
+    with torch.no_grad():
+        WNA16MoEMethod(bits=bits, group_size=group_size, sym=sym).quantize_layer(moe.routed_experts)
+    q = moe.routed_experts.quant_method.quant_params(moe.routed_experts)
+    assert q.w13_scale.shape == (8, 320, -(-192 // group_size)) and (q.w13_zp is None) == sym
+    _check_layer(moe, inputs)
+
+
+def test_edge_cases():
+    moe, inputs = build("w4a16_g128", num_tokens=0)
+    moekit.quantize(moe, "w4a16_g128")
+    assert run(moe, inputs).shape == (0, 256)                      # T = 0
+    for kw in (dict(empty_experts=(2, 5), bias=True),              # experts without tokens; biases
+               dict(activation="relu2"),                           # non-gated: w13 [E, I, H/2]
+               dict(num_tokens=5, num_experts=4, top_k=4)):        # odd T, top_k = E
+        moe, inputs = build("w4a16_g128_asym", **kw)
+        moekit.quantize(moe, "w4a16_g128_asym")
+        _check_layer(moe, _vllm_inputs(inputs))
+
+
+def test_expert_map():
+    # This rank holds experts 1, 4, 6 of 8 (as local 0, 1, 2); the others' rows contribute nothing.
+    inputs = _vllm_inputs(make_moe_inputs(13, 8, 128, 96, 3, dtype=torch.bfloat16))
+    expert_map = torch.full((8,), -1, dtype=torch.int32)
+    expert_map[[1, 4, 6]] = torch.arange(3, dtype=torch.int32)
+    layer = RoutedExperts(3, 128, 96, expert_map=expert_map, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.w13.copy_(inputs["w13"][[1, 4, 6]])
+        layer.w2.copy_(inputs["w2"][[1, 4, 6]])
+    moekit.quantize(layer, "w4a16_g128")
+    with torch.no_grad():
+        out = layer(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"])
+    assert_close(out, _reference(layer, inputs), tol=_tol(torch.bfloat16))
+
+
+def test_triton_backend_refuses_naming_the_scheme():
+    moe, inputs = build("w4a16_g128")
+    moekit.quantize(moe, "w4a16_g128")
+    layer = moe.routed_experts
+    q = layer.quant_method.quant_params(layer)
+    with pytest.raises(ValueError, match="backend 'triton': w4a16_g128 weights .* not supported yet"):
+        fused_experts(inputs["hidden_states"], layer.w13, layer.w2, inputs["topk_weights"], inputs["topk_ids"],
+                      quant=q, backend="triton")
+
+
+def test_bad_scale_shapes_refused_by_the_kernel():
+    moe, inputs = build("w4a16_g128")
+    moekit.quantize(moe, "w4a16_g128")
+    layer = moe.routed_experts
+    q = layer.quant_method.quant_params(layer)
+    bad = QuantParams(weight_dtype="int4", granularity="group", group_size=64, w13_scale=q.w13_scale,
+                      w2_scale=q.w2_scale)  # the scales hold g = 128 groups
+    with pytest.raises(ValueError, match=r"quant.w13_scale: expected shape \(8, 384, 4\)"):
+        fused_experts(inputs["hidden_states"], layer.w13, layer.w2, inputs["topk_weights"], inputs["topk_ids"],
+                      quant=bad, backend="torch")
+    with pytest.raises(ValueError, match="w13: expected uint8 codes of shape"):
+        fused_experts(inputs["hidden_states"], layer.w13[:, :, :64], layer.w2, inputs["topk_weights"],
+                      inputs["topk_ids"], quant=q, backend="torch")
+
+
+def test_quantize_refuses_a_quantized_layer_and_unknown_schemes():
+    moe, _ = build("w4a16_g128")
+    moekit.quantize(moe, "w4a16_g128")
+    with pytest.raises(ValueError, match="expected unquantized routed experts"):
+        moekit.quantize(moe, "w8a16_g128")
+    with pytest.raises(ValueError, match="scheme"):
+        moekit.quantize(build("")[0], "w3a16_g128")
+    with pytest.raises(ValueError, match="checkpoint_format: AWQ stores 4-bit weights with zero points"):
+        WNA16MoEMethod(bits=4, sym=True, checkpoint_format="awq")
+
+
+# ------------------------------------------------------------------------------- checkpoint loaders (engine-style)
+
+def ct_pack(q_NK, z_NG, bits):
+    """compressed-tensors pack-quantized, from its definition: weight_packed [N, ⌈K/pw⌉] along K (stored q + mid is
+    the unsigned code), weight_zero_point [⌈N/pw⌉, G] along N."""
+    pw = 32 // bits
+    n, k = q_NK.shape
+    q = torch.nn.functional.pad(q_NK, (0, -k % pw))
+    packed = _pack_words(q.reshape(n, -1, pw), bits)
+    zp = None
+    if z_NG is not None:
+        z = torch.nn.functional.pad(z_NG, (0, 0, 0, -n % pw))
+        zp = _pack_words(z.reshape(-1, pw, z.shape[1]).permute(0, 2, 1), bits)
+    return packed, zp
+
+
+def _codes(n, k, g, bits, sym, dtype, gen):
+    groups = -(-k // g)
+    q = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.int32)
+    lo = 1  # GPTQ v1 cannot store a zero of 0 at 8 bits; 1..max is every format's common ground
+    z = (torch.full((n, groups), 1 << (bits - 1), dtype=torch.int32) if sym
+         else torch.randint(lo, 1 << bits, (n, groups), generator=gen, dtype=torch.int32))
+    s = (torch.rand(n, groups, generator=gen) * 0.02 + 1e-3).to(dtype)
+    return q, z, s
+
+
+def _checkpoint_tensors(fmt, q, z, s, g, bits, sym):
+    """One projection's tensors as the format stores them (q, z unsigned [N, K] / [N, G]; s [N, G])."""
+    n, k = q.shape
+    if fmt == "compressed-tensors":
+        packed, zp = ct_pack(q, None if sym else z, bits)
+        out = {"weight_packed": packed, "weight_scale": s, "weight_shape": torch.tensor([n, k])}
+        return out if sym else {**out, "weight_zero_point": zp}
+    if fmt == "gptq":
+        qweight, qzeros, scales = gptq_pack(q.t().contiguous(), z.t().contiguous(), s.t().contiguous(), bits)
+        return {"qweight": qweight, "qzeros": qzeros, "scales": scales,
+                "g_idx": (torch.arange(k) // g).to(torch.int32)}
+    return {"qweight": awq_pack(q.t().contiguous()), "qzeros": awq_pack(z.t().contiguous()),
+            "scales": s.t().contiguous()}
+
+
+def load_layer(fmt, *, bits=4, sym=True, g=32, num_experts=3, hidden=64, inter=32, dtype=torch.bfloat16,
+               scale_dtype=torch.float16, expert_map=None, seed=0, edit=None):
+    """A layer loaded expert by expert, shard by shard, through each parameter's own weight_loader (as an engine
+    drives it), and the float32 weights the codes mean (formula of QUANT_FORMATS.md)."""
+    gen = torch.Generator().manual_seed(seed)
+    method = WNA16MoEMethod(bits=bits, group_size=g, sym=sym, checkpoint_format=fmt)
+    held = num_experts if expert_map is None else int((expert_map >= 0).sum())
+    layer = RoutedExperts(held, hidden, inter, quant_method=method, dtype=dtype, expert_map=expert_map)
+    w13, w2 = [], []
+    for e in range(num_experts):
+        parts = {}
+        for shard, (n, k) in (("w1", (inter, hidden)), ("w3", (inter, hidden)), ("w2", (hidden, inter))):
+            q, z, s = _codes(n, k, g, bits, sym, scale_dtype, gen)
+            parts[shard] = formula(q, z, s, g)
+            tensors = _checkpoint_tensors(fmt, q, z, s, g, bits, sym)
+            if edit is not None:
+                edit(tensors, e, shard)
+            for suffix, name in method.checkpoint_tensors():
+                param = getattr(layer, ("w2" if shard == "w2" else "w13") + suffix)
+                param.weight_loader(param, tensors[name], shard, e)
+        w13.append(torch.cat((parts["w1"], parts["w3"])))
+        w2.append(parts["w2"])
+    return layer, torch.stack(w13), torch.stack(w2)
+
+
+FORMATS = [
+    ("compressed-tensors", 4, True, 32, 67, 37),   # odd H and I: K padding nibbles, zero points of 37 rows
+    ("compressed-tensors", 4, False, 32, 67, 37),
+    ("compressed-tensors", 8, True, 64, 128, 64),  # W8A16
+    ("gptq", 4, True, 32, 64, 32),
+    ("gptq", 4, False, 64, 64, 40),                # qzeros of 40 columns per shard: 5 words
+    ("gptq", 8, False, 32, 64, 36),
+    ("awq", 4, False, 32, 64, 32),
+]
+
+
+@pytest.mark.parametrize(("fmt", "bits", "sym", "g", "hidden", "inter"), FORMATS)
+def test_checkpoint_loads_bit_exact_and_runs(fmt, bits, sym, g, hidden, inter):
+    layer, w13, w2 = load_layer(fmt, bits=bits, sym=sym, g=g, hidden=hidden, inter=inter)
+    packed = layer.w13_weight_packed.data if fmt == "compressed-tensors" else None
+    with pytest.raises(RuntimeError, match="call layer.process_weights_after_loading"):
+        layer.quant_method.quant_params(layer)
+    layer.process_weights_after_loading()
+    layer.process_weights_after_loading()  # once: a second call changes nothing
+    if packed is not None:  # the int32 words themselves, read as bytes: no copy
+        assert layer.w13.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+    q = layer.quant_method.quant_params(layer)
+    assert q.scheme == f"w{bits}a16_g{g}" + ("" if sym else "_asym")
+    assert layer.w13_scale.dtype == torch.float16  # fp16 checkpoint scales kept exactly (not rounded to bf16)
+    deq13, deq2 = dequantized_weights(layer)
+    assert torch.equal(deq13, w13) and torch.equal(deq2, w2)
+    inputs = _vllm_inputs(make_moe_inputs(9, 3, hidden, inter, 2, dtype=torch.bfloat16))
+    with torch.no_grad():
+        out = layer(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"])
+    assert_close(out, _reference(layer, inputs), tol=_tol(torch.bfloat16))
+
+
+def test_loader_with_an_expert_map_keeps_only_local_experts():
+    expert_map = torch.tensor([-1, 0, -1, 1], dtype=torch.int32)
+    layer, w13, w2 = load_layer("gptq", sym=False, num_experts=4, expert_map=expert_map)
+    layer.process_weights_after_loading()
+    deq13, deq2 = dequantized_weights(layer)
+    assert torch.equal(deq13, w13[[1, 3]]) and torch.equal(deq2, w2[[1, 3]])
+    inputs = _vllm_inputs(make_moe_inputs(7, 4, 64, 32, 2, dtype=torch.bfloat16))
+    with torch.no_grad():
+        out = layer(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"])
+    assert_close(out, _reference(layer, inputs), tol=_tol(torch.bfloat16))
+
+
+def test_loader_refusals():
+    def shuffle_g_idx(tensors, e, shard):  # act order: g_idx is not k // g
+        if "g_idx" in tensors and e == 1 and shard == "w3":
+            tensors["g_idx"] = tensors["g_idx"].flip(0)
+
+    layer, _, _ = load_layer("gptq", edit=shuffle_g_idx)
+    with pytest.raises(ValueError, match="g_idx: GPTQ group activation ordering"):
+        layer.process_weights_after_loading()
+    layer = RoutedExperts(2, 64, 32, quant_method=WNA16MoEMethod(checkpoint_format="gptq", group_size=32))
+    p = layer.w13_scales
+    with pytest.raises(ValueError, match=r"loaded_weight: expected shape \(2, 32\) for w13_scales\[0\]"):
+        p.weight_loader(p, torch.ones(2, 64), "w1", 0)  # a scale of both shards, not one
+    p = layer.w13_qweight
+    with pytest.raises(TypeError, match="loaded_weight: expected dtype int32 for w13_qweight"):
+        p.weight_loader(p, torch.ones(8, 32), "w3", 0)  # float values are not packed codes
+    with pytest.raises(ValueError, match="shard_id: 'w2' does not load into 'w13_qweight'"):
+        p.weight_loader(p, torch.ones(8, 32, dtype=torch.int32), "w2", 0)
+    with pytest.raises(ValueError, match="checkpoint_format: GPTQ packs K in int32 words of 8 codes"):
+        RoutedExperts(2, 60, 32, quant_method=WNA16MoEMethod(checkpoint_format="gptq"))
+    with pytest.raises(ValueError, match="checkpoint_format: AWQ packs N in int32 words of 8 codes"):
+        RoutedExperts(2, 64, 36, quant_method=WNA16MoEMethod(checkpoint_format="awq", sym=False))
+    layer = RoutedExperts(2, 64, 32, quant_method=WNA16MoEMethod(checkpoint_format="compressed-tensors"))
+    p = layer.w2_weight_shape
+    p.weight_loader(p, torch.tensor([64, 31]), "w2", 0)  # not this layer's K
+    with pytest.raises(ValueError, match=r"w2_weight_shape: expected \[N, K\] = \[64, 32\] for expert 0, got "
+                                         r"\[64, 31\]"):
+        layer.process_weights_after_loading()
+
+
+def test_compressed_tensors_checkpoint_matches_its_own_decompress():
+    ct_q = pytest.importorskip("compressed_tensors.quantization")
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    gen = torch.Generator().manual_seed(1)
+    for preset, hidden, inter in (("W4A16", 256, 128), ("W4A16_ASYM", 256, 128), ("W8A16", 256, 128)):
+        scheme = ct_q.preset_name_to_scheme(preset, ["Linear"])
+        method = WNA16MoEMethod(bits=scheme.weights.num_bits, group_size=scheme.weights.group_size,
+                                sym=scheme.weights.symmetric, checkpoint_format="compressed-tensors")
+        layer = RoutedExperts(2, hidden, inter, quant_method=method, dtype=torch.bfloat16)
+        expected13, expected2 = [], []
+        for e in range(2):
+            parts = {}
+            for shard, (n, k) in (("w1", (inter, hidden)), ("w3", (inter, hidden)), ("w2", (hidden, inter))):
+                w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+                g = scheme.weights.group_size
+                v = w.float().view(n, k // g, g)
+                s, zp = calculate_qparams(v.amin(-1), v.amax(-1), scheme.weights)
+                sd = PackedQuantizationCompressor.compress(
+                    {"weight": w, "weight_scale": s.to(w.dtype), "weight_zero_point": zp}, scheme)
+                parts[shard] = PackedQuantizationCompressor.decompress(dict(sd), scheme)["weight"].float()
+                for suffix, name in method.checkpoint_tensors():
+                    param = getattr(layer, ("w2" if shard == "w2" else "w13") + suffix)
+                    param.weight_loader(param, sd[name], shard, e)
+            expected13.append(torch.cat((parts["w1"], parts["w3"])))
+            expected2.append(parts["w2"])
+        layer.process_weights_after_loading()
+        deq13, deq2 = dequantized_weights(layer)
+        # decompress rounds to the weight dtype; ours is fp32 of the same product
+        assert torch.equal(deq13.to(torch.bfloat16).float(), torch.stack(expected13)), preset
+        assert torch.equal(deq2.to(torch.bfloat16).float(), torch.stack(expected2)), preset
+
+
+@pytest.mark.parametrize(("cfg", "fmt", "bits", "sym", "g"), [
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}, "gptq", 4, True, 128),
+    ({"quant_method": "gptq", "bits": 8, "group_size": 64, "sym": False}, "gptq", 8, False, 64),
+    ({"quant_method": "gptq", "bits": 4, "group_size": -1, "desc_act": True}, "gptq", 4, True, -1),  # no groups
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm", "zero_point": True}, "awq", 4, False,
+     128),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
+        "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "symmetric": False,
+                    "actorder": None}, "input_activations": None}}}, "compressed-tensors", 4, False, 128),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
+        "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True}}}},
+     "compressed-tensors", 8, True, -1),
+])
+def test_get_quant_method(cfg, fmt, bits, sym, g):
+    method = get_quant_method(cfg)
+    assert isinstance(method, WNA16MoEMethod)
+    assert (method.checkpoint_format, method.bits, method.sym, method.group_size) == (fmt, bits, sym, g)
+
+
+def test_expert_params_mapping_lists_the_checkpoint_tensors():
+    method = WNA16MoEMethod(checkpoint_format="gptq", sym=False)
+    rows = expert_params_mapping(2, tensors=method.checkpoint_tensors())
+    assert len(rows) == 2 * 3 * 4
+    assert (rows[0].param_name, rows[0].weight_name, rows[0].shard_id) == (
+        "routed_experts.w13_qweight", "experts.0.gate_proj.qweight", "w1")
+    names = {(r.param_name, r.weight_name.split(".", 2)[2]) for r in rows if r.expert_id == 1}
+    assert ("routed_experts.w2_g_idx", "down_proj.g_idx") in names
+    assert ("routed_experts.w13_qzeros", "up_proj.qzeros") in names
+    ct = WNA16MoEMethod(checkpoint_format="compressed-tensors").checkpoint_tensors()  # sym: no zero points
+    assert [n for _, n in ct] == ["weight_packed", "weight_scale", "weight_shape"]
+
+
+def test_load_moe_refusals(tmp_path):
+    from moekit import MoE, MoEConfig
+    from moekit.loading import load_moe
+
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch.save_file({"model.layers.0.mlp.gate.weight": torch.zeros(2, 64)}, tmp_path / "m.safetensors")
+    cfg = MoEConfig(num_experts=2, top_k=1, hidden_size=64, intermediate_size=32)
+    moe = MoE(cfg, quant_method=WNA16MoEMethod(checkpoint_format="gptq", group_size=32))
+    moe.routed_experts.process_weights_after_loading()  # converted: the checkpoint tensors are gone
+    with pytest.raises(ValueError, match="moe: its gptq tensors were converted by an earlier load"):
+        load_moe(moe, tmp_path, "model.layers.0.mlp", layout="per_expert", strict=False)
+    fresh = MoE(cfg, quant_method=WNA16MoEMethod(checkpoint_format="gptq", group_size=32))
+    with pytest.raises(ValueError, match="layout: w4a16_g32 experts load from per-expert tensors"):
+        load_moe(fresh, tmp_path, "model.layers.0.mlp", layout="fused", strict=False)
+
+
+@pytest.mark.parametrize(("fmt", "sym"), [("compressed-tensors", False), ("gptq", True), ("awq", False)])
+def test_dequantize_tensors_of_a_shared_expert(fmt, sym):
+    # A quantized shared-expert linear, read into an unquantized Linear: the float32 weights its codes mean.
+    gen = torch.Generator().manual_seed(5)
+    q, z, s = _codes(48, 64, 32, 4, sym, torch.float16, gen)
+    method = WNA16MoEMethod(group_size=32, sym=sym, checkpoint_format=fmt)
+    tensors = _checkpoint_tensors(fmt, q, z, s, 32, 4, sym)
+    assert torch.equal(method.dequantize_tensors(tensors, n=48, k=64), formula(q, z, s, 32))
+    with pytest.raises(ValueError, match=r"expected a weight of shape \(64, 48\)"):
+        method.dequantize_tensors(tensors, n=64, k=48)
