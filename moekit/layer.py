@@ -55,7 +55,8 @@ class MoE(nn.Module):
     (None: the default group, the ranks of ``torchrun``): each rank holds ``determine_expert_map``'s share and
     calls the layer on its own tokens, every rank on every call (the dispatch is collective), under
     ``torch.no_grad()``/``torch.inference_mode()``. With ``tp_size > 1`` each rank holds a slice of I of its
-    experts and the ranks of a TP group (same tokens) sum their outputs with an all-reduce. With
+    experts (and of w13_bias; w2_bias whole, added by tp_rank 0 only) and the ranks of a TP group (same tokens)
+    sum their outputs with an all-reduce. With
     ``num_redundant_experts = r`` (EPLB) the EP ranks hold R = E + r physical slots, R / ep_size each (slot p:
     expert p % E at first); each routed (token, k) goes to one slot of its expert (``logical_to_physical``, maps
     ``log2phy``/``logcnt``), loaders fill every slot of an expert, and ``rearrange(new_phy2log)`` applies a
@@ -329,10 +330,8 @@ def _check_tensor_parallel(config: MoEConfig, parallel: ParallelConfig, quant_me
     if config.intermediate_size % parallel.tp_size:
         raise ValueError(f"parallel.tp_size: expected a divisor of intermediate_size={config.intermediate_size}, got "
                          f"{parallel.tp_size}")
-    # Refused rather than approximated: a bias on GEMM 2 would be added once per TP rank, and 8-bit scales (blocks
-    # over I) would need slicing of their own.
-    if config.bias:
-        raise NotImplementedError("parallel.tp_size: tensor-parallel experts with biases are not implemented yet")
+    # Biases need nothing here: w13_bias is sliced with the w13 rows and w2_bias added once (TensorParallel).
+    # 8-bit scales (blocks over I) need slicing of their own: refused rather than approximated.
     if quant_method is not None and type(quant_method) is not UnquantizedMoEMethod:
         raise NotImplementedError(f"parallel.tp_size: tensor-parallel experts with quant method "
                                   f"{quant_method.name!r} are not implemented yet")

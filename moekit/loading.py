@@ -520,8 +520,9 @@ def _load_fused(moe: MoE, plan: _Plan, experts_prefix: str, *, transposed: bool,
     halves = 2 if experts.activation.is_gated else 1
     plan.copy(experts.w13, [experts_prefix + "gate_up_proj"], _chain(rows, w13_from, _tp_slicer(moe, 1, halves)))
     plan.copy(experts.w2, [experts_prefix + "down_proj"], _chain(rows, w2_from, _tp_slicer(moe, 2)))
-    if experts.w13_bias is not None:  # (tensor parallelism refuses biases)
-        plan.copy(experts.w13_bias, [experts_prefix + "gate_up_proj_bias"], _chain(rows, b13_from))
+    if experts.w13_bias is not None:  # w13_bias: this rank's I slice like w13's rows; w2_bias whole (H, no I)
+        plan.copy(experts.w13_bias, [experts_prefix + "gate_up_proj_bias"],
+                  _chain(rows, b13_from, _tp_slicer(moe, 1, halves)))
         plan.copy(experts.w2_bias, [experts_prefix + "down_proj_bias"], _chain(rows))
 
 

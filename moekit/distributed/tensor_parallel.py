@@ -3,9 +3,15 @@ dimension I, and an all-reduce over the group sums their partial outputs.
 
     y = Σ_k w_k · W2[:, I] · act(W13[I] x)  =  Σ_ranks  Σ_k w_k · W2[:, I_r] · act(W13[I_r] x)
 
-(the activation is elementwise over I, gate and up rows sliced alike). Ranks are laid out TP-innermost, as in
-vLLM: rank ``ep_rank * tp_size + tp_rank`` of the layer's process group; the ranks of one TP group hold the same
-tokens, the ranks of one EP group (same ``tp_rank``) split the experts.
+(the activation is elementwise over I, gate and up rows sliced alike; swigluoai's clamp and ``up + 1`` too). Ranks
+are laid out TP-innermost, as in vLLM: rank ``ep_rank * tp_size + tp_rank`` of the layer's process group; the ranks
+of one TP group hold the same tokens, the ranks of one EP group (same ``tp_rank``) split the experts.
+
+What each rank holds of an expert (I_r = I / tp_size; loading.py cuts these from a full checkpoint):
+
+    w13 [2I_r, H], w13_bias [2I_r]   rows of the gate half and of the up half alike
+    w2 [H, I_r]                      columns
+    w2_bias [H]                      whole, on every rank; only tp_rank 0 adds it (``adds_w2_bias``)
 """
 
 from __future__ import annotations
@@ -69,7 +75,13 @@ def shard_intermediate(t: torch.Tensor, dim: int, tp_size: int, tp_rank: int, *,
 
 class TensorParallel(PrepareFinalize):
     """Wraps the layer's dispatch (local, or expert-parallel over the EP group): after its finalize the partial
-    outputs of the TP group's ranks are summed with one all-reduce (in the layer's dtype)."""
+    outputs of the TP group's ranks are summed with one all-reduce (in the layer's dtype).
+
+    The GEMM-2 bias (``w2_bias`` [E, H]) has no I to slice: every rank holds all of it, and only tp_rank 0 adds
+    it, so that the all-reduce counts it once. Holding it whole everywhere (rather than zeros off rank 0, as
+    vLLM's gpt-oss loader writes) keeps ``weight_loader`` and ``load_state_dict`` plain copies of the checkpoint:
+    an engine that loads the bias into every rank, as it must without an I to cut, gets the right sum.
+    """
 
     collective = True
 
@@ -81,6 +93,7 @@ class TensorParallel(PrepareFinalize):
             raise ValueError(f"group: expected a TP group of {tp_size} ranks with this one at {tp_rank}, got "
                              f"{dist.get_world_size(group)} ranks with this one at {dist.get_rank(group)}")
         self.inner, self.tp_size, self.tp_rank, self.group = inner, tp_size, tp_rank, group
+        self.adds_w2_bias = tp_rank == 0
 
     def __repr__(self) -> str:
         return f"TensorParallel({self.inner!r}, tp_size={self.tp_size}, tp_rank={self.tp_rank})"
