@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from moekit._checks import ACT_DTYPES, check_choice
+from moekit.distributed import TensorParallel, check_block_split
 from moekit.layer import MoE
 from moekit.quant import QUANT_SCHEMES, UnquantizedMoEMethod
 from moekit.routed_experts import RoutedExperts
@@ -21,6 +22,10 @@ def quantize(moe: MoE | RoutedExperts, scheme: str) -> MoE | RoutedExperts:
 
     The float weights are dropped expert by expert: no dequantized copy stays on the layer. The layer's backend
     ``auto`` then runs the torch backend (the Triton 8-bit path, ``backend="triton"``, is not tuned yet).
+
+    A tensor-parallel layer quantizes its slice of I: block scales then need each rank's I to be whole blocks (a
+    ValueError otherwise) and are the full layer's, sliced, as w13's per-row scales are; a scale whose maximum
+    runs over I (w2's per row, per tensor) is the slice's own, as in vLLM (no collective here).
     """
     if not isinstance(moe, (MoE, RoutedExperts)):
         raise TypeError(f"moe: expected a moekit.MoE or RoutedExperts, got {type(moe).__name__}")
@@ -31,6 +36,11 @@ def quantize(moe: MoE | RoutedExperts, scheme: str) -> MoE | RoutedExperts:
     if layer.w13.dtype not in ACT_DTYPES or layer.w13.device.type == "meta":
         raise ValueError(f"moe: expected loaded weights in one of {[str(d) for d in ACT_DTYPES]}, got w13 "
                          f"{layer.w13.dtype} on {layer.w13.device}")
+    method = QUANT_SCHEMES[scheme]()
+    if isinstance(layer.prepare_finalize, TensorParallel):
+        # A tensor-parallel slice: its blocks must be the full layer's blocks, sliced (what a checkpoint holds).
+        tp_size = layer.prepare_finalize.tp_size
+        check_block_split(method.block_shape, layer.intermediate_size * tp_size, tp_size, scheme)
     with torch.no_grad():
-        QUANT_SCHEMES[scheme]().quantize_layer(layer)
+        method.quantize_layer(layer)
     return moe

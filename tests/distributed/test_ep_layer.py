@@ -79,6 +79,16 @@ def _float_cases() -> dict[str, dict]:
     for dispatch in DISPATCHES:
         cases[f"tp2-bias-swigluoai-{dispatch}"] = dict(cfg=replace(base, bias=True, activation=swiglu),
                                                        dispatch=dispatch, tp=2)
+    # 8-bit experts: I/tp = 128, one block of each half per rank. A rank's GEMM-2 activation scales cover only its
+    # slice of I (per token) or its blocks: within the quantization tolerance of the single-process layer.
+    quantized = replace(base, hidden_size=128, intermediate_size=256)
+    for scheme, dispatch in (("fp8_block", "all_to_all"), ("fp8_channel", "allgather_reducescatter"),
+                             ("int8_channel", "all_to_all"), ("fp8_tensor", "allgather_reducescatter")):
+        tol = QUANT_TOLERANCES["int8" if scheme.startswith("int8") else "fp8_e4m3"]
+        cases[f"tp2-{scheme}"] = dict(cfg=quantized, dispatch=dispatch, tp=2, scheme=scheme, tol=tol)
+    cases["tp2-fp8_block-bias-swigluoai"] = dict(cfg=replace(quantized, bias=True, activation=swiglu),
+                                                 dispatch="allgather_reducescatter", tp=2, scheme="fp8_block",
+                                                 tol=QUANT_TOLERANCES["fp8_e4m3"])
     cases["tp-all-E8-K1"] = dict(cfg=replace(base, num_experts=8, top_k=1), dispatch="allgather_reducescatter",
                                  tp="all")
     # Dynamic per-tensor scales depend on which rows a rank computes: its GEMM 2 input scale covers only the rows
@@ -318,8 +328,6 @@ def _refusals(rank: int, world: int) -> None:
         moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=(rank + 1) % world))
     with pytest.raises(ValueError, match="ep_size"):
         moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world + 1, ep_rank=rank))
-    with pytest.raises(NotImplementedError, match="tp_size"):
-        moekit.MoE(cfg, parallel=parallel_for(world, rank, 2), quant_method=moekit.quant.Fp8ChannelMoEMethod())
     with pytest.raises(ValueError, match="tp_size"):
         moekit.MoE(replace(cfg, intermediate_size=15), parallel=parallel_for(world, rank, 2))
     ep = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank))
