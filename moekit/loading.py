@@ -38,6 +38,9 @@ projection (compressed-tensors ``weight_packed``/``weight_scale``/``weight_zero_
 
 Expert parallelism (a layer with an ``expert_map``): only this rank's experts are loaded; the other experts'
 per-expert tensors are not read (``LoadReport.skipped``), the fused layouts' rows are selected after the read.
+Tensor parallelism (``tp_size > 1``): each tensor is cut to the rank's slice of I after the read (gate and up rows
+alike, w2's columns, w13_bias, per-row and block scales; w2_bias and per-tensor scales whole: see
+``moekit.distributed.tensor_parallel``).
 
 ``expert_params_mapping`` gives the (param, checkpoint name, expert, shard) table for engines that drive
 ``RoutedExperts.weight_loader`` from their own loader, in the spirit of vLLM's ``make_expert_params_mapping``.
@@ -483,21 +486,27 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
             # ModelOpt ``weight_scale`` (any float dtype, copied into moekit's fp32 scales).
             base = key.removesuffix("weight")
             scale = experts.w2_scale if w2 else experts.w13_scale
-            _plan_scale(plan, experts, scale, row, [base + "weight_scale_inv", base + "weight_scale"])
+            # Tensor parallelism: w1/w3's per-row scales and block scales go with the rows/columns they scale (MoE
+            # refuses blocks that a slice would cut); w2's per-row and per-tensor scales are the whole expert's.
+            sliced = method.granularity == "block" or (method.granularity == "channel" and not w2)
+            _plan_scale(plan, experts, scale, row, [base + "weight_scale_inv", base + "weight_scale"],
+                        _tp_slicer(moe, 1 if w2 else 0) if sliced else None)
             if method.static_input_scales:
                 inputs = experts.w2_input_scale if w2 else experts.w13_input_scale
                 _plan_scale(plan, experts, inputs, row, [base + "input_scale"])
 
 
 def _plan_scale(plan: _Plan, experts: RoutedExperts, param: torch.Tensor, row: ExpertParamMapping,
-                keys: list[str]) -> None:
+                keys: list[str], transform: Callable | None = None) -> None:
     key = plan.first(keys)
     if key is None:
         plan.report.missing.append(keys[0])
         return
     shape = _shard_shape(experts, param, row.shard_id)
-    # A per-tensor scale is stored 0-d (ModelOpt) or [1] (compressed-tensors): both load into one element.
-    transform = _reshape_to(shape) if math.prod(shape) == 1 else None
+    # A per-tensor scale is stored 0-d (ModelOpt) or [1] (compressed-tensors): both load into one element. (A
+    # tensor-parallel slicer, the other transform, is never given one.)
+    if transform is None and math.prod(shape) == 1:
+        transform = _reshape_to(shape)
     plan.add(key, shape, _expert_loader(experts, param, row), transform, dtype=param.dtype)
 
 
@@ -542,8 +551,9 @@ def _load_fused(moe: MoE, plan: _Plan, experts_prefix: str, *, transposed: bool,
     halves = 2 if experts.activation.is_gated else 1
     plan.copy(experts.w13, [experts_prefix + "gate_up_proj"], _chain(rows, w13_from, _tp_slicer(moe, 1, halves)))
     plan.copy(experts.w2, [experts_prefix + "down_proj"], _chain(rows, w2_from, _tp_slicer(moe, 2)))
-    if experts.w13_bias is not None:  # (tensor parallelism refuses biases)
-        plan.copy(experts.w13_bias, [experts_prefix + "gate_up_proj_bias"], _chain(rows, b13_from))
+    if experts.w13_bias is not None:  # w13_bias: this rank's I slice like w13's rows; w2_bias whole (H, no I)
+        plan.copy(experts.w13_bias, [experts_prefix + "gate_up_proj_bias"],
+                  _chain(rows, b13_from, _tp_slicer(moe, 1, halves)))
         plan.copy(experts.w2_bias, [experts_prefix + "down_proj_bias"], _chain(rows))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from moekit._checks import ACT_DTYPES, check_choice
+from moekit.distributed import TensorParallel, check_block_split
 from moekit.layer import MoE
 from moekit.quant import QUANT_SCHEMES, WNA16_SCHEMES, UnquantizedMoEMethod
 from moekit.routed_experts import RoutedExperts
@@ -22,8 +23,12 @@ def quantize(moe: MoE | RoutedExperts, scheme: str) -> MoE | RoutedExperts:
     """Quantize the routed experts of ``moe`` (a ``moekit.MoE`` or ``RoutedExperts``) in place; returns ``moe``.
 
     The float weights are dropped expert by expert: no dequantized copy stays on the layer. The layer's backend
-    ``auto`` then runs the torch backend (the Triton 8-bit path, ``backend="triton"``, is not tuned yet; the
-    weight-only schemes have no Triton kernel yet and ``backend="triton"`` refuses them).
+    ``auto`` then runs, on CUDA, the Triton kernels of 8-bit schemes and the torch backend elsewhere (the
+    weight-only schemes have no Triton path yet: ``backend="triton"`` refuses them).
+
+    A tensor-parallel layer quantizes its slice of I: block scales then need each rank's I to be whole blocks (a
+    ValueError otherwise) and are the full layer's, sliced, as w13's per-row scales are; a scale whose maximum
+    runs over I (w2's per row, per tensor) is the slice's own, as in vLLM (no collective here).
     """
     if not isinstance(moe, (MoE, RoutedExperts)):
         raise TypeError(f"moe: expected a moekit.MoE or RoutedExperts, got {type(moe).__name__}")
@@ -34,7 +39,14 @@ def quantize(moe: MoE | RoutedExperts, scheme: str) -> MoE | RoutedExperts:
     if layer.w13.dtype not in ACT_DTYPES or layer.w13.device.type == "meta":
         raise ValueError(f"moe: expected loaded weights in one of {[str(d) for d in ACT_DTYPES]}, got w13 "
                          f"{layer.w13.dtype} on {layer.w13.device}")
+    method = QUANT_SCHEMES[scheme]() if scheme in QUANT_SCHEMES else WNA16_SCHEMES[scheme]()
+    if isinstance(layer.prepare_finalize, TensorParallel):
+        # A tensor-parallel slice: its blocks must be the full layer's blocks, sliced (what a checkpoint holds).
+        tp_size = layer.prepare_finalize.tp_size
+        if scheme in WNA16_SCHEMES:  # as MoE(parallel=...) refuses them: packed codes slice in ways not written yet
+            raise NotImplementedError(f"scheme: tensor-parallel experts in {scheme!r} are not implemented yet "
+                                      f"(tp_size={tp_size})")
+        check_block_split(method.block_shape, layer.intermediate_size * tp_size, tp_size, scheme)
     with torch.no_grad():
-        method = QUANT_SCHEMES[scheme]() if scheme in QUANT_SCHEMES else WNA16_SCHEMES[scheme]()
         method.quantize_layer(layer)
     return moe
