@@ -193,6 +193,8 @@ def _refusals(rank: int, world: int) -> None:
     with pytest.raises(ValueError, match=r"tp_size=2.*intermediate_size=128.*128"):
         moekit.quantize(layer.routed_experts, "fp8_block")
     assert layer.routed_experts.quant_method.name == "unquantized"  # refused before anything changed
+    with pytest.raises(NotImplementedError, match=r"w4a16_g128.*tp_size=2"):  # packed codes: not sliced yet
+        moekit.quantize(layer, "w4a16_g128")
     moekit.quantize(layer, "fp8_channel")  # per-row scales split anywhere
 
 
