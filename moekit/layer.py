@@ -45,6 +45,7 @@ from moekit.kernel import LocalPrepareFinalize
 from moekit.quant.base import MoEQuantMethod
 from moekit.quant.unquantized import UnquantizedMoEMethod
 from moekit.quant.w8a8 import W8A8MoEMethod
+from moekit.quant.wna16 import WNA16MoEMethod
 from moekit.routed_experts import RoutedExperts
 from moekit.router import route, select_experts
 from moekit.shared_experts import SharedExperts
@@ -335,7 +336,10 @@ def _check_tensor_parallel(config: MoEConfig, parallel: ParallelConfig, quant_me
     # Biases need nothing here: w13_bias is sliced with the w13 rows and w2_bias added once (TensorParallel).
     if quant_method is None or type(quant_method) is UnquantizedMoEMethod:
         return
-    # Another format's state (packed int4, per-group zero points, ...) slices in ways only it knows.
+    if isinstance(quant_method, WNA16MoEMethod):  # groups and packed words must not straddle two ranks
+        quant_method.check_tp_split(config.intermediate_size, parallel.tp_size)
+        return
+    # Another format's state (e.g. e8m0 block scales) slices in ways only it knows.
     if not isinstance(quant_method, W8A8MoEMethod):
         raise NotImplementedError(f"parallel.tp_size: tensor-parallel experts with quant method "
                                   f"{quant_method.name!r} are not implemented yet")

@@ -280,7 +280,7 @@ def load_moe(
             raise ValueError("moe: its per-shard scales were merged by an earlier load "
                              "(process_weights_after_loading); load into a freshly built layer")
     if isinstance(method, WNA16MoEMethod):
-        method.check_loadable(moe.routed_experts, layout=layout, tp_size=moe.parallel.tp_size)
+        method.check_loadable(moe.routed_experts, layout=layout)
     report = LoadReport(prefix=prefix[:-1], layout=layout)
     plan = _Plan(ckpt, report)
     _load_router(moe, plan, prefix)
@@ -475,7 +475,10 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
             name = row.param_name.removeprefix("routed_experts.")
             param = getattr(experts, name)
             loader = functools.partial(param.weight_loader, param, shard_id=row.shard_id, expert_id=row.expert_id)
-            plan.add(key, method.shard_shape(experts, name, row.shard_id), loader, dtype=param.dtype)
+            tp = moe.parallel
+            cut = method.tp_slicer(name.removeprefix("w13").removeprefix("w2"), row.shard_id,
+                                   experts.intermediate_size * tp.tp_size, tp.tp_size, tp.tp_rank)
+            plan.add(key, method.shard_shape(experts, name, row.shard_id), loader, cut, dtype=param.dtype)
             continue
         w2 = row.shard_id == "w2"
         param = experts.w2 if w2 else experts.w13

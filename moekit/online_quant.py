@@ -43,10 +43,10 @@ def quantize(moe: MoE | RoutedExperts, scheme: str) -> MoE | RoutedExperts:
     if isinstance(layer.prepare_finalize, TensorParallel):
         # A tensor-parallel slice: its blocks must be the full layer's blocks, sliced (what a checkpoint holds).
         tp_size = layer.prepare_finalize.tp_size
-        if scheme in WNA16_SCHEMES:  # as MoE(parallel=...) refuses them: packed codes slice in ways not written yet
-            raise NotImplementedError(f"scheme: tensor-parallel experts in {scheme!r} are not implemented yet "
-                                      f"(tp_size={tp_size})")
-        check_block_split(method.block_shape, layer.intermediate_size * tp_size, tp_size, scheme)
+        if scheme in WNA16_SCHEMES:  # groups along I must be whole on each rank, as in a checkpoint's slice
+            method.check_tp_split(layer.intermediate_size * tp_size, tp_size)
+        else:
+            check_block_split(method.block_shape, layer.intermediate_size * tp_size, tp_size, scheme)
     with torch.no_grad():
         method.quantize_layer(layer)
     return moe

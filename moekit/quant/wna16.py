@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,6 +64,18 @@ _CHECKPOINT_TENSORS = {
     "awq": (("_qweight", "qweight", 1), ("_qzeros", "qzeros", 1), ("_scales", "scales", 1)),
 }
 _ZERO_SUFFIXES = ("_zp", "_weight_zero_point")
+# Tensor parallelism: per format and suffix, where I runs in one expert's checkpoint tensor, for gate/up (I is
+# their N) and for down (I is its K): (dim, elements of I per index along it) with "w" = codes per int32 word,
+# "B" = codes per byte, "g" = the group size; None = the tensor stays whole. "shape" = compressed-tensors'
+# [N, K], rewritten to the slice's.
+_TP_AXES = {
+    "moekit": {"": ((0, 1), (1, "B")), "_scale": ((0, 1), (1, "g")), "_zp": ((0, 1), (1, "g"))},
+    "compressed-tensors": {"_weight_packed": ((0, 1), (1, "w")), "_weight_scale": ((0, 1), (1, "g")),
+                           "_weight_zero_point": ((0, "w"), (1, "g")), "_weight_shape": "shape"},
+    "gptq": {"_qweight": ((1, 1), (0, "w")), "_qzeros": ((1, "w"), (0, "g")), "_scales": ((1, 1), (0, "g")),
+             "_g_idx": (None, (0, 1))},
+    "awq": {"_qweight": ((1, "w"), (0, 1)), "_qzeros": ((1, "w"), (0, "g")), "_scales": ((1, 1), (0, "g"))},
+}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -104,18 +116,47 @@ class WNA16MoEMethod(MoEQuantMethod):
         rows = _CHECKPOINT_TENSORS[self.checkpoint_format]
         return tuple((s, n) for s, n, _ in rows if not (self.sym and s in _ZERO_SUFFIXES))
 
-    def check_loadable(self, layer: RoutedExperts, *, layout: str, tp_size: int) -> None:
-        """Refuse a load ``moekit.loading`` cannot do into ``layer``: a fused layout, tensor parallelism (the
-        checkpoint tensors are whole experts), or checkpoint tensors already converted by an earlier load."""
+    def check_loadable(self, layer: RoutedExperts, *, layout: str) -> None:
+        """Refuse a load ``moekit.loading`` cannot do into ``layer``: a fused layout, or checkpoint tensors already
+        converted by an earlier load."""
         if layout != "per_expert":
             raise ValueError(f"layout: {self.name} experts load from per-expert tensors (experts.{{e}}.<proj>.*), "
                              f"got the {layout!r} layout")
-        if tp_size != 1:
-            raise ValueError(f"moe: {self.name} checkpoints load whole experts; tensor parallelism (tp_size="
-                             f"{tp_size}) is not supported for them yet")
         if any(f"w13{s}" not in layer._parameters for s, _ in self.checkpoint_tensors()):
             raise ValueError(f"moe: its {self.checkpoint_format} tensors were converted by an earlier load "
                              "(process_weights_after_loading); load into a freshly built layer")
+
+    def check_tp_split(self, intermediate_size: int, tp_size: int) -> None:
+        """Refuse a tensor-parallel split whose slices of I would cut a scale group or a packed word: each rank's
+        share must be whole groups and whole int32 words of codes (GPTQ/AWQ/compressed-tensors pack along I)."""
+        need = math.lcm(32 // self.bits, max(self.group_size, 1))
+        if intermediate_size % tp_size or (intermediate_size // tp_size) % need:
+            raise ValueError(f"parallel.tp_size: expected each rank's share of I to be a multiple of {need} "
+                             f"({self.name}: whole groups and packed words), got tp_size={tp_size} and "
+                             f"intermediate_size={intermediate_size}")
+
+    def tp_slicer(self, suffix: str, shard_id: str, intermediate_size: int, tp_size: int, tp_rank: int
+                  ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Tensor-parallel rank ``tp_rank``'s part of one expert's checkpoint tensor ``<proj><suffix>`` of shard
+        ``shard_id`` (``intermediate_size``: the whole layer's I), as its ``weight_loader`` takes it; None when
+        the tensor stays whole (its I is all groups of one row, or it has none)."""
+        if tp_size == 1:
+            return None
+        self.check_tp_split(intermediate_size, tp_size)
+        share, down = intermediate_size // tp_size, shard_id == "w2"
+        spec = _TP_AXES[self.checkpoint_format][suffix]
+        if spec == "shape":
+            div = [1, tp_size] if down else [tp_size, 1]
+            return lambda t: t // torch.tensor(div, dtype=t.dtype, device=t.device)
+        axis = spec[1 if down else 0]
+        if axis is None or (axis[1] == "g" and self.group_size == -1):
+            return None  # one group per row: the rank's K is still one group, with the same scale
+        dim, per = axis[0], {"w": 32 // self.bits, "B": 8 // self.bits, "g": self.group_size}.get(axis[1], axis[1])
+        start, size = tp_rank * share // per, share // per
+        if suffix == "_g_idx":  # group indices restart at the slice: the loader checks g_idx == k // g
+            first = tp_rank * share // _group(self.group_size, intermediate_size)
+            return lambda t: t.narrow(dim, start, size) - first
+        return lambda t: t.narrow(dim, start, size)
 
     def shard_shape(self, layer: RoutedExperts, name: str, shard_id: str) -> tuple[int, ...]:
         """The shape parameter ``name``'s ``weight_loader`` takes for one expert's ``shard_id`` (w1/w3: half of a

@@ -181,6 +181,55 @@ def _bias_checkpoint_case(rank: int, world: int, out_dir: str) -> None:
         assert_close(tp(x_all[mine]), full(x_all)[mine], torch.float32)
 
 
+def _wna16_checkpoint_case(rank: int, world: int, out_dir: str) -> None:
+    """4-bit GPTQ (asymmetric) and compressed-tensors checkpoints under TP 2: ``load_moe`` cuts every packed tensor,
+    scale, zero point, g_idx and weight_shape to this rank's share of I (exactly the full layer's weights, sliced)
+    and the layer computes what the single-process float layer on the dequantized weights does."""
+    from safetensors.torch import save_file
+
+    from moekit.loading import load_moe
+    from moekit.quant import WNA16MoEMethod
+    from moekit.quant.wna16 import dequantized_weights
+    from tests.quant.test_wna16 import _checkpoint_tensors, _codes, formula
+
+    parallel = parallel_for(world, rank, 2, dispatch="all_to_all")
+    e_num, hidden, inter, g = 4, 64, 128, 32
+    cfg = moekit.MoEConfig(num_experts=e_num, top_k=2, hidden_size=hidden, intermediate_size=inter)
+    x_all = torch.randn(3 * parallel.ep_size, hidden, generator=torch.Generator().manual_seed(5))
+    mine = slice(3 * parallel.ep_rank, 3 * parallel.ep_rank + 3)
+    for fmt, sym in (("gptq", False), ("compressed-tensors", True)):
+        gen = torch.Generator().manual_seed(21)
+        full = moekit.MoE(cfg)
+        tensors, w13, w2 = {f"{PREFIX}.gate.weight": full.gate.weight.detach().clone()}, [], []
+        for e in range(e_num):
+            parts = {}
+            for shard, proj, (n, k) in (("w1", "gate_proj", (inter, hidden)), ("w3", "up_proj", (inter, hidden)),
+                                        ("w2", "down_proj", (hidden, inter))):
+                q, z, s = _codes(n, k, g, 4, sym, torch.float16, gen)
+                parts[shard] = formula(q, z, s, g)
+                for name, t in _checkpoint_tensors(fmt, q, z, s, g, 4, sym).items():
+                    tensors[f"{PREFIX}.experts.{e}.{proj}.{name}"] = t
+            w13.append(torch.cat((parts["w1"], parts["w3"])))
+            w2.append(parts["w2"])
+        w13, w2 = torch.stack(w13), torch.stack(w2)
+        full.routed_experts.w13.data.copy_(w13)
+        full.routed_experts.w2.data.copy_(w2)
+        path = os.path.join(out_dir, f"tp_{fmt}.safetensors")
+        if rank == 0:
+            save_file(tensors, path)
+        dist.barrier()
+        method = WNA16MoEMethod(bits=4, group_size=g, sym=sym, checkpoint_format=fmt)
+        tp = moekit.MoE(cfg, quant_method=method, parallel=parallel)
+        report = load_moe(tp, path, PREFIX)
+        assert not report.missing and not report.unexpected, report
+        expected = local_state(full, parallel)
+        deq13, deq2 = dequantized_weights(tp.routed_experts)
+        assert torch.equal(deq13, expected["routed_experts.w13"]), fmt
+        assert torch.equal(deq2, expected["routed_experts.w2"]), fmt
+        with torch.no_grad():
+            assert_close(tp(x_all[mine]), full(x_all)[mine], torch.float32)
+
+
 def _refusals(rank: int, world: int) -> None:
     """Block scales must split along I: I/tp a multiple of the 128-block, at construction and online."""
     parallel = parallel_for(world, rank, 2)
@@ -193,7 +242,7 @@ def _refusals(rank: int, world: int) -> None:
     with pytest.raises(ValueError, match=r"tp_size=2.*intermediate_size=128.*128"):
         moekit.quantize(layer.routed_experts, "fp8_block")
     assert layer.routed_experts.quant_method.name == "unquantized"  # refused before anything changed
-    with pytest.raises(NotImplementedError, match=r"w4a16_g128.*tp_size=2"):  # packed codes: not sliced yet
+    with pytest.raises(ValueError, match=r"multiple of 128.*tp_size=2.*intermediate_size=128"):  # 64 a rank
         moekit.quantize(layer, "w4a16_g128")
     moekit.quantize(layer, "fp8_channel")  # per-row scales split anywhere
 
@@ -202,7 +251,9 @@ def cases(rank: int, world: int, out_dir: str) -> list[tuple[str, Callable[[], N
     """The TP steps of a rank (names are the pytest case ids)."""
     return [("tp_quant_checkpoint_loads_slices", lambda: _quant_checkpoint_case(rank, world, out_dir)),
             ("tp_bias_checkpoint_loads_slices", lambda: _bias_checkpoint_case(rank, world, out_dir)),
+            ("tp_wna16_checkpoint_loads_slices", lambda: _wna16_checkpoint_case(rank, world, out_dir)),
             ("tp_quant_refusals", lambda: _refusals(rank, world))]
 
 
-NAMES = ("tp_quant_checkpoint_loads_slices", "tp_bias_checkpoint_loads_slices", "tp_quant_refusals")
+NAMES = ("tp_quant_checkpoint_loads_slices", "tp_bias_checkpoint_loads_slices", "tp_wna16_checkpoint_loads_slices",
+         "tp_quant_refusals")

@@ -454,3 +454,51 @@ def test_dequantize_tensors_of_a_shared_expert(fmt, sym):
     assert torch.equal(method.dequantize_tensors(tensors, n=48, k=64), formula(q, z, s, 32))
     with pytest.raises(ValueError, match=r"expected a weight of shape \(64, 48\)"):
         method.dequantize_tensors(tensors, n=64, k=48)
+
+
+# ------------------------------------------------------------------------------------------ tensor parallelism
+
+@pytest.mark.parametrize(("fmt", "bits", "sym", "g"), [
+    ("compressed-tensors", 4, False, 32), ("compressed-tensors", 8, True, 64), ("gptq", 4, False, 32),
+    ("gptq", 8, True, 32), ("awq", 4, False, 32),
+])
+def test_tensor_parallel_slices_are_the_full_layer_sliced(fmt, bits, sym, g):
+    """Each TP rank's checkpoint tensors cut by ``tp_slicer`` (what load_moe does before the weight_loader) give
+    exactly the rank's share of I of the full layer's dequantized weights, and the ranks' outputs sum to it."""
+    tp, hidden, inter = 2, 64, 128
+    kept = {}
+    full, w13, w2 = load_layer(fmt, bits=bits, sym=sym, g=g, hidden=hidden, inter=inter, dtype=torch.float32,
+                               edit=lambda t, e, shard: kept.__setitem__((e, shard), dict(t)))
+    full.process_weights_after_loading()
+    inputs = _vllm_inputs(make_moe_inputs(9, 3, hidden, inter, 2, dtype=torch.float32))
+    share, outs = inter // tp, []
+    for r in range(tp):
+        method = WNA16MoEMethod(bits=bits, group_size=g, sym=sym, checkpoint_format=fmt)
+        part = RoutedExperts(3, hidden, share, quant_method=method, dtype=torch.float32)
+        for (e, shard), tensors in kept.items():
+            for suffix, name in method.checkpoint_tensors():
+                cut = method.tp_slicer(suffix, shard, inter, tp, r)
+                param = getattr(part, ("w2" if shard == "w2" else "w13") + suffix)
+                param.weight_loader(param, tensors[name] if cut is None else cut(tensors[name]), shard, e)
+        part.process_weights_after_loading()
+        deq13, deq2 = dequantized_weights(part)
+        mine = slice(r * share, (r + 1) * share)
+        assert torch.equal(deq13, torch.cat((w13[:, :inter][:, mine], w13[:, inter:][:, mine]), dim=1))
+        assert torch.equal(deq2, w2[:, :, mine])
+        with torch.no_grad():
+            outs.append(part(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"]))
+    with torch.no_grad():
+        assert_close(sum(outs), full(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"]),
+                     torch.float32)
+
+
+def test_tensor_parallel_split_refusals():
+    method = WNA16MoEMethod(bits=4, group_size=64, sym=False, checkpoint_format="gptq")
+    with pytest.raises(ValueError, match=r"multiple of 64.*tp_size=2.*intermediate_size=96"):
+        method.check_tp_split(96, 2)  # 48 per rank: a 64-group would straddle the ranks
+    with pytest.raises(ValueError, match=r"multiple of 64.*tp_size=2.*intermediate_size=96"):
+        method.tp_slicer("_qweight", "w2", 96, 2, 0)
+    channel = WNA16MoEMethod(bits=4, group_size=-1, checkpoint_format="compressed-tensors")
+    assert channel.tp_slicer("_weight_scale", "w2", 64, 2, 1) is None  # one group a row: the whole row's scale
+    with pytest.raises(ValueError, match=r"multiple of 8.*intermediate_size=36"):
+        channel.check_tp_split(36, 2)  # 18 codes: not whole int32 words of 4-bit codes
