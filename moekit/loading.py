@@ -450,7 +450,11 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
     experts = moe.routed_experts
     method = experts.quant_method
     quantized = isinstance(method, W8A8MoEMethod)
-    names = ("w1", "w3", "w2") if plan.first([f"{prefix}experts.0.w1.weight"]) else ("gate_proj", "up_proj", "down_proj")
+    wna16 = isinstance(method, WNA16MoEMethod)
+    tensors = method.checkpoint_tensors() if wna16 else (("", "weight"),)
+    # Mixtral names its projections w1/w3/w2; a weight-only checkpoint has no `.weight` beside them (qweight, ...).
+    mixtral = plan.first(f"{prefix}experts.0.w1.{name}" for _, name in tensors)
+    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
     if not experts.activation.is_gated:
         names = (names[1], names[2])  # non-gated: up -> all of w13, down -> w2
     # Global expert ids: under expert parallelism weight_loader keeps this rank's experts; the others' tensors
@@ -460,8 +464,6 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
     remote_names = {str(e) for e in remote}
     plan.report.skipped += [k for k in plan.ckpt.keys() if k.startswith(prefix + "experts.")
                             and k.removeprefix(prefix + "experts.").split(".")[0] in remote_names]
-    wna16 = isinstance(method, WNA16MoEMethod)
-    tensors = method.checkpoint_tensors() if wna16 else (("", "weight"),)
     for row in expert_params_mapping(num_global, gate=names[0], up=names[1], down=names[-1], tensors=tensors):
         if (not experts.activation.is_gated and row.shard_id == "w3") or row.expert_id in remote:
             continue
@@ -497,6 +499,26 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
             if method.static_input_scales:
                 inputs = experts.w2_input_scale if w2 else experts.w13_input_scale
                 _plan_scale(plan, experts, inputs, row, [base + "input_scale"])
+    if experts.w13_bias is not None:
+        _plan_expert_biases(moe, plan, prefix, names, num_global, remote)
+
+
+def _plan_expert_biases(moe: MoE, plan: _Plan, prefix: str, names: tuple[str, ...], num_global: int,
+                        remote: set[int]) -> None:
+    """``experts.{e}.<proj>.bias`` of a per-expert checkpoint into w13_bias (gate, up halves; this rank's I slice
+    under TP) and w2_bias (whole: TensorParallel adds it on one rank); a missing one is reported, not left zero."""
+    experts = moe.routed_experts
+    shards = ("w1", "w3", "w2") if experts.activation.is_gated else ("w1", "w2")
+    for e in sorted(set(range(num_global)) - remote):
+        for shard, proj in zip(shards, names):
+            param = experts.w2_bias if shard == "w2" else experts.w13_bias
+            key = f"{prefix}experts.{e}.{proj}.bias"
+            if key not in plan.ckpt:
+                plan.report.missing.append(key)
+                continue
+            loader = functools.partial(experts.weight_loader, param, shard_id=shard, expert_id=e)
+            plan.add(key, _shard_shape(experts, param, shard), loader,
+                     None if shard == "w2" else _tp_slicer(moe, 0), dtype=param.dtype)
 
 
 def _plan_scale(plan: _Plan, experts: RoutedExperts, param: torch.Tensor, row: ExpertParamMapping,

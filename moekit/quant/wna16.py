@@ -243,6 +243,9 @@ class WNA16MoEMethod(MoEQuantMethod):
         if self.checkpoint_format == "moekit" or "w13" in layer._parameters:
             return
         halves = 2 if layer.activation.is_gated else 1
+        converted = {}
+        # Both projections are converted before anything is replaced: a tensor the converter refuses (an act-order
+        # g_idx in one down_proj, say) leaves the layer as loaded, not half converted.
         for w, h in (("w13", halves), ("w2", 1)):
             parts = [[self._convert(layer, w, e, s, h) for s in range(h)]
                      for e in range(layer._parameters[self._first(w)].shape[0])]
@@ -254,11 +257,13 @@ class WNA16MoEMethod(MoEQuantMethod):
                 codes = _stack([[p.qweight for p in row] for row in parts])
             scales = _stack([[p.scales.float() for p in row] for row in parts])
             zeros = None if self.sym else _stack([[p.zeros for p in row] for row in parts])
+            converted[w] = (codes, _narrow_scales(scales, layer._params_dtype), zeros)
+        for w, (codes, scales, zeros) in converted.items():
             for suffix, _, _ in _CHECKPOINT_TENSORS[self.checkpoint_format]:
                 layer._parameters.pop(f"{w}{suffix}", None)
             loader = self._loader(layer, w, 0)
             _register(layer, w, codes, loader)
-            _register(layer, f"{w}_scale", _narrow_scales(scales, layer._params_dtype), loader)
+            _register(layer, f"{w}_scale", scales, loader)
             if zeros is not None:
                 _register(layer, f"{w}_zp", zeros, loader)
 
@@ -297,6 +302,10 @@ class WNA16MoEMethod(MoEQuantMethod):
         names of ``checkpoint_tensors``): how a loader reads a quantized shared expert into an unquantized Linear.
         GPTQ act order (any ``g_idx``) dequantizes too: nothing is kept in the packed layout here."""
         fmt, b, g, t = self.checkpoint_format, self.bits, self.group_size, tensors
+        zero_name = {"compressed-tensors": "weight_zero_point", "moekit": "weight_zero_point"}.get(fmt, "qzeros")
+        if not self.sym and zero_name not in t:  # read as symmetric, every code would be off by its zero point
+            raise ValueError(f"tensors: {self.name} ({fmt}) is asymmetric and needs {zero_name!r}, got "
+                             f"{sorted(t)}")
         if fmt == "gptq":
             w = dequantize_gptq(t["qweight"], t.get("qzeros"), t["scales"], t.get("g_idx"), bits=b, group_size=g,
                                 sym=self.sym)
@@ -433,6 +442,13 @@ def _load_shard(layer: RoutedExperts, name: str, split_dim: int, param: nn.Param
         ok = (loaded_weight.dtype in _FLOATS if dest.dtype.is_floating_point
               else not loaded_weight.dtype.is_floating_point if is_index
               else loaded_weight.dtype == dest.dtype)
+        if ok and dest.dtype.is_floating_point and loaded_weight.dtype != dest.dtype:
+            # Scales are copied as they are: one the destination dtype cannot hold would be rounded silently.
+            if not torch.equal(loaded_weight.to(dest.dtype).to(loaded_weight.dtype), loaded_weight):
+                raise ValueError(f"loaded_weight: {name}[{expert_id}] shard {shard_id!r} holds "
+                                 f"{str(loaded_weight.dtype).removeprefix('torch.')} values that "
+                                 f"{str(dest.dtype).removeprefix('torch.')} cannot hold exactly; build the layer "
+                                 "with a dtype that holds them (scales are never rounded)")
         if not ok:
             # copy_ would turn codes into values (or the other way): a checkpoint of another format.
             raise TypeError(f"loaded_weight: expected dtype {str(dest.dtype).removeprefix('torch.')} for {name} "
