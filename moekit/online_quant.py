@@ -22,8 +22,8 @@ def quantize(moe: MoE | RoutedExperts, scheme: str) -> MoE | RoutedExperts:
     """Quantize the routed experts of ``moe`` (a ``moekit.MoE`` or ``RoutedExperts``) in place; returns ``moe``.
 
     The float weights are dropped expert by expert: no dequantized copy stays on the layer. The layer's backend
-    ``auto`` then runs the torch backend (the Triton 8-bit path, ``backend="triton"``, is not tuned yet; the
-    weight-only schemes have no Triton kernel yet and ``backend="triton"`` refuses them).
+    ``auto`` then runs the Triton backend on CUDA (fp8 needs compute capability 8.9+) and the torch backend
+    elsewhere (the quant method's ``kernel_for``).
     """
     if not isinstance(moe, (MoE, RoutedExperts)):
         raise TypeError(f"moe: expected a moekit.MoE or RoutedExperts, got {type(moe).__name__}")
