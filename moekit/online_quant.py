@@ -23,8 +23,8 @@ def quantize(moe: MoE | RoutedExperts, scheme: str) -> MoE | RoutedExperts:
     """Quantize the routed experts of ``moe`` (a ``moekit.MoE`` or ``RoutedExperts``) in place; returns ``moe``.
 
     The float weights are dropped expert by expert: no dequantized copy stays on the layer. The layer's backend
-    ``auto`` then runs, on CUDA, the Triton kernels of 8-bit schemes and the torch backend elsewhere (the
-    weight-only schemes have no Triton path yet: ``backend="triton"`` refuses them).
+    ``auto`` then runs the Triton backend on CUDA (fp8 needs compute capability 8.9+) and the torch backend
+    elsewhere (the quant method's ``kernel_for``).
 
     A tensor-parallel layer quantizes its slice of I: block scales then need each rank's I to be whole blocks (a
     ValueError otherwise) and are the full layer's, sliced, as w13's per-row scales are; a scale whose maximum

@@ -48,7 +48,6 @@ from moekit.quant.base import MoEQuantMethod
 from moekit.quant.params import QuantParams
 
 if TYPE_CHECKING:
-    from moekit.kernel import ModularKernel
     from moekit.routed_experts import RoutedExperts
 
 CHECKPOINT_FORMATS = ("moekit", "compressed-tensors", "gptq", "awq")
@@ -81,7 +80,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 class WNA16MoEMethod(MoEQuantMethod):
     """``bits``-bit integer weights, a float scale (and with ``sym=False`` a zero point) per ``group_size``
-    columns (-1: one group per row); activations stay in the layer's dtype.
+    columns (-1: one group per row); activations stay in the layer's dtype. Backend ``auto`` is the layer's:
+    Triton on CUDA (``grouped_gemm_wna16`` on the codes), torch elsewhere (dequantizing each routed expert).
 
     Args:
         checkpoint_format: the layout the parameters load in (module docstring); ``moekit`` is the kernel's own.
@@ -330,10 +330,6 @@ class WNA16MoEMethod(MoEQuantMethod):
         return QuantParams(weight_dtype=self.weight_dtype, granularity="group", group_size=self.group_size,
                            w13_scale=layer.w13_scale, w2_scale=layer.w2_scale,
                            w13_zp=getattr(layer, "w13_zp", None), w2_zp=getattr(layer, "w2_zp", None))
-
-    def kernel_for(self, layer: RoutedExperts, x: torch.Tensor) -> ModularKernel:
-        # 'auto' runs the torch backend until a Triton WNA16 kernel exists (the Triton backend refuses it).
-        return layer.kernel_for(x, backend="torch" if layer.backend == "auto" else None)
 
     # ----------------------------------------------------------------------------------- online quantization
 

@@ -1,5 +1,6 @@
 """4/8-bit weight-only experts (w4a16 / w8a16 with group scales): QuantParams, the quant method and its
-checkpoint loaders (compressed-tensors pack-quantized, GPTQ v1, AWQ), the torch backend, the Triton refusal."""
+checkpoint loaders (compressed-tensors pack-quantized, GPTQ v1, AWQ), the torch backend (the Triton backend:
+tests/kernel/test_triton_experts_wna16.py)."""
 
 import pytest
 import torch
@@ -185,16 +186,6 @@ def test_expert_map():
     with torch.no_grad():
         out = layer(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"])
     assert_close(out, _reference(layer, inputs), tol=_tol(torch.bfloat16))
-
-
-def test_triton_backend_refuses_naming_the_scheme():
-    moe, inputs = build("w4a16_g128")
-    moekit.quantize(moe, "w4a16_g128")
-    layer = moe.routed_experts
-    q = layer.quant_method.quant_params(layer)
-    with pytest.raises(ValueError, match="backend 'triton': w4a16_g128 weights .* not supported yet"):
-        fused_experts(inputs["hidden_states"], layer.w13, layer.w2, inputs["topk_weights"], inputs["topk_ids"],
-                      quant=q, backend="triton")
 
 
 def test_bad_scale_shapes_refused_by_the_kernel():
