@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import torch
 
-from moekit._checks import ACT_DTYPES, check_dtype, check_ndim, check_same_device
+from moekit._checks import ACT_DTYPES, check_choice, check_dtype, check_ndim, check_same_device
 from moekit.ops._kernels.grouped_gemm_wna16 import grouped_gemm_wna16_kernel
 from moekit.ops.activation import Activation, activation_code
 from moekit.ops.align import AlignResult
 from moekit.ops.grouped_gemm import check_epilogue_args, grouped_gemm_ref
-from moekit.ops.heuristics import GemmConfig
+from moekit.ops.heuristics import WNA16_VARIANTS, GemmConfig, wna16_variant
 from moekit.ops.quantize_wna16 import WNA16Weight, _check_wna16, dequantize_wna16
 
 
@@ -53,14 +53,22 @@ def grouped_gemm_wna16(
     bias_EN: torch.Tensor | None = None,
     weights_N: torch.Tensor | None = None,
     activation: Activation | None = None,
+    variant: str | None = None,
 ) -> torch.Tensor:
     """Run one grouped GEMM on weight codes (module docstring) into ``out`` and return it.
 
     Args:
         a: [rows, k] fp16/bf16/fp32 activations, last dim contiguous; the dots run in this dtype.
         b: the experts' weights, ``qweight`` [E, n_b, ⌈k/2⌉ or k] (n_b = 2·n_out for a gated activation).
+        variant: how the codes are multiplied, one of ``WNA16_VARIANTS`` ("postscale", "dequant", "gemv": see
+            the kernel's docstring); None takes ``config.variant``, else ``wna16_variant``'s choice for the layout.
+            "dequant" rounds each dequantized weight to a's dtype (as a bf16 copy of the weights would); the
+            others multiply exact codes and scale in fp32.
         The other arguments are ``grouped_gemm``'s.
     """
+    if variant is None:
+        variant = config.variant or wna16_variant(layout.block_m, layout.row_per_block)
+    check_choice("variant", variant, WNA16_VARIANTS)
     check_ndim("a", a, 2, "[rows, k]")
     check_dtype("a", a, ACT_DTYPES)
     qweight, scales, zeros, bits, group, k_dim = _check_wna16(b)
@@ -107,7 +115,7 @@ def grouped_gemm_wna16(
         bias_EN.stride(0) if bias_EN is not None else 0,
         activation.alpha if activation is not None else 0.0,
         activation.limit if activation is not None and activation.limit is not None else 0.0,
-        BITS=bits, HAS_ZEROS=zeros is not None, SUB_K=sub_k,
+        VARIANT=variant, BITS=bits, HAS_ZEROS=zeros is not None, SUB_K=sub_k,
         ACTIVATION=activation_code(activation),
         GATED=gated, HAS_BIAS=bias_EN is not None, HAS_WEIGHTS=weights_N is not None,
         BLOCK_M=layout.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,

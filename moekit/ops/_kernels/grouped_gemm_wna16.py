@@ -3,19 +3,26 @@ activations in their float dtype.
 
 A sibling of ``grouped_gemm_kernel`` (same row layout, grid order, gate|up tile, half tail and epilogue). Each
 K tile of BLOCK_K columns runs as BLOCK_K / SUB_K sub-tiles that each lie in one scale group (the wrapper picks
-SUB_K: BLOCK_K when a group holds the whole tile, else the group size), for weight row n = ``o_bn`` of the tile:
+SUB_K: BLOCK_K when a group holds the whole tile, else the group size). For weight row n = ``o_bn`` of the tile,
+a sub-tile holds the codes q of columns [k, k + SUB_K) (4 bits: SUB_K/2 bytes, low nibble = even column), its
+group's scale s[n] and zero point z[n] (2^(bits-1) for symmetric codes). VARIANT says how it is multiplied:
 
-    q    = codes of row n, columns [k, k + SUB_K)                 (4 bits: SUB_K/2 bytes, low nibble = even column)
-    part = dot(a[:, k : k + SUB_K], (q - z[n, kg]).to(a.dtype))   (exact: |q - z| <= 255 fits fp16/bf16)
-    acc += part * s[n, kg]                                        (fp32, one factor per column)
+- "postscale": part = dot(a, (q - z).to(a.dtype)); acc += part * s[n]. The dot's inputs are exact and the scale
+  costs BLOCK_M·BLOCK_N multiplies a sub-tile; at 4 bits A's sub-tile is split into its even and odd columns
+  and the product is two dots of SUB_K/2 (the shuffle touches A, never the weight tile). Each sub-tile waits on
+  its dot before the scaling FMA: the tensor cores and the scaling do not overlap.
+- "dequant": w = ((q - z) · s[n]).to(a.dtype) in registers (the nibbles interleaved back into k order), then
+  acc = dot(a, w, acc): one dot a sub-tile into the running accumulator, which Triton pipelines like a bf16
+  GEMM (Marlin's approach). The weights are rounded once to a.dtype, as a dequantized bf16 weight would be.
+- "gemv": no tensor cores: acc[m, n] += s[n] · Σ_k (q - z)·a[m, k] in fp32 FMAs with tl.sum, for decode where a
+  block holds one routed row (ROW_PER_BLOCK: the tile is 1 row, not BLOCK_M) or a few: the weight stream is the
+  whole cost and a tensor-core tile of 16 padded rows only adds work. The zero point is folded out of the inner
+  loop: Σ (q - z)·a = Σ q·a - z·Σ a.
 
-The scale multiplies the fp32 product rather than the weights: BLOCK_M·BLOCK_N multiplies per sub-tile instead
-of SUB_K·BLOCK_N (a decode tile has 16 rows against 128-256 columns of K), and the dot's inputs are exact.
-4 bits: a byte tile's low nibbles are the even columns and its high nibbles the odd ones. Rather than interleave
-them back into a [SUB_K, BLOCK_N] tile, A's sub-tile is split into its even and odd columns and the product is two
-dots of SUB_K/2: the shuffle touches the A tile (16 rows at decode), never the weight tile.
-Symmetric codes (no zero points) subtract 2^(bits-1). Names: ``i_`` index, ``o_`` offset vector, ``m_`` mask,
-``p_`` pointer, ``b_`` register block.
+Codes become floats by the exponent trick rather than an int -> float conversion (a quarter of the FMA rate on
+Hopper): the code OR-ed into the mantissa of a power of two (1024 in fp16, 128 in bf16, 2^23 in fp32) is exactly
+that power plus the code, and one subtraction of (power + z) leaves q - z exactly.
+Names: ``i_`` index, ``o_`` offset vector, ``m_`` mask, ``p_`` pointer, ``b_`` register block.
 """
 
 import triton
@@ -25,12 +32,58 @@ from moekit.ops._kernels.grouped_gemm import _epilogue, _program_tile, _rows_and
 
 
 @triton.jit
+def _load_sub_tile(
+    p_a_sub, p_b_sub, p_s_cols, p_z_cols, m_rows, k_sub, k_end, group_size, stride_sk, stride_zk,
+    BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """A [TILE_M, SUB_K], the codes [BLOCK_N, SUB_K / PACK] (uint8, a weight row's bytes contiguous: wide
+    loads), the group's scales [BLOCK_N] and zero points [BLOCK_N] (int32) of the sub-tile at column ``k_sub``."""
+    PACK: tl.constexpr = 2 if BITS == 4 else 1  # codes a byte
+    SUB_B: tl.constexpr = SUB_K // PACK
+    if EVEN_K:
+        i_g = k_sub // group_size
+        b_a = tl.load(p_a_sub, mask=m_rows[:, None], other=0.0)
+        b_q = tl.load(p_b_sub)
+    else:
+        m_k = (k_sub + tl.arange(0, SUB_K)) < k_end
+        # A byte is read while its first column is in range; columns past k_end meet zeros of A.
+        m_b = (k_sub // PACK + tl.arange(0, SUB_B)) < (k_end + PACK - 1) // PACK
+        # A sub-tile wholly past the end (its A is all zeros) reads the last group's scale: its own group may not
+        # exist.
+        i_g = min(k_sub, k_end - 1) // group_size
+        b_a = tl.load(p_a_sub, mask=m_rows[:, None] & m_k[None, :], other=0.0)
+        b_q = tl.load(p_b_sub, mask=m_b[None, :], other=0)
+    b_s = tl.load(p_s_cols + i_g * stride_sk)
+    if HAS_ZEROS:
+        b_z = tl.load(p_z_cols + i_g * stride_zk).to(tl.int32)
+    else:
+        b_z = tl.full([BLOCK_N], 1 << (BITS - 1), tl.int32)
+    return b_a, b_q, b_s, b_z
+
+
+@triton.jit
+def _codes_minus_zero(b_c, b_z, DTYPE: tl.constexpr, BITS: tl.constexpr):
+    """(codes [BLOCK_N, K] uint8 - zero points [BLOCK_N]) exactly, in DTYPE (module docstring: exponent trick)."""
+    if DTYPE == tl.float16:  # 1024 + c, c < 256: exact (10 mantissa bits)
+        b_f = (b_c.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+        return b_f - (b_z + 1024).to(tl.float16)[:, None]
+    elif DTYPE == tl.float32:  # 2^23 + c
+        b_f = (b_c.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+        return b_f - (b_z + 8388608).to(tl.float32)[:, None]
+    elif BITS == 4:  # bf16: 128 + c, exact for c < 128 (7 mantissa bits)
+        b_f = (b_c.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        return b_f - (b_z + 128).to(tl.bfloat16)[:, None]
+    else:  # 8-bit codes do not fit bf16's mantissa above 128: convert
+        return (b_c.to(tl.int32) - b_z[:, None]).to(DTYPE)
+
+
+@triton.jit
 def _tile(
     p_a, p_b, p_s, p_z, p_c, p_bias, p_weights, p_sorted_ids,
     i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
     stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
     stride_bias_e, alpha, limit,
-    BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr,
+    VARIANT: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
@@ -40,54 +93,55 @@ def _tile(
     OUT_N: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
     PACK: tl.constexpr = 2 if BITS == 4 else 1  # codes a byte
     SUB_B: tl.constexpr = SUB_K // PACK  # bytes of a weight row in one sub-tile
+    DTYPE: tl.constexpr = p_a.dtype.element_ty
     b_rows, m_rows, o_bn = _rows_and_columns(p_sorted_ids, i_m, i_n, num_rows, n_out, up_offset, GATED, BLOCK_M,
                                              TILE_M, BLOCK_N, EVEN_N, ROW_PER_BLOCK)
     o_a_rows = (b_rows // a_row_div).to(tl.int64) * stride_am
     o_bn64 = o_bn.to(tl.int64)
     k_start = i_s * k_per_split
     k_end = min(k_start + k_per_split, k_dim)
-    o_sk = tl.arange(0, SUB_K)
-    o_sb = tl.arange(0, SUB_B)
     # k_per_split is a multiple of BLOCK_K (even), so a split starts on a whole byte.
-    p_a_sub = p_a + o_a_rows[:, None] + (k_start + o_sk)[None, :]
-    p_b_sub = p_b + o_bn64[None, :] * stride_bn + (k_start // PACK + o_sb)[:, None] * stride_bk
+    p_a_sub = p_a + o_a_rows[:, None] + (k_start + tl.arange(0, SUB_K))[None, :]
+    p_b_sub = p_b + o_bn64[:, None] * stride_bn + (k_start // PACK + tl.arange(0, SUB_B))[None, :] * stride_bk
     p_s_cols = p_s + o_bn64 * stride_sn
     p_z_cols = p_z + o_bn64 * stride_zn
     b_acc = tl.zeros([TILE_M, BLOCK_N], dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
         for j in tl.static_range(BLOCK_K // SUB_K):
-            k_sub = k + j * SUB_K
-            if EVEN_K:
-                i_g = k_sub // group_size
-                b_a = tl.load(p_a_sub + j * SUB_K, mask=m_rows[:, None], other=0.0)
-                b_q = tl.load(p_b_sub + j * SUB_B * stride_bk)
-                b_s = tl.load(p_s_cols + i_g * stride_sk)
-                if HAS_ZEROS:
-                    b_z = tl.load(p_z_cols + i_g * stride_zk).to(tl.int32)
-            else:
-                m_k = (k_sub + o_sk) < k_end
-                # A byte is read while its first column is in range; columns past k_end meet zeros of A.
-                m_b = (k_sub // PACK + o_sb) < (k_end + PACK - 1) // PACK
-                # A sub-tile wholly past the end (its A is all zeros) reads the last group's scale: its own
-                # group may not exist.
-                i_g = min(k_sub, k_end - 1) // group_size
-                b_a = tl.load(p_a_sub + j * SUB_K, mask=m_rows[:, None] & m_k[None, :], other=0.0)
-                b_q = tl.load(p_b_sub + j * SUB_B * stride_bk, mask=m_b[:, None], other=0)
-                b_s = tl.load(p_s_cols + i_g * stride_sk)
-                if HAS_ZEROS:
-                    b_z = tl.load(p_z_cols + i_g * stride_zk).to(tl.int32)
-            if not HAS_ZEROS:
-                b_z = tl.full([BLOCK_N], 1 << (BITS - 1), tl.int32)
-            b_q = b_q.to(tl.int32)
-            if BITS == 4:
-                b_w_even = ((b_q & 15) - b_z[None, :]).to(b_a.dtype)
-                b_w_odd = ((b_q >> 4) - b_z[None, :]).to(b_a.dtype)
-                b_a_even, b_a_odd = tl.split(tl.reshape(b_a, [TILE_M, SUB_B, 2]))
-                b_part = tl.dot(b_a_even, b_w_even, input_precision=DOT_PRECISION)
-                b_part = tl.dot(b_a_odd, b_w_odd, b_part, input_precision=DOT_PRECISION)
-            else:
-                b_part = tl.dot(b_a, (b_q - b_z[None, :]).to(b_a.dtype), input_precision=DOT_PRECISION)
-            b_acc += b_part * b_s.to(tl.float32)[None, :]
+            b_a, b_q, b_s, b_z = _load_sub_tile(
+                p_a_sub + j * SUB_K, p_b_sub + j * SUB_B * stride_bk, p_s_cols, p_z_cols, m_rows, k + j * SUB_K,
+                k_end, group_size, stride_sk, stride_zk, BITS, HAS_ZEROS, SUB_K, BLOCK_N, EVEN_K)
+            if VARIANT == "dequant":
+                if BITS == 4:
+                    b_c = tl.interleave(b_q & 15, b_q >> 4)  # [BLOCK_N, SUB_K] in k order
+                else:
+                    b_c = b_q
+                b_w = _codes_minus_zero(b_c, b_z, DTYPE, BITS) * b_s.to(DTYPE)[:, None]
+                b_acc = tl.dot(b_a, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
+            elif VARIANT == "gemv":
+                b_a = b_a.to(tl.float32)
+                if BITS == 4:
+                    b_a_even, b_a_odd = tl.split(tl.reshape(b_a, [TILE_M, SUB_B, 2]))
+                    b_lo = _codes_minus_zero(b_q & 15, tl.zeros([BLOCK_N], tl.int32), tl.float32, BITS)
+                    b_hi = _codes_minus_zero(b_q >> 4, tl.zeros([BLOCK_N], tl.int32), tl.float32, BITS)
+                    b_part = tl.sum(b_lo[None, :, :] * b_a_even[:, None, :] + b_hi[None, :, :] * b_a_odd[:, None, :],
+                                    axis=2)
+                else:
+                    b_f = _codes_minus_zero(b_q, tl.zeros([BLOCK_N], tl.int32), tl.float32, BITS)
+                    b_part = tl.sum(b_f[None, :, :] * b_a[:, None, :], axis=2)
+                b_part -= tl.sum(b_a, axis=1)[:, None] * b_z.to(tl.float32)[None, :]
+                b_acc += b_part * b_s.to(tl.float32)[None, :]
+            else:  # "postscale"
+                b_q = tl.trans(b_q.to(tl.int32))  # [SUB_B, BLOCK_N]
+                if BITS == 4:
+                    b_w_even = ((b_q & 15) - b_z[None, :]).to(DTYPE)
+                    b_w_odd = ((b_q >> 4) - b_z[None, :]).to(DTYPE)
+                    b_a_even, b_a_odd = tl.split(tl.reshape(b_a, [TILE_M, SUB_B, 2]))
+                    b_part = tl.dot(b_a_even, b_w_even, input_precision=DOT_PRECISION)
+                    b_part = tl.dot(b_a_odd, b_w_odd, b_part, input_precision=DOT_PRECISION)
+                else:
+                    b_part = tl.dot(b_a, (b_q - b_z[None, :]).to(DTYPE), input_precision=DOT_PRECISION)
+                b_acc += b_part * b_s.to(tl.float32)[None, :]
         p_a_sub += BLOCK_K
         p_b_sub += (BLOCK_K // PACK) * stride_bk
 
@@ -104,7 +158,7 @@ def grouped_gemm_wna16_kernel(
     stride_am, stride_be, stride_bn, stride_bk, stride_se, stride_sn, stride_sk, stride_ze, stride_zn, stride_zk,
     stride_cs, stride_cm, stride_bias_e,
     alpha, limit,
-    BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr,
+    VARIANT: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
@@ -122,6 +176,25 @@ def grouped_gemm_wna16_kernel(
     p_b_e = p_b + i_e * stride_be
     p_s_e = p_s + i_e * stride_se
     p_z_e = p_z + i_e * stride_ze
+    if VARIANT == "gemv":
+        # Without tensor cores a tile needs no 16 rows: each routed row of the block is a 1-row tile (its slot
+        # found by shifting the sorted ids), padding slots are skipped. A block's later rows re-read the weight
+        # tile from L2, not HBM; the 3-D product of several rows at once would hold BLOCK_M times the registers.
+        for i_slot in range(0, 1 if ROW_PER_BLOCK else BLOCK_M):
+            if ROW_PER_BLOCK:
+                is_row = True
+            else:
+                is_row = tl.load(p_sorted_ids + i_m * BLOCK_M + i_slot) < num_rows
+            if is_row:
+                _tile(
+                    p_a, p_b_e, p_s_e, p_z_e, p_c, p_bias, p_weights, p_sorted_ids + i_slot,
+                    i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
+                    stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs,
+                    stride_cm, stride_bias_e, alpha, limit,
+                    VARIANT, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, 1, BLOCK_N,
+                    BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
+                )
+        return
     is_half = False
     if HALF_TAIL:
         is_half = tl.load(p_sorted_ids + i_m * BLOCK_M + BLOCK_M // 2) >= num_rows
@@ -131,8 +204,8 @@ def grouped_gemm_wna16_kernel(
             i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
             stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
             stride_bias_e, alpha, limit,
-            BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M // 2, BLOCK_N,
-            BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
+            VARIANT, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M // 2,
+            BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
         )
     else:
         _tile(
@@ -140,6 +213,6 @@ def grouped_gemm_wna16_kernel(
             i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
             stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
             stride_bias_e, alpha, limit,
-            BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M, BLOCK_N,
+            VARIANT, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M, BLOCK_N,
             BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
         )
