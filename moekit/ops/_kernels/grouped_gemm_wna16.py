@@ -14,10 +14,10 @@ group's scale s[n] and zero point z[n] (2^(bits-1) for symmetric codes). VARIANT
 - "dequant": w = ((q - z) · s[n]).to(a.dtype) in registers (the nibbles interleaved back into k order), then
   acc = dot(a, w, acc): one dot a sub-tile into the running accumulator, which Triton pipelines like a bf16
   GEMM (Marlin's approach). The weights are rounded once to a.dtype, as a dequantized bf16 weight would be.
-- "gemv": no tensor cores: acc[m, n] += s[n] · Σ_k (q - z)·a[m, k] in fp32 FMAs with tl.sum, for decode where a
-  block holds one routed row (ROW_PER_BLOCK: the tile is 1 row, not BLOCK_M) or a few: the weight stream is the
-  whole cost and a tensor-core tile of 16 padded rows only adds work. The zero point is folded out of the inner
-  loop: Σ (q - z)·a = Σ q·a - z·Σ a.
+- "gemv": no tensor cores: acc[n] += s[n] · Σ_k (q - z)·a[k] in fp32 FMAs, one routed row a tile, for decode
+  where a block holds one routed row (ROW_PER_BLOCK) or a few: the weight stream is the whole cost and a
+  tensor-core tile of 16 padded rows only adds work. Each thread sums the products of its own 16 loaded bytes
+  per sub-tile; the sum across threads waits for the end of the K loop.
 
 Codes become floats by the exponent trick rather than an int -> float conversion (a quarter of the FMA rate on
 Hopper): the code OR-ed into the mantissa of a power of two (1024 in fp16, 128 in bf16, 2^23 in fp32) is exactly
@@ -106,6 +106,8 @@ def _tile(
     p_s_cols = p_s + o_bn64 * stride_sn
     p_z_cols = p_z + o_bn64 * stride_zn
     b_acc = tl.zeros([TILE_M, BLOCK_N], dtype=tl.float32)
+    VEC: tl.constexpr = 16 if SUB_B >= 16 else SUB_B  # bytes of a 16-byte load
+    b_acc_v = tl.zeros([BLOCK_N, SUB_B // VEC], dtype=tl.float32)  # "gemv": per-thread partial sums
     for k in range(k_start, k_end, BLOCK_K):
         for j in tl.static_range(BLOCK_K // SUB_K):
             b_a, b_q, b_s, b_z = _load_sub_tile(
@@ -118,19 +120,18 @@ def _tile(
                     b_c = b_q
                 b_w = _codes_minus_zero(b_c, b_z, DTYPE, BITS) * b_s.to(DTYPE)[:, None]
                 b_acc = tl.dot(b_a, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
-            elif VARIANT == "gemv":
-                b_a = b_a.to(tl.float32)
+            elif VARIANT == "gemv":  # TILE_M = 1 (the kernel runs each routed row alone)
+                b_a = tl.reshape(b_a.to(tl.float32), [SUB_B, PACK])
                 if BITS == 4:
-                    b_a_even, b_a_odd = tl.split(tl.reshape(b_a, [TILE_M, SUB_B, 2]))
-                    b_lo = _codes_minus_zero(b_q & 15, tl.zeros([BLOCK_N], tl.int32), tl.float32, BITS)
-                    b_hi = _codes_minus_zero(b_q >> 4, tl.zeros([BLOCK_N], tl.int32), tl.float32, BITS)
-                    b_part = tl.sum(b_lo[None, :, :] * b_a_even[:, None, :] + b_hi[None, :, :] * b_a_odd[:, None, :],
-                                    axis=2)
+                    b_a_even, b_a_odd = tl.split(b_a)
+                    b_t = (_codes_minus_zero(b_q & 15, b_z, tl.float32, BITS) * b_a_even[None, :]
+                           + _codes_minus_zero(b_q >> 4, b_z, tl.float32, BITS) * b_a_odd[None, :])
                 else:
-                    b_f = _codes_minus_zero(b_q, tl.zeros([BLOCK_N], tl.int32), tl.float32, BITS)
-                    b_part = tl.sum(b_f[None, :, :] * b_a[:, None, :], axis=2)
-                b_part -= tl.sum(b_a, axis=1)[:, None] * b_z.to(tl.float32)[None, :]
-                b_acc += b_part * b_s.to(tl.float32)[None, :]
+                    b_t = _codes_minus_zero(b_q, b_z, tl.float32, BITS) * tl.reshape(b_a, [SUB_B])[None, :]
+                # Sum each thread's vector of bytes (no shuffles), scale by the group, and leave the sum across
+                # threads to the end of the K loop.
+                b_t = tl.sum(tl.reshape(b_t, [BLOCK_N, SUB_B // VEC, VEC]), axis=2)
+                b_acc_v += b_t * b_s.to(tl.float32)[:, None]
             else:  # "postscale"
                 b_q = tl.trans(b_q.to(tl.int32))  # [SUB_B, BLOCK_N]
                 if BITS == 4:
@@ -144,6 +145,8 @@ def _tile(
                 b_acc += b_part * b_s.to(tl.float32)[None, :]
         p_a_sub += BLOCK_K
         p_b_sub += (BLOCK_K // PACK) * stride_bk
+    if VARIANT == "gemv":
+        b_acc = tl.reshape(tl.sum(b_acc_v, axis=1), [TILE_M, BLOCK_N])
 
     _epilogue(b_acc, p_bias, p_weights, p_c, i_e, i_s, i_n, b_rows, m_rows, o_bn, n_out, stride_bias_e, stride_cs,
               stride_cm, alpha, limit, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, TILE_M, OUT_N)
@@ -194,25 +197,25 @@ def grouped_gemm_wna16_kernel(
                     VARIANT, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, 1, BLOCK_N,
                     BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
                 )
-        return
-    is_half = False
-    if HALF_TAIL:
-        is_half = tl.load(p_sorted_ids + i_m * BLOCK_M + BLOCK_M // 2) >= num_rows
-    if is_half:
-        _tile(
-            p_a, p_b_e, p_s_e, p_z_e, p_c, p_bias, p_weights, p_sorted_ids,
-            i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
-            stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
-            stride_bias_e, alpha, limit,
-            VARIANT, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M // 2,
-            BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
-        )
     else:
-        _tile(
-            p_a, p_b_e, p_s_e, p_z_e, p_c, p_bias, p_weights, p_sorted_ids,
-            i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
-            stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
-            stride_bias_e, alpha, limit,
-            VARIANT, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M, BLOCK_N,
-            BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
-        )
+        is_half = False
+        if HALF_TAIL:
+            is_half = tl.load(p_sorted_ids + i_m * BLOCK_M + BLOCK_M // 2) >= num_rows
+        if is_half:
+            _tile(
+                p_a, p_b_e, p_s_e, p_z_e, p_c, p_bias, p_weights, p_sorted_ids,
+                i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
+                stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
+                stride_bias_e, alpha, limit,
+                VARIANT, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M // 2,
+                BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
+            )
+        else:
+            _tile(
+                p_a, p_b_e, p_s_e, p_z_e, p_c, p_bias, p_weights, p_sorted_ids,
+                i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
+                stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
+                stride_bias_e, alpha, limit,
+                VARIANT, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M, BLOCK_N,
+                BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
+            )
