@@ -46,12 +46,14 @@ def _both(cfg: MoEKernelConfig, **changes) -> MoEKernelConfig:
 
 def variants(base: MoEKernelConfig, bits: int) -> dict[str, MoEKernelConfig]:
     """At most 6 candidates a point (compilation dominates the run): the heuristic, the other kernel variants on
-    its tiles, and a few tiles around it. Names: variant, then what differs from the heuristic tile."""
+    its tiles, and a few tiles around it. Names: variant, then what differs from the heuristic tile (decode) or
+    the tile (prefill)."""
     g1, g2 = base.gemm1, base.gemm2
     out = {"heuristic": base}
     if base.block_m <= 32:  # decode: the variants on the decode tile, K tile width, the old kernel
         out["dequant"] = _both(base, variant="dequant")
         out["dequant k/2"] = _both(base, variant="dequant", block_k=g1.block_k // 2)
+        out["dequant_bytes"] = _both(base, variant="dequant_bytes")
         out["gemv"] = _both(base, variant="gemv")
         # gemv: twice the programs (narrower N tiles, GEMM2 split twice as far; GEMM1 cannot split K)
         out["gemv n/2"] = replace(base, gemm1=replace(g1, variant="gemv", block_n=max(16, g1.block_n // 2)),
@@ -68,6 +70,7 @@ def variants(base: MoEKernelConfig, bits: int) -> dict[str, MoEKernelConfig]:
         p = GemmConfig(block_n=128, block_k=128 if bits == 4 else 64, group_m=8, num_warps=4, num_stages=4,
                        variant="postscale")
         out["postscale m64n128"] = MoEKernelConfig(block_m=64, gemm1=p, gemm2=p, y_fp32=False)
+        out["dequant_bytes"] = _both(base, variant="dequant_bytes")
     seen: dict[MoEKernelConfig, str] = {}
     for name, cfg in out.items():
         seen.setdefault(cfg, name)
@@ -104,6 +107,7 @@ def main() -> None:
     p.add_argument("--presets", default="mixtral-8x7b,qwen3-30b-a3b,deepseek-v3")
     p.add_argument("--tokens", default="1,16,64,4096")
     p.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    p.add_argument("--only", default="", help="comma list: time only the candidates whose name contains one")
     args = p.parse_args()
     dev = torch.device(DEVICE)
     bits = args.bits
@@ -162,7 +166,10 @@ def main() -> None:
             floor_us = [nbytes(w, active) / READ_BW * 1e6 for w in (w13, w2)]
             heur = choose_config(replace(base_shape, weights=scheme))
             totals: dict[str, float] = {}
+            point_start = time.perf_counter()
             for cname, cfg in variants(heur, bits).items():
+                if args.only and cname != "heuristic" and not any(o in cname for o in args.only.split(",")):
+                    continue
                 label = f"{cname} ({cfg.gemm1.variant})" if cname == "heuristic" else cname
                 try:
                     q1, q2, a_q, y_q = run(cfg, quant=True)
@@ -182,6 +189,7 @@ def main() -> None:
                 if not wrong:
                     totals[label] = sum(t)
             line = f"{name:14s} T={num_tokens:5d} active {active:3d}: bf16 {sum(t_bf):8.1f} us"
+            print(f"  ({time.perf_counter() - point_start:.0f} s for this point)", flush=True)
             if totals:
                 heur_t = next((v for k, v in totals.items() if k.startswith("heuristic")), float("nan"))
                 winner = min(totals, key=totals.get)

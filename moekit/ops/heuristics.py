@@ -26,8 +26,9 @@ import torch
 
 _TUNED_DIR = Path(__file__).parent / "tuned"
 # The ways grouped_gemm_wna16 multiplies weight codes (its kernel's docstring): scale each dot's product,
-# dequantize the weight tile before one dot, or FMAs without tensor cores for decode.
-WNA16_VARIANTS = ("postscale", "dequant", "gemv")
+# dequantize the weight tile before one dot (4-bit codes read as int32 words where aligned, or always as bytes),
+# or FMAs without tensor cores for decode.
+WNA16_VARIANTS = ("postscale", "dequant", "dequant_bytes", "gemv")
 
 
 def tuned_dir() -> Path:

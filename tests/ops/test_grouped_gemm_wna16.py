@@ -3,7 +3,8 @@ for every variant: int4 sym/asym and int8 sym/asym codes, group sizes 32/64/128 
 odd K, gated GEMM 1 and GEMM 2 with routing weights and split-K, the routing edge cases. Outputs are poisoned with
 NaN so unwritten rows show. fp16/fp32 activations only: the interpreter's bf16 tl.dot is wrong (bf16 runs in the
 GPU test). The codes times fp16 activations are exact products, so "postscale" and "gemv" match the fp32
-reference to fp32 rounding; "dequant" rounds each dequantized weight to fp16 (fp16 tolerance).
+reference to fp32 rounding; "dequant" (int32 words of codes wherever the rows allow, fp16 here) and
+"dequant_bytes" round each dequantized weight to fp16 (fp16 tolerance).
 """
 
 from dataclasses import replace
@@ -16,7 +17,7 @@ import triton.language as tl
 from moekit.ops._kernels.grouped_gemm_wna16 import _codes_minus_zero
 from moekit.ops.activation import Activation
 from moekit.ops.align import align, align_ref, row_per_block
-from moekit.ops.grouped_gemm_wna16 import grouped_gemm_wna16, grouped_gemm_wna16_ref, k_tiles
+from moekit.ops.grouped_gemm_wna16 import _as_words, grouped_gemm_wna16, grouped_gemm_wna16_ref, k_tiles
 from moekit.ops.heuristics import (
     WNA16_VARIANTS, GemmConfig, MoEKernelConfig, MoEShape, heuristic_config, wna16_bits, wna16_variant,
 )
@@ -30,7 +31,7 @@ variants = pytest.mark.parametrize("variant", WNA16_VARIANTS)
 
 def _tol(variant, dtype):
     """The tolerance row of a variant's output: "dequant" rounds the weights to a's dtype."""
-    return dtype if variant == "dequant" else torch.float32
+    return dtype if variant.startswith("dequant") else torch.float32
 
 
 def _weights(num_experts, n_b, k_dim, bits, group_size, sym, dtype=torch.float16):
@@ -169,6 +170,16 @@ def test_k_tiles():
         k_tiles(128, 16, 4096, 4)  # two dots of 8 columns a group
 
 
+def test_codes_as_words_only_when_aligned():
+    # "dequant" reads 4-bit rows as int32 words (a view, no copy) only where every row starts on a word.
+    q = torch.randint(0, 256, (3, 8, 100), dtype=torch.uint8)
+    words = _as_words(q)
+    assert words.dtype == torch.int32 and words.shape == (3, 8, 25) and words.data_ptr() == q.data_ptr()
+    assert _as_words(q[..., :98]) is None  # a row of 98 bytes is not whole words
+    assert _as_words(q[:, :, 2:]) is None  # offset by 2 bytes
+    assert _as_words(q[..., :96].contiguous()) is not None
+
+
 def test_bad_inputs_name_the_argument():
     ids, layout = _routing(2, 1, 2)
     w = _weights(2, 32, 64, 4, 32, True)
@@ -232,6 +243,7 @@ def test_wna16_bits():
     (1, 8, True, None), (64, 8, False, None),
     # each variant off its heuristic shape: T = 1 on tensor cores, a 32-row block on FMAs, the old scaling
     (1, 4, False, "dequant"), (1, 4, True, "postscale"), (64, 4, False, "gemv"), (64, 8, True, "postscale"),
+    (64, 4, False, "dequant_bytes"),
 ])
 def test_mixtral_size_on_gpu(num_tokens, bits, sym, variant):
     # The issue's tolerance (atol 2e-2 on randn/10 inputs) at mixtral-8x7b's size, bf16 activations, both GEMMs
@@ -265,7 +277,7 @@ def test_mixtral_size_on_gpu(num_tokens, bits, sym, variant):
     want_y = grouped_gemm_wna16_ref(a, w2, layout, torch.empty(num_rows, hidden, device=dev), num_rows=num_rows,
                                     weights_N=weights)
     # fp32 sums of exact products, but "dequant" rounds the weights to bf16
-    assert_close(y.sum(0), want_y, torch.bfloat16 if cfg.gemm2.variant == "dequant" else torch.float16,
+    assert_close(y.sum(0), want_y, torch.bfloat16 if cfg.gemm2.variant.startswith("dequant") else torch.float16,
                  name="gemm2")
     torch.testing.assert_close(y.sum(0), want_y, atol=2e-2, rtol=0)
 

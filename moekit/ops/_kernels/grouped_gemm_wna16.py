@@ -11,9 +11,12 @@ group's scale s[n] and zero point z[n] (2^(bits-1) for symmetric codes). VARIANT
   costs BLOCK_M·BLOCK_N multiplies a sub-tile; at 4 bits A's sub-tile is split into its even and odd columns
   and the product is two dots of SUB_K/2 (the shuffle touches A, never the weight tile). Each sub-tile waits on
   its dot before the scaling FMA: the tensor cores and the scaling do not overlap.
-- "dequant": w = ((q - z) · s[n]).to(a.dtype) in registers (the nibbles interleaved back into k order), then
-  acc = dot(a, w, acc): one dot a sub-tile into the running accumulator, which Triton pipelines like a bf16
-  GEMM (Marlin's approach). The weights are rounded once to a.dtype, as a dequantized bf16 weight would be.
+- "dequant": w = ((q - z) · s[n]).to(a.dtype) in registers, then acc = dot(a, w, acc): one dot a sub-tile into
+  the running accumulator, which Triton pipelines like a bf16 GEMM (Marlin's approach). The weights are rounded
+  once to a.dtype, as a dequantized bf16 weight would be. WORDS (4 bits, fp16/bf16): the codes are read as
+  int32 words and two codes become two 16-bit floats in one mask-and-OR (``_words_minus_zero``; the sm_90 SASS
+  of a 64 x 128 tile has ~40% fewer integer ops than from bytes); else bytes, nibbles interleaved back into k
+  order (the launcher's "dequant_bytes" forces this).
 - "gemv": no tensor cores: acc[n] += s[n] · Σ_k (q - z)·a[k] in fp32 FMAs, one routed row a tile, for decode
   where a block holds one routed row (ROW_PER_BLOCK) or a few: the weight stream is the whole cost and a
   tensor-core tile of 16 padded rows only adds work. Each thread sums the products of its own 16 loaded bytes
@@ -35,10 +38,11 @@ from moekit.ops._kernels.grouped_gemm import _epilogue, _program_tile, _rows_and
 def _load_sub_tile(
     p_a_sub, p_b_sub, p_s_cols, p_z_cols, m_rows, k_sub, k_end, group_size, stride_sk, stride_zk,
     BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr,
+    PACK: tl.constexpr,
 ):
-    """A [TILE_M, SUB_K], the codes [BLOCK_N, SUB_K / PACK] (uint8, a weight row's bytes contiguous: wide
-    loads), the group's scales [BLOCK_N] and zero points [BLOCK_N] (int32) of the sub-tile at column ``k_sub``."""
-    PACK: tl.constexpr = 2 if BITS == 4 else 1  # codes a byte
+    """A [TILE_M, SUB_K], the codes [BLOCK_N, SUB_K / PACK] (PACK codes an element: uint8 bytes or int32 words,
+    a weight row's elements contiguous: wide loads), the group's scales [BLOCK_N] and zero points [BLOCK_N]
+    (int32) of the sub-tile at column ``k_sub``."""
     SUB_B: tl.constexpr = SUB_K // PACK
     if EVEN_K:
         i_g = k_sub // group_size
@@ -46,7 +50,7 @@ def _load_sub_tile(
         b_q = tl.load(p_b_sub)
     else:
         m_k = (k_sub + tl.arange(0, SUB_K)) < k_end
-        # A byte is read while its first column is in range; columns past k_end meet zeros of A.
+        # An element is read while its first column is in range; columns past k_end meet zeros of A.
         m_b = (k_sub // PACK + tl.arange(0, SUB_B)) < (k_end + PACK - 1) // PACK
         # A sub-tile wholly past the end (its A is all zeros) reads the last group's scale: its own group may not
         # exist.
@@ -78,12 +82,43 @@ def _codes_minus_zero(b_c, b_z, DTYPE: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _words_minus_zero(b_w, b_z, DTYPE: tl.constexpr):
+    """4-bit codes as int32 words [BLOCK_N, W] (nibble i of word w = column 8w + i) -> (codes - zero points)
+    [BLOCK_N, 8W] exactly, in fp16 or bf16. Marlin's trick: one mask-and-OR makes two 16-bit floats at once
+    (nibbles s and s + 4, in the word's two halves), 7 integer ops a word instead of a few a code."""
+    MAGIC: tl.constexpr = 0x64006400 if DTYPE == tl.float16 else 0x43004300  # 1024 | 128 in both halves
+    POWER: tl.constexpr = 1024 if DTYPE == tl.float16 else 128
+    b_v0 = (b_w & 0x000F000F) | MAGIC
+    b_v1 = ((b_w >> 4) & 0x000F000F) | MAGIC
+    b_v2 = ((b_w >> 8) & 0x000F000F) | MAGIC
+    b_v3 = ((b_w >> 12) & 0x000F000F) | MAGIC  # arithmetic shifts: sign bits never reach bits 0-3, 16-19
+    # Columns 8w + t, t = 4·b2 + 2·b1 + b0: join the most significant bit first so the flat order is t.
+    b_j0 = tl.join(_half(b_v0, 0, DTYPE), _half(b_v0, 1, DTYPE))  # t = 0, 4
+    b_j1 = tl.join(_half(b_v1, 0, DTYPE), _half(b_v1, 1, DTYPE))  # t = 1, 5
+    b_j2 = tl.join(_half(b_v2, 0, DTYPE), _half(b_v2, 1, DTYPE))  # t = 2, 6
+    b_j3 = tl.join(_half(b_v3, 0, DTYPE), _half(b_v3, 1, DTYPE))  # t = 3, 7
+    b_f = tl.join(tl.join(b_j0, b_j2), tl.join(b_j1, b_j3))
+    BLOCK_N: tl.constexpr = b_w.shape[0]
+    W: tl.constexpr = b_w.shape[1]
+    b_f = tl.reshape(b_f, [BLOCK_N, 8 * W])
+    return b_f - (b_z + POWER).to(DTYPE)[:, None]
+
+
+@triton.jit
+def _half(b_v, HIGH: tl.constexpr, DTYPE: tl.constexpr):
+    """The low or high 16 bits of int32 ``b_v`` as a DTYPE (fp16/bf16) value."""
+    if HIGH:
+        b_v = b_v >> 16
+    return b_v.to(tl.int16).to(DTYPE, bitcast=True)
+
+
+@triton.jit
 def _tile(
     p_a, p_b, p_s, p_z, p_c, p_bias, p_weights, p_sorted_ids,
     i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
     stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
     stride_bias_e, alpha, limit,
-    VARIANT: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr,
+    VARIANT: tl.constexpr, WORDS: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
@@ -91,8 +126,8 @@ def _tile(
     """The first TILE_M slots of row block ``i_m`` against output tile ``i_n``, split ``i_s``; ``p_b``, ``p_s``
     and ``p_z`` point at expert ``i_e``'s codes, scales and zero points."""
     OUT_N: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
-    PACK: tl.constexpr = 2 if BITS == 4 else 1  # codes a byte
-    SUB_B: tl.constexpr = SUB_K // PACK  # bytes of a weight row in one sub-tile
+    PACK: tl.constexpr = 8 if WORDS else (2 if BITS == 4 else 1)  # codes a loaded element
+    SUB_B: tl.constexpr = SUB_K // PACK  # elements of a weight row in one sub-tile
     DTYPE: tl.constexpr = p_a.dtype.element_ty
     b_rows, m_rows, o_bn = _rows_and_columns(p_sorted_ids, i_m, i_n, num_rows, n_out, up_offset, GATED, BLOCK_M,
                                              TILE_M, BLOCK_N, EVEN_N, ROW_PER_BLOCK)
@@ -112,13 +147,15 @@ def _tile(
         for j in tl.static_range(BLOCK_K // SUB_K):
             b_a, b_q, b_s, b_z = _load_sub_tile(
                 p_a_sub + j * SUB_K, p_b_sub + j * SUB_B * stride_bk, p_s_cols, p_z_cols, m_rows, k + j * SUB_K,
-                k_end, group_size, stride_sk, stride_zk, BITS, HAS_ZEROS, SUB_K, BLOCK_N, EVEN_K)
+                k_end, group_size, stride_sk, stride_zk, BITS, HAS_ZEROS, SUB_K, BLOCK_N, EVEN_K, PACK)
             if VARIANT == "dequant":
-                if BITS == 4:
-                    b_c = tl.interleave(b_q & 15, b_q >> 4)  # [BLOCK_N, SUB_K] in k order
+                if WORDS:
+                    b_w = _words_minus_zero(b_q, b_z, DTYPE)
+                elif BITS == 4:  # [BLOCK_N, SUB_K] in k order
+                    b_w = _codes_minus_zero(tl.interleave(b_q & 15, b_q >> 4), b_z, DTYPE, BITS)
                 else:
-                    b_c = b_q
-                b_w = _codes_minus_zero(b_c, b_z, DTYPE, BITS) * b_s.to(DTYPE)[:, None]
+                    b_w = _codes_minus_zero(b_q, b_z, DTYPE, BITS)
+                b_w = b_w * b_s.to(DTYPE)[:, None]
                 b_acc = tl.dot(b_a, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
             elif VARIANT == "gemv":  # TILE_M = 1 (the kernel runs each routed row alone)
                 b_a = tl.reshape(b_a.to(tl.float32), [SUB_B, PACK])
@@ -161,7 +198,7 @@ def grouped_gemm_wna16_kernel(
     stride_am, stride_be, stride_bn, stride_bk, stride_se, stride_sn, stride_sk, stride_ze, stride_zn, stride_zk,
     stride_cs, stride_cm, stride_bias_e,
     alpha, limit,
-    VARIANT: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr,
+    VARIANT: tl.constexpr, WORDS: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
@@ -194,8 +231,8 @@ def grouped_gemm_wna16_kernel(
                     i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                     stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs,
                     stride_cm, stride_bias_e, alpha, limit,
-                    VARIANT, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, 1, BLOCK_N,
-                    BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
+                    VARIANT, WORDS, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, 1,
+                    BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
                 )
     else:
         is_half = False
@@ -207,7 +244,7 @@ def grouped_gemm_wna16_kernel(
                 i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                 stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
                 stride_bias_e, alpha, limit,
-                VARIANT, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M // 2,
+                VARIANT, WORDS, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M // 2,
                 BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
             )
         else:
@@ -216,6 +253,6 @@ def grouped_gemm_wna16_kernel(
                 i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                 stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
                 stride_bias_e, alpha, limit,
-                VARIANT, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M, BLOCK_N,
-                BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
+                VARIANT, WORDS, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M,
+                BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
             )
