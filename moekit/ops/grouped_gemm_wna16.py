@@ -104,7 +104,9 @@ def grouped_gemm_wna16(
         return out  # no routed rows (T = 0): nothing to launch
     k_per_split = -(-k_dim // (split * block_k)) * block_k
     z = zeros if zeros is not None else scales  # never read without zero points
-    words = _as_words(qweight) if variant == "dequant" and bits == 4 and a.dtype != torch.float32 else None
+    # gemv's fp32 FMAs take words from any activation dtype; dequant's 16-bit trick needs fp16/bf16.
+    use_words = bits == 4 and (variant == "gemv" or (variant == "dequant" and a.dtype != torch.float32))
+    words = _as_words(qweight) if use_words else None
     codes = words if words is not None else qweight
     grouped_gemm_wna16_kernel[grid](
         a, codes, scales, z, out_3d,

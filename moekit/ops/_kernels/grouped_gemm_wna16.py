@@ -105,6 +105,41 @@ def _words_minus_zero(b_w, b_z, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _gemv_words(b_w, b_z, b_a):
+    """Σ_t (nibble t of b_w - z) · a[w, t] per word: codes [BLOCK_N, W] int32, zero points [BLOCK_N], fp32
+    activations [W, 8] -> fp32 [BLOCK_N, W]. Each code becomes 2^23 + q by a shift and a mask-and-OR.
+    (Masking each nibble in place instead, with a power-of-two scale moved onto a, compiled to as many
+    instructions on sm_90: the mask and the 2^23 pattern cannot both be immediates.)"""
+    W: tl.constexpr = b_w.shape[1]
+    # a[w, t], t = 4·b2 + 2·b1 + b0: split off b0, then b1, then b2.
+    b_a0, b_a1 = tl.split(tl.reshape(b_a, [W, 2, 2, 2]))  # [W, 2 (b2), 2 (b1)] each
+    b_a00, b_a10 = tl.split(b_a0)  # t = 0 + {0, 4}, 2 + {0, 4}
+    b_a01, b_a11 = tl.split(b_a1)  # t = 1 + {0, 4}, 3 + {0, 4}
+    b_a0, b_a4 = tl.split(b_a00)
+    b_a2, b_a6 = tl.split(b_a10)
+    b_a1, b_a5 = tl.split(b_a01)
+    b_a3, b_a7 = tl.split(b_a11)
+    b_off = (b_z + 8388608).to(tl.float32)[:, None]
+    b_t = _nibble_f32(b_w, 0, b_off) * b_a0[None, :]
+    b_t += _nibble_f32(b_w, 1, b_off) * b_a1[None, :]
+    b_t += _nibble_f32(b_w, 2, b_off) * b_a2[None, :]
+    b_t += _nibble_f32(b_w, 3, b_off) * b_a3[None, :]
+    b_t += _nibble_f32(b_w, 4, b_off) * b_a4[None, :]
+    b_t += _nibble_f32(b_w, 5, b_off) * b_a5[None, :]
+    b_t += _nibble_f32(b_w, 6, b_off) * b_a6[None, :]
+    b_t += _nibble_f32(b_w, 7, b_off) * b_a7[None, :]
+    return b_t
+
+
+@triton.jit
+def _nibble_f32(b_w, T: tl.constexpr, b_off):
+    """Nibble T of each int32 word as fp32, minus ``b_off`` (2^23 + zero point): exact. The sign bits an
+    arithmetic shift brings in are masked off."""
+    b_v = ((b_w >> (4 * T)) & 15) | 0x4B000000
+    return b_v.to(tl.float32, bitcast=True) - b_off
+
+
+@triton.jit
 def _half(b_v, HIGH: tl.constexpr, DTYPE: tl.constexpr):
     """The low or high 16 bits of int32 ``b_v`` as a DTYPE (fp16/bf16) value."""
     if HIGH:
@@ -133,15 +168,18 @@ def _tile(
                                              TILE_M, BLOCK_N, EVEN_N, ROW_PER_BLOCK)
     o_a_rows = (b_rows // a_row_div).to(tl.int64) * stride_am
     o_bn64 = o_bn.to(tl.int64)
-    k_start = i_s * k_per_split
+    # k_per_split is a multiple of BLOCK_K (the launcher's): saying so keeps the code loads 16 bytes wide (the
+    # compiler only knows k_per_split % 16 == 0, which the division by PACK would halve to 8-byte loads).
+    k_start = tl.multiple_of(i_s * k_per_split, BLOCK_K)
     k_end = min(k_start + k_per_split, k_dim)
     # k_per_split is a multiple of BLOCK_K (even), so a split starts on a whole byte.
     p_a_sub = p_a + o_a_rows[:, None] + (k_start + tl.arange(0, SUB_K))[None, :]
-    p_b_sub = p_b + o_bn64[:, None] * stride_bn + (k_start // PACK + tl.arange(0, SUB_B))[None, :] * stride_bk
+    k_start_e = tl.multiple_of(k_start // PACK, BLOCK_K // PACK)
+    p_b_sub = p_b + o_bn64[:, None] * stride_bn + (k_start_e + tl.arange(0, SUB_B))[None, :] * stride_bk
     p_s_cols = p_s + o_bn64 * stride_sn
     p_z_cols = p_z + o_bn64 * stride_zn
     b_acc = tl.zeros([TILE_M, BLOCK_N], dtype=tl.float32)
-    VEC: tl.constexpr = 16 if SUB_B >= 16 else SUB_B  # bytes of a 16-byte load
+    VEC: tl.constexpr = (16 if SUB_B >= 16 else SUB_B) // (4 if WORDS else 1)  # elements of a 16-byte load
     b_acc_v = tl.zeros([BLOCK_N, SUB_B // VEC], dtype=tl.float32)  # "gemv": per-thread partial sums
     for k in range(k_start, k_end, BLOCK_K):
         for j in tl.static_range(BLOCK_K // SUB_K):
@@ -159,7 +197,9 @@ def _tile(
                 b_acc = tl.dot(b_a, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
             elif VARIANT == "gemv":  # TILE_M = 1 (the kernel runs each routed row alone)
                 b_a = tl.reshape(b_a.to(tl.float32), [SUB_B, PACK])
-                if BITS == 4:
+                if WORDS:  # column 8w + t is nibble t of word w: 2 integer ops a code
+                    b_t = _gemv_words(b_q, b_z, b_a)
+                elif BITS == 4:
                     b_a_even, b_a_odd = tl.split(b_a)
                     b_t = (_codes_minus_zero(b_q & 15, b_z, tl.float32, BITS) * b_a_even[None, :]
                            + _codes_minus_zero(b_q >> 4, b_z, tl.float32, BITS) * b_a_odd[None, :])
