@@ -19,8 +19,9 @@ group's scale s[n] and zero point z[n] (2^(bits-1) for symmetric codes). VARIANT
   order (the launcher's "dequant_bytes" forces this).
 - "gemv": no tensor cores: acc[n] += s[n] · Σ_k (q - z)·a[k] in fp32 FMAs, one routed row a tile, for decode
   where a block holds one routed row (ROW_PER_BLOCK) or a few: the weight stream is the whole cost and a
-  tensor-core tile of 16 padded rows only adds work. Each thread sums the products of its own 16 loaded bytes
-  per sub-tile; the sum across threads waits for the end of the K loop.
+  tensor-core tile of 16 padded rows only adds work. 4-bit codes are read as int32 words (any activation dtype)
+  where the rows allow. Each thread sums the products of its own 16 loaded bytes per sub-tile; the sum across
+  threads waits for the end of the K loop.
 
 Codes become floats by the exponent trick rather than an int -> float conversion (a quarter of the FMA rate on
 Hopper): the code OR-ed into the mantissa of a power of two (1024 in fp16, 128 in bf16, 2^23 in fp32) is exactly
@@ -168,11 +169,11 @@ def _tile(
                                              TILE_M, BLOCK_N, EVEN_N, ROW_PER_BLOCK)
     o_a_rows = (b_rows // a_row_div).to(tl.int64) * stride_am
     o_bn64 = o_bn.to(tl.int64)
-    # k_per_split is a multiple of BLOCK_K (the launcher's): saying so keeps the code loads 16 bytes wide (the
-    # compiler only knows k_per_split % 16 == 0, which the division by PACK would halve to 8-byte loads).
+    # k_per_split is a multiple of BLOCK_K (the launcher's), so a split starts on a whole byte or word; saying so
+    # keeps the code loads 16 bytes wide (the compiler only knows k_per_split % 16 == 0, which the division by
+    # PACK would halve to 8-byte loads).
     k_start = tl.multiple_of(i_s * k_per_split, BLOCK_K)
     k_end = min(k_start + k_per_split, k_dim)
-    # k_per_split is a multiple of BLOCK_K (even), so a split starts on a whole byte.
     p_a_sub = p_a + o_a_rows[:, None] + (k_start + tl.arange(0, SUB_K))[None, :]
     k_start_e = tl.multiple_of(k_start // PACK, BLOCK_K // PACK)
     p_b_sub = p_b + o_bn64[:, None] * stride_bn + (k_start_e + tl.arange(0, SUB_B))[None, :] * stride_bk
