@@ -1,16 +1,18 @@
-"""Probe: the WNA16 grouped GEMM (4-bit codes, g = 128, symmetric) against moekit's bf16 grouped GEMM, op level,
-one GPU.
+"""Probe: the WNA16 grouped GEMM's variants (postscale / dequant / gemv, 4-bit codes, g = 128, symmetric) and a few
+tiles against moekit's bf16 grouped GEMM, op level, one GPU.
 
     python3 benchmarks/probes/wna16_timing.py [--presets mixtral-8x7b,...] [--tokens 1,16,64,4096] [--bits 4]
 
 Per preset of ``moekit.bench.shapes.PRESETS`` and T: GEMM 1 (x @ w13 with silu fused) and GEMM 2 (a @ w2 with the
 routing weight, split-K partials) each timed alone (median; CUDA-graph replays for T <= 64, eager above) for the
-heuristic tile and a few alternatives, beside the bf16 kernel (heuristic) on the same values dequantized to bf16,
-same layout. GB/s counts the weight bytes of the experts that get a row (codes + scales; activations and outputs
-left out), % is of the H200's 4.8 TB/s; ``err`` is the max error of the WNA16 GEMM 1 relative to the bf16 one
-(bf16 rounding of the dequantized weights only). Weights are random codes and scales, routing random. Runs in
-about 2 minutes on an H200 (mostly compilation). Not a unit test; what it finds goes into
-``moekit.ops.heuristics._wna16_config`` and docs/perf/NOTES.md.
+heuristic config and at most 5 others (``variants``), beside the bf16 kernel (heuristic) on the same values
+dequantized to bf16, same layout. GB/s counts the weight bytes of the experts that get a row (codes + scales;
+activations and outputs left out); ``floor`` is the 4-bit floor (those bytes at READ_BW) over the time; ``err``
+is the max error of that GEMM's output relative to the bf16 kernel's (bf16 rounding of the dequantized weights;
+above 0.1 the line says WRONG and the candidate cannot win). A candidate that fails to compile or launch is
+reported and skipped. One summary line per (preset, T): the best candidate. Weights are random codes and scales,
+routing random. Meant to run in under 3 minutes on an H200 (mostly compilation). Not a unit test; what it finds
+goes into ``moekit.ops.heuristics._wna16_config`` and docs/perf/NOTES.md.
 """
 
 from __future__ import annotations
@@ -31,29 +33,44 @@ from moekit.ops.heuristics import GemmConfig, MoEKernelConfig, MoEShape, choose_
 from moekit.ops.quantize_wna16 import WNA16Weight, dequantize_wna16
 from moekit.testing import rel_errors
 
-PEAK_BW = 4.8e12  # H200 HBM3e, nominal
+READ_BW = 4.45e12  # H200 streaming read measured by MEASURING.md's method (the 4-bit floor's bandwidth)
 GROUP = 128
 SILU = Activation(name="silu")
+DEVICE = "cuda"  # a dry run of the probe's logic in the interpreter swaps this (and bench) out
+
+
+def _both(cfg: MoEKernelConfig, **changes) -> MoEKernelConfig:
+    """``cfg`` with the same GemmConfig fields changed in both GEMMs."""
+    return replace(cfg, gemm1=replace(cfg.gemm1, **changes), gemm2=replace(cfg.gemm2, **changes))
 
 
 def variants(base: MoEKernelConfig, bits: int) -> dict[str, MoEKernelConfig]:
+    """At most 6 candidates a point (compilation dominates the run): the heuristic, the other kernel variants on
+    its tiles, and a few tiles around it. Names: variant, then what differs from the heuristic tile (decode) or
+    the tile (prefill)."""
     g1, g2 = base.gemm1, base.gemm2
     out = {"heuristic": base}
-    if base.block_m <= 32:  # decode: K tile width, pipeline depth
-        for label, f in (("k/2", 0.5), ("k*2", 2)):
-            out[label] = replace(base, gemm1=replace(g1, block_k=int(g1.block_k * f)),
-                                 gemm2=replace(g2, block_k=int(g2.block_k * f)))
-        out["s6"] = replace(base, gemm1=replace(g1, num_stages=6), gemm2=replace(g2, num_stages=6))
-    else:  # prefill: tile shapes around 64 x 128 and 128 x 128
-        bk = 128 if bits == 4 else 64
-        v = GemmConfig(block_n=128, block_k=bk, group_m=8, num_warps=4, num_stages=4)
-        out["m64n128"] = MoEKernelConfig(block_m=64, gemm1=v, gemm2=v, y_fp32=False)
-        out["m64n128k64"] = MoEKernelConfig(block_m=64, gemm1=replace(v, block_k=64), gemm2=replace(v, block_k=64),
-                                            y_fp32=False)
-        w = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, half_tail=True)
-        out["m128n128w8"] = MoEKernelConfig(block_m=128, gemm1=w, gemm2=w, y_fp32=False)
-        out["m128n256w8"] = MoEKernelConfig(block_m=128, gemm1=replace(w, block_n=256), gemm2=replace(w, block_n=256),
-                                            y_fp32=False)
+    if base.block_m <= 32:  # decode: the variants on the decode tile, K tile width, the old kernel
+        out["dequant"] = _both(base, variant="dequant")
+        out["dequant k/2"] = _both(base, variant="dequant", block_k=g1.block_k // 2)
+        out["dequant_bytes"] = _both(base, variant="dequant_bytes")
+        out["gemv"] = _both(base, variant="gemv")
+        # gemv: twice the programs (narrower N tiles, GEMM2 split twice as far; GEMM1 cannot split K)
+        out["gemv n/2"] = replace(base, gemm1=replace(g1, variant="gemv", block_n=max(16, g1.block_n // 2)),
+                                  gemm2=replace(g2, variant="gemv", split_k=2 * g2.split_k))
+        out["postscale k/2"] = _both(base, variant="postscale", block_k=g1.block_k // 2)  # the old kernel's best
+    else:  # prefill: dequant on the bf16 prefill shapes, K width, the old kernel's best tile
+        d = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4, variant="dequant")
+        out["dequant m64n128"] = MoEKernelConfig(block_m=64, gemm1=d, gemm2=d, y_fp32=False)
+        out["dequant m64n128k128"] = _both(out["dequant m64n128"], block_k=128, num_stages=3)
+        w = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, half_tail=True,
+                       variant="dequant")
+        out["dequant m128n128w8"] = MoEKernelConfig(block_m=128, gemm1=w, gemm2=w, y_fp32=False)
+        out["dequant m128n256w8"] = _both(out["dequant m128n128w8"], block_n=256)
+        p = GemmConfig(block_n=128, block_k=128 if bits == 4 else 64, group_m=8, num_warps=4, num_stages=4,
+                       variant="postscale")
+        out["postscale m64n128"] = MoEKernelConfig(block_m=64, gemm1=p, gemm2=p, y_fp32=False)
+        out["dequant_bytes"] = _both(base, variant="dequant_bytes")
     seen: dict[MoEKernelConfig, str] = {}
     for name, cfg in out.items():
         seen.setdefault(cfg, name)
@@ -90,14 +107,15 @@ def main() -> None:
     p.add_argument("--presets", default="mixtral-8x7b,qwen3-30b-a3b,deepseek-v3")
     p.add_argument("--tokens", default="1,16,64,4096")
     p.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    p.add_argument("--only", default="", help="comma list: time only the candidates whose name contains one")
     args = p.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(DEVICE)
     bits = args.bits
     scheme = f"w{bits}a16_g{GROUP}"
     start = time.perf_counter()
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__} triton {triton.__version__}  {scheme}")
-    print(f"{'preset':14s} {'T':>5s} {'gemm':4s} {'config':11s} {'us':>8s} {'GB/s':>7s} {'%4.8T':>6s} "
-          f"{'bf16 us':>8s} {'x bf16':>6s}")
+    print(f"{'preset':14s} {'T':>5s} {'gemm':4s} {'config':20s} {'us':>8s} {'GB/s':>7s} {'floor':>6s} "
+          f"{'bf16 us':>8s} {'x bf16':>6s}  err")
     summary = []
     for name in args.presets.split(","):
         shape = PRESETS[name]
@@ -123,7 +141,7 @@ def main() -> None:
                 return layouts[block_m]
 
             def run(cfg: MoEKernelConfig, quant: bool):
-                """The two GEMMs' callables and their outputs for one config."""
+                """The two GEMMs' callables and their outputs (a, the summed y) for one config."""
                 lay = layout_for(cfg.block_m)
                 a = torch.empty(num_rows, inter, device=dev, dtype=torch.bfloat16)
                 split = cfg.gemm2.split_k
@@ -139,37 +157,53 @@ def main() -> None:
                 def g2():
                     gemm(a, b2, lay, y_arg, cfg.gemm2, num_rows=num_rows, weights_N=weights)
 
-                return g1, g2, a
+                return g1, g2, a, y
 
             base_shape = MoEShape(num_tokens=num_tokens, top_k=top_k, num_experts=num_experts, hidden=hidden,
                                   inter=inter, num_sms=torch.cuda.get_device_properties(dev).multi_processor_count)
-            bf_cfg = choose_config(base_shape)
-            bf1, bf2, a_bf = run(bf_cfg, quant=False)
+            bf1, bf2, a_bf, y_bf = run(choose_config(base_shape), quant=False)
             t_bf = (bench(bf1, graph), bench(bf2, graph))
+            floor_us = [nbytes(w, active) / READ_BW * 1e6 for w in (w13, w2)]
             heur = choose_config(replace(base_shape, weights=scheme))
-            best = {}
+            totals: dict[str, float] = {}
+            point_start = time.perf_counter()
             for cname, cfg in variants(heur, bits).items():
-                try:
-                    q1, q2, a_q = run(cfg, quant=True)
-                    t = (bench(q1, graph), bench(q2, graph))
-                except Exception as e:  # a tile that does not fit (shared memory, registers): note it, go on
-                    print(f"  {name} T={num_tokens} {cname}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                if args.only and cname != "heuristic" and not any(o in cname for o in args.only.split(",")):
                     continue
-                err = rel_errors(a_q, a_bf)[0] if cname == "heuristic" else None
-                for i, (gemm_w, t_gemm) in enumerate(((w13, t[0]), (w2, t[1]))):
-                    gbs = nbytes(gemm_w, active) / (t_gemm * 1e-6) / 1e9
-                    line = (f"{name:14s} {num_tokens:5d} {'g' + str(i + 1):4s} {cname:11s} {t_gemm:8.1f} {gbs:7.0f} "
-                            f"{100 * gbs * 1e9 / PEAK_BW:5.0f}% {t_bf[i]:8.1f} {t_bf[i] / t_gemm:6.2f}")
-                    print(line + (f"  err {err:.4f}" if err is not None and i == 0 else ""), flush=True)
-                best.setdefault("total", {})[cname] = sum(t)
-            tot = best["total"]
-            winner = min(tot, key=tot.get)
-            summary.append(f"{name:14s} T={num_tokens:5d} active {active:3d}: bf16 {sum(t_bf):8.1f} us, heuristic "
-                           f"{tot.get('heuristic', float('nan')):8.1f} us ({sum(t_bf) / tot.get('heuristic', 1):.2f}x),"
-                           f" best {winner} {tot[winner]:8.1f} us ({sum(t_bf) / tot[winner]:.2f}x)")
+                label = f"{cname} ({cfg.gemm1.variant})" if cname == "heuristic" else cname
+                try:
+                    q1, q2, a_q, y_q = run(cfg, quant=True)
+                    t = (bench(q1, graph), bench(q2, graph))
+                    # Against the bf16 kernel on the same weights rounded to bf16: ~1e-2 is rounding, a wrong
+                    # variant shows as O(1).
+                    errs = (rel_errors(a_q, a_bf)[0], rel_errors(y_q.float().sum(0), y_bf.float().sum(0))[0])
+                except Exception as e:  # a tile that does not fit (shared memory, registers), a compile error
+                    print(f"  {name} T={num_tokens} {label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                wrong = max(errs) > 0.1 or errs != errs  # NaN
+                for i in range(2):
+                    gbs = nbytes((w13, w2)[i], active) / (t[i] * 1e-6) / 1e9
+                    print(f"{name:14s} {num_tokens:5d} {'g' + str(i + 1):4s} {label:20s} {t[i]:8.1f} {gbs:7.0f} "
+                          f"{100 * floor_us[i] / t[i]:5.0f}% {t_bf[i]:8.1f} {t_bf[i] / t[i]:6.2f}  {errs[i]:.4f}"
+                          f"{'  WRONG' if wrong else ''}", flush=True)
+                if not wrong:
+                    totals[label] = sum(t)
+            line = f"{name:14s} T={num_tokens:5d} active {active:3d}: bf16 {sum(t_bf):8.1f} us"
+            print(f"  ({time.perf_counter() - point_start:.0f} s for this point)", flush=True)
+            if totals:
+                heur_t = next((v for k, v in totals.items() if k.startswith("heuristic")), float("nan"))
+                winner = min(totals, key=totals.get)
+                line += (f", heuristic {heur_t:8.1f} us ({sum(t_bf) / heur_t:.2f}x), best {winner} "
+                         f"{totals[winner]:8.1f} us ({sum(t_bf) / totals[winner]:.2f}x, "
+                         f"{100 * sum(floor_us) / totals[winner]:.0f}% of the 4-bit floor)")
+            else:
+                line += ", no candidate ran correctly (FAILED or WRONG above)"
+            summary.append(line)
+            print(line, flush=True)
         del w13, w2, w13_bf, w2_bf
         torch.cuda.empty_cache()
-    print("\nsummary (GEMM 1 + GEMM 2):")
+    print("\nsummary (GEMM 1 + GEMM 2; floor = packed codes + scales of the active experts at "
+          f"{READ_BW / 1e12:.2f} TB/s):")
     print("\n".join(summary))
     print(f"elapsed {time.perf_counter() - start:.0f} s")
 

@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import torch
 
-from moekit._checks import ACT_DTYPES, check_dtype, check_ndim, check_same_device
+from moekit._checks import ACT_DTYPES, check_choice, check_dtype, check_ndim, check_same_device
 from moekit.ops._kernels.grouped_gemm_wna16 import grouped_gemm_wna16_kernel
 from moekit.ops.activation import Activation, activation_code
 from moekit.ops.align import AlignResult
 from moekit.ops.grouped_gemm import check_epilogue_args, grouped_gemm_ref
-from moekit.ops.heuristics import GemmConfig
+from moekit.ops.heuristics import WNA16_VARIANTS, GemmConfig, wna16_variant
 from moekit.ops.quantize_wna16 import WNA16Weight, _check_wna16, dequantize_wna16
 
 
@@ -53,14 +53,23 @@ def grouped_gemm_wna16(
     bias_EN: torch.Tensor | None = None,
     weights_N: torch.Tensor | None = None,
     activation: Activation | None = None,
+    variant: str | None = None,
 ) -> torch.Tensor:
     """Run one grouped GEMM on weight codes (module docstring) into ``out`` and return it.
 
     Args:
         a: [rows, k] fp16/bf16/fp32 activations, last dim contiguous; the dots run in this dtype.
         b: the experts' weights, ``qweight`` [E, n_b, ⌈k/2⌉ or k] (n_b = 2·n_out for a gated activation).
+        variant: how the codes are multiplied, one of ``WNA16_VARIANTS`` (see the kernel's docstring); None
+            takes ``config.variant``, else ``wna16_variant``'s choice for the layout. "dequant" reads 4-bit codes
+            as int32 words where the rows allow (fp16/bf16 activations), "dequant_bytes" always as bytes; both
+            round each dequantized weight to a's dtype (as a bf16 copy of the weights would). "postscale" and
+            "gemv" multiply exact codes and scale in fp32.
         The other arguments are ``grouped_gemm``'s.
     """
+    if variant is None:
+        variant = config.variant or wna16_variant(layout.block_m, layout.row_per_block)
+    check_choice("variant", variant, WNA16_VARIANTS)
     check_ndim("a", a, 2, "[rows, k]")
     check_dtype("a", a, ACT_DTYPES)
     qweight, scales, zeros, bits, group, k_dim = _check_wna16(b)
@@ -95,19 +104,24 @@ def grouped_gemm_wna16(
         return out  # no routed rows (T = 0): nothing to launch
     k_per_split = -(-k_dim // (split * block_k)) * block_k
     z = zeros if zeros is not None else scales  # never read without zero points
+    # gemv's fp32 FMAs take words from any activation dtype; dequant's 16-bit trick needs fp16/bf16.
+    use_words = bits == 4 and (variant == "gemv" or (variant == "dequant" and a.dtype != torch.float32))
+    words = _as_words(qweight) if use_words else None
+    codes = words if words is not None else qweight
     grouped_gemm_wna16_kernel[grid](
-        a, qweight, scales, z, out_3d,
+        a, codes, scales, z, out_3d,
         bias_EN if bias_EN is not None else a,
         weights_N if weights_N is not None else a,
         layout.sorted_ids, layout.expert_ids, layout.num_padded,
         num_rows, n_out, k_dim, a_row_div, n_out, k_per_split, group,
-        a.stride(0), qweight.stride(0), qweight.stride(1), qweight.stride(2),
+        a.stride(0), codes.stride(0), codes.stride(1), codes.stride(2),
         scales.stride(0), scales.stride(1), scales.stride(2), z.stride(0), z.stride(1), z.stride(2),
         out_3d.stride(0), out_3d.stride(1),
         bias_EN.stride(0) if bias_EN is not None else 0,
         activation.alpha if activation is not None else 0.0,
         activation.limit if activation is not None and activation.limit is not None else 0.0,
-        BITS=bits, HAS_ZEROS=zeros is not None, SUB_K=sub_k,
+        VARIANT="dequant" if variant == "dequant_bytes" else variant, WORDS=words is not None, BITS=bits,
+        HAS_ZEROS=zeros is not None, SUB_K=sub_k,
         ACTIVATION=activation_code(activation),
         GATED=gated, HAS_BIAS=bias_EN is not None, HAS_WEIGHTS=weights_N is not None,
         BLOCK_M=layout.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
@@ -116,6 +130,15 @@ def grouped_gemm_wna16(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
+
+
+def _as_words(qweight: torch.Tensor) -> torch.Tensor | None:
+    """``qweight`` (uint8) viewed as int32 words of 8 codes, no copy, or None where the bytes do not group into
+    aligned words (a row of ⌈k/2⌉ bytes not a multiple of 4, a strided or offset view)."""
+    if qweight.stride(-1) != 1 or qweight.storage_offset() % 4 or any(st % 4 for st in qweight.stride()[:-1]) \
+            or qweight.shape[-1] % 4:
+        return None
+    return qweight.view(torch.int32)
 
 
 def k_tiles(block_k: int, group_size: int, k_dim: int, bits: int) -> tuple[int, int]:

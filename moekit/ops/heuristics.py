@@ -19,12 +19,16 @@ import functools
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 _TUNED_DIR = Path(__file__).parent / "tuned"
+# The ways grouped_gemm_wna16 multiplies weight codes (its kernel's docstring): scale each dot's product,
+# dequantize the weight tile before one dot (4-bit codes read as int32 words where aligned, or always as bytes),
+# or FMAs without tensor cores for decode.
+WNA16_VARIANTS = ("postscale", "dequant", "dequant_bytes", "gemv")
 
 
 def tuned_dir() -> Path:
@@ -44,6 +48,9 @@ class GemmConfig:
     num_stages: int = 3
     # A block whose second half is padding runs a half-height tile (see grouped_gemm_kernel); needs block_m >= 32.
     half_tail: bool = False
+    # How ``grouped_gemm_wna16`` multiplies its weight codes (one of WNA16_VARIANTS; the other GEMMs ignore it).
+    # None: ``wna16_variant``'s choice for the layout.
+    variant: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
@@ -52,6 +59,8 @@ class GemmConfig:
                 raise ValueError(f"GemmConfig.{name}: expected a power of two >= 16, got {v}")
         if self.split_k < 1 or self.group_m < 1:
             raise ValueError(f"GemmConfig: split_k and group_m must be >= 1, got {self.split_k}, {self.group_m}")
+        if self.variant is not None and self.variant not in WNA16_VARIANTS:
+            raise ValueError(f"GemmConfig.variant: expected one of {WNA16_VARIANTS} or None, got {self.variant!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,27 +231,46 @@ def wna16_bits(weights: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def wna16_variant(block_m: int, row_per_block: bool) -> str:
+    """The ``grouped_gemm_wna16`` variant for a config that names none (a caller's or an older tuned entry).
+
+    One routed row a block (T = 1): "gemv", FMAs on the weight stream without a 16-row tensor-core tile of
+    padding. Otherwise "dequant": the weight tile dequantized in registers before one pipelined dot.
+    """
+    return "gemv" if row_per_block else "dequant"
+
+
 def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int) -> MoEKernelConfig:
-    """Tiles of ``grouped_gemm_wna16`` (integer weight codes, float activations).
+    """Tiles and variants of ``grouped_gemm_wna16`` (integer weight codes, float activations; variants in
+    ``moekit.ops._kernels.grouped_gemm_wna16``).
 
     A weight element costs bits/16 of a bf16 one, so the layer stays bound by the weight stream up to more rows
     an expert than bf16, but each code also costs a few integer ops to dequantize, once per tile of rows.
-    - Decode (BLOCK_M <= 32, R <~ 9-48 rows an expert): the bf16 rules for BLOCK_N and split-K, with K tiles of
-      128 B of codes per weight row (256 columns at 4 bits, 128 at 8), so that a program keeps as many weight
-      bytes in flight per stage as the bf16 decode tile (its A tile of 16 rows is then as large as its B tile).
-    - Otherwise compute-bound: 64 x 128 tiles of 4 warps (the product is scaled after each dot, which needs a
-      second accumulator-sized register block, like the 8-bit kernel), 128 x 128 of 8 warps with the half tail
-      from 128-row blocks; K tiles of 128 columns at 4 bits (64 B a row), 64 at 8.
-    Untuned on a GPU: ``benchmarks/probes/wna16_timing.py`` times these against alternatives; tuned tables hold
-    exceptions under the key "E,H,I,K,<scheme>".
+    - T = 1 (one routed row a block): "gemv". No tensor-core tile of 15 padded rows; the grid is rows × N tiles
+      only, so it aims at ~4 programs an SM (BLOCK_N shrinks, GEMM2 splits K) to keep enough bytes in flight.
+    - Other decode (BLOCK_M <= 32, R <~ 9-48 rows an expert): "dequant" on the bf16 decode rules for BLOCK_N and
+      split-K, with K tiles of 128 B of codes per weight row (256 columns at 4 bits, 128 at 8), so that a
+      program keeps as many weight bytes in flight per stage as the bf16 decode tile.
+    - Otherwise compute-bound: "dequant" (the dot accumulates in place and is pipelined like a bf16 GEMM; the
+      old per-dot scaling left the tensor cores waiting on each product, 0.25-0.39x of bf16 at T = 4096 on an
+      H200) on the bf16 prefill shapes: 64 x 128 tiles of 4 warps, 128 x 128 of 8 warps with the half tail from
+      128-row blocks, 64-wide K (the dequantized [BLOCK_N, BLOCK_K] tile lives in registers beside the
+      accumulator).
+    Untuned on a GPU: ``benchmarks/probes/wna16_timing.py`` times the variants and tiles against each other;
+    tuned tables hold exceptions under the key "E,H,I,K,<scheme>".
     """
+    bk = 256 if bits == 4 else 128
+    if s.num_tokens == 1:
+        cfg = _decode_config(s, block_m, blocks, 2 * target, bk)
+        return replace(cfg, gemm1=replace(cfg.gemm1, variant="gemv"), gemm2=replace(cfg.gemm2, variant="gemv"))
     if block_m <= 32:
-        return _decode_config(s, block_m, blocks, target, 256 if bits == 4 else 128)
-    bk = 128 if bits == 4 else 64
+        cfg = _decode_config(s, block_m, blocks, target, bk)
+        return replace(cfg, gemm1=replace(cfg.gemm1, variant="dequant"), gemm2=replace(cfg.gemm2, variant="dequant"))
     if block_m == 128:
-        g = GemmConfig(block_n=128, block_k=bk, group_m=8, num_warps=8, num_stages=3, half_tail=True)
+        g = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, half_tail=True,
+                       variant="dequant")
     else:
-        g = GemmConfig(block_n=128, block_k=bk, group_m=8, num_warps=4, num_stages=4)
+        g = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4, variant="dequant")
     return MoEKernelConfig(block_m=block_m, gemm1=g, gemm2=g, y_fp32=False)
 
 
@@ -281,5 +309,5 @@ def _read_tables(folder: Path) -> dict:
     return merged
 
 
-__all__ = ["GemmConfig", "MoEKernelConfig", "MoEShape", "choose_config", "gpu_name", "heuristic_config", "tuned_dir",
-           "wna16_bits"]
+__all__ = ["WNA16_VARIANTS", "GemmConfig", "MoEKernelConfig", "MoEShape", "choose_config", "gpu_name",
+           "heuristic_config", "tuned_dir", "wna16_bits", "wna16_variant"]

@@ -1,24 +1,37 @@
-"""grouped_gemm_wna16 vs grouped_gemm_wna16_ref (grouped_gemm_ref on dequantize_wna16 weights), in the interpreter:
-int4 sym/asym and int8 sym/asym codes, group sizes 32/64/128 (and 96, one group), ragged and odd K, gated GEMM 1
-and GEMM 2 with routing weights and split-K, the routing edge cases. Outputs are poisoned with NaN so unwritten
-rows show. fp16/fp32 activations only: the interpreter's bf16 tl.dot is wrong (bf16 runs in the GPU test).
-The codes times fp16 activations are exact products, so the kernel matches the fp32 reference to fp32 rounding.
+"""grouped_gemm_wna16 vs grouped_gemm_wna16_ref (grouped_gemm_ref on dequantize_wna16 weights), in the interpreter,
+for every variant: int4 sym/asym and int8 sym/asym codes, group sizes 32/64/128 (and 96, one group), ragged and
+odd K, gated GEMM 1 and GEMM 2 with routing weights and split-K, the routing edge cases. Outputs are poisoned with
+NaN so unwritten rows show. fp16/fp32 activations only: the interpreter's bf16 tl.dot is wrong (bf16 runs in the
+GPU test). The codes times fp16 activations are exact products, so "postscale" and "gemv" match the fp32
+reference to fp32 rounding; "dequant" (int32 words of codes wherever the rows allow, fp16 here) and
+"dequant_bytes" round each dequantized weight to fp16 (fp16 tolerance).
 """
 
 from dataclasses import replace
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from moekit.ops._kernels.grouped_gemm_wna16 import _codes_minus_zero
 from moekit.ops.activation import Activation
 from moekit.ops.align import align, align_ref, row_per_block
-from moekit.ops.grouped_gemm_wna16 import grouped_gemm_wna16, grouped_gemm_wna16_ref, k_tiles
-from moekit.ops.heuristics import GemmConfig, MoEKernelConfig, MoEShape, heuristic_config, wna16_bits
+from moekit.ops.grouped_gemm_wna16 import _as_words, grouped_gemm_wna16, grouped_gemm_wna16_ref, k_tiles
+from moekit.ops.heuristics import (
+    WNA16_VARIANTS, GemmConfig, MoEKernelConfig, MoEShape, heuristic_config, wna16_bits, wna16_variant,
+)
 from moekit.ops.quantize_wna16 import WNA16Weight, quantize_wna16
 from moekit.testing import assert_close
 
 SMALL = GemmConfig(block_n=32, block_k=64, group_m=2, num_warps=4, num_stages=2)
 SILU = Activation(name="silu")
+variants = pytest.mark.parametrize("variant", WNA16_VARIANTS)
+
+
+def _tol(variant, dtype):
+    """The tolerance row of a variant's output: "dequant" rounds the weights to a's dtype."""
+    return dtype if variant.startswith("dequant") else torch.float32
 
 
 def _weights(num_experts, n_b, k_dim, bits, group_size, sym, dtype=torch.float16):
@@ -30,18 +43,19 @@ def _routing(num_tokens, top_k, num_experts, block_m=16):
     return ids, align_ref(ids, num_experts, block_m)
 
 
-def _gemm1(x, w, layout, inter, top_k, config=SMALL, act=SILU, bias=None):
+def _gemm1(x, w, layout, inter, top_k, config=SMALL, act=SILU, bias=None, variant=None):
     """Kernel and reference outputs of GEMM 1 (rows gathered by a_row_div = top_k, activation fused)."""
     num_rows = x.shape[0] * top_k
     kw = dict(num_rows=num_rows, a_row_div=top_k, bias_EN=bias, activation=act)
     out = torch.full((num_rows, inter), float("nan"))
-    grouped_gemm_wna16(x, w, layout, out, config, **kw)
+    grouped_gemm_wna16(x, w, layout, out, config, variant=variant, **kw)
     return out, grouped_gemm_wna16_ref(x, w, layout, torch.empty(num_rows, inter), **kw)
 
 
+@variants
 @pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True), (8, False)])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_gemm1_gated_with_bias(bits, sym, group_size):
+def test_gemm1_gated_with_bias(bits, sym, group_size, variant):
     # K = 200: ragged last K tile and last group (g = 32: 6 groups + 8 columns; 128: one whole, one short); odd
     # T; I = 24 not a multiple of the 16-output tile (wrapped columns); bias in the epilogue; BLOCK_K = 64 against
     # g = 32 (two groups a tile), 64 (one) and 128 (a tile in half a group).
@@ -49,13 +63,15 @@ def test_gemm1_gated_with_bias(bits, sym, group_size):
     ids, layout = _routing(num_tokens, top_k, num_experts)
     w = _weights(num_experts, 2 * inter, k_dim, bits, group_size, sym)
     x = (torch.randn(num_tokens, k_dim) / 10).half()
-    out, want = _gemm1(x, w, layout, inter, top_k, bias=torch.randn(num_experts, 2 * inter).half() / 10)
-    assert_close(out, want, torch.float32)
+    out, want = _gemm1(x, w, layout, inter, top_k, bias=torch.randn(num_experts, 2 * inter).half() / 10,
+                       variant=variant)
+    assert_close(out, want, _tol(variant, x.dtype))
 
 
+@variants
 @pytest.mark.parametrize("bits, sym", [(4, False), (8, True)])
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_gemm2_routing_weights_and_split_k(bits, sym, split_k):
+def test_gemm2_routing_weights_and_split_k(bits, sym, split_k, variant):
     # Rows read one to one with routing weights, fp32 activations ("ieee" dots); split-K partials each start on
     # a whole K tile (k_per_split = 128 for K = 320 in 3 splits of BLOCK_K = 64: the last one is short).
     num_tokens, top_k, num_experts, hidden, k_dim = 5, 3, 5, 40, 320
@@ -65,44 +81,48 @@ def test_gemm2_routing_weights_and_split_k(bits, sym, split_k):
     a = torch.randn(num_rows, k_dim) / 10
     kw = dict(num_rows=num_rows, weights_N=torch.rand(num_rows), bias_EN=torch.randn(num_experts, hidden) / 10)
     out = torch.full((split_k, num_rows, hidden), float("nan"))
-    grouped_gemm_wna16(a, w, layout, out if split_k > 1 else out[0], replace(SMALL, split_k=split_k), **kw)
+    grouped_gemm_wna16(a, w, layout, out if split_k > 1 else out[0], replace(SMALL, split_k=split_k, variant=variant),
+                       **kw)
     want = grouped_gemm_wna16_ref(a, w, layout, torch.empty(num_rows, hidden), **kw)
     assert_close(out.sum(0), want, torch.float32)
 
 
+@variants
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k_dim", [63, 256])
-def test_odd_and_even_k(bits, k_dim):
+def test_odd_and_even_k(bits, k_dim, variant):
     # K = 63: odd, so the 4-bit rows end on a padding nibble that must not count; one partial group of 32.
     # K = 256: a whole number of K tiles (the unmasked loop).
     num_tokens, top_k, num_experts, inter = 3, 2, 3, 16
     ids, layout = _routing(num_tokens, top_k, num_experts)
     w = _weights(num_experts, 2 * inter, k_dim, bits, 32, False)
     x = (torch.randn(num_tokens, k_dim) / 10).half()
-    out, want = _gemm1(x, w, layout, inter, top_k)
-    assert_close(out, want, torch.float32)
+    out, want = _gemm1(x, w, layout, inter, top_k, variant=variant)
+    assert_close(out, want, _tol(variant, x.dtype))
 
 
+@variants
 @pytest.mark.parametrize("group_size", [96, -1])
-def test_group_sizes_that_are_not_powers_of_two(group_size):
+def test_group_sizes_that_are_not_powers_of_two(group_size, variant):
     # g = 96: K tiles of 32 (the largest power of two dividing it); g = -1: one group over the whole row.
     ids, layout = _routing(4, 2, 4)
     w = _weights(4, 32, 192, 4, group_size, True)
     x = (torch.randn(4, 192) / 10).half()
-    out, want = _gemm1(x, w, layout, 16, 2, config=replace(SMALL, block_k=128))
-    assert_close(out, want, torch.float32)
+    out, want = _gemm1(x, w, layout, 16, 2, config=replace(SMALL, block_k=128), variant=variant)
+    assert_close(out, want, _tol(variant, x.dtype))
 
 
-def test_single_token_row_per_block():
+@variants
+def test_single_token_row_per_block(variant):
     # T = 1 decode layout (one routed row per block, no align) with the 4-bit decode tile: BLOCK_K = 256 in
-    # sub-tiles of g = 64.
+    # sub-tiles of g = 64; "gemv" runs it as a 1-row tile.
     num_experts, inter, k_dim, top_k = 6, 32, 256, 3
     ids = torch.randperm(num_experts)[:top_k][None].int()
     w = _weights(num_experts, 2 * inter, k_dim, 4, 64, True)
     x = (torch.randn(1, k_dim) / 10).half()
     cfg = GemmConfig(block_n=32, block_k=256, num_stages=4)
-    out, want = _gemm1(x, w, row_per_block(ids, 16), inter, top_k, config=cfg)
-    assert_close(out, want, torch.float32)
+    out, want = _gemm1(x, w, row_per_block(ids, 16), inter, top_k, config=cfg, variant=variant)
+    assert_close(out, want, _tol(variant, x.dtype))
 
 
 def test_no_tokens():
@@ -115,7 +135,8 @@ def test_no_tokens():
                               activation=SILU) is out
 
 
-def test_all_tokens_on_one_expert_with_half_tail():
+@variants
+def test_all_tokens_on_one_expert_with_half_tail(variant):
     # 40 rows on expert 2 of 4 (top_k 1; experts 0, 1, 3 get none): two full 32-row blocks and one whose second
     # half is padding, which runs the half-height tile.
     ids = torch.full((40, 1), 2)
@@ -123,18 +144,19 @@ def test_all_tokens_on_one_expert_with_half_tail():
     w = _weights(4, 48, 128, 4, 64, False)
     x = (torch.randn(40, 128) / 10).half()
     out = torch.full((40, 48), float("nan"))
-    grouped_gemm_wna16(x, w, layout, out, replace(SMALL, half_tail=True), num_rows=40)
+    grouped_gemm_wna16(x, w, layout, out, replace(SMALL, half_tail=True), num_rows=40, variant=variant)
     want = grouped_gemm_wna16_ref(x, w, layout, torch.empty(40, 48), num_rows=40)
-    assert_close(out, want, torch.float32)
+    assert_close(out, want, _tol(variant, x.dtype))
 
 
-def test_top_k_equals_num_experts():
+@variants
+def test_top_k_equals_num_experts(variant):
     # Every token on every expert (top_k = E = 3).
     ids, layout = _routing(5, 3, 3)
     w = _weights(3, 32, 96, 8, 32, False)
     x = (torch.randn(5, 96) / 10).half()
-    out, want = _gemm1(x, w, layout, 16, 3, act=Activation(name="gelu"))
-    assert_close(out, want, torch.float32)
+    out, want = _gemm1(x, w, layout, 16, 3, act=Activation(name="gelu"), variant=variant)
+    assert_close(out, want, _tol(variant, x.dtype))
 
 
 def test_k_tiles():
@@ -146,6 +168,16 @@ def test_k_tiles():
         k_tiles(16, 128, 4096, 4)
     with pytest.raises(ValueError, match="group_size"):
         k_tiles(128, 16, 4096, 4)  # two dots of 8 columns a group
+
+
+def test_codes_as_words_only_when_aligned():
+    # "dequant" reads 4-bit rows as int32 words (a view, no copy) only where every row starts on a word.
+    q = torch.randint(0, 256, (3, 8, 100), dtype=torch.uint8)
+    words = _as_words(q)
+    assert words.dtype == torch.int32 and words.shape == (3, 8, 25) and words.data_ptr() == q.data_ptr()
+    assert _as_words(q[..., :98]) is None  # a row of 98 bytes is not whole words
+    assert _as_words(q[:, :, 2:]) is None  # offset by 2 bytes
+    assert _as_words(q[..., :96].contiguous()) is not None
 
 
 def test_bad_inputs_name_the_argument():
@@ -171,6 +203,10 @@ def test_bad_inputs_name_the_argument():
                            num_rows=2, activation=SILU)
     with pytest.raises(ValueError, match="config.block_k"):
         grouped_gemm_wna16(x, w, layout, out, GemmConfig(block_n=32, block_k=16), **kw)
+    with pytest.raises(ValueError, match="variant: expected one of"):
+        grouped_gemm_wna16(x, w, layout, out, SMALL, variant="marlin", **kw)
+    with pytest.raises(ValueError, match="GemmConfig.variant"):
+        replace(SMALL, variant="marlin")
 
 
 PRESETS = [(8, 4096, 14336, 2), (128, 2048, 768, 8), (256, 7168, 2048, 8)]
@@ -189,6 +225,10 @@ def test_wna16_heuristic_tiles(num_experts, hidden, inter, top_k, num_tokens, sc
         k_tiles(gemm.block_k, int(scheme.split("_g")[1].split("_")[0]), k_dim, bits)  # a valid K tiling
     if cfg.block_m <= 32:  # decode: 128 B of codes a weight row per K tile
         assert cfg.gemm1.block_k * bits == 1024
+    # T = 1 runs on the one-row-a-block layout: no tensor-core tile; everything else dequantizes before the dot.
+    want = "gemv" if num_tokens == 1 else "dequant"
+    assert cfg.gemm1.variant == cfg.gemm2.variant == want
+    assert wna16_variant(cfg.block_m, num_tokens == 1) == want  # a config naming no variant gets the same
     assert shape.table_key == f"{num_experts},{hidden},{inter},{top_k},{scheme}"
 
 
@@ -198,9 +238,14 @@ def test_wna16_bits():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_tokens, bits, sym", [(1, 4, True), (64, 4, True), (4096, 4, True), (1, 4, False),
-                                                   (64, 4, False), (1, 8, True), (64, 8, False)])
-def test_mixtral_size_on_gpu(num_tokens, bits, sym):
+@pytest.mark.parametrize("num_tokens, bits, sym, variant", [
+    (1, 4, True, None), (64, 4, True, None), (4096, 4, True, None), (1, 4, False, None), (64, 4, False, None),
+    (1, 8, True, None), (64, 8, False, None),
+    # each variant off its heuristic shape: T = 1 on tensor cores, a 32-row block on FMAs, the old scaling
+    (1, 4, False, "dequant"), (1, 4, True, "postscale"), (64, 4, False, "gemv"), (64, 8, True, "postscale"),
+    (64, 4, False, "dequant_bytes"),
+])
+def test_mixtral_size_on_gpu(num_tokens, bits, sym, variant):
     # The issue's tolerance (atol 2e-2 on randn/10 inputs) at mixtral-8x7b's size, bf16 activations, both GEMMs
     # on the heuristic tiles (decode, T = 64's 32-row blocks, prefill), each against the reference on the same
     # input. The fp32 reference of T = 4096 is ~3 TFLOP (once, for int4 sym).
@@ -209,6 +254,8 @@ def test_mixtral_size_on_gpu(num_tokens, bits, sym):
     scheme = f"w{bits}a16_g128{'' if sym else '_asym'}"
     cfg = heuristic_config(MoEShape(num_tokens=num_tokens, top_k=top_k, num_experts=num_experts, hidden=hidden,
                                     inter=inter, weights=scheme))
+    if variant is not None:
+        cfg = replace(cfg, gemm1=replace(cfg.gemm1, variant=variant), gemm2=replace(cfg.gemm2, variant=variant))
     w13 = quantize_wna16(torch.randn(num_experts, 2 * inter, hidden, device=dev, dtype=torch.bfloat16) / 10, bits,
                          128, sym)
     w2 = quantize_wna16(torch.randn(num_experts, hidden, inter, device=dev, dtype=torch.bfloat16) / 10, bits, 128,
@@ -229,5 +276,31 @@ def test_mixtral_size_on_gpu(num_tokens, bits, sym):
     grouped_gemm_wna16(a, w2, layout, y if split > 1 else y[0], cfg.gemm2, num_rows=num_rows, weights_N=weights)
     want_y = grouped_gemm_wna16_ref(a, w2, layout, torch.empty(num_rows, hidden, device=dev), num_rows=num_rows,
                                     weights_N=weights)
-    assert_close(y.sum(0), want_y, torch.float16, name="gemm2")  # fp32 sums of exact products
+    # fp32 sums of exact products, but "dequant" rounds the weights to bf16
+    assert_close(y.sum(0), want_y, torch.bfloat16 if cfg.gemm2.variant.startswith("dequant") else torch.float16,
+                 name="gemm2")
     torch.testing.assert_close(y.sum(0), want_y, atol=2e-2, rtol=0)
+
+
+@triton.jit
+def _codes_kernel(p_c, p_z, p_out, N: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr):
+    o_n = tl.arange(0, N)
+    o = o_n[:, None] * K + tl.arange(0, K)[None, :]
+    b_f = _codes_minus_zero(tl.load(p_c + o), tl.load(p_z + o_n), p_out.dtype.element_ty, BITS)
+    tl.store(p_out + o, b_f)
+
+
+# The interpreter's bf16 arithmetic is wrong like its bf16 tl.dot (128 - 128 gave 64): bf16 runs on the GPU.
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu), torch.float32])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_codes_minus_zero_exact(dtype, bits):
+    # The exponent trick (code OR-ed into the mantissa of 1024 / 128 / 2^23, minus power + zero) gives q - z
+    # exactly for every code and zero point of the width, in each activation dtype (bf16 8-bit codes convert).
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 1 << bits
+    codes = torch.arange(n, dtype=torch.uint8, device=dev).repeat(n, 1)  # [z, q]: every pair
+    zeros = torch.arange(n, dtype=torch.int32, device=dev)
+    out = torch.empty(n, n, dtype=dtype, device=dev)
+    _codes_kernel[(1,)](codes, zeros, out, n, n, bits)
+    want = codes.int() - zeros[:, None]
+    assert torch.equal(out.float(), want.float())

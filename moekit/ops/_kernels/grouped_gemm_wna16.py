@@ -3,19 +3,30 @@ activations in their float dtype.
 
 A sibling of ``grouped_gemm_kernel`` (same row layout, grid order, gate|up tile, half tail and epilogue). Each
 K tile of BLOCK_K columns runs as BLOCK_K / SUB_K sub-tiles that each lie in one scale group (the wrapper picks
-SUB_K: BLOCK_K when a group holds the whole tile, else the group size), for weight row n = ``o_bn`` of the tile:
+SUB_K: BLOCK_K when a group holds the whole tile, else the group size). For weight row n = ``o_bn`` of the tile,
+a sub-tile holds the codes q of columns [k, k + SUB_K) (4 bits: SUB_K/2 bytes, low nibble = even column), its
+group's scale s[n] and zero point z[n] (2^(bits-1) for symmetric codes). VARIANT says how it is multiplied:
 
-    q    = codes of row n, columns [k, k + SUB_K)                 (4 bits: SUB_K/2 bytes, low nibble = even column)
-    part = dot(a[:, k : k + SUB_K], (q - z[n, kg]).to(a.dtype))   (exact: |q - z| <= 255 fits fp16/bf16)
-    acc += part * s[n, kg]                                        (fp32, one factor per column)
+- "postscale": part = dot(a, (q - z).to(a.dtype)); acc += part * s[n]. The dot's inputs are exact and the scale
+  costs BLOCK_M·BLOCK_N multiplies a sub-tile; at 4 bits A's sub-tile is split into its even and odd columns
+  and the product is two dots of SUB_K/2 (the shuffle touches A, never the weight tile). Each sub-tile waits on
+  its dot before the scaling FMA: the tensor cores and the scaling do not overlap.
+- "dequant": w = ((q - z) · s[n]).to(a.dtype) in registers, then acc = dot(a, w, acc): one dot a sub-tile into
+  the running accumulator, which Triton pipelines like a bf16 GEMM (Marlin's approach). The weights are rounded
+  once to a.dtype, as a dequantized bf16 weight would be. WORDS (4 bits, fp16/bf16): the codes are read as
+  int32 words and two codes become two 16-bit floats in one mask-and-OR (``_words_minus_zero``; the sm_90 SASS
+  of a 64 x 128 tile has ~40% fewer integer ops than from bytes); else bytes, nibbles interleaved back into k
+  order (the launcher's "dequant_bytes" forces this).
+- "gemv": no tensor cores: acc[n] += s[n] · Σ_k (q - z)·a[k] in fp32 FMAs, one routed row a tile, for decode
+  where a block holds one routed row (ROW_PER_BLOCK) or a few: the weight stream is the whole cost and a
+  tensor-core tile of 16 padded rows only adds work. 4-bit codes are read as int32 words (any activation dtype)
+  where the rows allow. Each thread sums the products of its own 16 loaded bytes per sub-tile; the sum across
+  threads waits for the end of the K loop.
 
-The scale multiplies the fp32 product rather than the weights: BLOCK_M·BLOCK_N multiplies per sub-tile instead
-of SUB_K·BLOCK_N (a decode tile has 16 rows against 128-256 columns of K), and the dot's inputs are exact.
-4 bits: a byte tile's low nibbles are the even columns and its high nibbles the odd ones. Rather than interleave
-them back into a [SUB_K, BLOCK_N] tile, A's sub-tile is split into its even and odd columns and the product is two
-dots of SUB_K/2: the shuffle touches the A tile (16 rows at decode), never the weight tile.
-Symmetric codes (no zero points) subtract 2^(bits-1). Names: ``i_`` index, ``o_`` offset vector, ``m_`` mask,
-``p_`` pointer, ``b_`` register block.
+Codes become floats by the exponent trick rather than an int -> float conversion (a quarter of the FMA rate on
+Hopper): the code OR-ed into the mantissa of a power of two (1024 in fp16, 128 in bf16, 2^23 in fp32) is exactly
+that power plus the code, and one subtraction of (power + z) leaves q - z exactly.
+Names: ``i_`` index, ``o_`` offset vector, ``m_`` mask, ``p_`` pointer, ``b_`` register block.
 """
 
 import triton
@@ -25,12 +36,125 @@ from moekit.ops._kernels.grouped_gemm import _epilogue, _program_tile, _rows_and
 
 
 @triton.jit
+def _load_sub_tile(
+    p_a_sub, p_b_sub, p_s_cols, p_z_cols, m_rows, k_sub, k_end, group_size, stride_sk, stride_zk,
+    BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr,
+    PACK: tl.constexpr,
+):
+    """A [TILE_M, SUB_K], the codes [BLOCK_N, SUB_K / PACK] (PACK codes an element: uint8 bytes or int32 words,
+    a weight row's elements contiguous: wide loads), the group's scales [BLOCK_N] and zero points [BLOCK_N]
+    (int32) of the sub-tile at column ``k_sub``."""
+    SUB_B: tl.constexpr = SUB_K // PACK
+    if EVEN_K:
+        i_g = k_sub // group_size
+        b_a = tl.load(p_a_sub, mask=m_rows[:, None], other=0.0)
+        b_q = tl.load(p_b_sub)
+    else:
+        m_k = (k_sub + tl.arange(0, SUB_K)) < k_end
+        # An element is read while its first column is in range; columns past k_end meet zeros of A.
+        m_b = (k_sub // PACK + tl.arange(0, SUB_B)) < (k_end + PACK - 1) // PACK
+        # A sub-tile wholly past the end (its A is all zeros) reads the last group's scale: its own group may not
+        # exist.
+        i_g = min(k_sub, k_end - 1) // group_size
+        b_a = tl.load(p_a_sub, mask=m_rows[:, None] & m_k[None, :], other=0.0)
+        b_q = tl.load(p_b_sub, mask=m_b[None, :], other=0)
+    b_s = tl.load(p_s_cols + i_g * stride_sk)
+    if HAS_ZEROS:
+        b_z = tl.load(p_z_cols + i_g * stride_zk).to(tl.int32)
+    else:
+        b_z = tl.full([BLOCK_N], 1 << (BITS - 1), tl.int32)
+    return b_a, b_q, b_s, b_z
+
+
+@triton.jit
+def _codes_minus_zero(b_c, b_z, DTYPE: tl.constexpr, BITS: tl.constexpr):
+    """(codes [BLOCK_N, K] uint8 - zero points [BLOCK_N]) exactly, in DTYPE (module docstring: exponent trick)."""
+    if DTYPE == tl.float16:  # 1024 + c, c < 256: exact (10 mantissa bits)
+        b_f = (b_c.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+        return b_f - (b_z + 1024).to(tl.float16)[:, None]
+    elif DTYPE == tl.float32:  # 2^23 + c
+        b_f = (b_c.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+        return b_f - (b_z + 8388608).to(tl.float32)[:, None]
+    elif BITS == 4:  # bf16: 128 + c, exact for c < 128 (7 mantissa bits)
+        b_f = (b_c.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        return b_f - (b_z + 128).to(tl.bfloat16)[:, None]
+    else:  # 8-bit codes do not fit bf16's mantissa above 128: convert
+        return (b_c.to(tl.int32) - b_z[:, None]).to(DTYPE)
+
+
+@triton.jit
+def _words_minus_zero(b_w, b_z, DTYPE: tl.constexpr):
+    """4-bit codes as int32 words [BLOCK_N, W] (nibble i of word w = column 8w + i) -> (codes - zero points)
+    [BLOCK_N, 8W] exactly, in fp16 or bf16. Marlin's trick: one mask-and-OR makes two 16-bit floats at once
+    (nibbles s and s + 4, in the word's two halves), 7 integer ops a word instead of a few a code."""
+    MAGIC: tl.constexpr = 0x64006400 if DTYPE == tl.float16 else 0x43004300  # 1024 | 128 in both halves
+    POWER: tl.constexpr = 1024 if DTYPE == tl.float16 else 128
+    b_v0 = (b_w & 0x000F000F) | MAGIC
+    b_v1 = ((b_w >> 4) & 0x000F000F) | MAGIC
+    b_v2 = ((b_w >> 8) & 0x000F000F) | MAGIC
+    b_v3 = ((b_w >> 12) & 0x000F000F) | MAGIC  # arithmetic shifts: sign bits never reach bits 0-3, 16-19
+    # Columns 8w + t, t = 4·b2 + 2·b1 + b0: join the most significant bit first so the flat order is t.
+    b_j0 = tl.join(_half(b_v0, 0, DTYPE), _half(b_v0, 1, DTYPE))  # t = 0, 4
+    b_j1 = tl.join(_half(b_v1, 0, DTYPE), _half(b_v1, 1, DTYPE))  # t = 1, 5
+    b_j2 = tl.join(_half(b_v2, 0, DTYPE), _half(b_v2, 1, DTYPE))  # t = 2, 6
+    b_j3 = tl.join(_half(b_v3, 0, DTYPE), _half(b_v3, 1, DTYPE))  # t = 3, 7
+    b_f = tl.join(tl.join(b_j0, b_j2), tl.join(b_j1, b_j3))
+    BLOCK_N: tl.constexpr = b_w.shape[0]
+    W: tl.constexpr = b_w.shape[1]
+    b_f = tl.reshape(b_f, [BLOCK_N, 8 * W])
+    return b_f - (b_z + POWER).to(DTYPE)[:, None]
+
+
+@triton.jit
+def _gemv_words(b_w, b_z, b_a):
+    """Σ_t (nibble t of b_w - z) · a[w, t] per word: codes [BLOCK_N, W] int32, zero points [BLOCK_N], fp32
+    activations [W, 8] -> fp32 [BLOCK_N, W]. Each code becomes 2^23 + q by a shift and a mask-and-OR.
+    (Masking each nibble in place instead, with a power-of-two scale moved onto a, compiled to as many
+    instructions on sm_90: the mask and the 2^23 pattern cannot both be immediates.)"""
+    W: tl.constexpr = b_w.shape[1]
+    # a[w, t], t = 4·b2 + 2·b1 + b0: split off b0, then b1, then b2.
+    b_a0, b_a1 = tl.split(tl.reshape(b_a, [W, 2, 2, 2]))  # [W, 2 (b2), 2 (b1)] each
+    b_a00, b_a10 = tl.split(b_a0)  # t = 0 + {0, 4}, 2 + {0, 4}
+    b_a01, b_a11 = tl.split(b_a1)  # t = 1 + {0, 4}, 3 + {0, 4}
+    b_a0, b_a4 = tl.split(b_a00)
+    b_a2, b_a6 = tl.split(b_a10)
+    b_a1, b_a5 = tl.split(b_a01)
+    b_a3, b_a7 = tl.split(b_a11)
+    b_off = (b_z + 8388608).to(tl.float32)[:, None]
+    b_t = _nibble_f32(b_w, 0, b_off) * b_a0[None, :]
+    b_t += _nibble_f32(b_w, 1, b_off) * b_a1[None, :]
+    b_t += _nibble_f32(b_w, 2, b_off) * b_a2[None, :]
+    b_t += _nibble_f32(b_w, 3, b_off) * b_a3[None, :]
+    b_t += _nibble_f32(b_w, 4, b_off) * b_a4[None, :]
+    b_t += _nibble_f32(b_w, 5, b_off) * b_a5[None, :]
+    b_t += _nibble_f32(b_w, 6, b_off) * b_a6[None, :]
+    b_t += _nibble_f32(b_w, 7, b_off) * b_a7[None, :]
+    return b_t
+
+
+@triton.jit
+def _nibble_f32(b_w, T: tl.constexpr, b_off):
+    """Nibble T of each int32 word as fp32, minus ``b_off`` (2^23 + zero point): exact. The sign bits an
+    arithmetic shift brings in are masked off."""
+    b_v = ((b_w >> (4 * T)) & 15) | 0x4B000000
+    return b_v.to(tl.float32, bitcast=True) - b_off
+
+
+@triton.jit
+def _half(b_v, HIGH: tl.constexpr, DTYPE: tl.constexpr):
+    """The low or high 16 bits of int32 ``b_v`` as a DTYPE (fp16/bf16) value."""
+    if HIGH:
+        b_v = b_v >> 16
+    return b_v.to(tl.int16).to(DTYPE, bitcast=True)
+
+
+@triton.jit
 def _tile(
     p_a, p_b, p_s, p_z, p_c, p_bias, p_weights, p_sorted_ids,
     i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
     stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
     stride_bias_e, alpha, limit,
-    BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr,
+    VARIANT: tl.constexpr, WORDS: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
@@ -38,58 +162,69 @@ def _tile(
     """The first TILE_M slots of row block ``i_m`` against output tile ``i_n``, split ``i_s``; ``p_b``, ``p_s``
     and ``p_z`` point at expert ``i_e``'s codes, scales and zero points."""
     OUT_N: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
-    PACK: tl.constexpr = 2 if BITS == 4 else 1  # codes a byte
-    SUB_B: tl.constexpr = SUB_K // PACK  # bytes of a weight row in one sub-tile
+    PACK: tl.constexpr = 8 if WORDS else (2 if BITS == 4 else 1)  # codes a loaded element
+    SUB_B: tl.constexpr = SUB_K // PACK  # elements of a weight row in one sub-tile
+    DTYPE: tl.constexpr = p_a.dtype.element_ty
     b_rows, m_rows, o_bn = _rows_and_columns(p_sorted_ids, i_m, i_n, num_rows, n_out, up_offset, GATED, BLOCK_M,
                                              TILE_M, BLOCK_N, EVEN_N, ROW_PER_BLOCK)
     o_a_rows = (b_rows // a_row_div).to(tl.int64) * stride_am
     o_bn64 = o_bn.to(tl.int64)
-    k_start = i_s * k_per_split
+    # k_per_split is a multiple of BLOCK_K (the launcher's), so a split starts on a whole byte or word; saying so
+    # keeps the code loads 16 bytes wide (the compiler only knows k_per_split % 16 == 0, which the division by
+    # PACK would halve to 8-byte loads).
+    k_start = tl.multiple_of(i_s * k_per_split, BLOCK_K)
     k_end = min(k_start + k_per_split, k_dim)
-    o_sk = tl.arange(0, SUB_K)
-    o_sb = tl.arange(0, SUB_B)
-    # k_per_split is a multiple of BLOCK_K (even), so a split starts on a whole byte.
-    p_a_sub = p_a + o_a_rows[:, None] + (k_start + o_sk)[None, :]
-    p_b_sub = p_b + o_bn64[None, :] * stride_bn + (k_start // PACK + o_sb)[:, None] * stride_bk
+    p_a_sub = p_a + o_a_rows[:, None] + (k_start + tl.arange(0, SUB_K))[None, :]
+    k_start_e = tl.multiple_of(k_start // PACK, BLOCK_K // PACK)
+    p_b_sub = p_b + o_bn64[:, None] * stride_bn + (k_start_e + tl.arange(0, SUB_B))[None, :] * stride_bk
     p_s_cols = p_s + o_bn64 * stride_sn
     p_z_cols = p_z + o_bn64 * stride_zn
     b_acc = tl.zeros([TILE_M, BLOCK_N], dtype=tl.float32)
+    VEC: tl.constexpr = (16 if SUB_B >= 16 else SUB_B) // (4 if WORDS else 1)  # elements of a 16-byte load
+    b_acc_v = tl.zeros([BLOCK_N, SUB_B // VEC], dtype=tl.float32)  # "gemv": per-thread partial sums
     for k in range(k_start, k_end, BLOCK_K):
         for j in tl.static_range(BLOCK_K // SUB_K):
-            k_sub = k + j * SUB_K
-            if EVEN_K:
-                i_g = k_sub // group_size
-                b_a = tl.load(p_a_sub + j * SUB_K, mask=m_rows[:, None], other=0.0)
-                b_q = tl.load(p_b_sub + j * SUB_B * stride_bk)
-                b_s = tl.load(p_s_cols + i_g * stride_sk)
-                if HAS_ZEROS:
-                    b_z = tl.load(p_z_cols + i_g * stride_zk).to(tl.int32)
-            else:
-                m_k = (k_sub + o_sk) < k_end
-                # A byte is read while its first column is in range; columns past k_end meet zeros of A.
-                m_b = (k_sub // PACK + o_sb) < (k_end + PACK - 1) // PACK
-                # A sub-tile wholly past the end (its A is all zeros) reads the last group's scale: its own
-                # group may not exist.
-                i_g = min(k_sub, k_end - 1) // group_size
-                b_a = tl.load(p_a_sub + j * SUB_K, mask=m_rows[:, None] & m_k[None, :], other=0.0)
-                b_q = tl.load(p_b_sub + j * SUB_B * stride_bk, mask=m_b[:, None], other=0)
-                b_s = tl.load(p_s_cols + i_g * stride_sk)
-                if HAS_ZEROS:
-                    b_z = tl.load(p_z_cols + i_g * stride_zk).to(tl.int32)
-            if not HAS_ZEROS:
-                b_z = tl.full([BLOCK_N], 1 << (BITS - 1), tl.int32)
-            b_q = b_q.to(tl.int32)
-            if BITS == 4:
-                b_w_even = ((b_q & 15) - b_z[None, :]).to(b_a.dtype)
-                b_w_odd = ((b_q >> 4) - b_z[None, :]).to(b_a.dtype)
-                b_a_even, b_a_odd = tl.split(tl.reshape(b_a, [TILE_M, SUB_B, 2]))
-                b_part = tl.dot(b_a_even, b_w_even, input_precision=DOT_PRECISION)
-                b_part = tl.dot(b_a_odd, b_w_odd, b_part, input_precision=DOT_PRECISION)
-            else:
-                b_part = tl.dot(b_a, (b_q - b_z[None, :]).to(b_a.dtype), input_precision=DOT_PRECISION)
-            b_acc += b_part * b_s.to(tl.float32)[None, :]
+            b_a, b_q, b_s, b_z = _load_sub_tile(
+                p_a_sub + j * SUB_K, p_b_sub + j * SUB_B * stride_bk, p_s_cols, p_z_cols, m_rows, k + j * SUB_K,
+                k_end, group_size, stride_sk, stride_zk, BITS, HAS_ZEROS, SUB_K, BLOCK_N, EVEN_K, PACK)
+            if VARIANT == "dequant":
+                if WORDS:
+                    b_w = _words_minus_zero(b_q, b_z, DTYPE)
+                elif BITS == 4:  # [BLOCK_N, SUB_K] in k order
+                    b_w = _codes_minus_zero(tl.interleave(b_q & 15, b_q >> 4), b_z, DTYPE, BITS)
+                else:
+                    b_w = _codes_minus_zero(b_q, b_z, DTYPE, BITS)
+                b_w = b_w * b_s.to(DTYPE)[:, None]
+                b_acc = tl.dot(b_a, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
+            elif VARIANT == "gemv":  # TILE_M = 1 (the kernel runs each routed row alone)
+                b_a = tl.reshape(b_a.to(tl.float32), [SUB_B, PACK])
+                if WORDS:  # column 8w + t is nibble t of word w: 2 integer ops a code
+                    b_t = _gemv_words(b_q, b_z, b_a)
+                elif BITS == 4:
+                    b_a_even, b_a_odd = tl.split(b_a)
+                    b_t = (_codes_minus_zero(b_q & 15, b_z, tl.float32, BITS) * b_a_even[None, :]
+                           + _codes_minus_zero(b_q >> 4, b_z, tl.float32, BITS) * b_a_odd[None, :])
+                else:
+                    b_t = _codes_minus_zero(b_q, b_z, tl.float32, BITS) * tl.reshape(b_a, [SUB_B])[None, :]
+                # Sum each thread's vector of bytes (no shuffles), scale by the group, and leave the sum across
+                # threads to the end of the K loop.
+                b_t = tl.sum(tl.reshape(b_t, [BLOCK_N, SUB_B // VEC, VEC]), axis=2)
+                b_acc_v += b_t * b_s.to(tl.float32)[:, None]
+            else:  # "postscale"
+                b_q = tl.trans(b_q.to(tl.int32))  # [SUB_B, BLOCK_N]
+                if BITS == 4:
+                    b_w_even = ((b_q & 15) - b_z[None, :]).to(DTYPE)
+                    b_w_odd = ((b_q >> 4) - b_z[None, :]).to(DTYPE)
+                    b_a_even, b_a_odd = tl.split(tl.reshape(b_a, [TILE_M, SUB_B, 2]))
+                    b_part = tl.dot(b_a_even, b_w_even, input_precision=DOT_PRECISION)
+                    b_part = tl.dot(b_a_odd, b_w_odd, b_part, input_precision=DOT_PRECISION)
+                else:
+                    b_part = tl.dot(b_a, (b_q - b_z[None, :]).to(DTYPE), input_precision=DOT_PRECISION)
+                b_acc += b_part * b_s.to(tl.float32)[None, :]
         p_a_sub += BLOCK_K
         p_b_sub += (BLOCK_K // PACK) * stride_bk
+    if VARIANT == "gemv":
+        b_acc = tl.reshape(tl.sum(b_acc_v, axis=1), [TILE_M, BLOCK_N])
 
     _epilogue(b_acc, p_bias, p_weights, p_c, i_e, i_s, i_n, b_rows, m_rows, o_bn, n_out, stride_bias_e, stride_cs,
               stride_cm, alpha, limit, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, TILE_M, OUT_N)
@@ -104,7 +239,7 @@ def grouped_gemm_wna16_kernel(
     stride_am, stride_be, stride_bn, stride_bk, stride_se, stride_sn, stride_sk, stride_ze, stride_zn, stride_zk,
     stride_cs, stride_cm, stride_bias_e,
     alpha, limit,
-    BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr,
+    VARIANT: tl.constexpr, WORDS: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
@@ -122,24 +257,43 @@ def grouped_gemm_wna16_kernel(
     p_b_e = p_b + i_e * stride_be
     p_s_e = p_s + i_e * stride_se
     p_z_e = p_z + i_e * stride_ze
-    is_half = False
-    if HALF_TAIL:
-        is_half = tl.load(p_sorted_ids + i_m * BLOCK_M + BLOCK_M // 2) >= num_rows
-    if is_half:
-        _tile(
-            p_a, p_b_e, p_s_e, p_z_e, p_c, p_bias, p_weights, p_sorted_ids,
-            i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
-            stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
-            stride_bias_e, alpha, limit,
-            BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M // 2, BLOCK_N,
-            BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
-        )
+    if VARIANT == "gemv":
+        # Without tensor cores a tile needs no 16 rows: each routed row of the block is a 1-row tile (its slot
+        # found by shifting the sorted ids), padding slots are skipped. A block's later rows re-read the weight
+        # tile from L2, not HBM; the 3-D product of several rows at once would hold BLOCK_M times the registers.
+        for i_slot in range(0, 1 if ROW_PER_BLOCK else BLOCK_M):
+            if ROW_PER_BLOCK:
+                is_row = True
+            else:
+                is_row = tl.load(p_sorted_ids + i_m * BLOCK_M + i_slot) < num_rows
+            if is_row:
+                _tile(
+                    p_a, p_b_e, p_s_e, p_z_e, p_c, p_bias, p_weights, p_sorted_ids + i_slot,
+                    i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
+                    stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs,
+                    stride_cm, stride_bias_e, alpha, limit,
+                    VARIANT, WORDS, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, 1,
+                    BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
+                )
     else:
-        _tile(
-            p_a, p_b_e, p_s_e, p_z_e, p_c, p_bias, p_weights, p_sorted_ids,
-            i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
-            stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
-            stride_bias_e, alpha, limit,
-            BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M, BLOCK_N,
-            BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
-        )
+        is_half = False
+        if HALF_TAIL:
+            is_half = tl.load(p_sorted_ids + i_m * BLOCK_M + BLOCK_M // 2) >= num_rows
+        if is_half:
+            _tile(
+                p_a, p_b_e, p_s_e, p_z_e, p_c, p_bias, p_weights, p_sorted_ids,
+                i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
+                stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
+                stride_bias_e, alpha, limit,
+                VARIANT, WORDS, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M // 2,
+                BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
+            )
+        else:
+            _tile(
+                p_a, p_b_e, p_s_e, p_z_e, p_c, p_bias, p_weights, p_sorted_ids,
+                i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
+                stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
+                stride_bias_e, alpha, limit,
+                VARIANT, WORDS, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M,
+                BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
+            )
