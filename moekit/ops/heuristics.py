@@ -234,10 +234,10 @@ def wna16_bits(weights: str) -> int | None:
 def wna16_variant(block_m: int, row_per_block: bool) -> str:
     """The ``grouped_gemm_wna16`` variant for a config that names none (a caller's or an older tuned entry).
 
-    One routed row a block (T = 1): "gemv", FMAs on the weight stream without a 16-row tensor-core tile of
-    padding. Otherwise "dequant": the weight tile dequantized in registers before one pipelined dot.
+    Decode tiles (one routed row a block, or BLOCK_M <= 32): "dequant_bytes"; prefill tiles: "dequant" (the
+    H200 measurements in ``_wna16_config``).
     """
-    return "gemv" if row_per_block else "dequant"
+    return "dequant_bytes" if row_per_block or block_m <= 32 else "dequant"
 
 
 def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int) -> MoEKernelConfig:
@@ -246,26 +246,27 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
 
     A weight element costs bits/16 of a bf16 one, so the layer stays bound by the weight stream up to more rows
     an expert than bf16, but each code also costs a few integer ops to dequantize, once per tile of rows.
-    - T = 1 (one routed row a block): "gemv". No tensor-core tile of 15 padded rows; the grid is rows × N tiles
-      only, so it aims at ~4 programs an SM (BLOCK_N shrinks, GEMM2 splits K) to keep enough bytes in flight.
-    - Other decode (BLOCK_M <= 32, R <~ 9-48 rows an expert): "dequant" on the bf16 decode rules for BLOCK_N and
-      split-K, with K tiles of 128 B of codes per weight row (256 columns at 4 bits, 128 at 8), so that a
-      program keeps as many weight bytes in flight per stage as the bf16 decode tile.
+    - Decode (one routed row a block at T = 1, or BLOCK_M <= 32: R <~ 9-48 rows an expert): "dequant_bytes"
+      on the bf16 decode rules for BLOCK_N and split-K, with K tiles of 128 B of codes per weight row (256
+      columns at 4 bits, 128 at 8), so that a program keeps as many weight bytes in flight per stage as the bf16
+      decode tile; at T = 1 the grid aims at ~4 programs an SM (BLOCK_N shrinks, GEMM2 splits K). Measured on
+      an H200 (w4a16_g128, layer µs, ``benchmarks/probes/wna16_layer.py``; docs/perf/NOTES.md): the byte loads
+      beat the int32-word "dequant" by 14-33% from T = 4 to 64 (mixtral T = 64: 612 against 873) and tie or win
+      against "gemv" at T = 1 (qwen3 25.7 against 30.0; deepseek-v3 134 against 132); "gemv" loses 1.5-11x
+      once a block holds more than one row.
     - Otherwise compute-bound: "dequant" (the dot accumulates in place and is pipelined like a bf16 GEMM; the
       old per-dot scaling left the tensor cores waiting on each product, 0.25-0.39x of bf16 at T = 4096 on an
-      H200) on the bf16 prefill shapes: 64 x 128 tiles of 4 warps, 128 x 128 of 8 warps with the half tail from
+      H200; the word loads beat the byte loads by 4-11% here) on the bf16 prefill shapes: 64 x 128 tiles of 4 warps, 128 x 128 of 8 warps with the half tail from
       128-row blocks, 64-wide K (the dequantized [BLOCK_N, BLOCK_K] tile lives in registers beside the
       accumulator).
     Untuned on a GPU: ``benchmarks/probes/wna16_timing.py`` times the variants and tiles against each other;
     tuned tables hold exceptions under the key "E,H,I,K,<scheme>".
     """
     bk = 256 if bits == 4 else 128
-    if s.num_tokens == 1:
-        cfg = _decode_config(s, block_m, blocks, 2 * target, bk)
-        return replace(cfg, gemm1=replace(cfg.gemm1, variant="gemv"), gemm2=replace(cfg.gemm2, variant="gemv"))
-    if block_m <= 32:
-        cfg = _decode_config(s, block_m, blocks, target, bk)
-        return replace(cfg, gemm1=replace(cfg.gemm1, variant="dequant"), gemm2=replace(cfg.gemm2, variant="dequant"))
+    if s.num_tokens == 1 or block_m <= 32:
+        cfg = _decode_config(s, block_m, blocks, 2 * target if s.num_tokens == 1 else target, bk)
+        v = "dequant_bytes"
+        return replace(cfg, gemm1=replace(cfg.gemm1, variant=v), gemm2=replace(cfg.gemm2, variant=v))
     if block_m == 128:
         g = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, half_tail=True,
                        variant="dequant")

@@ -225,8 +225,8 @@ def test_wna16_heuristic_tiles(num_experts, hidden, inter, top_k, num_tokens, sc
         k_tiles(gemm.block_k, int(scheme.split("_g")[1].split("_")[0]), k_dim, bits)  # a valid K tiling
     if cfg.block_m <= 32:  # decode: 128 B of codes a weight row per K tile
         assert cfg.gemm1.block_k * bits == 1024
-    # T = 1 runs on the one-row-a-block layout: no tensor-core tile; everything else dequantizes before the dot.
-    want = "gemv" if num_tokens == 1 else "dequant"
+    # Decode tiles load the codes as bytes, prefill tiles as int32 words (H200 measurements: heuristics.py).
+    want = "dequant_bytes" if cfg.block_m <= 32 or num_tokens == 1 else "dequant"
     assert cfg.gemm1.variant == cfg.gemm2.variant == want
     assert wna16_variant(cfg.block_m, num_tokens == 1) == want  # a config naming no variant gets the same
     assert shape.table_key == f"{num_experts},{hidden},{inter},{top_k},{scheme}"
@@ -269,7 +269,9 @@ def test_mixtral_size_on_gpu(num_tokens, bits, sym, variant):
     want_a = grouped_gemm_wna16_ref(x, w13, layout, torch.empty(num_rows, inter, device=dev), num_rows=num_rows,
                                     a_row_div=top_k, activation=SILU)
     assert_close(a, want_a, torch.bfloat16, name="gemm1")
-    torch.testing.assert_close(a.float(), want_a, atol=2e-2, rtol=0)
+    # The atol, plus the bf16 rounding of the stored output (half an ulp: 2^-8 relative) that the fp32
+    # reference does not have (T = 4096 once read 0.02096 at a value of 4.07).
+    torch.testing.assert_close(a.float(), want_a, atol=2e-2, rtol=2 ** -8)
     weights = torch.rand(num_rows, device=dev)
     split = cfg.gemm2.split_k
     y = torch.full((split, num_rows, hidden), float("nan"), device=dev)
