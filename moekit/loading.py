@@ -57,6 +57,7 @@ import torch
 from moekit._checks import check_bool, check_choice, check_positive
 from moekit._layout import deinterleave
 from moekit.checkpoint import Checkpoint
+from moekit.checkpoint_gguf import GGUFCheckpoint, is_gguf
 from moekit.distributed import shard_intermediate
 from moekit.layer import MoE
 from moekit.ops.quantize import dequantize_weight
@@ -139,7 +140,7 @@ class LoadReport:
 @torch.no_grad()
 def load_moe(
     moe: MoE,
-    checkpoint: Checkpoint | str | os.PathLike,
+    checkpoint: Checkpoint | GGUFCheckpoint | str | os.PathLike,
     prefix: str,
     *,
     layout: str = "auto",
@@ -160,7 +161,15 @@ def load_moe(
         ValueError: a tensor's shape does not fit (the message names the checkpoint key), a shard is not a
             readable safetensors file (named), or ``auto`` cannot tell the layout from the shapes and there is no
             config.json to decide.
+
+    A GGUF checkpoint (a ``GGUFCheckpoint``, a ``.gguf`` file, or a directory with one and no config.json) is
+    loaded by ``moekit.loading_gguf.load_gguf`` (``prefix``: ``blk.L``), which returns a ``GGUFLoadReport``.
     """
+    if is_gguf(checkpoint):
+        check_choice("layout", layout, ("auto",))  # GGUF has one layout of its own
+        from moekit.loading_gguf import load_gguf  # (it imports this module)
+
+        return load_gguf(moe, checkpoint, prefix, strict=strict)
     if not isinstance(moe, MoE):
         raise TypeError(f"moe: expected a moekit.MoE, got {type(moe).__name__}")
     if not isinstance(prefix, str):
@@ -549,7 +558,11 @@ def _copy_shared_wna16(plan: _Plan, dest: torch.Tensor, key: str, method: WNA16M
     return True
 
 
-def load_moes(checkpoint: Checkpoint | str | os.PathLike, blocks: dict[str, MoE], **kwargs) -> list[LoadReport]:
+def load_moes(checkpoint: Checkpoint | GGUFCheckpoint | str | os.PathLike, blocks: dict[str, MoE],
+              **kwargs) -> list[LoadReport]:
     """``load_moe`` for several blocks of one checkpoint; ``blocks`` maps checkpoint prefix -> MoE."""
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    if isinstance(checkpoint, (Checkpoint, GGUFCheckpoint)):
+        ckpt = checkpoint
+    else:
+        ckpt = GGUFCheckpoint(checkpoint) if is_gguf(checkpoint) else Checkpoint(checkpoint)
     return [load_moe(moe, ckpt, prefix, **kwargs) for prefix, moe in blocks.items()]
