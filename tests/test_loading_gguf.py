@@ -166,3 +166,28 @@ def test_no_warning_when_everything_runs_packed(tmp_path):
         warnings.simplefilter("error")
         MoE.from_pretrained(tmp_path, layer=1, dtype=torch.bfloat16)  # a directory holding one .gguf
 
+
+
+def test_gpt_oss_biases_load_beside_packed_experts(tmp_path):
+    path = tmp_path / "oss.gguf"
+    biases = [("ffn_gate_inp.bias", ((E,), T.F32)), ("ffn_gate_exps.bias", ((E, I), T.F32)),
+              ("ffn_up_exps.bias", ((E, I), T.F32)), ("ffn_down_exps.bias", ((E, H), T.F32))]
+    write_gguf(path, arch="gpt-oss", types=(T.Q8_0,) * 3, extra=biases)
+    moe = MoE.from_pretrained(path, prefix="blk.1")
+    experts = moe.routed_experts
+    assert experts.quant_method.name == "w8a16_g32"
+    gate_b, up_b, down_b = (gguf_dequantize(path, f"blk.1.ffn_{p}_exps.bias") for p in ("gate", "up", "down"))
+    assert torch.equal(experts.w13_bias, torch.cat([gate_b, up_b], dim=1)) and torch.equal(experts.w2_bias, down_b)
+    assert torch.equal(moe.gate.bias, gguf_dequantize(path, "blk.1.ffn_gate_inp.bias"))
+
+
+def test_from_pretrained_block_choice(tmp_path):
+    path = tmp_path / "model.gguf"
+    write_gguf(path, types=(T.Q4_0,) * 3, layers=(0, 2))
+    assert MoE.from_pretrained(path, prefix="blk.2").routed_experts.quant_method.name == "w4a16_g32"
+    with pytest.raises(ValueError, match="layer/prefix: give one"):
+        MoE.from_pretrained(path, layer=2, prefix="blk.2")
+    with pytest.raises(ValueError, match="prefix: expected a GGUF block name"):
+        MoE.from_pretrained(path, prefix="model.layers")
+    with pytest.raises(ValueError, match=r"layer: decoder layer 1 .* MoE layers: \[0, 2\]"):
+        MoE.from_pretrained(path, layer=1)
