@@ -174,15 +174,17 @@ def gguf_config(checkpoint: GGUFCheckpoint | str | os.PathLike, layer: int | Non
 
     Per architecture (``general.architecture``; what llama.cpp computes for it):
 
-        qwen3moe   softmax, renormalized (``expert_weights_norm``, default true)
+        qwen3moe   softmax, renormalized
         qwen2moe   softmax, not renormalized; shared MLP ``expert_shared_feed_forward_length`` + its sigmoid gate
         llama      Mixtral (``expert_count`` > 0): softmax, renormalized; I = ``expert_feed_forward_length`` or
                    ``feed_forward_length``
         deepseek2  ``expert_gating_func`` (1 softmax, 2 sigmoid; default softmax), ``expert_weights_norm``
-                   (default false), ``expert_weights_scale`` (routed scaling, default 1), groups when
+                   (default false), groups when
                    ``expert_group_count`` > 1 (sigmoid: top2_sum, softmax: max), correction bias when the block
                    has ``exp_probs_b``; shared: ``expert_shared_count`` × I
         gpt-oss    top-k then softmax; swigluoai with llama.cpp's constants (alpha 1.702, limit 7); biases
+
+    ``expert_weights_scale`` (0 or absent: 1) scales the routing weights of all but gpt-oss.
     """
     ckpt = checkpoint if isinstance(checkpoint, GGUFCheckpoint) else GGUFCheckpoint(checkpoint)
     arch = ckpt.arch
@@ -216,13 +218,15 @@ def gguf_config(checkpoint: GGUFCheckpoint | str | os.PathLike, layer: int | Non
                          router_bias=True)
     if arch == "deepseek2":
         return MoEConfig(**common, **_deepseek2(ckpt, meta, block, inter))
-    # qwen3moe and Mixtral always renormalize in llama.cpp; Qwen2-MoE never does.
-    renormalize = meta.bool("expert_weights_norm", default=arch != "qwen2moe")
+    # llama.cpp's build_moe_ffn for these: renormalized top-k for qwen3moe and Mixtral, never for Qwen2-MoE (a
+    # constant of the graph, whatever expert_weights_norm says), times expert_weights_scale when set.
+    routing = RoutingConfig(scoring_func="softmax", renormalize=arch != "qwen2moe",
+                            routed_scaling_factor=_weights_scale(meta))
     shared = {}
     if arch == "qwen2moe" and block + "ffn_down_shexp.weight" in ckpt:
         shared = {"shared_intermediate_size": meta.int("expert_shared_feed_forward_length"),
                   "shared_expert_gate": block + "ffn_gate_inp_shexp.weight" in ckpt}
-    return MoEConfig(**common, routing=RoutingConfig(scoring_func="softmax", renormalize=renormalize), **shared)
+    return MoEConfig(**common, routing=routing, **shared)
 
 
 def _deepseek2(ckpt: GGUFCheckpoint, meta: _Meta, block: str, inter: int) -> dict:
@@ -239,11 +243,19 @@ def _deepseek2(ckpt: GGUFCheckpoint, meta: _Meta, block: str, inter: int) -> dic
         scoring_func="sigmoid" if sigmoid else "softmax",
         renormalize=meta.bool("expert_weights_norm", default=False),
         correction_bias=block + "exp_probs_b.bias" in ckpt,
-        routed_scaling_factor=meta.float("expert_weights_scale", default=1.0),
+        routed_scaling_factor=_weights_scale(meta),
         **grouped,
     )
     shared = meta.int("expert_shared_count", default=0) * inter
     return {"routing": routing, "shared_intermediate_size": shared, "router_fp32": sigmoid}
+
+
+def _weights_scale(meta: _Meta) -> float:
+    """``expert_weights_scale``, the factor on the routing weights; llama.cpp reads 0 (or absent) as unset: 1."""
+    scale = meta.float("expert_weights_scale", default=0.0)
+    if scale < 0:
+        raise ValueError(f"GGUF metadata {meta.arch}.expert_weights_scale: expected >= 0, got {scale}")
+    return scale or 1.0
 
 
 class _Meta:

@@ -68,6 +68,20 @@ def test_config_per_arch(tmp_path):
 
 
 
+def test_routing_constants_follow_llama_cpp(tmp_path):
+    # qwen3moe renormalizes whatever expert_weights_norm says (llama.cpp's graph passes true), and a weights
+    # scale of 0 means unset; Qwen2-MoE never renormalizes and takes a set scale.
+    write_gguf(tmp_path / "q3.gguf", meta={"expert_weights_norm": False, "expert_weights_scale": 0.0})
+    r = gguf_config(tmp_path / "q3.gguf").routing
+    assert r.renormalize and r.routed_scaling_factor == 1.0
+    write_gguf(tmp_path / "q2.gguf", arch="qwen2moe", meta={"expert_weights_scale": 2.0})
+    r = gguf_config(tmp_path / "q2.gguf").routing
+    assert not r.renormalize and r.routed_scaling_factor == 2.0
+    write_gguf(tmp_path / "neg.gguf", meta={"expert_weights_scale": -1.0})
+    with pytest.raises(ValueError, match="qwen3moe.expert_weights_scale: expected >= 0"):
+        gguf_config(tmp_path / "neg.gguf")
+
+
 def test_config_refusals(tmp_path):
     write_gguf(tmp_path / "phi.gguf", arch="phimoe")
     with pytest.raises(ValueError, match="general.architecture: 'phimoe'"):
