@@ -1,4 +1,5 @@
-"""Checkpoint loading: MoE weights from safetensors files into a ``moekit.MoE``, one tensor at a time.
+"""Checkpoint loading: MoE weights from safetensors files (``moekit.checkpoint.Checkpoint``) into a ``moekit.MoE``,
+one tensor at a time.
 
     ckpt   = Checkpoint(path)                       a .safetensors file, or a directory (with or without
                                                      model.safetensors.index.json); nothing is read yet
@@ -53,14 +54,14 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from moekit._checks import check_bool, check_choice, check_positive
 from moekit._layout import deinterleave
+from moekit.checkpoint import Checkpoint
+from moekit.checkpoint_gguf import GGUFCheckpoint, is_gguf
 from moekit.distributed import shard_intermediate
-from moekit.families import read_json
 from moekit.layer import MoE
 from moekit.ops.quantize import dequantize_weight
 from moekit.quant.w8a8 import W8A8MoEMethod
@@ -80,99 +81,6 @@ MODEL_LAYOUTS = {
 _SHARDS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "w1": "w1", "w3": "w3", "w2": "w2"}
 _ROUTER_NAMES = ("gate", "router")
 _SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
-
-
-class Checkpoint:
-    """Lazy, read-only view of a safetensors checkpoint: a file, or a directory of ``*.safetensors`` shards.
-
-    A directory's ``model.safetensors.index.json`` (``weight_map``: key -> shard file) is used when present;
-    otherwise every shard's header is read. Tensors are read one at a time with ``get``.
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        if self.path.is_file():
-            self._files = {k: self.path for k in _header_keys(self.path)}
-        elif self.path.is_dir():
-            index = self.path / "model.safetensors.index.json"
-            if index.is_file():
-                weight_map = read_json(index).get("weight_map")
-                if not isinstance(weight_map, dict):
-                    raise ValueError(f"checkpoint index {index}: expected a JSON object with a 'weight_map' object")
-                self._files = {k: self.path / f for k, f in weight_map.items()}
-            else:
-                shards = sorted(self.path.glob("*.safetensors"))
-                if not shards:
-                    raise FileNotFoundError(f"path: no *.safetensors files in {self.path}")
-                self._files = {k: f for f in shards for k in _header_keys(f)}
-        else:
-            raise FileNotFoundError(f"path: {self.path} is neither a .safetensors file nor a directory")
-        self._handles: dict[Path, object] = {}
-
-    def keys(self) -> list[str]:
-        return list(self._files)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._files
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
-
-    def dtype(self, key: str) -> str:
-        """The safetensors dtype name of ``key`` from its header (``BF16``, ``F32``, ``F8_E4M3``, ``I8``, ...)."""
-        return self._handle(key).get_slice(key).get_dtype()
-
-    def get(self, key: str) -> torch.Tensor:
-        """The tensor stored under ``key`` (read from disk now)."""
-        return self._handle(key).get_tensor(key)
-
-    def _handle(self, key: str):
-        if key not in self._files:
-            raise KeyError(f"checkpoint key {key!r} not found in {self.path}")
-        file = self._files[key]
-        if file not in self._handles:
-            self._handles[file] = _open(file)
-        return self._handles[file]
-
-    def model_types(self) -> set[str]:
-        """``model_type`` (and ``text_config.model_type``) of the ``config.json`` beside the checkpoint; empty
-        when there is none."""
-        config = (self.path if self.path.is_dir() else self.path.parent) / "config.json"
-        if not config.is_file():
-            return set()
-        data = read_json(config)
-        text = data.get("text_config")
-        found = {data.get("model_type"), text.get("model_type") if isinstance(text, dict) else None}
-        return {t for t in found if isinstance(t, str)}
-
-    def moe_prefixes(self) -> list[str]:
-        """Prefixes ``P`` under which ``P.experts.`` holds expert weights, in checkpoint order."""
-        found: dict[str, None] = {}
-        for key in self._files:
-            head, sep, _ = key.partition(".experts.")
-            if sep:
-                found.setdefault(head)
-        return list(found)
-
-
-def _open(file: Path):
-    """``safe_open`` whose errors name the file (safetensors' own say only "incomplete metadata")."""
-    try:
-        from safetensors import SafetensorError, safe_open
-    except ImportError as err:  # an optional dependency: say which extra brings it
-        raise ImportError("moekit.loading reads safetensors checkpoints: pip install 'moekit[hf]'") from err
-
-    if not file.is_file():
-        raise FileNotFoundError(f"checkpoint file {file}: not found")
-    try:
-        return safe_open(str(file), framework="pt")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"checkpoint file {file}: not a readable safetensors file (truncated?): {err}") from None
-
-
-def _header_keys(file: Path) -> list[str]:
-    with _open(file) as f:
-        return list(f.keys())
 
 
 @dataclass(frozen=True)
@@ -235,7 +143,7 @@ class LoadReport:
 @torch.no_grad()
 def load_moe(
     moe: MoE,
-    checkpoint: Checkpoint | str | os.PathLike,
+    checkpoint: Checkpoint | GGUFCheckpoint | str | os.PathLike,
     prefix: str,
     *,
     layout: str = "auto",
@@ -256,7 +164,15 @@ def load_moe(
         ValueError: a tensor's shape does not fit (the message names the checkpoint key), a shard is not a
             readable safetensors file (named), or ``auto`` cannot tell the layout from the shapes and there is no
             config.json to decide.
+
+    A GGUF checkpoint (a ``GGUFCheckpoint``, a ``.gguf`` file, or a directory with one and no config.json) is
+    loaded by ``moekit.loading_gguf.load_gguf`` (``prefix``: ``blk.L``), which returns a ``GGUFLoadReport``.
     """
+    if is_gguf(checkpoint):
+        check_choice("layout", layout, ("auto",))  # GGUF has one layout of its own
+        from moekit.loading_gguf import load_gguf  # (it imports this module)
+
+        return load_gguf(moe, checkpoint, prefix, strict=strict)
     if not isinstance(moe, MoE):
         raise TypeError(f"moe: expected a moekit.MoE, got {type(moe).__name__}")
     if not isinstance(prefix, str):
@@ -677,7 +593,11 @@ def _copy_shared_wna16(plan: _Plan, dest: torch.Tensor, key: str, method: WNA16M
     return True
 
 
-def load_moes(checkpoint: Checkpoint | str | os.PathLike, blocks: dict[str, MoE], **kwargs) -> list[LoadReport]:
+def load_moes(checkpoint: Checkpoint | GGUFCheckpoint | str | os.PathLike, blocks: dict[str, MoE],
+              **kwargs) -> list[LoadReport]:
     """``load_moe`` for several blocks of one checkpoint; ``blocks`` maps checkpoint prefix -> MoE."""
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    if isinstance(checkpoint, (Checkpoint, GGUFCheckpoint)):
+        ckpt = checkpoint
+    else:
+        ckpt = GGUFCheckpoint(checkpoint) if is_gguf(checkpoint) else Checkpoint(checkpoint)
     return [load_moe(moe, ckpt, prefix, **kwargs) for prefix, moe in blocks.items()]

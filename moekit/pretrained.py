@@ -1,10 +1,11 @@
-"""``MoE.from_pretrained``: one MoE block of a transformers checkpoint directory, built from its config.json and
-loaded with ``moekit.loading.load_moe``."""
+"""``MoE.from_pretrained``: one MoE block of a transformers checkpoint directory (built from its config.json) or of a
+GGUF file (built from its metadata), loaded with ``moekit.loading.load_moe``."""
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from moekit.config import MoEConfig, ParallelConfig
 from moekit.families import read_hf_config, text_config
 from moekit.layer import MoE
+from moekit.checkpoint_gguf import GGUFCheckpoint, gguf_config, is_gguf
 from moekit.loading import Checkpoint, _shown, load_moe
 from moekit.quant.config import get_quant_method
 
@@ -34,7 +36,17 @@ def from_pretrained(
 ) -> MoE:
     """``MoE.from_pretrained``: one MoE block of a checkpoint directory, built from its ``config.json`` and loaded
     with ``load_moe`` (only the tensors under the block's prefix are read; with ``parallel``, only this rank's
-    experts among them)."""
+    experts among them).
+
+    ``path`` may also be a ``.gguf`` file (or a directory holding one and no config.json): the config comes from
+    its metadata (``moekit.checkpoint_gguf.gguf_config``), the block is ``blk.{layer}`` and the experts' ggml types
+    pick the weight format (``moekit.loading_gguf.gguf_quant_method``: Q4_0 -> w4a16 g32, Q8_0 (+ Q4_0) -> w8a16
+    g32, exact; anything else is dequantized into ``dtype`` at load, with a warning naming the tensors). ``dtype``
+    defaults to torch's default dtype there.
+    """
+    if is_gguf(path):
+        return _from_gguf(path, layer, prefix=prefix, dtype=dtype, device=device, backend=backend, parallel=parallel,
+                          process_group=process_group)
     if not isinstance(path, (str, os.PathLike)) or not Path(path).is_dir():
         raise FileNotFoundError(f"path: expected a checkpoint directory with config.json, got {path!r}")
     cfg = read_hf_config(path)
@@ -64,6 +76,39 @@ def from_pretrained(
             prefix = matches[0]
     moe = MoE(config, dtype=dtype, device=device, quant_method=method, parallel=parallel, process_group=process_group)
     load_moe(moe, ckpt, prefix)
+    return moe
+
+
+def _from_gguf(path: str | os.PathLike, layer: int | None, *, prefix: str | None, dtype: torch.dtype | None,
+               device: torch.device | str | None, backend: str, parallel: ParallelConfig | None,
+               process_group: dist.ProcessGroup | None) -> MoE:
+    from moekit.loading_gguf import gguf_quant_method  # (imports moekit.loading)
+
+    ckpt = GGUFCheckpoint(path)
+    found = ckpt.moe_layers()
+    if prefix is not None and layer is not None:
+        raise ValueError(f"layer/prefix: give one, got layer={layer!r} and prefix={prefix!r}")
+    if prefix is not None:
+        layer = _decoder_layer(prefix)
+        if layer is None:
+            raise ValueError(f"prefix: expected a GGUF block name 'blk.L', got {prefix!r}")
+    if layer is None:
+        if len(found) != 1:
+            raise ValueError(f"layer: the GGUF file has {len(found)} MoE blocks; pick one with layer= (its decoder "
+                             f"layer index): {_shown([f'blk.{i}' for i in found])}")
+        layer = found[0]
+    config = replace(gguf_config(ckpt, layer), backend=backend)
+    block = f"blk.{layer}"
+    method = gguf_quant_method(ckpt, block)
+    moe = MoE(config, dtype=dtype or torch.get_default_dtype(), device=device, quant_method=method,
+              parallel=parallel, process_group=process_group)
+    report = load_moe(moe, ckpt, block)
+    quantized = {k: v for k, v in report.dequantized.items() if report.types[k] not in ("F32", "F16", "BF16")}
+    if quantized:
+        # Not silent: these tensors now take the memory of unquantized ones, and a narrower dtype rounds them.
+        shown = ", ".join(f"{k} ({v})" for k, v in list(quantized.items())[:8])
+        more = f", ... ({len(quantized)} in all)" if len(quantized) > 8 else ""
+        warnings.warn(f"{ckpt.path.name} {block}: dequantized at load: {shown}{more}", stacklevel=3)
     return moe
 
 

@@ -1,0 +1,104 @@
+"""Safetensors checkpoints read lazily, one tensor at a time: a file, or a directory of shards (with or without
+``model.safetensors.index.json``). ``moekit.loading.load_moe`` reads MoE blocks through it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from moekit.families import read_json
+
+
+class Checkpoint:
+    """Lazy, read-only view of a safetensors checkpoint: a file, or a directory of ``*.safetensors`` shards.
+
+    A directory's ``model.safetensors.index.json`` (``weight_map``: key -> shard file) is used when present;
+    otherwise every shard's header is read. Tensors are read one at a time with ``get``.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if self.path.is_file():
+            self._files = {k: self.path for k in _header_keys(self.path)}
+        elif self.path.is_dir():
+            index = self.path / "model.safetensors.index.json"
+            if index.is_file():
+                weight_map = read_json(index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise ValueError(f"checkpoint index {index}: expected a JSON object with a 'weight_map' object")
+                self._files = {k: self.path / f for k, f in weight_map.items()}
+            else:
+                shards = sorted(self.path.glob("*.safetensors"))
+                if not shards:
+                    raise FileNotFoundError(f"path: no *.safetensors files in {self.path}")
+                self._files = {k: f for f in shards for k in _header_keys(f)}
+        else:
+            raise FileNotFoundError(f"path: {self.path} is neither a .safetensors file nor a directory")
+        self._handles: dict[Path, object] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._files
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        """The safetensors dtype name of ``key`` from its header (``BF16``, ``F32``, ``F8_E4M3``, ``I8``, ...)."""
+        return self._handle(key).get_slice(key).get_dtype()
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor stored under ``key`` (read from disk now)."""
+        return self._handle(key).get_tensor(key)
+
+    def _handle(self, key: str):
+        if key not in self._files:
+            raise KeyError(f"checkpoint key {key!r} not found in {self.path}")
+        file = self._files[key]
+        if file not in self._handles:
+            self._handles[file] = _open(file)
+        return self._handles[file]
+
+    def model_types(self) -> set[str]:
+        """``model_type`` (and ``text_config.model_type``) of the ``config.json`` beside the checkpoint; empty
+        when there is none."""
+        config = (self.path if self.path.is_dir() else self.path.parent) / "config.json"
+        if not config.is_file():
+            return set()
+        data = read_json(config)
+        text = data.get("text_config")
+        found = {data.get("model_type"), text.get("model_type") if isinstance(text, dict) else None}
+        return {t for t in found if isinstance(t, str)}
+
+    def moe_prefixes(self) -> list[str]:
+        """Prefixes ``P`` under which ``P.experts.`` holds expert weights, in checkpoint order."""
+        found: dict[str, None] = {}
+        for key in self._files:
+            head, sep, _ = key.partition(".experts.")
+            if sep:
+                found.setdefault(head)
+        return list(found)
+
+
+def _open(file: Path):
+    """``safe_open`` whose errors name the file (safetensors' own say only "incomplete metadata")."""
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError as err:  # an optional dependency: say which extra brings it
+        raise ImportError("moekit.loading reads safetensors checkpoints: pip install 'moekit[hf]'") from err
+
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint file {file}: not found")
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"checkpoint file {file}: not a readable safetensors file (truncated?): {err}") from None
+
+
+def _header_keys(file: Path) -> list[str]:
+    with _open(file) as f:
+        return list(f.keys())

@@ -1,0 +1,193 @@
+"""moekit.loading_gguf and MoE.from_pretrained on a .gguf file: tiny files written with gguf.GGUFWriter, every loaded
+weight checked bit-exactly against gguf.quants.dequantize (the independent reference), the layer's output against
+fp64 einsums on those weights."""
+
+import warnings
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from moekit import MoE  # noqa: E402
+from moekit.checkpoint_gguf import GGUFCheckpoint, gguf_config  # noqa: E402
+from moekit.loading import load_moe  # noqa: E402
+from moekit.loading_gguf import gguf_quant_method, load_gguf  # noqa: E402
+from moekit.quant.wna16 import dequantized_weights  # noqa: E402
+from moekit.testing import (  # noqa: E402
+    QUANT_REFERENCE_TOLERANCE,
+    TOLERANCES,
+    Tolerance,
+    assert_close,
+    reference_experts,
+)
+from tests.gguf_files import E, H, I, K, T, gguf_dequantize, write_gguf  # noqa: E402
+
+
+def _expected_weights(path, block="blk.1"):
+    gate, up, down = (gguf_dequantize(path, f"{block}.ffn_{p}_exps.weight") for p in ("gate", "up", "down"))
+    return torch.cat([gate, up], dim=1), down
+
+
+def _inputs(moe, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(9, H, generator=g) / 10).to(dtype)  # T = 9: odd, several tokens per expert
+    logits = torch.randn(9, E, generator=g)
+    weights, ids = torch.softmax(logits, -1).topk(K, dim=-1)
+    return x, weights, ids.to(torch.int32)
+
+
+def _check_output(moe, w13, w2, dtype):
+    x, weights, ids = _inputs(moe, dtype)
+    with torch.no_grad():
+        out = moe(x, topk_weights=weights, topk_ids=ids)
+    expected = reference_experts(x, w13, w2, weights, ids, activation=moe.routed_experts.activation)
+    rounding = TOLERANCES[dtype]
+    tol = Tolerance(max=max(QUANT_REFERENCE_TOLERANCE.max, rounding.max),
+                    rms=max(QUANT_REFERENCE_TOLERANCE.rms, rounding.rms))
+    assert_close(out, expected, tol=tol, name="vs fp64 on gguf-dequantized weights")
+
+
+@pytest.mark.parametrize(("types", "scheme"), [
+    ((T.Q4_0, T.Q4_0, T.Q4_0), "w4a16_g32"),
+    ((T.Q8_0, T.Q8_0, T.Q8_0), "w8a16_g32"),
+    ((T.Q4_0, T.Q4_0, T.Q8_0), "w8a16_g32"),   # down in a higher type: Q4_0 widened to 8-bit codes, exact
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_from_pretrained_packed_bit_exact(tmp_path, types, scheme, dtype):
+    path = tmp_path / "model.gguf"
+    write_gguf(path, types=types)
+    moe = MoE.from_pretrained(path, layer=1, dtype=dtype)
+    experts = moe.routed_experts
+    assert experts.quant_method.name == scheme
+    assert experts.w13.dtype == torch.uint8 and experts.w13_scale.shape == (E, 2 * I, H // 32)
+    w13, w2 = _expected_weights(path)
+    got13, got2 = dequantized_weights(experts)
+    assert torch.equal(got13, w13) and torch.equal(got2, w2)
+    assert torch.equal(moe.gate.weight.float(), gguf_dequantize(path, "blk.1.ffn_gate_inp.weight").to(dtype).float())
+    _check_output(moe, w13, w2, dtype)
+
+
+def test_from_pretrained_dequantizes_k_quants_and_says_so(tmp_path):
+    path = tmp_path / "model.gguf"
+    write_gguf(path, types=(T.Q8_0, T.Q8_0, T.Q4_K))  # Q4_K_M-like: a K-quant on down
+    assert gguf_quant_method(GGUFCheckpoint(path), "blk.1") is None
+    with pytest.warns(UserWarning, match=r"blk.1.ffn_down_exps.weight \(Q4_K -> torch.float32\)"):
+        moe = MoE.from_pretrained(path)  # the only MoE block
+    assert moe.routed_experts.quant_method.name == "unquantized"
+    w13, w2 = _expected_weights(path)
+    assert torch.equal(moe.routed_experts.w13, w13) and torch.equal(moe.routed_experts.w2, w2)
+    _check_output(moe, w13, w2, torch.float32)
+
+
+@pytest.mark.parametrize("kind", [T.Q4_0, T.Q8_0, T.F16])
+def test_load_into_an_unquantized_layer_dequantizes(tmp_path, kind):
+    # The dequantize-at-load path forced on packable types: the values are gguf's, bit for bit.
+    path = tmp_path / "model.gguf"
+    write_gguf(path, types=(kind,) * 3)
+    moe = MoE(gguf_config(path, 1), dtype=torch.float32)
+    report = load_moe(moe, path, "blk.1")
+    assert report.ok and report.layout == "gguf" and not report.packed
+    assert report.types["blk.1.ffn_up_exps.weight"] == kind.name
+    assert sorted(report.dequantized) == sorted(f"blk.1.ffn_{p}_exps.weight" for p in ("gate", "up", "down"))
+    w13, w2 = _expected_weights(path)
+    assert torch.equal(moe.routed_experts.w13, w13) and torch.equal(moe.routed_experts.w2, w2)
+
+
+def test_slots_load_their_logical_experts(tmp_path):
+    # EPLB-style slots (a permutation with one replica): each slot reads its logical expert's rows, as an
+    # expert-parallel rank reads only its own.
+    path = tmp_path / "model.gguf"
+    write_gguf(path, types=(T.Q4_0,) * 3)
+    moe = MoE(gguf_config(path, 1), quant_method=gguf_quant_method(path, "blk.1"))
+    held = [5, 5, 3, 2, 1, 0]
+    moe.routed_experts.set_slot_experts(held, num_logical=E)
+    load_gguf(moe, path, "blk.1")
+    w13, w2 = _expected_weights(path)
+    got13, got2 = dequantized_weights(moe.routed_experts)
+    assert torch.equal(got13, w13[held]) and torch.equal(got2, w2[held])
+
+
+def test_shared_experts_and_gate_qwen2moe(tmp_path):
+    path = tmp_path / "model.gguf"
+    write_gguf(path, arch="qwen2moe", shared=128, meta={"expert_shared_feed_forward_length": 128})
+    cfg = gguf_config(path, 1)
+    assert cfg.shared_intermediate_size == 128 and cfg.shared_expert_gate and not cfg.routing.renormalize
+    with pytest.warns(UserWarning, match="ffn_gate_shexp.weight \\(Q8_0"):
+        moe = MoE.from_pretrained(path, layer=1)
+    shared = moe.shared_experts
+    gate, up, down = (gguf_dequantize(path, f"blk.1.ffn_{p}_shexp.weight") for p in ("gate", "up", "down"))
+    assert torch.equal(shared.gate_up_proj.weight, torch.cat([gate, up]))
+    assert torch.equal(shared.down_proj.weight, down)
+    assert torch.equal(shared.gate.weight[0], gguf_dequantize(path, "blk.1.ffn_gate_inp_shexp.weight"))
+
+
+def test_deepseek_correction_bias_loads(tmp_path):
+    path = tmp_path / "ds.gguf"
+    write_gguf(path, arch="deepseek2", types=(T.Q8_0,) * 3, extra=[("exp_probs_b.bias", ((E,), T.F32))],
+               meta={"expert_gating_func": 2})
+    moe = MoE.from_pretrained(path, layer=1)
+    assert torch.equal(moe.e_score_correction_bias.float(), gguf_dequantize(path, "blk.1.exp_probs_b.bias"))
+
+
+def test_load_refusals(tmp_path):
+    write_gguf(tmp_path / "m.gguf", layers=(1, 3))
+    with pytest.raises(ValueError, match="2 MoE blocks"):
+        MoE.from_pretrained(tmp_path / "m.gguf")
+    write_gguf(tmp_path / "missing.gguf", skip=("ffn_up_exps.weight",))
+    with pytest.raises(KeyError, match=r"missing \['blk.1.ffn_up_exps.weight'\]"):
+        MoE.from_pretrained(tmp_path / "missing.gguf", layer=1)
+    write_gguf(tmp_path / "odd.gguf", types=(T.Q8_1,) * 3)
+    moe = MoE(gguf_config(tmp_path / "odd.gguf"))
+    before = moe.routed_experts.w13.clone()
+    with pytest.raises(ValueError, match="Q8_1 cannot be dequantized"):
+        load_moe(moe, tmp_path / "odd.gguf", "blk.1")
+    assert torch.equal(moe.routed_experts.w13, before)  # nothing copied
+
+
+def test_packed_layer_refuses_what_it_cannot_hold(tmp_path):
+    from moekit.quant import WNA16MoEMethod
+
+    path = tmp_path / "model.gguf"
+    write_gguf(path, types=(T.Q8_0, T.Q8_0, T.Q4_K))
+    cfg = gguf_config(path)
+    with pytest.raises(ValueError, match="holds Q8_0 blocks, which w4a16_g32 cannot hold exactly"):
+        load_gguf(MoE(cfg, quant_method=WNA16MoEMethod(bits=4, group_size=32)), path, "blk.1")
+    with pytest.raises(ValueError, match="holds Q4_K blocks"):
+        load_gguf(MoE(cfg, quant_method=WNA16MoEMethod(bits=8, group_size=32)), path, "blk.1")
+    with pytest.raises(ValueError, match="group-32 WNA16 layer"):
+        load_gguf(MoE(cfg, quant_method=WNA16MoEMethod(bits=8, group_size=128)), path, "blk.1")
+
+
+def test_no_warning_when_everything_runs_packed(tmp_path):
+    path = tmp_path / "model.gguf"
+    write_gguf(path, types=(T.Q8_0,) * 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MoE.from_pretrained(tmp_path, layer=1, dtype=torch.bfloat16)  # a directory holding one .gguf
+
+
+
+def test_gpt_oss_biases_load_beside_packed_experts(tmp_path):
+    path = tmp_path / "oss.gguf"
+    biases = [("ffn_gate_inp.bias", ((E,), T.F32)), ("ffn_gate_exps.bias", ((E, I), T.F32)),
+              ("ffn_up_exps.bias", ((E, I), T.F32)), ("ffn_down_exps.bias", ((E, H), T.F32))]
+    write_gguf(path, arch="gpt-oss", types=(T.Q8_0,) * 3, extra=biases)
+    moe = MoE.from_pretrained(path, prefix="blk.1")
+    experts = moe.routed_experts
+    assert experts.quant_method.name == "w8a16_g32"
+    gate_b, up_b, down_b = (gguf_dequantize(path, f"blk.1.ffn_{p}_exps.bias") for p in ("gate", "up", "down"))
+    assert torch.equal(experts.w13_bias, torch.cat([gate_b, up_b], dim=1)) and torch.equal(experts.w2_bias, down_b)
+    assert torch.equal(moe.gate.bias, gguf_dequantize(path, "blk.1.ffn_gate_inp.bias"))
+
+
+def test_from_pretrained_block_choice(tmp_path):
+    path = tmp_path / "model.gguf"
+    write_gguf(path, types=(T.Q4_0,) * 3, layers=(0, 2))
+    assert MoE.from_pretrained(path, prefix="blk.2").routed_experts.quant_method.name == "w4a16_g32"
+    with pytest.raises(ValueError, match="layer/prefix: give one"):
+        MoE.from_pretrained(path, layer=2, prefix="blk.2")
+    with pytest.raises(ValueError, match="prefix: expected a GGUF block name"):
+        MoE.from_pretrained(path, prefix="model.layers")
+    with pytest.raises(ValueError, match=r"layer: decoder layer 1 .* MoE layers: \[0, 2\]"):
+        MoE.from_pretrained(path, layer=1)
