@@ -323,3 +323,49 @@ def test_wna16_checkpoint_matches_transformers_on_dequantized_weights(saved, fam
         assert moe.routed_experts.w13.dtype == torch.uint8
         with torch.no_grad():
             assert_close(moe(x), layer.mlp(x).float(), torch.bfloat16)
+
+
+def _write_gpt_oss_mxfp4(src, dst, deq_dst) -> None:
+    """gpt-oss's mxfp4 checkpoint layout of the bf16 checkpoint ``src`` (experts as ``*_blocks`` / ``*_scales`` of
+    their [E, N, K] rows, gate/up interleaved as gpt-oss stores them), and a bf16 copy holding what transformers'
+    own decoder (``convert_moe_packed_tensors``) reads from those bytes."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from moekit.ops.quantize_mxfp4 import quantize_mxfp4
+
+    ckpt = Checkpoint(src)
+    tensors, dequantized = {}, {}
+    for key in ckpt.keys():
+        w = ckpt.get(key)
+        if not key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[key] = dequantized[key] = w
+            continue
+        codes, scales = quantize_mxfp4(w.transpose(1, 2))  # transformers stores [E, K, N]; gpt-oss [E, N, K]
+        blocks = codes.unflatten(-1, (codes.shape[-1] // 16, 16))
+        tensors[key + "_blocks"], tensors[key + "_scales"] = blocks, scales
+        dequantized[key] = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)  # back to [E, K, N]
+    for d, t in ((dst, tensors), (deq_dst, dequantized)):
+        d.mkdir()
+        safetensors_torch.save_file({k: v.contiguous() for k, v in t.items()}, d / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    quant = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                 "model.layers.*.mlp.router", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    (deq_dst / "config.json").write_text(json.dumps(config))
+
+
+def test_gpt_oss_mxfp4_checkpoint_matches_transformers_on_dequantized_weights(tmp_path):
+    # H and I multiples of 32 (one e8m0 scale per 32 columns); 2I != H, so no layout guess is involved.
+    model = build("gpt_oss", hidden_size=64, intermediate_size=96).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    _write_gpt_oss_mxfp4(tmp_path / "bf16", tmp_path / "mxfp4", tmp_path / "dequantized")
+    reference = type(model).from_pretrained(tmp_path / "dequantized", dtype=torch.bfloat16).eval()
+    x = _x(model)
+    for i, layer in enumerate(reference.model.layers):
+        moe = MoE.from_pretrained(tmp_path / "mxfp4", layer=i)
+        experts = moe.routed_experts
+        assert experts.quant_method.name == "mxfp4" and experts.w13.dtype == torch.uint8
+        assert experts.w13.shape == (8, 192, 32) and experts.w13_scale.shape == (8, 192, 2)
+        with torch.no_grad():
+            out = layer.mlp(x)
+            assert_close(moe(x), (out[0] if isinstance(out, tuple) else out).float(), torch.bfloat16)

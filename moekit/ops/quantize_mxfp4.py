@@ -65,7 +65,7 @@ def quantize_mxfp4(w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check_dtype("w_NK", w_NK, _FLOAT_DTYPES)
     if w_NK.dim() < 2 or w_NK.shape[-1] % GROUP:
         raise ValueError(f"w_NK: expected shape [..., N, K] with K a multiple of {GROUP}, got {tuple(w_NK.shape)}")
-    w = w_NK.float()  # exact for every input dtype: amax and the power-of-two division below are exact too
+    w = w_NK.float().contiguous()  # exact for every input dtype: amax and the power-of-two division below are exact too
     if not bool(torch.isfinite(w).all()):
         raise ValueError("w_NK: expected finite values (MXFP4 has no inf/NaN codes), got inf or NaN")
     groups = w.unflatten(-1, (w.shape[-1] // GROUP, GROUP))
