@@ -33,9 +33,9 @@ import torch
 
 from moekit._layout import deinterleave
 from moekit.ops.quantize_mxfp4 import E8M0_NAN, GROUP, dequantize_mxfp4, quantize_mxfp4
-from moekit.quant.base import MoEQuantMethod
+from moekit.quant.base import MoEQuantMethod, replace_float_weights
 from moekit.quant.params import QuantParams
-from moekit.quant.wna16 import _load_shard, _register
+from moekit.quant.wna16 import _load_shard, _register, _register_biases
 
 if TYPE_CHECKING:
     from moekit.kernel import ModularKernel
@@ -69,14 +69,7 @@ class MXFP4MoEMethod(MoEQuantMethod):
                       self._loader(layer, w))
             _register(layer, f"{w}_scale", torch.full((num_experts, n, k // GROUP), _UNIT_SCALE, dtype=torch.uint8,
                                                       device=device), self._loader(layer, f"{w}_scale"))
-        if layer.has_bias:
-            _register(layer, "w13_bias", torch.zeros(num_experts, rows, dtype=params_dtype, device=device),
-                      layer.weight_loader)
-            _register(layer, "w2_bias", torch.zeros(num_experts, hidden_size, dtype=params_dtype, device=device),
-                      layer.weight_loader)
-        else:
-            layer.w13_bias = None
-            layer.w2_bias = None
+        _register_biases(layer, num_experts, rows, hidden_size, params_dtype, device)
 
     @staticmethod
     def _loader(layer: RoutedExperts, name: str) -> Callable:
@@ -167,23 +160,12 @@ class MXFP4MoEMethod(MoEQuantMethod):
     def quantize_layer(self, layer: RoutedExperts) -> None:
         """Replace ``layer``'s unquantized weights by MXFP4 codes (``quantize_mxfp4``), expert by expert: no float
         copy of the weights stays on the layer."""
-        w13, w2 = layer.w13.detach(), layer.w2.detach()
-        biases = (layer.w13_bias, layer.w2_bias)
         _check_sizes(layer.hidden_size, layer.intermediate_size)  # before anything is dropped
-        for name in ("w13", "w2", "w13_bias", "w2_bias"):
-            layer._parameters.pop(name, None)
-        self.create_weights(layer, num_experts=w13.shape[0], hidden_size=layer.hidden_size,
-                            intermediate_size=layer.intermediate_size, params_dtype=w13.dtype, device=w13.device)
-        for e in range(w13.shape[0]):
-            for name, weight in (("w13", w13[e]), ("w2", w2[e])):
-                codes, scales = quantize_mxfp4(weight)
-                getattr(layer, name).data[e] = codes
-                getattr(layer, f"{name}_scale").data[e] = scales
-        for name, bias in zip(("w13_bias", "w2_bias"), biases):
-            if bias is not None:
-                getattr(layer, name).data.copy_(bias.detach())
-        layer.quant_method = self
-        layer._params_dtype = w13.dtype
+
+        def store(layer: RoutedExperts, e: int, name: str, weight: torch.Tensor) -> None:
+            getattr(layer, name).data[e], getattr(layer, f"{name}_scale").data[e] = quantize_mxfp4(weight)
+
+        replace_float_weights(self, layer, store)
 
 
 def dequantized_weights(layer: RoutedExperts) -> tuple[torch.Tensor, torch.Tensor]:
