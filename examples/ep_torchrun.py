@@ -130,8 +130,6 @@ def parse_args(argv: list[str] | None, world: int | None) -> argparse.Namespace:
         p.error(f"--experts: expected >= ep_size {ep_size} (every rank holds an expert), got {shape.num_experts}")
     if args.tp > 1 and shape.intermediate_size % args.tp:
         p.error(f"--tp: expected a divisor of the intermediate size {shape.intermediate_size}, got {args.tp}")
-    if args.tp > 1 and shape.bias:
-        p.error(f"--tp: tensor-parallel experts have no biases yet, and {args.preset} has them; use --tp 1")
     if args.graph_max_tokens < 0:
         p.error(f"--graph-max-tokens: expected >= 0 (0: never capture), got {args.graph_max_tokens}")
     if args.backend == "auto":
@@ -176,10 +174,12 @@ def build_layer(shape: MoEShape, args: argparse.Namespace, device: torch.device,
     for local, expert in enumerate(owned):
         full = _expert_weights(shape, expert, args.seed, dtype, device)
         for name, t in zip(names, full):
-            if parallel.tp_size > 1:  # this rank's slice of I: gate and up rows sliced alike, w2's columns
+            # This rank's slice of I: gate and up rows (and their biases) sliced alike, w2's columns; w2_bias has
+            # no I and stays whole (only tp_rank 0 adds it).
+            if parallel.tp_size > 1 and name != "w2_bias":
                 dim = 1 if name == "w2" else 0
                 t = shard_intermediate(t, dim, parallel.tp_size, parallel.tp_rank,
-                                       halves=2 if name == "w13" and gated else 1)
+                                       halves=2 if name in ("w13", "w13_bias") and gated else 1)
             getattr(routed, name)[local].copy_(t)
     routed.process_weights_after_loading()
     return moe

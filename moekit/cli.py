@@ -19,7 +19,7 @@ import torch
 
 from moekit import __version__
 from moekit.config import BACKENDS
-from moekit.quant import QUANT_SCHEMES
+from moekit.bench.floor import BENCH_SCHEMES
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="auto", choices=list(BACKENDS),
                    help="experts backend to time (auto: triton on CUDA when installed, else torch)")
     b.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weights' and activations' dtype")
-    b.add_argument("--quant", default=None, choices=list(QUANT_SCHEMES),
+    b.add_argument("--quant", default=None, choices=BENCH_SCHEMES,
                    help="quantize moekit's routed experts with moekit.quantize before timing (default: none, or the "
                         "scheme of --hf-config's quantization_config); --dtype stays the activations' dtype")
     b.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--tokens", default=GPU_TOKENS, help=f"token counts (default {GPU_TOKENS})")
     tn.add_argument("--dtype", default="bf16", choices=["bf16", "bfloat16", "fp16", "float16"],
                     help="weights' and activations' dtype")
-    tn.add_argument("--quant", default=None, choices=list(QUANT_SCHEMES),
-                    help="tune the 8-bit layer of this moekit.quantize scheme (its own table, <preset>.<scheme>.json)")
+    tn.add_argument("--quant", default=None, choices=BENCH_SCHEMES,
+                    help="tune the layer quantized with this moekit.quantize scheme (its own table, "
+                         "<preset>.<scheme>.json)")
     tn.add_argument("--out", default=None, help="tables folder (default: $MOEKIT_TUNED_DIR or moekit/ops/tuned)")
     tn.add_argument("--min-gain", type=float, default=0.03,
                     help="keep a tuned config only if it saves this fraction of the heuristic's time")
@@ -304,10 +305,10 @@ def _quant_scheme(args: argparse.Namespace) -> str | None:
         method = get_quant_method(cfg_q)
     except (TypeError, UnsupportedQuantization) as err:
         raise UsageError(f"--hf-config {args.hf_config}: {err}") from None
-    if method.name not in QUANT_SCHEMES:  # a loadable format the benchmark does not time yet (weight-only int4)
+    if method.name not in BENCH_SCHEMES:  # a loadable format moekit.quantize cannot make (e.g. 4-bit g64)
         raise UsageError(f"--hf-config {args.hf_config}: {method.name} (quantization_config) is not benchmarked "
-                         f"yet; moekit bench --quant runs {list(QUANT_SCHEMES)}")
-    if method.static_input_scales:
+                         f"yet; moekit bench --quant runs {BENCH_SCHEMES}")
+    if getattr(method, "static_input_scales", False):
         # Static scales come from a checkpoint's calibration; random weights have none (moekit.quantize refuses).
         print(f"moekit bench: {args.hf_config} uses static activation scales; timing {method.name} with dynamic "
               "ones (random weights have no calibrated scales)", file=sys.stderr)

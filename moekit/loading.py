@@ -41,6 +41,9 @@ conversions (``MXFP4MoEMethod.gpt_oss_tensors``) de-interleave the gate/up rows.
 
 Expert parallelism (a layer with an ``expert_map``): only this rank's experts are loaded; the other experts'
 per-expert tensors are not read (``LoadReport.skipped``), the fused layouts' rows are selected after the read.
+Tensor parallelism (``tp_size > 1``): each tensor is cut to the rank's slice of I after the read (gate and up rows
+alike, w2's columns, w13_bias, per-row and block scales; w2_bias and per-tensor scales whole: see
+``moekit.distributed.tensor_parallel``).
 
 ``expert_params_mapping`` gives the (param, checkpoint name, expert, shard) table for engines that drive
 ``RoutedExperts.weight_loader`` from their own loader, in the spirit of vLLM's ``make_expert_params_mapping``.
@@ -283,7 +286,9 @@ def load_moe(
         if merged:
             raise ValueError("moe: its per-shard scales were merged by an earlier load "
                              "(process_weights_after_loading); load into a freshly built layer")
-    if isinstance(method, (WNA16MoEMethod, MXFP4MoEMethod)):
+    if isinstance(method, WNA16MoEMethod):
+        method.check_loadable(moe.routed_experts, layout=layout)
+    if mxfp4:
         method.check_loadable(moe.routed_experts, layout=layout, tp_size=moe.parallel.tp_size)
     report = LoadReport(prefix=prefix[:-1], layout=layout)
     plan = _Plan(ckpt, report)
@@ -456,7 +461,11 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
     experts = moe.routed_experts
     method = experts.quant_method
     quantized = isinstance(method, W8A8MoEMethod)
-    names = ("w1", "w3", "w2") if plan.first([f"{prefix}experts.0.w1.weight"]) else ("gate_proj", "up_proj", "down_proj")
+    wna16 = isinstance(method, (WNA16MoEMethod, MXFP4MoEMethod))  # packed codes with their own loaders
+    tensors = method.checkpoint_tensors() if wna16 else (("", "weight"),)
+    # Mixtral names its projections w1/w3/w2; a weight-only checkpoint has no `.weight` beside them (qweight, ...).
+    mixtral = plan.first(f"{prefix}experts.0.w1.{name}" for _, name in tensors)
+    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
     if not experts.activation.is_gated:
         names = (names[1], names[2])  # non-gated: up -> all of w13, down -> w2
     # Global expert ids: under expert parallelism weight_loader keeps this rank's experts; the others' tensors
@@ -466,8 +475,6 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
     remote_names = {str(e) for e in remote}
     plan.report.skipped += [k for k in plan.ckpt.keys() if k.startswith(prefix + "experts.")
                             and k.removeprefix(prefix + "experts.").split(".")[0] in remote_names]
-    wna16 = isinstance(method, (WNA16MoEMethod, MXFP4MoEMethod))  # packed codes with their own loaders
-    tensors = method.checkpoint_tensors() if wna16 else (("", "weight"),)
     for row in expert_params_mapping(num_global, gate=names[0], up=names[1], down=names[-1], tensors=tensors):
         if (not experts.activation.is_gated and row.shard_id == "w3") or row.expert_id in remote:
             continue
@@ -481,7 +488,10 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
             name = row.param_name.removeprefix("routed_experts.")
             param = getattr(experts, name)
             loader = functools.partial(param.weight_loader, param, shard_id=row.shard_id, expert_id=row.expert_id)
-            plan.add(key, method.shard_shape(experts, name, row.shard_id), loader, dtype=param.dtype)
+            tp = moe.parallel
+            cut = method.tp_slicer(name.removeprefix("w13").removeprefix("w2"), row.shard_id,
+                                   experts.intermediate_size * tp.tp_size, tp.tp_size, tp.tp_rank)
+            plan.add(key, method.shard_shape(experts, name, row.shard_id), loader, cut, dtype=param.dtype)
             continue
         w2 = row.shard_id == "w2"
         param = experts.w2 if w2 else experts.w13
@@ -492,21 +502,47 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
             # ModelOpt ``weight_scale`` (any float dtype, copied into moekit's fp32 scales).
             base = key.removesuffix("weight")
             scale = experts.w2_scale if w2 else experts.w13_scale
-            _plan_scale(plan, experts, scale, row, [base + "weight_scale_inv", base + "weight_scale"])
+            # Tensor parallelism: w1/w3's per-row scales and block scales go with the rows/columns they scale (MoE
+            # refuses blocks that a slice would cut); w2's per-row and per-tensor scales are the whole expert's.
+            sliced = method.granularity == "block" or (method.granularity == "channel" and not w2)
+            _plan_scale(plan, experts, scale, row, [base + "weight_scale_inv", base + "weight_scale"],
+                        _tp_slicer(moe, 1 if w2 else 0) if sliced else None)
             if method.static_input_scales:
                 inputs = experts.w2_input_scale if w2 else experts.w13_input_scale
                 _plan_scale(plan, experts, inputs, row, [base + "input_scale"])
+    if experts.w13_bias is not None:
+        _plan_expert_biases(moe, plan, prefix, names, num_global, remote)
+
+
+def _plan_expert_biases(moe: MoE, plan: _Plan, prefix: str, names: tuple[str, ...], num_global: int,
+                        remote: set[int]) -> None:
+    """``experts.{e}.<proj>.bias`` of a per-expert checkpoint into w13_bias (gate, up halves; this rank's I slice
+    under TP) and w2_bias (whole: TensorParallel adds it on one rank); a missing one is reported, not left zero."""
+    experts = moe.routed_experts
+    shards = ("w1", "w3", "w2") if experts.activation.is_gated else ("w1", "w2")
+    for e in sorted(set(range(num_global)) - remote):
+        for shard, proj in zip(shards, names):
+            param = experts.w2_bias if shard == "w2" else experts.w13_bias
+            key = f"{prefix}experts.{e}.{proj}.bias"
+            if key not in plan.ckpt:
+                plan.report.missing.append(key)
+                continue
+            loader = functools.partial(experts.weight_loader, param, shard_id=shard, expert_id=e)
+            plan.add(key, _shard_shape(experts, param, shard), loader,
+                     None if shard == "w2" else _tp_slicer(moe, 0), dtype=param.dtype)
 
 
 def _plan_scale(plan: _Plan, experts: RoutedExperts, param: torch.Tensor, row: ExpertParamMapping,
-                keys: list[str]) -> None:
+                keys: list[str], transform: Callable | None = None) -> None:
     key = plan.first(keys)
     if key is None:
         plan.report.missing.append(keys[0])
         return
     shape = _shard_shape(experts, param, row.shard_id)
-    # A per-tensor scale is stored 0-d (ModelOpt) or [1] (compressed-tensors): both load into one element.
-    transform = _reshape_to(shape) if math.prod(shape) == 1 else None
+    # A per-tensor scale is stored 0-d (ModelOpt) or [1] (compressed-tensors): both load into one element. (A
+    # tensor-parallel slicer, the other transform, is never given one.)
+    if transform is None and math.prod(shape) == 1:
+        transform = _reshape_to(shape)
     plan.add(key, shape, _expert_loader(experts, param, row), transform, dtype=param.dtype)
 
 
@@ -551,8 +587,9 @@ def _load_fused(moe: MoE, plan: _Plan, experts_prefix: str, *, transposed: bool,
     halves = 2 if experts.activation.is_gated else 1
     plan.copy(experts.w13, [experts_prefix + "gate_up_proj"], _chain(rows, w13_from, _tp_slicer(moe, 1, halves)))
     plan.copy(experts.w2, [experts_prefix + "down_proj"], _chain(rows, w2_from, _tp_slicer(moe, 2)))
-    if experts.w13_bias is not None:  # (tensor parallelism refuses biases)
-        plan.copy(experts.w13_bias, [experts_prefix + "gate_up_proj_bias"], _chain(rows, b13_from))
+    if experts.w13_bias is not None:  # w13_bias: this rank's I slice like w13's rows; w2_bias whole (H, no I)
+        plan.copy(experts.w13_bias, [experts_prefix + "gate_up_proj_bias"],
+                  _chain(rows, b13_from, _tp_slicer(moe, 1, halves)))
         plan.copy(experts.w2_bias, [experts_prefix + "down_proj_bias"], _chain(rows))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from moekit._checks import ACT_DTYPES, check_choice
+from moekit.distributed import TensorParallel, check_block_split
 from moekit.layer import MoE
 from moekit.quant import MXFP4_SCHEMES, QUANT_SCHEMES, WNA16_SCHEMES, UnquantizedMoEMethod
 from moekit.routed_experts import RoutedExperts
@@ -24,8 +25,12 @@ def quantize(moe: MoE | RoutedExperts, scheme: str) -> MoE | RoutedExperts:
     """Quantize the routed experts of ``moe`` (a ``moekit.MoE`` or ``RoutedExperts``) in place; returns ``moe``.
 
     The float weights are dropped expert by expert: no dequantized copy stays on the layer. The layer's backend
-    ``auto`` then runs the torch backend (the Triton 8-bit path, ``backend="triton"``, is not tuned yet; the
-    weight-only schemes have no Triton kernel yet and ``backend="triton"`` refuses them).
+    ``auto`` then runs the Triton backend on CUDA (fp8 needs compute capability 8.9+) and the torch backend
+    elsewhere (the quant method's ``kernel_for``).
+
+    A tensor-parallel layer quantizes its slice of I: block scales then need each rank's I to be whole blocks (a
+    ValueError otherwise) and are the full layer's, sliced, as w13's per-row scales are; a scale whose maximum
+    runs over I (w2's per row, per tensor) is the slice's own, as in vLLM (no collective here).
     """
     if not isinstance(moe, (MoE, RoutedExperts)):
         raise TypeError(f"moe: expected a moekit.MoE or RoutedExperts, got {type(moe).__name__}")
@@ -37,7 +42,15 @@ def quantize(moe: MoE | RoutedExperts, scheme: str) -> MoE | RoutedExperts:
     if layer.w13.dtype not in ACT_DTYPES or layer.w13.device.type == "meta":
         raise ValueError(f"moe: expected loaded weights in one of {[str(d) for d in ACT_DTYPES]}, got w13 "
                          f"{layer.w13.dtype} on {layer.w13.device}")
+    method = schemes[scheme]()
+    if isinstance(layer.prepare_finalize, TensorParallel):
+        # A tensor-parallel slice: its blocks must be the full layer's blocks, sliced (what a checkpoint holds).
+        tp_size = layer.prepare_finalize.tp_size
+        if scheme in WNA16_SCHEMES:  # groups along I must be whole on each rank, as in a checkpoint's slice
+            method.check_tp_split(layer.intermediate_size * tp_size, tp_size)
+        elif scheme in QUANT_SCHEMES:
+            check_block_split(method.block_shape, layer.intermediate_size * tp_size, tp_size, scheme)
+        # mxfp4: its groups of 32 run along K, so a slice's I that is a multiple of 32 (checked) keeps them whole
     with torch.no_grad():
-        method = schemes[scheme]()
         method.quantize_layer(layer)
     return moe

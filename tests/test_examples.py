@@ -114,7 +114,6 @@ def test_ep_torchrun_runs_at_world_2_on_gloo(dispatch, tmp_path):
     (["--tokens", "1,x"], 2, "--tokens"),
     (["--tp", "3"], 2, "--tp: expected a divisor of the world size 2"),
     (["--tp", "2", "--intermediate", "33"], 4, "--tp: expected a divisor of the intermediate size 33"),
-    (["--preset", "gpt-oss-120b", "--tp", "2"], 2, "no biases yet"),
     (["--experts", "3", "--top-k", "2"], 4, "--experts: expected >= ep_size 4"),
     (["--experts", "4", "--top-k", "5"], 2, "--top-k: expected <= the expert count 4"),
     (["--dispatch", "ring"], 2, "--dispatch"),

@@ -4,9 +4,13 @@
     flops    = 2 · T · K · (rows(w13) + I) · H          (= 2·T·K·3·H·I for gated activations)
     floor_us = max(bytes / read_bw, flops / mm_rate)
 
-With a quant scheme (``moekit bench --quant``) a weight is 1 byte, each touched expert adds its float32 scales,
-and ``mm_rate`` is the 8-bit matmul's (``torch._scaled_mm`` fp8 or ``torch._int_mm`` int8). ``read_bw`` and
-``mm_rate`` are measured in the same run by ``measure_ceilings``.
+With an 8-bit scheme (``moekit bench --quant fp8_block``, ...) a weight is 1 byte, each touched expert adds its
+float32 scales, and ``mm_rate`` is the 8-bit matmul's (``torch._scaled_mm`` fp8 or ``torch._int_mm`` int8). With a
+weight-only scheme (``w4a16_g128``, ``w4a16_g128_asym``, ``w8a16_g128``) a weight is its packed code (half a byte
+at 4 bits, a byte at 8), each touched expert adds its group scales (in the activation dtype, as ``moekit.quantize``
+keeps them) and, asymmetric, a one-byte zero point per group; ``mm_rate`` stays the bf16 matmul's (the codes are
+dequantized to the activation dtype for the dots). ``read_bw`` and ``mm_rate`` are measured in the same run by
+``measure_ceilings``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ import torch
 
 from moekit.bench.shapes import MoEShape
 from moekit.ops.quantize import expert_scale_shapes
-from moekit.quant import QUANT_SCHEMES
+from moekit.quant import QUANT_SCHEMES, WNA16_SCHEMES
+
+# The schemes ``moekit bench --quant`` times: 8-bit weights and activations, and weight-only 4/8-bit groups.
+BENCH_SCHEMES = [*QUANT_SCHEMES, *WNA16_SCHEMES]
 
 
 @dataclass(frozen=True)
@@ -29,21 +36,43 @@ class Ceilings:
 
 
 def scale_bytes(shape: MoEShape, scheme: str) -> int:
-    """float32 scale bytes of one expert (w13 and w2) under ``scheme`` (a ``moekit.quantize`` scheme name)."""
+    """float32 scale bytes of one expert (w13 and w2) under ``scheme`` (an 8-bit ``moekit.quantize`` scheme)."""
     method = QUANT_SCHEMES[scheme]
     s13, s2 = expert_scale_shapes(method.granularity, method.block_shape, num_experts=1, hidden=shape.hidden_size,
                                   inter=shape.intermediate_size, gated=shape.activation.is_gated)
     return 4 * (math.prod(s13) + math.prod(s2))
 
 
+def wna16_bytes(shape: MoEShape, scheme: str, elem_size: int) -> int:
+    """Bytes of one expert's w13 and w2 under a weight-only ``scheme`` (``moekit.quant.WNA16_SCHEMES``): packed
+    codes, group scales of ``elem_size`` bytes, and one-byte zero points when asymmetric."""
+    method = WNA16_SCHEMES[scheme]()
+    total = 0
+    # (rows, K) of w13 [R, H] and w2 [H, I]
+    for n, k in ((shape.activation.w13_rows(shape.intermediate_size), shape.hidden_size),
+                 (shape.hidden_size, shape.intermediate_size)):
+        codes = math.ceil(k / 2) if method.bits == 4 else k
+        groups = 1 if method.group_size == -1 else math.ceil(k / method.group_size)
+        total += n * (codes + groups * (elem_size + (0 if method.sym else 1)))
+    return total
+
+
+def matmul_dtype(scheme: str | None) -> str:
+    """The matmul whose rate bounds a ``scheme`` layer's flops: bf16, or the 8-bit schemes' fp8_e4m3 / int8."""
+    return QUANT_SCHEMES[scheme].qdtype if scheme in QUANT_SCHEMES else "bf16"
+
+
 def moe_bytes(shape: MoEShape, num_tokens: int, num_active: int, elem_size: int, scheme: str | None = None) -> int:
-    """Bytes one call must move: touched experts' weights (+ biases, + scales when ``scheme`` quantizes them to
-    1 byte a weight) and the activations in and out, in ``elem_size`` bytes."""
+    """Bytes one call must move: touched experts' weights (+ biases; quantized by ``scheme``: codes + scales (+ zero
+    points)) and the activations in and out, in ``elem_size`` bytes."""
     rows = shape.activation.w13_rows(shape.intermediate_size)
-    weight_size = elem_size if scheme is None else 1
-    per_expert = (rows * shape.hidden_size + shape.hidden_size * shape.intermediate_size) * weight_size
-    if scheme is not None:
-        per_expert += scale_bytes(shape, scheme)
+    if scheme in WNA16_SCHEMES:
+        per_expert = wna16_bytes(shape, scheme, elem_size)
+    else:
+        weight_size = elem_size if scheme is None else 1
+        per_expert = (rows * shape.hidden_size + shape.hidden_size * shape.intermediate_size) * weight_size
+        if scheme is not None:
+            per_expert += scale_bytes(shape, scheme)
     if shape.bias:  # biases stay in the activation dtype when the weights are quantized
         per_expert += (rows + shape.hidden_size) * elem_size
     return num_active * per_expert + 2 * num_tokens * shape.hidden_size * elem_size
@@ -62,8 +91,9 @@ def floor_us(shape: MoEShape, num_tokens: int, num_active: int, elem_size: int, 
 
 
 def measure_ceilings(device: torch.device, scheme: str | None = None) -> Ceilings:
-    """Streaming read of a 4 GiB tensor (best of a few persistent grids) and an 8192³ matmul: bf16, or the 8-bit
-    one of ``scheme`` (``torch._scaled_mm`` for fp8, ``torch._int_mm`` for int8)."""
+    """Streaming read of a 4 GiB tensor (best of a few persistent grids) and an 8192³ matmul: bf16 (also for the
+    weight-only schemes), or the 8-bit one of ``scheme`` (``torch._scaled_mm`` for fp8, ``torch._int_mm`` for
+    int8)."""
     from triton.testing import do_bench
 
     from moekit.bench._kernels import _stream_read
@@ -79,10 +109,10 @@ def measure_ceilings(device: torch.device, scheme: str | None = None) -> Ceiling
         best = min(best, ms)
     read_bw = n * 2 / (best * 1e-3)
     del x  # free the 4 GiB before the matmul's buffers
-    mm_dtype = "bf16" if scheme is None else QUANT_SCHEMES[scheme].qdtype
-    ms = do_bench(_matmul_8192(mm_dtype, device), return_mode="median")
+    dots = matmul_dtype(scheme)
+    ms = do_bench(_matmul_8192(dots, device), return_mode="median")
     mm_rate = 2 * 8192**3 / (ms * 1e-3)
-    return Ceilings(read_bw=read_bw, mm_rate=mm_rate, mm_dtype=mm_dtype)
+    return Ceilings(read_bw=read_bw, mm_rate=mm_rate, mm_dtype=dots)
 
 
 def _matmul_8192(mm_dtype: str, device: torch.device):

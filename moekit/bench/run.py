@@ -13,14 +13,15 @@ import torch
 from torch import nn
 
 from moekit.bench.baselines import eager_experts, grouped_mm_experts
-from moekit.bench.floor import Ceilings, floor_us, moe_bytes, moe_flops
+from moekit.bench.floor import BENCH_SCHEMES, Ceilings, floor_us, moe_bytes, moe_flops
 from moekit.bench.shapes import MoEShape
 from moekit.bench.timing import time_cpu, time_us
 from moekit.functional import fused_experts
 from moekit.kernel import resolve_backend
-from moekit.ops.quantize import native_8bit_dots
+from moekit.ops.quantize_wna16 import dequantize_wna16
 from moekit.online_quant import quantize
-from moekit.quant import QUANT_SCHEMES
+from moekit.quant import WNA16_SCHEMES
+from moekit.quant.wna16 import expert_weight
 from moekit.router import select_experts
 from moekit.routed_experts import RoutedExperts
 from moekit.testing import rel_errors
@@ -99,8 +100,8 @@ def make_weights(shape: MoEShape, dtype: torch.dtype, device: torch.device, seed
 
 def quantized_experts(shape: MoEShape, weights: dict, scheme: str) -> RoutedExperts:
     """``weights`` quantized with ``moekit.quantize(…, scheme)``; ``weights`` themselves stay as they are."""
-    if scheme not in QUANT_SCHEMES:
-        raise ValueError(f"scheme: expected one of {list(QUANT_SCHEMES)}, got {scheme!r}")
+    if scheme not in BENCH_SCHEMES:
+        raise ValueError(f"scheme: expected one of {BENCH_SCHEMES}, got {scheme!r}")
     w13 = weights["w13"]
     # Built on meta and handed the float weights as parameters: no second full-size float copy is made
     # (quantize replaces the parameters by new code tensors and never writes into the old ones).
@@ -121,8 +122,10 @@ def make_tokens(shape: MoEShape, num_tokens: int, dtype: torch.dtype, device: to
     return {"hidden_states": x, "topk_weights": topk_weights, "topk_ids": topk_ids}
 
 
-def reference_error(inputs: dict, out: torch.Tensor, shape: MoEShape) -> float:
-    """Max relative error of ``out`` against the fp32 torch backend on the first ``ERROR_TOKENS`` tokens."""
+def reference_error(inputs: dict, out: torch.Tensor, shape: MoEShape, layer: RoutedExperts | None = None) -> float:
+    """Max relative error of ``out`` against the fp32 torch backend on the first ``ERROR_TOKENS`` tokens, with the
+    float weights of ``inputs``, or the weights of a weight-only ``layer`` dequantized to fp32 (its error is then
+    the kernel's alone: rounding to 4 bits would hide it)."""
     n = min(ERROR_TOKENS, out.shape[0])
     if n == 0:
         return 0.0
@@ -138,10 +141,13 @@ def reference_error(inputs: dict, out: torch.Tensor, shape: MoEShape) -> float:
     ref = torch.zeros(n, out.shape[1], dtype=torch.float32, device=out.device)
     for start in range(0, used.numel(), chunk):
         in_chunk = (local_ids >= start) & (local_ids < start + chunk)
+        experts = used[start:start + chunk]
+        w13, w2 = (inputs["w13"][experts].float(), inputs["w2"][experts].float()) if layer is None else \
+            _dequantized(layer, experts)
         sub = {
             "hidden_states": x,
-            "w13": inputs["w13"][used[start:start + chunk]].float(),
-            "w2": inputs["w2"][used[start:start + chunk]].float(),
+            "w13": w13,
+            "w2": w2,
             "topk_weights": torch.where(in_chunk, weights, 0.0),
             "topk_ids": torch.where(in_chunk, local_ids - start, 0).to(torch.int32),
         }
@@ -150,6 +156,18 @@ def reference_error(inputs: dict, out: torch.Tensor, shape: MoEShape) -> float:
                 sub[k] = inputs[k][used[start:start + chunk]].float()
         ref += fused_experts(**sub, activation=shape.activation, backend="torch").float()
     return rel_errors(out[:n], ref)[0]
+
+
+def _dequantized(layer: RoutedExperts, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (w13, w2) of a weight-only ``layer``'s ``experts`` (an index tensor), dequantized from its codes."""
+    q = layer.quant_method.quant_params(layer)
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[experts]
+
+    return (dequantize_wna16(expert_weight(pick(layer.w13), pick(q.w13_scale), pick(q.w13_zp), q, layer.hidden_size)),
+            dequantize_wna16(expert_weight(pick(layer.w2), pick(q.w2_scale), pick(q.w2_zp), q,
+                                           layer.intermediate_size)))
 
 
 def bench_point(
@@ -169,9 +187,10 @@ def bench_point(
     across token counts.
 
     With ``quant``, moekit runs the routed experts quantized by ``moekit.quantize`` (``auto`` picks what such a
-    layer runs: Triton on CUDA with the scheme's dots, else torch); the baselines run the float weights, the error
-    column is against the unquantized fp32 reference (MEASURING.md), and the floor counts 8-bit weights and their
-    scales.
+    layer runs: Triton on CUDA with the scheme's dots, else torch); the baselines run the float weights, and the
+    floor counts the quantized weights (codes, scales, zero points: ``floor.moe_bytes``). The error column is
+    against the unquantized fp32 reference for 8-bit schemes (MEASURING.md) and against the fp32 reference on the
+    dequantized weights for weight-only ones.
     """
     if weights is None:
         weights = make_weights(shape, dtype, device, seed, quant)
@@ -179,9 +198,11 @@ def bench_point(
         raise ValueError(f"weights: expected make_weights(..., quant={quant!r})'s, which hold the quantized layer")
     rotate = ROTATE if device.type == "cuda" else 1
     token_sets = [make_tokens(shape, num_tokens, dtype, device, seed + 7919 * i) for i in range(rotate)]
-    # The bench times what the layer would run: auto is torch for an 8-bit layer on a GPU without its dots.
+    # The bench times what the layer would run: its quant method's choice for 'auto' (e.g. torch for an fp8
+    # layer on a GPU without fp8 dots).
     if quant is not None and backend == "auto":
-        backend = "triton" if native_8bit_dots(weights["quantized"].quant_method.qdtype, device) else "torch"
+        layer = weights["quantized"]
+        backend = layer.quant_method.kernel_for(layer, token_sets[0]["hidden_states"]).experts.name
     backend = resolve_backend(backend, device)
     act = shape.activation
     bias_kw = {"w13_bias_E2I": weights.get("w13_bias"), "w2_bias_EH": weights.get("w2_bias")}
@@ -208,7 +229,9 @@ def bench_point(
         return eager_experts(hidden_states, weights["w13"], weights["w2"], topk_weights, topk_ids,
                              activation=act, **bias_kw)
 
-    err = reference_error({**float_weights, **token_sets[0]}, moekit_fn(**token_sets[0]), shape)
+    weight_only = quant in WNA16_SCHEMES
+    err = reference_error({**float_weights, **token_sets[0]}, moekit_fn(**token_sets[0]), shape,
+                          weights["quantized"] if weight_only else None)
     # The torch backend syncs to size its per-expert loop, so only Triton is captured in a graph.
     graph = device.type == "cuda" and backend != "torch"
     variants = {"moekit": moekit_fn}

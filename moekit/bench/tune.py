@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.bench.floor import BENCH_SCHEMES
 from moekit.bench.run import ROTATE, make_tokens, make_weights
 from moekit.bench.timing import time_us
 from moekit.kernel.modular import ModularKernel
@@ -148,7 +149,7 @@ def gpu_measure(preset, device: torch.device, dtype: torch.dtype, seed: int = 0,
     """A ``Measure`` over random inputs for a ``moekit.bench.shapes`` preset on CUDA, and a function freeing them.
 
     Each call is the whole modular kernel (with ``quant``, a ``moekit.quantize`` scheme: the layer's weights in
-    that scheme, and the activation quantization of ``prepare`` timed too). Every candidate is checked against the
+    that scheme, and for 8-bit schemes the activation quantization of ``prepare`` timed too). Every candidate is checked against the
     torch backend on the same weights (max-relative error under ``MAX_REL_ERR``) before it is timed; a failing or
     uncompilable one times as inf.
     """
@@ -225,8 +226,8 @@ def tune_preset(
     (``<name>.<quant>.json`` for a ``moekit.quantize`` scheme, whose entries are keyed by it) with ``<gpu>`` as
     ``heuristics`` names the current device; ``dtype`` is the activations' (and float weights') dtype.
     """
-    if quant is not None and quant not in QUANT_SCHEMES:
-        raise ValueError(f"quant: expected None or one of {list(QUANT_SCHEMES)}, got {quant!r}")
+    if quant is not None and quant not in BENCH_SCHEMES:
+        raise ValueError(f"quant: expected None or one of {BENCH_SCHEMES}, got {quant!r}")
     free = None
     if measure is None:
         device = torch.device("cuda")
@@ -237,7 +238,7 @@ def tune_preset(
     def shape_of(t: int) -> MoEShape:
         return MoEShape(num_tokens=t, top_k=preset.top_k, num_experts=preset.num_experts,
                         hidden=preset.hidden_size, inter=preset.intermediate_size, gated=gated,
-                        num_sms=num_sms or 132, elem_bytes=1 if quant else dtype.itemsize,
+                        num_sms=num_sms or 132, elem_bytes=1 if quant in QUANT_SCHEMES else dtype.itemsize,
                         weights=quant or str(dtype).removeprefix("torch."))
 
     try:

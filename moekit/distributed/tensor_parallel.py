@@ -3,9 +3,18 @@ dimension I, and an all-reduce over the group sums their partial outputs.
 
     y = Σ_k w_k · W2[:, I] · act(W13[I] x)  =  Σ_ranks  Σ_k w_k · W2[:, I_r] · act(W13[I_r] x)
 
-(the activation is elementwise over I, gate and up rows sliced alike). Ranks are laid out TP-innermost, as in
-vLLM: rank ``ep_rank * tp_size + tp_rank`` of the layer's process group; the ranks of one TP group hold the same
-tokens, the ranks of one EP group (same ``tp_rank``) split the experts.
+(the activation is elementwise over I, gate and up rows sliced alike; swigluoai's clamp and ``up + 1`` too). Ranks
+are laid out TP-innermost, as in vLLM: rank ``ep_rank * tp_size + tp_rank`` of the layer's process group; the ranks
+of one TP group hold the same tokens, the ranks of one EP group (same ``tp_rank``) split the experts.
+
+What each rank holds of an expert (I_r = I / tp_size; loading.py cuts these from a full checkpoint):
+
+    w13 [2I_r, H], w13_bias [2I_r]   rows of the gate half and of the up half alike
+    w2 [H, I_r]                      columns
+    w2_bias [H]                      whole, on every rank; only tp_rank 0 adds it (``adds_w2_bias``)
+    8-bit scales                     per row (w13) and per block (w13 rows, w2 columns) sliced with what they scale;
+                                     w2's per-row and every per-tensor scale whole. Blocks must not straddle two
+                                     ranks: I_r a multiple of the block (``check_block_split``)
 """
 
 from __future__ import annotations
@@ -56,6 +65,20 @@ def parallel_groups(parallel: ParallelConfig, group: dist.ProcessGroup | None = 
     return _GROUPS[key]
 
 
+def check_block_split(block_shape: tuple[int, int] | None, intermediate_size: int, tp_size: int,
+                      scheme: str) -> None:
+    """Refuse block scales that a rank's slice of I would cut through: each rank's I / tp_size must be a multiple
+    of the block along I (w13's rows, block N; w2's columns, block K), as vLLM requires. A slice-local block
+    quantization would still run, but its scales would not be the full layer's (a checkpoint's) sliced."""
+    if block_shape is None or tp_size == 1:
+        return
+    share = intermediate_size // tp_size
+    if share % block_shape[0] or share % block_shape[1]:
+        raise ValueError(f"parallel.tp_size: expected each rank's share of I to be whole {scheme} scale blocks, got "
+                         f"tp_size={tp_size} and intermediate_size={intermediate_size}: {share} per rank, not a "
+                         f"multiple of the {block_shape[0]}x{block_shape[1]} block")
+
+
 def shard_intermediate(t: torch.Tensor, dim: int, tp_size: int, tp_rank: int, *, halves: int = 1) -> torch.Tensor:
     """Rank ``tp_rank``'s contiguous share of dimension ``dim`` of ``t`` (an expert's I); ``halves=2`` for fused
     gate-then-up rows, whose two halves are sliced alike."""
@@ -69,7 +92,13 @@ def shard_intermediate(t: torch.Tensor, dim: int, tp_size: int, tp_rank: int, *,
 
 class TensorParallel(PrepareFinalize):
     """Wraps the layer's dispatch (local, or expert-parallel over the EP group): after its finalize the partial
-    outputs of the TP group's ranks are summed with one all-reduce (in the layer's dtype)."""
+    outputs of the TP group's ranks are summed with one all-reduce (in the layer's dtype).
+
+    The GEMM-2 bias (``w2_bias`` [E, H]) has no I to slice: every rank holds all of it, and only tp_rank 0 adds
+    it, so that the all-reduce counts it once. Holding it whole everywhere (rather than zeros off rank 0, as
+    vLLM's gpt-oss loader writes) keeps ``weight_loader`` and ``load_state_dict`` plain copies of the checkpoint:
+    an engine that loads the bias into every rank, as it must without an I to cut, gets the right sum.
+    """
 
     collective = True
 
@@ -81,6 +110,7 @@ class TensorParallel(PrepareFinalize):
             raise ValueError(f"group: expected a TP group of {tp_size} ranks with this one at {tp_rank}, got "
                              f"{dist.get_world_size(group)} ranks with this one at {dist.get_rank(group)}")
         self.inner, self.tp_size, self.tp_rank, self.group = inner, tp_size, tp_rank, group
+        self.adds_w2_bias = tp_rank == 0
 
     def __repr__(self) -> str:
         return f"TensorParallel({self.inner!r}, tp_size={self.tp_size}, tp_rank={self.tp_rank})"

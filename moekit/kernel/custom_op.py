@@ -13,10 +13,13 @@ from __future__ import annotations
 import torch
 
 from moekit.ops.activation import Activation
+from moekit.quant.params import UNQUANTIZED, QuantParams
 
 # Positions among fused_experts' arguments of the inputs that can carry a gradient, in the order of
 # Experts.backward's result: hidden_states, w13, w2, topk_weights, w13_bias, w2_bias.
 _GRAD_POSITIONS = (0, 1, 2, 3, 5, 6)
+# fused_experts' trailing arguments for weight-only integer experts (weight_dtype, group_size, scales, zero points).
+_QUANT_ARGS = 6
 
 
 def _experts(backend: str):  # noqa: ANN202
@@ -40,19 +43,44 @@ def fused_experts_op(
     limit: float | None,
     out_dtype: torch.dtype,
     backend: str,
+    weight_dtype: str | None = None,
+    group_size: int | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    w13_zp: torch.Tensor | None = None,
+    w2_zp: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[T, H] routed-experts output in ``out_dtype`` (``Experts.apply``'s contract), by backend ``backend``."""
+    """[T, H] routed-experts output in ``out_dtype`` (``Experts.apply``'s contract), by backend ``backend``.
+
+    Weight-only integer experts (``QuantParams`` granularity ``group``) pass their ``weight_dtype``, ``group_size``,
+    scales and zero points (``quant_op_args``); ``w13``/``w2`` then hold the codes. None of them: unquantized."""
+    quant = UNQUANTIZED
+    if weight_dtype is not None:
+        quant = QuantParams(weight_dtype=weight_dtype, granularity="group", group_size=group_size,
+                            w13_scale=w13_scale, w2_scale=w2_scale, w13_zp=w13_zp, w2_zp=w2_zp)
     return _experts(backend).run(
         hidden_states, w13, w2, topk_weights, topk_ids,
         activation=Activation(name=activation, alpha=alpha, limit=limit),
-        w13_bias_E2I=w13_bias, w2_bias_EH=w2_bias, expert_map_E=expert_map, out_dtype=out_dtype,
+        w13_bias_E2I=w13_bias, w2_bias_EH=w2_bias, expert_map_E=expert_map, out_dtype=out_dtype, quant=quant,
     )
 
 
 @fused_experts_op.register_fake
 def _(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, expert_map, activation, alpha, limit,
-      out_dtype, backend):  # noqa: ANN001, ANN202
+      out_dtype, backend, weight_dtype=None, group_size=None, w13_scale=None, w2_scale=None, w13_zp=None,
+      w2_zp=None):  # noqa: ANN001, ANN202
     return hidden_states.new_empty(hidden_states.shape, dtype=out_dtype)
+
+
+def quant_op_args(quant: QuantParams) -> tuple:
+    """``fused_experts_op``'s trailing arguments for ``quant``: unquantized or weight-only integer groups (the
+    schemes the op carries; 8-bit weights with quantized activations are traced through ``run`` instead)."""
+    if not quant.is_quantized:
+        return ()
+    if quant.granularity != "group":
+        raise ValueError(f"quant: the fused_experts op carries unquantized or group-scaled weights, got "
+                         f"{quant.describe()}")
+    return (quant.weight_dtype, quant.group_size, quant.w13_scale, quant.w2_scale, quant.w13_zp, quant.w2_zp)
 
 
 @torch.library.custom_op("moekit::fused_experts_backward", mutates_args=())
@@ -95,16 +123,20 @@ def _(grad_out, hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bia
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, expert_map, *rest = inputs
     ctx.save_for_backward(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, expert_map)
-    activation, alpha, limit, _out_dtype, backend = rest
+    activation, alpha, limit, _out_dtype, backend, *quant = rest
     ctx.static = (activation, alpha, limit, backend)
+    ctx.quantized = bool(quant) and quant[0] is not None
 
 
 def _backward(ctx, grad_out):  # noqa: ANN001, ANN202
+    if ctx.quantized:
+        # ModularKernel refuses a gradient through quantized experts before the op runs; this is the backstop.
+        raise NotImplementedError("fused_experts: quantized experts have no backward")
     saved = ctx.saved_tensors
     needs = [bool(ctx.needs_input_grad[i]) for i in _GRAD_POSITIONS]
     grads = fused_experts_backward_op(grad_out, *saved, *ctx.static, needs)
     dx, dw13, dw2, dtw, db13, db2 = (g if need else None for g, need in zip(grads, needs))
-    return dx, dw13, dw2, dtw, None, db13, db2, None, None, None, None, None, None
+    return dx, dw13, dw2, dtw, None, db13, db2, None, None, None, None, None, None, *(None,) * _QUANT_ARGS
 
 
 fused_experts_op.register_autograd(_backward, setup_context=_setup_context)

@@ -15,7 +15,9 @@ A backend implements ``run`` (the forward for validated inputs) and, to be train
 gradients, recomputing what it needs from the inputs: the forward keeps no intermediates, so inference pays
 nothing for training). ``apply`` is the one entry point and picks the path:
 
-    compiling, unquantized        -> torch.ops.moekit.fused_experts (one opaque node, autograd formula attached)
+    compiling, unquantized or weight-only int4/int8 groups
+                                  -> torch.ops.moekit.fused_experts (one opaque node, autograd formula attached;
+                                     the group scales and zero points ride along as tensor arguments)
     eager, a gradient is needed   -> an autograd.Function around run/backward
     otherwise (inference)         -> run, with nothing in between
 """
@@ -29,7 +31,7 @@ from typing import ClassVar
 import torch
 from torch.autograd.function import once_differentiable
 
-from moekit.kernel.custom_op import fused_experts_op
+from moekit.kernel.custom_op import fused_experts_op, quant_op_args
 from moekit.ops.activation import Activation
 from moekit.quant.params import UNQUANTIZED, QuantParams
 
@@ -74,10 +76,11 @@ class Experts(ABC):
         self.check_supported(hidden_states_TH, quant)
         tensors = (hidden_states_TH, w13_E2IH, w2_EHI, topk_weights_TK, topk_ids_TK, w13_bias_E2I, w2_bias_EH,
                    expert_map_E)
+        weight_only = quant.granularity == "group"
+        if (not quant.is_quantized or weight_only) and torch.compiler.is_compiling() and self.op_backend is not None:
+            return fused_experts_op(*tensors, activation.name, activation.alpha, activation.limit, out_dtype,
+                                    self.op_backend, *quant_op_args(quant))
         if not quant.is_quantized:
-            if torch.compiler.is_compiling() and self.op_backend is not None:
-                return fused_experts_op(*tensors, activation.name, activation.alpha, activation.limit, out_dtype,
-                                        self.op_backend)
             if needs_grad(tensors):
                 if type(self).backward is Experts.backward:
                     raise NotImplementedError(f"backend {self.name!r}: no backward, but a gradient is required "

@@ -133,7 +133,8 @@ class ModularKernel:
         )
         routed = self.experts.apply(
             prep.hidden_states, w13, w2, prep.topk_weights, prep.topk_ids,
-            activation=act, w13_bias_E2I=w13_bias, w2_bias_EH=w2_bias, expert_map_E=expert_map,
+            activation=act, w13_bias_E2I=w13_bias,
+            w2_bias_EH=w2_bias if self.prepare_finalize.adds_w2_bias else None, expert_map_E=expert_map,
             quant=quant, hidden_scale=prep.hidden_scale, out_dtype=prep.experts_out_dtype or hidden_states.dtype,
         )
         out = self.prepare_finalize.finalize(routed, prep)

@@ -54,6 +54,9 @@ class PrepareFinalize(ABC):
     """
 
     collective: bool = False
+    # False on a rank whose output is summed with other ranks' for the same tokens and experts (tensor
+    # parallelism, tp_rank > 0): the kernel leaves out the GEMM-2 bias there, so the sum holds it once.
+    adds_w2_bias: bool = True
 
     @abstractmethod
     def prepare(

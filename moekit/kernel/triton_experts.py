@@ -16,6 +16,11 @@ Gradients: ``backward`` (grouped GEMMs over the same layout, plus ``grouped_wgra
 8-bit experts (fp8 e4m3 / int8 weights, activations quantized in the same dtype: ``QuantParams``) run the same
 pipeline on codes (``_run_w8a8``): ``prepare`` hands over x's codes and scales, GEMM 1 writes the activation's
 output in fp32, ``act_quant`` quantizes it with the scheme's activation granularity, GEMM 2 reads those codes.
+
+Weight-only 4/8-bit experts (int4/int8 codes with group scales and optional zero points, activations in the
+layer's dtype: w4a16, w8a16) run the float pipeline above, workspace included (``_run_float``), with
+``grouped_gemm_wna16`` in place of ``grouped_gemm``: the codes are dequantized to the activation dtype inside each
+GEMM's K loop and never exist dequantized in memory. Tiles come from ``choose_config`` under the scheme's name.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from moekit.ops.activation_backward import activation_backward
 from moekit.ops.align import AlignResult, align, align_num_blocks, align_workspace_elems, row_per_block
 from moekit.ops.grouped_gemm import grouped_gemm
 from moekit.ops.grouped_gemm_w8a8 import grouped_gemm_w8a8
+from moekit.ops.grouped_gemm_wna16 import grouped_gemm_wna16
 from moekit.ops.grouped_wgrad import grouped_wgrad
 from moekit.ops.heuristics import MoEKernelConfig, MoEShape, choose_config, gpu_name
 from moekit.ops.quantize import QDTYPES, native_8bit_dots
+from moekit.ops.quantize_wna16 import WNA16Weight
 from moekit.ops.reduce import topk_reduce
 from moekit.quant.params import UNQUANTIZED, QuantParams
 
@@ -69,13 +76,19 @@ class TritonExperts(Experts):
         self._workspace: dict[tuple[torch.device, int], torch.Tensor] = {}
 
     def check_supported(self, hidden_states: torch.Tensor, quant: QuantParams) -> None:
-        """Unquantized fp16/bf16/fp32, and 8-bit weights (fp8_e4m3/int8, any granularity) with activations
-        quantized in the weights' dtype (``hidden_states`` then holds their codes)."""
+        """Unquantized fp16/bf16/fp32; weight-only int4/int8 with group scales (``QuantParams`` granularity
+        ``group``, activations fp16/bf16/fp32); and 8-bit weights (fp8_e4m3/int8, any granularity) with
+        activations quantized in the weights' dtype (``hidden_states`` then holds their codes)."""
         if quant.granularity == "group":
-            # Weight-only int4/int8 groups: no Triton kernel yet (the torch backend runs them; 'auto' picks it).
-            raise ValueError(f"backend 'triton': {quant.scheme} weights ({quant.describe()}) are not supported yet; "
-                             "backend 'torch' (or 'auto') runs them")
-        if quant.is_quantized:
+            if quant.bits is None:  # mxfp4: no Triton kernel yet (the torch backend runs it; 'auto' picks it)
+                raise ValueError(f"backend 'triton': {quant.scheme} weights ({quant.describe()}) are not supported "
+                                 "yet; backend 'torch' (or 'auto') runs them")
+            # QuantParams admits only int4/int8 codes without an activation dtype here: grouped_gemm_wna16 runs
+            # them all (a group size no K tile fits is refused by the op, naming it).
+            if hidden_states.dtype not in _DTYPES:
+                raise ValueError(f"backend 'triton': {quant.scheme} weights ({quant.describe()}) need hidden_states "
+                                 f"in {list(_DTYPES)}, got {hidden_states.dtype}")
+        elif quant.is_quantized:
             if (quant.weight_dtype not in QDTYPES or quant.granularity is None
                     or quant.act_dtype != quant.weight_dtype):
                 raise ValueError(f"backend 'triton': quantized weights ({quant.describe()}) are not supported: it runs "
@@ -120,20 +133,53 @@ class TritonExperts(Experts):
         hidden_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The pipeline of the module docstring, for validated inputs (``Experts.apply``'s contract)."""
+        if quant.granularity == "group":
+            # Weight-only int4/int8 groups: the float pipeline with the codes dequantized inside the GEMMs' K loop.
+            inter = w13_E2IH.shape[1] // (2 if activation.is_gated else 1)
+            b13 = WNA16Weight(w13_E2IH, quant.w13_scale, quant.w13_zp, quant.bits, quant.group_size, x_TH.shape[1])
+            b2 = WNA16Weight(w2_EHI, quant.w2_scale, quant.w2_zp, quant.bits, quant.group_size, inter)
+            return self._run_float(x_TH, b13, b2, topk_weights_TK, topk_ids_TK, activation=activation,
+                                   w13_bias_E2I=w13_bias_E2I, w2_bias_EH=w2_bias_EH, expert_map_E=expert_map_E,
+                                   out_dtype=out_dtype, quant=quant)
         if quant.is_quantized:
             return self._run_w8a8(
                 x_TH, w13_E2IH, w2_EHI, topk_weights_TK, topk_ids_TK, activation=activation,
                 w13_bias_E2I=w13_bias_E2I, w2_bias_EH=w2_bias_EH, expert_map_E=expert_map_E, out_dtype=out_dtype,
                 quant=quant, hidden_scale=hidden_scale,
             )
-        num_tokens, hidden = x_TH.shape
+        return self._run_float(x_TH, w13_E2IH, w2_EHI, topk_weights_TK, topk_ids_TK, activation=activation,
+                               w13_bias_E2I=w13_bias_E2I, w2_bias_EH=w2_bias_EH, expert_map_E=expert_map_E,
+                               out_dtype=out_dtype, quant=quant)
+
+    def _run_float(
+        self,
+        x_TH: torch.Tensor,
+        w13: torch.Tensor | WNA16Weight,
+        w2: torch.Tensor | WNA16Weight,
+        topk_weights_TK: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        *,
+        activation: Activation,
+        w13_bias_E2I: torch.Tensor | None,
+        w2_bias_EH: torch.Tensor | None,
+        expert_map_E: torch.Tensor | None,
+        out_dtype: torch.dtype,
+        quant: QuantParams,
+    ) -> torch.Tensor:
+        """Float activations through both GEMMs: float weights ``w13_E2IH``/``w2_EHI`` (``grouped_gemm``) or
+        weight-only integer codes as ``WNA16Weight`` (``grouped_gemm_wna16``, same layout and epilogues)."""
+        wna16 = isinstance(w13, WNA16Weight)
+        gemm = grouped_gemm_wna16 if wna16 else grouped_gemm
+        w13_rows = (w13.qweight if wna16 else w13).shape[1]
+        num_experts, hidden = (w2.qweight if wna16 else w2).shape[:2]
+        inter = w13_rows // (2 if activation.is_gated else 1)
+        num_tokens = x_TH.shape[0]
         top_k = topk_ids_TK.shape[1]
-        num_experts, _, inter = w2_EHI.shape
         num_rows = num_tokens * top_k
         out_TH = torch.empty((num_tokens, hidden), dtype=out_dtype, device=x_TH.device)
         if num_tokens == 0:
             return out_TH
-        cfg = self._config(x_TH, top_k, w2_EHI, activation)
+        cfg = self._config(x_TH, top_k, (num_experts, hidden, inter), activation, quant)
         x_TH = x_TH if x_TH.stride(-1) == 1 else x_TH.contiguous()
         # The kernels index routing, biases and the expert map as flat dense arrays; copies only for odd views.
         topk_ids_TK, topk_weights_TK = topk_ids_TK.contiguous(), topk_weights_TK.contiguous()
@@ -171,12 +217,12 @@ class TritonExperts(Experts):
                                 block_m=cfg.block_m),
                 scratch=scratch,
             )
-        grouped_gemm(
-            x_TH, w13_E2IH, layout, a_NI, cfg.gemm1,
+        gemm(
+            x_TH, w13, layout, a_NI, cfg.gemm1,
             num_rows=num_rows, a_row_div=top_k, bias_EN=w13_bias_E2I, activation=activation,
         )
-        grouped_gemm(
-            a_NI, w2_EHI, layout, y_SNH if split > 1 else y_SNH[0], cfg.gemm2,
+        gemm(
+            a_NI, w2, layout, y_SNH if split > 1 else y_SNH[0], cfg.gemm2,
             num_rows=num_rows, bias_EN=w2_bias_EH, weights_N=topk_weights_TK.reshape(-1),
         )
         return topk_reduce(
@@ -212,7 +258,7 @@ class TritonExperts(Experts):
         out_TH = torch.empty((num_tokens, hidden), dtype=out_dtype, device=device)
         if num_tokens == 0:
             return out_TH
-        cfg = self._config(xq_TH, top_k, w2_EHI, activation, quant)
+        cfg = self._config(xq_TH, top_k, w2_EHI.shape, activation, quant)
         xq_TH = xq_TH.contiguous()
         topk_ids_TK, topk_weights_TK = topk_ids_TK.contiguous(), topk_weights_TK.contiguous()
         w13_bias_E2I = None if w13_bias_E2I is None else w13_bias_E2I.contiguous()
@@ -290,7 +336,7 @@ class TritonExperts(Experts):
         wanted = (need_x, need_w13 or need_b13, need_w2 or need_b2, False, need_b13, need_b2)
         dx, dw13, dw2, dtw, db13, db2 = (torch.empty(t.shape, dtype=t.dtype, device=device) if want else None
                                          for t, want in zip(like, wanted))
-        cfg = self._config(x_TH, top_k, w2_EHI, activation)
+        cfg = self._config(x_TH, top_k, w2_EHI.shape, activation)
         x_TH = x_TH.contiguous()
         dout_TH = grad_out_TH.to(dtype).contiguous()
         topk_ids_TK = topk_ids_TK.contiguous()
@@ -335,15 +381,16 @@ class TritonExperts(Experts):
             grouped_wgrad(dh_NR, x_TH, wgrad_layout, dw13, num_rows=num_rows, x_row_div=top_k, bias_grad_EN=db13)
         return dx, dw13 if need_w13 else None, dw2 if need_w2 else None, dtw, db13, db2
 
-    def _config(self, x_TH: torch.Tensor, top_k: int, w2_EHI: torch.Tensor, activation: Activation,
+    def _config(self, x_TH: torch.Tensor, top_k: int, dims: tuple[int, int, int], activation: Activation,
                 quant: QuantParams = UNQUANTIZED) -> MoEKernelConfig:
-        num_experts, hidden, inter = w2_EHI.shape
+        """The pinned config, else ``choose_config`` for ``dims`` = (E, H, I) and ``quant``'s scheme."""
+        num_experts, hidden, inter = dims
         return self.config or choose_config(
             MoEShape(
                 num_tokens=x_TH.shape[0], top_k=top_k, num_experts=num_experts, hidden=hidden, inter=inter,
                 gated=activation.is_gated, num_sms=_num_sms(x_TH.device), elem_bytes=x_TH.element_size(),
                 gpu=gpu_name(x_TH.device),  # the tables of the card the call runs on, also on mixed hosts
-                weights=quant.scheme if quant.is_quantized else str(w2_EHI.dtype).removeprefix("torch."),
+                weights=quant.scheme if quant.is_quantized else str(x_TH.dtype).removeprefix("torch."),
             )
         )
 

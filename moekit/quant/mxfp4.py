@@ -108,6 +108,15 @@ class MXFP4MoEMethod(MoEQuantMethod):
                              "not supported for them yet")
 
     @staticmethod
+    def tp_slicer(suffix: str, shard_id: str, intermediate_size: int, tp_size: int, tp_rank: int) -> None:
+        """What ``WNA16MoEMethod.tp_slicer`` says for its tensors; mxfp4 loads whole experts only (tensor
+        parallelism is refused by ``check_loadable``), so there is nothing to cut."""
+        if tp_size != 1:
+            raise ValueError(f"parallel.tp_size: mxfp4 checkpoints load whole experts; tensor parallelism "
+                             f"(tp_size={tp_size}) is not supported for them yet")
+        return None
+
+    @staticmethod
     def gpt_oss_tensors(layer: RoutedExperts) -> list[tuple[str, str, Callable[[torch.Tensor], torch.Tensor] | None]]:
         """``(parameter, checkpoint name under experts., conversion)`` of gpt-oss's fused tensors; each conversion
         maps the whole [E, ...] tensor into the parameter's layout (blocks viewed as codes, gate/up rows

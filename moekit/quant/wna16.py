@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,7 +48,6 @@ from moekit.quant.base import MoEQuantMethod, replace_float_weights
 from moekit.quant.params import QuantParams
 
 if TYPE_CHECKING:
-    from moekit.kernel import ModularKernel
     from moekit.routed_experts import RoutedExperts
 
 CHECKPOINT_FORMATS = ("moekit", "compressed-tensors", "gptq", "awq")
@@ -64,12 +63,25 @@ _CHECKPOINT_TENSORS = {
     "awq": (("_qweight", "qweight", 1), ("_qzeros", "qzeros", 1), ("_scales", "scales", 1)),
 }
 _ZERO_SUFFIXES = ("_zp", "_weight_zero_point")
+# Tensor parallelism: per format and suffix, where I runs in one expert's checkpoint tensor, for gate/up (I is
+# their N) and for down (I is its K): (dim, elements of I per index along it) with "w" = codes per int32 word,
+# "B" = codes per byte, "g" = the group size; None = the tensor stays whole. "shape" = compressed-tensors'
+# [N, K], rewritten to the slice's.
+_TP_AXES = {
+    "moekit": {"": ((0, 1), (1, "B")), "_scale": ((0, 1), (1, "g")), "_zp": ((0, 1), (1, "g"))},
+    "compressed-tensors": {"_weight_packed": ((0, 1), (1, "w")), "_weight_scale": ((0, 1), (1, "g")),
+                           "_weight_zero_point": ((0, "w"), (1, "g")), "_weight_shape": "shape"},
+    "gptq": {"_qweight": ((1, 1), (0, "w")), "_qzeros": ((1, "w"), (0, "g")), "_scales": ((1, 1), (0, "g")),
+             "_g_idx": (None, (0, 1))},
+    "awq": {"_qweight": ((1, "w"), (0, 1)), "_qzeros": ((1, "w"), (0, "g")), "_scales": ((1, 1), (0, "g"))},
+}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class WNA16MoEMethod(MoEQuantMethod):
     """``bits``-bit integer weights, a float scale (and with ``sym=False`` a zero point) per ``group_size``
-    columns (-1: one group per row); activations stay in the layer's dtype.
+    columns (-1: one group per row); activations stay in the layer's dtype. Backend ``auto`` is the layer's:
+    Triton on CUDA (``grouped_gemm_wna16`` on the codes), torch elsewhere (dequantizing each routed expert).
 
     Args:
         checkpoint_format: the layout the parameters load in (module docstring); ``moekit`` is the kernel's own.
@@ -104,18 +116,47 @@ class WNA16MoEMethod(MoEQuantMethod):
         rows = _CHECKPOINT_TENSORS[self.checkpoint_format]
         return tuple((s, n) for s, n, _ in rows if not (self.sym and s in _ZERO_SUFFIXES))
 
-    def check_loadable(self, layer: RoutedExperts, *, layout: str, tp_size: int) -> None:
-        """Refuse a load ``moekit.loading`` cannot do into ``layer``: a fused layout, tensor parallelism (the
-        checkpoint tensors are whole experts), or checkpoint tensors already converted by an earlier load."""
+    def check_loadable(self, layer: RoutedExperts, *, layout: str) -> None:
+        """Refuse a load ``moekit.loading`` cannot do into ``layer``: a fused layout, or checkpoint tensors already
+        converted by an earlier load."""
         if layout != "per_expert":
             raise ValueError(f"layout: {self.name} experts load from per-expert tensors (experts.{{e}}.<proj>.*), "
                              f"got the {layout!r} layout")
-        if tp_size != 1:
-            raise ValueError(f"moe: {self.name} checkpoints load whole experts; tensor parallelism (tp_size="
-                             f"{tp_size}) is not supported for them yet")
         if any(f"w13{s}" not in layer._parameters for s, _ in self.checkpoint_tensors()):
             raise ValueError(f"moe: its {self.checkpoint_format} tensors were converted by an earlier load "
                              "(process_weights_after_loading); load into a freshly built layer")
+
+    def check_tp_split(self, intermediate_size: int, tp_size: int) -> None:
+        """Refuse a tensor-parallel split whose slices of I would cut a scale group or a packed word: each rank's
+        share must be whole groups and whole int32 words of codes (GPTQ/AWQ/compressed-tensors pack along I)."""
+        need = math.lcm(32 // self.bits, max(self.group_size, 1))
+        if intermediate_size % tp_size or (intermediate_size // tp_size) % need:
+            raise ValueError(f"parallel.tp_size: expected each rank's share of I to be a multiple of {need} "
+                             f"({self.name}: whole groups and packed words), got tp_size={tp_size} and "
+                             f"intermediate_size={intermediate_size}")
+
+    def tp_slicer(self, suffix: str, shard_id: str, intermediate_size: int, tp_size: int, tp_rank: int
+                  ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Tensor-parallel rank ``tp_rank``'s part of one expert's checkpoint tensor ``<proj><suffix>`` of shard
+        ``shard_id`` (``intermediate_size``: the whole layer's I), as its ``weight_loader`` takes it; None when
+        the tensor stays whole (its I is all groups of one row, or it has none)."""
+        if tp_size == 1:
+            return None
+        self.check_tp_split(intermediate_size, tp_size)
+        share, down = intermediate_size // tp_size, shard_id == "w2"
+        spec = _TP_AXES[self.checkpoint_format][suffix]
+        if spec == "shape":
+            div = [1, tp_size] if down else [tp_size, 1]
+            return lambda t: t // torch.tensor(div, dtype=t.dtype, device=t.device)
+        axis = spec[1 if down else 0]
+        if axis is None or (axis[1] == "g" and self.group_size == -1):
+            return None  # one group per row: the rank's K is still one group, with the same scale
+        dim, per = axis[0], {"w": 32 // self.bits, "B": 8 // self.bits, "g": self.group_size}.get(axis[1], axis[1])
+        start, size = tp_rank * share // per, share // per
+        if suffix == "_g_idx":  # group indices restart at the slice: the loader checks g_idx == k // g
+            first = tp_rank * share // _group(self.group_size, intermediate_size)
+            return lambda t: t.narrow(dim, start, size) - first
+        return lambda t: t.narrow(dim, start, size)
 
     def shard_shape(self, layer: RoutedExperts, name: str, shard_id: str) -> tuple[int, ...]:
         """The shape parameter ``name``'s ``weight_loader`` takes for one expert's ``shard_id`` (w1/w3: half of a
@@ -194,6 +235,9 @@ class WNA16MoEMethod(MoEQuantMethod):
         if self.checkpoint_format == "moekit" or "w13" in layer._parameters:
             return
         halves = 2 if layer.activation.is_gated else 1
+        converted = {}
+        # Both projections are converted before anything is replaced: a tensor the converter refuses (an act-order
+        # g_idx in one down_proj, say) leaves the layer as loaded, not half converted.
         for w, h in (("w13", halves), ("w2", 1)):
             parts = [[self._convert(layer, w, e, s, h) for s in range(h)]
                      for e in range(layer._parameters[self._first(w)].shape[0])]
@@ -205,11 +249,13 @@ class WNA16MoEMethod(MoEQuantMethod):
                 codes = _stack([[p.qweight for p in row] for row in parts])
             scales = _stack([[p.scales.float() for p in row] for row in parts])
             zeros = None if self.sym else _stack([[p.zeros for p in row] for row in parts])
+            converted[w] = (codes, _narrow_scales(scales, layer._params_dtype), zeros)
+        for w, (codes, scales, zeros) in converted.items():
             for suffix, _, _ in _CHECKPOINT_TENSORS[self.checkpoint_format]:
                 layer._parameters.pop(f"{w}{suffix}", None)
             loader = self._loader(layer, w, 0)
             _register(layer, w, codes, loader)
-            _register(layer, f"{w}_scale", _narrow_scales(scales, layer._params_dtype), loader)
+            _register(layer, f"{w}_scale", scales, loader)
             if zeros is not None:
                 _register(layer, f"{w}_zp", zeros, loader)
 
@@ -248,6 +294,10 @@ class WNA16MoEMethod(MoEQuantMethod):
         names of ``checkpoint_tensors``): how a loader reads a quantized shared expert into an unquantized Linear.
         GPTQ act order (any ``g_idx``) dequantizes too: nothing is kept in the packed layout here."""
         fmt, b, g, t = self.checkpoint_format, self.bits, self.group_size, tensors
+        zero_name = {"compressed-tensors": "weight_zero_point", "moekit": "weight_zero_point"}.get(fmt, "qzeros")
+        if not self.sym and zero_name not in t:  # read as symmetric, every code would be off by its zero point
+            raise ValueError(f"tensors: {self.name} ({fmt}) is asymmetric and needs {zero_name!r}, got "
+                             f"{sorted(t)}")
         if fmt == "gptq":
             w = dequantize_gptq(t["qweight"], t.get("qzeros"), t["scales"], t.get("g_idx"), bits=b, group_size=g,
                                 sym=self.sym)
@@ -272,10 +322,6 @@ class WNA16MoEMethod(MoEQuantMethod):
         return QuantParams(weight_dtype=self.weight_dtype, granularity="group", group_size=self.group_size,
                            w13_scale=layer.w13_scale, w2_scale=layer.w2_scale,
                            w13_zp=getattr(layer, "w13_zp", None), w2_zp=getattr(layer, "w2_zp", None))
-
-    def kernel_for(self, layer: RoutedExperts, x: torch.Tensor) -> ModularKernel:
-        # 'auto' runs the torch backend until a Triton WNA16 kernel exists (the Triton backend refuses it).
-        return layer.kernel_for(x, backend="torch" if layer.backend == "auto" else None)
 
     # ----------------------------------------------------------------------------------- online quantization
 
@@ -386,6 +432,13 @@ def _load_shard(layer: RoutedExperts, name: str, split_dim: int, param: nn.Param
         ok = (loaded_weight.dtype in _FLOATS if dest.dtype.is_floating_point
               else not loaded_weight.dtype.is_floating_point if is_index
               else loaded_weight.dtype == dest.dtype)
+        if ok and dest.dtype.is_floating_point and loaded_weight.dtype != dest.dtype:
+            # Scales are copied as they are: one the destination dtype cannot hold would be rounded silently.
+            if not torch.equal(loaded_weight.to(dest.dtype).to(loaded_weight.dtype), loaded_weight):
+                raise ValueError(f"loaded_weight: {name}[{expert_id}] shard {shard_id!r} holds "
+                                 f"{str(loaded_weight.dtype).removeprefix('torch.')} values that "
+                                 f"{str(dest.dtype).removeprefix('torch.')} cannot hold exactly; build the layer "
+                                 "with a dtype that holds them (scales are never rounded)")
         if not ok:
             # copy_ would turn codes into values (or the other way): a checkpoint of another format.
             raise TypeError(f"loaded_weight: expected dtype {str(dest.dtype).removeprefix('torch.')} for {name} "

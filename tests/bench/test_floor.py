@@ -1,6 +1,6 @@
 """The floor arithmetic of MEASURING.md, checked by hand."""
 
-from moekit.bench.floor import Ceilings, floor_us, moe_bytes, moe_flops
+from moekit.bench.floor import Ceilings, floor_us, matmul_dtype, moe_bytes, moe_flops
 from moekit.bench.shapes import PRESETS, MoEShape
 
 
@@ -48,3 +48,27 @@ def test_quantized_floor_uses_the_quantized_bytes():
     s = PRESETS["mixtral-8x7b"]
     c = Ceilings(read_bw=4.4e12, mm_rate=1.25e15, mm_dtype="fp8_e4m3")
     assert abs(floor_us(s, 1, 2, 2, c, "fp8_block") - moe_bytes(s, 1, 2, 2, "fp8_block") / 4.4e12 * 1e6) < 1e-9
+
+
+def test_weight_only_bytes_count_packed_codes_scales_and_zero_points_by_hand():
+    # mixtral: w13 [2I, H] = [28672, 4096], w2 [H, I] = [4096, 14336]; groups of 128 along K: 32 and 112.
+    s = PRESETS["mixtral-8x7b"]
+    acts = 2 * 3 * 4096 * 2  # T = 3 tokens in and out, bf16
+    groups = 28672 * 32 + 4096 * 112
+    half_bytes = 3 * 4096 * 14336 // 2  # two 4-bit codes a byte
+    assert moe_bytes(s, 3, 2, 2, "w4a16_g128") == 2 * (half_bytes + 2 * groups) + acts  # bf16 scales
+    assert moe_bytes(s, 3, 2, 2, "w4a16_g128_asym") == 2 * (half_bytes + 3 * groups) + acts  # + uint8 zero points
+    assert moe_bytes(s, 3, 2, 2, "w8a16_g128") == 2 * (2 * half_bytes + 2 * groups) + acts
+    assert moe_bytes(s, 0, 1, 4, "w4a16_g128") == half_bytes + 4 * groups  # fp32 activations: fp32 scales
+    # An odd K packs into ⌈K/2⌉ bytes a row and a short last group (olmoe-like toy: H = 33, I = 20).
+    t = MoEShape(name="t", num_experts=2, hidden_size=33, intermediate_size=20, top_k=1)
+    assert moe_bytes(t, 0, 1, 2, "w4a16_g128") == 40 * 17 + 33 * 10 + 2 * (40 + 33)
+
+
+def test_weight_only_flops_are_bounded_by_the_bf16_matmul():
+    s = PRESETS["mixtral-8x7b"]
+    assert matmul_dtype("w4a16_g128") == "bf16" and matmul_dtype(None) == "bf16"
+    assert matmul_dtype("fp8_block") == "fp8_e4m3" and matmul_dtype("int8_channel") == "int8"
+    c = Ceilings(read_bw=4.4e12, mm_rate=7.5e14)
+    assert abs(floor_us(s, 1, 2, 2, c, "w4a16_g128") - moe_bytes(s, 1, 2, 2, "w4a16_g128") / 4.4e12 * 1e6) < 1e-9
+    assert abs(floor_us(s, 16384, 8, 2, c, "w4a16_g128") - moe_flops(s, 16384) / 7.5e14 * 1e6) < 1e-9

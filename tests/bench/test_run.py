@@ -23,3 +23,28 @@ def test_reference_error_over_expert_chunks(monkeypatch, bias):
         wrong = exact.clone()
         wrong[0] += 1.0
         assert run.reference_error(inp, wrong, shape) > 1e-2
+
+
+@pytest.mark.parametrize("scheme", ["w4a16_g128", "w4a16_g128_asym", "w8a16_g128"])
+def test_weight_only_point_is_checked_against_its_dequantized_weights(monkeypatch, scheme):
+    # The error column of a weight-only layer is the kernel's: against the fp32 reference on the dequantized
+    # weights (a wrong nibble would show), not the rounding to 4 bits (which would hide it).
+    shape = MoEShape(name="t", num_experts=6, hidden_size=64, intermediate_size=40, top_k=2)
+    weights = run.make_weights(shape, torch.float32, torch.device("cpu"), 0, scheme)
+    layer = weights["quantized"]
+    assert layer.quant_method.name == scheme and layer.w13.dtype == torch.uint8
+    row = run.bench_point(shape, 5, backend="auto", dtype=torch.float32, device=torch.device("cpu"), ceilings=None,
+                          weights=weights, baselines=False, quant=scheme)
+    assert row.quant == scheme and row.backend == "torch"  # auto on CPU
+    assert row.max_rel_err < 1e-5
+    tokens = run.make_tokens(shape, 5, torch.float32, torch.device("cpu"), 0)
+    with torch.no_grad():
+        out = layer(tokens["hidden_states"], tokens["topk_weights"], tokens["topk_ids"])
+    inputs = {**weights, **tokens}
+    expert_bytes = 4 * (weights["w13"][0].numel() + weights["w2"][0].numel())
+    for chunk in (1, 4, 100):  # the layer's experts dequantized chunk by chunk too
+        monkeypatch.setattr(run, "REF_CHUNK_BYTES", chunk * expert_bytes)
+        assert run.reference_error(inputs, out, shape, layer) < 1e-5
+    assert run.reference_error(inputs, out, shape) > 1e-3  # against the float weights: the quantization error
+    with pytest.raises(ValueError, match="scheme: expected one of"):
+        run.quantized_experts(shape, weights, "w4a16_g64")

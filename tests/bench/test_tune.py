@@ -83,8 +83,31 @@ def test_tune_8bit_writes_its_own_table_keyed_by_scheme(tmp_path, monkeypatch):
     heuristics._tuned_tables.cache_clear()
 
 
+def test_tune_weight_only_writes_its_own_table_keyed_by_scheme(tmp_path, monkeypatch):
+    # A w4a16 layer's table: its own file and key, with the activations' element size (its K tiles are the
+    # WNA16 heuristic's), read back by calls of that scheme only.
+    monkeypatch.setenv("MOEKIT_TUNED_DIR", str(tmp_path))
+    heuristics._tuned_tables.cache_clear()
+    w4 = lambda t: replace(_shape(t), weights="w4a16_g128")  # noqa: E731
+    seen = []
+
+    def measure(t, configs):
+        seen.append(configs["heuristic"])
+        return {name: 50.0 if name == "bk64" else 100.0 for name in configs}
+
+    points, path = tune_preset(PRESET, [1], measure=measure, log=lambda s: None, quant="w4a16_g128")
+    assert seen[0] == heuristic_config(w4(1)) and seen[0].gemm1.block_k == 256  # 128 B of 4-bit codes a row
+    assert path == tmp_path / heuristics.gpu_name() / "olmoe-1b-7b.w4a16_g128.json"
+    assert list(json.loads(path.read_text())) == ["64,2048,1024,8,w4a16_g128"]
+    assert choose_config(w4(1)) == candidate_configs(w4(1))["bk64"]
+    assert choose_config(replace(w4(1), weights="w8a16_g128")) == heuristic_config(replace(w4(1), weights="w8a16_g128"))
+    heuristics._tuned_tables.cache_clear()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
 def test_cli_tune_without_cuda_exits_2(capsys):
     assert main(["tune", "--preset", "qwen3-30b-a3b", "--tokens", "1"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+    assert main(["tune", "--preset", "qwen3-30b-a3b", "--quant", "w4a16_g128"]) == 2  # a known scheme: only CUDA
     assert "needs a CUDA device" in capsys.readouterr().err
     assert main(["tune", "--preset", "nope"]) == 2

@@ -22,7 +22,8 @@ import moekit
 from moekit.distributed import local_experts
 from moekit.kernel import available_backends
 from moekit.testing import QUANT_TOLERANCES, assert_close
-from tests.distributed import ep_layer_eplb
+from tests.distributed import ep_layer_eplb, ep_layer_tp
+from tests.distributed.ep_layer_tp import local_state, parallel_for
 from tests.distributed.ranks import failures, init_rank, run_cases, spawn
 
 WORLDS = (2, 4)
@@ -72,6 +73,22 @@ def _float_cases() -> dict[str, dict]:
     cases["tp2-shared-bf16"] = dict(cfg=replace(base, shared_intermediate_size=24), dispatch="all_to_all", tp=2,
                                     dtype=torch.bfloat16)
     cases["tp2-weights-on-input-K2"] = dict(cfg=replace(base, routing=llama4), dispatch="all_to_all", tp=2)
+    # Biases (gpt-oss): w13_bias sliced with the gate/up rows, w2_bias added once per TP group. swigluoai with a
+    # limit the test's values cross, so the clamp is exercised (elementwise over I: it splits into I slices).
+    swiglu = moekit.Activation(name="swigluoai", limit=0.5)
+    for dispatch in DISPATCHES:
+        cases[f"tp2-bias-swigluoai-{dispatch}"] = dict(cfg=replace(base, bias=True, activation=swiglu),
+                                                       dispatch=dispatch, tp=2)
+    # 8-bit experts: I/tp = 128, one block of each half per rank. A rank's GEMM-2 activation scales cover only its
+    # slice of I (per token) or its blocks: within the quantization tolerance of the single-process layer.
+    quantized = replace(base, hidden_size=128, intermediate_size=256)
+    for scheme, dispatch in (("fp8_block", "all_to_all"), ("fp8_channel", "allgather_reducescatter"),
+                             ("int8_channel", "all_to_all"), ("fp8_tensor", "allgather_reducescatter")):
+        tol = QUANT_TOLERANCES["int8" if scheme.startswith("int8") else "fp8_e4m3"]
+        cases[f"tp2-{scheme}"] = dict(cfg=quantized, dispatch=dispatch, tp=2, scheme=scheme, tol=tol)
+    cases["tp2-fp8_block-bias-swigluoai"] = dict(cfg=replace(quantized, bias=True, activation=swiglu),
+                                                 dispatch="allgather_reducescatter", tp=2, scheme="fp8_block",
+                                                 tol=QUANT_TOLERANCES["fp8_e4m3"])
     cases["tp-all-E8-K1"] = dict(cfg=replace(base, num_experts=8, top_k=1), dispatch="allgather_reducescatter",
                                  tp="all")
     # Dynamic per-tensor scales depend on which rows a rank computes: its GEMM 2 input scale covers only the rows
@@ -84,38 +101,14 @@ def _float_cases() -> dict[str, dict]:
 
 CASES = _float_cases()
 OTHER = ("collective_counts", "checkpoint_loads_local_experts", "from_pretrained_parallel",
-         "fused_checkpoint_loads_local_rows", "tp_checkpoint_loads_slices", "refusals", *ep_layer_eplb.NAMES)
-
-
-def _parallel(world: int, rank: int, tp: int = 1, **kw) -> moekit.ParallelConfig:
-    """Rank ``rank`` of ``world`` laid out TP-innermost: ep_size = world / tp."""
-    ep_rank, tp_rank = divmod(rank, tp)
-    return moekit.ParallelConfig(ep_size=world // tp, ep_rank=ep_rank, tp_size=tp, tp_rank=tp_rank, **kw)
-
-
-def _local_state(full: moekit.MoE, parallel: moekit.ParallelConfig) -> dict[str, torch.Tensor]:
-    """``full``'s state with the routed experts cut to this rank's experts and, under TP, its slice of I
-    (gate rows, up rows and w2's columns alike; written out here, not with moekit's helpers)."""
-    ids = local_experts(parallel.ep_size, parallel.ep_rank, full.config.num_experts, parallel.placement)
-    inter, tp, t = full.config.intermediate_size, parallel.tp_size, parallel.tp_rank
-    part = slice(t * inter // tp, (t + 1) * inter // tp)
-    up = slice(inter + part.start, inter + part.stop)
-    state = {}
-    for k, v in full.state_dict().items():
-        if k.startswith("routed_experts."):
-            v = v[ids]
-            if k == "routed_experts.w13":
-                v = torch.cat([v[:, part], v[:, up]], dim=1)
-            elif k == "routed_experts.w2":
-                v = v[:, :, part]
-        state[k] = v
-    return state
+         "fused_checkpoint_loads_local_rows", "tp_checkpoint_loads_slices", "refusals", *ep_layer_eplb.NAMES,
+         *ep_layer_tp.NAMES)
 
 
 def _shard(full: moekit.MoE, parallel: moekit.ParallelConfig, dtype: torch.dtype) -> moekit.MoE:
     """The parallel layer holding ``full``'s router, shared experts and this rank's experts (and I slice)."""
     ep = moekit.MoE(full.config, dtype=dtype, parallel=parallel)
-    ep.load_state_dict(_local_state(full, parallel))
+    ep.load_state_dict(local_state(full, parallel))
     return ep
 
 
@@ -129,7 +122,7 @@ def _run_case(name: str, case: dict, rank: int, world: int, device: str = "cpu")
     torch.manual_seed(1234)  # the same full layer and inputs on every rank
     full = moekit.MoE(case["cfg"], dtype=dtype)
     tp = world if case.get("tp") == "all" else case.get("tp", 1)
-    parallel = _parallel(world, rank, tp, dispatch=case["dispatch"], placement=case.get("placement", "linear"))
+    parallel = parallel_for(world, rank, tp, dispatch=case["dispatch"], placement=case.get("placement", "linear"))
     ep = _shard(full, parallel, dtype)
     _dispatch(ep).sync_free = case.get("sync_free")
     if "scheme" in case:
@@ -195,7 +188,7 @@ def _collective_counts(rank: int, world: int, device: str = "cpu") -> None:
             assert calls == want, f"{dispatch}, sync_free={sync_free}, {tokens} tokens: {calls} != {want}"
     # Tensor parallelism adds one all-reduce (TP 2; with world 4 inside EP 2).
     for dispatch, seq in expected.items():
-        parallel = _parallel(world, rank, 2, dispatch=dispatch)
+        parallel = parallel_for(world, rank, 2, dispatch=dispatch)
         tp = moekit.MoE(cfg, parallel=parallel, device=device)
         for n in originals:
             setattr(dist, n, counting(n))
@@ -313,8 +306,8 @@ def _tp_checkpoint_case(rank: int, world: int, out_dir: str) -> None:
     if rank == 0:
         _write_checkpoints(full, per_expert, fused)
     dist.barrier()
-    parallel = _parallel(world, rank, 2, dispatch="all_to_all")
-    expected = _local_state(full, parallel)
+    parallel = parallel_for(world, rank, 2, dispatch="all_to_all")
+    expected = local_state(full, parallel)
     x_all = torch.randn(3 * parallel.ep_size, H)
     mine = x_all[3 * parallel.ep_rank:3 * parallel.ep_rank + 3]
     for path, prefix in ((per_expert, "model.layers.0.mlp"), (fused, "mlp")):
@@ -335,12 +328,8 @@ def _refusals(rank: int, world: int) -> None:
         moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=(rank + 1) % world))
     with pytest.raises(ValueError, match="ep_size"):
         moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world + 1, ep_rank=rank))
-    with pytest.raises(NotImplementedError, match="tp_size"):  # a GEMM 2 bias would be added once per TP rank
-        moekit.MoE(replace(cfg, bias=True), parallel=_parallel(world, rank, 2))
-    with pytest.raises(NotImplementedError, match="tp_size"):
-        moekit.MoE(cfg, parallel=_parallel(world, rank, 2), quant_method=moekit.quant.Fp8ChannelMoEMethod())
     with pytest.raises(ValueError, match="tp_size"):
-        moekit.MoE(replace(cfg, intermediate_size=15), parallel=_parallel(world, rank, 2))
+        moekit.MoE(replace(cfg, intermediate_size=15), parallel=parallel_for(world, rank, 2))
     ep = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank))
     with pytest.raises(ValueError, match="no backward"):  # refused before any collective: no rank waits
         ep(torch.randn(2, H))
@@ -391,6 +380,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo
                   ("tp_checkpoint_loads_slices", lambda: _tp_checkpoint_case(rank, world, out_dir)),
                   ("refusals", lambda: _refusals(rank, world))]
         steps += ep_layer_eplb.cases(rank, world, out_dir, _write_checkpoints)
+        steps += ep_layer_tp.cases(rank, world, out_dir)
     run_cases(steps, rank, out_dir)
 
 

@@ -86,6 +86,16 @@ def test_edge_cases():
         _check_layer(moe, inputs)
 
 
+def test_triton_backend_refuses_naming_the_scheme():
+    moe, inputs = build("")
+    moekit.quantize(moe, "mxfp4")
+    layer = moe.routed_experts
+    q = layer.quant_method.quant_params(layer)
+    with pytest.raises(ValueError, match="backend 'triton': mxfp4 weights .* not supported yet"):
+        fused_experts(inputs["hidden_states"], layer.w13, layer.w2, inputs["topk_weights"], inputs["topk_ids"],
+                      quant=q, backend="triton")
+
+
 def test_refusals():
     moe, inputs = build("")
     moekit.quantize(moe, "mxfp4")
@@ -159,6 +169,10 @@ def test_loader_refusals():
     with pytest.raises(ValueError, match="shard_id: 'w2' does not load into 'w13'"):
         p = layer.w13
         p.weight_loader(p, torch.ones(32, 32, dtype=torch.uint8), "w2", 0)
+    with pytest.raises(ValueError, match=r"moe: mxfp4 checkpoints load whole experts; tensor parallelism"):
+        layer.quant_method.check_loadable(layer, layout="per_expert", tp_size=2)
+    with pytest.raises(ValueError, match=r"parallel.tp_size: mxfp4 checkpoints load whole experts"):
+        layer.quant_method.tp_slicer("", "w1", 64, 2, 0)
     layer.w2_scale.data[1, 3, 0] = 255
     with pytest.raises(ValueError, match=r"w2_scale: e8m0 255 \(NaN in the OCP MX spec\) in local experts \[1\]"):
         layer.process_weights_after_loading()

@@ -1,5 +1,6 @@
 """4/8-bit weight-only experts (w4a16 / w8a16 with group scales): QuantParams, the quant method and its
-checkpoint loaders (compressed-tensors pack-quantized, GPTQ v1, AWQ), the torch backend, the Triton refusal."""
+checkpoint loaders (compressed-tensors pack-quantized, GPTQ v1, AWQ), the torch backend (the Triton backend:
+tests/kernel/test_triton_experts_wna16.py)."""
 
 import pytest
 import torch
@@ -192,17 +193,6 @@ def test_expert_map(scheme):
     with torch.no_grad():
         out = layer(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"])
     assert_close(out, _reference(layer, inputs), tol=_tol(torch.bfloat16))
-
-
-@pytest.mark.parametrize("scheme", ["w4a16_g128", "mxfp4"])
-def test_triton_backend_refuses_naming_the_scheme(scheme):
-    moe, inputs = build("")
-    moekit.quantize(moe, scheme)
-    layer = moe.routed_experts
-    q = layer.quant_method.quant_params(layer)
-    with pytest.raises(ValueError, match=f"backend 'triton': {scheme} weights .* not supported yet"):
-        fused_experts(inputs["hidden_states"], layer.w13, layer.w2, inputs["topk_weights"], inputs["topk_ids"],
-                      quant=q, backend="triton")
 
 
 def test_bad_scale_shapes_refused_by_the_kernel():
@@ -462,3 +452,160 @@ def test_dequantize_tensors_of_a_shared_expert(fmt, sym):
     assert torch.equal(method.dequantize_tensors(tensors, n=48, k=64), formula(q, z, s, 32))
     with pytest.raises(ValueError, match=r"expected a weight of shape \(64, 48\)"):
         method.dequantize_tensors(tensors, n=64, k=48)
+
+
+# ------------------------------------------------------------------------------------------ tensor parallelism
+
+@pytest.mark.parametrize(("fmt", "bits", "sym", "g"), [
+    ("compressed-tensors", 4, False, 32), ("compressed-tensors", 8, True, 64), ("gptq", 4, False, 32),
+    ("gptq", 8, True, 32), ("awq", 4, False, 32),
+])
+def test_tensor_parallel_slices_are_the_full_layer_sliced(fmt, bits, sym, g):
+    """Each TP rank's checkpoint tensors cut by ``tp_slicer`` (what load_moe does before the weight_loader) give
+    exactly the rank's share of I of the full layer's dequantized weights, and the ranks' outputs sum to it."""
+    tp, hidden, inter = 2, 64, 128
+    kept = {}
+    full, w13, w2 = load_layer(fmt, bits=bits, sym=sym, g=g, hidden=hidden, inter=inter, dtype=torch.float32,
+                               edit=lambda t, e, shard: kept.__setitem__((e, shard), dict(t)))
+    full.process_weights_after_loading()
+    inputs = _vllm_inputs(make_moe_inputs(9, 3, hidden, inter, 2, dtype=torch.float32))
+    share, outs = inter // tp, []
+    for r in range(tp):
+        method = WNA16MoEMethod(bits=bits, group_size=g, sym=sym, checkpoint_format=fmt)
+        part = RoutedExperts(3, hidden, share, quant_method=method, dtype=torch.float32)
+        for (e, shard), tensors in kept.items():
+            for suffix, name in method.checkpoint_tensors():
+                cut = method.tp_slicer(suffix, shard, inter, tp, r)
+                param = getattr(part, ("w2" if shard == "w2" else "w13") + suffix)
+                param.weight_loader(param, tensors[name] if cut is None else cut(tensors[name]), shard, e)
+        part.process_weights_after_loading()
+        deq13, deq2 = dequantized_weights(part)
+        mine = slice(r * share, (r + 1) * share)
+        assert torch.equal(deq13, torch.cat((w13[:, :inter][:, mine], w13[:, inter:][:, mine]), dim=1))
+        assert torch.equal(deq2, w2[:, :, mine])
+        with torch.no_grad():
+            outs.append(part(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"]))
+    with torch.no_grad():
+        assert_close(sum(outs), full(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"]),
+                     torch.float32)
+
+
+def test_tensor_parallel_split_refusals():
+    method = WNA16MoEMethod(bits=4, group_size=64, sym=False, checkpoint_format="gptq")
+    with pytest.raises(ValueError, match=r"multiple of 64.*tp_size=2.*intermediate_size=96"):
+        method.check_tp_split(96, 2)  # 48 per rank: a 64-group would straddle the ranks
+    with pytest.raises(ValueError, match=r"multiple of 64.*tp_size=2.*intermediate_size=96"):
+        method.tp_slicer("_qweight", "w2", 96, 2, 0)
+    channel = WNA16MoEMethod(bits=4, group_size=-1, checkpoint_format="compressed-tensors")
+    assert channel.tp_slicer("_weight_scale", "w2", 64, 2, 1) is None  # one group a row: the whole row's scale
+    with pytest.raises(ValueError, match=r"multiple of 8.*intermediate_size=36"):
+        channel.check_tp_split(36, 2)  # 18 codes: not whole int32 words of 4-bit codes
+
+
+# ------------------------------------------------------------------------------------------------ loader edges
+
+def _save_experts(tmp_path, fmt, names, *, num_experts=2, hidden=64, inter=32, g=32, sym=False, edit=None):
+    """A per-expert checkpoint of ``fmt`` with projection ``names`` (gate, up, down), its float32 weights."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    gen = torch.Generator().manual_seed(9)
+    prefix, tensors, w13, w2 = "model.layers.0.block_sparse_moe", {}, [], []
+    tensors[f"{prefix}.gate.weight"] = torch.randn(num_experts, hidden, generator=gen)
+    for e in range(num_experts):
+        parts = {}
+        for shard, proj, (n, k) in (("w1", names[0], (inter, hidden)), ("w3", names[1], (inter, hidden)),
+                                    ("w2", names[2], (hidden, inter))):
+            q, z, s = _codes(n, k, g, 4, sym, torch.float16, gen)
+            parts[shard] = formula(q, z, s, g)
+            for name, t in _checkpoint_tensors(fmt, q, z, s, g, 4, sym).items():
+                tensors[f"{prefix}.experts.{e}.{proj}.{name}"] = t
+        w13.append(torch.cat((parts["w1"], parts["w3"])))
+        w2.append(parts["w2"])
+    if edit is not None:
+        edit(tensors, prefix)
+    safetensors_torch.save_file(tensors, tmp_path / "model.safetensors")
+    return prefix, torch.stack(w13), torch.stack(w2)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors"])
+def test_mixtral_projection_names_load(tmp_path, fmt):
+    # Mixtral's experts are w1/w3/w2 and a weight-only checkpoint has no `.weight` key to tell them by.
+    from moekit import MoE, MoEConfig
+    from moekit.loading import load_moe
+
+    prefix, w13, w2 = _save_experts(tmp_path, fmt, ("w1", "w3", "w2"))
+    moe = MoE(MoEConfig(num_experts=2, top_k=1, hidden_size=64, intermediate_size=32),
+              quant_method=WNA16MoEMethod(group_size=32, sym=False, checkpoint_format=fmt))
+    report = load_moe(moe, tmp_path, prefix, layout="per_expert")
+    assert report.ok, report
+    deq13, deq2 = dequantized_weights(moe.routed_experts)
+    assert torch.equal(deq13, w13) and torch.equal(deq2, w2)
+
+
+def test_refused_conversion_leaves_the_layer_as_loaded(tmp_path):
+    # An act-order g_idx in expert 1's down_proj only: w13 converts, w2 does not -- nothing may be replaced.
+    from moekit import MoE, MoEConfig
+    from moekit.loading import load_moe
+
+    def act_order(tensors, prefix):
+        key = f"{prefix}.experts.1.down_proj.g_idx"
+        tensors[key] = tensors[key].flip(0).contiguous()
+
+    prefix, _, _ = _save_experts(tmp_path, "gptq", ("gate_proj", "up_proj", "down_proj"), inter=64, edit=act_order)
+    moe = MoE(MoEConfig(num_experts=2, top_k=1, hidden_size=64, intermediate_size=64),
+              quant_method=WNA16MoEMethod(group_size=32, sym=False, checkpoint_format="gptq"))
+    with pytest.raises(ValueError, match="g_idx"):
+        load_moe(moe, tmp_path, prefix, layout="per_expert")
+    experts = moe.routed_experts
+    assert "w13" not in experts._parameters and "w13_qweight" in experts._parameters
+    with pytest.raises(ValueError, match="g_idx"):  # still refused, not skipped as "already converted"
+        experts.process_weights_after_loading()
+
+
+def test_scales_a_layer_dtype_cannot_hold_are_refused():
+    method = WNA16MoEMethod(group_size=32)  # moekit's own layout: scales stored in the layer dtype
+    layer = RoutedExperts(2, 64, 32, quant_method=method, dtype=torch.bfloat16)
+    scale = torch.full((64, 1), 0.012345679)  # fp32: not a bf16 value (I = 32: one group a row)
+    with pytest.raises(ValueError, match=r"w2_scale\[0\].*float32 values that bfloat16 cannot hold exactly"):
+        layer.w2_scale.weight_loader(layer.w2_scale, scale, "w2", 0)
+    layer.w2_scale.weight_loader(layer.w2_scale, scale.bfloat16().float(), "w2", 0)  # exact: loads
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_dequantize_tensors_refuses_an_asymmetric_weight_without_zero_points(fmt):
+    gen = torch.Generator().manual_seed(6)
+    q, z, s = _codes(48, 64, 32, 4, False, torch.float16, gen)
+    method = WNA16MoEMethod(group_size=32, sym=False, checkpoint_format=fmt)
+    tensors = _checkpoint_tensors(fmt, q, z, s, 32, 4, False)
+    tensors.pop("weight_zero_point" if fmt == "compressed-tensors" else "qzeros")
+    with pytest.raises(ValueError, match="is asymmetric and needs"):
+        method.dequantize_tensors(tensors, n=48, k=64)
+
+
+def test_per_expert_biases_load_and_a_missing_one_is_reported(tmp_path):
+    from moekit import MoE, MoEConfig
+    from moekit.loading import load_moe
+
+    names = ("gate_proj", "up_proj", "down_proj")
+    biases = {}
+
+    def add_biases(tensors, prefix):
+        gen = torch.Generator().manual_seed(4)
+        for e in range(2):
+            for proj, n in zip(names, (32, 32, 64)):
+                biases[(e, proj)] = torch.randn(n, generator=gen)
+                tensors[f"{prefix}.experts.{e}.{proj}.bias"] = biases[(e, proj)]
+
+    prefix, _, _ = _save_experts(tmp_path, "gptq", names, edit=add_biases)
+    cfg = MoEConfig(num_experts=2, top_k=1, hidden_size=64, intermediate_size=32, bias=True)
+    moe = MoE(cfg, quant_method=WNA16MoEMethod(group_size=32, sym=False, checkpoint_format="gptq"),
+              dtype=torch.float32)
+    assert load_moe(moe, tmp_path, prefix, layout="per_expert").ok
+    r = moe.routed_experts
+    for e in range(2):
+        assert torch.equal(r.w13_bias[e], torch.cat((biases[(e, "gate_proj")], biases[(e, "up_proj")])))
+        assert torch.equal(r.w2_bias[e], biases[(e, "down_proj")])
+    (tmp_path / "nobias").mkdir()
+    _save_experts(tmp_path / "nobias", "gptq", names)
+    fresh = MoE(cfg, quant_method=WNA16MoEMethod(group_size=32, sym=False, checkpoint_format="gptq"))
+    report = load_moe(fresh, tmp_path / "nobias", prefix, layout="per_expert", strict=False)
+    assert f"{prefix}.experts.0.gate_proj.bias" in report.missing
