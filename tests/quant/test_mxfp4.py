@@ -86,6 +86,19 @@ def test_edge_cases():
         _check_layer(moe, inputs)
 
 
+def test_compile_fullgraph_whole_moe_layer():
+    # Under torch.compile the quantized experts are one moekit::fused_experts node carrying codes and e8m0 scales.
+    cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, activation=SWIGLUOAI, bias=True,
+                    router_bias=True)
+    moe = MoE(cfg, dtype=torch.bfloat16)
+    moekit.quantize(moe, "mxfp4")
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(moe, backend="eager", fullgraph=True)(x)  # a graph break would raise
+        assert torch.equal(compiled, moe(x))
+
+
 def test_triton_backend_refuses_naming_the_scheme():
     moe, inputs = build("")
     moekit.quantize(moe, "mxfp4")
