@@ -34,7 +34,10 @@ float dtype), per block/row/tensor (0-d or [1]), and with static activation scal
 4/8-bit experts (a ``WNA16MoEMethod`` layer) read the tensors its ``checkpoint_tensors`` names beside each
 projection (compressed-tensors ``weight_packed``/``weight_scale``/``weight_zero_point``/``weight_shape``, GPTQ
 ``qweight``/``qzeros``/``scales``/``g_idx``, AWQ ``qweight``/``qzeros``/``scales``) through each parameter's own
-``weight_loader``; ``process_weights_after_loading`` converts them into the kernel's layout.
+``weight_loader``; ``process_weights_after_loading`` converts them into the kernel's layout. MXFP4 experts (an
+``MXFP4MoEMethod`` layer) read compressed-tensors' per-expert ``weight_packed``/``weight_scale`` the same way, or
+gpt-oss's fused ``experts.{gate_up,down}_proj_{blocks,scales,bias}`` (layout ``gpt_oss``, found by ``auto``), whose
+conversions (``MXFP4MoEMethod.gpt_oss_tensors``) de-interleave the gate/up rows.
 ``moekit.pretrained.from_pretrained`` (``MoE.from_pretrained``) builds the layer from config.json first.
 
 Expert parallelism (a layer with an ``expert_map``): only this rank's experts are loaded; the other experts'
@@ -64,6 +67,7 @@ from moekit.checkpoint_gguf import GGUFCheckpoint, is_gguf
 from moekit.distributed import shard_intermediate
 from moekit.layer import MoE
 from moekit.ops.quantize import dequantize_weight
+from moekit.quant.mxfp4 import MXFP4MoEMethod
 from moekit.quant.w8a8 import W8A8MoEMethod
 from moekit.quant.wna16 import WNA16MoEMethod
 from moekit.routed_experts import RoutedExperts
@@ -183,8 +187,11 @@ def load_moe(
     prefix = prefix.rstrip(".") + "."
     if strict and not any(k.startswith(prefix) for k in ckpt.keys()):
         raise KeyError(_prefix_not_found(ckpt, prefix[:-1]))
-    layout = _detect_layout(moe, ckpt, prefix) if layout == "auto" else layout
     method = moe.routed_experts.quant_method
+    mxfp4 = isinstance(method, MXFP4MoEMethod)
+    if mxfp4 and layout == "auto" and f"{prefix}experts.gate_up_proj_blocks" in ckpt:
+        layout = "gpt_oss"  # gpt-oss's mxfp4 tensors, which _detect_layout (bf16 names) does not know
+    layout = _detect_layout(moe, ckpt, prefix) if layout == "auto" else layout
     if isinstance(method, W8A8MoEMethod):
         if layout != "per_expert":
             raise ValueError(f"layout: quantized experts load from per-expert tensors (experts.{{e}}.<proj>.weight "
@@ -197,11 +204,15 @@ def load_moe(
                              "(process_weights_after_loading); load into a freshly built layer")
     if isinstance(method, WNA16MoEMethod):
         method.check_loadable(moe.routed_experts, layout=layout)
+    if mxfp4:
+        method.check_loadable(moe.routed_experts, layout=layout, tp_size=moe.parallel.tp_size)
     report = LoadReport(prefix=prefix[:-1], layout=layout)
     plan = _Plan(ckpt, report)
     _load_router(moe, plan, prefix)
     if layout == "per_expert":
         _load_per_expert(moe, plan, prefix)
+    elif mxfp4:
+        _load_gpt_oss_mxfp4(moe, plan, prefix + "experts.")
     else:
         transposed = layout in ("gpt_oss", "transposed")
         _load_fused(moe, plan, prefix + "experts.", transposed=transposed, interleaved=layout == "gpt_oss")
@@ -366,7 +377,7 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
     experts = moe.routed_experts
     method = experts.quant_method
     quantized = isinstance(method, W8A8MoEMethod)
-    wna16 = isinstance(method, WNA16MoEMethod)
+    wna16 = isinstance(method, (WNA16MoEMethod, MXFP4MoEMethod))  # packed codes with their own loaders
     tensors = method.checkpoint_tensors() if wna16 else (("", "weight"),)
     # Mixtral names its projections w1/w3/w2; a weight-only checkpoint has no `.weight` beside them (qweight, ...).
     mixtral = plan.first(f"{prefix}experts.0.w1.{name}" for _, name in tensors)
@@ -498,6 +509,20 @@ def _load_fused(moe: MoE, plan: _Plan, experts_prefix: str, *, transposed: bool,
         plan.copy(experts.w2_bias, [experts_prefix + "down_proj_bias"], _chain(rows))
 
 
+def _load_gpt_oss_mxfp4(moe: MoE, plan: _Plan, experts_prefix: str) -> None:
+    """gpt-oss's fused mxfp4 tensors, converted whole (``MXFP4MoEMethod.gpt_oss_tensors``); this rank's experts."""
+    experts = moe.routed_experts
+    held = experts.held_experts()[1]
+    rows = None if held is None else functools.partial(torch.index_select, dim=0,
+                                                        index=torch.tensor(held, dtype=torch.int64))
+    for name, key, convert in experts.quant_method.gpt_oss_tensors(experts):
+        dest, key = getattr(experts, name), experts_prefix + key
+        if key in plan.ckpt and dest.dtype == torch.uint8 and plan.ckpt.dtype(key) != "U8":
+            # copy_ would cast values into bytes: a bf16 checkpoint read as mxfp4.
+            raise ValueError(f"checkpoint key {key!r}: expected mxfp4 bytes (U8), got {plan.ckpt.dtype(key)}")
+        plan.copy(dest, [key], _chain(rows, convert))
+
+
 def _chain(*fns: Callable | None) -> Callable | None:
     """``fns`` applied in order (None entries skipped); None when all are None."""
     fns = [f for f in fns if f is not None]
@@ -531,7 +556,8 @@ def _copy_shared(moe: MoE, plan: _Plan, dest: torch.Tensor, keys: list[str]) -> 
     dequantized into the layer's dtype: moekit's shared experts are unquantized Linears."""
     key = plan.first(keys)
     method = moe.routed_experts.quant_method
-    if key is None and isinstance(method, WNA16MoEMethod) and _copy_shared_wna16(plan, dest, keys[0], method):
+    packed = isinstance(method, (WNA16MoEMethod, MXFP4MoEMethod))
+    if key is None and packed and _copy_shared_wna16(plan, dest, keys[0], method):
         return
     if key is None or plan.ckpt.dtype(key) not in _CODES:
         plan.copy(dest, keys)

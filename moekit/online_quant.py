@@ -2,9 +2,11 @@
 
     moe = moekit.quantize(moe, "fp8_block")     # fp8_block | fp8_channel | fp8_tensor | int8_channel
     moe = moekit.quantize(moe, "w4a16_g128")    # w4a16_g128 | w4a16_g128_asym | w8a16_g128 (weight-only)
+    moe = moekit.quantize(moe, "mxfp4")         # e2m1 codes, an e8m0 scale per 32 columns (H, I multiples of 32)
 
 Only the routed experts change (w13/w2 become 8-bit codes with float32 scales, or packed 4/8-bit codes with group
-scales in the layer's dtype and optional zero points, see ``moekit.quant``); the router
+scales in the layer's dtype and optional zero points, or MXFP4 codes with uint8 e8m0 scales, see
+``moekit.quant``); the router
 gate and shared experts keep their dtype, and the layer still takes and returns activations in its dtype.
 """
 
@@ -15,7 +17,7 @@ import torch
 from moekit._checks import ACT_DTYPES, check_choice
 from moekit.distributed import TensorParallel, check_block_split
 from moekit.layer import MoE
-from moekit.quant import QUANT_SCHEMES, WNA16_SCHEMES, UnquantizedMoEMethod
+from moekit.quant import MXFP4_SCHEMES, QUANT_SCHEMES, WNA16_SCHEMES, UnquantizedMoEMethod
 from moekit.routed_experts import RoutedExperts
 
 
@@ -32,21 +34,23 @@ def quantize(moe: MoE | RoutedExperts, scheme: str) -> MoE | RoutedExperts:
     """
     if not isinstance(moe, (MoE, RoutedExperts)):
         raise TypeError(f"moe: expected a moekit.MoE or RoutedExperts, got {type(moe).__name__}")
-    check_choice("scheme", scheme, (*QUANT_SCHEMES, *WNA16_SCHEMES))
+    schemes = {**QUANT_SCHEMES, **WNA16_SCHEMES, **MXFP4_SCHEMES}
+    check_choice("scheme", scheme, tuple(schemes))
     layer = moe.routed_experts if isinstance(moe, MoE) else moe
     if type(layer.quant_method) is not UnquantizedMoEMethod:
         raise ValueError(f"moe: expected unquantized routed experts, got quant method {layer.quant_method.name!r}")
     if layer.w13.dtype not in ACT_DTYPES or layer.w13.device.type == "meta":
         raise ValueError(f"moe: expected loaded weights in one of {[str(d) for d in ACT_DTYPES]}, got w13 "
                          f"{layer.w13.dtype} on {layer.w13.device}")
-    method = QUANT_SCHEMES[scheme]() if scheme in QUANT_SCHEMES else WNA16_SCHEMES[scheme]()
+    method = schemes[scheme]()
     if isinstance(layer.prepare_finalize, TensorParallel):
         # A tensor-parallel slice: its blocks must be the full layer's blocks, sliced (what a checkpoint holds).
         tp_size = layer.prepare_finalize.tp_size
         if scheme in WNA16_SCHEMES:  # groups along I must be whole on each rank, as in a checkpoint's slice
             method.check_tp_split(layer.intermediate_size * tp_size, tp_size)
-        else:
+        elif scheme in QUANT_SCHEMES:
             check_block_split(method.block_shape, layer.intermediate_size * tp_size, tp_size, scheme)
+        # mxfp4: its groups of 32 run along K, so a slice's I that is a multiple of 32 (checked) keeps them whole
     with torch.no_grad():
         method.quantize_layer(layer)
     return moe

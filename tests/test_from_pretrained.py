@@ -265,8 +265,9 @@ def test_layer_is_the_decoder_layer_index(saved, tmp_path):
         assert_close(moe(x), model.model.layers[1].mlp(x).float(), torch.bfloat16)
 
 
-# ---- weight-only 4-bit checkpoints (GPTQ v1, AWQ gemm, compressed-tensors pack-quantized), packed here by the
-# ---- formats' documented formulas (tests/quant/test_wna16.py), against transformers on the dequantized weights
+# ---- weight-only 4-bit checkpoints (GPTQ v1, AWQ gemm, compressed-tensors pack-quantized and MXFP4A16), packed
+# ---- here by the formats' documented formulas (tests/quant/test_wna16.py), against transformers on the dequantized
+# ---- weights
 
 _G = 64
 WNA16_CONFIGS = {
@@ -276,12 +277,17 @@ WNA16_CONFIGS = {
     "ct_w4a16": {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
         "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": _G,
                                            "symmetric": True, "actorder": None}}}},
+    "ct_mxfp4": {"quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized", "config_groups": {
+        "group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "float", "strategy": "group",
+                                                       "group_size": 32, "symmetric": True}}}},
 }
+WNA16_NAMES = {"gptq": "w4a16_g64_asym", "awq": "w4a16_g64_asym", "ct_w4a16": "w4a16_g64", "ct_mxfp4": "mxfp4"}
 
 
 def _write_wna16(src, dst, deq_dst, scheme: str) -> None:
     """A 4-bit copy of ``src`` (routed and shared experts, as GPTQ/AWQ quantize every Linear) and a bf16 copy
     holding the weights its codes mean."""
+    from moekit.ops.quantize_mxfp4 import dequantize_mxfp4, quantize_mxfp4
     from moekit.ops.quantize_wna16 import quantize_wna16
     from tests.quant.test_wna16 import _checkpoint_tensors, formula
 
@@ -295,11 +301,16 @@ def _write_wna16(src, dst, deq_dst, scheme: str) -> None:
         if not (EXPERT.search(key) or SHARED.search(key)):
             tensors[key] = w
             continue
+        base = key.removesuffix("weight")
+        if scheme == "ct_mxfp4":  # compressed-tensors MXFP4A16 (quantize_mxfp4 makes its producer's bytes)
+            codes, scales = quantize_mxfp4(w)
+            tensors.update({base + "weight_packed": codes, base + "weight_scale": scales})
+            dequantized[key] = dequantize_mxfp4(codes, scales).to(torch.bfloat16)
+            continue
         qw = quantize_wna16(w, 4, _G, sym)
         q = torch.stack((qw.qweight & 15, qw.qweight >> 4), dim=-1).flatten(-2)[:, : w.shape[1]].to(torch.int32)
         z = (torch.full_like(qw.scales, 8, dtype=torch.int32) if sym else qw.zeros.to(torch.int32))
         s = qw.scales if fmt == "compressed-tensors" else qw.scales.to(torch.float16)  # GPTQ/AWQ store fp16
-        base = key.removesuffix("weight")
         tensors.update({base + k: v for k, v in _checkpoint_tensors(fmt, q, z, s, _G, 4, sym).items()})
         dequantized[key] = formula(q, z, s, _G).to(torch.bfloat16)
     for d, t in ((dst, tensors), (deq_dst, dequantized)):
@@ -319,7 +330,53 @@ def test_wna16_checkpoint_matches_transformers_on_dequantized_weights(saved, fam
     x = _x(model)
     for i, layer in enumerate(reference.model.layers):
         moe = MoE.from_pretrained(tmp_path / scheme, layer=i)
-        assert moe.routed_experts.quant_method.name == ("w4a16_g64" if scheme == "ct_w4a16" else "w4a16_g64_asym")
+        assert moe.routed_experts.quant_method.name == WNA16_NAMES[scheme]
         assert moe.routed_experts.w13.dtype == torch.uint8
         with torch.no_grad():
             assert_close(moe(x), layer.mlp(x).float(), torch.bfloat16)
+
+
+def _write_gpt_oss_mxfp4(src, dst, deq_dst) -> None:
+    """gpt-oss's mxfp4 checkpoint layout of the bf16 checkpoint ``src`` (experts as ``*_blocks`` / ``*_scales`` of
+    their [E, N, K] rows, gate/up interleaved as gpt-oss stores them), and a bf16 copy holding what transformers'
+    own decoder (``convert_moe_packed_tensors``) reads from those bytes."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from moekit.ops.quantize_mxfp4 import quantize_mxfp4
+
+    ckpt = Checkpoint(src)
+    tensors, dequantized = {}, {}
+    for key in ckpt.keys():
+        w = ckpt.get(key)
+        if not key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[key] = dequantized[key] = w
+            continue
+        codes, scales = quantize_mxfp4(w.transpose(1, 2))  # transformers stores [E, K, N]; gpt-oss [E, N, K]
+        blocks = codes.unflatten(-1, (codes.shape[-1] // 16, 16))
+        tensors[key + "_blocks"], tensors[key + "_scales"] = blocks, scales
+        dequantized[key] = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)  # back to [E, K, N]
+    for d, t in ((dst, tensors), (deq_dst, dequantized)):
+        d.mkdir()
+        safetensors_torch.save_file({k: v.contiguous() for k, v in t.items()}, d / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    quant = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                 "model.layers.*.mlp.router", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    (deq_dst / "config.json").write_text(json.dumps(config))
+
+
+def test_gpt_oss_mxfp4_checkpoint_matches_transformers_on_dequantized_weights(tmp_path):
+    # H and I multiples of 32 (one e8m0 scale per 32 columns); 2I != H, so no layout guess is involved.
+    model = build("gpt_oss", hidden_size=64, intermediate_size=96).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    _write_gpt_oss_mxfp4(tmp_path / "bf16", tmp_path / "mxfp4", tmp_path / "dequantized")
+    reference = type(model).from_pretrained(tmp_path / "dequantized", dtype=torch.bfloat16).eval()
+    x = _x(model)
+    for i, layer in enumerate(reference.model.layers):
+        moe = MoE.from_pretrained(tmp_path / "mxfp4", layer=i)
+        experts = moe.routed_experts
+        assert experts.quant_method.name == "mxfp4" and experts.w13.dtype == torch.uint8
+        assert experts.w13.shape == (8, 192, 32) and experts.w13_scale.shape == (8, 192, 2)
+        with torch.no_grad():
+            out = layer.mlp(x)
+            assert_close(moe(x), (out[0] if isinstance(out, tuple) else out).float(), torch.bfloat16)

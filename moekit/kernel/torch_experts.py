@@ -9,7 +9,8 @@ accumulation inside torch's matmul); activation, biases, routing weights and the
 own weights inside the loop (no dequantized copy of the layer), GEMM 1 multiplies them with the activations
 ``prepare`` quantized (dequantized again), and the activation's output is quantized with the same scheme before
 GEMM 2 (the fast path's GEMM 2 reads 8-bit activations too). Weight-only 4/8-bit integer groups (w4a16, w8a16)
-take the same loop, each expert's codes dequantized with ``dequantize_wna16`` and activations kept in fp32.
+and MXFP4 take the same loop, each expert's codes dequantized with ``dequantize_wna16`` / ``dequantize_mxfp4``
+and activations kept in fp32.
 
 The unquantized forward groups the routed rows by expert once (``_expert_spans``) and runs one of two paths
 (``_pool_for`` picks; docs/perf/NOTES.md, "CPU: the torch backend", has the measurements, 2 cores):
@@ -46,6 +47,7 @@ from moekit.kernel.experts import Experts, Grads
 from moekit.ops.activation import Activation, activation_ref
 from moekit.ops.activation_backward import activation_backward_ref
 from moekit.ops.quantize import QDTYPES, dequantize_activation, dequantize_weight, quantize_activation
+from moekit.ops.quantize_mxfp4 import dequantize_mxfp4
 from moekit.ops.quantize_wna16 import WNA16Weight, dequantize_wna16
 from moekit.quant.params import UNQUANTIZED, QuantParams
 
@@ -59,7 +61,7 @@ class TorchExperts(Experts):
 
     def check_supported(self, hidden_states: torch.Tensor, quant: QuantParams) -> None:
         """Unquantized, 8-bit weights (fp8_e4m3/int8, any granularity) with activations unquantized or in the
-        weights' dtype, and int4/int8 weights with group scales (activations unquantized)."""
+        weights' dtype, and int4/int8/mxfp4 weights with group scales (activations unquantized)."""
         if not quant.is_quantized or quant.granularity == "group":  # QuantParams validated the group case
             return
         if quant.weight_dtype not in QDTYPES or quant.granularity is None:
@@ -456,6 +458,8 @@ def _run_quantized(
 def _expert_weight(codes_E: torch.Tensor, scale_E: torch.Tensor, zp_E: torch.Tensor | None, e: int,
                    quant: QuantParams, *, k: int, gate_rows: int | None) -> torch.Tensor:
     """Expert ``e``'s weight [N, K] in float32, dequantized from its codes alone (never the whole layer)."""
+    if quant.weight_dtype == "mxfp4":
+        return dequantize_mxfp4(codes_E[e], scale_E[e])
     if quant.granularity == "group":
         zp = None if zp_E is None else zp_E[e]
         return dequantize_wna16(WNA16Weight(codes_E[e], scale_E[e], zp, quant.bits, quant.group_size, k))

@@ -80,6 +80,9 @@ class TritonExperts(Experts):
         ``group``, activations fp16/bf16/fp32); and 8-bit weights (fp8_e4m3/int8, any granularity) with
         activations quantized in the weights' dtype (``hidden_states`` then holds their codes)."""
         if quant.granularity == "group":
+            if quant.bits is None:  # mxfp4: no Triton kernel yet (the torch backend runs it; 'auto' picks it)
+                raise ValueError(f"backend 'triton': {quant.scheme} weights ({quant.describe()}) are not supported "
+                                 "yet; backend 'torch' (or 'auto') runs them")
             # QuantParams admits only int4/int8 codes without an activation dtype here: grouped_gemm_wna16 runs
             # them all (a group size no K tile fits is refused by the op, naming it).
             if hidden_states.dtype not in _DTYPES:

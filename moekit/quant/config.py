@@ -12,13 +12,16 @@
                           int channel (symmetric) + dynamic token     (W8A8)         Int8ChannelMoEMethod
                           format pack-quantized: int weights per group, no activations
                           (W4A16, W4A16_ASYM, W8A16; actorder null)                  WNA16MoEMethod
+                          format mxfp4-pack-quantized: float 4-bit weights per group 32,
+                          no activations (MXFP4A16)                                  MXFP4MoEMethod
     modelopt              quant_algo FP8 (static ``input_scale``)                    Fp8TensorMoEMethod
     gptq                  bits 4 | 8, group_size, sym, checkpoint_format gptq (v1);  WNA16MoEMethod
                           desc_act=True with groups is refused (act order)
     awq                   version gemm, bits 4, zero_point true                      WNA16MoEMethod
+    mxfp4                 gpt-oss (``*_blocks`` / ``*_scales``, fused experts)       MXFP4MoEMethod
 
-Everything else is refused with the scheme named: a known format moekit has no method for yet (mxfp4, NVFP4,
-GPTQ v2, ...) says "not supported yet", an unknown ``quant_method`` says so.
+Everything else is refused with the scheme named: a known format moekit has no method for yet (NVFP4, MXFP4
+with quantized activations, GPTQ v2, ...) says "not supported yet", an unknown ``quant_method`` says so.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from moekit.ops.quantize_wna16 import DESC_ACT_MESSAGE
 from moekit.quant.base import MoEQuantMethod
 from moekit.quant.fp8 import Fp8BlockMoEMethod, Fp8ChannelMoEMethod, Fp8TensorMoEMethod
 from moekit.quant.int8 import Int8ChannelMoEMethod
+from moekit.quant.mxfp4 import MXFP4MoEMethod
 from moekit.quant.wna16 import WNA16MoEMethod
 
 # Formats that exist in the wild but have no moekit method yet (refused as "not supported yet").
-NOT_YET = ("mxfp4", "bitsandbytes", "gguf", "hqq", "eetq", "fbgemm_fp8", "torchao", "quark",
+NOT_YET = ("bitsandbytes", "gguf", "hqq", "eetq", "fbgemm_fp8", "torchao", "quark",
            "auto-round", "bitnet", "higgs", "vptq", "aqlm", "spqr", "fp_quant", "mxfp8")
 _BLOCK = [128, 128]
 
@@ -62,11 +66,13 @@ def get_quant_method(quantization_config: Mapping) -> MoEQuantMethod:
         return _gptq(quantization_config)
     if method == "awq":
         return _awq(quantization_config)
+    if method == "mxfp4":
+        return MXFP4MoEMethod()  # gpt-oss: one format, nothing to choose
     if isinstance(method, str) and method.lower() in NOT_YET:
         raise UnsupportedQuantization(f"quantization_config.quant_method: {method!r} checkpoints are not supported "
-                                      "yet (moekit runs fp8, compressed-tensors, modelopt FP8, gptq and awq)")
+                                      "yet (moekit runs fp8, compressed-tensors, modelopt FP8, gptq, awq and mxfp4)")
     raise UnsupportedQuantization(f"quantization_config.quant_method: unknown {method!r}; expected one of "
-                                  "['fp8', 'compressed-tensors', 'modelopt', 'gptq', 'awq']")
+                                  "['fp8', 'compressed-tensors', 'modelopt', 'gptq', 'awq', 'mxfp4']")
 
 
 def _fp8(cfg: Mapping) -> MoEQuantMethod:
@@ -141,7 +147,9 @@ def _compressed_tensors(cfg: Mapping) -> MoEQuantMethod:
     fmt = cfg.get("format")
     if fmt == "pack-quantized":
         return _ct_packed(cfg)
-    if fmt in ("marlin-24", "nvfp4-pack-quantized", "mxfp4-pack-quantized"):
+    if fmt == "mxfp4-pack-quantized":
+        return _ct_mxfp4(cfg)
+    if fmt in ("marlin-24", "nvfp4-pack-quantized"):
         raise UnsupportedQuantization(f"quantization_config.format: compressed-tensors {fmt!r} is not supported yet")
     groups = cfg.get("config_groups")
     if not isinstance(groups, Mapping) or not groups:
@@ -228,3 +236,25 @@ def _ct_packed(cfg: Mapping) -> MoEQuantMethod:
         raise UnsupportedQuantization(f"quantization_config.config_groups: groups {list(groups)} use different "
                                       f"schemes ({[m.name for m in methods]}); moekit needs one for every expert")
     return methods[0]
+
+
+def _ct_mxfp4(cfg: Mapping) -> MoEQuantMethod:
+    """compressed-tensors ``mxfp4-pack-quantized``: MXFP4A16 (e2m1 weights, e8m0 scales per 32) for every expert."""
+    groups = cfg.get("config_groups")
+    if not isinstance(groups, Mapping) or not groups:
+        raise UnsupportedQuantization("quantization_config.config_groups: expected a non-empty object of "
+                                      "compressed-tensors schemes")
+    for name, group in groups.items():
+        where = f"quantization_config.config_groups.{name}"
+        w = group.get("weights") if isinstance(group, Mapping) else None
+        if not isinstance(w, Mapping):
+            raise UnsupportedQuantization(f"{where}.weights: expected an object, got {w!r}")
+        got = (w.get("num_bits"), w.get("type"), w.get("strategy"), w.get("group_size"))
+        if got != (4, "float", "group", 32) or not w.get("symmetric", True):
+            raise UnsupportedQuantization(f"{where}.weights: mxfp4-pack-quantized {got[1]} {got[0]}-bit weights per "
+                                          f"{got[2]} {got[3]} are not supported (moekit runs MXFP4A16: float 4-bit, "
+                                          "symmetric, group 32)")
+        if group.get("input_activations") is not None:
+            raise UnsupportedQuantization(f"{where}.input_activations: MXFP4 with quantized activations is not "
+                                          "supported yet (moekit runs MXFP4A16)")
+    return MXFP4MoEMethod()

@@ -20,6 +20,12 @@ Weight-only integer groups (``weight_dtype`` int4/int8, granularity ``group``, `
     w2              uint8 [E, H, ⌈I/2⌉] or [E, H, I]
     w13_scale       float [E, R, ⌈H/g⌉]        w2_scale  float [E, H, ⌈I/g⌉]
     w13_zp, w2_zp   uint8, the scales' shapes (unsigned zero points), or None: symmetric (zero 8 / 128)
+
+MXFP4 weights (``weight_dtype`` mxfp4, granularity ``group``, ``group_size`` 32, no zero points; the layout is
+``moekit.ops.quantize_mxfp4``'s: e2m1 codes, e8m0 scales, H and I multiples of 32):
+
+    w13             uint8 [E, R, H/2]          w13_scale  uint8 [E, R, H/32]    (2^(s − 127))
+    w2              uint8 [E, H, I/2]          w2_scale   uint8 [E, H, I/32]
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ WEIGHT_DTYPES = ("fp8_e4m3", "int8", "int4", "mxfp4")
 GRANULARITIES = ("tensor", "channel", "block", "group")
 # Integer weights that run weight-only with group scales (``granularity`` "group").
 GROUP_DTYPES = {"int4": 4, "int8": 8}
+# Microscaling weights (``granularity`` "group"): their one group size, e8m0 uint8 scales.
+MX_DTYPES = {"mxfp4": 32}
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The activation granularity that goes with each weight granularity (vLLM's and DeepSeek's pairings).
 ACT_GRANULARITY = {"tensor": "tensor", "channel": "token", "block": "group"}
@@ -90,11 +98,13 @@ class QuantParams:
     def _check_group(self) -> None:
         """Weight-only integer groups: the dtype, the group size, no activation dtype, zero points paired."""
         group = self.granularity == "group"
-        if group and self.weight_dtype not in GROUP_DTYPES:
-            raise ValueError(f"quant.weight_dtype: granularity 'group' needs one of {list(GROUP_DTYPES)}, got "
-                             f"{self.weight_dtype!r}")
-        if not group and self.weight_dtype == "int4":
-            raise ValueError(f"quant.granularity: int4 weights need granularity 'group', got {self.granularity!r}")
+        if group and self.weight_dtype not in (*GROUP_DTYPES, *MX_DTYPES):
+            raise ValueError(f"quant.weight_dtype: granularity 'group' needs one of "
+                             f"{[*GROUP_DTYPES, *MX_DTYPES]}, got {self.weight_dtype!r}")
+        if not group and self.weight_dtype in ("int4", *MX_DTYPES):
+            raise ValueError(f"quant.granularity: {self.weight_dtype} weights need granularity 'group', got "
+                             f"{self.granularity!r}")
+        mx = self.weight_dtype in MX_DTYPES
         if group and self.act_dtype is not None:
             raise ValueError(f"quant.act_dtype: group-scaled {self.weight_dtype} weights keep activations "
                              f"unquantized (None), got {self.act_dtype!r}")
@@ -106,6 +116,11 @@ class QuantParams:
         elif gs is not None:
             raise ValueError(f"quant.group_size: expected None without granularity 'group', got {gs!r} with "
                              f"{self.granularity!r}")
+        if mx and group and gs != MX_DTYPES[self.weight_dtype]:
+            raise ValueError(f"quant.group_size: {self.weight_dtype} scales one group of "
+                             f"{MX_DTYPES[self.weight_dtype]} columns, got {gs!r}")
+        if mx and (self.w13_zp is not None or self.w2_zp is not None):
+            raise ValueError(f"quant.w13_zp/w2_zp: {self.weight_dtype} weights have no zero points, got a tensor")
         if (self.w13_zp is None) != (self.w2_zp is None):
             raise ValueError("quant.w13_zp/w2_zp: zero points come for both weights or neither, got one of them")
         if self.w13_zp is not None and not group:
@@ -114,8 +129,9 @@ class QuantParams:
             return
         for w in ("w13", "w2"):
             scale, zp = getattr(self, f"{w}_scale"), getattr(self, f"{w}_zp")
-            if scale is not None and (scale.dim() != 3 or scale.dtype not in _SCALE_DTYPES):
-                raise ValueError(f"quant.{w}_scale: expected a float [E, N, ⌈K/g⌉] tensor for group scales, got "
+            kind, dtypes = ("uint8 (e8m0)", (torch.uint8,)) if mx else ("float", _SCALE_DTYPES)
+            if scale is not None and (scale.dim() != 3 or scale.dtype not in dtypes):
+                raise ValueError(f"quant.{w}_scale: expected a {kind} [E, N, ⌈K/g⌉] tensor for group scales, got "
                                  f"{scale.dtype} of shape {tuple(scale.shape)}")
             if zp is not None and (zp.dtype != torch.uint8 or scale is None or zp.shape != scale.shape):
                 raise ValueError(f"quant.{w}_zp: expected uint8 zero points of {w}_scale's shape "
@@ -124,8 +140,8 @@ class QuantParams:
 
     @property
     def bits(self) -> int | None:
-        """Bits per weight code of group-scaled integer weights (4 or 8), else None."""
-        return GROUP_DTYPES[self.weight_dtype] if self.granularity == "group" else None
+        """Bits per weight code of group-scaled integer weights (4 or 8), else None (mxfp4 included)."""
+        return GROUP_DTYPES.get(self.weight_dtype) if self.granularity == "group" else None
 
     @property
     def is_quantized(self) -> bool:
@@ -148,6 +164,8 @@ class QuantParams:
         weight-only integer groups (``channel`` for one group per row); None when unquantized."""
         if self.weight_dtype is None:
             return None
+        if self.weight_dtype in MX_DTYPES:
+            return self.weight_dtype
         if self.granularity == "group":
             g = "channel" if self.group_size == -1 else f"g{self.group_size}"
             return f"w{self.bits}a16_{g}" + ("_asym" if self.w13_zp is not None else "")
@@ -164,7 +182,9 @@ class QuantParams:
             if self.block_shape is not None:
                 text += f" {self.block_shape[0]}x{self.block_shape[1]}"
             if self.granularity == "group":
-                text += f" {self.group_size} {'asym' if self.w13_zp is not None else 'sym'}"
+                text += f" {self.group_size}"
+                if self.weight_dtype not in MX_DTYPES:
+                    text += f" {'asym' if self.w13_zp is not None else 'sym'}"
         act = "unquantized" if self.act_dtype is None else f"{self.act_dtype} per {self.act_granularity}"
         return f"{text} (activations {act})"
 
@@ -175,16 +195,21 @@ UNQUANTIZED = QuantParams()
 
 def check_group_weights(quant: QuantParams, w13: torch.Tensor, w2: torch.Tensor, hidden_states: torch.Tensor, *,
                         gated: bool) -> None:
-    """Group-scaled integer weights: the codes' dtype and packed shapes, the scales' and zero points' shapes and
-    devices, against ``hidden_states`` [T, H] (the table in the module docstring)."""
+    """Group-scaled integer or MXFP4 weights: the codes' dtype and packed shapes, the scales' and zero points'
+    shapes and devices, against ``hidden_states`` [T, H] (the tables in the module docstring)."""
     hidden = hidden_states.shape[1]
     num_local, rows = w13.shape[0], w13.shape[1]
     if gated and rows % 2:
         raise ValueError(f"w13: a gated activation needs an even row count 2I, got shape {tuple(w13.shape)}")
     inter = rows // 2 if gated else rows
+    mx = MX_DTYPES.get(quant.weight_dtype)
+    if mx is not None and (hidden % mx or inter % mx):
+        raise ValueError(f"hidden_states: {quant.weight_dtype} weights need H and I multiples of {mx}, got H = "
+                         f"{hidden} (hidden_states {tuple(hidden_states.shape)}) and I = {inter} (w13 "
+                         f"{tuple(w13.shape)})")
 
     def width(k: int) -> int:
-        return (k + 1) // 2 if quant.bits == 4 else k
+        return (k + 1) // 2 if quant.bits == 4 or mx is not None else k
 
     def groups(k: int) -> int:
         return 1 if quant.group_size == -1 else -(-k // quant.group_size)

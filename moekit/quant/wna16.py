@@ -44,7 +44,7 @@ from moekit.ops.quantize_wna16 import (
     gptq_to_wna16,
     quantize_wna16,
 )
-from moekit.quant.base import MoEQuantMethod
+from moekit.quant.base import MoEQuantMethod, replace_float_weights
 from moekit.quant.params import QuantParams
 
 if TYPE_CHECKING:
@@ -197,15 +197,7 @@ class WNA16MoEMethod(MoEQuantMethod):
                     continue
                 split = next(d for s, _, d in _CHECKPOINT_TENSORS[fmt] if s == suffix)
                 _register(layer, f"{w}{suffix}", data.to(device), self._loader(layer, f"{w}{suffix}", split))
-        if layer.has_bias:
-            rows = halves * intermediate_size
-            _register(layer, "w13_bias", torch.zeros(num_experts, rows, dtype=params_dtype, device=device),
-                      layer.weight_loader)
-            _register(layer, "w2_bias", torch.zeros(num_experts, hidden_size, dtype=params_dtype, device=device),
-                      layer.weight_loader)
-        else:
-            layer.w13_bias = None
-            layer.w2_bias = None
+        _register_biases(layer, num_experts, halves * intermediate_size, hidden_size, params_dtype, device)
 
     def _checkpoint_shapes(self, fmt: str, e: int, h: int, n: int, k: int,
                            params_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -340,24 +332,15 @@ class WNA16MoEMethod(MoEQuantMethod):
         if self.checkpoint_format != "moekit":
             raise ValueError(f"checkpoint_format: online quantization writes moekit's own layout, got "
                              f"{self.checkpoint_format!r}")
-        w13, w2 = layer.w13.detach(), layer.w2.detach()
-        biases = (layer.w13_bias, layer.w2_bias)
-        for name in ("w13", "w2", "w13_bias", "w2_bias"):
-            layer._parameters.pop(name, None)
-        self.create_weights(layer, num_experts=w13.shape[0], hidden_size=layer.hidden_size,
-                            intermediate_size=layer.intermediate_size, params_dtype=w13.dtype, device=w13.device)
-        for e in range(w13.shape[0]):
-            for name, weight in (("w13", w13[e]), ("w2", w2[e])):
-                q = quantize_wna16(weight, self.bits, self.group_size, self.sym)
-                getattr(layer, name).data[e] = q.qweight
-                getattr(layer, f"{name}_scale").data[e] = q.scales
-                if q.zeros is not None:
-                    getattr(layer, f"{name}_zp").data[e] = q.zeros
-        for name, bias in zip(("w13_bias", "w2_bias"), biases):
-            if bias is not None:
-                getattr(layer, name).data.copy_(bias.detach())
-        layer.quant_method = self
-        layer._params_dtype = w13.dtype
+
+        def store(layer: RoutedExperts, e: int, name: str, weight: torch.Tensor) -> None:
+            q = quantize_wna16(weight, self.bits, self.group_size, self.sym)
+            getattr(layer, name).data[e] = q.qweight
+            getattr(layer, f"{name}_scale").data[e] = q.scales
+            if q.zeros is not None:
+                getattr(layer, f"{name}_zp").data[e] = q.zeros
+
+        replace_float_weights(self, layer, store)
 
 
 def dequantized_weights(layer: RoutedExperts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,6 +388,17 @@ def _narrow_scales(scales: torch.Tensor, params_dtype: torch.dtype) -> torch.Ten
         if torch.equal(narrow.float(), scales):
             return narrow
     return scales
+
+
+def _register_biases(layer: RoutedExperts, num_experts: int, rows: int, hidden_size: int, dtype: torch.dtype,
+                     device: torch.device | None) -> None:
+    """Unquantized ``w13_bias`` [E, rows] / ``w2_bias`` [E, H] in the layer's dtype when it has biases, else None."""
+    if not layer.has_bias:
+        layer.w13_bias = None
+        layer.w2_bias = None
+        return
+    for name, size in (("w13_bias", rows), ("w2_bias", hidden_size)):
+        _register(layer, name, torch.zeros(num_experts, size, dtype=dtype, device=device), layer.weight_loader)
 
 
 def _register(layer: RoutedExperts, name: str, data: torch.Tensor, loader) -> None:  # noqa: ANN001

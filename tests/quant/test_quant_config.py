@@ -57,7 +57,7 @@ def test_dispatch(cfg, cls, static):
     ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "gptq_v2"}, "checkpoint_format: gptq 'gptq_v2'"),
     ({"quant_method": "awq", "version": "gemv"}, "version: awq 'gemv' is not supported yet"),
     ({"quant_method": "awq", "zero_point": False}, "zero_point: awq without zero points"),
-    ({"quant_method": "mxfp4"}, "'mxfp4' checkpoints are not supported yet"),
+    ({"quant_method": "bitsandbytes"}, "'bitsandbytes' checkpoints are not supported yet"),
     ({"quant_method": "nonsense"}, "quant_method: unknown 'nonsense'"),
     ({}, "quant_method: unknown None"),
     ({"quant_method": "fp8", "weight_block_size": [64, 64]}, r"weight_block_size: fp8 blocks \[64, 64\]"),

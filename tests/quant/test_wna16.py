@@ -9,7 +9,7 @@ import moekit
 from moekit import QuantParams, RoutedExperts, fused_experts
 from moekit.quant import WNA16MoEMethod, get_quant_method
 from moekit.loading import expert_params_mapping
-from moekit.quant.wna16 import dequantized_weights
+from moekit.quant import mxfp4, wna16
 from moekit.testing import (
     QUANT_REFERENCE_TOLERANCE,
     QUANT_TOLERANCES,
@@ -81,6 +81,12 @@ def test_group_size_only_with_groups():
 # ------------------------------------------------------------------ the layer: moekit.quantize and the torch backend
 
 SCHEMES = ["w4a16_g128", "w4a16_g128_asym", "w8a16_g128"]
+
+
+def dequantized_weights(layer):
+    """float32 (w13, w2) of a WNA16 or MXFP4 layer."""
+    module = mxfp4 if isinstance(layer.quant_method, mxfp4.MXFP4MoEMethod) else wna16
+    return module.dequantized_weights(layer)
 
 
 def _reference(layer, inputs):
@@ -173,7 +179,8 @@ def test_edge_cases():
         _check_layer(moe, _vllm_inputs(inputs))
 
 
-def test_expert_map():
+@pytest.mark.parametrize("scheme", ["w4a16_g128", "mxfp4"])
+def test_expert_map(scheme):
     # This rank holds experts 1, 4, 6 of 8 (as local 0, 1, 2); the others' rows contribute nothing.
     inputs = _vllm_inputs(make_moe_inputs(13, 8, 128, 96, 3, dtype=torch.bfloat16))
     expert_map = torch.full((8,), -1, dtype=torch.int32)
@@ -182,7 +189,7 @@ def test_expert_map():
     with torch.no_grad():
         layer.w13.copy_(inputs["w13"][[1, 4, 6]])
         layer.w2.copy_(inputs["w2"][[1, 4, 6]])
-    moekit.quantize(layer, "w4a16_g128")
+    moekit.quantize(layer, scheme)
     with torch.no_grad():
         out = layer(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"])
     assert_close(out, _reference(layer, inputs), tol=_tol(torch.bfloat16))

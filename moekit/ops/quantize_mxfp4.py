@@ -1,0 +1,104 @@
+"""MXFP4 (OCP microscaling, e2m1 elements with one e8m0 scale per 32) weights in pure torch: the internal layout of
+gpt-oss and compressed-tensors MXFP4A16 checkpoints, and the reference every MXFP4 kernel is checked against.
+
+Internal layout (N-first, K contiguous; the bytes gpt-oss and compressed-tensors store), for a weight [N, K]:
+
+    codes   uint8 [..., N, K/2]    byte j holds k = 2j in its low nibble and k = 2j+1 in its high one
+    scales  uint8 [..., N, K/32]   e8m0: the biased exponent of a power of two, 2^(s − 127)
+
+    W[n, k] = E2M1[code(n, k)] · 2^(scales[n, k // 32] − 127)
+
+    E2M1 = [0, .5, 1, 1.5, 2, 3, 4, 6, −0, −.5, −1, −1.5, −2, −3, −4, −6]       (bit 3 is the sign)
+
+K must be a multiple of 32 (every producer's block). e8m0 255 is NaN in the OCP spec: it dequantizes to NaN here
+(loaders refuse it); 254 times 6 overflows float32 to inf, as the format says.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit._checks import check_dtype, check_tensor
+
+GROUP = 32
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+E8M0_NAN = 255
+# Round-to-nearest-even onto the magnitudes [0, .5, 1, 1.5, 2, 3, 4, 6] (codes 0..7): the midpoints between
+# neighbours, and which of them round up on a tie (the upper neighbour has the even code).
+_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_TIES_UP = (0.75, 1.75, 3.5)
+_EMAX = 2  # e2m1's largest value 6 = 1.5 · 2^2
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def dequantize_mxfp4(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Float32 [..., N, K] of MXFP4 ``codes`` uint8 [..., N, K/2] and e8m0 ``scales`` uint8 [..., N, K/32]: every
+    value exact (a product of an e2m1 value and a power of two; 6 · 2^127 overflows to inf)."""
+    k = check_mxfp4(codes, scales)
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    values = torch.stack((lut[(codes & 0xF).long()], lut[(codes >> 4).long()]), dim=-1).flatten(-2)
+    groups = values.unflatten(-1, (k // GROUP, GROUP))
+    return (groups * e8m0_to_float(scales).unsqueeze(-1)).flatten(-2)
+
+
+def e8m0_to_float(scales: torch.Tensor) -> torch.Tensor:
+    """Float32 2^(s − 127) of e8m0 bytes, built from its bit pattern (exact for every s, 2^-127 subnormal); NaN
+    for 255."""
+    s = scales.to(torch.int32)
+    bits = torch.where(s > 0, s << 23, torch.full_like(s, 1 << 22))  # s = 0: the subnormal 2^-127
+    bits = torch.where(s == E8M0_NAN, torch.full_like(s, 0x7FC00000), bits)
+    return bits.view(torch.float32)
+
+
+def quantize_mxfp4(w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 ``(codes, scales)`` of ``w_NK`` [..., N, K] (K a multiple of 32), as compressed-tensors' MXFP4
+    producer makes them (``generate_mx_scales`` + ``cast_to_fp4``), per group of 32 columns:
+
+        amax = max |w| = m · 2^e with m in [1, 2);  e += 1 when m ≥ 1.75 (amax/2^(e−2) would round past 6)
+        s = clamp(127 + e − 2, 0, 254)             (OCP: shared exponent floor(log2 amax) − emax(e2m1) = 2)
+        code = round-to-nearest-even of w / 2^(s − 127) onto ±E2M1, magnitudes past 6 clamped to 6;
+               the sign bit is w's (a negative that rounds to 0 keeps it: −0)
+
+    An all-zero group gets s = 0 and zero codes. Raises on non-finite values (they have no code).
+    """
+    check_tensor("w_NK", w_NK)
+    check_dtype("w_NK", w_NK, _FLOAT_DTYPES)
+    if w_NK.dim() < 2 or w_NK.shape[-1] % GROUP:
+        raise ValueError(f"w_NK: expected shape [..., N, K] with K a multiple of {GROUP}, got {tuple(w_NK.shape)}")
+    w = w_NK.float().contiguous()  # exact for every input dtype: amax and the power-of-two division below are exact too
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("w_NK: expected finite values (MXFP4 has no inf/NaN codes), got inf or NaN")
+    groups = w.unflatten(-1, (w.shape[-1] // GROUP, GROUP))
+    amax = groups.abs().amax(-1)
+    mantissa, exponent = torch.frexp(amax)  # amax = mantissa · 2^exponent, mantissa in [0.5, 1)
+    e = exponent.to(torch.int32) - 1 + (mantissa >= 0.875).to(torch.int32)
+    s = torch.where(amax > 0, (127 + e - _EMAX).clamp(0, 254), torch.zeros_like(e)).to(torch.uint8)
+    y = (groups / e8m0_to_float(s).unsqueeze(-1)).flatten(-2)
+    a = y.abs()
+    mids = torch.tensor(_MIDPOINTS, dtype=torch.float32, device=w.device)
+    code = torch.bucketize(a, mids)  # ties to the lower neighbour ...
+    ties_up = torch.zeros_like(a, dtype=torch.bool)
+    for t in _TIES_UP:  # ... except where the upper one is even
+        ties_up |= a == t
+    code = (code + ties_up.long()) | (torch.signbit(w).long() << 3)
+    code = code.to(torch.uint8)
+    return code[..., 0::2] | (code[..., 1::2] << 4), s
+
+
+def check_mxfp4(codes: torch.Tensor, scales: torch.Tensor) -> int:
+    """Validate an MXFP4 pair (module docstring); returns K."""
+    check_tensor("codes", codes)
+    check_tensor("scales", scales)
+    check_dtype("codes", codes, (torch.uint8,))
+    check_dtype("scales", scales, (torch.uint8,))
+    if codes.dim() < 2 or codes.shape[-1] % (GROUP // 2):
+        raise ValueError(f"codes: expected shape [..., N, K/2] with K a multiple of {GROUP}, got "
+                         f"{tuple(codes.shape)}")
+    k = codes.shape[-1] * 2
+    expected = (*codes.shape[:-1], k // GROUP)
+    if tuple(scales.shape) != expected:
+        raise ValueError(f"scales: expected shape {expected} [..., N, K/32] for codes {tuple(codes.shape)}, got "
+                         f"{tuple(scales.shape)}")
+    if scales.device != codes.device:
+        raise ValueError(f"scales: expected device {codes.device} (codes'), got {scales.device}")
+    return k
