@@ -166,6 +166,7 @@ class MoE(nn.Module):
         backend: str = "auto",
         parallel: ParallelConfig | None = None,
         process_group: dist.ProcessGroup | None = None,
+        dequantize_act_order: bool = False,
     ) -> MoE:
         """One MoE block of a transformers checkpoint directory, built and loaded from it.
 
@@ -181,6 +182,8 @@ class MoE(nn.Module):
             dtype: the activation dtype; by default config.json's ``dtype``/``torch_dtype``.
             parallel, process_group: expert parallelism as in ``MoE(config, parallel=..., process_group=...)``;
                 only this rank's experts are read from the full checkpoint.
+            dequantize_act_order: load a GPTQ act-order checkpoint (``desc_act=True`` with groups, refused
+                otherwise) with its experts dequantized to ``dtype`` (an unquantized layer; a warning says so).
         """
         if cls is not MoE:
             raise TypeError(f"from_pretrained builds a moekit.MoE, not a {cls.__name__}")
@@ -188,7 +191,8 @@ class MoE(nn.Module):
         from moekit.pretrained import from_pretrained
 
         return from_pretrained(path, layer, prefix=prefix, dtype=dtype, device=device, backend=backend,
-                               parallel=parallel, process_group=process_group)
+                               parallel=parallel, process_group=process_group,
+                               dequantize_act_order=dequantize_act_order)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         # .to(dtype)/.half()/.bfloat16() cast every floating buffer, but the correction bias only ranks experts, by

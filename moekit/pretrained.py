@@ -33,6 +33,7 @@ def from_pretrained(
     backend: str = "auto",
     parallel: ParallelConfig | None = None,
     process_group: dist.ProcessGroup | None = None,
+    dequantize_act_order: bool = False,
 ) -> MoE:
     """``MoE.from_pretrained``: one MoE block of a checkpoint directory, built from its ``config.json`` and loaded
     with ``load_moe`` (only the tensors under the block's prefix are read; with ``parallel``, only this rank's
@@ -54,7 +55,7 @@ def from_pretrained(
     # sparse ones).
     config = replace(MoEConfig.from_hf(cfg, layer), backend=backend)  # validated again: backend is checked
     quant = cfg.get("quantization_config", text_config(cfg).get("quantization_config"))
-    method = get_quant_method(quant) if quant is not None else None
+    method = get_quant_method(quant, dequantize_act_order=dequantize_act_order) if quant is not None else None
     if dtype is None:
         named = cfg.get("dtype") or cfg.get("torch_dtype") or text_config(cfg).get("dtype")
         dtype = _CONFIG_DTYPES.get(named, torch.get_default_dtype())

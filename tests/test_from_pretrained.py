@@ -336,6 +336,25 @@ def test_wna16_checkpoint_matches_transformers_on_dequantized_weights(saved, fam
             assert_close(moe(x), layer.mlp(x).float(), torch.bfloat16)
 
 
+def test_gptq_act_order_checkpoint_loads_dequantized_on_request(saved, tmp_path):
+    # desc_act=True with groups: refused by default; with dequantize_act_order=True the experts load as floats
+    # (here g_idx is k // g, so the weights are those of the packed checkpoint).
+    model, path, _ = saved["qwen3_moe"]
+    _write_wna16(path, tmp_path / "gptq", tmp_path / "dequantized", "gptq")
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    config["quantization_config"]["desc_act"] = True
+    (tmp_path / "gptq" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="dequantize_act_order=True"):
+        MoE.from_pretrained(tmp_path / "gptq", layer=0)
+    with pytest.warns(UserWarning, match="dequantized to torch.bfloat16 at load"):
+        moe = MoE.from_pretrained(tmp_path / "gptq", layer=0, dequantize_act_order=True)
+    assert moe.routed_experts.quant_method.name == "unquantized" and moe.routed_experts.w13.dtype == torch.bfloat16
+    reference = type(model).from_pretrained(tmp_path / "dequantized", dtype=torch.bfloat16).eval()
+    x = _x(model)
+    with torch.no_grad():
+        assert_close(moe(x), reference.model.layers[0].mlp(x).float(), torch.bfloat16)
+
+
 def _write_gpt_oss_mxfp4(src, dst, deq_dst) -> None:
     """gpt-oss's mxfp4 checkpoint layout of the bf16 checkpoint ``src`` (experts as ``*_blocks`` / ``*_scales`` of
     their [E, N, K] rows, gate/up interleaved as gpt-oss stores them), and a bf16 copy holding what transformers'

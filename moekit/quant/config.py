@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from moekit._checks import check_bool
 from moekit.ops.quantize_wna16 import DESC_ACT_MESSAGE
 from moekit.quant.base import MoEQuantMethod
 from moekit.quant.fp8 import Fp8BlockMoEMethod, Fp8ChannelMoEMethod, Fp8TensorMoEMethod
@@ -45,8 +46,12 @@ class UnsupportedQuantization(ValueError):
     """A ``quantization_config`` moekit cannot run (the message names the scheme and the field)."""
 
 
-def get_quant_method(quantization_config: Mapping) -> MoEQuantMethod:
+def get_quant_method(quantization_config: Mapping, *, dequantize_act_order: bool = False) -> MoEQuantMethod:
     """The quant method of the routed experts a ``quantization_config`` describes (see the module docstring).
+
+    ``dequantize_act_order``: a GPTQ checkpoint with ``desc_act=True`` and groups (act order, which no packed
+    kernel here runs) loads dequantized into the layer's dtype instead of being refused; the layer is then an
+    unquantized one, with a float layer's memory.
 
     Raises:
         TypeError: ``quantization_config`` is not a mapping.
@@ -55,6 +60,7 @@ def get_quant_method(quantization_config: Mapping) -> MoEQuantMethod:
     """
     if not isinstance(quantization_config, Mapping):
         raise TypeError(f"quantization_config: expected a dict, got {type(quantization_config).__name__}")
+    check_bool("dequantize_act_order", dequantize_act_order)
     method = quantization_config.get("quant_method")
     if method == "fp8":
         return _fp8(quantization_config)
@@ -63,7 +69,7 @@ def get_quant_method(quantization_config: Mapping) -> MoEQuantMethod:
     if method == "modelopt":
         return _modelopt(quantization_config)
     if method == "gptq":
-        return _gptq(quantization_config)
+        return _gptq(quantization_config, dequantize_act_order)
     if method == "awq":
         return _awq(quantization_config)
     if method == "mxfp4":
@@ -112,7 +118,7 @@ def _group_size(value: object, where: str) -> int:
     return value
 
 
-def _gptq(cfg: Mapping) -> MoEQuantMethod:
+def _gptq(cfg: Mapping, dequantize_act_order: bool = False) -> MoEQuantMethod:
     bits, group = cfg.get("bits"), _group_size(cfg.get("group_size", 128), "quantization_config.group_size")
     if bits not in (4, 8):
         raise UnsupportedQuantization(f"quantization_config.bits: gptq {bits}-bit weights are not supported yet "
@@ -121,12 +127,14 @@ def _gptq(cfg: Mapping) -> MoEQuantMethod:
     if fmt != "gptq":
         raise UnsupportedQuantization(f"quantization_config.checkpoint_format: gptq {fmt!r} is not supported yet "
                                       "(moekit reads the v1 'gptq' storage)")
-    if cfg.get("desc_act", False) and group != -1:
-        raise UnsupportedQuantization(f"quantization_config.desc_act: {DESC_ACT_MESSAGE}")
+    act_order = bool(cfg.get("desc_act", False)) and group != -1
+    if act_order and not dequantize_act_order:
+        raise UnsupportedQuantization(f"quantization_config.desc_act: {DESC_ACT_MESSAGE} (pass "
+                                      "dequantize_act_order=True to load such experts dequantized to the layer dtype)")
     sym = cfg.get("sym", True)
     if not isinstance(sym, bool):
         raise UnsupportedQuantization(f"quantization_config.sym: expected a bool, got {sym!r}")
-    return WNA16MoEMethod(bits=bits, group_size=group, sym=sym, checkpoint_format="gptq")
+    return WNA16MoEMethod(bits=bits, group_size=group, sym=sym, checkpoint_format="gptq", dequantize=act_order)
 
 
 def _awq(cfg: Mapping) -> MoEQuantMethod:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -90,7 +91,7 @@ class WNA16MoEMethod(MoEQuantMethod):
     supports_eplb = True  # every tensor, codes, scales and zero points, is [E, ...]
 
     def __init__(self, *, bits: int = 4, group_size: int = 128, sym: bool = True,
-                 checkpoint_format: str = "moekit") -> None:
+                 checkpoint_format: str = "moekit", dequantize: bool = False) -> None:
         check_choice("bits", bits, BITS)
         if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size <= 0 and group_size != -1):
             raise ValueError(f"group_size: expected a positive int or -1 (one group per row), got {group_size!r}")
@@ -99,7 +100,13 @@ class WNA16MoEMethod(MoEQuantMethod):
         if checkpoint_format == "awq" and (bits != 4 or sym):
             raise ValueError(f"checkpoint_format: AWQ stores 4-bit weights with zero points (bits=4, sym=False), "
                              f"got bits={bits}, sym={sym}")
+        check_bool("dequantize", dequantize)
+        if dequantize and checkpoint_format != "gptq":
+            raise ValueError(f"dequantize: only GPTQ act-order checkpoints are dequantized at load, got "
+                             f"checkpoint_format={checkpoint_format!r}")
         self.bits, self.group_size, self.sym, self.checkpoint_format = bits, group_size, sym, checkpoint_format
+        # The caller asked for it (act order has no packed kernel): the layer ends up unquantized, in its dtype.
+        self.dequantize = dequantize
         g = "channel" if group_size == -1 else f"g{group_size}"
         self.name = f"w{bits}a16_{g}" + ("" if sym else "_asym")
         suffixes = {s for s, _, _ in _CHECKPOINT_TENSORS[checkpoint_format]} | set(_INTERNAL)
@@ -129,6 +136,9 @@ class WNA16MoEMethod(MoEQuantMethod):
     def check_tp_split(self, intermediate_size: int, tp_size: int) -> None:
         """Refuse a tensor-parallel split whose slices of I would cut a scale group or a packed word: each rank's
         share must be whole groups and whole int32 words of codes (GPTQ/AWQ/compressed-tensors pack along I)."""
+        if self.dequantize and tp_size > 1:  # act order scatters a rank's share of I over every group
+            raise ValueError(f"parallel.tp_size: GPTQ act-order experts dequantized at load are not split over "
+                             f"tensor-parallel ranks, got tp_size={tp_size}")
         need = math.lcm(32 // self.bits, max(self.group_size, 1))
         if intermediate_size % tp_size or (intermediate_size // tp_size) % need:
             raise ValueError(f"parallel.tp_size: expected each rank's share of I to be a multiple of {need} "
@@ -231,8 +241,12 @@ class WNA16MoEMethod(MoEQuantMethod):
 
     @torch.no_grad()
     def process_weights_after_loading(self, layer: RoutedExperts) -> None:
-        """Convert the loaded checkpoint tensors into the kernel's layout, once (a second call does nothing)."""
+        """Convert the loaded checkpoint tensors into the kernel's layout, once (a second call does nothing); with
+        ``dequantize`` into float weights of an unquantized layer instead."""
         if self.checkpoint_format == "moekit" or "w13" in layer._parameters:
+            return
+        if self.dequantize:
+            self._dequantize_layer(layer)
             return
         halves = 2 if layer.activation.is_gated else 1
         converted = {}
@@ -258,6 +272,35 @@ class WNA16MoEMethod(MoEQuantMethod):
             _register(layer, f"{w}_scale", scales, loader)
             if zeros is not None:
                 _register(layer, f"{w}_zp", zeros, loader)
+
+    def _dequantize_layer(self, layer: RoutedExperts) -> None:
+        """GPTQ tensors with any g_idx (act order) -> float w13/w2 in the layer dtype; the layer's method becomes
+        ``UnquantizedMoEMethod`` (its bytes are a float layer's: what ``dequantize=True`` asks for)."""
+        from moekit.quant.unquantized import UnquantizedMoEMethod
+
+        halves = 2 if layer.activation.is_gated else 1
+        floats = {}
+        for w, h in (("w13", halves), ("w2", 1)):
+            p = {s: layer._parameters[f"{w}{s}"].data for s, _, _ in _CHECKPOINT_TENSORS["gptq"]
+                 if f"{w}{s}" in layer._parameters}
+
+            def part(t: torch.Tensor, e: int, dim: int, shard: int, _h: int = h) -> torch.Tensor:
+                size = t.shape[dim + 1] // _h
+                return t[e].narrow(dim, shard * size, size)
+
+            floats[w] = torch.stack([torch.cat([dequantize_gptq(
+                part(p["_qweight"], e, 1, s), None if self.sym else part(p["_qzeros"], e, 1, s),
+                part(p["_scales"], e, 1, s), part(p["_g_idx"], e, 0, s), bits=self.bits, group_size=self.group_size,
+                sym=self.sym) for s in range(h)]) for e in range(p["_qweight"].shape[0])]).to(layer._params_dtype)
+        for w, data in floats.items():
+            for suffix, _, _ in _CHECKPOINT_TENSORS["gptq"]:
+                layer._parameters.pop(f"{w}{suffix}", None)
+            param = nn.Parameter(data, requires_grad=False)
+            param.weight_loader = layer.weight_loader
+            layer.register_parameter(w, param)
+        layer.quant_method = UnquantizedMoEMethod()
+        warnings.warn(f"{self.name} (GPTQ act order): experts dequantized to {layer._params_dtype} at load, as "
+                      "dequantize=True asks; the layer runs and stores them unquantized", stacklevel=2)
 
     def _first(self, w: str) -> str:
         return f"{w}{_CHECKPOINT_TENSORS[self.checkpoint_format][0][0]}"

@@ -609,3 +609,36 @@ def test_per_expert_biases_load_and_a_missing_one_is_reported(tmp_path):
     fresh = MoE(cfg, quant_method=WNA16MoEMethod(group_size=32, sym=False, checkpoint_format="gptq"))
     report = load_moe(fresh, tmp_path / "nobias", prefix, layout="per_expert", strict=False)
     assert f"{prefix}.experts.0.gate_proj.bias" in report.missing
+
+
+def test_gptq_act_order_refused_unless_dequantized_at_load():
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "sym": False}
+    with pytest.raises(ValueError, match="dequantize_act_order=True"):
+        get_quant_method(qc)
+    with pytest.raises(TypeError, match="dequantize_act_order"):
+        get_quant_method(qc, dequantize_act_order="yes")
+    method = get_quant_method(qc, dequantize_act_order=True)
+    with pytest.raises(ValueError, match="act-order.*tp_size=2"):
+        method.check_tp_split(64, 2)
+    gen = torch.Generator().manual_seed(3)
+    e_num, hidden, inter, g = 2, 64, 64, 32
+    layer = RoutedExperts(e_num, hidden, inter, quant_method=method, dtype=torch.float32)
+    want13, want2 = [], []
+    for e in range(e_num):
+        parts = {}
+        for shard, (n, k) in (("w1", (inter, hidden)), ("w3", (inter, hidden)), ("w2", (hidden, inter))):
+            q, z, s = _codes(n, k, g, 4, False, torch.float16, gen)  # [N, K], [N, G], [N, G]
+            tensors = _checkpoint_tensors("gptq", q, z, s, g, 4, False)
+            g_idx = (torch.randperm(k, generator=gen) % (k // g)).long()  # act order: groups scattered over K
+            tensors["g_idx"] = g_idx.to(torch.int32)
+            parts[shard] = (q - z[:, g_idx]).float() * s.float()[:, g_idx]  # GPTQ: W[n, k] by group g_idx[k]
+            for suffix, name in method.checkpoint_tensors():
+                param = getattr(layer, ("w2" if shard == "w2" else "w13") + suffix)
+                param.weight_loader(param, tensors[name], shard, e)
+        want13.append(torch.cat((parts["w1"], parts["w3"])))
+        want2.append(parts["w2"])
+    with pytest.warns(UserWarning, match="dequantized to torch.float32 at load"):
+        layer.process_weights_after_loading()
+    assert layer.quant_method.name == "unquantized"
+    assert torch.equal(layer.w13, torch.stack(want13)) and torch.equal(layer.w2, torch.stack(want2))
+    assert not any(n.endswith(("_qweight", "_qzeros", "_scales", "_g_idx")) for n, _ in layer.named_parameters())
