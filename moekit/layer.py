@@ -43,6 +43,7 @@ from moekit.distributed import (
 )
 from moekit.kernel import LocalPrepareFinalize
 from moekit.quant.base import MoEQuantMethod
+from moekit.quant.mxfp4 import MXFP4MoEMethod
 from moekit.quant.unquantized import UnquantizedMoEMethod
 from moekit.quant.w8a8 import W8A8MoEMethod
 from moekit.quant.wna16 import WNA16MoEMethod
@@ -340,7 +341,7 @@ def _check_tensor_parallel(config: MoEConfig, parallel: ParallelConfig, quant_me
     # Biases need nothing here: w13_bias is sliced with the w13 rows and w2_bias added once (TensorParallel).
     if quant_method is None or type(quant_method) is UnquantizedMoEMethod:
         return
-    if isinstance(quant_method, WNA16MoEMethod):  # groups and packed words must not straddle two ranks
+    if isinstance(quant_method, (WNA16MoEMethod, MXFP4MoEMethod)):  # groups, packed words: not across ranks
         quant_method.check_tp_split(config.intermediate_size, parallel.tp_size)
         return
     # Another format's state (e.g. e8m0 block scales) slices in ways only it knows.

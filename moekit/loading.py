@@ -37,7 +37,7 @@ projection (compressed-tensors ``weight_packed``/``weight_scale``/``weight_zero_
 ``weight_loader``; ``process_weights_after_loading`` converts them into the kernel's layout. MXFP4 experts (an
 ``MXFP4MoEMethod`` layer) read compressed-tensors' per-expert ``weight_packed``/``weight_scale`` the same way, or
 gpt-oss's fused ``experts.{gate_up,down}_proj_{blocks,scales,bias}`` (layout ``gpt_oss``, found by ``auto``), whose
-conversions (``MXFP4MoEMethod.gpt_oss_tensors``) de-interleave the gate/up rows.
+conversions (``MXFP4MoEMethod.gpt_oss_tensors``) de-interleave the gate/up rows (under TP, then cut).
 ``moekit.pretrained.from_pretrained`` (``MoE.from_pretrained``) builds the layer from config.json first.
 
 Expert parallelism (a layer with an ``expert_map``): only this rank's experts are loaded; the other experts'
@@ -202,10 +202,8 @@ def load_moe(
         if merged:
             raise ValueError("moe: its per-shard scales were merged by an earlier load "
                              "(process_weights_after_loading); load into a freshly built layer")
-    if isinstance(method, WNA16MoEMethod):
+    if isinstance(method, (WNA16MoEMethod, MXFP4MoEMethod)):
         method.check_loadable(moe.routed_experts, layout=layout)
-    if mxfp4:
-        method.check_loadable(moe.routed_experts, layout=layout, tp_size=moe.parallel.tp_size)
     report = LoadReport(prefix=prefix[:-1], layout=layout)
     plan = _Plan(ckpt, report)
     _load_router(moe, plan, prefix)
@@ -510,17 +508,22 @@ def _load_fused(moe: MoE, plan: _Plan, experts_prefix: str, *, transposed: bool,
 
 
 def _load_gpt_oss_mxfp4(moe: MoE, plan: _Plan, experts_prefix: str) -> None:
-    """gpt-oss's fused mxfp4 tensors, converted whole (``MXFP4MoEMethod.gpt_oss_tensors``); this rank's experts."""
+    """gpt-oss's fused mxfp4 tensors, converted whole (``MXFP4MoEMethod.gpt_oss_tensors``); this rank's experts
+    and, under tensor parallelism, its share of I cut from the converted tensors: the gate and up halves of w13's
+    rows (codes, scales, bias) alike, w2's bytes and scale groups along I (whole ones: ``check_tp_split``);
+    w2_bias whole (``TensorParallel`` adds it on one rank)."""
     experts = moe.routed_experts
     held = experts.held_experts()[1]
     rows = None if held is None else functools.partial(torch.index_select, dim=0,
                                                         index=torch.tensor(held, dtype=torch.int64))
+    cuts = {"w13": _tp_slicer(moe, 1, 2), "w13_scale": _tp_slicer(moe, 1, 2), "w13_bias": _tp_slicer(moe, 1, 2),
+            "w2": _tp_slicer(moe, 2), "w2_scale": _tp_slicer(moe, 2)}
     for name, key, convert in experts.quant_method.gpt_oss_tensors(experts):
         dest, key = getattr(experts, name), experts_prefix + key
         if key in plan.ckpt and dest.dtype == torch.uint8 and plan.ckpt.dtype(key) != "U8":
             # copy_ would cast values into bytes: a bf16 checkpoint read as mxfp4.
             raise ValueError(f"checkpoint key {key!r}: expected mxfp4 bytes (U8), got {plan.ckpt.dtype(key)}")
-        plan.copy(dest, [key], _chain(rows, convert))
+        plan.copy(dest, [key], _chain(rows, convert, cuts.get(name)))
 
 
 def _chain(*fns: Callable | None) -> Callable | None:

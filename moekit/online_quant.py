@@ -46,11 +46,12 @@ def quantize(moe: MoE | RoutedExperts, scheme: str) -> MoE | RoutedExperts:
     if isinstance(layer.prepare_finalize, TensorParallel):
         # A tensor-parallel slice: its blocks must be the full layer's blocks, sliced (what a checkpoint holds).
         tp_size = layer.prepare_finalize.tp_size
-        if scheme in WNA16_SCHEMES:  # groups along I must be whole on each rank, as in a checkpoint's slice
+        if scheme in WNA16_SCHEMES or scheme in MXFP4_SCHEMES:
+            # Groups along I (w2's K) must be whole on each rank, as in a checkpoint's slice; mxfp4's groups of 32
+            # then are the full layer's, so its codes and scales are the full layer's sliced.
             method.check_tp_split(layer.intermediate_size * tp_size, tp_size)
         elif scheme in QUANT_SCHEMES:
             check_block_split(method.block_shape, layer.intermediate_size * tp_size, tp_size, scheme)
-        # mxfp4: its groups of 32 run along K, so a slice's I that is a multiple of 32 (checked) keeps them whole
     with torch.no_grad():
         method.quantize_layer(layer)
     return moe

@@ -21,6 +21,11 @@ Each row carries its own scales, so de-interleaving blocks, scales and bias the 
 permutation, done at load: the layer then runs moekit's gated activation (``swigluoai``, with its clamp) on gate
 rows then up rows. Blocks [.., K/32, 16] are the codes [.., K/2] viewed. ``process_weights_after_loading`` refuses
 e8m0 255 (NaN in the OCP spec).
+
+Tensor parallelism (rank r of tp holds I_r = I / tp of every expert): gate/up keep their rows of the share (codes,
+scales, bias), down keeps the share's columns: I_r / 2 bytes of codes and I_r / 32 scale groups, so I_r must be a
+multiple of 32 (``check_tp_split``). Per-expert tensors are cut before their ``weight_loader`` (``tp_slicer``),
+gpt-oss's fused ones after their conversion (``moekit.loading``); down's bias stays whole.
 """
 
 from __future__ import annotations
@@ -94,27 +99,43 @@ class MXFP4MoEMethod(MoEQuantMethod):
             shape[0] //= 2
         return tuple(shape)
 
-    def check_loadable(self, layer: RoutedExperts, *, layout: str, tp_size: int) -> None:
+    def check_loadable(self, layer: RoutedExperts, *, layout: str) -> None:
         """Refuse a load ``moekit.loading`` cannot do into ``layer``: a layout other than per-expert
-        (compressed-tensors) or gpt_oss, gpt-oss's fused tensors into a non-gated layer, tensor parallelism."""
+        (compressed-tensors) or gpt_oss, gpt-oss's fused tensors into a non-gated layer."""
         if layout not in ("per_expert", "gpt_oss"):
             raise ValueError(f"layout: mxfp4 experts load from per-expert tensors (experts.{{e}}.<proj>.weight_packed) "
                              f"or gpt-oss's fused experts.*_blocks, got the {layout!r} layout")
         if layout == "gpt_oss" and not layer.activation.is_gated:
             raise ValueError(f"layout: gpt-oss's interleaved gate/up rows need a gated activation, got "
                              f"{layer.activation.name!r}")
-        if tp_size != 1:
-            raise ValueError(f"moe: mxfp4 checkpoints load whole experts; tensor parallelism (tp_size={tp_size}) is "
-                             "not supported for them yet")
 
     @staticmethod
-    def tp_slicer(suffix: str, shard_id: str, intermediate_size: int, tp_size: int, tp_rank: int) -> None:
-        """What ``WNA16MoEMethod.tp_slicer`` says for its tensors; mxfp4 loads whole experts only (tensor
-        parallelism is refused by ``check_loadable``), so there is nothing to cut."""
-        if tp_size != 1:
-            raise ValueError(f"parallel.tp_size: mxfp4 checkpoints load whole experts; tensor parallelism "
-                             f"(tp_size={tp_size}) is not supported for them yet")
-        return None
+    def check_tp_split(intermediate_size: int, tp_size: int) -> None:
+        """Refuse a tensor-parallel split whose slices of I would cut a scale group: down's K = I runs along its
+        codes (two a byte) and its e8m0 groups of 32, so each rank's share must be whole groups (whole bytes
+        then too). Gate/up cut rows, which any split keeps whole."""
+        if intermediate_size % tp_size or (intermediate_size // tp_size) % GROUP:
+            raise ValueError(f"parallel.tp_size: expected each rank's share of I to be a multiple of {GROUP} (mxfp4: "
+                             f"whole e8m0 scale groups of {GROUP} columns of down_proj), got tp_size={tp_size} and "
+                             f"intermediate_size={intermediate_size}")
+
+    @classmethod
+    def tp_slicer(cls, suffix: str, shard_id: str, intermediate_size: int, tp_size: int, tp_rank: int
+                  ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Tensor-parallel rank ``tp_rank``'s part of one expert's compressed-tensors tensor ``<proj><suffix>``
+        (``""``: ``weight_packed`` [N, K/2], ``"_scale"``: ``weight_scale`` [N, K/32]) of shard ``shard_id``
+        (``intermediate_size``: the whole layer's I), as its ``weight_loader`` takes it; None without TP.
+        Gate/up (N = I) keep their rows of the share; down (K = I) its bytes and scale groups of the share."""
+        if tp_size == 1:
+            return None
+        cls.check_tp_split(intermediate_size, tp_size)
+        share = intermediate_size // tp_size
+        if shard_id != "w2":
+            dim, per = 0, 1
+        else:
+            dim, per = 1, {"": 2, "_scale": GROUP}[suffix]  # codes a byte / columns a scale
+        start, size = tp_rank * share // per, share // per
+        return lambda t: t.narrow(dim, start, size)
 
     @staticmethod
     def gpt_oss_tensors(layer: RoutedExperts) -> list[tuple[str, str, Callable[[torch.Tensor], torch.Tensor] | None]]:

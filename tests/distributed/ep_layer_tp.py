@@ -1,7 +1,8 @@
 """Tensor-parallel experts with biases and with 8-bit weights, run in the ranks that test_ep_layer.py spawns (one
 spawn per world size for all): checkpoints load exactly this rank's slice of every tensor (codes, scales, biases),
 quantizing a TP layer online gives the same codes and scales as slicing the quantized full layer, and block scales
-that do not split along I are refused. Also the layout helpers test_ep_layer.py cuts its TP layers with."""
+that do not split along I are refused; mxfp4 experts load from gpt-oss's fused and compressed-tensors' per-expert
+checkpoints. Also the layout helpers test_ep_layer.py cuts its TP layers with."""
 
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ def local_state(full: moekit.MoE, parallel: moekit.ParallelConfig) -> dict[str, 
     up rows alike (w13, w13_bias, per-row and block scales of w13), w2's columns and its block scales' columns.
     ``w2_bias`` [E, H] and per-tensor scales stay whole."""
     ids = local_experts(parallel.ep_size, parallel.ep_rank, full.config.num_experts, parallel.placement)
-    granularity = getattr(full.routed_experts.quant_method, "granularity", None)
+    method = full.routed_experts.quant_method
+    # mxfp4's e8m0 groups run along K, like blocks: w13's go with its rows, w2's with its columns of I
+    granularity = "block" if method.name == "mxfp4" else getattr(method, "granularity", None)
     state = {}
     for k, v in full.state_dict().items():
         name = k.removeprefix("routed_experts.")
@@ -230,8 +233,91 @@ def _wna16_checkpoint_case(rank: int, world: int, out_dir: str) -> None:
             assert_close(tp(x_all[mine]), full(x_all)[mine], torch.float32)
 
 
+def _write_mxfp4(full: moekit.MoE, path: str, config: dict, layout: str) -> None:
+    """``full`` (mxfp4, biases) as gpt-oss stores it (fused ``*_blocks`` / ``*_scales`` / ``*_bias``, gate/up rows
+    interleaved) with its config.json, or as compressed-tensors' per-expert ``weight_packed`` / ``weight_scale``."""
+    from safetensors.torch import save_file
+
+    from moekit._layout import interleave
+
+    os.makedirs(path, exist_ok=True)
+    r, inter, pre = full.routed_experts, full.config.intermediate_size, f"{PREFIX}.experts."
+    tensors = {f"{PREFIX}.router.weight": full.gate.weight, f"{PREFIX}.router.bias": full.gate.bias}
+    if layout == "gpt_oss":
+        for proj, w, b in (("gate_up_proj", "w13", "w13_bias"), ("down_proj", "w2", "w2_bias")):
+            rows = interleave if w == "w13" else (lambda t, dim: t)
+            codes = rows(getattr(r, w), dim=1)
+            tensors[pre + proj + "_blocks"] = codes.unflatten(-1, (codes.shape[-1] // 16, 16))
+            tensors[pre + proj + "_scales"] = rows(getattr(r, f"{w}_scale"), dim=1)
+            tensors[pre + proj + "_bias"] = rows(getattr(r, b), dim=1)
+    else:
+        for e in range(full.config.num_experts):
+            for proj, w, rows in (("gate_proj", "w13", slice(0, inter)), ("up_proj", "w13", slice(inter, None)),
+                                  ("down_proj", "w2", slice(None))):
+                tensors[f"{pre}{e}.{proj}.weight_packed"] = getattr(r, w)[e, rows]
+                tensors[f"{pre}{e}.{proj}.weight_scale"] = getattr(r, f"{w}_scale")[e, rows]
+                tensors[f"{pre}{e}.{proj}.bias"] = (r.w2_bias if w == "w2" else r.w13_bias)[e, rows]
+    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def _mxfp4_checkpoint_case(rank: int, world: int, out_dir: str) -> None:
+    """mxfp4 experts with biases under TP 2 (world 4: EP 2 x TP 2): gpt-oss's fused checkpoint (``load_moe`` and
+    ``from_pretrained``) and compressed-tensors' per-expert one load exactly the full layer's codes, e8m0 scales
+    and w13_bias sliced along I, w2_bias whole; ``moekit.quantize`` of the TP layer's float slice gives the same
+    bytes (w2's groups of 32 align: I/tp = 64); every layer computes what the single-process layer does."""
+    from moekit.loading import load_moe
+    from moekit.quant import MXFP4MoEMethod
+
+    parallel = parallel_for(world, rank, 2, dispatch="allgather_reducescatter")
+    config = {"model_type": "gpt_oss", "num_local_experts": 4, "num_experts_per_tok": 2, "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 1, "swiglu_limit": 7.0, "torch_dtype": "float32",
+              "quantization_config": {"quant_method": "mxfp4"}}
+    cfg = moekit.MoEConfig.from_hf(config, 0)
+    torch.manual_seed(13)
+    full = moekit.MoE(cfg)
+    with torch.no_grad():  # biases big enough to matter, and distinct per rank's slice
+        full.routed_experts.w13_bias.normal_(0, 0.1)
+        full.routed_experts.w2_bias.normal_(0, 0.1)
+    online = moekit.MoE(cfg, parallel=parallel)
+    online.load_state_dict(local_state(full, parallel))
+    moekit.quantize(full, "mxfp4")
+    moekit.quantize(online, "mxfp4")
+    paths = {layout: os.path.join(out_dir, f"tp_mxfp4_{layout}") for layout in ("gpt_oss", "per_expert")}
+    if rank == 0:
+        for layout, path in paths.items():
+            _write_mxfp4(full, path, config, layout)
+    dist.barrier()
+    layers = {"quantize": online, "from_pretrained": moekit.MoE.from_pretrained(paths["gpt_oss"], parallel=parallel)}
+    errors = []  # collected, not raised: every rank runs every layer, so the all-reduces stay paired
+    for layout, path in paths.items():
+        layer = moekit.MoE(cfg, quant_method=MXFP4MoEMethod(), parallel=parallel)
+        report = load_moe(layer, path, PREFIX)
+        if report.missing or report.unexpected or report.layout != layout:
+            errors.append(f"{layout}: {report}")
+        layers[f"load_moe {layout}"] = layer
+    expected = local_state(full, parallel)
+    x_all = torch.randn(3 * parallel.ep_size, 64, generator=torch.Generator().manual_seed(6))
+    mine = slice(3 * parallel.ep_rank, 3 * parallel.ep_rank + 3)
+    for how, layer in layers.items():
+        for name in ("w13", "w13_scale", "w2", "w2_scale", "w13_bias", "w2_bias"):
+            got, want = getattr(layer.routed_experts, name), expected[f"routed_experts.{name}"]
+            if got.dtype != want.dtype or not torch.equal(got, want):
+                errors.append(f"{how}: {name} {tuple(got.shape)} is not the sliced full tensor {tuple(want.shape)}")
+        with torch.no_grad():
+            try:
+                assert_close(layer(x_all[mine]), full(x_all)[mine], torch.float32, name=how)
+            except AssertionError as err:
+                errors.append(str(err))
+    assert not errors, "\n".join(errors)
+
+
 def _refusals(rank: int, world: int) -> None:
-    """Block scales must split along I: I/tp a multiple of the 128-block, at construction and online."""
+    """Block scales and groups must split along I: I/tp a multiple of the 128-block (fp8_block, w4a16_g128) or of
+    mxfp4's group of 32, at construction and online."""
+    from moekit.quant import MXFP4MoEMethod
+
     parallel = parallel_for(world, rank, 2)
     cfg = moekit.MoEConfig(num_experts=4, top_k=2, hidden_size=QH, intermediate_size=128)  # I/tp = 64
     with pytest.raises(ValueError, match=r"tp_size=2.*intermediate_size=128.*128"):
@@ -245,6 +331,11 @@ def _refusals(rank: int, world: int) -> None:
     with pytest.raises(ValueError, match=r"multiple of 128.*tp_size=2.*intermediate_size=128"):  # 64 a rank
         moekit.quantize(layer, "w4a16_g128")
     moekit.quantize(layer, "fp8_channel")  # per-row scales split anywhere
+    odd = moekit.MoEConfig(num_experts=4, top_k=2, hidden_size=QH, intermediate_size=96)  # 48 a rank
+    with pytest.raises(ValueError, match=r"multiple of 32.*tp_size=2 and intermediate_size=96"):
+        moekit.MoE(odd, parallel=parallel, quant_method=MXFP4MoEMethod())  # a group of 32 across two ranks
+    with pytest.raises(ValueError, match=r"multiple of 32.*tp_size=2 and intermediate_size=96"):
+        moekit.quantize(moekit.MoE(odd, parallel=parallel), "mxfp4")
 
 
 def cases(rank: int, world: int, out_dir: str) -> list[tuple[str, Callable[[], None]]]:
@@ -252,8 +343,9 @@ def cases(rank: int, world: int, out_dir: str) -> list[tuple[str, Callable[[], N
     return [("tp_quant_checkpoint_loads_slices", lambda: _quant_checkpoint_case(rank, world, out_dir)),
             ("tp_bias_checkpoint_loads_slices", lambda: _bias_checkpoint_case(rank, world, out_dir)),
             ("tp_wna16_checkpoint_loads_slices", lambda: _wna16_checkpoint_case(rank, world, out_dir)),
+            ("tp_mxfp4_checkpoint_loads_slices", lambda: _mxfp4_checkpoint_case(rank, world, out_dir)),
             ("tp_quant_refusals", lambda: _refusals(rank, world))]
 
 
 NAMES = ("tp_quant_checkpoint_loads_slices", "tp_bias_checkpoint_loads_slices", "tp_wna16_checkpoint_loads_slices",
-         "tp_quant_refusals")
+         "tp_mxfp4_checkpoint_loads_slices", "tp_quant_refusals")

@@ -182,13 +182,69 @@ def test_loader_refusals():
     with pytest.raises(ValueError, match="shard_id: 'w2' does not load into 'w13'"):
         p = layer.w13
         p.weight_loader(p, torch.ones(32, 32, dtype=torch.uint8), "w2", 0)
-    with pytest.raises(ValueError, match=r"moe: mxfp4 checkpoints load whole experts; tensor parallelism"):
-        layer.quant_method.check_loadable(layer, layout="per_expert", tp_size=2)
-    with pytest.raises(ValueError, match=r"parallel.tp_size: mxfp4 checkpoints load whole experts"):
-        layer.quant_method.tp_slicer("", "w1", 64, 2, 0)
     layer.w2_scale.data[1, 3, 0] = 255
     with pytest.raises(ValueError, match=r"w2_scale: e8m0 255 \(NaN in the OCP MX spec\) in local experts \[1\]"):
         layer.process_weights_after_loading()
+
+
+# ----------------------------------------------------------------------------------- tensor parallelism
+
+def test_tensor_parallel_slices_are_the_full_layer_sliced():
+    """Each TP rank's compressed-tensors tensors cut by ``tp_slicer`` (what load_moe does before the weight_loader)
+    give exactly the rank's share of I of the full layer (codes, scales, dequantized weights); the ranks' outputs
+    sum to the full output; quantizing each rank's float slice gives those very codes and scales."""
+    tp, num_experts, hidden, inter = 2, 3, 64, 128  # I/tp = 64: two scale groups of down_proj per rank
+    gen = torch.Generator().manual_seed(4)
+    floats = (torch.randn(num_experts, 2 * inter, hidden, generator=gen),
+              torch.randn(num_experts, hidden, inter, generator=gen))
+    full = RoutedExperts(num_experts, hidden, inter, quant_method=MXFP4MoEMethod(), dtype=torch.float32)
+    for name, w in zip(("w13", "w2"), floats):
+        getattr(full, name).data[:], getattr(full, f"{name}_scale").data[:] = quantize_mxfp4(w)
+    w13, w2 = dequantized_weights(full)
+    ckpt = {}  # (expert, shard) -> compressed-tensors' weight_packed / weight_scale of that projection
+    for e in range(num_experts):
+        for shard, rows in (("w1", slice(0, inter)), ("w3", slice(inter, None)), ("w2", slice(None))):
+            w = "w2" if shard == "w2" else "w13"
+            ckpt[e, shard] = {"": getattr(full, w)[e, rows], "_scale": getattr(full, f"{w}_scale")[e, rows]}
+    inputs = make_moe_inputs(9, num_experts, hidden, inter, 2, dtype=torch.float32)
+    share, outs = inter // tp, []
+    for r in range(tp):
+        part = RoutedExperts(num_experts, hidden, share, quant_method=MXFP4MoEMethod(), dtype=torch.float32)
+        for (e, shard), tensors in ckpt.items():
+            for suffix, t in tensors.items():
+                cut = MXFP4MoEMethod.tp_slicer(suffix, shard, inter, tp, r)
+                param = getattr(part, ("w2" if shard == "w2" else "w13") + suffix)
+                param.weight_loader(param, cut(t), shard, e)
+        part.process_weights_after_loading()
+        mine = slice(r * share, (r + 1) * share)
+        deq13, deq2 = dequantized_weights(part)
+        assert torch.equal(deq13, torch.cat((w13[:, :inter][:, mine], w13[:, inter:][:, mine]), dim=1))
+        assert torch.equal(deq2, w2[:, :, mine])
+        # moekit.quantize on a TP slice: w13's groups run along H, w2's along I in whole groups of the share
+        online = RoutedExperts(num_experts, hidden, share, dtype=torch.float32)
+        online.w13.data.copy_(torch.cat((floats[0][:, :inter][:, mine], floats[0][:, inter:][:, mine]), dim=1))
+        online.w2.data.copy_(floats[1][:, :, mine])
+        MXFP4MoEMethod().quantize_layer(online)
+        for name in ("w13", "w13_scale", "w2", "w2_scale"):
+            assert torch.equal(getattr(online, name), getattr(part, name)), name
+        outs.append(_run_experts(part, inputs))
+    assert_close(sum(outs), _run_experts(full, inputs), torch.float32)
+
+
+def _run_experts(layer, inputs):
+    with torch.no_grad():
+        return layer(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"])
+
+
+def test_tensor_parallel_split_refusals():
+    with pytest.raises(ValueError, match=r"multiple of 32.*tp_size=2 and intermediate_size=96"):
+        MXFP4MoEMethod.check_tp_split(96, 2)  # 48 a rank: a scale group of down_proj would straddle two ranks
+    with pytest.raises(ValueError, match=r"multiple of 32.*tp_size=3 and intermediate_size=64"):
+        MXFP4MoEMethod.check_tp_split(64, 3)  # not a divisor
+    with pytest.raises(ValueError, match=r"multiple of 32.*tp_size=2 and intermediate_size=96"):
+        MXFP4MoEMethod.tp_slicer("_scale", "w2", 96, 2, 1)
+    assert MXFP4MoEMethod.tp_slicer("", "w1", 96, 1, 0) is None
+    MXFP4MoEMethod.check_tp_split(128, 4)  # 32 a rank: one group
 
 
 def _gpt_oss_tensors(num_experts, hidden, inter, gen):
