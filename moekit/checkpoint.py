@@ -10,6 +10,9 @@ import torch
 
 from moekit.families import read_json
 
+# Stored dtypes that are quantization codes, not values: they load only into codes of their own dtype.
+CODE_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "I8": torch.int8}
+
 
 class Checkpoint:
     """Lazy, read-only view of a safetensors checkpoint: a file, or a directory of ``*.safetensors`` shards.

@@ -62,11 +62,11 @@ import torch
 
 from moekit._checks import check_bool, check_choice, check_positive
 from moekit._layout import deinterleave
-from moekit.checkpoint import Checkpoint
+from moekit.checkpoint import CODE_DTYPES, Checkpoint
 from moekit.checkpoint_gguf import GGUFCheckpoint, is_gguf
 from moekit.distributed import shard_intermediate
 from moekit.layer import MoE
-from moekit.ops.quantize import dequantize_weight
+from moekit.loading_shared import load_shared
 from moekit.quant.mxfp4 import MXFP4MoEMethod
 from moekit.quant.w8a8 import W8A8MoEMethod
 from moekit.quant.wna16 import WNA16MoEMethod
@@ -84,7 +84,6 @@ MODEL_LAYOUTS = {
 # checkpoint projection name -> RoutedExperts shard id
 _SHARDS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "w1": "w1", "w3": "w3", "w2": "w2"}
 _ROUTER_NAMES = ("gate", "router")
-_SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
 
 
 @dataclass(frozen=True)
@@ -215,7 +214,7 @@ def load_moe(
         transposed = layout in ("gpt_oss", "transposed")
         _load_fused(moe, plan, prefix + "experts.", transposed=transposed, interleaved=layout == "gpt_oss")
     if moe.shared_experts is not None:
-        _load_shared(moe, plan, prefix)
+        load_shared(moe, plan, prefix)
     consumed = set(report.loaded) | set(report.skipped)
     report.unexpected = [k for k in ckpt.keys() if k.startswith(prefix) and k not in consumed]
     if strict and not report.ok:
@@ -304,14 +303,13 @@ def _check_correction_bias(key: str, bias: torch.Tensor) -> None:
 
 
 # safetensors dtype names of 8-bit codes -> their torch dtype
-_CODES = {"F8_E4M3": torch.float8_e4m3fn, "I8": torch.int8}
 
 
 def _check_codes(key: str, stored: str, dest: torch.dtype) -> None:
     # copy_ would turn codes into values (or values into codes): a checkpoint read with the wrong quant method
     # would load silently wrong weights.
-    code = _CODES.get(stored)
-    if code is None and dest not in _CODES.values():
+    code = CODE_DTYPES.get(stored)
+    if code is None and dest not in CODE_DTYPES.values():
         return
     if code is not dest:
         what = f"8-bit codes ({stored})" if code is not None else f"{stored} values"
@@ -536,90 +534,6 @@ def _tp_slicer(moe: MoE, dim: int, halves: int = 1) -> Callable | None:
     """This rank's slice of the intermediate dimension ``dim`` under tensor parallelism, else None."""
     tp_size, tp_rank = moe.parallel.tp_size, moe.parallel.tp_rank
     return None if tp_size == 1 else (lambda t: shard_intermediate(t, dim, tp_size, tp_rank, halves=halves))
-
-
-def _load_shared(moe: MoE, plan: _Plan, prefix: str) -> None:
-    shared = moe.shared_experts
-    gate_up = shared.gate_up_proj.weight
-    bases = [prefix + n + "." for n in _SHARED_NAMES]
-    base = next((b for b in bases if plan.first([b + "down_proj.weight", b + "gate_up_proj.weight"])), bases[0])
-    if base + "gate_up_proj.weight" in plan.ckpt or not shared.activation.is_gated:
-        _copy_shared(moe, plan, gate_up, [base + "gate_up_proj.weight", base + "up_proj.weight"])
-    else:
-        inter = shared.intermediate_size
-        _copy_shared(moe, plan, gate_up[:inter], [base + "gate_proj.weight"])
-        _copy_shared(moe, plan, gate_up[inter:], [base + "up_proj.weight"])
-    _copy_shared(moe, plan, shared.down_proj.weight, [base + "down_proj.weight"])
-    if shared.gate is not None:
-        plan.copy(shared.gate.weight, [prefix + "shared_expert_gate.weight", base + "gate.weight"])
-
-
-def _copy_shared(moe: MoE, plan: _Plan, dest: torch.Tensor, keys: list[str]) -> None:
-    """``plan.copy``, except that 8-bit shared weights (DeepSeek-V3 FP8 quantizes its shared experts) are
-    dequantized into the layer's dtype: moekit's shared experts are unquantized Linears."""
-    key = plan.first(keys)
-    method = moe.routed_experts.quant_method
-    packed = isinstance(method, (WNA16MoEMethod, MXFP4MoEMethod))
-    if key is None and packed and _copy_shared_wna16(plan, dest, keys[0], method):
-        return
-    if key is None or plan.ckpt.dtype(key) not in _CODES:
-        plan.copy(dest, keys)
-        return
-    base = key.removesuffix("weight")
-    scale_key = plan.first([base + "weight_scale_inv", base + "weight_scale"])
-    if scale_key is None:
-        plan.report.missing.append(base + "weight_scale_inv")
-        return
-    n, k = dest.shape
-    block = method.block_shape if isinstance(method, W8A8MoEMethod) and method.block_shape else (128, 128)
-    scale_shape = plan.ckpt.shape(scale_key)
-    # The scale's shape says the granularity: one element per tensor, [N, 1] per row, else blocks.
-    if math.prod(scale_shape) == 1:
-        granularity, expected = "tensor", scale_shape
-    elif scale_shape == (n, 1):
-        granularity, expected = "channel", (n, 1)
-    else:
-        granularity, expected = "block", (math.ceil(n / block[0]), math.ceil(k / block[1]))
-    if plan.ckpt.shape(key) != (n, k) or scale_shape != expected:
-        raise ValueError(f"checkpoint key {scale_key!r}: expected shape {expected} for {key!r} "
-                         f"{plan.ckpt.shape(key)} -> {(n, k)} ({granularity}), got {scale_shape}")
-    ckpt = plan.ckpt
-
-    def apply(q: torch.Tensor) -> None:
-        s = ckpt.get(scale_key).float()
-        s = s.reshape(()) if granularity == "tensor" else s
-        dest.copy_(dequantize_weight(q, s, granularity, block if granularity == "block" else None))
-
-    plan.add(key, (n, k), apply)
-    plan.report.loaded.append(scale_key)
-    if base + "input_scale" in ckpt:  # the activation scale of a quantized shared MLP, unused unquantized
-        plan.report.loaded.append(base + "input_scale")
-
-
-def _copy_shared_wna16(plan: _Plan, dest: torch.Tensor, key: str, method: WNA16MoEMethod) -> bool:
-    """A shared-expert linear stored as the routed experts' 4/8-bit tensors (GPTQ/AWQ checkpoints quantize every
-    Linear), dequantized into ``dest``; False when it is not stored that way."""
-    base = key.removesuffix("weight")
-    keys = {name: base + name for _, name in method.checkpoint_tensors()}
-    if not any(k in plan.ckpt for k in keys.values()):
-        return False
-    missing = [k for k in keys.values() if k not in plan.ckpt]
-    if missing:
-        plan.report.missing += missing
-        return True
-    first, ckpt, done = next(iter(keys.values())), plan.ckpt, {}
-
-    def dequantize(_key: str, _t: torch.Tensor) -> None:  # before any copy: a failure leaves the layer as it was
-        try:
-            done["w"] = method.dequantize_tensors({n: ckpt.get(k) for n, k in keys.items()}, n=dest.shape[0],
-                                                  k=dest.shape[1])
-        except (ValueError, KeyError) as err:
-            raise ValueError(f"checkpoint key {first!r} ({method.name}): {err}") from None
-
-    plan.check_values([first], dequantize)
-    plan.add(first, ckpt.shape(first), lambda _t: dest.copy_(done.pop("w")))
-    plan.report.loaded += [k for k in keys.values() if k != first]
-    return True
 
 
 def load_moes(checkpoint: Checkpoint | GGUFCheckpoint | str | os.PathLike, blocks: dict[str, MoE],
