@@ -10,8 +10,8 @@ weight-only scheme (``w4a16_g128``, ``w4a16_g128_asym``, ``w8a16_g128``) a weigh
 at 4 bits, a byte at 8), each touched expert adds its group scales (in the activation dtype, as ``moekit.quantize``
 keeps them) and, asymmetric, a one-byte zero point per group; ``mm_rate`` stays the bf16 matmul's (the codes are
 dequantized to the activation dtype for the dots). With ``mxfp4`` a weight is half a byte of e2m1 code and every
-32 of them share one e8m0 scale byte (``mxfp4_bytes``); ``mm_rate`` is the bf16 matmul's too. ``read_bw`` and ``mm_rate`` are measured in the same run by
-``measure_ceilings``.
+32 of them share one e8m0 scale byte (``mxfp4_bytes``); ``mm_rate`` is the bf16 matmul's too. ``read_bw`` and
+``mm_rate`` are measured in the same run by ``measure_ceilings``.
 """
 
 from __future__ import annotations

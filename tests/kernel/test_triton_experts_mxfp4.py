@@ -5,80 +5,23 @@ its clamp, biases) also against gpt-oss's own forward on upcast weights. GPU: bf
 import pytest
 import torch
 
-from moekit import RoutedExperts, fused_experts
 from moekit.kernel.triton_experts import TritonExperts
 from moekit.ops.activation import Activation
-from moekit.ops.heuristics import GemmConfig, MoEKernelConfig
 from moekit.quant import MXFP4MoEMethod
 from moekit.quant.mxfp4 import dequantized_weights
-from moekit.testing import QUANT_REFERENCE_TOLERANCE, TOLERANCES, Tolerance, assert_close, make_moe_inputs
 from moekit._layout import interleave
+from moekit.testing import assert_close
+from tests.kernel.test_triton_experts_wna16 import DECODE, PREFILL, _check, _routing, _run, _tol, quantized_layer
 from tests.quant.test_mxfp4 import GPT_OSS_TOLERANCE, gpt_oss_forward
 
 SWIGLUOAI = Activation(name="swigluoai", alpha=1.702, limit=7.0)
-# Decode tiles with split-K GEMM 2 (K tiles of 64: two 32-column groups a tile); prefill tiles with 32-row blocks,
-# activation-dtype partials and half-height tail tiles.
-DECODE = MoEKernelConfig(
-    block_m=16,
-    gemm1=GemmConfig(block_n=32, block_k=64, num_stages=2),
-    gemm2=GemmConfig(block_n=32, block_k=32, split_k=2, num_stages=2),
-)
-PREFILL = MoEKernelConfig(
-    block_m=32,
-    gemm1=GemmConfig(block_n=64, block_k=64, group_m=4, num_stages=2, half_tail=True),
-    gemm2=GemmConfig(block_n=32, block_k=32, group_m=4, num_stages=2),
-    y_fp32=False,
-)
 
 
-def _layer(num_experts, hidden, inter, *, activation="silu", bias=False, expert_map=None, dtype=torch.float16,
-           device="cpu", seed=0):
+def _layer(num_experts, hidden, inter, **kw):
     """An mxfp4 RoutedExperts quantized from random float weights and its QuantParams."""
-    global_e = num_experts if expert_map is None else expert_map.numel()
-    inputs = make_moe_inputs(1, global_e, hidden, inter, 1, dtype=dtype, activation=activation, bias=bias, seed=seed)
-    layer = RoutedExperts(num_experts, hidden, inter, activation=activation, bias=bias, expert_map=expert_map,
-                          dtype=dtype)
-    local = list(range(num_experts)) if expert_map is None else (expert_map >= 0).nonzero()[:, 0].tolist()
-    with torch.no_grad():
-        for name in ("w13", "w2", "w13_bias", "w2_bias"):
-            if name in inputs:
-                getattr(layer, name).copy_(inputs[name][local])
-    MXFP4MoEMethod().quantize_layer(layer)
-    layer.to(device)
-    q = layer.quant_method.quant_params(layer)
+    layer, q = quantized_layer(MXFP4MoEMethod(), num_experts, hidden, inter, **kw)
     assert q.scheme == "mxfp4"
     return layer, q
-
-
-def _routing(num_tokens, num_experts, top_k, seed=0, device="cpu"):
-    r = make_moe_inputs(num_tokens, num_experts, 32, 32, top_k, seed=seed, device=device)
-    return r["topk_weights"], r["topk_ids"]
-
-
-def _run(layer, q, x, weights, ids, backend, config=None):
-    with torch.no_grad():
-        if backend == "torch" or config is None:
-            return fused_experts(x, layer.w13, layer.w2, weights, ids, activation=layer.activation,
-                                 w13_bias=layer.w13_bias, w2_bias=layer.w2_bias, expert_map=layer.expert_map,
-                                 quant=q, backend=backend)
-        return TritonExperts(config).apply(
-            x, layer.w13, layer.w2, weights, ids, activation=layer.activation, w13_bias_E2I=layer.w13_bias,
-            w2_bias_EH=layer.w2_bias, expert_map_E=layer.expert_map, quant=q, hidden_scale=None, out_dtype=x.dtype)
-
-
-def _tol(dtype):
-    # The same codes on both sides: only the dots' dtype and summation order and the output's rounding differ.
-    rounding = TOLERANCES[dtype]
-    return Tolerance(max=max(QUANT_REFERENCE_TOLERANCE.max, rounding.max),
-                     rms=max(QUANT_REFERENCE_TOLERANCE.rms, rounding.rms))
-
-
-def _check(layer, q, x, weights, ids, config=None):
-    out = _run(layer, q, x, weights, ids, "triton", config)
-    want = _run(layer, q, x, weights, ids, "torch")
-    assert out.dtype == x.dtype and out.shape == x.shape and torch.isfinite(out).all()
-    assert_close(out, want.double(), tol=_tol(x.dtype))
-    return out
 
 
 @pytest.mark.parametrize(("num_tokens", "num_experts", "hidden", "inter", "top_k", "config"), [

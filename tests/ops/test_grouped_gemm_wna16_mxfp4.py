@@ -21,28 +21,13 @@ from moekit.ops.grouped_gemm_wna16 import MXFP4Weight, grouped_gemm_wna16, group
 from moekit.ops.heuristics import WNA16_VARIANTS, GemmConfig, MoEShape, heuristic_config
 from moekit.ops.quantize_mxfp4 import E2M1_VALUES, dequantize_mxfp4, e8m0_to_float, quantize_mxfp4
 from moekit.testing import assert_close
+from tests.ops.test_grouped_gemm_wna16 import SILU, SMALL, _gemm1, _routing
 
-SMALL = GemmConfig(block_n=32, block_k=64, group_m=2, num_warps=4, num_stages=2)
-SILU = Activation(name="silu")
 variants = pytest.mark.parametrize("variant", WNA16_VARIANTS)
 
 
 def _weights(num_experts, n_b, k_dim, dtype=torch.float16):
     return MXFP4Weight(*quantize_mxfp4(torch.randn(num_experts, n_b, k_dim, dtype=dtype) / 10))
-
-
-def _routing(num_tokens, top_k, num_experts, block_m=16):
-    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)]).reshape(num_tokens, top_k)
-    return ids, align_ref(ids, num_experts, block_m)
-
-
-def _gemm1(x, w, layout, inter, top_k, config=SMALL, act=SILU, bias=None, variant=None):
-    """Kernel and reference outputs of GEMM 1 (rows gathered by a_row_div = top_k, activation fused)."""
-    num_rows = x.shape[0] * top_k
-    kw = dict(num_rows=num_rows, a_row_div=top_k, bias_EN=bias, activation=act)
-    out = torch.full((num_rows, inter), float("nan"))
-    grouped_gemm_wna16(x, w, layout, out, config, variant=variant, **kw)
-    return out, grouped_gemm_wna16_ref(x, w, layout, torch.empty(num_rows, inter), **kw)
 
 
 @triton.jit

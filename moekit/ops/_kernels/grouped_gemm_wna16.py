@@ -337,7 +337,8 @@ def grouped_gemm_wna16_kernel(
                 i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                 stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
                 stride_bias_e, alpha, limit,
-                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M // 2,
+                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M,
+                BLOCK_M // 2,
                 BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
             )
         else:
@@ -346,6 +347,7 @@ def grouped_gemm_wna16_kernel(
                 i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                 stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
                 stride_bias_e, alpha, limit,
-                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M,
+                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M,
+                BLOCK_M,
                 BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
             )
