@@ -268,12 +268,30 @@ def test_bench_times_weight_only_checkpoints_in_their_scheme(tmp_path, capsys, q
     assert capsys.readouterr().out.splitlines()[-1].split()[-1] == scheme
 
 
+GPT_OSS = {"model_type": "gpt_oss", "hidden_size": 64, "num_local_experts": 8, "num_experts_per_tok": 2,
+           "intermediate_size": 32, "swiglu_limit": 7.0, "quantization_config": {"quant_method": "mxfp4"}}
+
+
+def test_bench_times_a_gpt_oss_mxfp4_config_in_mxfp4(tmp_path, capsys):
+    # gpt-oss ships in mxfp4 only: its config picks the scheme (codes and e8m0 scales, swigluoai with biases);
+    # the error column is against the dequantized weights. --quant mxfp4 on an unquantized config does the same.
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(GPT_OSS))
+    out = tmp_path / "q.json"
+    assert main(["bench", "--hf-config", str(path), *FAST, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["quant"] for r in rows] == ["mxfp4"] and rows[0]["max_rel_err"] < 1e-4
+    path.write_text(json.dumps({k: v for k, v in GPT_OSS.items() if k != "quantization_config"}))
+    assert main(["bench", "--hf-config", str(path), *FAST, "--quant", "mxfp4"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split()[-1] == "mxfp4"
+
+
 @pytest.mark.parametrize(
     "quantization_config, flag, match",
     [
         (FP8_BLOCK_CONFIG, ["--quant", "fp8_tensor"], "--quant fp8_tensor: .* is quantized as fp8_block"),
         ({"quant_method": "gptq", "bits": 4, "group_size": 64}, [], "w4a16_g64 .* is not benchmarked yet"),
-        ({"quant_method": "mxfp4"}, [], "mxfp4 .* is not benchmarked yet"),
+        ({"quant_method": "mxfp4"}, ["--quant", "w4a16_g128"], "--quant w4a16_g128: .* is quantized as mxfp4"),
         (None, ["--quant", "fp4"], "--quant: invalid choice: 'fp4'"),
     ],
 )

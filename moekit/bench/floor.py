@@ -9,8 +9,9 @@ float32 scales, and ``mm_rate`` is the 8-bit matmul's (``torch._scaled_mm`` fp8 
 weight-only scheme (``w4a16_g128``, ``w4a16_g128_asym``, ``w8a16_g128``) a weight is its packed code (half a byte
 at 4 bits, a byte at 8), each touched expert adds its group scales (in the activation dtype, as ``moekit.quantize``
 keeps them) and, asymmetric, a one-byte zero point per group; ``mm_rate`` stays the bf16 matmul's (the codes are
-dequantized to the activation dtype for the dots). ``read_bw`` and ``mm_rate`` are measured in the same run by
-``measure_ceilings``.
+dequantized to the activation dtype for the dots). With ``mxfp4`` a weight is half a byte of e2m1 code and every
+32 of them share one e8m0 scale byte (``mxfp4_bytes``); ``mm_rate`` is the bf16 matmul's too. ``read_bw`` and
+``mm_rate`` are measured in the same run by ``measure_ceilings``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import torch
 
 from moekit.bench.shapes import MoEShape
 from moekit.ops.quantize import expert_scale_shapes
-from moekit.quant import QUANT_SCHEMES, WNA16_SCHEMES
+from moekit.ops.quantize_mxfp4 import GROUP as MXFP4_GROUP
+from moekit.quant import MXFP4_SCHEMES, QUANT_SCHEMES, WNA16_SCHEMES
 
-# The schemes ``moekit bench --quant`` times: 8-bit weights and activations, and weight-only 4/8-bit groups.
-BENCH_SCHEMES = [*QUANT_SCHEMES, *WNA16_SCHEMES]
+# The schemes ``moekit bench --quant`` times: 8-bit weights and activations, weight-only 4/8-bit groups, mxfp4.
+BENCH_SCHEMES = [*QUANT_SCHEMES, *WNA16_SCHEMES, *MXFP4_SCHEMES]
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,14 @@ def wna16_bytes(shape: MoEShape, scheme: str, elem_size: int) -> int:
     return total
 
 
+def mxfp4_bytes(shape: MoEShape) -> int:
+    """Bytes of one expert's w13 and w2 in mxfp4: two e2m1 codes a byte and one e8m0 scale byte per 32 columns
+    (H and I are multiples of 32, which ``moekit.quantize`` requires)."""
+    return sum(n * (k // 2 + k // MXFP4_GROUP)
+               for n, k in ((shape.activation.w13_rows(shape.intermediate_size), shape.hidden_size),
+                            (shape.hidden_size, shape.intermediate_size)))
+
+
 def matmul_dtype(scheme: str | None) -> str:
     """The matmul whose rate bounds a ``scheme`` layer's flops: bf16, or the 8-bit schemes' fp8_e4m3 / int8."""
     return QUANT_SCHEMES[scheme].qdtype if scheme in QUANT_SCHEMES else "bf16"
@@ -64,10 +74,12 @@ def matmul_dtype(scheme: str | None) -> str:
 
 def moe_bytes(shape: MoEShape, num_tokens: int, num_active: int, elem_size: int, scheme: str | None = None) -> int:
     """Bytes one call must move: touched experts' weights (+ biases; quantized by ``scheme``: codes + scales (+ zero
-    points)) and the activations in and out, in ``elem_size`` bytes."""
+    points; mxfp4: codes + one scale byte per 32)) and the activations in and out, in ``elem_size`` bytes."""
     rows = shape.activation.w13_rows(shape.intermediate_size)
     if scheme in WNA16_SCHEMES:
         per_expert = wna16_bytes(shape, scheme, elem_size)
+    elif scheme in MXFP4_SCHEMES:
+        per_expert = mxfp4_bytes(shape)
     else:
         weight_size = elem_size if scheme is None else 1
         per_expert = (rows * shape.hidden_size + shape.hidden_size * shape.intermediate_size) * weight_size

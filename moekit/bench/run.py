@@ -18,9 +18,10 @@ from moekit.bench.shapes import MoEShape
 from moekit.bench.timing import time_cpu, time_us
 from moekit.functional import fused_experts
 from moekit.kernel import resolve_backend
+from moekit.ops.quantize_mxfp4 import dequantize_mxfp4
 from moekit.ops.quantize_wna16 import dequantize_wna16
 from moekit.online_quant import quantize
-from moekit.quant import WNA16_SCHEMES
+from moekit.quant import MXFP4_SCHEMES, WNA16_SCHEMES
 from moekit.quant.wna16 import expert_weight
 from moekit.router import select_experts
 from moekit.routed_experts import RoutedExperts
@@ -159,12 +160,16 @@ def reference_error(inputs: dict, out: torch.Tensor, shape: MoEShape, layer: Rou
 
 
 def _dequantized(layer: RoutedExperts, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (w13, w2) of a weight-only ``layer``'s ``experts`` (an index tensor), dequantized from its codes."""
+    """fp32 (w13, w2) of a weight-only (integer or mxfp4) ``layer``'s ``experts`` (an index tensor), dequantized
+    from its codes."""
     q = layer.quant_method.quant_params(layer)
 
     def pick(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[experts]
 
+    if q.weight_dtype == "mxfp4":
+        return (dequantize_mxfp4(pick(layer.w13), pick(q.w13_scale)),
+                dequantize_mxfp4(pick(layer.w2), pick(q.w2_scale)))
     return (dequantize_wna16(expert_weight(pick(layer.w13), pick(q.w13_scale), pick(q.w13_zp), q, layer.hidden_size)),
             dequantize_wna16(expert_weight(pick(layer.w2), pick(q.w2_scale), pick(q.w2_zp), q,
                                            layer.intermediate_size)))
@@ -187,10 +192,11 @@ def bench_point(
     across token counts.
 
     With ``quant``, moekit runs the routed experts quantized by ``moekit.quantize`` (``auto`` picks what such a
-    layer runs: Triton on CUDA with the scheme's dots, else torch); the baselines run the float weights, and the
-    floor counts the quantized weights (codes, scales, zero points: ``floor.moe_bytes``). The error column is
-    against the unquantized fp32 reference for 8-bit schemes (MEASURING.md) and against the fp32 reference on the
-    dequantized weights for weight-only ones.
+    layer runs: Triton on CUDA with the scheme's dots, else torch; torch for mxfp4 for now, ``backend="triton"``
+    times its kernel); the baselines run the float weights, and the floor counts the quantized weights (codes,
+    scales, zero points: ``floor.moe_bytes``). The error column is against the unquantized fp32 reference for
+    8-bit schemes (MEASURING.md) and against the fp32 reference on the dequantized weights for weight-only ones
+    (integer groups and mxfp4).
     """
     if weights is None:
         weights = make_weights(shape, dtype, device, seed, quant)
@@ -229,7 +235,7 @@ def bench_point(
         return eager_experts(hidden_states, weights["w13"], weights["w2"], topk_weights, topk_ids,
                              activation=act, **bias_kw)
 
-    weight_only = quant in WNA16_SCHEMES
+    weight_only = quant in WNA16_SCHEMES or quant in MXFP4_SCHEMES
     err = reference_error({**float_weights, **token_sets[0]}, moekit_fn(**token_sets[0]), shape,
                           weights["quantized"] if weight_only else None)
     # The torch backend syncs to size its per-expert loop, so only Triton is captured in a graph.

@@ -18,9 +18,9 @@ pipeline on codes (``_run_w8a8``): ``prepare`` hands over x's codes and scales, 
 output in fp32, ``act_quant`` quantizes it with the scheme's activation granularity, GEMM 2 reads those codes.
 
 Weight-only 4/8-bit experts (int4/int8 codes with group scales and optional zero points, activations in the
-layer's dtype: w4a16, w8a16) run the float pipeline above, workspace included (``_run_float``), with
-``grouped_gemm_wna16`` in place of ``grouped_gemm``: the codes are dequantized to the activation dtype inside each
-GEMM's K loop and never exist dequantized in memory. Tiles come from ``choose_config`` under the scheme's name.
+layer's dtype: w4a16, w8a16; and mxfp4: e2m1 codes with e8m0 scales per 32) run the float pipeline above,
+workspace included (``_run_float``), with ``grouped_gemm_wna16`` in place of ``grouped_gemm``: the codes are
+dequantized to the activation dtype inside each GEMM's K loop and never exist dequantized in memory. Tiles come from ``choose_config`` under the scheme's name.
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ from moekit.ops.activation_backward import activation_backward
 from moekit.ops.align import AlignResult, align, align_num_blocks, align_workspace_elems, row_per_block
 from moekit.ops.grouped_gemm import grouped_gemm
 from moekit.ops.grouped_gemm_w8a8 import grouped_gemm_w8a8
-from moekit.ops.grouped_gemm_wna16 import grouped_gemm_wna16
+from moekit.ops.grouped_gemm_wna16 import MXFP4Weight, grouped_gemm_wna16
 from moekit.ops.grouped_wgrad import grouped_wgrad
 from moekit.ops.heuristics import MoEKernelConfig, MoEShape, choose_config, gpu_name
 from moekit.ops.quantize import QDTYPES, native_8bit_dots
 from moekit.ops.quantize_wna16 import WNA16Weight
 from moekit.ops.reduce import topk_reduce
-from moekit.quant.params import UNQUANTIZED, QuantParams
+from moekit.quant.params import MX_DTYPES, UNQUANTIZED, QuantParams
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Workspaces kept per instance, one per (device, stream), least recently used dropped first.
@@ -76,15 +76,12 @@ class TritonExperts(Experts):
         self._workspace: dict[tuple[torch.device, int], torch.Tensor] = {}
 
     def check_supported(self, hidden_states: torch.Tensor, quant: QuantParams) -> None:
-        """Unquantized fp16/bf16/fp32; weight-only int4/int8 with group scales (``QuantParams`` granularity
-        ``group``, activations fp16/bf16/fp32); and 8-bit weights (fp8_e4m3/int8, any granularity) with
+        """Unquantized fp16/bf16/fp32; weight-only int4/int8 with group scales and mxfp4 (``QuantParams``
+        granularity ``group``, activations fp16/bf16/fp32); and 8-bit weights (fp8_e4m3/int8, any granularity) with
         activations quantized in the weights' dtype (``hidden_states`` then holds their codes)."""
         if quant.granularity == "group":
-            if quant.bits is None:  # mxfp4: no Triton kernel yet (the torch backend runs it; 'auto' picks it)
-                raise ValueError(f"backend 'triton': {quant.scheme} weights ({quant.describe()}) are not supported "
-                                 "yet; backend 'torch' (or 'auto') runs them")
-            # QuantParams admits only int4/int8 codes without an activation dtype here: grouped_gemm_wna16 runs
-            # them all (a group size no K tile fits is refused by the op, naming it).
+            # QuantParams admits only int4/int8 codes or mxfp4 without an activation dtype here:
+            # grouped_gemm_wna16 runs them all (a group size no K tile fits is refused by the op, naming it).
             if hidden_states.dtype not in _DTYPES:
                 raise ValueError(f"backend 'triton': {quant.scheme} weights ({quant.describe()}) need hidden_states "
                                  f"in {list(_DTYPES)}, got {hidden_states.dtype}")
@@ -134,10 +131,15 @@ class TritonExperts(Experts):
     ) -> torch.Tensor:
         """The pipeline of the module docstring, for validated inputs (``Experts.apply``'s contract)."""
         if quant.granularity == "group":
-            # Weight-only int4/int8 groups: the float pipeline with the codes dequantized inside the GEMMs' K loop.
-            inter = w13_E2IH.shape[1] // (2 if activation.is_gated else 1)
-            b13 = WNA16Weight(w13_E2IH, quant.w13_scale, quant.w13_zp, quant.bits, quant.group_size, x_TH.shape[1])
-            b2 = WNA16Weight(w2_EHI, quant.w2_scale, quant.w2_zp, quant.bits, quant.group_size, inter)
+            # Weight-only int4/int8 groups and mxfp4: the float pipeline with the codes dequantized inside the
+            # GEMMs' K loop.
+            if quant.weight_dtype in MX_DTYPES:
+                b13, b2 = MXFP4Weight(w13_E2IH, quant.w13_scale), MXFP4Weight(w2_EHI, quant.w2_scale)
+            else:
+                inter = w13_E2IH.shape[1] // (2 if activation.is_gated else 1)
+                b13 = WNA16Weight(w13_E2IH, quant.w13_scale, quant.w13_zp, quant.bits, quant.group_size,
+                                  x_TH.shape[1])
+                b2 = WNA16Weight(w2_EHI, quant.w2_scale, quant.w2_zp, quant.bits, quant.group_size, inter)
             return self._run_float(x_TH, b13, b2, topk_weights_TK, topk_ids_TK, activation=activation,
                                    w13_bias_E2I=w13_bias_E2I, w2_bias_EH=w2_bias_EH, expert_map_E=expert_map_E,
                                    out_dtype=out_dtype, quant=quant)
@@ -154,8 +156,8 @@ class TritonExperts(Experts):
     def _run_float(
         self,
         x_TH: torch.Tensor,
-        w13: torch.Tensor | WNA16Weight,
-        w2: torch.Tensor | WNA16Weight,
+        w13: torch.Tensor | WNA16Weight | MXFP4Weight,
+        w2: torch.Tensor | WNA16Weight | MXFP4Weight,
         topk_weights_TK: torch.Tensor,
         topk_ids_TK: torch.Tensor,
         *,
@@ -167,8 +169,9 @@ class TritonExperts(Experts):
         quant: QuantParams,
     ) -> torch.Tensor:
         """Float activations through both GEMMs: float weights ``w13_E2IH``/``w2_EHI`` (``grouped_gemm``) or
-        weight-only integer codes as ``WNA16Weight`` (``grouped_gemm_wna16``, same layout and epilogues)."""
-        wna16 = isinstance(w13, WNA16Weight)
+        weight-only integer codes as ``WNA16Weight`` or mxfp4 codes as ``MXFP4Weight`` (``grouped_gemm_wna16``,
+        same layout and epilogues)."""
+        wna16 = isinstance(w13, (WNA16Weight, MXFP4Weight))
         gemm = grouped_gemm_wna16 if wna16 else grouped_gemm
         w13_rows = (w13.qweight if wna16 else w13).shape[1]
         num_experts, hidden = (w2.qweight if wna16 else w2).shape[:2]

@@ -11,6 +11,11 @@ activation in the epilogue, routing weight, bias, split-K partials), with B in t
     qweight  uint8 [E, n_b, ⌈k/2⌉] (4 bits, low nibble = even k) or [E, n_b, k] (8 bits)
     scales   [E, n_b, ⌈k/g⌉] fp16/bf16/fp32;   zeros  uint8 [E, n_b, ⌈k/g⌉] or None
 
+or MXFP4 codes (``MXFP4Weight``: e2m1 nibbles laid out as the 4-bit codes above, e8m0 uint8 scales, g = 32, no
+zero points; ``moekit.ops.quantize_mxfp4``):
+
+    W[e, n, k] = E2M1[q[e, n, k]] * 2^(s[e, n, k // 32] - 127)
+
 A K tile lies in one scale group or is a whole number of groups: g a multiple of BLOCK_K (or g >= k, one group),
 or BLOCK_K a multiple of g with g >= 32 (4 bits; 16 for 8 bits: each group is one tl.dot of at least 16). Other
 group sizes (e.g. 96) run on the largest power-of-two K tile dividing g. The checkpoints in use have g in
@@ -30,6 +35,8 @@ with ``cfg = choose_config(MoEShape(..., weights="w4a16_g128"))`` (the scheme's 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from moekit._checks import ACT_DTYPES, check_choice, check_dtype, check_ndim, check_same_device
@@ -38,12 +45,22 @@ from moekit.ops.activation import Activation, activation_code
 from moekit.ops.align import AlignResult
 from moekit.ops.grouped_gemm import check_epilogue_args, grouped_gemm_ref
 from moekit.ops.heuristics import WNA16_VARIANTS, GemmConfig, wna16_variant
+from moekit.ops.quantize_mxfp4 import GROUP as MXFP4_GROUP
+from moekit.ops.quantize_mxfp4 import check_mxfp4, dequantize_mxfp4
 from moekit.ops.quantize_wna16 import WNA16Weight, _check_wna16, dequantize_wna16
+
+
+class MXFP4Weight(NamedTuple):
+    """MXFP4 weights stacked over experts, as ``grouped_gemm_wna16`` takes them (``moekit.ops.quantize_mxfp4``'s
+    layout): ``qweight`` uint8 [E, n, k/2] e2m1 codes (low nibble = even k), ``scales`` uint8 [E, n, k/32] e8m0."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
 
 
 def grouped_gemm_wna16(
     a: torch.Tensor,
-    b: WNA16Weight,
+    b: WNA16Weight | MXFP4Weight,
     layout: AlignResult,
     out: torch.Tensor,
     config: GemmConfig,
@@ -59,7 +76,8 @@ def grouped_gemm_wna16(
 
     Args:
         a: [rows, k] fp16/bf16/fp32 activations, last dim contiguous; the dots run in this dtype.
-        b: the experts' weights, ``qweight`` [E, n_b, ⌈k/2⌉ or k] (n_b = 2·n_out for a gated activation).
+        b: the experts' weights, ``qweight`` [E, n_b, ⌈k/2⌉ or k] (n_b = 2·n_out for a gated activation): integer
+            codes (``WNA16Weight``) or e2m1 codes (``MXFP4Weight``; "dequant" then always reads bytes).
         variant: how the codes are multiplied, one of ``WNA16_VARIANTS`` (see the kernel's docstring); None
             takes ``config.variant``, else ``wna16_variant``'s choice for the layout. "dequant" reads 4-bit codes
             as int32 words where the rows allow (fp16/bf16 activations), "dequant_bytes" always as bytes; both
@@ -72,7 +90,7 @@ def grouped_gemm_wna16(
     check_choice("variant", variant, WNA16_VARIANTS)
     check_ndim("a", a, 2, "[rows, k]")
     check_dtype("a", a, ACT_DTYPES)
-    qweight, scales, zeros, bits, group, k_dim = _check_wna16(b)
+    qweight, scales, zeros, bits, group, k_dim, e2m1 = _check_weight(b)
     check_ndim("b.qweight", qweight, 3, "[E, n, packed k]")
     for name, t in (("b.qweight", qweight), ("b.scales", scales), ("b.zeros", zeros), ("out", out)):
         if t is not None:
@@ -105,7 +123,8 @@ def grouped_gemm_wna16(
     k_per_split = -(-k_dim // (split * block_k)) * block_k
     z = zeros if zeros is not None else scales  # never read without zero points
     # gemv's fp32 FMAs take words from any activation dtype; dequant's 16-bit trick needs fp16/bf16.
-    use_words = bits == 4 and (variant == "gemv" or (variant == "dequant" and a.dtype != torch.float32))
+    # e2m1 codes never: the word tricks make integers, not e2m1 values.
+    use_words = bits == 4 and not e2m1 and (variant == "gemv" or (variant == "dequant" and a.dtype != torch.float32))
     words = _as_words(qweight) if use_words else None
     codes = words if words is not None else qweight
     grouped_gemm_wna16_kernel[grid](
@@ -121,7 +140,7 @@ def grouped_gemm_wna16(
         activation.alpha if activation is not None else 0.0,
         activation.limit if activation is not None and activation.limit is not None else 0.0,
         VARIANT="dequant" if variant == "dequant_bytes" else variant, WORDS=words is not None, BITS=bits,
-        HAS_ZEROS=zeros is not None, SUB_K=sub_k,
+        E2M1=e2m1, HAS_ZEROS=zeros is not None, SUB_K=sub_k,
         ACTIVATION=activation_code(activation),
         GATED=gated, HAS_BIAS=bias_EN is not None, HAS_WEIGHTS=weights_N is not None,
         BLOCK_M=layout.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
@@ -130,6 +149,25 @@ def grouped_gemm_wna16(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
+
+
+def _check_weight(b: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int, int, bool]:
+    """(qweight, scales, zeros, bits, group size, k, e2m1) of a validated ``WNA16Weight`` or ``MXFP4Weight``."""
+    if isinstance(b, MXFP4Weight):
+        try:
+            k_dim = check_mxfp4(b.qweight, b.scales)
+        except (TypeError, ValueError) as exc:  # name the fields as the caller passed them
+            raise type(exc)(f"b.{exc}".replace("b.codes", "b.qweight")) from None
+        return b.qweight, b.scales, None, 4, MXFP4_GROUP, k_dim, True
+    return (*_check_wna16(b), False)
+
+
+def _dequantize(b: WNA16Weight | MXFP4Weight) -> torch.Tensor:
+    """Float32 [..., n, k] of either weight kind."""
+    if isinstance(b, MXFP4Weight):
+        _check_weight(b)
+        return dequantize_mxfp4(b.qweight, b.scales)
+    return dequantize_wna16(b)
 
 
 def _as_words(qweight: torch.Tensor) -> torch.Tensor | None:
@@ -164,7 +202,7 @@ def k_tiles(block_k: int, group_size: int, k_dim: int, bits: int) -> tuple[int, 
 
 def grouped_gemm_wna16_ref(
     a: torch.Tensor,
-    b: WNA16Weight,
+    b: WNA16Weight | MXFP4Weight,
     layout: AlignResult,
     out: torch.Tensor,
     *,
@@ -174,6 +212,7 @@ def grouped_gemm_wna16_ref(
     weights_N: torch.Tensor | None = None,
     activation: Activation | None = None,
 ) -> torch.Tensor:
-    """Pure-torch twin (``split_k`` = 1): ``grouped_gemm_ref`` on ``dequantize_wna16(b)``, in fp32."""
-    return grouped_gemm_ref(a, dequantize_wna16(b), layout, out, num_rows=num_rows, a_row_div=a_row_div,
+    """Pure-torch twin (``split_k`` = 1): ``grouped_gemm_ref`` on ``dequantize_wna16(b)`` (``dequantize_mxfp4``
+    for ``MXFP4Weight``), in fp32."""
+    return grouped_gemm_ref(a, _dequantize(b), layout, out, num_rows=num_rows, a_row_div=a_row_div,
                             bias_EN=bias_EN, weights_N=weights_N, activation=activation)

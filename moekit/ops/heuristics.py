@@ -226,7 +226,10 @@ _WNA16_SCHEME = re.compile(r"w([48])a16(?:_|$)")
 
 
 def wna16_bits(weights: str) -> int | None:
-    """4 or 8 for a weight-only integer scheme name (``MoEShape.weights``), else None."""
+    """4 or 8 for a weight-only integer scheme name (``MoEShape.weights``), 4 for "mxfp4" (4-bit e2m1 codes on the
+    same kernel and tiles), else None."""
+    if weights == "mxfp4":
+        return 4
     m = _WNA16_SCHEME.match(weights)
     return int(m.group(1)) if m else None
 

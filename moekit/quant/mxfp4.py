@@ -51,7 +51,7 @@ _UNIT_SCALE = 127  # e8m0 of 1.0: an unloaded layer (zero codes) computes zeros,
 
 class MXFP4MoEMethod(MoEQuantMethod):
     """MXFP4 routed experts (module docstring); the torch backend runs them (each used expert dequantized in its
-    loop), the Triton backend refuses them for now."""
+    loop, and 'auto' picks it) and so does backend 'triton' (codes dequantized in the GEMMs' K loop)."""
 
     name = "mxfp4"
     stored_params = ("w13", "w13_scale", "w2", "w2_scale")
@@ -183,7 +183,8 @@ class MXFP4MoEMethod(MoEQuantMethod):
                            w2_scale=layer.w2_scale)
 
     def kernel_for(self, layer: RoutedExperts, x: torch.Tensor) -> ModularKernel:
-        # 'auto' runs the torch backend until a Triton MXFP4 kernel exists (the Triton backend refuses it).
+        # backend="triton" runs the Triton kernel (grouped_gemm_wna16 on e2m1 codes); 'auto' keeps the torch
+        # backend until that kernel has been checked and timed on a GPU (so far only in the CPU interpreter).
         return layer.kernel_for(x, backend="torch" if layer.backend == "auto" else None)
 
     @torch.no_grad()

@@ -1,6 +1,6 @@
 """The floor arithmetic of MEASURING.md, checked by hand."""
 
-from moekit.bench.floor import Ceilings, floor_us, matmul_dtype, moe_bytes, moe_flops
+from moekit.bench.floor import BENCH_SCHEMES, Ceilings, floor_us, matmul_dtype, moe_bytes, moe_flops
 from moekit.bench.shapes import PRESETS, MoEShape
 
 
@@ -72,3 +72,16 @@ def test_weight_only_flops_are_bounded_by_the_bf16_matmul():
     c = Ceilings(read_bw=4.4e12, mm_rate=7.5e14)
     assert abs(floor_us(s, 1, 2, 2, c, "w4a16_g128") - moe_bytes(s, 1, 2, 2, "w4a16_g128") / 4.4e12 * 1e6) < 1e-9
     assert abs(floor_us(s, 16384, 8, 2, c, "w4a16_g128") - moe_flops(s, 16384) / 7.5e14 * 1e6) < 1e-9
+
+
+def test_mxfp4_bytes_count_codes_and_one_scale_byte_per_32_by_hand():
+    # gpt-oss-120b: w13 [2I, H] = [5760, 2880], w2 [H, I] = [2880, 2880]: half a byte a weight, 2880 / 32 = 90
+    # e8m0 bytes a row; the biases stay in the activation dtype. The flops are bounded by the bf16 matmul.
+    g = PRESETS["gpt-oss-120b"]
+    per_expert = (5760 + 2880) * (1440 + 90) + (5760 + 2880) * 2
+    acts = 2 * 3 * 2880 * 2
+    assert moe_bytes(g, 3, 4, 2, "mxfp4") == 4 * per_expert + acts
+    assert moe_bytes(g, 0, 1, 2, "mxfp4") < 0.3 * moe_bytes(g, 0, 1, 2)  # against bf16 weights
+    assert matmul_dtype("mxfp4") == "bf16" and "mxfp4" in BENCH_SCHEMES
+    c = Ceilings(read_bw=4.4e12, mm_rate=7.5e14)
+    assert abs(floor_us(g, 1, 4, 2, c, "mxfp4") - moe_bytes(g, 1, 4, 2, "mxfp4") / 4.4e12 * 1e6) < 1e-9

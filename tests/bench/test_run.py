@@ -48,3 +48,24 @@ def test_weight_only_point_is_checked_against_its_dequantized_weights(monkeypatc
     assert run.reference_error(inputs, out, shape) > 1e-3  # against the float weights: the quantization error
     with pytest.raises(ValueError, match="scheme: expected one of"):
         run.quantized_experts(shape, weights, "w4a16_g64")
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_mxfp4_point_is_checked_against_its_dequantized_weights(backend):
+    # mxfp4 (H, I multiples of 32; gpt-oss's activation and biases): 'auto' runs the torch backend for now, the
+    # Triton kernel in the interpreter (fp16: its bf16 dots are wrong); either way the error column is against the
+    # fp32 reference on the dequantized weights, far below the 4-bit rounding.
+    shape = MoEShape(name="t", num_experts=6, hidden_size=64, intermediate_size=32, top_k=2, activation="swigluoai",
+                     bias=True)
+    dtype = torch.float32 if backend == "auto" else torch.float16
+    weights = run.make_weights(shape, dtype, torch.device("cpu"), 0, "mxfp4")
+    layer = weights["quantized"]
+    assert layer.quant_method.name == "mxfp4" and layer.w13.dtype == torch.uint8
+    row = run.bench_point(shape, 5, backend=backend, dtype=dtype, device=torch.device("cpu"), ceilings=None,
+                          weights=weights, baselines=False, quant="mxfp4")
+    assert row.quant == "mxfp4" and row.backend == ("torch" if backend == "auto" else "triton")
+    assert row.max_rel_err < (1e-5 if backend == "auto" else 5e-3)
+    tokens = run.make_tokens(shape, 5, dtype, torch.device("cpu"), 0)
+    with torch.no_grad():
+        out = layer(tokens["hidden_states"], tokens["topk_weights"], tokens["topk_ids"])
+    assert run.reference_error({**weights, **tokens}, out, shape) > 1e-3  # the float weights: 4-bit rounding

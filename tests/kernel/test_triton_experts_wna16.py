@@ -36,11 +36,20 @@ PREFILL = MoEKernelConfig(
 )
 
 
-def _layer(scheme, num_experts, hidden, inter, *, activation="silu", bias=False, expert_map=None,
-           dtype=torch.float16, device="cpu"):
+def _layer(scheme, num_experts, hidden, inter, **kw):
     """A WNA16 RoutedExperts quantized from random float weights (round to nearest) and its QuantParams."""
+    bits, group, sym = SCHEMES[scheme]
+    layer, q = quantized_layer(WNA16MoEMethod(bits=bits, group_size=group, sym=sym), num_experts, hidden, inter, **kw)
+    assert q.scheme == scheme
+    return layer, q
+
+
+def quantized_layer(method, num_experts, hidden, inter, *, activation="silu", bias=False, expert_map=None,
+                    dtype=torch.float16, device="cpu", seed=0):
+    """A RoutedExperts of random float weights (only the local experts of ``expert_map``) quantized in place by
+    quant ``method``, and its QuantParams."""
     global_e = num_experts if expert_map is None else expert_map.numel()
-    inputs = make_moe_inputs(1, global_e, hidden, inter, 1, dtype=dtype, activation=activation, bias=bias)
+    inputs = make_moe_inputs(1, global_e, hidden, inter, 1, dtype=dtype, activation=activation, bias=bias, seed=seed)
     layer = RoutedExperts(num_experts, hidden, inter, activation=activation, bias=bias, expert_map=expert_map,
                           dtype=dtype)
     local = list(range(num_experts)) if expert_map is None else (expert_map >= 0).nonzero()[:, 0].tolist()
@@ -48,12 +57,9 @@ def _layer(scheme, num_experts, hidden, inter, *, activation="silu", bias=False,
         for name in ("w13", "w2", "w13_bias", "w2_bias"):
             if name in inputs:
                 getattr(layer, name).copy_(inputs[name][local])
-    bits, group, sym = SCHEMES[scheme]
-    WNA16MoEMethod(bits=bits, group_size=group, sym=sym).quantize_layer(layer)
+    method.quantize_layer(layer)
     layer.to(device)
-    q = layer.quant_method.quant_params(layer)
-    assert q.scheme == scheme
-    return layer, q
+    return layer, layer.quant_method.quant_params(layer)
 
 
 def _routing(num_tokens, num_experts, top_k, seed=0, device="cpu"):

@@ -1,5 +1,6 @@
 """MXFP4 experts (gpt-oss, compressed-tensors MXFP4A16): QuantParams, the quant method and its loaders, the torch
-backend against a gpt-oss-style forward on upcast weights, the edge cases, the Triton refusal."""
+backend against a gpt-oss-style forward on upcast weights, the edge cases (the Triton backend:
+tests/kernel/test_triton_experts_mxfp4.py)."""
 
 import pytest
 import torch
@@ -97,16 +98,6 @@ def test_compile_fullgraph_whole_moe_layer():
     with torch.no_grad():
         compiled = torch.compile(moe, backend="eager", fullgraph=True)(x)  # a graph break would raise
         assert torch.equal(compiled, moe(x))
-
-
-def test_triton_backend_refuses_naming_the_scheme():
-    moe, inputs = build("")
-    moekit.quantize(moe, "mxfp4")
-    layer = moe.routed_experts
-    q = layer.quant_method.quant_params(layer)
-    with pytest.raises(ValueError, match="backend 'triton': mxfp4 weights .* not supported yet"):
-        fused_experts(inputs["hidden_states"], layer.w13, layer.w2, inputs["topk_weights"], inputs["topk_ids"],
-                      quant=q, backend="triton")
 
 
 def test_refusals():

@@ -23,6 +23,11 @@ group's scale s[n] and zero point z[n] (2^(bits-1) for symmetric codes). VARIANT
   where the rows allow. Each thread sums the products of its own 16 loaded bytes per sub-tile; the sum across
   threads waits for the end of the K loop.
 
+E2M1 (mxfp4: codes are e2m1 nibbles, scales e8m0 bytes, groups of 32, no zero points): each code's value is
+built from its bits in fp32 (``_e2m1_f32``) and times the group's 2^(s − 127) (``_e8m0_f32``, built from the
+exponent bits); "dequant" rounds that product to a's dtype (always from bytes: the int32-word trick is for
+integer codes), "postscale" and "gemv" multiply the exact e2m1 values and scale in fp32.
+
 Codes become floats by the exponent trick rather than an int -> float conversion (a quarter of the FMA rate on
 Hopper): the code OR-ed into the mantissa of a power of two (1024 in fp16, 128 in bf16, 2^23 in fp32) is exactly
 that power plus the code, and one subtraction of (power + z) leaves q - z exactly.
@@ -141,6 +146,41 @@ def _nibble_f32(b_w, T: tl.constexpr, b_off):
 
 
 @triton.jit
+def _e2m1_f32(b_c):
+    """fp32 values of 4-bit e2m1 codes (any int dtype, 0..15), exactly: bit 3 is the sign, bits 2-1 the exponent
+    and bit 0 the mantissa. A magnitude m = c & 7 >= 2 is 2^((m >> 1) - 1) · (1 + (m & 1) / 2), whose fp32 bits
+    are (m << 22) + (126 << 23) (exponent and mantissa bits land in place, the bias moves by 126); m = 1 is the
+    subnormal 0.5 (126 << 23) and m = 0 is zero, which one select covers as m · (126 << 23)."""
+    b_c = b_c.to(tl.int32)
+    b_m = b_c & 7
+    b_bits = tl.where(b_m > 1, (b_m << 22) + (126 << 23), b_m * (126 << 23))
+    return (b_bits | ((b_c & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e8m0_f32(b_s):
+    """fp32 2^(s - 127) of e8m0 scale bytes, built from the exponent bits (s = 0: the subnormal 2^-127; 255,
+    NaN in the format, is refused at load)."""
+    b_s = b_s.to(tl.int32)
+    return tl.where(b_s > 0, b_s << 23, 1 << 22).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scales_f32(b_s, E2M1: tl.constexpr):
+    """A sub-tile's group scales [BLOCK_N] in fp32: e8m0 bytes decoded, float scales converted."""
+    if E2M1:
+        return _e8m0_f32(b_s)
+    return b_s.to(tl.float32)
+
+
+@triton.jit
+def _mxfp4_weights(b_c, b_s, DTYPE: tl.constexpr):
+    """Codes [BLOCK_N, K] (e2m1 nibbles) times their rows' e8m0 scales [BLOCK_N], rounded once to DTYPE: the
+    product is exact in fp32 (a 2-bit significand times a power of two), so the only rounding is DTYPE's."""
+    return (_e2m1_f32(b_c) * _e8m0_f32(b_s)[:, None]).to(DTYPE)
+
+
+@triton.jit
 def _half(b_v, HIGH: tl.constexpr, DTYPE: tl.constexpr):
     """The low or high 16 bits of int32 ``b_v`` as a DTYPE (fp16/bf16) value."""
     if HIGH:
@@ -154,7 +194,8 @@ def _tile(
     i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
     stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
     stride_bias_e, alpha, limit,
-    VARIANT: tl.constexpr, WORDS: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr,
+    VARIANT: tl.constexpr, WORDS: tl.constexpr, BITS: tl.constexpr, E2M1: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    SUB_K: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
@@ -188,17 +229,23 @@ def _tile(
                 p_a_sub + j * SUB_K, p_b_sub + j * SUB_B * stride_bk, p_s_cols, p_z_cols, m_rows, k + j * SUB_K,
                 k_end, group_size, stride_sk, stride_zk, BITS, HAS_ZEROS, SUB_K, BLOCK_N, EVEN_K, PACK)
             if VARIANT == "dequant":
-                if WORDS:
-                    b_w = _words_minus_zero(b_q, b_z, DTYPE)
-                elif BITS == 4:  # [BLOCK_N, SUB_K] in k order
-                    b_w = _codes_minus_zero(tl.interleave(b_q & 15, b_q >> 4), b_z, DTYPE, BITS)
+                if E2M1:  # [BLOCK_N, SUB_K] in k order, scaled and rounded to DTYPE
+                    b_w = _mxfp4_weights(tl.interleave(b_q & 15, b_q >> 4), b_s, DTYPE)
                 else:
-                    b_w = _codes_minus_zero(b_q, b_z, DTYPE, BITS)
-                b_w = b_w * b_s.to(DTYPE)[:, None]
+                    if WORDS:
+                        b_w = _words_minus_zero(b_q, b_z, DTYPE)
+                    elif BITS == 4:  # [BLOCK_N, SUB_K] in k order
+                        b_w = _codes_minus_zero(tl.interleave(b_q & 15, b_q >> 4), b_z, DTYPE, BITS)
+                    else:
+                        b_w = _codes_minus_zero(b_q, b_z, DTYPE, BITS)
+                    b_w = b_w * b_s.to(DTYPE)[:, None]
                 b_acc = tl.dot(b_a, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
             elif VARIANT == "gemv":  # TILE_M = 1 (the kernel runs each routed row alone)
                 b_a = tl.reshape(b_a.to(tl.float32), [SUB_B, PACK])
-                if WORDS:  # column 8w + t is nibble t of word w: 2 integer ops a code
+                if E2M1:
+                    b_a_even, b_a_odd = tl.split(b_a)
+                    b_t = _e2m1_f32(b_q & 15) * b_a_even[None, :] + _e2m1_f32(b_q >> 4) * b_a_odd[None, :]
+                elif WORDS:  # column 8w + t is nibble t of word w: 2 integer ops a code
                     b_t = _gemv_words(b_q, b_z, b_a)
                 elif BITS == 4:
                     b_a_even, b_a_odd = tl.split(b_a)
@@ -209,10 +256,14 @@ def _tile(
                 # Sum each thread's vector of bytes (no shuffles), scale by the group, and leave the sum across
                 # threads to the end of the K loop.
                 b_t = tl.sum(tl.reshape(b_t, [BLOCK_N, SUB_B // VEC, VEC]), axis=2)
-                b_acc_v += b_t * b_s.to(tl.float32)[:, None]
+                b_acc_v += b_t * _scales_f32(b_s, E2M1)[:, None]
             else:  # "postscale"
                 b_q = tl.trans(b_q.to(tl.int32))  # [SUB_B, BLOCK_N]
-                if BITS == 4:
+                if E2M1:  # e2m1 values are exact in every activation dtype
+                    b_a_even, b_a_odd = tl.split(tl.reshape(b_a, [TILE_M, SUB_B, 2]))
+                    b_part = tl.dot(b_a_even, _e2m1_f32(b_q & 15).to(DTYPE), input_precision=DOT_PRECISION)
+                    b_part = tl.dot(b_a_odd, _e2m1_f32(b_q >> 4).to(DTYPE), b_part, input_precision=DOT_PRECISION)
+                elif BITS == 4:
                     b_w_even = ((b_q & 15) - b_z[None, :]).to(DTYPE)
                     b_w_odd = ((b_q >> 4) - b_z[None, :]).to(DTYPE)
                     b_a_even, b_a_odd = tl.split(tl.reshape(b_a, [TILE_M, SUB_B, 2]))
@@ -220,7 +271,7 @@ def _tile(
                     b_part = tl.dot(b_a_odd, b_w_odd, b_part, input_precision=DOT_PRECISION)
                 else:
                     b_part = tl.dot(b_a, (b_q - b_z[None, :]).to(DTYPE), input_precision=DOT_PRECISION)
-                b_acc += b_part * b_s.to(tl.float32)[None, :]
+                b_acc += b_part * _scales_f32(b_s, E2M1)[None, :]
         p_a_sub += BLOCK_K
         p_b_sub += (BLOCK_K // PACK) * stride_bk
     if VARIANT == "gemv":
@@ -239,7 +290,8 @@ def grouped_gemm_wna16_kernel(
     stride_am, stride_be, stride_bn, stride_bk, stride_se, stride_sn, stride_sk, stride_ze, stride_zn, stride_zk,
     stride_cs, stride_cm, stride_bias_e,
     alpha, limit,
-    VARIANT: tl.constexpr, WORDS: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SUB_K: tl.constexpr,
+    VARIANT: tl.constexpr, WORDS: tl.constexpr, BITS: tl.constexpr, E2M1: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    SUB_K: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
@@ -272,7 +324,7 @@ def grouped_gemm_wna16_kernel(
                     i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                     stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs,
                     stride_cm, stride_bias_e, alpha, limit,
-                    VARIANT, WORDS, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, 1,
+                    VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, 1,
                     BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
                 )
     else:
@@ -285,7 +337,8 @@ def grouped_gemm_wna16_kernel(
                 i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                 stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
                 stride_bias_e, alpha, limit,
-                VARIANT, WORDS, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M // 2,
+                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M,
+                BLOCK_M // 2,
                 BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
             )
         else:
@@ -294,6 +347,7 @@ def grouped_gemm_wna16_kernel(
                 i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                 stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
                 stride_bias_e, alpha, limit,
-                VARIANT, WORDS, BITS, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, BLOCK_M,
+                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M,
+                BLOCK_M,
                 BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
             )
