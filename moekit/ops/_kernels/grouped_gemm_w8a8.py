@@ -22,7 +22,7 @@ matmuls (see ``moekit.ops._kernels.quantize``), so interpreted results match the
 import triton
 import triton.language as tl
 
-from moekit.ops._kernels.grouped_gemm import _activate, _epilogue, _store_rows
+from moekit.ops._kernels.grouped_gemm import _activate, _epilogue, _program_tile, _store_rows
 
 
 # Row counts change with every batch: specializing on them (== 1, % 16) would recompile as T moves.
@@ -42,22 +42,10 @@ def grouped_gemm_w8a8_kernel(
     """C[s, row, n] for one block of M slots, a tile of output columns and split s = program_id(1) (see the
     bf16 ``grouped_gemm_kernel`` for the layout, GATED and ROW_PER_BLOCK)."""
     OUT_N: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
-    i_pid = tl.program_id(0)
     i_s = tl.program_id(1)
-    if ROW_PER_BLOCK:
-        num_pid_m = num_rows
-    else:
-        num_pid_m = tl.cdiv(tl.load(p_num_padded), BLOCK_M)
-    num_pid_n = tl.cdiv(n_out, OUT_N)
-    num_in_group = GROUP_M * num_pid_n
-    i_group = i_pid // num_in_group
-    first_m = i_group * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    if group_m <= 0:
-        return
-    i_m = first_m + ((i_pid % num_in_group) % group_m)
-    i_n = (i_pid % num_in_group) // group_m
-    if i_n >= num_pid_n:
+    i_m, i_n, has_tile = _program_tile(tl.program_id(0), p_num_padded, num_rows, n_out, BLOCK_M, OUT_N, GROUP_M,
+                                       ROW_PER_BLOCK)
+    if not has_tile:
         return
     i_e = tl.load(p_expert_ids + i_m).to(tl.int64)
 
