@@ -344,7 +344,7 @@ def _check_tensor_parallel(config: MoEConfig, parallel: ParallelConfig, quant_me
     if isinstance(quant_method, (WNA16MoEMethod, MXFP4MoEMethod)):  # groups, packed words: not across ranks
         quant_method.check_tp_split(config.intermediate_size, parallel.tp_size)
         return
-    # Another format's state (e.g. e8m0 block scales) slices in ways only it knows.
+    # A format without its own TP slicing (a method added later) is refused rather than cut wrongly.
     if not isinstance(quant_method, W8A8MoEMethod):
         raise NotImplementedError(f"parallel.tp_size: tensor-parallel experts with quant method "
                                   f"{quant_method.name!r} are not implemented yet")
