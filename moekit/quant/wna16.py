@@ -280,18 +280,13 @@ class WNA16MoEMethod(MoEQuantMethod):
 
         halves = 2 if layer.activation.is_gated else 1
         floats = {}
-        for w, h in (("w13", halves), ("w2", 1)):
-            p = {s: layer._parameters[f"{w}{s}"].data for s, _, _ in _CHECKPOINT_TENSORS["gptq"]
-                 if f"{w}{s}" in layer._parameters}
-
-            def part(t: torch.Tensor, e: int, dim: int, shard: int, _h: int = h) -> torch.Tensor:
-                size = t.shape[dim + 1] // _h
-                return t[e].narrow(dim, shard * size, size)
-
-            floats[w] = torch.stack([torch.cat([dequantize_gptq(
-                part(p["_qweight"], e, 1, s), None if self.sym else part(p["_qzeros"], e, 1, s),
-                part(p["_scales"], e, 1, s), part(p["_g_idx"], e, 0, s), bits=self.bits, group_size=self.group_size,
-                sym=self.sym) for s in range(h)]) for e in range(p["_qweight"].shape[0])]).to(layer._params_dtype)
+        for w, h, n, k in (("w13", halves, layer.intermediate_size, layer.hidden_size),
+                           ("w2", 1, layer.hidden_size, layer.intermediate_size)):
+            num = layer._parameters[self._first(w)].shape[0]
+            floats[w] = torch.stack([
+                torch.cat([self.dequantize_tensors(self._shard_tensors(layer, w, e, s, h), n=n, k=k)
+                           for s in range(h)])
+                for e in range(num)]).to(layer._params_dtype)
         for w, data in floats.items():
             for suffix, _, _ in _CHECKPOINT_TENSORS["gptq"]:
                 layer._parameters.pop(f"{w}{suffix}", None)
@@ -305,32 +300,35 @@ class WNA16MoEMethod(MoEQuantMethod):
     def _first(self, w: str) -> str:
         return f"{w}{_CHECKPOINT_TENSORS[self.checkpoint_format][0][0]}"
 
+    def _shard_tensors(self, layer: RoutedExperts, w: str, e: int, shard: int, halves: int) -> dict[str, torch.Tensor]:
+        """Expert ``e``'s loaded checkpoint tensors of projection ``w``, shard ``shard`` of ``halves`` (each cut
+        along its N / halves axis), keyed by their checkpoint names."""
+        out = {}
+        for suffix, name, dim in _CHECKPOINT_TENSORS[self.checkpoint_format]:
+            if f"{w}{suffix}" in layer._parameters:
+                t = layer._parameters[f"{w}{suffix}"].data[e]
+                size = t.shape[dim] // halves
+                out[name] = t.narrow(dim, shard * size, size)
+        return out
+
     def _convert(self, layer: RoutedExperts, w: str, e: int, shard: int, halves: int) -> WNA16Weight:
         """Shard ``shard`` of expert ``e``'s projection ``w`` in the kernel's layout."""
-        p = {s: layer._parameters[f"{w}{s}"].data[e] for s, _, _ in _CHECKPOINT_TENSORS[self.checkpoint_format]
-             if f"{w}{s}" in layer._parameters}
+        t = self._shard_tensors(layer, w, e, shard, halves)
         b, fmt = self.bits, self.checkpoint_format
-
-        def part(t: torch.Tensor, dim: int) -> torch.Tensor:
-            size = t.shape[dim] // halves
-            return t.narrow(dim, shard * size, size)
-
         if fmt == "compressed-tensors":
-            n, k = (int(v) for v in part(p["_weight_shape"], 0))
-            rows = part(p["_weight_packed"], 0)
-            expected = (rows.shape[0], layer.hidden_size if w == "w13" else layer.intermediate_size)
+            n, k = (int(v) for v in t["weight_shape"])
+            expected = (t["weight_packed"].shape[0], layer.hidden_size if w == "w13" else layer.intermediate_size)
             if (n, k) != expected:
                 # A K that packs into as many words would pass the converter and misread the padding.
                 raise ValueError(f"{w}_weight_shape: expected [N, K] = {list(expected)} for expert {e}, got "
                                  f"{[n, k]}")
-            zp = part(p["_weight_zero_point"], 0) if not self.sym else None
-            return compressed_tensors_to_wna16(rows, part(p["_weight_scale"], 0), zp, bits=b,
+            zp = None if self.sym else t["weight_zero_point"]
+            return compressed_tensors_to_wna16(t["weight_packed"], t["weight_scale"], zp, bits=b,
                                                group_size=self.group_size, k=k)
         if fmt == "gptq":
-            return gptq_to_wna16(part(p["_qweight"], 1), part(p["_qzeros"], 1), part(p["_scales"], 1),
-                                 part(p["_g_idx"], 0), bits=b, group_size=self.group_size, sym=self.sym)
-        return awq_to_wna16(part(p["_qweight"], 1), part(p["_qzeros"], 1), part(p["_scales"], 1),
-                            group_size=self.group_size)
+            return gptq_to_wna16(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=b,
+                                 group_size=self.group_size, sym=self.sym)
+        return awq_to_wna16(t["qweight"], t["qzeros"], t["scales"], group_size=self.group_size)
 
     def dequantize_tensors(self, tensors: Mapping[str, torch.Tensor], *, n: int, k: int) -> torch.Tensor:
         """float32 [N, K] of one linear stored in this method's checkpoint format (``tensors`` by the checkpoint
