@@ -33,7 +33,6 @@ from moekit.config import MoEConfig, ParallelConfig
 from moekit.distributed import (
     ExpertLoadRecorder,
     TensorParallel,
-    check_block_split,
     check_rearrangeable,
     determine_expert_map,
     logical_to_physical,
@@ -43,10 +42,6 @@ from moekit.distributed import (
 )
 from moekit.kernel import LocalPrepareFinalize
 from moekit.quant.base import MoEQuantMethod
-from moekit.quant.mxfp4 import MXFP4MoEMethod
-from moekit.quant.unquantized import UnquantizedMoEMethod
-from moekit.quant.w8a8 import W8A8MoEMethod
-from moekit.quant.wna16 import WNA16MoEMethod
 from moekit.routed_experts import RoutedExperts
 from moekit.router import route, select_experts
 from moekit.shared_experts import SharedExperts
@@ -338,17 +333,10 @@ def _check_tensor_parallel(config: MoEConfig, parallel: ParallelConfig, quant_me
     if config.intermediate_size % parallel.tp_size:
         raise ValueError(f"parallel.tp_size: expected a divisor of intermediate_size={config.intermediate_size}, got "
                          f"{parallel.tp_size}")
-    # Biases need nothing here: w13_bias is sliced with the w13 rows and w2_bias added once (TensorParallel).
-    if quant_method is None or type(quant_method) is UnquantizedMoEMethod:
-        return
-    if isinstance(quant_method, (WNA16MoEMethod, MXFP4MoEMethod)):  # groups, packed words: not across ranks
+    # Biases need nothing here: w13_bias is sliced with the w13 rows and w2_bias added once (TensorParallel). Each
+    # quant method says which splits its tensors allow (blocks, groups, packed words) or refuses them all.
+    if quant_method is not None:
         quant_method.check_tp_split(config.intermediate_size, parallel.tp_size)
-        return
-    # A format without its own TP slicing (a method added later) is refused rather than cut wrongly.
-    if not isinstance(quant_method, W8A8MoEMethod):
-        raise NotImplementedError(f"parallel.tp_size: tensor-parallel experts with quant method "
-                                  f"{quant_method.name!r} are not implemented yet")
-    check_block_split(quant_method.block_shape, config.intermediate_size, parallel.tp_size, quant_method.name)
 
 
 @dataclass(frozen=True)

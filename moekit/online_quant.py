@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from moekit._checks import ACT_DTYPES, check_choice
-from moekit.distributed import TensorParallel, check_block_split
+from moekit.distributed import TensorParallel
 from moekit.layer import MoE
 from moekit.quant import MXFP4_SCHEMES, QUANT_SCHEMES, WNA16_SCHEMES, UnquantizedMoEMethod
 from moekit.routed_experts import RoutedExperts
@@ -46,12 +46,7 @@ def quantize(moe: MoE | RoutedExperts, scheme: str) -> MoE | RoutedExperts:
     if isinstance(layer.prepare_finalize, TensorParallel):
         # A tensor-parallel slice: its blocks must be the full layer's blocks, sliced (what a checkpoint holds).
         tp_size = layer.prepare_finalize.tp_size
-        if scheme in WNA16_SCHEMES or scheme in MXFP4_SCHEMES:
-            # Groups along I (w2's K) must be whole on each rank, as in a checkpoint's slice; mxfp4's groups of 32
-            # then are the full layer's, so its codes and scales are the full layer's sliced.
-            method.check_tp_split(layer.intermediate_size * tp_size, tp_size)
-        elif scheme in QUANT_SCHEMES:
-            check_block_split(method.block_shape, layer.intermediate_size * tp_size, tp_size, scheme)
+        method.check_tp_split(layer.intermediate_size * tp_size, tp_size)
     with torch.no_grad():
         method.quantize_layer(layer)
     return moe

@@ -17,7 +17,7 @@ from moekit.distributed.eplb import logical_to_physical, rebalance_experts
 from moekit.distributed.eplb_load import ExpertLoadRecorder, read_expert_load, write_expert_load
 from moekit.distributed.eplb_rearrange import check_rearrangeable, rearrange_expert_weights
 from moekit.distributed.placement import determine_expert_map, expert_owners, local_experts
-from moekit.distributed.tensor_parallel import TensorParallel, check_block_split, parallel_groups, shard_intermediate
+from moekit.distributed.tensor_parallel import TensorParallel, parallel_groups, shard_intermediate
 
 __all__ = [
     "AllGatherReduceScatter",
@@ -25,7 +25,6 @@ __all__ = [
     "ExpertLoadRecorder",
     "ExpertParallelPrepareFinalize",
     "TensorParallel",
-    "check_block_split",
     "check_rearrangeable",
     "determine_expert_map",
     "expert_owners",

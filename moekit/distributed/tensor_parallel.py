@@ -14,7 +14,8 @@ What each rank holds of an expert (I_r = I / tp_size; loading.py cuts these from
     w2_bias [H]                      whole, on every rank; only tp_rank 0 adds it (``adds_w2_bias``)
     8-bit scales                     per row (w13) and per block (w13 rows, w2 columns) sliced with what they scale;
                                      w2's per-row and every per-tensor scale whole. Blocks must not straddle two
-                                     ranks: I_r a multiple of the block (``check_block_split``)
+                                     ranks: I_r a multiple of the block (``W8A8MoEMethod.check_tp_split``; every
+                                     method says which splits its tensors allow)
 """
 
 from __future__ import annotations
@@ -63,20 +64,6 @@ def parallel_groups(parallel: ParallelConfig, group: dist.ProcessGroup | None = 
             tp_group = made if mine in members else tp_group
         _GROUPS[key] = (ep_group, tp_group)
     return _GROUPS[key]
-
-
-def check_block_split(block_shape: tuple[int, int] | None, intermediate_size: int, tp_size: int,
-                      scheme: str) -> None:
-    """Refuse block scales that a rank's slice of I would cut through: each rank's I / tp_size must be a multiple
-    of the block along I (w13's rows, block N; w2's columns, block K), as vLLM requires. A slice-local block
-    quantization would still run, but its scales would not be the full layer's (a checkpoint's) sliced."""
-    if block_shape is None or tp_size == 1:
-        return
-    share = intermediate_size // tp_size
-    if share % block_shape[0] or share % block_shape[1]:
-        raise ValueError(f"parallel.tp_size: expected each rank's share of I to be whole {scheme} scale blocks, got "
-                         f"tp_size={tp_size} and intermediate_size={intermediate_size}: {share} per rank, not a "
-                         f"multiple of the {block_shape[0]}x{block_shape[1]} block")
 
 
 def shard_intermediate(t: torch.Tensor, dim: int, tp_size: int, tp_rank: int, *, halves: int = 1) -> torch.Tensor:

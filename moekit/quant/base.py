@@ -52,6 +52,14 @@ class MoEQuantMethod(ABC):
     def process_weights_after_loading(self, layer: RoutedExperts) -> None:
         """Called once after all weights are loaded; the default keeps them as loaded."""
 
+    def check_tp_split(self, intermediate_size: int, tp_size: int) -> None:
+        """Refuse splitting I (the whole layer's ``intermediate_size``) over ``tp_size`` tensor-parallel ranks
+        where this format's state (a scale block or group, a packed word) would straddle two ranks. A method that
+        does not say how its tensors slice refuses every split rather than be cut wrongly."""
+        if tp_size > 1:
+            raise NotImplementedError(f"parallel.tp_size: tensor-parallel experts with quant method {self.name!r} "
+                                      "are not implemented yet")
+
     @abstractmethod
     def quant_params(self, layer: RoutedExperts) -> QuantParams:
         """The scales and dtypes the kernel needs for this layer's weights."""

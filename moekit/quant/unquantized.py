@@ -47,6 +47,9 @@ class UnquantizedMoEMethod(MoEQuantMethod):
                 if layer.has_bias:
                     getattr(layer, f"{name}_bias").uniform_(-bound, bound)
 
+    def check_tp_split(self, intermediate_size: int, tp_size: int) -> None:
+        """Float weights (and biases) slice along I anywhere."""
+
     def quant_params(self, layer: RoutedExperts) -> QuantParams:
         return UNQUANTIZED
 

@@ -94,6 +94,20 @@ class W8A8MoEMethod(MoEQuantMethod):
             layer.w13_bias = None
             layer.w2_bias = None
 
+    def check_tp_split(self, intermediate_size: int, tp_size: int) -> None:
+        """Refuse block scales that a rank's slice of I would cut through: each rank's I / tp_size must be a multiple
+        of the block along I (w13's rows, block N; w2's columns, block K), as vLLM requires. A slice-local block
+        quantization would still run, but its scales would not be the full layer's (a checkpoint's) sliced.
+        Per-row and per-tensor scales split anywhere."""
+        bs = self.block_shape
+        if bs is None or tp_size == 1:
+            return
+        share = intermediate_size // tp_size
+        if share % bs[0] or share % bs[1]:
+            raise ValueError(f"parallel.tp_size: expected each rank's share of I to be whole {self.name} scale blocks, "
+                             f"got tp_size={tp_size} and intermediate_size={intermediate_size}: {share} per rank, not "
+                             f"a multiple of the {bs[0]}x{bs[1]} block")
+
     @torch.no_grad()
     def process_weights_after_loading(self, layer: RoutedExperts) -> None:
         if self.static_input_scales and layer.w13_input_scale.dim() != 0:
