@@ -20,7 +20,8 @@ output in fp32, ``act_quant`` quantizes it with the scheme's activation granular
 Weight-only 4/8-bit experts (int4/int8 codes with group scales and optional zero points, activations in the
 layer's dtype: w4a16, w8a16; and mxfp4: e2m1 codes with e8m0 scales per 32) run the float pipeline above,
 workspace included (``_run_float``), with ``grouped_gemm_wna16`` in place of ``grouped_gemm``: the codes are
-dequantized to the activation dtype inside each GEMM's K loop and never exist dequantized in memory. Tiles come from ``choose_config`` under the scheme's name.
+dequantized to the activation dtype inside each GEMM's K loop and never exist dequantized in memory. Tiles come
+from ``choose_config`` under the scheme's name.
 """
 
 from __future__ import annotations
