@@ -32,6 +32,9 @@ def main() -> None:
     p.add_argument("--tokens", default="1,4,16,64,256,1024,4096")
     p.add_argument("--scheme", default="w4a16_g128")
     p.add_argument("--out", default=None)
+    p.add_argument("--block-k", default="", help="comma list of K tiles to try with each variant (default: the "
+                   "heuristic's)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     args = p.parse_args()
     dev = torch.device("cuda")
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__} triton {triton.__version__}", flush=True)
@@ -57,18 +60,21 @@ def main() -> None:
             heur = bench_point(shape, t, backend="triton", dtype=torch.bfloat16, device=dev, ceilings=ceil_q,
                                weights=weights, baselines=False, quant=args.scheme)
             res = {"heuristic": (heur.moekit_us, heur.max_rel_err)}
-            for v in VARIANTS:
+            block_ks = [int(b) for b in args.block_k.split(",")] if args.block_k else [None]
+            for v, bk in [(v, bk) for v in args.variants.split(",") for bk in block_ks]:
                 if (v == "gemv" and t >= 256) or (v == "postscale" and t >= 1024):
                     continue  # no tensor cores at prefill / the old design at prefill: minutes for nothing
-                cfg = replace(base, gemm1=replace(base.gemm1, variant=v), gemm2=replace(base.gemm2, variant=v))
+                ks = {} if bk is None else {"block_k": bk}
+                cfg = replace(base, gemm1=replace(base.gemm1, variant=v, **ks), gemm2=replace(base.gemm2, variant=v, **ks))
+                name = v if bk is None else f"{v}/k{bk}"
                 triton_experts.choose_config = lambda s, _c=cfg: _c
                 try:
                     r = bench_point(shape, t, backend="triton", dtype=torch.bfloat16, device=dev, ceilings=ceil_q,
                                     weights=weights, baselines=False, quant=args.scheme)
-                    res[v] = (r.moekit_us, r.max_rel_err)
+                    res[name] = (r.moekit_us, r.max_rel_err)
                 except Exception as e:  # report and go on
-                    res[v] = (math.inf, math.nan)
-                    print(f"  {preset} T={t} {v}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                    res[name] = (math.inf, math.nan)
+                    print(f"  {preset} T={t} {name}: {type(e).__name__}: {str(e)[:160]}", flush=True)
             triton_experts.choose_config = real_choose
             ok = {n: us for n, (us, err) in res.items() if err < 0.05}
             best = min(ok, key=ok.get) if ok else "heuristic"

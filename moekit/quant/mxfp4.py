@@ -182,11 +182,6 @@ class MXFP4MoEMethod(MoEQuantMethod):
         return QuantParams(weight_dtype="mxfp4", granularity="group", group_size=GROUP, w13_scale=layer.w13_scale,
                            w2_scale=layer.w2_scale)
 
-    def kernel_for(self, layer: RoutedExperts, x: torch.Tensor) -> ModularKernel:
-        # backend="triton" runs the Triton kernel (grouped_gemm_wna16 on e2m1 codes); 'auto' keeps the torch
-        # backend until that kernel has been checked and timed on a GPU (so far only in the CPU interpreter).
-        return layer.kernel_for(x, backend="torch" if layer.backend == "auto" else None)
-
     @torch.no_grad()
     def quantize_layer(self, layer: RoutedExperts) -> None:
         """Replace ``layer``'s unquantized weights by MXFP4 codes (``quantize_mxfp4``), expert by expert: no float

@@ -52,7 +52,7 @@ def test_weight_only_point_is_checked_against_its_dequantized_weights(monkeypatc
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_mxfp4_point_is_checked_against_its_dequantized_weights(backend):
-    # mxfp4 (H, I multiples of 32; gpt-oss's activation and biases): 'auto' runs the torch backend for now, the
+    # mxfp4 (H, I multiples of 32; gpt-oss's activation and biases): 'auto' runs the torch backend on CPU, the
     # Triton kernel in the interpreter (fp16: its bf16 dots are wrong); either way the error column is against the
     # fp32 reference on the dequantized weights, far below the 4-bit rounding.
     shape = MoEShape(name="t", num_experts=6, hidden_size=64, intermediate_size=32, top_k=2, activation="swigluoai",

@@ -233,6 +233,17 @@ def test_wna16_heuristic_tiles(num_experts, hidden, inter, top_k, num_tokens, sc
     assert shape.table_key == f"{num_experts},{hidden},{inter},{top_k},{scheme}"
 
 
+@pytest.mark.parametrize("num_tokens", [1, 16, 64])
+def test_wna16_decode_k_tile_divides_k(num_tokens):
+    # gpt-oss (K = 2880 = 64 * 45 in both GEMMs): a K tile that does not divide K masks every tile's loads (2.8x
+    # slower at T = 16 on an H200), so decode tiles shrink to the widest power of two that divides K; K = 2080
+    # (32 * 65) gets 32; a K no tile of >= 32 divides keeps the 256-wide tile (masked, still correct).
+    for hidden, inter, want in ((2880, 2880, (64, 64)), (4096, 2080, (256, 32)), (2880, 1000, (64, 256))):
+        cfg = heuristic_config(MoEShape(num_tokens=num_tokens, top_k=4, num_experts=128, hidden=hidden, inter=inter,
+                                        weights="mxfp4"))
+        assert (cfg.gemm1.block_k, cfg.gemm2.block_k) == want
+
+
 def test_wna16_bits():
     assert [wna16_bits(w) for w in ("w4a16_g128", "w8a16", "w4a16_g32_asym", "bfloat16", "fp8_block")] == \
         [4, 8, 4, None, None]
