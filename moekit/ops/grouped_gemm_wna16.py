@@ -80,7 +80,8 @@ def grouped_gemm_wna16(
             codes (``WNA16Weight``) or e2m1 codes (``MXFP4Weight``; "dequant" then always reads bytes).
         variant: how the codes are multiplied, one of ``WNA16_VARIANTS`` (see the kernel's docstring); None
             takes ``config.variant``, else ``wna16_variant``'s choice for the layout. "dequant" reads 4-bit codes
-            as int32 words where the rows allow (fp16/bf16 activations), "dequant_bytes" always as bytes; both
+            as int32 words where the rows allow (fp16/bf16 activations), "dequant_bytes" always as bytes,
+            "dequant_split" as bytes without interleaving the nibbles (two dots on A's even and odd columns); all
             round each dequantized weight to a's dtype (as a bf16 copy of the weights would). "postscale" and
             "gemv" multiply exact codes and scale in fp32.
         The other arguments are ``grouped_gemm``'s.
@@ -139,8 +140,8 @@ def grouped_gemm_wna16(
         bias_EN.stride(0) if bias_EN is not None else 0,
         activation.alpha if activation is not None else 0.0,
         activation.limit if activation is not None and activation.limit is not None else 0.0,
-        VARIANT="dequant" if variant == "dequant_bytes" else variant, WORDS=words is not None, BITS=bits,
-        E2M1=e2m1, HAS_ZEROS=zeros is not None, SUB_K=sub_k,
+        VARIANT="dequant" if variant.startswith("dequant") else variant, WORDS=words is not None, BITS=bits,
+        E2M1=e2m1, HAS_ZEROS=zeros is not None, SUB_K=sub_k, SPLIT=variant == "dequant_split" and bits == 4,
         ACTIVATION=activation_code(activation),
         GATED=gated, HAS_BIAS=bias_EN is not None, HAS_WEIGHTS=weights_N is not None,
         BLOCK_M=layout.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,

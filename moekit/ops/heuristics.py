@@ -28,7 +28,7 @@ _TUNED_DIR = Path(__file__).parent / "tuned"
 # The ways grouped_gemm_wna16 multiplies weight codes (its kernel's docstring): scale each dot's product,
 # dequantize the weight tile before one dot (4-bit codes read as int32 words where aligned, or always as bytes),
 # or FMAs without tensor cores for decode.
-WNA16_VARIANTS = ("postscale", "dequant", "dequant_bytes", "gemv")
+WNA16_VARIANTS = ("postscale", "dequant", "dequant_bytes", "dequant_split", "gemv")
 
 
 def tuned_dir() -> Path:
@@ -257,6 +257,10 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
       beat the int32-word "dequant" by 14-33% from T = 4 to 64 (mixtral T = 64: 612 against 873) and tie or win
       against "gemv" at T = 1 (qwen3 25.7 against 30.0; deepseek-v3 134 against 132); "gemv" loses 1.5-11x
       once a block holds more than one row.
+      Integer 4-bit codes with more than one row an expert: "dequant_split" (the same tiles; the low and high
+      nibbles as two dots against A's even and odd columns, no interleave of the weights): 4-8% ahead of
+      "dequant_bytes" at T = 16-64 (mixtral T = 64: 564 against 612 µs; deepseek-v3 T = 1024: 6397 against 6690),
+      4-5% behind at T = 1 (qwen3, deepseek-v3) and level or behind for mxfp4.
     - Otherwise compute-bound: "dequant" (the dot accumulates in place and is pipelined like a bf16 GEMM; the
       old per-dot scaling left the tensor cores waiting on each product, 0.25-0.39x of bf16 at T = 4096 on an
       H200; the word loads beat the byte loads by 4-11% here) on the bf16 prefill shapes: 64 x 128 tiles of 4 warps, 128 x 128 of 8 warps with the half tail from
@@ -268,7 +272,7 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
     bk = 256 if bits == 4 else 128
     if s.num_tokens == 1 or block_m <= 32:
         cfg = _decode_config(s, block_m, blocks, 2 * target if s.num_tokens == 1 else target, bk)
-        v = "dequant_bytes"
+        v = "dequant_split" if bits == 4 and s.num_tokens > 1 and s.weights != "mxfp4" else "dequant_bytes"
         return replace(cfg, gemm1=replace(cfg.gemm1, variant=v, block_k=_k_tile_dividing(bk, s.hidden)),
                        gemm2=replace(cfg.gemm2, variant=v, block_k=_k_tile_dividing(bk, s.inter)))
     if block_m == 128:

@@ -16,7 +16,9 @@ group's scale s[n] and zero point z[n] (2^(bits-1) for symmetric codes). VARIANT
   once to a.dtype, as a dequantized bf16 weight would be. WORDS (4 bits, fp16/bf16): the codes are read as
   int32 words and two codes become two 16-bit floats in one mask-and-OR (``_words_minus_zero``; the sm_90 SASS
   of a 64 x 128 tile has ~40% fewer integer ops than from bytes); else bytes, nibbles interleaved back into k
-  order (the launcher's "dequant_bytes" forces this).
+  order (the launcher's "dequant_bytes" forces this). SPLIT (4 bits, the launcher's "dequant_split"): no
+  interleave; the low and high nibbles make two tiles of SUB_K/2 columns, multiplied by A's even and odd columns
+  in two dots (the byte permutes of the interleave were the loop's most frequent instruction on sm_90).
 - "gemv": no tensor cores: acc[n] += s[n] · Σ_k (q - z)·a[k] in fp32 FMAs, one routed row a tile, for decode
   where a block holds one routed row (ROW_PER_BLOCK) or a few: the weight stream is the whole cost and a
   tensor-core tile of 16 padded rows only adds work. 4-bit codes are read as int32 words (any activation dtype)
@@ -211,7 +213,7 @@ def _tile(
     stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
     stride_bias_e, alpha, limit,
     VARIANT: tl.constexpr, WORDS: tl.constexpr, BITS: tl.constexpr, E2M1: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    SUB_K: tl.constexpr,
+    SUB_K: tl.constexpr, SPLIT: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
@@ -244,7 +246,23 @@ def _tile(
             b_a, b_q, b_s, b_z = _load_sub_tile(
                 p_a_sub + j * SUB_K, p_b_sub + j * SUB_B * stride_bk, p_s_cols, p_z_cols, m_rows, k + j * SUB_K,
                 k_end, group_size, stride_sk, stride_zk, BITS, HAS_ZEROS, SUB_K, BLOCK_N, EVEN_K, PACK)
-            if VARIANT == "dequant":
+            if VARIANT == "dequant" and SPLIT:
+                # Low and high nibbles as two tiles of SUB_K/2 columns (even and odd k), each multiplied by A's
+                # even or odd columns: no interleave of the weights (the byte permutes it compiles to were the
+                # largest share of the loop's instructions on sm_90).
+                b_a_even, b_a_odd = tl.split(tl.reshape(b_a, [TILE_M, SUB_B, 2]))
+                if E2M1 and DTYPE == tl.bfloat16:
+                    b_w_lo = _mxfp4_weights_bf16(b_q & 15, b_s)
+                    b_w_hi = _mxfp4_weights_bf16(b_q >> 4, b_s)
+                elif E2M1:
+                    b_w_lo = _mxfp4_weights(b_q & 15, b_s, DTYPE)
+                    b_w_hi = _mxfp4_weights(b_q >> 4, b_s, DTYPE)
+                else:
+                    b_w_lo = _codes_minus_zero(b_q & 15, b_z, DTYPE, BITS) * b_s.to(DTYPE)[:, None]
+                    b_w_hi = _codes_minus_zero(b_q >> 4, b_z, DTYPE, BITS) * b_s.to(DTYPE)[:, None]
+                b_acc = tl.dot(b_a_even, tl.trans(b_w_lo), b_acc, input_precision=DOT_PRECISION)
+                b_acc = tl.dot(b_a_odd, tl.trans(b_w_hi), b_acc, input_precision=DOT_PRECISION)
+            elif VARIANT == "dequant":
                 if E2M1 and DTYPE == tl.bfloat16:  # [BLOCK_N, SUB_K] in k order, in 16-bit ops
                     b_w = _mxfp4_weights_bf16(tl.interleave(b_q & 15, b_q >> 4), b_s)
                 elif E2M1:  # [BLOCK_N, SUB_K] in k order, scaled and rounded to DTYPE
@@ -309,7 +327,7 @@ def grouped_gemm_wna16_kernel(
     stride_cs, stride_cm, stride_bias_e,
     alpha, limit,
     VARIANT: tl.constexpr, WORDS: tl.constexpr, BITS: tl.constexpr, E2M1: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    SUB_K: tl.constexpr,
+    SUB_K: tl.constexpr, SPLIT: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
@@ -342,7 +360,7 @@ def grouped_gemm_wna16_kernel(
                     i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                     stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs,
                     stride_cm, stride_bias_e, alpha, limit,
-                    VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, 1,
+                    VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, 1,
                     BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
                 )
     else:
@@ -355,7 +373,7 @@ def grouped_gemm_wna16_kernel(
                 i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                 stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
                 stride_bias_e, alpha, limit,
-                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M,
+                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M,
                 BLOCK_M // 2,
                 BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
             )
@@ -365,7 +383,7 @@ def grouped_gemm_wna16_kernel(
                 i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                 stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
                 stride_bias_e, alpha, limit,
-                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M,
+                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M,
                 BLOCK_M,
                 BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
             )
