@@ -103,21 +103,31 @@ def floor_us(shape: MoEShape, num_tokens: int, num_active: int, elem_size: int, 
 
 
 def measure_ceilings(device: torch.device, scheme: str | None = None) -> Ceilings:
-    """Streaming read of a 4 GiB tensor (best of a few persistent grids) and an 8192³ matmul: bf16 (also for the
-    weight-only schemes), or the 8-bit one of ``scheme`` (``torch._scaled_mm`` for fp8, ``torch._int_mm`` for
-    int8)."""
+    """Streaming read of a 4 GiB tensor and an 8192³ matmul: bf16 (also for the weight-only schemes), or the 8-bit
+    one of ``scheme`` (``torch._scaled_mm`` for fp8, ``torch._int_mm`` for int8).
+
+    The read is the fastest of two kernels over a few launch shapes each: a persistent 1-D stream and a stream of
+    2-D row tiles shaped like the GEMMs' weight loads (``moekit.bench._kernels``). Taking the best keeps the
+    floor honest: a layer cannot stream weights faster than the fastest plain read of the same card."""
     from triton.testing import do_bench
 
-    from moekit.bench._kernels import _stream_read
+    from moekit.bench._kernels import _stream_read, _stream_tiles
 
+    k_dim = 4096
     n = 4 * 2**30 // 2
-    x = torch.randn(n // 4096, 4096, device=device, dtype=torch.bfloat16).view(-1)
+    x = torch.randn(n // k_dim, k_dim, device=device, dtype=torch.bfloat16).view(-1)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     best = float("inf")
     for per_sm in (4, 8, 16):
         grid = sms * per_sm
         out = torch.empty(grid, device=device, dtype=torch.float32)
         ms = do_bench(lambda grid=grid, out=out, x=x: _stream_read[(grid,)](x, out, n, BLOCK=8192), return_mode="median")
+        best = min(best, ms)
+    for block_n, block_k, stages in ((64, 128, 4), (32, 256, 4), (128, 64, 3)):
+        grid = n // k_dim // block_n
+        out = torch.empty(grid, device=device, dtype=torch.float32)
+        ms = do_bench(lambda grid=grid, out=out, bn=block_n, bk=block_k, st=stages: _stream_tiles[(grid,)](
+            x, out, k_dim, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st), return_mode="median")
         best = min(best, ms)
     read_bw = n * 2 / (best * 1e-3)
     del x  # free the 4 GiB before the matmul's buffers

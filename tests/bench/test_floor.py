@@ -85,3 +85,23 @@ def test_mxfp4_bytes_count_codes_and_one_scale_byte_per_32_by_hand():
     assert matmul_dtype("mxfp4") == "bf16" and "mxfp4" in BENCH_SCHEMES
     c = Ceilings(read_bw=4.4e12, mm_rate=7.5e14)
     assert abs(floor_us(g, 1, 4, 2, c, "mxfp4") - moe_bytes(g, 1, 4, 2, "mxfp4") / 4.4e12 * 1e6) < 1e-9
+
+
+def test_read_kernels_read_every_element_once():
+    # Both read-ceiling kernels must touch every element exactly once (a kernel that skipped or re-read tiles would
+    # report a wrong bandwidth): their partial sums add up to the tensor's sum.
+    import torch
+
+    from moekit.bench._kernels import _stream_read, _stream_tiles
+
+    k_dim, rows = 256, 96
+    x = torch.randint(-8, 8, (rows, k_dim)).to(torch.float16)  # small integers: the fp32 sums are exact
+    grid = 5
+    out = torch.empty(grid, dtype=torch.float32)
+    _stream_read[(grid,)](x.view(-1), out, x.numel(), BLOCK=512)
+    assert out.sum().item() == x.float().sum().item()
+    block_n, block_k = 32, 64
+    out = torch.empty(rows // block_n, dtype=torch.float32)
+    _stream_tiles[(rows // block_n,)](x.view(-1), out, k_dim, BLOCK_N=block_n, BLOCK_K=block_k)
+    assert out.sum().item() == x.float().sum().item()
+    assert out[0].item() == x[:block_n].float().sum().item()
