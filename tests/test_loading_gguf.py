@@ -191,3 +191,49 @@ def test_from_pretrained_block_choice(tmp_path):
         MoE.from_pretrained(path, prefix="model.layers")
     with pytest.raises(ValueError, match=r"layer: decoder layer 1 .* MoE layers: \[0, 2\]"):
         MoE.from_pretrained(path, layer=1)
+
+
+def _load_recording(path, device):
+    """``MoE.from_pretrained`` of block 1 in bf16 on ``device``, and the warnings it gave (dequantized tensors)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        moe = MoE.from_pretrained(path, layer=1, dtype=torch.bfloat16, device=device)
+    return moe, sorted(str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("arch", "types", "scheme"), [
+    ("qwen3moe", (T.Q4_0, T.Q4_0, T.Q4_0), "w4a16_g32"),
+    ("qwen3moe", (T.Q8_0, T.Q8_0, T.Q8_0), "w8a16_g32"),
+    ("qwen3moe", (T.Q4_0, T.Q4_0, T.Q8_0), "w8a16_g32"),     # Q4_0 widened to 8-bit codes beside Q8_0
+    ("qwen2moe", (T.Q8_0, T.Q8_0, T.Q4_K), "unquantized"),   # a K-quant dequantized at load; Q8_0 shared experts
+])
+def test_gpu_from_pretrained_matches_the_cpu_layer(tmp_path, arch, types, scheme):
+    # GGUF blocks loaded straight onto CUDA: the same bytes as a CPU load, and the same output ('auto': the Triton
+    # backend there, the torch backend on CPU) for the same router logits, which routing then runs on each device.
+    path = tmp_path / "model.gguf"
+    shared = 128 if arch == "qwen2moe" else 0
+    write_gguf(path, arch=arch, types=types, shared=shared,
+               meta={"expert_shared_feed_forward_length": shared} if shared else None)
+    cpu, cpu_warnings = _load_recording(path, "cpu")
+    gpu, gpu_warnings = _load_recording(path, "cuda")
+    assert gpu.routed_experts.quant_method.name == cpu.routed_experts.quant_method.name == scheme
+    assert gpu_warnings == cpu_warnings and bool(gpu_warnings) == (scheme == "unquantized" or bool(shared))
+    cpu_state, gpu_state = cpu.state_dict(), gpu.state_dict()
+    assert sorted(gpu_state) == sorted(cpu_state)
+    for name, tensor in gpu_state.items():
+        assert tensor.device.type == "cuda", name
+        assert tensor.dtype == cpu_state[name].dtype and torch.equal(tensor.cpu(), cpu_state[name]), name
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, H, generator=g) / 10).bfloat16()  # T = 37: odd, several tokens per expert
+    with torch.no_grad():
+        assert_close(gpu.router_logits(x.cuda()).cpu(), cpu.router_logits(x).double(), name="router logits")
+        logits = cpu.router_logits(x)
+        want = cpu(x, logits)
+        got = gpu(x.cuda(), logits.cuda())
+    assert got.device.type == "cuda" and got.dtype == torch.bfloat16 and bool(torch.isfinite(got).all())
+    rounding = TOLERANCES[torch.bfloat16]  # the same weights on both sides: only the dots' order and rounding differ
+    tol = Tolerance(max=max(QUANT_REFERENCE_TOLERANCE.max, rounding.max),
+                    rms=max(QUANT_REFERENCE_TOLERANCE.rms, rounding.rms))
+    assert_close(got.cpu(), want.double(), tol=tol, name=f"{scheme} on cuda vs cpu")

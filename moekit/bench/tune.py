@@ -37,8 +37,10 @@ from moekit.testing import rel_errors
 
 GRAPH_MAX_TOKENS = 1024
 MAX_REL_ERR = 2e-2  # bf16 operands, fp32 accumulation; the torch backend is the reference
+REFUSED_CONFIG_PREFIX = "config."  # how an op's error names the launch config it refuses (errors name the argument)
 
-# measure(num_tokens, {name: config}) -> {name: µs} (inf for a config that fails to compile or to match)
+# measure(num_tokens, {name: config}) -> {name: µs} (inf for a config that fails to compile, to match, or that the op
+# refuses for these weights)
 Measure = Callable[[int, dict[str, MoEKernelConfig]], dict[str, float]]
 
 
@@ -145,13 +147,14 @@ def write_table(path: Path, key: str, points: list[TunePoint]) -> bool:
 
 
 def gpu_measure(preset, device: torch.device, dtype: torch.dtype, seed: int = 0,
-                quant: str | None = None) -> tuple[Measure, Callable]:
+                quant: str | None = None, log: Callable[[str], None] = print) -> tuple[Measure, Callable]:
     """A ``Measure`` over random inputs for a ``moekit.bench.shapes`` preset on CUDA, and a function freeing them.
 
     Each call is the whole modular kernel (with ``quant``, a ``moekit.quantize`` scheme: the layer's weights in
     that scheme, and for 8-bit schemes the activation quantization of ``prepare`` timed too). Every candidate is checked against the
     torch backend on the same weights (max-relative error under ``MAX_REL_ERR``) before it is timed; a failing or
-    uncompilable one times as inf.
+    uncompilable one times as inf, and so does one that the op's config check refuses for these weights (a K tile
+    the weight format cannot take), each skip reported in one ``log`` line.
     """
     import triton  # only on CUDA: the CPU install may lack it
 
@@ -202,7 +205,15 @@ def gpu_measure(preset, device: torch.device, dtype: torch.dtype, seed: int = 0,
                     got = kernel(TritonExperts(config=cfg)).apply(x, w13, w2, tw, ids, **kw)
                 err = rel_errors(got, ref)[0]
                 out[name] = time_one(cfg, sets, t <= GRAPH_MAX_TOKENS) if err < MAX_REL_ERR else math.inf
-            except triton.runtime.errors.OutOfResources:  # a tile too big for shared memory
+            except triton.runtime.errors.OutOfResources as exc:  # a tile too big for shared memory
+                log(f"T={t}: {name} skipped: {exc}")
+                out[name] = math.inf
+            except ValueError as exc:
+                # The ops' checks of the launch config name it ("config.block_k: ..."); any other ValueError is a
+                # bug to report, and so is a refused heuristic (every call without a table would fail).
+                if name == "heuristic" or not str(exc).startswith(REFUSED_CONFIG_PREFIX):
+                    raise
+                log(f"T={t}: {name} skipped: {exc}")
                 out[name] = math.inf
         return out
 
@@ -231,7 +242,7 @@ def tune_preset(
     free = None
     if measure is None:
         device = torch.device("cuda")
-        measure, free = gpu_measure(preset, device, dtype, quant=quant)
+        measure, free = gpu_measure(preset, device, dtype, quant=quant, log=log)
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     gated = preset.activation.is_gated
 

@@ -19,12 +19,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from torch import nn
 
+from moekit._checks import check_choice, check_tensor
 from moekit.quant.params import QuantParams
 
 if TYPE_CHECKING:
     from moekit.kernel import ModularKernel
     from moekit.routed_experts import RoutedExperts
+
+_SHARDS = ("w1", "w2", "w3")  # a checkpoint's gate, down and up projections, as weight loaders name them
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+# Integer metadata tensors (GPTQ's g_idx, compressed-tensors' weight_shape) load from any integer dtype.
+_INDEX_SUFFIXES = ("_g_idx", "_weight_shape")
 
 
 class MoEQuantMethod(ABC):
@@ -118,3 +125,64 @@ def replace_float_weights(method: MoEQuantMethod, layer: RoutedExperts,
             getattr(layer, name).data.copy_(bias.detach())
     layer.quant_method = method
     layer._params_dtype = w13.dtype
+
+
+def register_weight(layer: RoutedExperts, name: str, data: torch.Tensor,
+                    loader: Callable[..., None] | None = None) -> None:
+    """Register ``data`` as the frozen parameter ``name`` of ``layer``, with ``loader`` (the layer's own
+    ``weight_loader`` when None) as its ``weight_loader``."""
+    p = nn.Parameter(data, requires_grad=False)
+    p.weight_loader = layer.weight_loader if loader is None else loader  # engines find it on the parameter
+    layer.register_parameter(name, p)
+
+
+def register_biases(layer: RoutedExperts, num_experts: int, rows: int, hidden_size: int, dtype: torch.dtype,
+                    device: torch.device | None) -> None:
+    """Unquantized ``w13_bias`` [E, rows] / ``w2_bias`` [E, H] in the layer's dtype when it has biases, else None."""
+    if not layer.has_bias:
+        layer.w13_bias = None
+        layer.w2_bias = None
+        return
+    for name, size in (("w13_bias", rows), ("w2_bias", hidden_size)):
+        register_weight(layer, name, torch.zeros(num_experts, size, dtype=dtype, device=device))
+
+
+@torch.no_grad()
+def load_shard(layer: RoutedExperts, name: str, split_dim: int, param: nn.Parameter, loaded_weight: torch.Tensor,
+               shard_id: str, expert_id: int) -> None:
+    """Copy one expert's checkpoint tensor of shard ``shard_id`` into ``param`` (``name``): w1 / w3 into the first /
+    second half of a w13 parameter along ``split_dim`` (N) when gated, w2 into the w2 parameter. Codes load only
+    from their own dtype, scales from any float dtype that the parameter's holds exactly."""
+    check_choice("shard_id", shard_id, _SHARDS)
+    check_tensor("loaded_weight", loaded_weight)
+    is_w2 = name.startswith("w2")
+    if (shard_id == "w2") != is_w2:
+        raise ValueError(f"shard_id: {shard_id!r} does not load into {name!r} (w1/w3 -> w13*, w2 -> w2*)")
+    gated = layer.activation.is_gated
+    if shard_id == "w3" and not gated:
+        raise ValueError(f"shard_id: 'w3' (up) does not exist for the non-gated activation {layer.activation.name!r}")
+    for slot in layer._local_slots(expert_id):
+        dest = param.data[slot]
+        if not is_w2 and gated:
+            half = dest.shape[split_dim] // 2
+            dest = dest.narrow(split_dim, 0 if shard_id == "w1" else half, half)
+        if tuple(loaded_weight.shape) != tuple(dest.shape):
+            raise ValueError(f"loaded_weight: expected shape {tuple(dest.shape)} for {name}[{expert_id}] shard "
+                             f"{shard_id!r}, got {tuple(loaded_weight.shape)}")
+        is_index = name.endswith(_INDEX_SUFFIXES)
+        ok = (loaded_weight.dtype in _FLOATS if dest.dtype.is_floating_point
+              else not loaded_weight.dtype.is_floating_point if is_index
+              else loaded_weight.dtype == dest.dtype)
+        if ok and dest.dtype.is_floating_point and loaded_weight.dtype != dest.dtype:
+            # Scales are copied as they are: one the destination dtype cannot hold would be rounded silently.
+            if not torch.equal(loaded_weight.to(dest.dtype).to(loaded_weight.dtype), loaded_weight):
+                raise ValueError(f"loaded_weight: {name}[{expert_id}] shard {shard_id!r} holds "
+                                 f"{str(loaded_weight.dtype).removeprefix('torch.')} values that "
+                                 f"{str(dest.dtype).removeprefix('torch.')} cannot hold exactly; build the layer "
+                                 "with a dtype that holds them (scales are never rounded)")
+        if not ok:
+            # copy_ would turn codes into values (or the other way): a checkpoint of another format.
+            raise TypeError(f"loaded_weight: expected dtype {str(dest.dtype).removeprefix('torch.')} for {name} "
+                            f"(quant method {layer.quant_method.name!r}), got "
+                            f"{str(loaded_weight.dtype).removeprefix('torch.')}")
+        dest.copy_(loaded_weight)

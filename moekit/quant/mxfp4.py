@@ -38,9 +38,14 @@ import torch
 
 from moekit._layout import deinterleave
 from moekit.ops.quantize_mxfp4 import E8M0_NAN, GROUP, dequantize_mxfp4, quantize_mxfp4
-from moekit.quant.base import MoEQuantMethod, replace_float_weights
+from moekit.quant.base import (
+    MoEQuantMethod,
+    load_shard,
+    register_biases,
+    register_weight,
+    replace_float_weights,
+)
 from moekit.quant.params import QuantParams
-from moekit.quant.wna16 import _load_shard, _register, _register_biases
 
 if TYPE_CHECKING:
     from moekit.kernel import ModularKernel
@@ -70,16 +75,16 @@ class MXFP4MoEMethod(MoEQuantMethod):
         _check_sizes(hidden_size, intermediate_size)
         rows = layer.activation.w13_rows(intermediate_size)
         for w, n, k in (("w13", rows, hidden_size), ("w2", hidden_size, intermediate_size)):
-            _register(layer, w, torch.zeros(num_experts, n, k // 2, dtype=torch.uint8, device=device),
-                      self._loader(layer, w))
-            _register(layer, f"{w}_scale", torch.full((num_experts, n, k // GROUP), _UNIT_SCALE, dtype=torch.uint8,
-                                                      device=device), self._loader(layer, f"{w}_scale"))
-        _register_biases(layer, num_experts, rows, hidden_size, params_dtype, device)
+            register_weight(layer, w, torch.zeros(num_experts, n, k // 2, dtype=torch.uint8, device=device),
+                            self._loader(layer, w))
+            scales = torch.full((num_experts, n, k // GROUP), _UNIT_SCALE, dtype=torch.uint8, device=device)
+            register_weight(layer, f"{w}_scale", scales, self._loader(layer, f"{w}_scale"))
+        register_biases(layer, num_experts, rows, hidden_size, params_dtype, device)
 
     @staticmethod
     def _loader(layer: RoutedExperts, name: str) -> Callable:
         # One expert's shard at a time; uint8 codes and scales only (a float tensor would be cast, not decoded).
-        return functools.partial(_load_shard, layer, name, 0)
+        return functools.partial(load_shard, layer, name, 0)
 
     # ---------------------------------------------------------------------------------------------- loading
 

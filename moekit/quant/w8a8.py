@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torch import nn
 
 from moekit._checks import check_bool
 from moekit.ops.quantize import (
@@ -34,7 +33,7 @@ from moekit.ops.quantize import (
     quantize_weight,
     quantize_with_scale,
 )
-from moekit.quant.base import MoEQuantMethod
+from moekit.quant.base import MoEQuantMethod, register_biases, register_weight
 from moekit.quant.params import QuantParams
 
 if TYPE_CHECKING:
@@ -74,25 +73,22 @@ class W8A8MoEMethod(MoEQuantMethod):
         rows = layer.activation.w13_rows(intermediate_size)
         qdtype = QDTYPES[self.qdtype]
         # Zero codes and unit scales: an unloaded layer computes zeros, never the NaN that empty fp8 bits can hold.
-        _register(layer, "w13", torch.zeros(num_experts, rows, hidden_size, dtype=qdtype, device=device))
-        _register(layer, "w2", torch.zeros(num_experts, hidden_size, intermediate_size, dtype=qdtype, device=device))
+        register_weight(layer, "w13", torch.zeros(num_experts, rows, hidden_size, dtype=qdtype, device=device))
+        register_weight(layer, "w2", torch.zeros(num_experts, hidden_size, intermediate_size, dtype=qdtype,
+                                                 device=device))
         s13, s2 = expert_scale_shapes(self.granularity, self.block_shape, num_experts=num_experts,
                                       hidden=hidden_size, inter=intermediate_size, gated=gated)
         if self.granularity == "tensor" and gated:
             s13 = (num_experts, 2)  # w1 and w3 as loaded; one per expert after process_weights_after_loading
-        _register(layer, "w13_scale", torch.ones(s13, dtype=torch.float32, device=device))
-        _register(layer, "w2_scale", torch.ones(s2, dtype=torch.float32, device=device))
+        register_weight(layer, "w13_scale", torch.ones(s13, dtype=torch.float32, device=device))
+        register_weight(layer, "w2_scale", torch.ones(s2, dtype=torch.float32, device=device))
         if self.static_input_scales:
             # Unit scales until loaded; reduced to one per layer by process_weights_after_loading.
             rows13 = 2 if gated else 1
-            _register(layer, "w13_input_scale", torch.ones(num_experts, rows13, dtype=torch.float32, device=device))
-            _register(layer, "w2_input_scale", torch.ones(num_experts, 1, dtype=torch.float32, device=device))
-        if layer.has_bias:
-            _register(layer, "w13_bias", torch.zeros(num_experts, rows, dtype=params_dtype, device=device))
-            _register(layer, "w2_bias", torch.zeros(num_experts, hidden_size, dtype=params_dtype, device=device))
-        else:
-            layer.w13_bias = None
-            layer.w2_bias = None
+            register_weight(layer, "w13_input_scale", torch.ones(num_experts, rows13, dtype=torch.float32,
+                                                                 device=device))
+            register_weight(layer, "w2_input_scale", torch.ones(num_experts, 1, dtype=torch.float32, device=device))
+        register_biases(layer, num_experts, rows, hidden_size, params_dtype, device)
 
     def check_tp_split(self, intermediate_size: int, tp_size: int) -> None:
         """Refuse block scales that a rank's slice of I would cut through: each rank's I / tp_size must be a multiple
@@ -116,7 +112,7 @@ class W8A8MoEMethod(MoEQuantMethod):
                 if not bool(torch.isfinite(scales).all()) or bool((scales <= 0).any()):
                     raise ValueError(f"{name}: expected positive finite static activation scales, got "
                                      f"{scales.flatten()[:8].tolist()}")
-                _register(layer, name, scales.amax().reshape(()).contiguous())
+                register_weight(layer, name, scales.amax().reshape(()).contiguous())
         if self.granularity != "tensor" or layer.w13_scale.dim() == 1:
             return
         inter = layer.intermediate_size
@@ -127,7 +123,7 @@ class W8A8MoEMethod(MoEQuantMethod):
                 if bool(s != merged[e]):  # requantize only the shard whose scale was smaller
                     codes = layer.w13.data[e, half]
                     layer.w13.data[e, half] = quantize_with_scale(codes.float() * s, merged[e], self.qdtype)
-        _register(layer, "w13_scale", merged.contiguous())
+        register_weight(layer, "w13_scale", merged.contiguous())
 
     def quant_params(self, layer: RoutedExperts) -> QuantParams:
         # Unmerged per-expert input scales are not a kernel input (kernel_for refuses to run before the merge).
@@ -196,9 +192,3 @@ def dequantized_weights(layer: RoutedExperts) -> tuple[torch.Tensor, torch.Tenso
     w13 = dequantize_weight(layer.w13, layer.w13_scale, method.granularity, method.block_shape, gate_rows=gate_rows)
     w2 = dequantize_weight(layer.w2, layer.w2_scale, method.granularity, method.block_shape)
     return w13, w2
-
-
-def _register(layer: RoutedExperts, name: str, data: torch.Tensor) -> None:
-    p = nn.Parameter(data, requires_grad=False)
-    p.weight_loader = layer.weight_loader  # vLLM-style engines find the loader on the parameter itself
-    layer.register_parameter(name, p)

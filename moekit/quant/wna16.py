@@ -32,9 +32,8 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from moekit._checks import check_bool, check_choice, check_tensor
+from moekit._checks import check_bool, check_choice
 from moekit.ops.quantize_wna16 import (
     BITS,
     WNA16Weight,
@@ -45,14 +44,19 @@ from moekit.ops.quantize_wna16 import (
     gptq_to_wna16,
     quantize_wna16,
 )
-from moekit.quant.base import MoEQuantMethod, replace_float_weights
+from moekit.quant.base import (
+    MoEQuantMethod,
+    load_shard,
+    register_biases,
+    register_weight,
+    replace_float_weights,
+)
 from moekit.quant.params import QuantParams
 
 if TYPE_CHECKING:
     from moekit.routed_experts import RoutedExperts
 
 CHECKPOINT_FORMATS = ("moekit", "compressed-tensors", "gptq", "awq")
-_SHARDS = ("w1", "w2", "w3")
 _INTERNAL = ("", "_scale", "_zp")
 # Per format: (parameter suffix, checkpoint tensor name, dim of one expert's tensor that holds N / the halves).
 _CHECKPOINT_TENSORS = {
@@ -76,7 +80,6 @@ _TP_AXES = {
              "_g_idx": (None, (0, 1))},
     "awq": {"_qweight": ((1, "w"), (0, 1)), "_qzeros": ((1, "w"), (0, "g")), "_scales": ((1, 1), (0, "g"))},
 }
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class WNA16MoEMethod(MoEQuantMethod):
@@ -206,8 +209,9 @@ class WNA16MoEMethod(MoEQuantMethod):
                 if self.sym and suffix in _ZERO_SUFFIXES:
                     continue
                 split = next(d for s, _, d in _CHECKPOINT_TENSORS[fmt] if s == suffix)
-                _register(layer, f"{w}{suffix}", data.to(device), self._loader(layer, f"{w}{suffix}", split))
-        _register_biases(layer, num_experts, halves * intermediate_size, hidden_size, params_dtype, device)
+                register_weight(layer, f"{w}{suffix}", data.to(device),
+                                self._loader(layer, f"{w}{suffix}", split))
+        register_biases(layer, num_experts, halves * intermediate_size, hidden_size, params_dtype, device)
 
     def _checkpoint_shapes(self, fmt: str, e: int, h: int, n: int, k: int,
                            params_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -237,7 +241,7 @@ class WNA16MoEMethod(MoEQuantMethod):
                 "_scales": torch.ones(e, g, h * n)}
 
     def _loader(self, layer: RoutedExperts, name: str, split_dim: int):
-        return functools.partial(_load_shard, layer, name, split_dim)
+        return functools.partial(load_shard, layer, name, split_dim)
 
     @torch.no_grad()
     def process_weights_after_loading(self, layer: RoutedExperts) -> None:
@@ -268,10 +272,10 @@ class WNA16MoEMethod(MoEQuantMethod):
             for suffix, _, _ in _CHECKPOINT_TENSORS[self.checkpoint_format]:
                 layer._parameters.pop(f"{w}{suffix}", None)
             loader = self._loader(layer, w, 0)
-            _register(layer, w, codes, loader)
-            _register(layer, f"{w}_scale", scales, loader)
+            register_weight(layer, w, codes, loader)
+            register_weight(layer, f"{w}_scale", scales, loader)
             if zeros is not None:
-                _register(layer, f"{w}_zp", zeros, loader)
+                register_weight(layer, f"{w}_zp", zeros, loader)
 
     def _dequantize_layer(self, layer: RoutedExperts) -> None:
         """GPTQ tensors with any g_idx (act order) -> float w13/w2 in the layer dtype; the layer's method becomes
@@ -290,9 +294,7 @@ class WNA16MoEMethod(MoEQuantMethod):
         for w, data in floats.items():
             for suffix, _, _ in _CHECKPOINT_TENSORS["gptq"]:
                 layer._parameters.pop(f"{w}{suffix}", None)
-            param = nn.Parameter(data, requires_grad=False)
-            param.weight_loader = layer.weight_loader
-            layer.register_parameter(w, param)
+            register_weight(layer, w, data)
         layer.quant_method = UnquantizedMoEMethod()
         warnings.warn(f"{self.name} (GPTQ act order): experts dequantized to {layer._params_dtype} at load, as "
                       "dequantize=True asks; the layer runs and stores them unquantized", stacklevel=2)
@@ -429,60 +431,3 @@ def _narrow_scales(scales: torch.Tensor, params_dtype: torch.dtype) -> torch.Ten
         if torch.equal(narrow.float(), scales):
             return narrow
     return scales
-
-
-def _register_biases(layer: RoutedExperts, num_experts: int, rows: int, hidden_size: int, dtype: torch.dtype,
-                     device: torch.device | None) -> None:
-    """Unquantized ``w13_bias`` [E, rows] / ``w2_bias`` [E, H] in the layer's dtype when it has biases, else None."""
-    if not layer.has_bias:
-        layer.w13_bias = None
-        layer.w2_bias = None
-        return
-    for name, size in (("w13_bias", rows), ("w2_bias", hidden_size)):
-        _register(layer, name, torch.zeros(num_experts, size, dtype=dtype, device=device), layer.weight_loader)
-
-
-def _register(layer: RoutedExperts, name: str, data: torch.Tensor, loader) -> None:  # noqa: ANN001
-    p = nn.Parameter(data, requires_grad=False)
-    p.weight_loader = loader  # engines find the loader on the parameter itself
-    layer.register_parameter(name, p)
-
-
-@torch.no_grad()
-def _load_shard(layer: RoutedExperts, name: str, split_dim: int, param: nn.Parameter, loaded_weight: torch.Tensor,
-                shard_id: str, expert_id: int) -> None:
-    """Copy one expert's checkpoint tensor of shard ``shard_id`` into ``param`` (``name``): w1 / w3 into the first /
-    second half of a w13 parameter along ``split_dim`` (N) when gated, w2 into the w2 parameter."""
-    check_choice("shard_id", shard_id, _SHARDS)
-    check_tensor("loaded_weight", loaded_weight)
-    is_w2 = name.startswith("w2")
-    if (shard_id == "w2") != is_w2:
-        raise ValueError(f"shard_id: {shard_id!r} does not load into {name!r} (w1/w3 -> w13*, w2 -> w2*)")
-    gated = layer.activation.is_gated
-    if shard_id == "w3" and not gated:
-        raise ValueError(f"shard_id: 'w3' (up) does not exist for the non-gated activation {layer.activation.name!r}")
-    for slot in layer._local_slots(expert_id):
-        dest = param.data[slot]
-        if not is_w2 and gated:
-            half = dest.shape[split_dim] // 2
-            dest = dest.narrow(split_dim, 0 if shard_id == "w1" else half, half)
-        if tuple(loaded_weight.shape) != tuple(dest.shape):
-            raise ValueError(f"loaded_weight: expected shape {tuple(dest.shape)} for {name}[{expert_id}] shard "
-                             f"{shard_id!r}, got {tuple(loaded_weight.shape)}")
-        is_index = name.endswith(("_g_idx", "_weight_shape"))
-        ok = (loaded_weight.dtype in _FLOATS if dest.dtype.is_floating_point
-              else not loaded_weight.dtype.is_floating_point if is_index
-              else loaded_weight.dtype == dest.dtype)
-        if ok and dest.dtype.is_floating_point and loaded_weight.dtype != dest.dtype:
-            # Scales are copied as they are: one the destination dtype cannot hold would be rounded silently.
-            if not torch.equal(loaded_weight.to(dest.dtype).to(loaded_weight.dtype), loaded_weight):
-                raise ValueError(f"loaded_weight: {name}[{expert_id}] shard {shard_id!r} holds "
-                                 f"{str(loaded_weight.dtype).removeprefix('torch.')} values that "
-                                 f"{str(dest.dtype).removeprefix('torch.')} cannot hold exactly; build the layer "
-                                 "with a dtype that holds them (scales are never rounded)")
-        if not ok:
-            # copy_ would turn codes into values (or the other way): a checkpoint of another format.
-            raise TypeError(f"loaded_weight: expected dtype {str(dest.dtype).removeprefix('torch.')} for {name} "
-                            f"(quant method {layer.quant_method.name!r}), got "
-                            f"{str(loaded_weight.dtype).removeprefix('torch.')}")
-        dest.copy_(loaded_weight)

@@ -111,3 +111,29 @@ def test_cli_tune_without_cuda_exits_2(capsys):
     assert main(["tune", "--preset", "qwen3-30b-a3b", "--quant", "w4a16_g128"]) == 2  # a known scheme: only CUDA
     assert "needs a CUDA device" in capsys.readouterr().err
     assert main(["tune", "--preset", "nope"]) == 2
+
+
+def test_measure_skips_a_candidate_the_op_refuses(monkeypatch):
+    # A K tile of 16 is below what 4-bit codes take (the weight-only GEMM's config check refuses it): that candidate
+    # times as inf with one log line and the others are still timed; a ValueError from anything else propagates.
+    # The kernels run in the interpreter here (tiny layer, fp16: the interpreter's bf16 dot is wrong).
+    from moekit.bench import tune
+    from moekit.bench.shapes import MoEShape as Preset
+    from tests.kernel.test_triton_experts_wna16 import DECODE
+
+    tiny = Preset(name="tiny", num_experts=4, hidden_size=128, intermediate_size=64, top_k=2)
+    monkeypatch.setattr(tune, "time_us", lambda fn, device, graph: (fn(), 7.0)[1])
+    lines = []
+    measure, free = tune.gpu_measure(tiny, torch.device("cpu"), torch.float16, quant="mxfp4", log=lines.append)
+    refused = replace(DECODE, gemm1=replace(DECODE.gemm1, block_k=16))
+    times = measure(1, {"heuristic": DECODE, "bk16": refused})
+    assert times == {"heuristic": 7.0 / tune.ROTATE, "bk16": float("inf")}  # one timing covers ROTATE calls
+    assert len(lines) == 1 and lines[0].startswith("T=1: bk16 skipped: config.block_k")
+
+    def broken(fn, device, graph):
+        raise ValueError("a bug, not a refused config")
+
+    monkeypatch.setattr(tune, "time_us", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        measure(1, {"heuristic": DECODE})
+    free()

@@ -94,6 +94,36 @@ def test_quantize_is_exact_on_representable_weights_and_leaves_the_input():
     assert torch.equal(again, w) and torch.equal(w, before)
 
 
+def _per_element(codes, scales):
+    """The definition computed element by element in float32 (a value per nibble, times its group's scale): what
+    the one-lookup-per-byte table must reproduce bit for bit, NaN scale included."""
+    lut = torch.tensor(E2M1_VALUES)
+    values = torch.stack((lut[(codes & 15).long()], lut[(codes >> 4).long()]), -1).flatten(-2)
+    return (values.unflatten(-1, (-1, 32)) * e8m0_to_float(scales).unsqueeze(-1)).flatten(-2)
+
+
+def test_dequantize_every_scale_and_byte_bit_exact():
+    # Every (e8m0, code byte) pair once: row s holds scale s (255: NaN) over all 256 bytes (16 groups of 16 bytes).
+    codes = torch.arange(256, dtype=torch.uint8).repeat(256, 1)
+    scales = torch.arange(256, dtype=torch.uint8).unsqueeze(1).repeat(1, 16)
+    got, want = dequantize_mxfp4(codes, scales), _per_element(codes, scales)
+    assert got.dtype == torch.float32 and got.shape == (256, 512)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got[255]).all()
+    assert torch.equal(got[:255].view(torch.int32), want[:255].view(torch.int32))  # -0, inf, 2^-128 too
+
+
+def test_dequantize_views_batches_and_empty():
+    codes, scales = _random((3, 8, 128), seed=4)
+    codes_before, scales_before = codes.clone(), scales.clone()
+    want = _per_element(codes, scales)
+    assert torch.equal(dequantize_mxfp4(codes, scales), want)   # leading dims
+    assert torch.equal(codes, codes_before) and torch.equal(scales, scales_before)
+    assert torch.equal(dequantize_mxfp4(codes[:, ::2], scales[:, ::2]), want[:, ::2])  # strided rows
+    assert torch.equal(dequantize_mxfp4(codes[1].t().contiguous().t(), scales[1].t().contiguous().t()),
+                       want[1])  # column-major
+    assert dequantize_mxfp4(codes[:, :0], scales[:, :0]).shape == (3, 0, 128)  # no rows
+
+
 def test_e8m0_nan_and_subnormal():
     s = torch.tensor([0, 1, 127, 254, 255], dtype=torch.uint8)
     f = e8m0_to_float(s)
