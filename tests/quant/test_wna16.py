@@ -221,6 +221,19 @@ def test_quantize_refuses_a_quantized_layer_and_unknown_schemes():
         WNA16MoEMethod(bits=4, sym=True, checkpoint_format="awq")
 
 
+
+@pytest.mark.parametrize("scheme", ["w4a16_g128_asym", "w8a16_g128"])
+def test_quantize_refuses_non_finite_weights_and_keeps_the_layer(scheme):
+    # NaN in an expert without tokens: refused (its groups would dequantize to NaN), the layer runs as before.
+    moe, inputs = build("", empty_experts=(5,))
+    with torch.no_grad():
+        moe.routed_experts.w13[5, 7, 100] = float("nan")
+    before = run(moe, inputs)
+    with pytest.raises(ValueError, match="w_NK: expected finite values"):
+        moekit.quantize(moe, scheme)
+    assert moe.routed_experts.quant_method.name == "unquantized" and torch.equal(run(moe, inputs), before)
+
+
 # ------------------------------------------------------------------------------- checkpoint loaders (engine-style)
 
 def ct_pack(q_NK, z_NG, bits):
