@@ -407,6 +407,28 @@ def test_compressed_tensors_checkpoint_matches_its_own_decompress():
         assert torch.equal(deq2.to(torch.bfloat16).float(), torch.stack(expected2)), preset
 
 
+
+@pytest.fixture
+def bf16_default_dtype():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "awq"])
+def test_checkpoint_scales_are_float32_whatever_the_default_dtype(fmt, bf16_default_dtype):
+    # The scale parameters a checkpoint loads into are float32 (exact for any checkpoint dtype), not the global
+    # default: a bf16 one would refuse fp16 scales it cannot hold.
+    layer = RoutedExperts(2, 64, 32, dtype=torch.float16,
+                          quant_method=WNA16MoEMethod(bits=4, group_size=32, sym=False, checkpoint_format=fmt))
+    suffix = "_weight_scale" if fmt == "compressed-tensors" else "_scales"
+    assert layer._parameters[f"w13{suffix}"].dtype == torch.float32
+    assert layer._parameters[f"w2{suffix}"].dtype == torch.float32
+
+
 @pytest.mark.parametrize(("cfg", "fmt", "bits", "sym", "g"), [
     ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}, "gptq", 4, True, 128),
     ({"quant_method": "gptq", "bits": 8, "group_size": 64, "sym": False}, "gptq", 8, False, 64),
