@@ -31,7 +31,7 @@ def _expected_weights(path, block="blk.1"):
 
 def _inputs(moe, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(9, H, generator=g) / 10).to(dtype)  # T = 9: odd, several tokens per expert
+    x = (torch.randn(9, moe.config.hidden_size, generator=g) / 10).to(dtype)  # T = 9: odd, several per expert
     logits = torch.randn(9, E, generator=g)
     weights, ids = torch.softmax(logits, -1).topk(K, dim=-1)
     return x, weights, ids.to(torch.int32)
@@ -54,13 +54,15 @@ def _check_output(moe, w13, w2, dtype):
     ((T.Q4_0, T.Q4_0, T.Q8_0), "w8a16_g32"),   # down in a higher type: Q4_0 widened to 8-bit codes, exact
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_from_pretrained_packed_bit_exact(tmp_path, types, scheme, dtype):
+@pytest.mark.parametrize(("hidden", "inter"), [(H, I), (256, 512)])  # I != H: a swapped [N, K] shows
+def test_from_pretrained_packed_bit_exact(tmp_path, types, scheme, dtype, hidden, inter):
     path = tmp_path / "model.gguf"
-    write_gguf(path, types=types)
+    write_gguf(path, types=types, hidden=hidden, inter=inter)
     moe = MoE.from_pretrained(path, layer=1, dtype=dtype)
     experts = moe.routed_experts
     assert experts.quant_method.name == scheme
-    assert experts.w13.dtype == torch.uint8 and experts.w13_scale.shape == (E, 2 * I, H // 32)
+    assert experts.w13.dtype == torch.uint8 and experts.w13_scale.shape == (E, 2 * inter, hidden // 32)
+    assert experts.w2_scale.shape == (E, hidden, inter // 32)
     w13, w2 = _expected_weights(path)
     got13, got2 = dequantized_weights(experts)
     assert torch.equal(got13, w13) and torch.equal(got2, w2)
@@ -68,9 +70,10 @@ def test_from_pretrained_packed_bit_exact(tmp_path, types, scheme, dtype):
     _check_output(moe, w13, w2, dtype)
 
 
-def test_from_pretrained_dequantizes_k_quants_and_says_so(tmp_path):
+@pytest.mark.parametrize(("hidden", "inter"), [(H, I), (256, 512)])  # I != H: a swapped [N, K] shows
+def test_from_pretrained_dequantizes_k_quants_and_says_so(tmp_path, hidden, inter):
     path = tmp_path / "model.gguf"
-    write_gguf(path, types=(T.Q8_0, T.Q8_0, T.Q4_K))  # Q4_K_M-like: a K-quant on down
+    write_gguf(path, types=(T.Q8_0, T.Q8_0, T.Q4_K), hidden=hidden, inter=inter)  # Q4_K_M-like: K-quant down
     assert gguf_quant_method(GGUFCheckpoint(path), "blk.1") is None
     with pytest.warns(UserWarning, match=r"blk.1.ffn_down_exps.weight \(Q4_K -> torch.float32\)"):
         moe = MoE.from_pretrained(path)  # the only MoE block
