@@ -17,23 +17,26 @@ Router, correction bias, biases and shared experts are always dequantized into t
 them unquantized). ``GGUFLoadReport`` names the ggml type of every tensor read, the ones kept packed (with the
 scheme) and the ones dequantized (with the dtype they now hold): the rounding of a dequantized value into a
 bf16/fp16 layer is the only precision lost, and the report lists where it happens. Scales (Q8_0/Q4_0's fp16 d)
-are kept in the layer's dtype when it holds every one exactly, else in fp16: never rounded.
+are kept in the narrowest of the layer's dtype, fp16 and bf16 that holds every one exactly (else float32, as for
+WNA16 checkpoints): never rounded.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from moekit._checks import check_bool
 from moekit.checkpoint_gguf import GGUF_BLOCK, GGUFCheckpoint, q4_0_to_wna16, q8_0_to_wna16
 from moekit.layer import MoE
 from moekit.loading import LoadReport, _check_correction_bias
 from moekit.quant.unquantized import UnquantizedMoEMethod
-from moekit.quant.wna16 import WNA16MoEMethod
+from moekit.quant.wna16 import WNA16MoEMethod, _narrow_scales
 
 PACKED_TYPES = ("Q8_0", "Q4_0")
 _PROJS = ("gate", "up", "down")
@@ -67,7 +70,7 @@ def load_gguf(moe: MoE, checkpoint: GGUFCheckpoint | str | os.PathLike, prefix: 
               strict: bool = True) -> GGUFLoadReport:
     """Load GGUF block ``prefix`` (``blk.L``, or the layer index L) into ``moe``; ``load_moe`` calls this for GGUF
     checkpoints. Every key, shape and type is checked before anything is copied: when this raises, ``moe`` is
-    unchanged.
+    unchanged. With ``strict=False`` the weights (and scales) of a missing tensor keep what they held.
 
     ``moe``'s routed experts are unquantized (every expert weight dequantized into the layer's dtype) or a
     ``WNA16MoEMethod`` of moekit's own layout, group 32, symmetric, that the projections' types map onto exactly
@@ -143,7 +146,7 @@ class _GGUFPlan:
     def __init__(self, ckpt: GGUFCheckpoint, report: GGUFLoadReport) -> None:
         self.ckpt, self.report = ckpt, report
         self._steps: list[Callable[[], None]] = []
-        self._checks: list[Callable[[], None]] = []
+        self._checks: list[tuple[str, Callable[[], None]]] = []
 
     def present(self, key: str, shape: tuple[int, ...]) -> bool:
         """Whether ``key`` is stored (else reported missing); raises when its shape is not ``shape``."""
@@ -162,14 +165,19 @@ class _GGUFPlan:
         kind = self.ckpt.type_name(key)
         if kind not in ("F32", "F16", "BF16") or kind != _FLOAT_NAMES.get(dest.dtype):
             self.report.dequantized[key] = f"{kind} -> {dest.dtype}"
-        if not any(c[0] == key for c in self._checks):  # a type gguf cannot dequantize fails before any copy
-            self._checks.append((key, lambda: self.ckpt.dequantize(key, 0 if index is not None else None)))
+        # A type gguf cannot dequantize fails before any copy.
+        self.check(key, lambda: self.ckpt.dequantize(key, 0 if index is not None else None))
 
         def step() -> None:
             values = self.ckpt.dequantize(key, index)
             dest.copy_(values if reshape is None else values.reshape(reshape))
 
         self._steps.append(step)
+
+    def check(self, key: str, check: Callable[[], None]) -> None:
+        """Run ``check`` (once per key) before the first copy."""
+        if not any(c[0] == key for c in self._checks):
+            self._checks.append((key, check))
 
     def add(self, step: Callable[[], None]) -> None:
         self._steps.append(step)
@@ -240,8 +248,9 @@ def _plan_packed(moe: MoE, plan: _GGUFPlan, block: str, slots: list[tuple[int, i
     allowed = ("Q4_0",) if bits == 4 else PACKED_TYPES
     inter = moe.config.intermediate_size
     scheme = experts.quant_method.name
-    # The fp16 d of every block, gathered whole, then stored in the narrowest dtype that holds them exactly.
-    scales = {name: torch.empty(getattr(experts, f"{name}_scale").shape, dtype=torch.float16)
+    # The fp16 d of every block, gathered on the layer's device in float32 (exact for fp16 d and for whatever the
+    # scales held) from the current scales: rows of a projection missing under strict=False keep their values.
+    scales = {name: getattr(experts, f"{name}_scale").detach().to(torch.float32, copy=True)
               for name in ("w13", "w2")}
     for proj, shape in _expert_shapes(moe).items():
         key = f"{block}ffn_{proj}_exps.weight"
@@ -257,26 +266,38 @@ def _plan_packed(moe: MoE, plan: _GGUFPlan, block: str, slots: list[tuple[int, i
         name = "w2" if proj == "down" else "w13"
         rows = {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "down": slice(None)}[proj]
         codes = getattr(experts, name).data
-        for slot, e in slots:
-            plan.add(_packed_step(plan.ckpt, key, kind, e, bits, codes[slot, rows], scales[name][slot, rows]))
+        steps = [_packed_step(plan.ckpt, key, kind, e, bits, codes[slot, rows], scales[name][slot, rows])
+                 for slot, e in slots]
+        if steps:  # converting one expert checks the blocks against the layer's shapes before anything is copied
+            plan.check(key, functools.partial(steps[0], dry_run=True))
+        for step in steps:
+            plan.add(step)
 
     def narrow_scales() -> None:
         for name, s in scales.items():
-            param = getattr(experts, f"{name}_scale")
-            exact = s.to(experts.params_dtype)
-            param.data = exact if torch.equal(exact.float(), s.float()) else s
+            param = experts._parameters[f"{name}_scale"]
+            # A meta layer holds no values to check: its scales keep their dtype.
+            data = s.to(param.dtype) if s.device.type == "meta" else _narrow_scales(s, experts.params_dtype)
+            new = nn.Parameter(data, requires_grad=False)
+            new.__dict__.update(param.__dict__)  # its weight_loader and any other attribute an engine set
+            experts.register_parameter(f"{name}_scale", new)
 
     plan.add(narrow_scales)
     _plan_biases(moe, plan, block, slots)
 
 
 def _packed_step(ckpt: GGUFCheckpoint, key: str, kind: str, expert: int, bits: int, codes: torch.Tensor,
-                 scales: torch.Tensor) -> Callable[[], None]:
-    def step() -> None:
+                 scales: torch.Tensor) -> Callable[..., None]:
+    def step(dry_run: bool = False) -> None:
         raw = ckpt.raw(key, expert)
         w = q8_0_to_wna16(raw) if kind == "Q8_0" else q4_0_to_wna16(raw, bits)
-        codes.copy_(w.qweight)
-        scales.copy_(w.scales)
+        for what, got, dest in (("codes", w.qweight, codes), ("scales", w.scales, scales)):
+            if got.shape != dest.shape:
+                raise ValueError(f"checkpoint key {key!r}: expert {expert}'s {kind} blocks give {what} of shape "
+                                 f"{tuple(got.shape)}, the layer holds {tuple(dest.shape)}")
+        if not dry_run:
+            codes.copy_(w.qweight)
+            scales.copy_(w.scales)
 
     return step
 

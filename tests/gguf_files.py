@@ -7,6 +7,7 @@ import torch
 
 T = gguf.GGMLQuantizationType
 E, K, H, I = 6, 2, 256, 256  # H, I multiples of 256: K-quant blocks fit; E = 6: not a power of two
+# write_gguf(hidden=, inter=) gives other sizes: a test with H != I catches a swapped [N, K] (H == I cannot).
 
 
 def _q4_k_raw(shape, rng):
@@ -34,32 +35,32 @@ def _tensor(writer, name, values, kind, rng):
 
 
 def write_gguf(path, *, arch="qwen3moe", types=(T.Q4_0, T.Q4_0, T.Q4_0), layers=(1,), shared=0, meta=None,
-               skip=(), extra=(), seed=0):
-    """A tiny GGUF file: MoE blocks at ``layers`` (gate, up, down of ``types``), F32 router; returns the float
-    source weights by tensor name (what was quantized)."""
+               skip=(), extra=(), seed=0, hidden=H, inter=I):
+    """A tiny GGUF file: MoE blocks at ``layers`` (gate, up, down of ``types``; ``hidden`` H, ``inter`` I),
+    F32 router; returns the float source weights by tensor name (what was quantized)."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(max(layers) + 1)
-    w.add_embedding_length(H)
+    w.add_embedding_length(hidden)
     w.add_expert_count(E)
     w.add_expert_used_count(K)
-    w.add_expert_feed_forward_length(I)
+    w.add_expert_feed_forward_length(inter)
     for key, value in (meta or {}).items():
         add = w.add_bool if isinstance(value, bool) else w.add_float32 if isinstance(value, float) else w.add_uint32
         add(f"{arch}.{key}", value)
     src = {}
     for layer in layers:
         b = f"blk.{layer}."
-        tensors = {b + "ffn_gate_inp.weight": (rng.standard_normal((E, H)), T.F32)}
+        tensors = {b + "ffn_gate_inp.weight": (rng.standard_normal((E, hidden)), T.F32)}
         for proj, kind in zip(("gate", "up", "down"), types):
-            shape = (E, H, I) if proj == "down" else (E, I, H)
+            shape = (E, hidden, inter) if proj == "down" else (E, inter, hidden)
             tensors[f"{b}ffn_{proj}_exps.weight"] = (rng.standard_normal(shape) / 16, kind)
         if shared:
-            tensors[b + "ffn_gate_shexp.weight"] = (rng.standard_normal((shared, H)) / 16, T.Q8_0)
-            tensors[b + "ffn_up_shexp.weight"] = (rng.standard_normal((shared, H)) / 16, T.Q8_0)
-            tensors[b + "ffn_down_shexp.weight"] = (rng.standard_normal((H, shared)) / 16, T.Q8_0)
-            tensors[b + "ffn_gate_inp_shexp.weight"] = (rng.standard_normal(H), T.F32)
-        tensors[b + "ffn_norm.weight"] = (np.ones(H), T.F32)  # the decoder layer's norm: not the MoE block's
+            tensors[b + "ffn_gate_shexp.weight"] = (rng.standard_normal((shared, hidden)) / 16, T.Q8_0)
+            tensors[b + "ffn_up_shexp.weight"] = (rng.standard_normal((shared, hidden)) / 16, T.Q8_0)
+            tensors[b + "ffn_down_shexp.weight"] = (rng.standard_normal((hidden, shared)) / 16, T.Q8_0)
+            tensors[b + "ffn_gate_inp_shexp.weight"] = (rng.standard_normal(hidden), T.F32)
+        tensors[b + "ffn_norm.weight"] = (np.ones(hidden), T.F32)  # the decoder layer's norm: not the MoE block's
         for name, shape_kind in extra:
             tensors[b + name] = (rng.standard_normal(shape_kind[0]), shape_kind[1])
         for name, (values, kind) in tensors.items():

@@ -40,8 +40,11 @@ def test_block_converters_refuse_bad_raw():
         q8_0_to_wna16(torch.zeros(4, 34, dtype=torch.int8))
     with pytest.raises(ValueError, match="multiple of 18"):
         q4_0_to_wna16(torch.zeros(4, 20, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="bits: expected 4 or 8"):
+    with pytest.raises(ValueError, match=r"bits: expected one of \[4, 8\], got 2"):
         q4_0_to_wna16(torch.zeros(4, 18, dtype=torch.uint8), bits=2)
+    for bits in (8.0, True, "8"):  # 8.0 == 8 passed a plain membership test
+        with pytest.raises(TypeError, match="bits: expected an int"):
+            q4_0_to_wna16(torch.zeros(4, 18, dtype=torch.uint8), bits=bits)
 
 
 def test_config_per_arch(tmp_path):

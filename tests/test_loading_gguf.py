@@ -31,7 +31,7 @@ def _expected_weights(path, block="blk.1"):
 
 def _inputs(moe, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(9, H, generator=g) / 10).to(dtype)  # T = 9: odd, several tokens per expert
+    x = (torch.randn(9, moe.config.hidden_size, generator=g) / 10).to(dtype)  # T = 9: odd, several per expert
     logits = torch.randn(9, E, generator=g)
     weights, ids = torch.softmax(logits, -1).topk(K, dim=-1)
     return x, weights, ids.to(torch.int32)
@@ -54,13 +54,15 @@ def _check_output(moe, w13, w2, dtype):
     ((T.Q4_0, T.Q4_0, T.Q8_0), "w8a16_g32"),   # down in a higher type: Q4_0 widened to 8-bit codes, exact
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_from_pretrained_packed_bit_exact(tmp_path, types, scheme, dtype):
+@pytest.mark.parametrize(("hidden", "inter"), [(H, I), (256, 512)])  # I != H: a swapped [N, K] shows
+def test_from_pretrained_packed_bit_exact(tmp_path, types, scheme, dtype, hidden, inter):
     path = tmp_path / "model.gguf"
-    write_gguf(path, types=types)
+    write_gguf(path, types=types, hidden=hidden, inter=inter)
     moe = MoE.from_pretrained(path, layer=1, dtype=dtype)
     experts = moe.routed_experts
     assert experts.quant_method.name == scheme
-    assert experts.w13.dtype == torch.uint8 and experts.w13_scale.shape == (E, 2 * I, H // 32)
+    assert experts.w13.dtype == torch.uint8 and experts.w13_scale.shape == (E, 2 * inter, hidden // 32)
+    assert experts.w2_scale.shape == (E, hidden, inter // 32)
     w13, w2 = _expected_weights(path)
     got13, got2 = dequantized_weights(experts)
     assert torch.equal(got13, w13) and torch.equal(got2, w2)
@@ -68,9 +70,10 @@ def test_from_pretrained_packed_bit_exact(tmp_path, types, scheme, dtype):
     _check_output(moe, w13, w2, dtype)
 
 
-def test_from_pretrained_dequantizes_k_quants_and_says_so(tmp_path):
+@pytest.mark.parametrize(("hidden", "inter"), [(H, I), (256, 512)])  # I != H: a swapped [N, K] shows
+def test_from_pretrained_dequantizes_k_quants_and_says_so(tmp_path, hidden, inter):
     path = tmp_path / "model.gguf"
-    write_gguf(path, types=(T.Q8_0, T.Q8_0, T.Q4_K))  # Q4_K_M-like: a K-quant on down
+    write_gguf(path, types=(T.Q8_0, T.Q8_0, T.Q4_K), hidden=hidden, inter=inter)  # Q4_K_M-like: K-quant down
     assert gguf_quant_method(GGUFCheckpoint(path), "blk.1") is None
     with pytest.warns(UserWarning, match=r"blk.1.ffn_down_exps.weight \(Q4_K -> torch.float32\)"):
         moe = MoE.from_pretrained(path)  # the only MoE block
@@ -237,3 +240,57 @@ def test_gpu_from_pretrained_matches_the_cpu_layer(tmp_path, arch, types, scheme
     tol = Tolerance(max=max(QUANT_REFERENCE_TOLERANCE.max, rounding.max),
                     rms=max(QUANT_REFERENCE_TOLERANCE.rms, rounding.rms))
     assert_close(got.cpu(), want.double(), tol=tol, name=f"{scheme} on cuda vs cpu")
+
+
+@pytest.mark.parametrize("types", [(T.Q4_0,) * 3, (T.Q8_0, T.Q8_0, T.Q4_0)])
+def test_packed_load_keeps_every_parameter_on_the_layer_device(tmp_path, types):
+    # meta stands in for CUDA: the scales gathered on the CPU and swapped in with `param.data =` raised here, after
+    # the codes were copied. Every parameter stays a Parameter of its device, with its loader.
+    path = tmp_path / "model.gguf"
+    write_gguf(path, types=types)
+    moe = MoE(gguf_config(path, 1), dtype=torch.bfloat16, quant_method=gguf_quant_method(path, "blk.1"),
+              device="meta")
+    experts = moe.routed_experts
+    before = {n: (tuple(p.shape), p.dtype) for n, p in experts.named_parameters()}
+    load_gguf(moe, path, "blk.1")
+    for name, param in experts.named_parameters():
+        assert param.device.type == "meta" and not param.requires_grad, name
+        assert (tuple(param.shape), param.dtype) == before[name], name  # a meta layer has no values to narrow
+    for name in ("w13_scale", "w2_scale"):
+        assert getattr(experts, name).weight_loader is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_load_without_a_projection_keeps_its_rows(tmp_path, dtype):
+    # strict=False with ffn_up_exps missing: its rows of w13 and w13_scale keep what they held (no uninitialised
+    # scales), the others are the file's, exactly.
+    path = tmp_path / "model.gguf"
+    write_gguf(path, types=(T.Q8_0,) * 3, skip=("ffn_up_exps.weight",))
+    moe = MoE(gguf_config(path, 1), dtype=dtype, quant_method=gguf_quant_method(path, "blk.1"))
+    experts = moe.routed_experts
+    with torch.no_grad():
+        experts.w13[:, I:] = 7
+        experts.w13_scale[:, I:] = 2.0 ** -30  # a bf16 value fp16 cannot hold: the scales widen, never round
+    up_codes, up_scales = experts.w13[:, I:].clone(), experts.w13_scale[:, I:].float()
+    report = load_gguf(moe, path, "blk.1", strict=False)
+    assert report.missing == ["blk.1.ffn_up_exps.weight"]
+    assert torch.equal(experts.w13[:, I:], up_codes)
+    assert torch.equal(experts.w13_scale[:, I:].float(), up_scales)
+    got13, got2 = dequantized_weights(experts)
+    assert torch.equal(got13[:, :I], gguf_dequantize(path, "blk.1.ffn_gate_exps.weight"))
+    assert torch.equal(got2, gguf_dequantize(path, "blk.1.ffn_down_exps.weight"))
+
+
+def test_packed_blocks_that_do_not_fit_fail_before_any_copy(tmp_path, monkeypatch):
+    # down's blocks read one block short per row (a truncated file): refused before gate/up are copied.
+    path = tmp_path / "model.gguf"
+    write_gguf(path, types=(T.Q4_0,) * 3)
+    raw = GGUFCheckpoint.raw
+    monkeypatch.setattr(GGUFCheckpoint, "raw", lambda self, key, index=None: (
+        raw(self, key, index)[..., :-18] if "down" in key else raw(self, key, index)))
+    moe = MoE(gguf_config(path, 1), quant_method=gguf_quant_method(path, "blk.1"))
+    before = {n: p.clone() for n, p in moe.routed_experts.named_parameters()}
+    with pytest.raises(ValueError, match=r"ffn_down_exps.weight'.* codes of shape \(256, 112\)"):
+        load_gguf(moe, path, "blk.1")
+    for name, param in moe.routed_experts.named_parameters():
+        assert torch.equal(param, before[name]), name

@@ -59,12 +59,15 @@ def quantize_wna16(w_NK: torch.Tensor, bits: int, group_size: int, sym: bool) ->
         q = clamp(round(w / s) + z, 0, Q)          (round half to even; s = 0: q = z, dequantizes to 0)
 
     ``s`` is rounded to ``w``'s dtype first and the codes are made with that stored scale, so dequantizing gives
-    exactly what the codes mean. Returns the internal layout with ``scales`` in ``w``'s dtype.
+    exactly what the codes mean. Returns the internal layout with ``scales`` in ``w``'s dtype. Raises on non-finite
+    values (an inf or NaN would make its whole group's scale, and so every value of the group, NaN).
     """
     check_tensor("w_NK", w_NK)
     check_dtype("w_NK", w_NK, _FLOAT_DTYPES)
     if w_NK.dim() < 2:
         raise ValueError(f"w_NK: expected at least 2 dims [..., N, K], got shape {tuple(w_NK.shape)}")
+    if not bool(torch.isfinite(w_NK).all()):
+        raise ValueError("w_NK: expected finite values (an integer code cannot hold inf/NaN), got inf or NaN")
     check_choice("bits", bits, BITS)
     check_bool("sym", sym)
     k = w_NK.shape[-1]

@@ -110,19 +110,32 @@ def replace_float_weights(method: MoEQuantMethod, layer: RoutedExperts,
     """Swap ``layer``'s unquantized weights for ``method``'s parameters (online quantization): the float weights
     and biases are dropped, ``method.create_weights`` registers its own, ``store(layer, e, name, w)`` writes expert
     ``e``'s float weight ``w`` of ``name`` (``w13`` / ``w2``) into them, one expert at a time (no float copy of the
-    layer stays), and the biases are copied back. The layer keeps the float weights' dtype for its activations."""
+    layer stays), and the biases are copied back. The layer keeps the float weights' dtype for its activations.
+    When ``store`` (or anything here) raises, the layer gets its float parameters back, unchanged."""
     w13, w2 = layer.w13.detach(), layer.w2.detach()
     biases = (layer.w13_bias, layer.w2_bias)
-    for name in ("w13", "w2", "w13_bias", "w2_bias"):
-        layer._parameters.pop(name, None)
-    method.create_weights(layer, num_experts=w13.shape[0], hidden_size=layer.hidden_size,
-                          intermediate_size=layer.intermediate_size, params_dtype=w13.dtype, device=w13.device)
-    for e in range(w13.shape[0]):
-        for name, weight in (("w13", w13[e]), ("w2", w2[e])):
-            store(layer, e, name, weight)
-    for name, bias in zip(("w13_bias", "w2_bias"), biases):
-        if bias is not None:
-            getattr(layer, name).data.copy_(bias.detach())
+    names = ("w13", "w2", "w13_bias", "w2_bias")
+    # The float parameters stay referenced until the end anyway (w13, w2 above): keeping them costs no memory.
+    saved_params = dict(layer._parameters)
+    saved_attrs = {n: v for n, v in vars(layer).items() if n in names}  # create_weights may set plain attributes
+    try:
+        for name in names:
+            layer._parameters.pop(name, None)
+        method.create_weights(layer, num_experts=w13.shape[0], hidden_size=layer.hidden_size,
+                              intermediate_size=layer.intermediate_size, params_dtype=w13.dtype, device=w13.device)
+        for e in range(w13.shape[0]):
+            for name, weight in (("w13", w13[e]), ("w2", w2[e])):
+                store(layer, e, name, weight)
+        for name, bias in zip(("w13_bias", "w2_bias"), biases):
+            if bias is not None:
+                getattr(layer, name).data.copy_(bias.detach())
+    except BaseException:
+        layer._parameters.clear()
+        layer._parameters.update(saved_params)
+        for name in names:
+            vars(layer).pop(name, None)
+        vars(layer).update(saved_attrs)
+        raise
     layer.quant_method = method
     layer._params_dtype = w13.dtype
 

@@ -227,18 +227,18 @@ class WNA16MoEMethod(MoEQuantMethod):
                     "_zp": torch.zeros(e, h * n, g, dtype=torch.uint8)}
         if fmt == "compressed-tensors":
             return {"_weight_packed": torch.zeros(e, h * n, words_k, dtype=i32),
-                    "_weight_scale": torch.ones(e, h * n, g),
+                    "_weight_scale": torch.ones(e, h * n, g, dtype=torch.float32),
                     "_weight_zero_point": torch.zeros(e, h * words_n, g, dtype=i32),
                     "_weight_shape": torch.tensor([n, k]).repeat(e, h)}
         if fmt == "gptq":
             return {"_qweight": torch.zeros(e, k // (32 // b), h * n, dtype=i32),
                     # v1's stored zero 2^(b-1) − 1 in every slot: an unloaded layer converts (as symmetric too)
                     "_qzeros": torch.full((e, g, h * words_n), _sym_qzeros_word(b), dtype=i32),
-                    "_scales": torch.ones(e, g, h * n),
+                    "_scales": torch.ones(e, g, h * n, dtype=torch.float32),
                     "_g_idx": (torch.arange(k) // _group(self.group_size, k)).repeat(e, h).to(i32)}
         return {"_qweight": torch.zeros(e, k, h * n // 8, dtype=i32),
                 "_qzeros": torch.zeros(e, g, h * n // 8, dtype=i32),
-                "_scales": torch.ones(e, g, h * n)}
+                "_scales": torch.ones(e, g, h * n, dtype=torch.float32)}
 
     def _loader(self, layer: RoutedExperts, name: str, split_dim: int):
         return functools.partial(load_shard, layer, name, split_dim)

@@ -294,6 +294,12 @@ def test_refusals_name_the_argument():
         quantize_wna16(torch.randn(64), 4, 32, True)
     with pytest.raises(TypeError, match="sym"):
         quantize_wna16(w, 4, 32, 1)
+    for bad in (float("inf"), float("-inf"), float("nan")):  # would turn its whole group into NaN
+        poisoned = w.clone()
+        poisoned[3, 40] = bad
+        for sym in (True, False):
+            with pytest.raises(ValueError, match="w_NK: expected finite values"):
+                quantize_wna16(poisoned, 4, 32, sym)
     qw = quantize_wna16(w, 4, 32, False)
     with pytest.raises(TypeError, match="weight: expected a WNA16Weight"):
         dequantize_wna16(tuple(qw))

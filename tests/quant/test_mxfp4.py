@@ -11,7 +11,7 @@ from moekit._layout import interleave
 from moekit.loading import load_moe
 from moekit.ops.activation import Activation
 from moekit.ops.quantize_mxfp4 import dequantize_mxfp4, quantize_mxfp4
-from moekit.quant import MXFP4MoEMethod, UnsupportedQuantization, get_quant_method
+from moekit.quant import MXFP4MoEMethod, UnquantizedMoEMethod, UnsupportedQuantization, get_quant_method
 from moekit.quant.mxfp4 import dequantized_weights
 from moekit.testing import Tolerance, assert_close, make_moe_inputs
 from tests.quant.cases import build, routed_bytes, run
@@ -85,6 +85,23 @@ def test_edge_cases():
         moe, inputs = build("", **kw)
         moekit.quantize(moe, "mxfp4")
         _check_layer(moe, inputs)
+
+
+
+def test_refused_quantization_leaves_the_layer_as_it_was():
+    # inf in the last expert (one without tokens) is refused while storing it, after the other experts' codes were
+    # written: the float weights, biases and method come back, and the layer runs exactly as before.
+    moe, inputs = build("", bias=True, empty_experts=(7,))
+    layer = moe.routed_experts
+    with torch.no_grad():
+        layer.w2[7, 0, 0] = float("inf")
+    before, params = run(moe, inputs), dict(layer.named_parameters())
+    with pytest.raises(ValueError, match="w_NK: expected finite values"):
+        moekit.quantize(moe, "mxfp4")
+    assert type(layer.quant_method) is UnquantizedMoEMethod and layer.params_dtype == torch.bfloat16
+    after = dict(layer.named_parameters())
+    assert after.keys() == params.keys() and all(after[n] is p for n, p in params.items())  # the same Parameters
+    assert torch.equal(run(moe, inputs), before)
 
 
 def test_compile_fullgraph_whole_moe_layer():

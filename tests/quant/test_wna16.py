@@ -221,6 +221,19 @@ def test_quantize_refuses_a_quantized_layer_and_unknown_schemes():
         WNA16MoEMethod(bits=4, sym=True, checkpoint_format="awq")
 
 
+
+@pytest.mark.parametrize("scheme", ["w4a16_g128_asym", "w8a16_g128"])
+def test_quantize_refuses_non_finite_weights_and_keeps_the_layer(scheme):
+    # NaN in an expert without tokens: refused (its groups would dequantize to NaN), the layer runs as before.
+    moe, inputs = build("", empty_experts=(5,))
+    with torch.no_grad():
+        moe.routed_experts.w13[5, 7, 100] = float("nan")
+    before = run(moe, inputs)
+    with pytest.raises(ValueError, match="w_NK: expected finite values"):
+        moekit.quantize(moe, scheme)
+    assert moe.routed_experts.quant_method.name == "unquantized" and torch.equal(run(moe, inputs), before)
+
+
 # ------------------------------------------------------------------------------- checkpoint loaders (engine-style)
 
 def ct_pack(q_NK, z_NG, bits):
@@ -392,6 +405,28 @@ def test_compressed_tensors_checkpoint_matches_its_own_decompress():
         # decompress rounds to the weight dtype; ours is fp32 of the same product
         assert torch.equal(deq13.to(torch.bfloat16).float(), torch.stack(expected13)), preset
         assert torch.equal(deq2.to(torch.bfloat16).float(), torch.stack(expected2)), preset
+
+
+
+@pytest.fixture
+def bf16_default_dtype():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "awq"])
+def test_checkpoint_scales_are_float32_whatever_the_default_dtype(fmt, bf16_default_dtype):
+    # The scale parameters a checkpoint loads into are float32 (exact for any checkpoint dtype), not the global
+    # default: a bf16 one would refuse fp16 scales it cannot hold.
+    layer = RoutedExperts(2, 64, 32, dtype=torch.float16,
+                          quant_method=WNA16MoEMethod(bits=4, group_size=32, sym=False, checkpoint_format=fmt))
+    suffix = "_weight_scale" if fmt == "compressed-tensors" else "_scales"
+    assert layer._parameters[f"w13{suffix}"].dtype == torch.float32
+    assert layer._parameters[f"w2{suffix}"].dtype == torch.float32
 
 
 @pytest.mark.parametrize(("cfg", "fmt", "bits", "sym", "g"), [
