@@ -11,10 +11,11 @@ def _stream_read(x_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
     i_p = tl.program_id(0)
     n_p = tl.num_programs(0)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    o = i_p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: 4 GiB of bf16 is 2^31 elements
-    for _ in range(i_p, tl.cdiv(n_elements, BLOCK), n_p):
+    for i_b in range(i_p, tl.cdiv(n_elements, BLOCK), n_p):
+        # int64: 4 GiB of bf16 is 2^31 elements. (Offsets carried from one iteration to the next instead lose
+        # the compiler's contiguity facts: that form read at 2.5 TB/s on an H200, this one at 4.35-4.45.)
+        o = tl.cast(i_b, tl.int64) * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(x_ptr + o, mask=o < n_elements, other=0.0).to(tl.float32)
-        o += n_p.to(tl.int64) * BLOCK
     tl.store(out_ptr + i_p, tl.sum(acc, axis=0))
 
 
