@@ -123,6 +123,8 @@ def load_gguf(moe: MoE, checkpoint: GGUFCheckpoint | str | os.PathLike, prefix: 
     if strict and not report.ok:
         raise KeyError(f"load_gguf({report.prefix!r}): missing {report.missing}, unexpected {report.unexpected}")
     plan.run()
+    for param in moe.parameters():  # the copies went through .data: see RoutedExperts.weight_loader
+        torch.autograd.graph.increment_version(param)
     experts.process_weights_after_loading()
     return report
 

@@ -208,6 +208,9 @@ class RoutedExperts(nn.Module):
             raise ValueError(f"shard_id: {shard_id!r} does not load into {name!r} (w1/w3 -> w13*, w2 -> w2*)")
         for local_id in slots:  # every replica of the expert on this rank gets its own copy
             self._load_into(name, param.data[local_id], loaded_weight, shard_id, expert_id, is_w13)
+        # Writes through .data leave the tensor's version as it was: bump it, so that what caches a form of the
+        # weights by version (the CPU path's packed experts, moekit.kernel.cpu_packed) sees the new values.
+        torch.autograd.graph.increment_version(param)
 
     def _load_into(self, name: str, dest: torch.Tensor, loaded_weight: torch.Tensor,
                    shard_id: str, expert_id: int, is_w13: bool) -> None:

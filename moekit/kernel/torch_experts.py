@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from moekit.kernel import cpu_packed
 from moekit.kernel.experts import Experts, Grads
 from moekit.ops.activation import Activation, activation_ref
 from moekit.ops.activation_backward import activation_backward_ref
@@ -99,8 +100,11 @@ class TorchExperts(Experts):
         if spans:
             x_MH = hidden_states_TH[order_M // top_k]  # the routed rows of local experts, grouped by expert
             weights = (w13_E2IH, w2_EHI, w13_bias_E2I, w2_bias_EH)
-            pool = _pool_for(x_MH, spans, *weights)
-            if pool is None:
+            packed = cpu_packed.usable(x_MH, w13_E2IH, w2_EHI)
+            pool = None if packed else _pool_for(x_MH, spans, *weights)
+            if packed:
+                y_NH[order_M] = cpu_packed.experts_packed(x_MH, spans, *weights, activation)
+            elif pool is None:
                 y_NH[order_M] = _experts_serial(x_MH, ids_M, spans, *weights, activation)
             else:
                 y_NH[order_M] = _experts_pooled(pool, x_MH, spans, *weights, activation)

@@ -8,16 +8,22 @@ import pytest
 import torch
 
 import moekit.kernel.torch_experts as te
+from moekit.kernel import cpu_packed
 from moekit.functional import fused_experts
 from moekit.ops.activation import Activation
 from moekit.testing import assert_close, make_moe_inputs, reference_experts
 
 
-@pytest.fixture(params=["grouped_mm", "loop", "pool"])
+@pytest.fixture(params=["packed", "grouped_mm", "loop", "pool"])
 def path(request, monkeypatch):
     """Force one path whatever the dtype and this machine's thread count (a 1-core runner never picks the pool
-    itself): the serial path on torch._grouped_mm, on its Python loop (torch without _grouped_mm for the dtype
-    or strides), or the worker pool."""
+    itself): the GEMMs on oneDNN-packed weights (``cpu_packed``; where this CPU's oneDNN lacks the dtype, e.g.
+    fp16 without AVX512-FP16, the backend falls back and the case checks that), the serial path on
+    torch._grouped_mm, on its Python loop (torch without _grouped_mm for the dtype or strides), or the worker
+    pool."""
+    if request.param == "packed":
+        return request.param
+    monkeypatch.setattr(cpu_packed, "usable", lambda *args: False)
     if request.param == "pool":
         monkeypatch.setattr(te, "_pool_for", lambda *args: te._ExpertPool.get(2))
     else:

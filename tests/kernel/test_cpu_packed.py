@@ -1,0 +1,132 @@
+"""The torch backend's GEMMs on oneDNN-packed expert weights (``moekit.kernel.cpu_packed``): taken where the CPU
+supports the dtype, equal to the plain GEMMs within the dtype's rounding, and never stale: every way moekit or a
+caller changes the weights after a forward is seen by the next one."""
+
+import gc
+
+import pytest
+import torch
+
+from moekit import MoE, MoEConfig
+from moekit.functional import fused_experts
+from moekit.kernel import cpu_packed
+from moekit.router import select_experts
+from moekit.testing import assert_close, make_moe_inputs, reference_experts
+
+PACKED_DTYPES = [d for d in (torch.float32, torch.bfloat16, torch.float16) if cpu_packed._dtype_supported(d)]
+needs_packing = pytest.mark.skipif(not PACKED_DTYPES, reason="this torch/CPU packs no dtype for oneDNN")
+
+
+def _args(d):
+    return d["hidden_states"], d["w13"], d["w2"], d["topk_weights"], d["topk_ids"]
+
+
+@pytest.fixture
+def packs(monkeypatch):
+    """The shapes of the expert weights packed (each call of ``cpu_packed._pack``)."""
+    calls = []
+    real = cpu_packed._pack
+
+    def counting(w_NK):
+        calls.append(tuple(w_NK.shape))
+        return real(w_NK)
+
+    monkeypatch.setattr(cpu_packed, "_pack", counting)
+    return calls
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+@pytest.mark.parametrize("num_tokens, num_experts, top_k", [(0, 8, 2), (1, 8, 2), (37, 8, 3), (5, 4, 4)])
+def test_packed_matches_the_plain_gemms(monkeypatch, dtype, num_tokens, num_experts, top_k):
+    # T = 0, one token, odd T with an expert that gets nothing, top_k = E; gated activation with both biases.
+    d = make_moe_inputs(num_tokens, num_experts, 48, 40, top_k, dtype=dtype, activation="swigluoai", bias=True,
+                        empty_experts=(1,) if num_experts > top_k else ())
+    kw = {"activation": "swigluoai", "w13_bias": d["w13_bias"], "w2_bias": d["w2_bias"], "backend": "torch"}
+    assert cpu_packed.usable(d["hidden_states"], d["w13"], d["w2"])
+    packed = fused_experts(*_args(d), **kw)
+    monkeypatch.setenv("MOEKIT_CPU_PREPACK", "0")
+    assert not cpu_packed.usable(d["hidden_states"], d["w13"], d["w2"])
+    plain = fused_experts(*_args(d), **kw)
+    ref = reference_experts(*_args(d), activation="swigluoai", w13_bias_E2I=d["w13_bias"], w2_bias_EH=d["w2_bias"])
+    assert packed.dtype == dtype and packed.shape == plain.shape
+    assert_close(packed, ref, dtype)
+    assert_close(packed, plain.double(), dtype)
+
+
+@needs_packing
+def test_each_expert_is_packed_once_and_only_when_used(packs):
+    dtype = PACKED_DTYPES[-1]
+    d = make_moe_inputs(6, 8, 32, 24, 2, dtype=dtype, empty_experts=(2, 5))
+    used = int(torch.unique(d["topk_ids"]).numel())
+    for _ in range(3):
+        fused_experts(*_args(d), backend="torch")
+    assert len(packs) == 2 * used  # w13 and w2 of each routed expert, on the first call only
+
+
+def test_sample_indices_stay_in_range():
+    for numel in (1, 2, 63, 64, 65, 2**28, 3 * 2**31 + 7):
+        idx = cpu_packed._sample_indices(numel)
+        assert idx[0] == 0 and idx[-1] == numel - 1 and bool((idx[1:] > idx[:-1]).all())
+
+
+@needs_packing
+def test_cache_dies_with_the_weights():
+    d = make_moe_inputs(4, 8, 32, 24, 2, dtype=PACKED_DTYPES[-1])
+    fused_experts(*_args(d), backend="torch")
+    before = len(cpu_packed._CACHE)
+    del d
+    gc.collect()
+    assert len(cpu_packed._CACHE) <= before - 2
+
+
+def _layer(dtype: torch.dtype) -> MoE:
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(num_experts=4, hidden_size=32, intermediate_size=16, top_k=2), dtype=dtype)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.2)
+    return moe
+
+
+@needs_packing
+@pytest.mark.parametrize("change", ["no_grad in place", "weight_loader", "data replaced", "state_dict"])
+def test_weights_changed_after_a_forward_are_seen(change):
+    # One element of expert 0 changes, one the per-call fingerprint does not sample (flat index 1): what sees the
+    # change is the version counter (the first, second and fourth ways) or the storage address (the third).
+    dtype = PACKED_DTYPES[-1]
+    moe = _layer(dtype)
+    e = moe.routed_experts
+    assert 1 not in cpu_packed._sample_indices(e.w13.numel()).tolist()
+    x = torch.randn(9, 32, dtype=dtype)
+    weights, ids = select_experts(torch.randn(9, 4), 2)
+    ids[:, 0] = 0  # every token uses expert 0
+    weights, ids = weights.contiguous(), ids.contiguous()
+    with torch.no_grad():
+        e(x, weights, ids)  # packs the routed experts
+        new_w13 = e.w13.detach().clone()
+        new_w13[0, 0, 1] += 4.0
+        if change == "no_grad in place":
+            e.w13[0, 0, 1] += 4.0
+        elif change == "weight_loader":  # writes through .data: the loader bumps the version itself
+            e.weight_loader(e.w13, new_w13[0, :16], "w1", 0)
+        elif change == "data replaced":  # same shape and dtype, a new storage, the version counter as it was
+            e.w13.data = new_w13.clone()
+        else:
+            moe.load_state_dict({**moe.state_dict(), "routed_experts.w13": new_w13})
+        assert torch.equal(e.w13, new_w13)
+        assert_close(e(x, weights, ids), reference_experts(x, e.w13, e.w2, weights, ids), dtype)
+
+
+@needs_packing
+def test_autograd_and_other_devices_take_the_plain_path():
+    d = make_moe_inputs(3, 4, 16, 8, 2, dtype=torch.float32)
+    w13 = d["w13"].clone().requires_grad_()
+    assert not cpu_packed.usable(d["hidden_states"], w13, d["w2"])
+    with torch.no_grad():
+        assert cpu_packed.usable(d["hidden_states"], w13, d["w2"]) == (torch.float32 in PACKED_DTYPES)
+    out = fused_experts(d["hidden_states"], w13, d["w2"], d["topk_weights"], d["topk_ids"], backend="torch")
+    out.sum().backward()
+    assert w13.grad is not None and torch.isfinite(w13.grad).all()
+    assert not cpu_packed.usable(d["hidden_states"], d["w13"].to(torch.float64), d["w2"])  # mixed dtypes
+    assert not cpu_packed.usable(d["hidden_states"].to(torch.float64), d["w13"].double(), d["w2"].double())
