@@ -77,6 +77,16 @@ def test_one_huge_outlier_per_token(scheme):
     assert_close(out, reference(moe, inputs), tol=QUANT_REFERENCE_TOLERANCE)
 
 
+@pytest.mark.parametrize("scheme", [*SCHEMES, "int8_channel"])
+def test_non_finite_weight_is_refused(scheme):
+    # Quantized, an inf becomes NaN scales and the layer would output NaN: moekit.quantize raises instead.
+    moe, _ = build(scheme)
+    with torch.no_grad():
+        moe.routed_experts.w13[2, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match="w_NK: expected finite values"):
+        moekit.quantize(moe, scheme)
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_router_weights_on_input(k):
     # Llama4 folds the weights into x (K = 1) or expands x to K rows (finalize sums them in the layer's dtype).
