@@ -120,6 +120,12 @@ def check_bool(name: str, value: object) -> None:
 
 
 def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+    """``value`` is one of ``choices``; where those are ints, it must be an int too (not a bool, a float or a str)."""
+    # ``in`` compares with ==: 8.0 == 8 and True == 1, so a plain membership test would let a float or a bool
+    # through to code that needs an int (a shift, a range, a kernel's compile-time constant).
+    if (choices and all(type(c) is int for c in choices)
+            and (isinstance(value, bool) or not isinstance(value, int))):
+        raise TypeError(f"{name}: expected an int (one of {list(choices)}), got {type(value).__name__} {value!r}")
     if value not in choices:
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
 

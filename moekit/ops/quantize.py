@@ -125,7 +125,17 @@ def quantize_weight(
     ``gate_rows`` (block granularity, fused gate/up weights): rows [0, gate_rows) and the rest are blocked
     separately, so no block straddles gate and up when I is not a multiple of bn; the scale rows are then
     ``[⌈I/bn⌉ gate rows, ⌈I/bn⌉ up rows]`` (vLLM's ``2·⌈I/bn⌉``), the same as plain blocking when bn divides I.
+
+    Raises on non-finite values: an inf makes its block's amax inf (multiplier 0, scale inf) and a NaN spreads
+    through amax, so every value of that block would dequantize to NaN.
     """
+    check_tensor("w_NK", w_NK)
+    check_dtype("w_NK", w_NK, _FLOAT_DTYPES)
+    if w_NK.dim() < 2:
+        raise ValueError(f"w_NK: expected at least 2 dims [..., N, K], got shape {tuple(w_NK.shape)}")
+    if not bool(torch.isfinite(w_NK).all()):
+        raise ValueError("w_NK: expected finite values (an inf or NaN makes its whole block's scale, and so every "
+                         "value of the block, NaN), got inf or NaN")
     n, k = w_NK.shape[-2:]
     if granularity == "block" and gate_rows is not None:
         _check_gate_rows(gate_rows, n)

@@ -33,7 +33,7 @@ from moekit.ops.quantize import (
     quantize_weight,
     quantize_with_scale,
 )
-from moekit.quant.base import MoEQuantMethod, register_biases, register_weight
+from moekit.quant.base import MoEQuantMethod, register_biases, register_weight, replace_float_weights
 from moekit.quant.params import QuantParams
 
 if TYPE_CHECKING:
@@ -158,28 +158,22 @@ class W8A8MoEMethod(MoEQuantMethod):
     @torch.no_grad()
     def quantize_layer(self, layer: RoutedExperts) -> None:
         """Replace ``layer``'s unquantized weights by this method's, quantized expert by expert (the float
-        weights are dropped: no dequantized copy stays, and peak memory grows by one expert's fp32 temporaries)."""
+        weights are dropped: no dequantized copy stays, and peak memory grows by one expert's fp32 temporaries).
+        A refused expert (``quantize_weight`` raises on inf/NaN) leaves the layer with its float weights, unchanged
+        (``replace_float_weights``)."""
         if self.static_input_scales:
             raise ValueError("static_input_scales: a layer quantized from float weights has no calibrated "
                              "activation scales; use dynamic ones (static_input_scales=False)")
-        w13, w2 = layer.w13.detach(), layer.w2.detach()
-        biases = (layer.w13_bias, layer.w2_bias)
-        for name in ("w13", "w2", "w13_bias", "w2_bias"):
-            if name in layer._parameters:
-                del layer._parameters[name]
-        self.create_weights(layer, num_experts=w13.shape[0], hidden_size=layer.hidden_size,
-                            intermediate_size=layer.intermediate_size, params_dtype=w13.dtype, device=w13.device)
         gate_rows = layer.intermediate_size if layer.activation.is_gated else None
-        for e in range(w13.shape[0]):
-            q13, s13 = quantize_weight(w13[e], self.qdtype, self.granularity, self.block_shape, gate_rows=gate_rows)
-            q2, s2 = quantize_weight(w2[e], self.qdtype, self.granularity, self.block_shape)
-            layer.w13.data[e], layer.w2.data[e], layer.w2_scale.data[e] = q13, q2, s2
-            layer.w13_scale.data[e] = s13  # broadcast over [2] for per-shard tensor scales: both shards share it
-        for name, bias in zip(("w13_bias", "w2_bias"), biases):
-            if bias is not None:
-                getattr(layer, name).data.copy_(bias.detach())
-        layer.quant_method = self
-        layer._params_dtype = w13.dtype  # activations stay in the dtype the float weights had
+
+        def store(layer: RoutedExperts, e: int, name: str, weight: torch.Tensor) -> None:
+            q, s = quantize_weight(weight, self.qdtype, self.granularity, self.block_shape,
+                                   gate_rows=gate_rows if name == "w13" else None)
+            getattr(layer, name).data[e] = q
+            # Broadcast over [2] for per-shard tensor scales (w13_scale [E, 2]): both shards share it.
+            getattr(layer, f"{name}_scale").data[e] = s
+
+        replace_float_weights(self, layer, store)
         self.process_weights_after_loading(layer)
 
 

@@ -92,6 +92,21 @@ def test_all_zero_weights_give_zeros_not_nan(qdtype, granularity):
     assert torch.equal(deq, torch.zeros_like(w))
 
 
+@pytest.mark.parametrize("qdtype", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize(("granularity", "gate_rows"), [("tensor", None), ("channel", None), ("block", None),
+                                                        ("block", 200)])  # gate/up blocked apart: both halves
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_weights_are_refused(qdtype, granularity, gate_rows, bad):
+    # An inf makes its block's amax inf (multiplier 0, scale inf: every code of the block dequantizes to NaN); a
+    # NaN spreads through amax the same way. Neither has a code, so the quantizer refuses instead.
+    block = (128, 128) if granularity == "block" else None
+    for row in (3, 250):  # in the gate half and in the up half
+        w = torch.randn(2, 384, 130)
+        w[1, row, 129] = bad
+        with pytest.raises(ValueError, match="w_NK: expected finite values"):
+            quantize_weight(w, qdtype, granularity, block, gate_rows=gate_rows)
+
+
 def test_int8_channel_rounds_half_to_even():
     # s = amax / 127 = 1 for a row holding 127: codes are round-half-even of x, clamped to ±127.
     w = torch.tensor([[127.0, 2.5, -2.5, 3.5, 0.5, -126.5]])
@@ -132,6 +147,10 @@ def test_activation_quantizers(qdtype, granularity, scale_shape):
 def test_bad_inputs_are_named():
     with pytest.raises(TypeError, match="x: expected dtype"):
         quantize_blocks(torch.zeros(4, 4, dtype=torch.int32), (2, 2), "fp8_e4m3")
+    with pytest.raises(TypeError, match="w_NK: expected dtype"):
+        quantize_weight(torch.zeros(4, 4, dtype=torch.int32), "int8", "channel")
+    with pytest.raises(ValueError, match=r"w_NK: expected at least 2 dims \[..., N, K\], got shape \(4,\)"):
+        quantize_weight(torch.zeros(4), "int8", "channel")
     with pytest.raises(ValueError, match="qdtype: expected one of"):
         quantize_blocks(torch.zeros(4, 4), (2, 2), "fp4")
     with pytest.raises(ValueError, match="block_shape: expected two positive ints"):

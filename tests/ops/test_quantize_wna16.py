@@ -286,6 +286,9 @@ def test_refusals_name_the_argument():
     w = torch.randn(8, 64)
     with pytest.raises(ValueError, match="bits"):
         quantize_wna16(w, 3, 32, True)
+    for bits in (8.0, True):  # 8.0 == 8 and True == 1 would pass a plain membership test
+        with pytest.raises(TypeError, match=rf"bits: expected an int \(one of \[4, 8\]\), got {type(bits).__name__}"):
+            quantize_wna16(w, bits, 32, True)
     with pytest.raises(ValueError, match="group_size"):
         quantize_wna16(w, 4, 0, True)
     with pytest.raises(TypeError, match="w_NK: expected dtype"):

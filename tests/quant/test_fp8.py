@@ -7,7 +7,7 @@ import torch
 import moekit
 from moekit import MoE, MoEConfig, QuantParams, RoutedExperts, fused_experts
 from moekit.ops.quantize import dequantize_weight, quantize_weight
-from moekit.quant import Fp8BlockMoEMethod, Fp8ChannelMoEMethod, Fp8TensorMoEMethod
+from moekit.quant import Fp8BlockMoEMethod, Fp8ChannelMoEMethod, Fp8TensorMoEMethod, UnquantizedMoEMethod
 from moekit.quant.w8a8 import dequantized_weights
 from moekit.testing import (
     QUANT_REFERENCE_TOLERANCE,
@@ -75,6 +75,33 @@ def test_one_huge_outlier_per_token(scheme):
     out = run(moe, inputs)
     assert torch.isfinite(out).all()
     assert_close(out, reference(moe, inputs), tol=QUANT_REFERENCE_TOLERANCE)
+
+
+@pytest.mark.parametrize("scheme", [*SCHEMES, "int8_channel"])
+def test_non_finite_weight_is_refused(scheme):
+    # Quantized, an inf becomes NaN scales and the layer would output NaN: moekit.quantize raises instead.
+    moe, _ = build(scheme)
+    with torch.no_grad():
+        moe.routed_experts.w13[2, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match="w_NK: expected finite values"):
+        moekit.quantize(moe, scheme)
+
+
+@pytest.mark.parametrize("scheme", [*SCHEMES, "int8_channel"])
+def test_refused_quantization_leaves_the_layer_as_it_was(scheme):
+    # inf in the last expert (one without tokens) is refused while storing it, after the other experts' codes were
+    # written: the float weights, biases and method come back, and the layer runs exactly as before.
+    moe, inputs = build(scheme, bias=True, empty_experts=(7,))
+    layer = moe.routed_experts
+    with torch.no_grad():
+        layer.w2[7, 0, 0] = float("inf")
+    before, params = run(moe, inputs), dict(layer.named_parameters())
+    with pytest.raises(ValueError, match="w_NK: expected finite values"):
+        moekit.quantize(moe, scheme)
+    assert type(layer.quant_method) is UnquantizedMoEMethod and layer.params_dtype == torch.bfloat16
+    after = dict(layer.named_parameters())
+    assert after.keys() == params.keys() and all(after[n] is p for n, p in params.items())  # the same Parameters
+    assert layer.w13.dtype == torch.bfloat16 and torch.equal(run(moe, inputs), before)
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -1,0 +1,29 @@
+"""moekit._checks: the shared argument checks (most are exercised through the public functions that call them;
+these are the rules a plain membership or isinstance test would get wrong)."""
+
+import pytest
+
+from moekit._checks import check_choice
+
+
+def test_check_choice_accepts_its_choices():
+    check_choice("bits", 4, (4, 8))
+    check_choice("backend", "torch", ("auto", "torch", "triton"))
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    (8.0, "float 8.0"),     # 8.0 == 8: a membership test lets it through
+    (True, "bool True"),    # True == 1
+    (False, "bool False"),  # False == 0
+    ("8", "str '8'"),
+])
+def test_check_choice_refuses_other_types_where_ints_are_expected(value, shown):
+    with pytest.raises(TypeError, match=rf"bits: expected an int \(one of \[0, 1, 8\]\), got {shown}"):
+        check_choice("bits", value, (0, 1, 8))
+
+
+def test_check_choice_names_a_missing_choice():
+    with pytest.raises(ValueError, match=r"bits: expected one of \[4, 8\], got 2"):
+        check_choice("bits", 2, (4, 8))
+    with pytest.raises(ValueError, match=r"backend: expected one of \['auto', 'torch'\], got 'cuda'"):
+        check_choice("backend", "cuda", ("auto", "torch"))
