@@ -89,13 +89,16 @@ def _dtype_supported(dtype: torch.dtype) -> bool:
 
 
 def usable(x_MH: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether this call's GEMMs can run on packed weights: CPU tensors of one supported dtype, no autograd, and
+    """Whether this call's GEMMs can run on packed weights: CPU tensors of one supported dtype, no autograd,
+    weights that track in-place writes (not made under ``torch.inference_mode``; running under it is fine), and
     the path not turned off."""
     if x_MH.device.type != "cpu" or os.environ.get("MOEKIT_CPU_PREPACK", "1") == "0":
         return False
     if any(w.device.type != "cpu" or w.dtype != x_MH.dtype for w in weights):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x_MH, *weights)):
+        return False
+    if any(w.is_inference() for w in weights):  # made under torch.inference_mode: no version counter to check
         return False
     return x_MH.dtype in _DTYPES and _dtype_supported(x_MH.dtype)
 

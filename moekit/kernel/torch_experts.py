@@ -12,9 +12,13 @@ GEMM 2 (the fast path's GEMM 2 reads 8-bit activations too). Weight-only 4/8-bit
 and MXFP4 take the same loop, each expert's codes dequantized with ``dequantize_wna16`` / ``dequantize_mxfp4``
 and activations kept in fp32.
 
-The unquantized forward groups the routed rows by expert once (``_expert_spans``) and runs one of two paths
-(``_pool_for`` picks; docs/perf/NOTES.md, "CPU: the torch backend", has the measurements, 2 cores):
+The unquantized forward groups the routed rows by expert once (``_expert_spans``) and runs one of three paths
+(docs/perf/NOTES.md, "CPU: the torch backend", has the measurements, 2 cores):
 
+- ``cpu_packed.experts_packed`` wherever it is usable (CPU, fp32/bf16 where this CPU's oneDNN has them, no
+  autograd): each expert's GEMMs on its weights packed once into oneDNN's layout, 2.5-3x the streaming rate of
+  the plain GEMMs below at decode (see that module for the cache and when it is dropped). Otherwise ``_pool_for``
+  picks between:
 - ``_experts_serial`` (bf16/fp16, and wherever the pool is not used): both GEMMs as one ``torch._grouped_mm``
   each (a per-expert loop in C++, every GEMM on all intra-op threads; a Python loop where it cannot run), the
   biases and the activation once over all rows. An expert's single bf16/fp16 row is computed twice: oneDNN's
@@ -31,7 +35,7 @@ The unquantized forward groups the routed rows by expert once (``_expert_spans``
   baseline's), taking a core from the workers: pooled, bf16 olmoe ran 0.6-0.9x grouped_mm on a quiet machine
   (though 1.3-6x faster on a busy one, where the serial path and the baselines wait at every barrier).
 
-Both compute each expert's rows alone and keep the top-k sum's fixed order.
+All three compute each expert's rows alone and keep the top-k sum's fixed order.
 """
 
 from __future__ import annotations

@@ -130,3 +130,19 @@ def test_autograd_and_other_devices_take_the_plain_path():
     assert w13.grad is not None and torch.isfinite(w13.grad).all()
     assert not cpu_packed.usable(d["hidden_states"], d["w13"].to(torch.float64), d["w2"])  # mixed dtypes
     assert not cpu_packed.usable(d["hidden_states"].to(torch.float64), d["w13"].double(), d["w2"].double())
+
+
+@needs_packing
+def test_inference_mode_runs_and_inference_weights_take_the_plain_path():
+    # Weights made under inference_mode have no version counter, so their packs could not be checked: plain path.
+    # Weights made outside and run under it are packed as usual.
+    dtype = PACKED_DTYPES[-1]
+    d = make_moe_inputs(5, 4, 16, 8, 2, dtype=dtype)
+    with torch.inference_mode():
+        out = fused_experts(*_args(d), backend="torch")
+        assert cpu_packed.usable(d["hidden_states"], d["w13"], d["w2"])
+        inf = make_moe_inputs(5, 4, 16, 8, 2, dtype=dtype)
+        assert not cpu_packed.usable(inf["hidden_states"], inf["w13"], inf["w2"])
+        out_inf = fused_experts(*_args(inf), backend="torch")
+    assert_close(out, reference_experts(*_args(d)), dtype)
+    assert_close(out_inf, reference_experts(*_args(d)), dtype)
