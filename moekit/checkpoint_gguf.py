@@ -312,9 +312,7 @@ def q4_0_to_wna16(raw: torch.Tensor, bits: int = 4) -> WNA16Weight:
     (k = 2j low nibble, 2j + 1 high); ``bits=8`` stores q + 120 (zero 128), for a layer whose other projections
     are Q8_0.
     """
-    if isinstance(bits, bool) or not isinstance(bits, int):  # 8.0 == 8 would pass the choice below
-        raise TypeError(f"bits: expected an int (4 or 8), got {type(bits).__name__} {bits!r}")
-    check_choice("bits", bits, (4, 8))
+    check_choice("bits", bits, (4, 8))  # type-strict: 8.0 or True is refused
     blocks, d = _blocks(raw, 18, "Q4_0")
     qs = blocks[..., 2:]
     q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(*blocks.shape[:-2], -1)  # [..., N, K], k in order

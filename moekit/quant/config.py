@@ -120,7 +120,7 @@ def _group_size(value: object, where: str) -> int:
 
 def _gptq(cfg: Mapping, dequantize_act_order: bool = False) -> MoEQuantMethod:
     bits, group = cfg.get("bits"), _group_size(cfg.get("group_size", 128), "quantization_config.group_size")
-    if bits not in (4, 8):
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (4, 8):  # 4.0 == 4: refuse the float
         raise UnsupportedQuantization(f"quantization_config.bits: gptq {bits}-bit weights are not supported yet "
                                       "(moekit runs 4 and 8)")
     fmt = cfg.get("checkpoint_format", "gptq")
@@ -229,7 +229,7 @@ def _ct_packed(cfg: Mapping) -> MoEQuantMethod:
         if group.get("input_activations") is not None:
             raise UnsupportedQuantization(f"{where}.input_activations: pack-quantized {scheme} with quantized "
                                           "activations is not supported yet (moekit runs W4A16, W4A16_ASYM, W8A16)")
-        if kind != "int" or bits not in (4, 8) or strategy not in ("group", "channel"):
+        if kind != "int" or type(bits) is not int or bits not in (4, 8) or strategy not in ("group", "channel"):
             raise UnsupportedQuantization(f"{where}.weights: pack-quantized {scheme} is not supported yet (moekit "
                                           "runs int 4/8-bit per group: W4A16, W4A16_ASYM, W8A16)")
         if w.get("actorder") not in (None, "static", "weight"):

@@ -53,6 +53,7 @@ def test_dispatch(cfg, cls, static):
 
 @pytest.mark.parametrize(("cfg", "match"), [
     ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "bits: gptq 3-bit weights are not supported yet"),
+    ({"quant_method": "gptq", "bits": 4.0, "group_size": 128}, "bits: gptq 4.0-bit weights are not supported yet"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True}, "desc_act: GPTQ group activation"),
     ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "gptq_v2"}, "checkpoint_format: gptq 'gptq_v2'"),
     ({"quant_method": "awq", "version": "gemv"}, "version: awq 'gemv' is not supported yet"),
@@ -69,6 +70,8 @@ def test_dispatch(cfg, cls, static):
         format="pack-quantized"), "input_activations: pack-quantized int 4-bit weights per group with quantized"),
     (ct({"num_bits": 2, "type": "int", "strategy": "group", "group_size": 128}, None, format="pack-quantized"),
      "weights: pack-quantized int 2-bit weights per group is not supported yet"),
+    (ct({"num_bits": 4.0, "type": "int", "strategy": "group", "group_size": 128}, None, format="pack-quantized"),
+     "weights: pack-quantized int 4.0-bit weights per group is not supported yet"),
     (ct({"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "actorder": "group"}, None,
         format="pack-quantized"), "actorder: 'group'"),
     (ct({"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}, None, format="nvfp4-pack-quantized"),
