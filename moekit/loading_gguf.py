@@ -122,9 +122,10 @@ def load_gguf(moe: MoE, checkpoint: GGUFCheckpoint | str | os.PathLike, prefix: 
     report.unexpected = [k for k in ours if k not in report.types]
     if strict and not report.ok:
         raise KeyError(f"load_gguf({report.prefix!r}): missing {report.missing}, unexpected {report.unexpected}")
-    plan.run()
-    for param in moe.parameters():  # the copies went through .data: see RoutedExperts.weight_loader
-        torch.autograd.graph.increment_version(param)
+    try:
+        plan.run()
+    finally:  # the copies went through .data, also those made before a failure: see RoutedExperts.weights_changed
+        experts.weights_changed()
     experts.process_weights_after_loading()
     return report
 
@@ -280,9 +281,9 @@ def _plan_packed(moe: MoE, plan: _GGUFPlan, block: str, slots: list[tuple[int, i
             param = experts._parameters[f"{name}_scale"]
             # A meta layer holds no values to check: its scales keep their dtype.
             data = s.to(param.dtype) if s.device.type == "meta" else _narrow_scales(s, experts.params_dtype)
-            new = nn.Parameter(data, requires_grad=False)
-            new.__dict__.update(param.__dict__)  # its weight_loader and any other attribute an engine set
-            experts.register_parameter(f"{name}_scale", new)
+            # The same Parameter object (an engine's params_dict or hooks may hold it), its data swapped: same
+            # device, so set_data takes the new dtype.
+            param.data = data
 
     plan.add(narrow_scales)
     _plan_biases(moe, plan, block, slots)

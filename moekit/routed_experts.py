@@ -27,7 +27,7 @@ from moekit._checks import (
     check_tensor,
 )
 from moekit.config import BACKENDS
-from moekit.kernel import ModularKernel, PrepareFinalize, make_kernel
+from moekit.kernel import ModularKernel, PrepareFinalize, cpu_packed, make_kernel
 from moekit.ops.activation import Activation, resolve_activation
 from moekit.quant.base import MoEQuantMethod
 from moekit.quant.unquantized import UnquantizedMoEMethod
@@ -110,6 +110,12 @@ class RoutedExperts(nn.Module):
         )
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        try:
+            return self._apply_keeping_codes(fn, recurse)
+        finally:  # a move or cast: the CPU packs of the old weights must not outlive them
+            self.weights_changed()
+
+    def _apply_keeping_codes(self, fn, recurse):  # noqa: ANN001, ANN202
         stored = [n for n in self.quant_method.stored_params if self._parameters.get(n) is not None]
         if not stored:
             return super()._apply(fn, recurse)
@@ -174,12 +180,24 @@ class RoutedExperts(nn.Module):
         check_ids: bool = True,
     ) -> torch.Tensor:
         check_bool("check_ids", check_ids)
+        if x_TH.device.type == "cpu" and not torch.compiler.is_compiling():
+            # The torch backend may run these weights packed (moekit.kernel.cpu_packed); a compiled graph keeps
+            # to what eager calls marked.
+            cpu_packed.track(self.w13, self.w2)
         return self.quant_method.apply(
             self, x_TH, topk_weights_TK, topk_ids_TK, shared_experts, shared_experts_input, check_ids=check_ids
         )
 
     def process_weights_after_loading(self) -> None:
         self.quant_method.process_weights_after_loading(self)
+        self.weights_changed()
+
+    def weights_changed(self) -> None:
+        """Say that the expert weights were written in a way their version counter does not see (through
+        ``.data``, a ``torch.distributed`` collective, numpy): what the CPU path packed from them is dropped
+        (``moekit.kernel.cpu_packed``). moekit's own loaders call it; in-place writes under ``torch.no_grad``
+        and ``load_state_dict`` need no call."""
+        cpu_packed.forget(*self.parameters(recurse=False))
 
     @torch.no_grad()
     def weight_loader(
@@ -206,11 +224,11 @@ class RoutedExperts(nn.Module):
             raise ValueError(f"param: expected one of this layer's parameters {names}")
         if (shard_id == "w2") != is_w2:
             raise ValueError(f"shard_id: {shard_id!r} does not load into {name!r} (w1/w3 -> w13*, w2 -> w2*)")
-        for local_id in slots:  # every replica of the expert on this rank gets its own copy
-            self._load_into(name, param.data[local_id], loaded_weight, shard_id, expert_id, is_w13)
-        # Writes through .data leave the tensor's version as it was: bump it, so that what caches a form of the
-        # weights by version (the CPU path's packed experts, moekit.kernel.cpu_packed) sees the new values.
-        torch.autograd.graph.increment_version(param)
+        try:
+            for local_id in slots:  # every replica of the expert on this rank gets its own copy
+                self._load_into(name, param.data[local_id], loaded_weight, shard_id, expert_id, is_w13)
+        finally:  # writes through .data: the version counter does not see them
+            self.weights_changed()
 
     def _load_into(self, name: str, dest: torch.Tensor, loaded_weight: torch.Tensor,
                    shard_id: str, expert_id: int, is_w13: bool) -> None:

@@ -21,6 +21,8 @@ def _stream_read(x_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
 
 @triton.jit
 def _stream_tiles(x_ptr, out_ptr, k_dim, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # No masks (they could slow the very stream it measures): rows % BLOCK_N == 0 and k_dim % BLOCK_K == 0, one
+    # program per BLOCK_N rows; measure_ceilings checks it.
     # Shaped like a decode GEMM's weight stream: one program a tile of BLOCK_N rows of an [n, k_dim] matrix,
     # walking K in BLOCK_K steps (software-pipelined by num_stages), many more programs than SMs. Such a stream of
     # independent 2-D tiles reads faster than the persistent 1-D one on an H200 (the GEMMs streamed weights at

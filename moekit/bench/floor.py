@@ -124,6 +124,8 @@ def measure_ceilings(device: torch.device, scheme: str | None = None) -> Ceiling
         ms = do_bench(lambda grid=grid, out=out, x=x: _stream_read[(grid,)](x, out, n, BLOCK=8192), return_mode="median")
         best = min(best, ms)
     for block_n, block_k, stages in ((64, 128, 4), (32, 256, 4), (128, 64, 3)):
+        # _stream_tiles has no masks: whole tiles only (2^31 elements in rows of 4096 divide by all of these)
+        assert (n // k_dim) % block_n == 0 and k_dim % block_k == 0 and n % k_dim == 0
         grid = n // k_dim // block_n
         out = torch.empty(grid, device=device, dtype=torch.float32)
         ms = do_bench(lambda grid=grid, out=out, bn=block_n, bk=block_k, st=stages: _stream_tiles[(grid,)](

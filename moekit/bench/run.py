@@ -103,15 +103,19 @@ def quantized_experts(shape: MoEShape, weights: dict, scheme: str) -> RoutedExpe
     """``weights`` quantized with ``moekit.quantize(…, scheme)``; ``weights`` themselves stay as they are."""
     if scheme not in BENCH_SCHEMES:
         raise ValueError(f"scheme: expected one of {BENCH_SCHEMES}, got {scheme!r}")
-    w13 = weights["w13"]
-    # Built on meta and handed the float weights as parameters: no second full-size float copy is made
-    # (quantize replaces the parameters by new code tensors and never writes into the old ones).
+    # quantize replaces the parameters by new code tensors and never writes into the old ones.
+    return quantize(float_experts(shape, weights), scheme)
+
+
+def float_experts(shape: MoEShape, weights: dict) -> RoutedExperts:
+    """A ``RoutedExperts`` layer whose parameters are ``weights``' float tensors themselves (built on meta: no
+    second full-size copy is made)."""
     layer = RoutedExperts(shape.num_experts, shape.hidden_size, shape.intermediate_size, activation=shape.activation,
-                          bias=shape.bias, dtype=w13.dtype, device="meta")
+                          bias=shape.bias, dtype=weights["w13"].dtype, device="meta")
     for name in ("w13", "w2", "w13_bias", "w2_bias"):
         if name in weights:
             setattr(layer, name, nn.Parameter(weights[name], requires_grad=False))
-    return quantize(layer, scheme)
+    return layer
 
 
 def make_tokens(shape: MoEShape, num_tokens: int, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
@@ -212,9 +216,15 @@ def bench_point(
     backend = resolve_backend(backend, device)
     act = shape.activation
     bias_kw = {"w13_bias_E2I": weights.get("w13_bias"), "w2_bias_EH": weights.get("w2_bias")}
-    float_weights = {k: v for k, v in weights.items() if k != "quantized"}
+    float_weights = {k: v for k, v in weights.items() if k not in ("quantized", "layer")}
+    cpu_layer = None
     if quant is None:
         moekit_weights = float_weights
+        if device.type == "cpu":
+            # On a CPU moekit is timed as a layer, as a model runs it: the torch backend packs a layer's weights
+            # for oneDNN (moekit.kernel.cpu_packed) and runs bare fused_experts tensors on the plain GEMMs.
+            cpu_layer = weights.setdefault("layer", float_experts(shape, float_weights))
+            cpu_layer.backend = backend
     else:
         layer = weights["quantized"]
         moekit_weights = {"w13": layer.w13, "w2": layer.w2, "w13_bias": layer.w13_bias, "w2_bias": layer.w2_bias,
@@ -224,6 +234,9 @@ def bench_point(
         return time_us(lambda: [fn(**tokens) for tokens in token_sets], device, graph=graph) / rotate
 
     def moekit_fn(hidden_states, topk_weights, topk_ids):
+        if cpu_layer is not None:
+            with torch.no_grad():
+                return cpu_layer(hidden_states, topk_weights, topk_ids)
         return fused_experts(hidden_states, topk_weights=topk_weights, topk_ids=topk_ids, activation=act,
                              backend=backend, **moekit_weights)
 

@@ -8,14 +8,19 @@ the 2-core CPU of docs/perf/NOTES.md, where the same weights reordered once by
 every expert's GEMMs on packed weights where oneDNN supports the dtype on this CPU (the same ops PyTorch's own
 CPU inference path uses when it freezes a model).
 
-The packed weights are a second copy, made the first time an expert receives a token and kept while the weight
-tensor lives unchanged: a weak dictionary keyed by the weight tensor, checked on every call against the tensor's
-storage address, version counter, dtype, shape, strides and 64 sampled values. An in-place write (under
-``torch.no_grad``, or ``load_state_dict``) bumps the version and drops the packed experts; writes through
-``.data`` do not, so moekit's own loaders (``RoutedExperts.weight_loader``, ``load_gguf``) bump it themselves
-(``torch.autograd.graph.increment_version``), and code of a caller's that writes expert weights through ``.data``
-after a forward must do the same. A CPU layer's memory grows by the experts that have run, up to twice the
-routed weights. ``MOEKIT_CPU_PREPACK=0`` turns the path off (the plain GEMMs, no copy).
+Only the weights of a ``RoutedExperts`` layer are packed: the layer marks its ``w13``/``w2`` (``track``) when
+it runs on a CPU, and moekit knows every way it changes them. A tracked weight's packs (made the first time an
+expert gets a token) are dropped when
+- its storage, dtype, shape or strides change (``param.data = ...``, ``module.to``/``float()``: the layer's
+  ``_apply`` also drops them at once, so no old copy outlives the old weights);
+- its version counter moves: every in-place write that autograd sees (under ``torch.no_grad``,
+  ``load_state_dict``, EPLB's rearrangement);
+- moekit writes it through ``.data`` (``RoutedExperts.weight_loader``, ``load_gguf``): they call
+  ``RoutedExperts.weights_changed``.
+A write that bypasses all three (into ``.data``, by a ``torch.distributed`` collective, through numpy or the
+storage) after a forward is invisible: call ``weights_changed()`` on the layer after it, or turn the path off.
+Bare ``moekit.fused_experts`` calls (tensors no layer tracks) run the plain GEMMs. Packs are a second copy of
+each expert that has run (up to twice the routed weights' memory). ``MOEKIT_CPU_PREPACK=0`` turns the path off.
 """
 
 from __future__ import annotations
@@ -31,67 +36,59 @@ from moekit.ops.activation import Activation, activation_ref
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-_SAMPLES = 64  # elements of a weight compared on every call (the fingerprint below)
-
-
 def _key(w_ENK: torch.Tensor) -> tuple:
     return w_ENK.data_ptr(), w_ENK._version, w_ENK.dtype, tuple(w_ENK.shape), w_ENK.stride()
 
 
-def _fingerprint(w_ENK: torch.Tensor) -> torch.Tensor:
-    """A few elements spread over the whole tensor. With the key (storage address, version, dtype, shape,
-    strides) it catches a replacement that the version misses: ``param.data = new`` whose storage landed at the
-    freed address of the old one."""
-    flat = w_ENK.reshape(-1) if w_ENK.is_contiguous() else w_ENK.flatten()
-    idx = _sample_indices(flat.numel())
-    return flat[idx].clone()
-
-
-def _sample_indices(numel: int) -> torch.Tensor:
-    """``_SAMPLES`` indices spread evenly over [0, numel), first and last included (integer arithmetic: a float
-    linspace rounds the last index past the end for 2^28-element weights)."""
-    steps = min(_SAMPLES, numel)
-    return torch.arange(steps, dtype=torch.int64) * (numel - 1) // max(steps - 1, 1)
-
-
 class _Packed:
-    """The packed experts of one weight tensor, valid while it keeps its storage, version and values."""
+    """The packed experts of one weight tensor, valid while it keeps its storage, version and layout."""
 
     def __init__(self, w_ENK: torch.Tensor) -> None:
         self.key = _key(w_ENK)
-        self.fingerprint = _fingerprint(w_ENK)
         self.experts: dict[int, torch.Tensor] = {}
 
-    def valid_for(self, w_ENK: torch.Tensor) -> bool:
-        return self.key == _key(w_ENK) and torch.equal(self.fingerprint, _fingerprint(w_ENK))
+
+# Keyed by identity (a WeakKeyDictionary would compare tensors with ==, which is elementwise). _TRACKED: the
+# weights a layer marked (value: its packs or None before its first call); entries die with the weights.
+_TRACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-# Keyed by identity: a WeakKeyDictionary would compare tensors with ==, which is elementwise.
-_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+def track(*weights: torch.Tensor) -> None:
+    """Mark a layer's expert weights as packable (the layer calls it on a CPU forward; cheap when already)."""
+    for w in weights:
+        if w not in _TRACKED:
+            _TRACKED[w] = None
+
+
+def forget(*weights: torch.Tensor) -> None:
+    """Drop the packs of ``weights`` (they stay tracked): the next call packs again from their values."""
+    for w in weights:
+        if w in _TRACKED:
+            _TRACKED[w] = None
 
 
 @functools.cache
 def _dtype_supported(dtype: torch.dtype) -> bool:
     """Whether oneDNN packs and runs ``dtype`` weights on this CPU (bf16/fp16 need the ISA for them: without it
-    oneDNN would emulate, slower than the plain path)."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
-        return False
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return False
-    if dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
-        return False
-    try:  # the ops exist in every build with oneDNN, but a build may still refuse a dtype
+    oneDNN would emulate, slower than the plain path). Any op missing from this torch build: no."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        if dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+            return False
         w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=dtype), 1)
         out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=dtype), w, None, "none", [], "")
-    except (RuntimeError, NotImplementedError):
+    except (AttributeError, RuntimeError, NotImplementedError):
         return False
     return bool(out.shape == (2, 16) and (out == 16).all())
 
 
 def usable(x_MH: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether this call's GEMMs can run on packed weights: CPU tensors of one supported dtype, no autograd,
-    weights that track in-place writes (not made under ``torch.inference_mode``; running under it is fine), and
-    the path not turned off."""
+    weights a layer tracks (``track``) that count in-place writes (not made under ``torch.inference_mode``;
+    running under it is fine), and the path not turned off."""
     if x_MH.device.type != "cpu" or os.environ.get("MOEKIT_CPU_PREPACK", "1") == "0":
         return False
     if any(w.device.type != "cpu" or w.dtype != x_MH.dtype for w in weights):
@@ -100,14 +97,16 @@ def usable(x_MH: torch.Tensor, *weights: torch.Tensor) -> bool:
         return False
     if any(w.is_inference() for w in weights):  # made under torch.inference_mode: no version counter to check
         return False
+    if not all(w in _TRACKED for w in weights):  # bare tensors: nobody tells us when they change
+        return False
     return x_MH.dtype in _DTYPES and _dtype_supported(x_MH.dtype)
 
 
 def _entry(w_ENK: torch.Tensor) -> _Packed:
-    """The packed experts of ``w_ENK``, checked once per call (a stale entry is dropped, see the module docstring)."""
-    entry = _CACHE.get(w_ENK)
-    if entry is None or not entry.valid_for(w_ENK):
-        entry = _CACHE[w_ENK] = _Packed(w_ENK)
+    """The packs of a tracked ``w_ENK``, checked once per call (stale ones dropped: module docstring)."""
+    entry = _TRACKED.get(w_ENK)
+    if entry is None or entry.key != _key(w_ENK):
+        entry = _TRACKED[w_ENK] = _Packed(w_ENK)
     return entry
 
 

@@ -15,10 +15,10 @@ and activations kept in fp32.
 The unquantized forward groups the routed rows by expert once (``_expert_spans``) and runs one of three paths
 (docs/perf/NOTES.md, "CPU: the torch backend", has the measurements, 2 cores):
 
-- ``cpu_packed.experts_packed`` wherever it is usable (CPU, fp32/bf16 where this CPU's oneDNN has them, no
-  autograd): each expert's GEMMs on its weights packed once into oneDNN's layout, 2.5-3x the streaming rate of
-  the plain GEMMs below at decode (see that module for the cache and when it is dropped). Otherwise ``_pool_for``
-  picks between:
+- ``cpu_packed.experts_packed`` wherever it is usable (a ``RoutedExperts`` layer's weights on a CPU, fp32/bf16
+  where this CPU's oneDNN has them, no autograd): each expert's GEMMs on its weights packed once into oneDNN's
+  layout, 2.5-3x the streaming rate of the plain GEMMs below at decode (see that module for the cache and when it
+  is dropped). Otherwise ``_pool_for`` picks between:
 - ``_experts_serial`` (bf16/fp16, and wherever the pool is not used): both GEMMs as one ``torch._grouped_mm``
   each (a per-expert loop in C++, every GEMM on all intra-op threads; a Python loop where it cannot run), the
   biases and the activation once over all rows. An expert's single bf16/fp16 row is computed twice: oneDNN's

@@ -1,6 +1,6 @@
-"""The torch backend's GEMMs on oneDNN-packed expert weights (``moekit.kernel.cpu_packed``): taken where the CPU
-supports the dtype, equal to the plain GEMMs within the dtype's rounding, and never stale: every way moekit or a
-caller changes the weights after a forward is seen by the next one."""
+"""The torch backend's GEMMs on oneDNN-packed expert weights (``moekit.kernel.cpu_packed``): taken for a layer's
+weights where the CPU supports the dtype, equal to the plain GEMMs within the dtype's rounding, never stale (every
+way moekit changes the weights after a forward is seen by the next one), and never for bare tensors."""
 
 import gc
 
@@ -43,11 +43,13 @@ def test_packed_matches_the_plain_gemms(monkeypatch, dtype, num_tokens, num_expe
     d = make_moe_inputs(num_tokens, num_experts, 48, 40, top_k, dtype=dtype, activation="swigluoai", bias=True,
                         empty_experts=(1,) if num_experts > top_k else ())
     kw = {"activation": "swigluoai", "w13_bias": d["w13_bias"], "w2_bias": d["w2_bias"], "backend": "torch"}
+    assert not cpu_packed.usable(d["hidden_states"], d["w13"], d["w2"])  # bare tensors: plain GEMMs
+    plain = fused_experts(*_args(d), **kw)
+    cpu_packed.track(d["w13"], d["w2"])
     assert cpu_packed.usable(d["hidden_states"], d["w13"], d["w2"])
     packed = fused_experts(*_args(d), **kw)
     monkeypatch.setenv("MOEKIT_CPU_PREPACK", "0")
     assert not cpu_packed.usable(d["hidden_states"], d["w13"], d["w2"])
-    plain = fused_experts(*_args(d), **kw)
     ref = reference_experts(*_args(d), activation="swigluoai", w13_bias_E2I=d["w13_bias"], w2_bias_EH=d["w2_bias"])
     assert packed.dtype == dtype and packed.shape == plain.shape
     assert_close(packed, ref, dtype)
@@ -56,28 +58,12 @@ def test_packed_matches_the_plain_gemms(monkeypatch, dtype, num_tokens, num_expe
 
 @needs_packing
 def test_each_expert_is_packed_once_and_only_when_used(packs):
-    dtype = PACKED_DTYPES[-1]
-    d = make_moe_inputs(6, 8, 32, 24, 2, dtype=dtype, empty_experts=(2, 5))
+    d = make_moe_inputs(6, 8, 32, 24, 2, dtype=PACKED_DTYPES[-1], empty_experts=(2, 5))
     used = int(torch.unique(d["topk_ids"]).numel())
+    cpu_packed.track(d["w13"], d["w2"])
     for _ in range(3):
         fused_experts(*_args(d), backend="torch")
     assert len(packs) == 2 * used  # w13 and w2 of each routed expert, on the first call only
-
-
-def test_sample_indices_stay_in_range():
-    for numel in (1, 2, 63, 64, 65, 2**28, 3 * 2**31 + 7):
-        idx = cpu_packed._sample_indices(numel)
-        assert idx[0] == 0 and idx[-1] == numel - 1 and bool((idx[1:] > idx[:-1]).all())
-
-
-@needs_packing
-def test_cache_dies_with_the_weights():
-    d = make_moe_inputs(4, 8, 32, 24, 2, dtype=PACKED_DTYPES[-1])
-    fused_experts(*_args(d), backend="torch")
-    before = len(cpu_packed._CACHE)
-    del d
-    gc.collect()
-    assert len(cpu_packed._CACHE) <= before - 2
 
 
 def _layer(dtype: torch.dtype) -> MoE:
@@ -89,47 +75,69 @@ def _layer(dtype: torch.dtype) -> MoE:
     return moe
 
 
+def _routing(num_tokens: int):
+    weights, ids = select_experts(torch.randn(num_tokens, 4), 2)
+    ids[:, 0] = 0  # every token uses expert 0
+    return weights.contiguous(), ids.contiguous()
+
+
 @needs_packing
-@pytest.mark.parametrize("change", ["no_grad in place", "weight_loader", "data replaced", "state_dict"])
-def test_weights_changed_after_a_forward_are_seen(change):
-    # One element of expert 0 changes, one the per-call fingerprint does not sample (flat index 1): what sees the
-    # change is the version counter (the first, second and fourth ways) or the storage address (the third).
+def test_a_layer_packs_its_weights_and_drops_them_with_a_move(packs):
     dtype = PACKED_DTYPES[-1]
     moe = _layer(dtype)
     e = moe.routed_experts
-    assert 1 not in cpu_packed._sample_indices(e.w13.numel()).tolist()
     x = torch.randn(9, 32, dtype=dtype)
-    weights, ids = select_experts(torch.randn(9, 4), 2)
-    ids[:, 0] = 0  # every token uses expert 0
-    weights, ids = weights.contiguous(), ids.contiguous()
+    weights, ids = _routing(9)
+    with torch.no_grad():
+        out = e(x, weights, ids)
+        e(x, weights, ids)
+    assert len(packs) == 2 * int(torch.unique(ids).numel())  # packed once
+    assert_close(out, reference_experts(x, e.w13, e.w2, weights, ids), dtype)
+    w13 = e.w13
+    assert cpu_packed._TRACKED.get(w13) is not None
+    moe.to(torch.float64)  # a cast: the packs of the old weights are dropped at once, not at the next CPU call
+    assert cpu_packed._TRACKED.get(w13) is None
+
+
+@needs_packing
+def test_packs_die_with_the_layer():
+    moe = _layer(PACKED_DTYPES[-1])
+    x = torch.randn(3, 32, dtype=PACKED_DTYPES[-1])
+    with torch.no_grad():
+        moe.routed_experts(x, *_routing(3))
+    before = len(cpu_packed._TRACKED)
+    del moe
+    gc.collect()
+    assert len(cpu_packed._TRACKED) <= before - 2
+
+
+@needs_packing
+@pytest.mark.parametrize("change", ["no_grad in place", "weight_loader", "data replaced", "state_dict",
+                                    "data write + weights_changed"])
+def test_weights_changed_after_a_forward_are_seen(change):
+    # One element of expert 0 changes after a forward packed it: the next forward must see it.
+    dtype = PACKED_DTYPES[-1]
+    moe = _layer(dtype)
+    e = moe.routed_experts
+    x = torch.randn(9, 32, dtype=dtype)
+    weights, ids = _routing(9)
     with torch.no_grad():
         e(x, weights, ids)  # packs the routed experts
         new_w13 = e.w13.detach().clone()
         new_w13[0, 0, 1] += 4.0
         if change == "no_grad in place":
             e.w13[0, 0, 1] += 4.0
-        elif change == "weight_loader":  # writes through .data: the loader bumps the version itself
+        elif change == "weight_loader":  # writes through .data: the loader says so itself
             e.weight_loader(e.w13, new_w13[0, :16], "w1", 0)
         elif change == "data replaced":  # same shape and dtype, a new storage, the version counter as it was
             e.w13.data = new_w13.clone()
-        else:
+        elif change == "state_dict":
             moe.load_state_dict({**moe.state_dict(), "routed_experts.w13": new_w13})
+        else:  # what a caller writing through .data (or a collective) must do after it
+            e.w13.data[0, 0, 1] += 4.0
+            e.weights_changed()
         assert torch.equal(e.w13, new_w13)
         assert_close(e(x, weights, ids), reference_experts(x, e.w13, e.w2, weights, ids), dtype)
-
-
-@needs_packing
-def test_autograd_and_other_devices_take_the_plain_path():
-    d = make_moe_inputs(3, 4, 16, 8, 2, dtype=torch.float32)
-    w13 = d["w13"].clone().requires_grad_()
-    assert not cpu_packed.usable(d["hidden_states"], w13, d["w2"])
-    with torch.no_grad():
-        assert cpu_packed.usable(d["hidden_states"], w13, d["w2"]) == (torch.float32 in PACKED_DTYPES)
-    out = fused_experts(d["hidden_states"], w13, d["w2"], d["topk_weights"], d["topk_ids"], backend="torch")
-    out.sum().backward()
-    assert w13.grad is not None and torch.isfinite(w13.grad).all()
-    assert not cpu_packed.usable(d["hidden_states"], d["w13"].to(torch.float64), d["w2"])  # mixed dtypes
-    assert not cpu_packed.usable(d["hidden_states"].to(torch.float64), d["w13"].double(), d["w2"].double())
 
 
 @needs_packing
@@ -138,11 +146,29 @@ def test_inference_mode_runs_and_inference_weights_take_the_plain_path():
     # Weights made outside and run under it are packed as usual.
     dtype = PACKED_DTYPES[-1]
     d = make_moe_inputs(5, 4, 16, 8, 2, dtype=dtype)
+    cpu_packed.track(d["w13"], d["w2"])
     with torch.inference_mode():
         out = fused_experts(*_args(d), backend="torch")
         assert cpu_packed.usable(d["hidden_states"], d["w13"], d["w2"])
         inf = make_moe_inputs(5, 4, 16, 8, 2, dtype=dtype)
+        cpu_packed.track(inf["w13"], inf["w2"])
         assert not cpu_packed.usable(inf["hidden_states"], inf["w13"], inf["w2"])
         out_inf = fused_experts(*_args(inf), backend="torch")
     assert_close(out, reference_experts(*_args(d)), dtype)
     assert_close(out_inf, reference_experts(*_args(d)), dtype)
+
+
+def test_autograd_and_other_dtypes_take_the_plain_path():
+    d = make_moe_inputs(3, 4, 16, 8, 2, dtype=torch.float32)
+    w13 = d["w13"].clone().requires_grad_()
+    cpu_packed.track(w13, d["w2"])
+    assert not cpu_packed.usable(d["hidden_states"], w13, d["w2"])
+    with torch.no_grad():
+        assert cpu_packed.usable(d["hidden_states"], w13, d["w2"]) == (torch.float32 in PACKED_DTYPES)
+    out = fused_experts(d["hidden_states"], w13, d["w2"], d["topk_weights"], d["topk_ids"], backend="torch")
+    out.sum().backward()
+    assert w13.grad is not None and torch.isfinite(w13.grad).all()
+    w64 = d["w13"].double()
+    cpu_packed.track(w64)
+    assert not cpu_packed.usable(d["hidden_states"], w64, d["w2"])  # mixed dtypes
+    assert not cpu_packed.usable(d["hidden_states"].double(), w64, d["w2"].double())  # fp64: oneDNN has none
