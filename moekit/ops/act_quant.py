@@ -20,6 +20,7 @@ from moekit._checks import check_choice, check_dtype, check_ndim, check_tensor
 from moekit.ops._kernels.quantize import act_quant_kernel
 from moekit.ops.quantize import (
     ACT_GRANULARITIES,
+    AMAX_FLOOR,
     QDTYPES,
     QMAX,
     act_block,
@@ -75,7 +76,8 @@ def act_quant(
         # The torch function's arithmetic, so the multiplier (hence every code) is the same float.
         amax = x_MK.abs().amax().float() if x_MK.numel() else torch.zeros((), device=device)
         nonzero = amax > 0
-        mult = torch.where(nonzero, QMAX[qdtype] / torch.where(nonzero, amax, torch.ones_like(amax)),
+        mult = torch.where(nonzero, QMAX[qdtype] / torch.where(nonzero, amax.clamp_min(AMAX_FLOOR),
+                                                                torch.ones_like(amax)),
                            torch.zeros_like(amax))
         s = torch.where(nonzero, 1.0 / torch.where(nonzero, mult, torch.ones_like(mult)), torch.zeros_like(mult))
     if m == 0 or k == 0:

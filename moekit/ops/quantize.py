@@ -4,14 +4,16 @@ One rule covers every granularity. The last two dims [N, K] of a tensor are cut 
 (the last block row/column may be short: it behaves as if zero-padded to full size, as DeepSeek-V3's README
 says for weights that are not multiples of 128), and per block
 
-    amax = max |x|;   m = QMAX / amax;   q = codes(x · m);   s = 1 / m       (amax = 0: q = 0, s = 0)
+    amax = max(max |x|, 2^-100);   m = QMAX / amax;   q = codes(x · m);   s = 1 / m   (max |x| = 0: q = 0, s = 0)
     x ≈ q · s[n // bn, k // bk]                                              (s is the dequant multiplier)
 
 QMAX = 448 with ``codes = clamp(·, ±448) -> float8_e4m3fn`` (round to nearest even), or 127 with
 ``codes = round half to even, clamp(·, ±127) -> int8``. ``s`` is the exact reciprocal of the multiplier the codes
 were made with, which is ``amax / QMAX`` to within one fp32 ulp; this is transformers' ``Fp8Quantize`` bit for bit
 (DeepSeek-V3 ``weight_scale_inv``, vLLM ``w13_weight_scale_inv`` semantics). An all-zero block gets s = 0 and
-dequantizes to exact zeros, never NaN.
+dequantizes to exact zeros, never NaN. The floor ``AMAX_FLOOR`` (as vLLM's eps, far smaller) keeps m finite: a
+block whose largest value is subnormal (below ~3e-39, 1/amax overflows fp32) made m = inf, so its zeros became
+0 · inf = NaN codes and s = 0, and the whole block dequantized to NaN.
 
 Granularities (``(bn, bk)`` for an [N, K] tensor):
 
@@ -35,6 +37,7 @@ from moekit._checks import check_choice, check_dtype, check_tensor
 # Storage dtype and largest code of each 8-bit format (QuantParams.weight_dtype names).
 QDTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 QMAX = {"fp8_e4m3": 448.0, "int8": 127.0}
+AMAX_FLOOR = 2.0**-100  # the smallest amax a multiplier is made from (module docstring); a power of two: exact
 WEIGHT_GRANULARITIES = ("tensor", "channel", "block")
 ACT_GRANULARITIES = ("tensor", "token", "group")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -74,7 +77,7 @@ def quantize_blocks(x: torch.Tensor, block_shape: tuple[int, int], qdtype: str) 
     blocks = xp.reshape(*x.shape[:-2], nb, bn, kb, bk)
     amax = blocks.abs().amax(dim=(-3, -1)) if blocks.numel() else blocks.new_zeros(*x.shape[:-2], nb, kb)
     nonzero = amax > 0
-    mult = QMAX[qdtype] / torch.where(nonzero, amax, torch.ones_like(amax))
+    mult = QMAX[qdtype] / torch.where(nonzero, amax.clamp_min(AMAX_FLOOR), torch.ones_like(amax))
     mult = torch.where(nonzero, mult, torch.zeros_like(mult))
     q = _codes(blocks * mult[..., :, None, :, None], qdtype)
     q = q.reshape(xp.shape)[..., :n, :k]

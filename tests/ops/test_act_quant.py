@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from moekit.ops.act_quant import act_quant, act_quant_ref
+from moekit.ops.quantize import dequantize_activation
 
 CASES = [("group", 128), ("group", 64), ("token", None), ("tensor", None)]
 
@@ -73,3 +74,25 @@ def test_bad_inputs_name_the_argument():
         act_quant(torch.randn(2, 4), "int8", "token", static_scale=torch.tensor([1.0]))
     with pytest.raises(ValueError, match=r"out\[0\]"):
         act_quant(torch.randn(2, 4), "int8", "token", out=(torch.empty(2, 4), torch.empty(2, 1)))
+
+
+@pytest.mark.parametrize("qdtype", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize(("granularity", "group"), CASES)
+def test_a_group_of_subnormal_values_is_finite(qdtype, granularity, group):
+    # A group whose largest value is subnormal (1/amax overflows fp32) made m = inf: its zeros became NaN codes
+    # (0 * inf) and s = 0, so the group dequantized to NaN. amax is floored at 2^-100: finite codes, a finite
+    # scale, values dequantized to (about) themselves; kernel and reference agree bit for bit.
+    x = torch.zeros(3, 256)
+    x[0, 0], x[0, 5] = 1e-40, -3e-41
+    x[1, 1] = 1e-39
+    x[2] = torch.randn(256)
+    x[2, 130:] = 0.0
+    x[2, 200] = 2e-45  # the smallest fp32 subnormal, alone in the row's second group
+    q, s = act_quant(x, qdtype, granularity, group)
+    q_ref, s_ref = act_quant_ref(x, qdtype, granularity, group)
+    assert torch.equal(q.float(), q_ref.float()) and torch.equal(s, s_ref)
+    assert torch.isfinite(q.float()).all() and torch.isfinite(s).all()
+    deq = dequantize_activation(q_ref, s_ref, granularity, group)
+    assert torch.isfinite(deq).all()
+    assert (deq[:2] - x[:2]).abs().max().item() <= 1e-30  # the subnormal rows: ~themselves (or 0)
+    assert (deq[2] - x[2]).abs().max().item() <= 0.07 * x[2].abs().max().item()  # e4m3: half a step is 1/16

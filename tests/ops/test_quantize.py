@@ -161,3 +161,16 @@ def test_bad_inputs_are_named():
         quantize_activation(torch.zeros(2, 4), "fp8_e4m3", "token", static_scale=torch.ones(1))
     with pytest.raises(ValueError, match="group_size: expected a positive int"):
         quantize_activation(torch.zeros(2, 4), "fp8_e4m3", "group")
+
+
+@pytest.mark.parametrize("qdtype", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize(("granularity", "block_shape"), [("block", (128, 128)), ("channel", None)])
+def test_a_weight_block_of_subnormal_values_is_finite(qdtype, granularity, block_shape):
+    # Its largest value subnormal: the multiplier was inf, the block's zeros NaN codes (0 * inf), its scale 0.
+    w = torch.randn(256, 256) / 16
+    w[:128, :128] = 0.0
+    w[3, 7] = 1e-40
+    q, s = quantize_weight(w, qdtype, granularity, block_shape)
+    assert torch.isfinite(q.float()).all() and torch.isfinite(s).all()
+    deq = dequantize_weight(q, s, granularity, block_shape)
+    assert torch.isfinite(deq).all() and abs(deq[3, 7].item()) <= 1e-30

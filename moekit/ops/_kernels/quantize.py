@@ -40,14 +40,16 @@ def _codes(b_y, QMAX: tl.constexpr, IS_INT: tl.constexpr):
 
 @triton.jit
 def _multiplier(b_amax, QMAX: tl.constexpr):
-    """(m, s) of a group: m = QMAX / amax, s = 1 / m (0 and 0 for an all-zero group).
+    """(m, s) of a group: m = QMAX / max(amax, 2^-100), s = 1 / m (0 and 0 for an all-zero group).
 
     As torch evaluates ``QMAX / amax`` for a tensor amax (``reciprocal(amax) * QMAX``: two roundings), so the
     multiplier is the reference's float; each reciprocal is correctly rounded.
     """
     m_nonzero = b_amax > 0
     b_one = tl.full(b_amax.shape, 1.0, tl.float32)
-    b_mult = tl.where(m_nonzero, tl.math.div_rn(b_one, tl.where(m_nonzero, b_amax, 1.0)) * QMAX, 0.0)
+    # amax floored at 2^-100 (moekit.ops.quantize.AMAX_FLOOR): a subnormal amax made m = inf and NaN codes.
+    b_amax = tl.where(m_nonzero, tl.maximum(b_amax, 7.888609052210118e-31), 1.0)
+    b_mult = tl.where(m_nonzero, tl.math.div_rn(b_one, b_amax) * QMAX, 0.0)
     b_scale = tl.where(m_nonzero, tl.math.div_rn(b_one, tl.where(m_nonzero, b_mult, 1.0)), 0.0)
     return b_mult, b_scale
 
