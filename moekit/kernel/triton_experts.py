@@ -275,9 +275,10 @@ class TritonExperts(Experts):
         gran, act_gran, group = quant.granularity, quant.act_granularity, quant.act_group_size
         scales = {"w13": quant.w13_scale.contiguous(), "w2": quant.w2_scale.contiguous()}
         x_scale = hidden_scale.float().reshape(1) if gran == "tensor" else hidden_scale.float().contiguous()
-        # A per-tensor amax covers only the rows this rank computes: rows of other ranks' experts are never
-        # written by GEMM 1, so they are zeros (which change no amax) instead of stale memory.
-        alloc = torch.zeros if (gran == "tensor" and expert_map_E is not None) else torch.empty
+        # Rows of other ranks' experts are never written by GEMM 1 but act_quant reads every row: zeros, not stale
+        # memory (which a per-tensor amax would take in, and whose inf/NaN bit patterns the quantizer would
+        # chew on for nothing).
+        alloc = torch.zeros if expert_map_E is not None else torch.empty
         a_NI = alloc((num_rows, inter), dtype=torch.float32, device=device)
         grouped_gemm_w8a8(
             xq_TH, x_scale, w13_E2IH, scales["w13"], layout, a_NI, cfg.gemm1, granularity=gran,
