@@ -26,6 +26,7 @@ computes them in fp32). A setting moekit cannot express is refused with the fiel
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -107,6 +108,15 @@ def _int(cfg: Mapping, *names: str, default: object = ...) -> int:
     return value
 
 
+def _real(cfg: Mapping, name: str, default: float) -> float:
+    """A finite real number; an explicit null is refused (the transformers module would fail on it), absent is
+    ``default``; JSON ``true`` is not 1.0."""
+    value = cfg.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"config.{name}: expected a real number (finite, not a bool), got {value!r}")
+    return float(value)
+
+
 def _flag(cfg: Mapping, name: str, default: bool) -> bool:
     value = cfg.get(name, default)
     if value is None:
@@ -164,9 +174,7 @@ def _deepseek_v3(cfg: Mapping) -> MoEConfig:
     groups = _int(cfg, "n_group", default=8)
     topk_group = _int(cfg, "topk_group", default=4)
     inter = _int(cfg, "moe_intermediate_size")
-    factor = _get(cfg, "routed_scaling_factor", default=2.5)
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
-        raise ValueError(f"config.routed_scaling_factor: expected a number, got {factor!r}")
+    factor = _real(cfg, "routed_scaling_factor", default=2.5)
     return MoEConfig(
         num_experts=_int(cfg, "n_routed_experts", "num_local_experts"),
         top_k=_int(cfg, "num_experts_per_tok"),
@@ -180,7 +188,7 @@ def _deepseek_v3(cfg: Mapping) -> MoEConfig:
             topk_group=topk_group,
             group_score="top2_sum",
             correction_bias=True,
-            routed_scaling_factor=float(factor),
+            routed_scaling_factor=factor,
         ),
         shared_intermediate_size=inter * _int(cfg, "n_shared_experts", default=1),
         router_fp32=True,
@@ -188,14 +196,14 @@ def _deepseek_v3(cfg: Mapping) -> MoEConfig:
 
 
 def _gpt_oss(cfg: Mapping) -> MoEConfig:
-    alpha = _get(cfg, "swiglu_alpha", default=1.702)
-    limit = _get(cfg, "swiglu_limit", default=7.0)
+    alpha = _real(cfg, "swiglu_alpha", default=1.702)
+    limit = _real(cfg, "swiglu_limit", default=7.0)
     return MoEConfig(
         num_experts=_int(cfg, "num_local_experts", "num_experts"),
         top_k=_int(cfg, "num_experts_per_tok", "experts_per_token"),
         hidden_size=_int(cfg, "hidden_size"),
         intermediate_size=_int(cfg, "intermediate_size"),
-        activation=Activation(name="swigluoai", alpha=float(alpha), limit=float(limit)),
+        activation=Activation(name="swigluoai", alpha=alpha, limit=limit),
         routing=RoutingConfig(scoring_func="softmax", topk_before_score=True),
         bias=True,
         router_bias=True,

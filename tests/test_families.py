@@ -74,6 +74,8 @@ def test_deepseek_dense_layers_and_defaults():
     ({"hidden_size": "big"}, "config.hidden_size: expected an int, got 'big'"),
     ({"norm_topk_prob": "yes"}, "config.norm_topk_prob: expected true or false"),
     ({"topk_group": 3}, "routing.topk_group: expected <= num_expert_group=2"),
+    ({"routed_scaling_factor": None}, r"config.routed_scaling_factor: expected a real number .*, got None"),
+    ({"routed_scaling_factor": True}, r"config.routed_scaling_factor: expected a real number .*, got True"),
 ])
 def test_inexpressible_settings_name_the_field(change, match):
     cfg = {**tiny_config("deepseek_v3").to_dict(), **change}
@@ -104,3 +106,13 @@ def test_config_json_spellings_of_real_checkpoints():
            "experts_per_token": 4, "num_experts_per_tok": 4, "swiglu_limit": 7.0, "num_hidden_layers": 24}
     cfg = MoEConfig.from_hf(oss)
     assert cfg.activation.name == "swigluoai" and cfg.activation.alpha == 1.702 and cfg.bias and cfg.router_bias
+
+
+@pytest.mark.parametrize("field", ["swiglu_alpha", "swiglu_limit"])
+@pytest.mark.parametrize("value", [True, "7", [7.0], None, float("nan")], ids=["bool", "str", "list", "null", "nan"])
+def test_gpt_oss_swiglu_settings_are_real_numbers(field, value):
+    # `true` read as 1.0 silently, and a string or a list failed without naming the field; null breaks the
+    # transformers block (clamp without bounds), so it is refused rather than read as the default.
+    cfg = {**tiny_config("gpt_oss").to_dict(), field: value}
+    with pytest.raises(ValueError, match=rf"config\.{field}: expected a real number"):
+        MoEConfig.from_hf(cfg)
