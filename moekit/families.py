@@ -101,7 +101,13 @@ def _get(cfg: Mapping, *names: str, default: object = ...) -> object:
     return default
 
 
-def _int(cfg: Mapping, *names: str, default: object = ...) -> int:
+def _int(cfg: Mapping, *names: str, default: object = ..., nullable: bool = True) -> int:
+    """An int field; ``nullable=False``: an explicit null is refused rather than read as ``default`` (where the
+    transformers module would fail on it)."""
+    if not nullable:
+        for name in names:
+            if name in cfg and cfg[name] is None:
+                raise ValueError(f"config.{name}: expected an int, got None (null)")
     value = _get(cfg, *names, default=default)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"config.{names[0]}: expected an int, got {value!r}")
@@ -118,9 +124,11 @@ def _real(cfg: Mapping, name: str, default: float) -> float:
 
 
 def _flag(cfg: Mapping, name: str, default: bool) -> bool:
+    """A boolean field, ``default`` when absent; an explicit null is False, as the modeling code reads it
+    (``if config.norm_topk_prob:``)."""
     value = cfg.get(name, default)
     if value is None:
-        return default
+        return False
     if not isinstance(value, bool):
         raise ValueError(f"config.{name}: expected true or false, got {value!r}")
     return value
@@ -171,8 +179,8 @@ def _deepseek_v3(cfg: Mapping) -> MoEConfig:
         raise ValueError(f"config.topk_method: DeepSeek-V3 routing is 'noaux_tc' (grouped, with a correction "
                          f"bias), got {method!r}")
     # Absent fields take the defaults of transformers' DeepseekV3Config (DeepSeek-V3's own values).
-    groups = _int(cfg, "n_group", default=8)
-    topk_group = _int(cfg, "topk_group", default=4)
+    groups = _int(cfg, "n_group", default=8, nullable=False)
+    topk_group = _int(cfg, "topk_group", default=4, nullable=False)
     inter = _int(cfg, "moe_intermediate_size")
     factor = _real(cfg, "routed_scaling_factor", default=2.5)
     return MoEConfig(
@@ -227,7 +235,7 @@ def _qwen_sparse(cfg: Mapping, layer: int) -> bool:
 
 
 def _deepseek_sparse(cfg: Mapping, layer: int) -> bool:
-    first = _int(cfg, "first_k_dense_replace", default=3)
+    first = _int(cfg, "first_k_dense_replace", default=3, nullable=False)
     freq = _int(cfg, "moe_layer_freq", default=1)
     return layer >= first and layer % max(freq, 1) == 0
 

@@ -116,3 +116,15 @@ def test_gpt_oss_swiglu_settings_are_real_numbers(field, value):
     cfg = {**tiny_config("gpt_oss").to_dict(), field: value}
     with pytest.raises(ValueError, match=rf"config\.{field}: expected a real number"):
         MoEConfig.from_hf(cfg)
+
+
+def test_deepseek_null_settings():
+    # transformers reads `"norm_topk_prob": null` as False (`if self.norm_topk_prob:`); moekit read it as the
+    # default, True. A null group count or dense-layer count cannot run in transformers: refused, named.
+    cfg = tiny_config("deepseek_v3").to_dict()
+    assert MoEConfig.from_hf({**cfg, "norm_topk_prob": None}).routing.renormalize is False
+    absent = {k: v for k, v in cfg.items() if k != "norm_topk_prob"}
+    assert MoEConfig.from_hf(absent).routing.renormalize is True  # absent: DeepseekV3Config's default
+    for field in ("n_group", "topk_group", "first_k_dense_replace"):
+        with pytest.raises(ValueError, match=rf"config\.{field}: expected an int, got None"):
+            MoEConfig.from_hf({**cfg, field: None})
