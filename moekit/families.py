@@ -229,9 +229,14 @@ def _every_layer(cfg: Mapping, layer: int) -> bool:
 
 
 def _qwen_sparse(cfg: Mapping, layer: int) -> bool:
-    step = _int(cfg, "decoder_sparse_step", default=1)
-    only_mlp = cfg.get("mlp_only_layers") or []
-    return layer not in only_mlp and (layer + 1) % max(step, 1) == 0
+    step = _int(cfg, "decoder_sparse_step", default=1, nullable=False)
+    if step <= 0:  # transformers takes (layer + 1) % step: no layer pattern to read from 0 or less
+        raise ValueError(f"config.decoder_sparse_step: expected a positive int, got {step!r}")
+    only_mlp = cfg.get("mlp_only_layers")
+    only_mlp = [] if only_mlp is None else only_mlp  # as transformers' config reads null
+    if not isinstance(only_mlp, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in only_mlp):
+        raise ValueError(f"config.mlp_only_layers: expected a list of ints, got {only_mlp!r}")
+    return layer not in only_mlp and (layer + 1) % step == 0
 
 
 def _deepseek_sparse(cfg: Mapping, layer: int) -> bool:

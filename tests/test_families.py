@@ -128,3 +128,25 @@ def test_deepseek_null_settings():
     for field in ("n_group", "topk_group", "first_k_dense_replace"):
         with pytest.raises(ValueError, match=rf"config\.{field}: expected an int, got None"):
             MoEConfig.from_hf({**cfg, field: None})
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"decoder_sparse_step": 0}, r"config\.decoder_sparse_step: expected a positive int, got 0"),
+    ({"decoder_sparse_step": -2}, r"config\.decoder_sparse_step: expected a positive int, got -2"),
+    ({"decoder_sparse_step": None}, r"config\.decoder_sparse_step: expected an int, got None"),
+    ({"mlp_only_layers": 1}, r"config\.mlp_only_layers: expected a list of ints, got 1"),
+    ({"mlp_only_layers": "0"}, r"config\.mlp_only_layers: expected a list of ints, got '0'"),
+    ({"mlp_only_layers": [0.0]}, r"config\.mlp_only_layers: expected a list of ints, got \[0.0\]"),
+    ({"mlp_only_layers": [True]}, r"config\.mlp_only_layers: expected a list of ints, got \[True\]"),
+])
+def test_qwen_sparse_layer_fields_are_checked(change, match):
+    # A step <= 0 read as 1 (transformers divides by it); a non-list mlp_only_layers failed unnamed (or, a string,
+    # was searched by character).
+    cfg = {**tiny_config("qwen2_moe").to_dict(), **change}
+    with pytest.raises(ValueError, match=match):
+        MoEConfig.from_hf(cfg)
+
+
+def test_qwen_null_mlp_only_layers_is_empty():
+    cfg = {**tiny_config("qwen3_moe").to_dict(), "mlp_only_layers": None}  # transformers: None -> []
+    assert MoEConfig.from_hf(cfg, layer=0).num_experts == 8
