@@ -13,8 +13,15 @@ picked logits (gpt-oss: softmax over the K picked logits; Llama4: sigmoid of the
 sigmoid of the picked, chosen with a correction bias).
 
 Non-finite logits: ``topk_ids`` are always valid expert indices in [0, E), so no kernel can read out of
-bounds. A ``-inf`` logit means "never pick this expert" while K finite logits remain. A NaN or ``+inf`` logit
-(a diverged model) gives that token NaN weights, which reach only that token's output row.
+bounds. A ``-inf`` logit means "never pick this expert" while K finite logits remain. A NaN logit (a diverged
+model) gives that token NaN weights, which reach only that token's output row; so does a ``+inf`` logit under
+softmax scoring (inf - inf). Under sigmoid scoring ``+inf`` is a valid saturated score, sigmoid(+inf) = 1: the
+expert is picked with finite weights.
+
+Sigmoid scoring without a correction bias ranks experts by their logits (sigmoid is monotone; the logits keep
+the order that saturated scores lose), while transformers ranks by sigmoid(logit), which rounds to 1.0 in fp32
+above ~17: among experts whose scores are all 1.0 the two may pick different ones (each with the same weight),
+an expected difference, not a bug.
 
 Non-finite correction bias: a NaN or ``+inf`` entry would win every token's choice with finite weights, so it
 is a corrupted checkpoint. On the CPU ``select_experts`` raises a ``ValueError`` naming

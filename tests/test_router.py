@@ -413,3 +413,18 @@ def test_gpu_nonfinite_correction_bias_gives_nan_weights_without_a_sync():
     weights, ids = select_experts(logits, 2, scoring_func="sigmoid", e_score_correction_bias=bias)
     picked = (ids == 5).any(dim=-1)
     assert bool(weights[picked].isnan().all()) and bool(weights[~picked].isfinite().all())
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("topk_before_score", [False, True])
+def test_plus_inf_logit_saturates_sigmoid_and_breaks_softmax(topk_before_score, renormalize):
+    # Documented: under sigmoid scoring +inf is a saturated score (sigmoid = 1), picked with finite weights; under
+    # softmax it gives the token NaN weights (inf - inf), as a NaN logit does.
+    logits = torch.tensor([[float("inf"), 0.5, 0.1, -1.0], [0.1, 0.2, 0.3, 0.4]])
+    kw = {"topk_before_score": topk_before_score, "renormalize": renormalize}
+    w, ids = select_experts(logits, 2, scoring_func="sigmoid", **kw)
+    assert ids[0].tolist() == [0, 1] and torch.isfinite(w).all()
+    if not renormalize:
+        assert w[0, 0] == 1.0
+    w, ids = select_experts(logits, 2, scoring_func="softmax", **kw)
+    assert torch.isnan(w[0]).all() and torch.isfinite(w[1]).all() and ids[0].tolist() == [0, 1]
