@@ -26,6 +26,7 @@ computes them in fp32). A setting moekit cannot express is refused with the fiel
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -100,17 +101,34 @@ def _get(cfg: Mapping, *names: str, default: object = ...) -> object:
     return default
 
 
-def _int(cfg: Mapping, *names: str, default: object = ...) -> int:
+def _int(cfg: Mapping, *names: str, default: object = ..., nullable: bool = True) -> int:
+    """An int field; ``nullable=False``: an explicit null is refused rather than read as ``default`` (where the
+    transformers module would fail on it)."""
+    if not nullable:
+        for name in names:
+            if name in cfg and cfg[name] is None:
+                raise ValueError(f"config.{name}: expected an int, got None (null)")
     value = _get(cfg, *names, default=default)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"config.{names[0]}: expected an int, got {value!r}")
     return value
 
 
+def _real(cfg: Mapping, name: str, default: float) -> float:
+    """A finite real number; an explicit null is refused (the transformers module would fail on it), absent is
+    ``default``; JSON ``true`` is not 1.0."""
+    value = cfg.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"config.{name}: expected a real number (finite, not a bool), got {value!r}")
+    return float(value)
+
+
 def _flag(cfg: Mapping, name: str, default: bool) -> bool:
+    """A boolean field, ``default`` when absent; an explicit null is False, as the modeling code reads it
+    (``if config.norm_topk_prob:``)."""
     value = cfg.get(name, default)
     if value is None:
-        return default
+        return False
     if not isinstance(value, bool):
         raise ValueError(f"config.{name}: expected true or false, got {value!r}")
     return value
@@ -161,12 +179,10 @@ def _deepseek_v3(cfg: Mapping) -> MoEConfig:
         raise ValueError(f"config.topk_method: DeepSeek-V3 routing is 'noaux_tc' (grouped, with a correction "
                          f"bias), got {method!r}")
     # Absent fields take the defaults of transformers' DeepseekV3Config (DeepSeek-V3's own values).
-    groups = _int(cfg, "n_group", default=8)
-    topk_group = _int(cfg, "topk_group", default=4)
+    groups = _int(cfg, "n_group", default=8, nullable=False)
+    topk_group = _int(cfg, "topk_group", default=4, nullable=False)
     inter = _int(cfg, "moe_intermediate_size")
-    factor = _get(cfg, "routed_scaling_factor", default=2.5)
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
-        raise ValueError(f"config.routed_scaling_factor: expected a number, got {factor!r}")
+    factor = _real(cfg, "routed_scaling_factor", default=2.5)
     return MoEConfig(
         num_experts=_int(cfg, "n_routed_experts", "num_local_experts"),
         top_k=_int(cfg, "num_experts_per_tok"),
@@ -180,7 +196,7 @@ def _deepseek_v3(cfg: Mapping) -> MoEConfig:
             topk_group=topk_group,
             group_score="top2_sum",
             correction_bias=True,
-            routed_scaling_factor=float(factor),
+            routed_scaling_factor=factor,
         ),
         shared_intermediate_size=inter * _int(cfg, "n_shared_experts", default=1),
         router_fp32=True,
@@ -188,14 +204,14 @@ def _deepseek_v3(cfg: Mapping) -> MoEConfig:
 
 
 def _gpt_oss(cfg: Mapping) -> MoEConfig:
-    alpha = _get(cfg, "swiglu_alpha", default=1.702)
-    limit = _get(cfg, "swiglu_limit", default=7.0)
+    alpha = _real(cfg, "swiglu_alpha", default=1.702)
+    limit = _real(cfg, "swiglu_limit", default=7.0)
     return MoEConfig(
         num_experts=_int(cfg, "num_local_experts", "num_experts"),
         top_k=_int(cfg, "num_experts_per_tok", "experts_per_token"),
         hidden_size=_int(cfg, "hidden_size"),
         intermediate_size=_int(cfg, "intermediate_size"),
-        activation=Activation(name="swigluoai", alpha=float(alpha), limit=float(limit)),
+        activation=Activation(name="swigluoai", alpha=alpha, limit=limit),
         routing=RoutingConfig(scoring_func="softmax", topk_before_score=True),
         bias=True,
         router_bias=True,
@@ -213,13 +229,18 @@ def _every_layer(cfg: Mapping, layer: int) -> bool:
 
 
 def _qwen_sparse(cfg: Mapping, layer: int) -> bool:
-    step = _int(cfg, "decoder_sparse_step", default=1)
-    only_mlp = cfg.get("mlp_only_layers") or []
-    return layer not in only_mlp and (layer + 1) % max(step, 1) == 0
+    step = _int(cfg, "decoder_sparse_step", default=1, nullable=False)
+    if step <= 0:  # transformers takes (layer + 1) % step: no layer pattern to read from 0 or less
+        raise ValueError(f"config.decoder_sparse_step: expected a positive int, got {step!r}")
+    only_mlp = cfg.get("mlp_only_layers")
+    only_mlp = [] if only_mlp is None else only_mlp  # as transformers' config reads null
+    if not isinstance(only_mlp, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in only_mlp):
+        raise ValueError(f"config.mlp_only_layers: expected a list of ints, got {only_mlp!r}")
+    return layer not in only_mlp and (layer + 1) % step == 0
 
 
 def _deepseek_sparse(cfg: Mapping, layer: int) -> bool:
-    first = _int(cfg, "first_k_dense_replace", default=3)
+    first = _int(cfg, "first_k_dense_replace", default=3, nullable=False)
     freq = _int(cfg, "moe_layer_freq", default=1)
     return layer >= first and layer % max(freq, 1) == 0
 

@@ -113,7 +113,11 @@ class MoE(nn.Module):
                 prepare_finalize = TensorParallel(prepare_finalize or LocalPrepareFinalize(), tp_size=parallel.tp_size,
                                                   tp_rank=parallel.tp_rank, group=tp_group)
         kw = {"dtype": dtype, "device": device}
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=config.router_bias, **kw)
+        # router_fp32 (DeepSeek-V3): the checkpoint keeps the router fp32 (transformers'
+        # _keep_in_fp32_modules_strict); a gate in the layer's dtype would round it and change routing.
+        gate_dtype = torch.float32 if config.router_fp32 else dtype
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=config.router_bias, dtype=gate_dtype,
+                              device=device)
         if config.routing.correction_bias:
             bias = torch.zeros(config.num_experts, dtype=torch.float32, device=device)
             self.register_buffer("e_score_correction_bias", bias)

@@ -59,6 +59,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from moekit._checks import check_bool, check_choice, check_positive
 from moekit._layout import deinterleave
@@ -360,13 +361,28 @@ def _detect_layout(moe: MoE, ckpt: Checkpoint, prefix: str) -> str:
 
 
 def _load_router(moe: MoE, plan: _Plan, prefix: str) -> None:
-    plan.copy(moe.gate.weight, [f"{prefix}{n}.weight" for n in _ROUTER_NAMES])
+    weight_keys = [f"{prefix}{n}.weight" for n in _ROUTER_NAMES]
+    key = plan.first(weight_keys)
+    if key is not None and plan.ckpt.dtype(key) == "F32" and moe.gate.weight.dtype in (torch.bfloat16, torch.float16):
+        # An fp32 router in a 16-bit checkpoint (DeepSeek-V3 style): rounded into the gate it would pick other
+        # experts for some tokens. The gate (and its bias) turn fp32 when the plan runs, the same Parameter
+        # objects; router_logits takes a gate whose dtype differs from the input's.
+        plan.add(key, moe.gate.weight.shape, lambda t: _set_fp32(moe.gate, t))
+    else:
+        plan.copy(moe.gate.weight, weight_keys)
     if moe.gate.bias is not None:
         plan.copy(moe.gate.bias, [f"{prefix}{n}.bias" for n in _ROUTER_NAMES])
     if moe.e_score_correction_bias is not None:
         names = [f"{prefix}{n}.e_score_correction_bias" for n in _ROUTER_NAMES] + [f"{prefix}e_score_correction_bias"]
         plan.copy(moe.e_score_correction_bias, names)
         plan.check_values(names, _check_correction_bias)
+
+
+@torch.no_grad()
+def _set_fp32(gate: nn.Linear, weight: torch.Tensor) -> None:
+    gate.weight.data = weight.to(device=gate.weight.device, dtype=torch.float32)
+    if gate.bias is not None:  # F.linear needs the bias in the weight's dtype; its own copy follows
+        gate.bias.data = gate.bias.data.float()
 
 
 def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:

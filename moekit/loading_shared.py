@@ -27,8 +27,14 @@ def load_shared(moe: MoE, plan: _Plan, prefix: str) -> None:
     """The shared experts of ``moe`` (and their gate) from the checkpoint under ``prefix``."""
     shared = moe.shared_experts
     gate_up = shared.gate_up_proj.weight
-    bases = [prefix + n + "." for n in _SHARED_NAMES]
-    base = next((b for b in bases if plan.first([b + "down_proj.weight", b + "gate_up_proj.weight"])), bases[0])
+    # The prefix from any key under it: a quantized shared expert stores qweight/weight_packed/..., no `.weight`.
+    stored = set()
+    for key in plan.ckpt.keys():
+        if key.startswith(prefix):
+            name, dot, _ = key[len(prefix):].partition(".")
+            if dot:
+                stored.add(name)
+    base = prefix + next((n for n in _SHARED_NAMES if n in stored), _SHARED_NAMES[0]) + "."
     if base + "gate_up_proj.weight" in plan.ckpt or not shared.activation.is_gated:
         _copy_shared(moe, plan, gate_up, [base + "gate_up_proj.weight", base + "up_proj.weight"])
     else:

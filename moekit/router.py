@@ -13,8 +13,15 @@ picked logits (gpt-oss: softmax over the K picked logits; Llama4: sigmoid of the
 sigmoid of the picked, chosen with a correction bias).
 
 Non-finite logits: ``topk_ids`` are always valid expert indices in [0, E), so no kernel can read out of
-bounds. A ``-inf`` logit means "never pick this expert" while K finite logits remain. A NaN or ``+inf`` logit
-(a diverged model) gives that token NaN weights, which reach only that token's output row.
+bounds. A ``-inf`` logit means "never pick this expert" while K finite logits remain. A NaN logit (a diverged
+model) gives that token NaN weights, which reach only that token's output row; so does a ``+inf`` logit under
+softmax scoring (inf - inf). Under sigmoid scoring ``+inf`` is a valid saturated score, sigmoid(+inf) = 1: the
+expert is picked with finite weights.
+
+Sigmoid scoring without a correction bias ranks experts by their logits (sigmoid is monotone; the logits keep
+the order that saturated scores lose), while transformers ranks by sigmoid(logit), which rounds to 1.0 in fp32
+above ~17: among experts whose scores are all 1.0 the two may pick different ones (each with the same weight),
+an expected difference, not a bug.
 
 Non-finite correction bias: a NaN or ``+inf`` entry would win every token's choice with finite weights, so it
 is a corrupted checkpoint. On the CPU ``select_experts`` raises a ``ValueError`` naming
@@ -72,11 +79,18 @@ def select_experts(
         top_k: K in [1, E].
         custom_routing_function: ``fn(hidden_states, router_logits, top_k, renormalize) -> (weights, ids)``;
             replaces the built-in selection (the routed scaling factor still applies).
-        topk_weights, topk_ids: precomputed routing [T, K]; returned as float32/int32 after validation.
+        topk_weights, topk_ids: precomputed routing [T, K]; returned as float32/int32 after validation. They
+            skip routing: every routing argument must keep its default (a ValueError names one that does not).
     Returns:
         topk_weights float32 [T, K], topk_ids int32 [T, K].
     """
     if topk_weights is not None or topk_ids is not None:
+        _refuse_routing_arguments(
+            scoring_func=scoring_func, topk_before_score=topk_before_score, renormalize=renormalize,
+            num_expert_group=num_expert_group, topk_group=topk_group, group_score=group_score,
+            e_score_correction_bias=e_score_correction_bias, routed_scaling_factor=routed_scaling_factor,
+            custom_routing_function=custom_routing_function,
+        )
         return _check_precomputed(topk_weights, topk_ids, router_logits, top_k)
     check_ndim("router_logits", router_logits, 2, "[T, E]")
     check_dtype("router_logits", router_logits, _FLOAT_DTYPES)
@@ -209,6 +223,24 @@ def _nonfinite_bias(bias_E: torch.Tensor) -> torch.Tensor | None:
 
 def _scale(weights: torch.Tensor, factor: float) -> torch.Tensor:
     return weights if factor == 1.0 else weights * factor
+
+
+# select_experts' routing arguments at their defaults: the only values that mean "no routing step".
+_ROUTING_DEFAULTS = {"scoring_func": "softmax", "topk_before_score": False, "renormalize": False,
+                     "num_expert_group": None, "topk_group": None, "group_score": "max",
+                     "e_score_correction_bias": None, "routed_scaling_factor": 1.0, "custom_routing_function": None}
+
+
+def _refuse_routing_arguments(**given: object) -> None:
+    """Precomputed weights/ids skip routing: a routing argument beside them would be silently ignored."""
+    given["routed_scaling_factor"] = check_real("routed_scaling_factor", given["routed_scaling_factor"],
+                                                positive=True)
+    for name, value in given.items():
+        default = _ROUTING_DEFAULTS[name]
+        if (value is not None) if default is None else (value != default):
+            shown = "a tensor" if isinstance(value, torch.Tensor) else repr(value)
+            raise ValueError(f"select_experts: {name}={shown} given with precomputed topk_weights/topk_ids, which "
+                             f"skip routing; expected {default!r} (route first, then pass the result)")
 
 
 def _check_precomputed(

@@ -74,6 +74,8 @@ def test_deepseek_dense_layers_and_defaults():
     ({"hidden_size": "big"}, "config.hidden_size: expected an int, got 'big'"),
     ({"norm_topk_prob": "yes"}, "config.norm_topk_prob: expected true or false"),
     ({"topk_group": 3}, "routing.topk_group: expected <= num_expert_group=2"),
+    ({"routed_scaling_factor": None}, r"config.routed_scaling_factor: expected a real number .*, got None"),
+    ({"routed_scaling_factor": True}, r"config.routed_scaling_factor: expected a real number .*, got True"),
 ])
 def test_inexpressible_settings_name_the_field(change, match):
     cfg = {**tiny_config("deepseek_v3").to_dict(), **change}
@@ -104,3 +106,47 @@ def test_config_json_spellings_of_real_checkpoints():
            "experts_per_token": 4, "num_experts_per_tok": 4, "swiglu_limit": 7.0, "num_hidden_layers": 24}
     cfg = MoEConfig.from_hf(oss)
     assert cfg.activation.name == "swigluoai" and cfg.activation.alpha == 1.702 and cfg.bias and cfg.router_bias
+
+
+@pytest.mark.parametrize("field", ["swiglu_alpha", "swiglu_limit"])
+@pytest.mark.parametrize("value", [True, "7", [7.0], None, float("nan")], ids=["bool", "str", "list", "null", "nan"])
+def test_gpt_oss_swiglu_settings_are_real_numbers(field, value):
+    # `true` read as 1.0 silently, and a string or a list failed without naming the field; null breaks the
+    # transformers block (clamp without bounds), so it is refused rather than read as the default.
+    cfg = {**tiny_config("gpt_oss").to_dict(), field: value}
+    with pytest.raises(ValueError, match=rf"config\.{field}: expected a real number"):
+        MoEConfig.from_hf(cfg)
+
+
+def test_deepseek_null_settings():
+    # transformers reads `"norm_topk_prob": null` as False (`if self.norm_topk_prob:`); moekit read it as the
+    # default, True. A null group count or dense-layer count cannot run in transformers: refused, named.
+    cfg = tiny_config("deepseek_v3").to_dict()
+    assert MoEConfig.from_hf({**cfg, "norm_topk_prob": None}).routing.renormalize is False
+    absent = {k: v for k, v in cfg.items() if k != "norm_topk_prob"}
+    assert MoEConfig.from_hf(absent).routing.renormalize is True  # absent: DeepseekV3Config's default
+    for field in ("n_group", "topk_group", "first_k_dense_replace"):
+        with pytest.raises(ValueError, match=rf"config\.{field}: expected an int, got None"):
+            MoEConfig.from_hf({**cfg, field: None})
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"decoder_sparse_step": 0}, r"config\.decoder_sparse_step: expected a positive int, got 0"),
+    ({"decoder_sparse_step": -2}, r"config\.decoder_sparse_step: expected a positive int, got -2"),
+    ({"decoder_sparse_step": None}, r"config\.decoder_sparse_step: expected an int, got None"),
+    ({"mlp_only_layers": 1}, r"config\.mlp_only_layers: expected a list of ints, got 1"),
+    ({"mlp_only_layers": "0"}, r"config\.mlp_only_layers: expected a list of ints, got '0'"),
+    ({"mlp_only_layers": [0.0]}, r"config\.mlp_only_layers: expected a list of ints, got \[0.0\]"),
+    ({"mlp_only_layers": [True]}, r"config\.mlp_only_layers: expected a list of ints, got \[True\]"),
+])
+def test_qwen_sparse_layer_fields_are_checked(change, match):
+    # A step <= 0 read as 1 (transformers divides by it); a non-list mlp_only_layers failed unnamed (or, a string,
+    # was searched by character).
+    cfg = {**tiny_config("qwen2_moe").to_dict(), **change}
+    with pytest.raises(ValueError, match=match):
+        MoEConfig.from_hf(cfg)
+
+
+def test_qwen_null_mlp_only_layers_is_empty():
+    cfg = {**tiny_config("qwen3_moe").to_dict(), "mlp_only_layers": None}  # transformers: None -> []
+    assert MoEConfig.from_hf(cfg, layer=0).num_experts == 8

@@ -447,3 +447,44 @@ def test_shared_mlp_with_an_infinite_limit_is_plain_silu():
             return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
     assert _mlp_activation(MLP(), True, moekit.Activation(name="silu")) == moekit.Activation(name="silu")
+
+
+def _block_prefixes(model) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m).__name__ in mh.SUPPORTED_BLOCKS]
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4", "aria", "dbrx"])
+def test_convert_keeps_frozen_experts_frozen(family):
+    # Router-only training: the experts are frozen before convert. The transposed views (llama4, aria) and the
+    # de-interleaved or joined copies (gpt-oss, DBRX) that replace them used to take the flag of the whole block
+    # (any parameter trainable -> all trainable) and trained the experts.
+    model = build(family)
+    blocks = _block_prefixes(model)
+    for name, p in model.named_parameters():
+        if any(name.startswith(f"{b}.experts.") for b in blocks):
+            p.requires_grad_(False)
+    assert mh.convert(model) > 0
+    for moe in _moe_blocks(model):
+        assert not moe.routed_experts.w13.requires_grad and not moe.routed_experts.w2.requires_grad
+        assert moe.gate.weight.requires_grad
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_convert_keeps_a_frozen_shared_mlp_frozen(family):
+    # The shared MLP's gate_proj | up_proj join is a copy: it takes its sources' flag, not the block's.
+    model = build(family)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".shared_expert" not in name)
+    assert mh.convert(model) > 0
+    for moe in _moe_blocks(model):
+        assert not moe.shared_experts.gate_up_proj.weight.requires_grad
+        assert not moe.shared_experts.down_proj.weight.requires_grad
+        assert moe.routed_experts.w13.requires_grad
+
+
+def test_convert_refuses_a_joined_weight_of_mixed_trainability():
+    # gate_proj frozen, up_proj trainable: one joined weight cannot train half of its rows.
+    model = build("qwen2_moe")
+    model.model.layers[0].mlp.shared_expert.gate_proj.weight.requires_grad_(False)
+    with pytest.raises(NotImplementedError, match="requires_grad"):
+        mh.convert(model)

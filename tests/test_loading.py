@@ -296,3 +296,40 @@ def test_nonfinite_correction_bias_is_refused_at_load(saved, tmp_path):
     with pytest.raises(ValueError, match=r"correction_bias'.*NaN/\+inf at experts \[3\]"):
         load_moe(moe, file, prefix)
     assert all(torch.equal(before[k], v) for k, v in moe.state_dict().items())
+
+
+@pytest.mark.parametrize("router_fp32", [True, False], ids=["router_fp32", "plain"])
+def test_fp32_router_of_a_bf16_layer_loads_bit_exact(tmp_path, router_fp32):
+    # DeepSeek-V3 keeps its router weight fp32 in a bf16 checkpoint (transformers' _keep_in_fp32_modules_strict);
+    # copied into a bf16 gate it was rounded and some tokens picked other experts. The gate stays fp32, from the
+    # config (router_fp32) or from the checkpoint's own dtype.
+    from moekit import MoEConfig, RoutingConfig
+
+    E, H, I = 8, 64, 32
+    gen = torch.Generator().manual_seed(0)
+    routing = RoutingConfig(scoring_func="sigmoid", correction_bias=True) if router_fp32 else RoutingConfig()
+    config = MoEConfig(num_experts=E, top_k=2, hidden_size=H, intermediate_size=I, routing=routing,
+                       router_bias=not router_fp32, router_fp32=router_fp32)
+    prefix = "model.layers.0.mlp"
+    gate = torch.randn(E, H, generator=gen) * 0.01 + 1e-4 * torch.randn(E, H, generator=gen)
+    tensors = {f"{prefix}.gate.weight": gate}
+    if router_fp32:
+        tensors[f"{prefix}.gate.e_score_correction_bias"] = torch.zeros(E)
+    else:
+        tensors[f"{prefix}.gate.bias"] = torch.randn(E, generator=gen)
+    for e in range(E):
+        for proj, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+            tensors[f"{prefix}.experts.{e}.{proj}.weight"] = torch.randn(shape, generator=gen).bfloat16()
+    file = tmp_path / "model.safetensors"
+    safetensors_torch.save_file(tensors, str(file))
+    moe = MoE(config, dtype=torch.bfloat16)
+    load_moe(moe, file, prefix)
+    assert moe.gate.weight.dtype == torch.float32
+    assert torch.equal(moe.gate.weight, gate)
+    if not router_fp32:
+        assert torch.equal(moe.gate.bias, tensors[f"{prefix}.gate.bias"])
+    x = torch.randn(16, H, generator=gen).bfloat16()
+    bias = moe.gate.bias
+    reference = torch.nn.functional.linear(x.float(), gate, None if bias is None else bias.detach().float())
+    torch.testing.assert_close(moe.router_logits(x), reference, rtol=0, atol=0)
+    assert moe(x).dtype == torch.bfloat16

@@ -413,3 +413,32 @@ def test_gpu_nonfinite_correction_bias_gives_nan_weights_without_a_sync():
     weights, ids = select_experts(logits, 2, scoring_func="sigmoid", e_score_correction_bias=bias)
     picked = (ids == 5).any(dim=-1)
     assert bool(weights[picked].isnan().all()) and bool(weights[~picked].isfinite().all())
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("topk_before_score", [False, True])
+def test_plus_inf_logit_saturates_sigmoid_and_breaks_softmax(topk_before_score, renormalize):
+    # Documented: under sigmoid scoring +inf is a saturated score (sigmoid = 1), picked with finite weights; under
+    # softmax it gives the token NaN weights (inf - inf), as a NaN logit does.
+    logits = torch.tensor([[float("inf"), 0.5, 0.1, -1.0], [0.1, 0.2, 0.3, 0.4]])
+    kw = {"topk_before_score": topk_before_score, "renormalize": renormalize}
+    w, ids = select_experts(logits, 2, scoring_func="sigmoid", **kw)
+    assert ids[0].tolist() == [0, 1] and torch.isfinite(w).all()
+    if not renormalize:
+        assert w[0, 0] == 1.0
+    w, ids = select_experts(logits, 2, scoring_func="softmax", **kw)
+    assert torch.isnan(w[0]).all() and torch.isfinite(w[1]).all() and ids[0].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"routed_scaling_factor": 2.5}, {"renormalize": True}, {"num_expert_group": 2, "topk_group": 1},
+    {"group_score": "top2_sum"}, {"e_score_correction_bias": torch.zeros(8)}, {"scoring_func": "sigmoid"},
+    {"topk_before_score": True}, {"custom_routing_function": lambda *a: None},
+], ids=lambda kw: next(iter(kw)))
+def test_precomputed_routing_refuses_routing_arguments(kwargs):
+    # Precomputed weights/ids skip routing: a scaling factor, renormalization, grouping or bias given beside them
+    # was silently ignored.
+    w, ids = torch.rand(4, 2), torch.randint(0, 8, (4, 2))
+    with pytest.raises(ValueError, match=rf"select_experts: {next(iter(kwargs))}=.* given with precomputed"):
+        select_experts(None, 2, topk_weights=w, topk_ids=ids, **kwargs)
+    select_experts(None, 2, topk_weights=w, topk_ids=ids, routed_scaling_factor=1.0, renormalize=False)  # defaults

@@ -289,15 +289,27 @@ def _build(block: nn.Module, adapter: BlockAdapter, backend: str) -> HFMoE:
     left = [n for n, t in [*moe.named_parameters(), *moe.named_buffers()] if t.is_meta]
     if left:
         raise NotImplementedError(f"parameters moekit could not fill from the block: {left}")
-    # Views and copies of the block's weights replace them in a converted model: they train as the block did
-    # (parameters shared with the block keep their own flag).
-    shared_ids = {id(p) for p in block.parameters()}
-    trainable = any(p.requires_grad for p in block.parameters())
-    for param in moe.parameters():
-        if id(param) not in shared_ids:
-            param.requires_grad_(trainable)
-    moe._moekit_saved_as = tuple(saving.views(block, moe, saved))
+    entries = saving.views(block, moe, saved)
+    _train_as_sources(block, moe, entries)
+    moe._moekit_saved_as = tuple(entries)
     return moe
+
+
+def _train_as_sources(block: nn.Module, moe: MoE, entries: list[saving.SavedAs]) -> None:
+    """Views and copies of the block's weights replace them in a converted model: each trains as the tensors it
+    is made from (a router-only recipe freezes the experts before converting; the transposed views and the
+    de-interleaved or joined copies must stay frozen). Parameters shared with the block keep their own flag."""
+    sources = {e.name: e.sources for e in entries}
+    block_params = dict(block.named_parameters(remove_duplicate=False))
+    shared_ids = {id(p) for p in block_params.values()}
+    for name, param in moe.named_parameters():
+        if id(param) in shared_ids:
+            continue
+        flags = {block_params[s].requires_grad if s in block_params else False for s in sources[name]}
+        if len(flags) != 1:  # one joined weight cannot train only the rows of one of its sources
+            joined = " and ".join(sources[name])
+            raise NotImplementedError(f"{joined} with different requires_grad (joined into {name})")
+        param.requires_grad_(flags.pop())
 
 
 def _share(owner: nn.Module, attr: str, value: torch.Tensor) -> None:

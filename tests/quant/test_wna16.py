@@ -677,3 +677,38 @@ def test_gptq_act_order_refused_unless_dequantized_at_load():
     assert layer.quant_method.name == "unquantized"
     assert torch.equal(layer.w13, torch.stack(want13)) and torch.equal(layer.w2, torch.stack(want2))
     assert not any(n.endswith(("_qweight", "_qzeros", "_scales", "_g_idx")) for n, _ in layer.named_parameters())
+
+
+@pytest.mark.parametrize("shared_name", ["shared_expert", "shared_experts", "shared_mlp"])
+@pytest.mark.parametrize(("fmt", "sym"), [("gptq", False), ("compressed-tensors", True)])
+def test_quantized_shared_expert_loads_under_each_prefix(tmp_path, shared_name, fmt, sym):
+    # The shared expert's prefix was found only from `down_proj.weight` / `gate_up_proj.weight` keys: a quantized
+    # one (qweight, weight_packed, ...) under Qwen2-MoE's `shared_expert.` fell back to `shared_experts.` and failed.
+    from moekit import MoE, MoEConfig
+    from moekit.loading import load_moe
+
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    gen = torch.Generator().manual_seed(0)
+    E, H, I, Is, g = 2, 64, 32, 32, 32
+    prefix = "model.layers.0.mlp"
+    tensors = {f"{prefix}.gate.weight": torch.randn(E, H, generator=gen),
+               f"{prefix}.shared_expert_gate.weight": torch.randn(1, H, generator=gen)}
+    expected = {}
+    projections = (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I)))
+    bases = [f"{prefix}.experts.{e}" for e in range(E)] + [f"{prefix}.{shared_name}"]
+    for base in bases:
+        for proj, (n, k) in projections:
+            q, z, s = _codes(n, k, g, 4, sym, torch.float16, gen)
+            expected[f"{base}.{proj}"] = formula(q, z, s, g)
+            stored = _checkpoint_tensors(fmt, q, z, s, g, 4, sym)
+            tensors.update({f"{base}.{proj}.{name}": t for name, t in stored.items()})
+    safetensors_torch.save_file(tensors, tmp_path / "model.safetensors")
+    cfg = MoEConfig(num_experts=E, top_k=1, hidden_size=H, intermediate_size=I, shared_intermediate_size=Is,
+                    shared_expert_gate=True)
+    moe = MoE(cfg, dtype=torch.float16,
+              quant_method=WNA16MoEMethod(checkpoint_format=fmt, group_size=g, sym=sym))
+    load_moe(moe, tmp_path, prefix)
+    shared, base = moe.shared_experts, f"{prefix}.{shared_name}"
+    gate_up = torch.cat((expected[f"{base}.gate_proj"], expected[f"{base}.up_proj"]))
+    assert torch.equal(shared.gate_up_proj.weight, gate_up.to(torch.float16))
+    assert torch.equal(shared.down_proj.weight, expected[f"{base}.down_proj"].to(torch.float16))
