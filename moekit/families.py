@@ -242,7 +242,9 @@ def _qwen_sparse(cfg: Mapping, layer: int) -> bool:
 def _deepseek_sparse(cfg: Mapping, layer: int) -> bool:
     first = _int(cfg, "first_k_dense_replace", default=3, nullable=False)
     freq = _int(cfg, "moe_layer_freq", default=1)
-    return layer >= first and layer % max(freq, 1) == 0
+    if freq < 1:  # transformers' layer % freq fails on 0; a negative one means nothing
+        raise ValueError(f"config.moe_layer_freq: expected a positive int, got {freq}")
+    return layer >= first and layer % freq == 0
 
 
 FAMILIES: dict[str, Callable[[Mapping], MoEConfig]] = {

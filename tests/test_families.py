@@ -150,3 +150,11 @@ def test_qwen_sparse_layer_fields_are_checked(change, match):
 def test_qwen_null_mlp_only_layers_is_empty():
     cfg = {**tiny_config("qwen3_moe").to_dict(), "mlp_only_layers": None}  # transformers: None -> []
     assert MoEConfig.from_hf(cfg, layer=0).num_experts == 8
+
+
+@pytest.mark.parametrize("freq", [0, -1])
+def test_deepseek_moe_layer_freq_must_be_positive(freq):
+    # Read as 1 before (max(freq, 1)): every layer past the dense ones became an MoE layer; transformers divides by it.
+    cfg = tiny_config("deepseek_v3").to_dict()
+    with pytest.raises(ValueError, match=rf"config\.moe_layer_freq: expected a positive int, got {freq}"):
+        MoEConfig.from_hf({**cfg, "moe_layer_freq": freq, "first_k_dense_replace": 0}, layer=1)
