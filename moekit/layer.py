@@ -99,6 +99,12 @@ class MoE(nn.Module):
         if parallel.tp_size > 1:
             _check_tensor_parallel(config, parallel, quant_method)
             inter //= parallel.tp_size
+        if parallel.ep_size > 1 and getattr(quant_method, "static_input_scales", False):
+            # Each rank would merge only its own experts' input scales into the layer's one, and a row quantized
+            # on one rank would be read with another rank's scale (3.8x off in a 2-rank check).
+            raise ValueError("quant_method: static activation scales (static_input_scales=True) with expert "
+                             f"parallelism (parallel.ep_size={parallel.ep_size}) are not supported; use dynamic "
+                             "activation scales or ep_size=1")
         if parallel.world_size > 1:
             ep_group, tp_group = parallel_groups(parallel, process_group)
             if parallel.ep_size > 1:
@@ -251,15 +257,18 @@ class MoE(nn.Module):
                 e_score_correction_bias=self.e_score_correction_bias,
                 hidden_states=x_TH,
             )
+        # Precomputed ids index the load recorder and the EPLB maps before the experts check them: check first
+        # (routed ids are in range by construction).
+        uses_ids = self._load_recorder is not None or self.log2phy is not None
+        if precomputed and uses_ids and ids.numel() and values_checkable():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= cfg.num_experts:
+                raise ValueError(f"topk_ids: expected values in [0, E={cfg.num_experts}), got values in "
+                                 f"[{lo}, {hi}]")
         if self._load_recorder is not None:
             hook = self._load_recorder
             hook.recorder.record(hook.layer, ids)  # logical ids, this rank's tokens (device-side, no sync)
         if self.log2phy is not None:
-            if precomputed and ids.numel() and values_checkable():  # (routed ids are in range by construction)
-                lo, hi = int(ids.min()), int(ids.max())
-                if lo < 0 or hi >= cfg.num_experts:
-                    raise ValueError(f"topk_ids: expected values in [0, E={cfg.num_experts}), got values in "
-                                     f"[{lo}, {hi}]")
             # Offset by the rank: at decode (a token or two per rank) every rank would otherwise hash the same
             # entry indices and send an expert's rows to the same replica. From shapes only: no sync, graph-safe.
             ids = logical_to_physical(ids, self.log2phy, self.logcnt, offset=self.parallel.ep_rank * ids.numel())
@@ -293,7 +302,7 @@ class MoE(nn.Module):
     def _set_plan(self, phy2log: torch.Tensor) -> None:
         """Install the placement ``phy2log`` [R]: the maps forward routes by, and which logical expert each local
         slot holds (for the loaders)."""
-        phy2log = phy2log.to("cpu", torch.int64)
+        phy2log = phy2log.to("cpu", torch.int64).clone()  # never the caller's tensor: it may reuse it for a plan
         num_experts = self.config.num_experts
         logcnt = torch.bincount(phy2log, minlength=num_experts)
         order = torch.argsort(phy2log, stable=True)  # slots grouped by expert, ascending within one

@@ -120,6 +120,12 @@ def write_expert_load(path: str | Path, load: torch.Tensor, *, steps: int | None
         raise TypeError(f"load: expected an integer or real dtype, got {str(load.dtype).removeprefix('torch.')}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
         raise ValueError(f"steps: expected None or an int >= 0, got {steps!r}")
+    if 0 in load.shape:
+        raise ValueError(f"load: expected at least one layer and one expert, got shape {tuple(load.shape)}")
+    values = load.detach().cpu().double()
+    if not bool((torch.isfinite(values) & (values >= 0)).all()):
+        bad = values[~(torch.isfinite(values) & (values >= 0))][0].item()
+        raise ValueError(f"load: expected finite loads >= 0 (what read_expert_load accepts), got {bad}")
     rows = load.detach().cpu().tolist()
     if suffix == ".json":
         doc = {"format": FORMAT, "version": VERSION, "num_layers": load.shape[0], "num_experts": load.shape[1],

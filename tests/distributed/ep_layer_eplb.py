@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 import moekit
 from moekit.distributed import ExpertLoadRecorder, logical_to_physical, rebalance_experts
+from moekit.quant import Fp8TensorMoEMethod
 from moekit.quant.unquantized import UnquantizedMoEMethod
 from moekit.router import route
 from moekit.testing import assert_close
@@ -105,6 +106,7 @@ def _layer_case(cfg: moekit.MoEConfig, dispatch: str, rank: int, world: int) -> 
     params = [p.data_ptr() for p in ep.routed_experts.parameters()]
     ep.rearrange(phy2log)
     assert ep.phy2log.tolist() == phy2log.tolist()
+    assert ep.phy2log.data_ptr() != phy2log.data_ptr()  # a copy: the caller may reuse its tensor for a next plan
     assert [p.data_ptr() for p in ep.routed_experts.parameters()] == params  # in place
     assert int(ep.logcnt[0]) > 1, ep.logcnt  # the hot expert has replicas
     errors += _check_slots(full, ep, rank)
@@ -161,6 +163,16 @@ def _refusals(rank: int, world: int) -> None:
     plain = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank))
     with pytest.raises(RuntimeError, match="num_redundant_experts"):
         plain.rearrange(torch.arange(E))
+    # A load recorder indexes its counts by the ids: out-of-range precomputed ids are refused by name first (an
+    # IndexError before; a device-side assert on CUDA).
+    plain.record_load(ExpertLoadRecorder(num_layers=1, num_experts=E))
+    with pytest.raises(ValueError, match="topk_ids"), torch.no_grad():
+        plain(torch.randn(1, H), topk_weights=torch.ones(1, 2), topk_ids=torch.tensor([[0, E]]))
+    # Static activation scales: each rank would merge only its own experts' scales (rows read with another
+    # rank's scale).
+    with pytest.raises(ValueError, match="static_input_scales"):
+        moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank),
+                   quant_method=Fp8TensorMoEMethod(static_input_scales=True))
 
 
 def cases(rank: int, world: int, out_dir: str,

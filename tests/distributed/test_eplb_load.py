@@ -152,3 +152,18 @@ def test_device_given_with_or_without_index():
     rec.record(0, torch.tensor([[1, 2]]))
     rec.step()
     assert rec.load().tolist() == [[0, 1, 1, 0]] and rec.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize(("load", "match"), [
+    (torch.tensor([[1.0, float("nan")]]), "expected finite loads >= 0"),
+    (torch.tensor([[1.0, float("inf")]]), "expected finite loads >= 0"),
+    (torch.tensor([[-5, 3]]), "expected finite loads >= 0"),
+    (torch.zeros(0, 3), "expected at least one layer and one expert"),
+])
+def test_write_refuses_what_read_refuses(tmp_path, load, match):
+    # Written before (JSON NaN is not even JSON), then refused by read_expert_load.
+    for suffix in (".json", ".csv"):
+        path = tmp_path / f"load{suffix}"
+        with pytest.raises(ValueError, match=rf"load: {match}"):
+            write_expert_load(path, load)
+        assert not path.exists()
