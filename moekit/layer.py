@@ -308,11 +308,18 @@ class MoE(nn.Module):
         order = torch.argsort(phy2log, stable=True)  # slots grouped by expert, ascending within one
         experts = phy2log[order]
         replica = torch.arange(phy2log.numel()) - (torch.cumsum(logcnt, 0) - logcnt)[experts]
-        log2phy = torch.full((num_experts, int(logcnt.max())), -1, dtype=torch.int64)
+        # As wide as any plan can need (an expert in its own slot and every redundant one), so that a new plan is
+        # written into the same storage: a CUDA graph captured through forward reads these buffers by address
+        # and must route by the plan rearrange installed. Columns past an expert's logcnt are never read.
+        log2phy = torch.full((num_experts, phy2log.numel() - num_experts + 1), -1, dtype=torch.int64)
         log2phy[experts, replica] = order
         # Non-persistent buffers: they follow .to(device) but a state dict stays the one without EPLB.
         for name, value in (("phy2log", phy2log), ("log2phy", log2phy), ("logcnt", logcnt)):
-            self.register_buffer(name, value.to(self.gate.weight.device), persistent=False)
+            held = getattr(self, name)
+            if held is None:
+                self.register_buffer(name, value.to(self.gate.weight.device), persistent=False)
+            else:
+                held.copy_(value)  # in place: same shapes by construction
         num_local = self.routed_experts.num_experts
         first = self.parallel.ep_rank * num_local
         self.routed_experts.set_slot_experts(phy2log[first:first + num_local].tolist(), num_experts)

@@ -104,7 +104,10 @@ def _layer_case(cfg: moekit.MoEConfig, dispatch: str, rank: int, world: int) -> 
     load = torch.tensor([[900.0, 10.0, 300.0, 5.0, 40.0, 1.0]])
     phy2log = rebalance_experts(load, num_slots, 1, 1, world)[0][0]
     params = [p.data_ptr() for p in ep.routed_experts.parameters()]
+    maps = [t.data_ptr() for t in (ep.phy2log, ep.log2phy, ep.logcnt)]
     ep.rearrange(phy2log)
+    # The routing maps are rewritten in place, so a CUDA graph captured through forward follows the new plan.
+    assert [t.data_ptr() for t in (ep.phy2log, ep.log2phy, ep.logcnt)] == maps
     assert ep.phy2log.tolist() == phy2log.tolist()
     assert ep.phy2log.data_ptr() != phy2log.data_ptr()  # a copy: the caller may reuse its tensor for a next plan
     assert [p.data_ptr() for p in ep.routed_experts.parameters()] == params  # in place
