@@ -25,7 +25,6 @@ from moekit._checks import (
     check_layer_dtype,
     check_ndim,
     check_shape,
-    check_signed_int_dtype,
     check_tensor,
     values_checkable,
 )
@@ -333,20 +332,12 @@ class MoE(nn.Module):
         if self.phy2log is None:
             raise RuntimeError("rearrange: expected a layer built with parallel.num_redundant_experts > 0 (EPLB), "
                                f"got num_redundant_experts={self.parallel.num_redundant_experts}")
-        check_tensor("new_phy2log", new_phy2log)
-        check_signed_int_dtype("new_phy2log", new_phy2log)
-        check_shape("new_phy2log", new_phy2log, tuple(self.phy2log.shape), "[R] (one layer's phy2log)")
-        new = new_phy2log.detach().to("cpu", torch.int64)
-        num_experts = self.config.num_experts
-        if int(new.min()) < 0 or int(new.max()) >= num_experts:
-            raise ValueError(f"new_phy2log: expected logical ids in [0, E={num_experts}), got values in "
-                             f"[{int(new.min())}, {int(new.max())}]")
-        missing = sorted(set(range(num_experts)) - set(new.tolist()))
-        if missing:
-            raise ValueError(f"new_phy2log: expected every logical expert in a slot, experts {missing[:8]} have none")
-        rearrange_expert_weights(self.routed_experts, self.phy2log, new, ep_rank=self.parallel.ep_rank,
-                                 ep_size=self.parallel.ep_size, process_group=self.routed_experts.prepare_finalize.group)
-        self._set_plan(new)
+        # Every check of the plan runs inside rearrange_expert_weights' agreement step: a plan refused on one rank
+        # alone raises on every rank instead of leaving the others in the collective.
+        rearrange_expert_weights(self.routed_experts, self.phy2log, new_phy2log, ep_rank=self.parallel.ep_rank,
+                                 ep_size=self.parallel.ep_size, process_group=self.routed_experts.prepare_finalize.group,
+                                 num_logical=self.config.num_experts)
+        self._set_plan(new_phy2log.detach().to("cpu", torch.int64))
 
 
 def _check_tensor_parallel(config: MoEConfig, parallel: ParallelConfig, quant_method: MoEQuantMethod | None) -> None:

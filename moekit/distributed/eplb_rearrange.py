@@ -86,6 +86,16 @@ def _check_plan(name: str, plan: object, num_slots: int | None) -> torch.Tensor:
     return plan.detach().to("cpu", torch.int64)
 
 
+def _check_covers(name: str, plan: torch.Tensor, num_logical: int) -> None:
+    """Ids in [0, E) and every logical expert in at least one slot."""
+    if plan.numel() and (int(plan.min()) < 0 or int(plan.max()) >= num_logical):
+        raise ValueError(f"{name}: expected logical ids in [0, E={num_logical}), got values in "
+                         f"[{int(plan.min())}, {int(plan.max())}]")
+    missing = sorted(set(range(num_logical)) - set(plan.tolist()))
+    if missing:
+        raise ValueError(f"{name}: expected every logical expert in a slot, experts {missing[:8]} have none")
+
+
 def _check_local(experts: RoutedExperts, old: torch.Tensor, new: torch.Tensor, ep_rank: int, ep_size: int,
                  process_group: dist.ProcessGroup | None) -> list[tuple[str, torch.Tensor]]:
     """Everything checkable on this rank alone; returns the tensors to move."""
@@ -182,7 +192,8 @@ def _byte_rows(t: torch.Tensor, num_local: int) -> torch.Tensor:
 
 @torch.no_grad()
 def rearrange_expert_weights(experts: RoutedExperts, old_phy2log: torch.Tensor, new_phy2log: torch.Tensor, *,
-                             ep_rank: int, ep_size: int, process_group: dist.ProcessGroup | None = None) -> None:
+                             ep_rank: int, ep_size: int, process_group: dist.ProcessGroup | None = None,
+                             num_logical: int | None = None) -> None:
     """Move ``experts``' weights from the plan ``old_phy2log`` to ``new_phy2log`` in place (module docstring).
 
     Call it on every rank of the group at once, with the same plans (checked: every rank raises if they differ).
@@ -197,6 +208,8 @@ def rearrange_expert_weights(experts: RoutedExperts, old_phy2log: torch.Tensor, 
         ep_rank, ep_size: this rank's place in ``process_group`` (checked against it).
         process_group: the expert-parallel group (None: the default group). With ``ep_size == 1`` no group is
             needed (moves inside the rank only).
+        num_logical: E, to also check that ``new_phy2log`` holds ids in [0, E) and every one of them (``MoE``
+            passes it: a plan refused on one rank alone would leave the others waiting in the collective).
 
     Returns None: the parameters and buffers keep their storage and now hold the new plan's experts. Raises
     before anything moves (on every rank) on a refused layer or bad inputs; see ``check_rearrangeable``.
@@ -206,6 +219,8 @@ def rearrange_expert_weights(experts: RoutedExperts, old_phy2log: torch.Tensor, 
     try:
         old_cpu = _check_plan("old_phy2log", old_phy2log, None)
         new_cpu = _check_plan("new_phy2log", new_phy2log, old_cpu.shape[0])
+        if num_logical is not None:
+            _check_covers("new_phy2log", new_cpu, num_logical)
         tensors = _check_local(experts, old_cpu, new_cpu, ep_rank, ep_size, process_group)
     except Exception as err:  # noqa: BLE001 (re-raised by _agree after the other ranks heard of it)
         error = err

@@ -159,6 +159,10 @@ def _refusals(rank: int, world: int) -> None:
         ep.rearrange(torch.tensor([0, 1, 2, 3, 4, 0, 1, 2]))
     with pytest.raises(ValueError, match="new_phy2log"):
         ep.rearrange(torch.arange(E))
+    # A plan refused on one rank alone: every rank raises (the others waited in the collective before).
+    lone = torch.zeros(E + REDUNDANT, dtype=torch.int64) if rank == 0 else torch.arange(E + REDUNDANT) % E
+    with pytest.raises(ValueError if rank == 0 else RuntimeError, match="new_phy2log" if rank == 0 else "refused"):
+        ep.rearrange(lone)
     with pytest.raises(ValueError, match="topk_ids"), torch.no_grad():  # logical ids, before the slot mapping
         ep(torch.randn(1, H), topk_weights=torch.ones(1, 2), topk_ids=torch.tensor([[0, E]]))
     with pytest.raises(ValueError, match="recorder"):  # counts per logical expert: E must match
