@@ -102,7 +102,9 @@ class ExpertParallelPrepareFinalize(PrepareFinalize):
 
     ``sync_free``: None (default) runs the sync-free variant only while a CUDA graph is being captured, True
     always, False never. Sync-free, no count is exchanged and nothing waits for the host: every rank must then
-    call with the same token count (a padded decode batch, as CUDA graphs have anyway).
+    call with the same token count (a padded decode batch, as CUDA graphs have anyway). That is not checked (a
+    check would be the very sync this variant avoids): different counts abort in gloo or, on NCCL, may return
+    garbage rows silently.
     """
 
     collective = True
