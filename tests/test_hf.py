@@ -290,6 +290,23 @@ def test_experts_cache_follows_weight_updates():
     assert rel_errors(actual, _logits(model, ids))[0] <= FP32_TOL
 
 
+def test_experts_cache_follows_a_fused_optimizer_step():
+    # A fused step writes gate_up_proj without moving its version counter: the cached de-interleaved copy of an
+    # evaluation before it was used after it (0.1 off in the logits); every optimizer step drops the copies.
+    model = build("gpt_oss")
+    model.set_experts_implementation("moekit")
+    ids = input_ids()
+    _logits(model, ids)  # an evaluation call caches the copy
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    model.eval()
+    actual = _logits(model, ids)
+    model.set_experts_implementation("eager")
+    assert rel_errors(actual, _logits(model, ids))[0] <= FP32_TOL
+
+
 def test_supported_families_cover_the_tests():
     assert set(CORE_FAMILIES + CONVERT_FAMILIES + CONVERT_ONLY_FAMILIES) <= set(mh.supported_families())
 

@@ -20,10 +20,13 @@ puts ``"moekit"`` there too, running the module's own fp8 codes and scales on mo
 
 from __future__ import annotations
 
+import weakref
+
 import warnings
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from moekit._checks import check_choice
 from moekit.config import BACKENDS
@@ -127,7 +130,23 @@ def weights(module: nn.Module, spec: ExpertsSpec) -> ExpertsTensors:
         with torch.no_grad():
             cached = (key, canonical_weights(module, spec))
         module._moekit_weights = cached
+        _CACHED.add(module)
     return cached[1]
+
+
+# Modules holding a cached copy. A fused optimizer step (Adam/AdamW/SGD fused=True) writes parameters without
+# moving their version counters, so the key above would not see it: every torch.optim step drops the copies
+# (rebuilt at the next call; the copy of a module being trained is never cached, see weights()).
+_CACHED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _drop_copies(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    for module in list(_CACHED):
+        module.__dict__.pop("_moekit_weights", None)
+    _CACHED.clear()
+
+
+register_optimizer_step_post_hook(_drop_copies)
 
 
 _WARNED: set[str] = set()

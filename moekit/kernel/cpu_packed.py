@@ -16,7 +16,10 @@ expert gets a token) are dropped when
 - its version counter moves: every in-place write that autograd sees (under ``torch.no_grad``,
   ``load_state_dict``, EPLB's rearrangement);
 - moekit writes it through ``.data`` (``RoutedExperts.weight_loader``, ``load_gguf``): they call
-  ``RoutedExperts.weights_changed``.
+  ``RoutedExperts.weights_changed``;
+- a ``torch.optim`` optimizer steps over it (fused steps leave the version counter as it was: a global
+  optimizer-step hook drops the packs of every parameter of the optimizer). Forwards that autograd records never
+  use packs (``not_packed``): trained weights change every step.
 A write that bypasses all three (into ``.data``, by a ``torch.distributed`` collective, through numpy or the
 storage) after a forward is invisible: call ``weights_changed()`` on the layer after it, or turn the path off.
 Bare ``moekit.fused_experts`` calls (tensors no layer tracks) run the plain GEMMs. Packs are a second copy of
@@ -25,10 +28,14 @@ each expert that has run (up to twice the routed weights' memory). ``MOEKIT_CPU_
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
+from collections.abc import Iterator
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from moekit.ops.activation import Activation, activation_ref
@@ -67,6 +74,31 @@ def forget(*weights: torch.Tensor) -> None:
             _TRACKED[w] = None
 
 
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    # A fused optimizer step (Adam/AdamW/SGD fused=True) writes the parameters without moving their version
+    # counters: drop the packs of every parameter a step may have written.
+    if _TRACKED:
+        forget(*(p for group in optimizer.param_groups for p in group["params"]))
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)
+
+_RECORDING = threading.local()
+
+
+@contextlib.contextmanager
+def not_packed() -> Iterator[None]:
+    """Run the GEMMs of calls inside on the plain weights: a forward that autograd records (``Experts.apply``'s
+    Function path) trains weights that change every step, so packing them would be wasted, and a pack made
+    before a step that bypassed the version counter would be stale."""
+    before = getattr(_RECORDING, "active", False)
+    _RECORDING.active = True
+    try:
+        yield
+    finally:
+        _RECORDING.active = before
+
+
 @functools.cache
 def _dtype_supported(dtype: torch.dtype) -> bool:
     """Whether oneDNN packs and runs ``dtype`` weights on this CPU (bf16/fp16 need the ISA for them: without it
@@ -90,6 +122,8 @@ def usable(x_MH: torch.Tensor, *weights: torch.Tensor) -> bool:
     weights a layer tracks (``track``) that count in-place writes (not made under ``torch.inference_mode``;
     running under it is fine), and the path not turned off."""
     if x_MH.device.type != "cpu" or os.environ.get("MOEKIT_CPU_PREPACK", "1") == "0":
+        return False
+    if getattr(_RECORDING, "active", False):  # inside a forward autograd records (not_packed)
         return False
     if any(w.device.type != "cpu" or w.dtype != x_MH.dtype for w in weights):
         return False

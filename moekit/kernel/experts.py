@@ -31,6 +31,7 @@ from typing import ClassVar
 import torch
 from torch.autograd.function import once_differentiable
 
+from moekit.kernel import cpu_packed
 from moekit.kernel.custom_op import fused_experts_op, quant_op_args
 from moekit.ops.activation import Activation
 from moekit.quant.params import UNQUANTIZED, QuantParams
@@ -80,11 +81,14 @@ class Experts(ABC):
         if (not quant.is_quantized or weight_only) and torch.compiler.is_compiling() and self.op_backend is not None:
             return fused_experts_op(*tensors, activation.name, activation.alpha, activation.limit, out_dtype,
                                     self.op_backend, *quant_op_args(quant))
-        if not quant.is_quantized:
-            if needs_grad(tensors):
-                if type(self).backward is Experts.backward:
-                    raise NotImplementedError(f"backend {self.name!r}: no backward, but a gradient is required "
-                                              "(run it under torch.no_grad()/torch.inference_mode())")
+        if needs_grad(tensors):
+            if quant.is_quantized:  # ModularKernel refuses earlier; a backend called directly must too
+                raise ValueError(f"quant: quantized experts ({quant.describe()}) have no backward, but a gradient "
+                                 "is required (run them under torch.no_grad()/torch.inference_mode())")
+            if type(self).backward is Experts.backward:
+                raise NotImplementedError(f"backend {self.name!r}: no backward, but a gradient is required "
+                                          "(run it under torch.no_grad()/torch.inference_mode())")
+            with cpu_packed.not_packed():
                 return _ExpertsFunction.apply(self, activation, out_dtype, *tensors)
         return self.run(
             hidden_states_TH, w13_E2IH, w2_EHI, topk_weights_TK, topk_ids_TK,

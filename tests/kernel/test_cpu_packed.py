@@ -172,3 +172,32 @@ def test_autograd_and_other_dtypes_take_the_plain_path():
     cpu_packed.track(w64)
     assert not cpu_packed.usable(d["hidden_states"], w64, d["w2"])  # mixed dtypes
     assert not cpu_packed.usable(d["hidden_states"].double(), w64, d["w2"].double())  # fp64: oneDNN has none
+
+
+@needs_packing
+@pytest.mark.parametrize("fused", [True, False])
+def test_training_with_an_optimizer_never_uses_stale_packs(monkeypatch, packs, fused):
+    # A fused optimizer step writes the weights without moving their version counters: the packs of the first
+    # forward were used for every later one (a wrong loss and wrong gradients). Forwards that autograd records
+    # never pack, and every optimizer step drops the packs an evaluation forward made.
+    if not cpu_packed._dtype_supported(torch.float32):
+        pytest.skip("fp32 not packed here")
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(num_experts=4, top_k=2, hidden_size=32, intermediate_size=16, backend="torch"))
+    x = torch.randn(6, 32)
+    opt = torch.optim.Adam(moe.parameters(), lr=1e-2, fused=fused)
+    with torch.no_grad():
+        moe(x)  # an evaluation forward packs
+    made = len(packs)
+    assert made > 0
+    for _ in range(2):
+        moe.zero_grad()
+        moe(x).square().sum().backward()
+        opt.step()
+    assert len(packs) == made  # training forwards did not pack
+    with torch.no_grad():
+        packed = moe(x)
+        monkeypatch.setenv("MOEKIT_CPU_PREPACK", "0")
+        plain = moe(x)
+    assert len(packs) > made  # the evaluation after the steps packed the new weights again
+    assert_close(packed, plain.double(), torch.float32)

@@ -165,6 +165,21 @@ def test_compile_fullgraph_through_the_custom_op():
     assert_close(out, want.double(), tol=_tol(torch.float16))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_backend_called_directly_refuses_a_gradient_on_quantized_weights(backend):
+    # Only ModularKernel refused: the Triton backend called directly returned a detached output (the gradient
+    # silently lost), the torch backend one whose gradient ignored the quantization.
+    from moekit.kernel import get_experts
+
+    layer, q = _layer("w8a16_g32", 4, 64, 64, dtype=torch.float32)
+    r = make_moe_inputs(3, 4, 64, 64, 2, seed=1)
+    x = r["hidden_states"].clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="quant: quantized experts .* have no backward"):
+        get_experts(backend).apply(x, layer.w13, layer.w2, r["topk_weights"], r["topk_ids"],
+                                   activation=layer.activation, w13_bias_E2I=None, w2_bias_EH=None,
+                                   expert_map_E=None, quant=q, hidden_scale=None, out_dtype=x.dtype)
+
+
 def test_refusals_name_what_is_wrong():
     layer, q = _layer("w4a16_g128", 4, 128, 64)
     with pytest.raises(ValueError, match=r"backend 'triton': w4a16_g128 weights .* need hidden_states in"):
