@@ -10,6 +10,7 @@ import torch
 
 from moekit import MoE, MoEConfig, QuantParams, RoutingConfig, fused_experts
 from moekit.kernel import LocalPrepareFinalize, ModularKernel, available_backends, get_experts
+from moekit.ops.activation import Activation
 from moekit.testing import assert_close, make_moe_inputs, reference_experts
 
 BACKENDS = [b for b in ("torch", "triton") if b in available_backends("cpu")]
@@ -65,10 +66,12 @@ def test_gradients_match_reference(backend, num_tokens, num_experts, hidden, int
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu2", "swigluoai"])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu2", "swigluoai",
+                                        Activation(name="silu", limit=0.5)])
 def test_gradients_every_activation(backend, activation):
+    # Activation("silu", limit=...): the clamped SiLU (silu(min(gate, limit)) * clamp(up, ±limit)).
     inp = make_moe_inputs(9, 4, 32, 24, 2, activation=activation, bias=True, seed=3)
-    if activation == "swigluoai":
+    if activation == "swigluoai" or not isinstance(activation, str):
         inp["hidden_states"] = inp["hidden_states"] * 8  # push some gate/up values past the clamp limit
     _check(inp, backend, activation=activation)
 
