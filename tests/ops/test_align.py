@@ -77,3 +77,11 @@ def test_align_empty_input():
 def test_align_int64_ids():
     ids = _distinct_ids(6, 2, 8).long()
     _check(ids, 8, 16)
+
+
+@pytest.mark.parametrize("num_tokens", [3, 84])  # the single-program path and the count + scatter path
+def test_align_uint8_ids_with_256_experts(num_tokens):
+    # Masked tail rows were loaded as -1, which a uint8 load reads as 255: a real expert at E = 256, so every tail
+    # row was counted and scattered past the end of sorted_ids (garbage outputs, a heap corruption once).
+    ids = _distinct_ids(num_tokens, 2, 256).to(torch.uint8)
+    _check(ids, 256, 16)

@@ -13,7 +13,8 @@ import triton.language as tl
 @triton.jit
 def _local_ids(p_topk_ids, p_expert_map, o_r, m_r, num_experts, HAS_MAP: tl.constexpr):
     """Local expert id of each routed row, -1 where the row is masked out or its expert is not local."""
-    b_ids = tl.load(p_topk_ids + o_r, mask=m_r, other=-1).to(tl.int32)
+    # Masked rows become -1 after the cast: an `other=-1` load of uint8 ids would read 255, a real expert at E = 256.
+    b_ids = tl.where(m_r, tl.load(p_topk_ids + o_r, mask=m_r, other=0).to(tl.int32), -1)
     if HAS_MAP:
         b_ids = tl.load(p_expert_map + b_ids, mask=m_r & (b_ids >= 0), other=-1).to(tl.int32)
     return tl.where((b_ids >= 0) & (b_ids < num_experts), b_ids, -1)
