@@ -124,9 +124,10 @@ def load_gguf(moe: MoE, checkpoint: GGUFCheckpoint | str | os.PathLike, prefix: 
         raise KeyError(f"load_gguf({report.prefix!r}): missing {report.missing}, unexpected {report.unexpected}")
     try:
         plan.run()
-    finally:  # the copies went through .data, also those made before a failure: see RoutedExperts.weights_changed
+    except BaseException:  # the copies made before the failure went through .data: RoutedExperts.weights_changed
         experts.weights_changed()
-    experts.process_weights_after_loading()
+        raise
+    experts.process_weights_after_loading()  # says weights changed itself
     return report
 
 

@@ -20,10 +20,10 @@ from moekit._checks import check_choice, check_dtype, check_ndim, check_tensor
 from moekit.ops._kernels.quantize import act_quant_kernel
 from moekit.ops.quantize import (
     ACT_GRANULARITIES,
-    AMAX_FLOOR,
     QDTYPES,
     QMAX,
     act_block,
+    multiplier,
     quantize_activation,
     static_act_scale,
 )
@@ -75,11 +75,7 @@ def act_quant(
     elif granularity == "tensor":
         # The torch function's arithmetic, so the multiplier (hence every code) is the same float.
         amax = x_MK.abs().amax().float() if x_MK.numel() else torch.zeros((), device=device)
-        nonzero = amax > 0
-        mult = torch.where(nonzero, QMAX[qdtype] / torch.where(nonzero, amax.clamp_min(AMAX_FLOOR),
-                                                                torch.ones_like(amax)),
-                           torch.zeros_like(amax))
-        s = torch.where(nonzero, 1.0 / torch.where(nonzero, mult, torch.ones_like(mult)), torch.zeros_like(mult))
+        mult, s = multiplier(amax, qdtype)
     if m == 0 or k == 0:
         if s is not None and s.dim() == 2:
             s.zero_()  # an empty group (K = 0) has amax 0

@@ -76,13 +76,20 @@ def quantize_blocks(x: torch.Tensor, block_shape: tuple[int, int], qdtype: str) 
     xp = F.pad(x.float(), (0, kb * bk - k, 0, nb * bn - n))
     blocks = xp.reshape(*x.shape[:-2], nb, bn, kb, bk)
     amax = blocks.abs().amax(dim=(-3, -1)) if blocks.numel() else blocks.new_zeros(*x.shape[:-2], nb, kb)
+    mult, scale = multiplier(amax, qdtype)
+    q = _codes(blocks * mult[..., :, None, :, None], qdtype)
+    q = q.reshape(xp.shape)[..., :n, :k]
+    return q.contiguous(), scale
+
+
+def multiplier(amax: torch.Tensor, qdtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, s)`` of groups with float32 maxima ``amax`` (module docstring): m = QMAX / max(amax, AMAX_FLOOR),
+    s = 1 / m, both 0 where amax = 0. The one place the reference and ``act_quant``'s torch side make them."""
     nonzero = amax > 0
     mult = QMAX[qdtype] / torch.where(nonzero, amax.clamp_min(AMAX_FLOOR), torch.ones_like(amax))
     mult = torch.where(nonzero, mult, torch.zeros_like(mult))
-    q = _codes(blocks * mult[..., :, None, :, None], qdtype)
-    q = q.reshape(xp.shape)[..., :n, :k]
     scale = torch.where(nonzero, 1.0 / torch.where(nonzero, mult, torch.ones_like(mult)), torch.zeros_like(mult))
-    return q.contiguous(), scale
+    return mult, scale
 
 
 def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
