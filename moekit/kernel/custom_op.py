@@ -18,8 +18,8 @@ from moekit.quant.params import UNQUANTIZED, QuantParams
 # Positions among fused_experts' arguments of the inputs that can carry a gradient, in the order of
 # Experts.backward's result: hidden_states, w13, w2, topk_weights, w13_bias, w2_bias.
 _GRAD_POSITIONS = (0, 1, 2, 3, 5, 6)
-# fused_experts' trailing arguments for weight-only integer experts (weight_dtype, group_size, scales, zero points).
-_QUANT_ARGS = 6
+# fused_experts' trailing arguments for quantized experts (``quant_op_args``).
+_QUANT_ARGS = 12
 
 
 def _experts(backend: str):  # noqa: ANN202
@@ -44,43 +44,51 @@ def fused_experts_op(
     out_dtype: torch.dtype,
     backend: str,
     weight_dtype: str | None = None,
+    granularity: str | None = None,
     group_size: int | None = None,
+    act_dtype: str | None = None,
+    block_shape: list[int] | None = None,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     w13_zp: torch.Tensor | None = None,
     w2_zp: torch.Tensor | None = None,
+    a13_scale: torch.Tensor | None = None,
+    a2_scale: torch.Tensor | None = None,
+    hidden_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[T, H] routed-experts output in ``out_dtype`` (``Experts.apply``'s contract), by backend ``backend``.
 
-    Weight-only integer experts (``QuantParams`` granularity ``group``) pass their ``weight_dtype``, ``group_size``,
-    scales and zero points (``quant_op_args``); ``w13``/``w2`` then hold the codes. None of them: unquantized."""
+    Quantized experts pass the fields of their ``QuantParams`` and the activation scales of ``hidden_states``
+    (``quant_op_args``); ``w13``/``w2`` (and, with an activation dtype, ``hidden_states``) then hold codes. No
+    ``weight_dtype``: unquantized."""
     quant = UNQUANTIZED
     if weight_dtype is not None:
-        quant = QuantParams(weight_dtype=weight_dtype, granularity="group", group_size=group_size,
-                            w13_scale=w13_scale, w2_scale=w2_scale, w13_zp=w13_zp, w2_zp=w2_zp)
+        quant = QuantParams(weight_dtype=weight_dtype, act_dtype=act_dtype, granularity=granularity,
+                            group_size=group_size, block_shape=tuple(block_shape) if block_shape else None,
+                            w13_scale=w13_scale, w2_scale=w2_scale, w13_zp=w13_zp, w2_zp=w2_zp,
+                            a13_scale=a13_scale, a2_scale=a2_scale)
     return _experts(backend).run(
         hidden_states, w13, w2, topk_weights, topk_ids,
         activation=Activation(name=activation, alpha=alpha, limit=limit),
         w13_bias_E2I=w13_bias, w2_bias_EH=w2_bias, expert_map_E=expert_map, out_dtype=out_dtype, quant=quant,
+        hidden_scale=hidden_scale,
     )
 
 
 @fused_experts_op.register_fake
 def _(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, expert_map, activation, alpha, limit,
-      out_dtype, backend, weight_dtype=None, group_size=None, w13_scale=None, w2_scale=None, w13_zp=None,
-      w2_zp=None):  # noqa: ANN001, ANN202
+      out_dtype, backend, *quant_args):  # noqa: ANN001, ANN202
     return hidden_states.new_empty(hidden_states.shape, dtype=out_dtype)
 
 
-def quant_op_args(quant: QuantParams) -> tuple:
-    """``fused_experts_op``'s trailing arguments for ``quant``: unquantized or weight-only integer groups (the
-    schemes the op carries; 8-bit weights with quantized activations are traced through ``run`` instead)."""
+def quant_op_args(quant: QuantParams, hidden_scale: torch.Tensor | None = None) -> tuple:
+    """``fused_experts_op``'s trailing arguments for ``quant`` and the activation scales ``hidden_scale``
+    (``prepare``'s, for weights whose activations are quantized too): () when unquantized."""
     if not quant.is_quantized:
         return ()
-    if quant.granularity != "group":
-        raise ValueError(f"quant: the fused_experts op carries unquantized or group-scaled weights, got "
-                         f"{quant.describe()}")
-    return (quant.weight_dtype, quant.group_size, quant.w13_scale, quant.w2_scale, quant.w13_zp, quant.w2_zp)
+    return (quant.weight_dtype, quant.granularity, quant.group_size, quant.act_dtype,
+            list(quant.block_shape) if quant.block_shape is not None else None,
+            quant.w13_scale, quant.w2_scale, quant.w13_zp, quant.w2_zp, quant.a13_scale, quant.a2_scale, hidden_scale)
 
 
 @torch.library.custom_op("moekit::fused_experts_backward", mutates_args=())

@@ -77,10 +77,11 @@ class Experts(ABC):
         self.check_supported(hidden_states_TH, quant)
         tensors = (hidden_states_TH, w13_E2IH, w2_EHI, topk_weights_TK, topk_ids_TK, w13_bias_E2I, w2_bias_EH,
                    expert_map_E)
-        weight_only = quant.granularity == "group"
-        if (not quant.is_quantized or weight_only) and torch.compiler.is_compiling() and self.op_backend is not None:
+        if torch.compiler.is_compiling() and self.op_backend is not None:
+            # One opaque node: tracing into the backends broke the graph (the Triton 8-bit path's tile choice
+            # reads tuned tables from disk).
             return fused_experts_op(*tensors, activation.name, activation.alpha, activation.limit, out_dtype,
-                                    self.op_backend, *quant_op_args(quant))
+                                    self.op_backend, *quant_op_args(quant, hidden_scale))
         if needs_grad(tensors):
             if quant.is_quantized:  # ModularKernel refuses earlier; a backend called directly must too
                 raise ValueError(f"quant: quantized experts ({quant.describe()}) have no backward, but a gradient "

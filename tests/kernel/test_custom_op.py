@@ -52,3 +52,20 @@ def test_compile_fullgraph_whole_moe_layer(backend):
     with torch.no_grad():
         compiled = torch.compile(moe, backend="eager", fullgraph=True)(x)
         assert_close(compiled, moe(x).double(), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("scheme", ["int8_channel", "fp8_block", "fp8_tensor"])
+def test_compile_fullgraph_8bit_layer(backend, scheme):
+    # 8-bit experts with quantized activations go through the op too, codes and scales as its arguments: traced
+    # into, the Triton path's tile choice read the tuned tables from disk and broke the graph.
+    import moekit
+    from moekit import MoE, MoEConfig
+
+    cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=128, intermediate_size=128, backend=backend)
+    moe = moekit.quantize(MoE(cfg).requires_grad_(False), scheme)
+    x = torch.randn(5, 128)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(moe, backend="eager", fullgraph=True)(x)  # a graph break would raise
+        assert_close(compiled, moe(x).double(), torch.float32)
