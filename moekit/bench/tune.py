@@ -59,10 +59,12 @@ class TunePoint:
 
 
 def candidate_configs(shape: MoEShape) -> dict[str, MoEKernelConfig]:
-    """The heuristic's choice and a few single-step moves around it (a small, explicit grid)."""
-    base = heuristic_config(shape)
+    """The heuristic's choice and a few single-step moves around it (a small, explicit grid). Where the heuristic
+    fuses both GEMMs (``MoEKernelConfig.fused``), the moves are of the unfused pipeline, "unfused" among them."""
+    heuristic = heuristic_config(shape)
+    base = replace(heuristic, fused=None)
     g1, g2 = base.gemm1, base.gemm2
-    out = {"heuristic": base}
+    out = {"heuristic": heuristic, "unfused": base}
     if base.block_m <= 32:  # memory-bound: bytes in flight and grid size
         out["bk64"] = replace(base, gemm1=replace(g1, block_k=64), gemm2=replace(g2, block_k=64))
         out["stages3"] = replace(base, gemm1=replace(g1, num_stages=3), gemm2=replace(g2, num_stages=3))

@@ -7,6 +7,10 @@ Shapes: T tokens, K top-k, N = T·K routed rows, E local experts, H hidden, I in
     a_NI ──grouped_gemm(w2, b2, · topk_weights)──▶ y_SNH              (fp32 or activation dtype; see heuristics)
     y_SNH ──topk_reduce──▶ out_TH                                     (fixed order: deterministic)
 
+At decode on small experts (``MoEKernelConfig.fused``: float weights, N <= 32, I <= 1024) both GEMMs run in one
+launch instead, a program per (routed row, slice of I) writing GEMM 2's partial sums over I for the same top-k
+reduction (``moekit.ops.fused_decode``): two launches, no align, no [N, I] intermediate in memory.
+
 Every launch has a grid sized from (N, E, H, I) alone and reads the number of padded rows from the device, so
 the whole call is capturable in a CUDA graph. Intermediates live in one cached workspace per (device, stream)
 (a fresh allocation only while capturing, where the graph's private pool owns it). Under ``torch.compile`` the
@@ -42,6 +46,7 @@ from moekit.ops.activation import Activation
 from moekit.ops.act_quant import act_quant
 from moekit.ops.activation_backward import activation_backward
 from moekit.ops.align import AlignResult, align, align_num_blocks, align_workspace_elems, row_per_block
+from moekit.ops.fused_decode import fused_decode, fused_decode_slices
 from moekit.ops.grouped_gemm import grouped_gemm
 from moekit.ops.grouped_gemm_w8a8 import grouped_gemm_w8a8
 from moekit.ops.grouped_gemm_wna16 import MXFP4Weight, grouped_gemm_wna16
@@ -190,6 +195,16 @@ class TritonExperts(Experts):
         w13_bias_E2I = None if w13_bias_E2I is None else w13_bias_E2I.contiguous()
         w2_bias_EH = None if w2_bias_EH is None else w2_bias_EH.contiguous()
         expert_map_E = None if expert_map_E is None else expert_map_E.contiguous()
+        if cfg.fused is not None and not wna16:
+            # Decode: both GEMMs in one launch per (routed row, slice of I), then the reduction.
+            y_dtype = torch.float32 if cfg.y_fp32 else x_TH.dtype
+            shape = (fused_decode_slices(inter, cfg.fused), num_rows, hidden)
+            (y_SNH,) = _carve(self._buffer(x_TH.device, _numel(shape) * _elem_size(y_dtype) + 256),
+                              [(y_dtype, shape)])
+            fused_decode(x_TH, w13, w2, topk_weights_TK, topk_ids_TK, y_SNH, cfg.fused, activation=activation,
+                         w13_bias_E2I=w13_bias_E2I, w2_bias_EH=w2_bias_EH, expert_map_E=expert_map_E)
+            return topk_reduce(y_SNH, top_k, out_TH, topk_ids_TK=topk_ids_TK, expert_map=expert_map_E,
+                               num_experts=num_experts)
         split = cfg.gemm2.split_k
         y_dtype = torch.float32 if cfg.y_fp32 else x_TH.dtype
         num_blocks = align_num_blocks(num_rows, num_experts, cfg.block_m)
@@ -425,13 +440,17 @@ def _carve(buf: torch.Tensor, pieces: list[tuple[torch.dtype, tuple[int, ...]]])
     views, offset = [], 0
     for dtype, shape in pieces:
         offset = -(-offset // 256) * 256
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * _elem_size(dtype)
+        nbytes = _numel(shape) * _elem_size(dtype)
         views.append(buf[offset : offset + nbytes].view(dtype).view(shape))
         offset += nbytes
     return views
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel
 
 
 def _elem_size(dtype: torch.dtype) -> int:

@@ -64,6 +64,27 @@ class GemmConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FusedDecodeConfig:
+    """Tile of ``fused_decode`` (both GEMMs of a routed row in one program per slice of I).
+
+    block_i: I columns a program owns (GEMM 1 outputs, GEMM 2's K); the grid is (routed rows) x I / block_i.
+    block_k: GEMM 1's K tile over H.  block_h: GEMM 2's output columns a step.
+    """
+
+    block_i: int
+    block_k: int = 128
+    block_h: int = 128
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("block_i", "block_k", "block_h"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"FusedDecodeConfig.{name}: expected a power of two >= 16, got {v}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class MoEKernelConfig:
     """Everything the Triton backend decides per call.
 
@@ -73,12 +94,15 @@ class MoEKernelConfig:
             the whole sum).
         gemm2: a @ w2[e].T with the routing weight in its epilogue.
         y_fp32: keep GEMM2's per-row outputs in fp32 (else the activation dtype) until the top-k reduction.
+        fused: run both GEMMs in one launch per (routed row, I slice) instead (``moekit.ops.fused_decode``;
+            float weights at decode sizes); ``block_m``, ``gemm1`` and ``gemm2`` are then unused.
     """
 
     block_m: int
     gemm1: GemmConfig
     gemm2: GemmConfig
     y_fp32: bool = True
+    fused: FusedDecodeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
@@ -94,6 +118,7 @@ class MoEKernelConfig:
         return MoEKernelConfig(
             block_m=d["block_m"], gemm1=GemmConfig(**d["gemm1"]), gemm2=GemmConfig(**d["gemm2"]),
             y_fp32=d.get("y_fp32", True),
+            fused=FusedDecodeConfig(**d["fused"]) if d.get("fused") else None,
         )
 
 
@@ -141,7 +166,29 @@ def choose_config(shape: MoEShape) -> MoEKernelConfig:
     return tuned if tuned is not None else heuristic_config(shape)
 
 
+def fused_decode_config(s: MoEShape) -> FusedDecodeConfig | None:
+    """The fused decode's tile when it should run (``moekit.ops.fused_decode``), else None.
+
+    Float weights, at most 32 routed rows and small experts (I <= 1024). Each program reads a [H, BLOCK_I]
+    column slice of w2, runs of 2·BLOCK_I bytes, so it pays only where the three launches' ramps and tails
+    are a large share of a short call. H200, bf16 layer µs, unfused -> fused with BLOCK_I = 64
+    (``benchmarks/probes/fused_decode_layer.py``, docs/perf/NOTES.md): qwen3-30b-a3b T = 1 29.8 -> 28.5, T = 4
+    83.8 -> 81.0; olmoe-1b-7b T = 1 35.4 -> 33.3, T = 4 102.2 -> 94.9. It lost on the large experts (gpt-oss-120b
+    T = 1 59.6 -> 74.5, deepseek-v3 173.7 -> 175.5, mixtral-8x7b 173.7 -> 213.8) and with narrower slices
+    (BLOCK_I = 16: qwen3 T = 1 31.3, deepseek-v3 266).
+    """
+    if s.weights not in ("bfloat16", "float16", "float32") or s.num_tokens * s.top_k > 32 or s.inter > 1024:
+        return None
+    return FusedDecodeConfig(block_i=64, block_k=128 if s.elem_bytes <= 2 else 64)
+
+
 def heuristic_config(s: MoEShape) -> MoEKernelConfig:
+    cfg = _gemm_config(s)
+    fused = fused_decode_config(s)
+    return cfg if fused is None else replace(cfg, fused=fused)
+
+
+def _gemm_config(s: MoEShape) -> MoEKernelConfig:
     num_rows = s.num_tokens * s.top_k
     active = max(1, min(num_rows, s.num_experts))
     rows_per_expert = num_rows / active
@@ -329,5 +376,5 @@ def _read_tables(folder: Path) -> dict:
     return merged
 
 
-__all__ = ["WNA16_VARIANTS", "GemmConfig", "MoEKernelConfig", "MoEShape", "choose_config", "gpu_name",
+__all__ = ["WNA16_VARIANTS", "FusedDecodeConfig", "GemmConfig", "MoEKernelConfig", "MoEShape", "choose_config", "fused_decode_config", "gpu_name",
            "heuristic_config", "tuned_dir", "wna16_bits", "wna16_variant"]

@@ -6,7 +6,7 @@ import torch
 from moekit.kernel.torch_experts import TorchExperts
 from moekit.kernel.triton_experts import TritonExperts
 from moekit.ops.activation import ACTIVATIONS, Activation
-from moekit.ops.heuristics import GemmConfig, MoEKernelConfig
+from moekit.ops.heuristics import FusedDecodeConfig, GemmConfig, MoEKernelConfig
 from moekit.quant.params import UNQUANTIZED
 from moekit.testing import assert_close, make_moe_inputs, reference_experts
 
@@ -30,6 +30,12 @@ PREFILL_HALF = MoEKernelConfig(
     block_m=32,
     gemm1=GemmConfig(block_n=64, block_k=32, group_m=4, num_stages=2, half_tail=True),
     gemm2=GemmConfig(block_n=32, block_k=32, group_m=4, num_stages=2, half_tail=True),
+)
+
+# Both GEMMs in one launch per (routed row, slice of I) (moekit.ops.fused_decode), ragged slices at odd I.
+FUSED = MoEKernelConfig(
+    block_m=16, gemm1=DECODE.gemm1, gemm2=DECODE.gemm2,
+    fused=FusedDecodeConfig(block_i=16, block_k=32, block_h=16, num_stages=2),
 )
 
 
@@ -59,6 +65,9 @@ def _ref(inp, *, activation="silu", expert_map=None):
         (21, 5, 33, 19, 2, PREFILL),    # odd H and I: ragged K and N tiles in both GEMMs
         (29, 5, 33, 19, 2, PREFILL_HALF),  # half-height tiles for tail blocks, ragged K and N
         (3, 256, 32, 16, 8, None),      # E >= 256, most experts empty
+        (1, 8, 64, 32, 2, FUSED),       # the fused decode
+        (13, 6, 40, 24, 6, FUSED),      # top_k = E, odd T: rows share experts
+        (21, 5, 33, 19, 2, FUSED),      # odd H and I: ragged K tiles, output chunks and the last slice
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -67,10 +76,11 @@ def test_matches_reference(num_tokens, num_experts, hidden, inter, top_k, config
     assert_close(_apply(TritonExperts(config), inp), _ref(inp), dtype)
 
 
+@pytest.mark.parametrize("config", [DECODE, FUSED], ids=["decode", "fused"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_activations_with_biases(activation):
+def test_activations_with_biases(activation, config):
     inp = make_moe_inputs(9, 4, 32, 24, 2, dtype=torch.float16, activation=activation, bias=True, seed=3)
-    assert_close(_apply(TritonExperts(DECODE), inp, activation=activation), _ref(inp, activation=activation),
+    assert_close(_apply(TritonExperts(config), inp, activation=activation), _ref(inp, activation=activation),
                  torch.float16)
 
 
@@ -81,12 +91,13 @@ def test_empty_expert_and_one_hot_expert():
     assert_close(_apply(TritonExperts(PREFILL), inp), _ref(inp), torch.float16)
 
 
-def test_expert_map_with_remote_experts():
+@pytest.mark.parametrize("config", [DECODE, FUSED], ids=["decode", "fused"])
+def test_expert_map_with_remote_experts(config):
     # 8 global experts, 3 local; tokens whose experts are all remote come back as zeros.
     inp = make_moe_inputs(11, 8, 32, 16, 2, dtype=torch.float16, seed=2)
     emap = torch.tensor([-1, 0, -1, -1, 1, -1, 2, -1], dtype=torch.int32)
     local = {k: v[:3] if k in ("w13", "w2") else v for k, v in inp.items()}
-    out = _apply(TritonExperts(DECODE), local, expert_map=emap)
+    out = _apply(TritonExperts(config), local, expert_map=emap)
     assert_close(out, _ref(local, expert_map=emap), torch.float16)
     remote_only = (emap[inp["topk_ids"].long()] < 0).all(dim=1)
     assert bool((out[remote_only] == 0).all())

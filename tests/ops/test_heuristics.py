@@ -90,3 +90,18 @@ def test_8bit_prefill_tiles(num_experts, hidden, inter, top_k, num_tokens):
     shape = MoEShape(num_tokens=num_tokens, top_k=top_k, num_experts=num_experts, hidden=hidden, inter=inter)
     cfg = heuristic_config(replace(shape, elem_bytes=1, weights="fp8_block"))
     assert cfg.block_m == 64 and cfg.gemm1.block_n == 128 and cfg.gemm1.block_k == 128
+
+
+def test_fused_decode_only_for_small_float_experts_at_decode():
+    def cfg(num_tokens, preset, weights="bfloat16"):
+        e, h, i, k = preset
+        return choose_config(MoEShape(num_tokens=num_tokens, top_k=k, num_experts=e, hidden=h, inter=i,
+                                      weights=weights, elem_bytes=1 if weights.startswith(("fp8", "int8")) else 2,
+                                      gpu="no_such_gpu"))
+
+    qwen3, olmoe, gpt_oss, mixtral = PRESETS[1], PRESETS[4], PRESETS[3], PRESETS[0]
+    assert cfg(1, qwen3).fused is not None and cfg(4, olmoe).fused is not None
+    assert cfg(5, qwen3).fused is None  # 40 routed rows
+    assert cfg(1, gpt_oss).fused is None and cfg(1, mixtral).fused is None  # large experts: it lost there
+    assert cfg(1, qwen3, "fp8_block").fused is None and cfg(1, qwen3, "w4a16_g128").fused is None
+    assert MoEKernelConfig.from_dict(cfg(1, qwen3).to_dict()) == cfg(1, qwen3)

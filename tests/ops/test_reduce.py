@@ -13,6 +13,7 @@ from moekit.testing import assert_close
         (1, 1, 16, 1),      # T = 1, top_k = 1
         (7, 3, 45, 1),      # odd T, odd H, K not a power of two
         (5, 8, 1500, 2),    # H over one tile (two programs per token), split-K partials
+        (2, 8, 100, 40),    # the fused decode's many partials: two loads of 32 (the second ragged)
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

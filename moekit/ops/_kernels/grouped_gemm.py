@@ -94,12 +94,21 @@ def _epilogue(
     if HAS_BIAS:
         if i_s == 0:  # with split-K the bias belongs to exactly one partial sum
             b_acc += tl.load(p_bias + i_e * stride_bias_e + o_bn).to(tl.float32)[None, :]
+    b_out = _activate_tile(b_acc, alpha, limit, ACTIVATION, GATED, TILE_M, OUT_N)
+    _store_rows(b_out, p_weights, p_c, b_rows, m_rows, i_s, i_n, n_out, stride_cs, stride_cm, HAS_WEIGHTS, OUT_N)
+
+
+@triton.jit
+def _activate_tile(
+    b_acc, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr, TILE_M: tl.constexpr, OUT_N: tl.constexpr,
+):
+    """The activation of an fp32 [TILE_M, BLOCK_N] tile: gated, its gate half then its up half (-> OUT_N wide)."""
     if GATED:
         b_gate, b_up = tl.split(tl.permute(tl.reshape(b_acc, [TILE_M, 2, OUT_N]), [0, 2, 1]))
         b_out = _activate(b_gate, b_up, alpha, limit, ACTIVATION)
     else:
         b_out = _activate(b_acc, b_acc, alpha, limit, ACTIVATION)
-    _store_rows(b_out, p_weights, p_c, b_rows, m_rows, i_s, i_n, n_out, stride_cs, stride_cm, HAS_WEIGHTS, OUT_N)
+    return b_out
 
 
 @triton.jit
