@@ -15,9 +15,9 @@ A backend implements ``run`` (the forward for validated inputs) and, to be train
 gradients, recomputing what it needs from the inputs: the forward keeps no intermediates, so inference pays
 nothing for training). ``apply`` is the one entry point and picks the path:
 
-    compiling, unquantized or weight-only int4/int8 groups
-                                  -> torch.ops.moekit.fused_experts (one opaque node, autograd formula attached;
-                                     the group scales and zero points ride along as tensor arguments)
+    compiling                     -> torch.ops.moekit.fused_experts (one opaque node, autograd formula attached;
+                                     a quantized layer's QuantParams fields and activation scales ride along
+                                     as its arguments)
     eager, a gradient is needed   -> an autograd.Function around run/backward
     otherwise (inference)         -> run, with nothing in between
 """

@@ -83,7 +83,8 @@ class ModularKernel:
         ``hidden_states``) and its output is added. ``check_ids=False`` skips the value check of ``topk_ids``
         (a device-to-host sync), as do CUDA-graph capture and ``torch.compile`` (no sync is allowed there); ids
         from ``select_experts`` are always valid. Unchecked ids outside [0, E) are the caller's error: the torch
-        backend drops their rows, the Triton backend may read stale workspace or memory before the weights.
+        backend drops their rows; the Triton backend may read stale workspace, or (the fused decode) the weights at
+        that id's offset, anywhere in memory, and add what it finds to the output.
         """
         act = resolve_activation(activation)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from moekit._checks import check_ndim, check_same_dtype, check_shape
+from moekit._checks import (
+    check_dtype, check_int_dtype, check_ndim, check_same_device, check_same_dtype, check_shape,
+    check_signed_int_dtype,
+)
 from moekit.ops._kernels.fused_decode import fused_decode_kernel
 from moekit.ops.activation import Activation, activation_code, activation_ref
 from moekit.ops.heuristics import FusedDecodeConfig
@@ -46,9 +49,10 @@ def fused_decode(
 ) -> torch.Tensor:
     """Write the partial sums of the module docstring into ``y_SNH`` [S, N, H] (fp32 or x's dtype) and return it.
 
-    ``topk_ids_TK`` holds expert ids (global ids when ``expert_map_E`` maps them to local ones, -1 = not here);
-    ids are trusted to be in range (``Experts.apply`` checks them). Rows of other ranks' experts are not written:
-    reduce with the same ``expert_map``.
+    ``topk_ids_TK`` holds expert ids (global ids when ``expert_map_E`` maps them to local ones, -1 = not here).
+    The ids' values are not checked here (a device sync): ``ModularKernel.apply`` checks them; an id outside
+    [0, E) without a map reads weights at its offset, anywhere in memory. Rows of other ranks' experts are not
+    written: reduce with the same ``expert_map``.
     """
     check_ndim("x_TH", x_TH, 2, "[T, H]")
     check_ndim("w13_E2IH", w13_E2IH, 3, "[E, 2I or I, H]")
@@ -65,6 +69,14 @@ def fused_decode(
     top_k = topk_ids_TK.shape[1]
     check_shape("topk_ids_TK", topk_ids_TK, (num_tokens, top_k), "[T, K]")
     check_shape("topk_weights_TK", topk_weights_TK, (num_tokens, top_k), "[T, K]")
+    check_int_dtype("topk_ids_TK", topk_ids_TK)
+    check_dtype("topk_weights_TK", topk_weights_TK, (torch.float32, torch.float16, torch.bfloat16))
+    check_dtype("y_SNH", y_SNH, sorted({torch.float32, x_TH.dtype}, key=str))
+    for name, t in (("w13_E2IH", w13_E2IH), ("w2_EHI", w2_EHI), ("topk_weights_TK", topk_weights_TK),
+                    ("topk_ids_TK", topk_ids_TK), ("y_SNH", y_SNH), ("w13_bias_E2I", w13_bias_E2I),
+                    ("w2_bias_EH", w2_bias_EH), ("expert_map_E", expert_map_E)):
+        if t is not None:
+            check_same_device(name, t, "x_TH", x_TH)
     num_rows = num_tokens * top_k
     slices = fused_decode_slices(inter, config)
     check_shape("y_SNH", y_SNH, (slices, num_rows, hidden), "[S, N, H]")
@@ -81,6 +93,7 @@ def fused_decode(
         w2_bias_EH = w2_bias_EH.contiguous()
     if expert_map_E is not None:
         check_ndim("expert_map_E", expert_map_E, 1, "[E_global]")
+        check_signed_int_dtype("expert_map_E", expert_map_E)
         expert_map_E = expert_map_E.contiguous()
     if num_rows == 0:
         return y_SNH

@@ -51,8 +51,9 @@ def topk_reduce(
     if num_tokens == 0:
         return out_TH
     # 16-byte accesses per thread across 4 warps in one pass for H up to 1024; larger H takes more programs,
-    # which decode sizes (few tokens) need anyway to spread the work over the SMs. Many partials (the fused decode's slices of I): up to 32 of them in one load, and narrower tiles so that a
-    # program holds ~8K values and the grid still spreads over the SMs.
+    # which decode sizes (few tokens) need anyway to spread the work over the SMs. Many partials (the fused
+    # decode's slices of I): up to 32 of them in one load, and narrower tiles so that a program holds ~8K values
+    # and the grid still spreads over the SMs.
     block_k = max(2, 1 << (top_k - 1).bit_length())
     block_s = min(32, 1 << (y.shape[0] - 1).bit_length())
     block_h = min(1024, max(16, 1 << (hidden - 1).bit_length()), max(16, 8192 // (block_s * block_k)))

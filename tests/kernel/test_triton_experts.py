@@ -180,6 +180,39 @@ def test_gpu_cuda_graph_capture_and_replay():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_fused_decode_graph_replay_and_expert_map(dtype):
+    # The heuristic's fused decode (T = 2, K = 8, 64 experts, I = 256) in every float dtype: captured in a CUDA
+    # graph and replayed on new routing, and with an expert map (32 of the 64 experts local), against the torch
+    # backend.
+    from moekit.ops.heuristics import MoEShape, choose_config
+
+    shape = MoEShape(num_tokens=2, top_k=8, num_experts=64, hidden=512, inter=256, elem_bytes=dtype.itemsize,
+                     weights=str(dtype).removeprefix("torch."))
+    assert choose_config(shape).fused is not None
+    inp = make_moe_inputs(2, 64, 512, 256, 8, dtype=dtype, device="cuda", bias=True, seed=11)
+    experts = TritonExperts()
+    static = {k: v.clone() for k, v in inp.items()}
+    _apply(experts, static)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _apply(experts, static)
+    for seed in (12, 13):
+        new = make_moe_inputs(2, 64, 512, 256, 8, dtype=dtype, device="cuda", seed=seed)
+        for k in ("hidden_states", "topk_weights", "topk_ids"):
+            static[k].copy_(new[k])
+        graph.replay()
+        assert_close(out, _apply(TorchExperts(), static).double(), dtype)
+    emap = torch.full((64,), -1, dtype=torch.int32, device="cuda")
+    emap[::2] = torch.arange(32, dtype=torch.int32, device="cuda")
+    local = {k: v[::2].contiguous() if k in ("w13", "w2", "w13_bias", "w2_bias") else v for k, v in inp.items()}
+    out = _apply(experts, local, expert_map=emap)
+    assert_close(out, _apply(TorchExperts(), local, expert_map=emap).double(), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_torch_compile_no_graph_break():
     inp = make_moe_inputs(8, 16, 128, 64, 2, dtype=torch.bfloat16, device="cuda", seed=10)
     experts = TritonExperts()

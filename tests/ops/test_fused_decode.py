@@ -88,6 +88,15 @@ def test_zero_tokens_and_validation():
         fused_decode(x, w13, w2, weights[:, :1], ids, y, SMALL, activation=act)
     with pytest.raises(ValueError, match="block_i"):
         FusedDecodeConfig(block_i=24)
+    # Dtypes the kernel would read or write wrongly (an int32 y truncated the partials to zeros).
+    with pytest.raises(TypeError, match="y_SNH"):
+        fused_decode(x, w13, w2, weights, ids, y.int(), SMALL, activation=act)
+    with pytest.raises(TypeError, match="y_SNH"):
+        fused_decode(x, w13, w2, weights, ids, y.bfloat16(), SMALL, activation=act)
+    with pytest.raises(TypeError, match="topk_ids_TK"):
+        fused_decode(x, w13, w2, weights, ids.float(), y, SMALL, activation=act)
+    with pytest.raises(TypeError, match="expert_map_E"):
+        fused_decode(x, w13, w2, weights, ids, y, SMALL, activation=act, expert_map_E=torch.zeros(4))
 
 
 @pytest.mark.gpu

@@ -102,6 +102,7 @@ def test_fused_decode_only_for_small_float_experts_at_decode():
     qwen3, olmoe, gpt_oss, mixtral = PRESETS[1], PRESETS[4], PRESETS[3], PRESETS[0]
     assert cfg(1, qwen3).fused is not None and cfg(4, olmoe).fused is not None
     assert cfg(5, qwen3).fused is None  # 40 routed rows
+    assert cfg(4, (40, 1536, 512, 8)).fused is None and cfg(2, (40, 1536, 512, 8)).fused is not None  # N <= E / 2
     assert cfg(1, gpt_oss).fused is None and cfg(1, mixtral).fused is None  # large experts: it lost there
     assert cfg(1, qwen3, "fp8_block").fused is None and cfg(1, qwen3, "w4a16_g128").fused is None
     assert MoEKernelConfig.from_dict(cfg(1, qwen3).to_dict()) == cfg(1, qwen3)

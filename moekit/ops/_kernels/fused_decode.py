@@ -81,7 +81,7 @@ def fused_decode_kernel(
     b_w = tl.load(p_weights + i_n).to(tl.float32)
     o_h = tl.arange(0, BLOCK_H)
     p_w2_tile = p_w2 + i_e * stride_w2e + o_h[None, :].to(tl.int64) * stride_w2n + o_i2[:, None] * stride_w2k
-    p_y_row = p_y + i_j * stride_ys + i_n.to(tl.int64) * stride_yn
+    p_y_row = p_y + i_j.to(tl.int64) * stride_ys + i_n.to(tl.int64) * stride_yn
     for h in range(0, hidden, BLOCK_H):
         m_h = (h + o_h) < hidden
         if EVEN_I and EVEN_H:

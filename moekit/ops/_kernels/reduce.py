@@ -29,12 +29,13 @@ def topk_reduce_kernel(
         b_ids = tl.load(p_topk_ids + o_n, mask=m_k, other=0)
         b_local = tl.load(p_expert_map + b_ids, mask=m_k, other=-1)
         m_k = m_k & (b_local >= 0) & (b_local < num_experts)
-    o_s = tl.arange(0, BLOCK_S)
-    p_tile = p_y + o_s[:, None, None] * stride_ys + o_n[None, :, None] * stride_yn + o_h[None, None, :]
+    o_s = tl.arange(0, BLOCK_S).to(tl.int64)  # int64 offsets: S·N·H may pass 2**31 elements
+    p_rows = p_y + o_n[None, :, None] * stride_yn + o_h[None, None, :]
     m_tile = m_k[None, :, None] & m_h[None, None, :]
     b_acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for i_s in range(0, num_splits, BLOCK_S):
-        m_s = (i_s + o_s) < num_splits
-        b_part = tl.load(p_tile + i_s * stride_ys, mask=m_s[:, None, None] & m_tile, other=0.0).to(tl.float32)
+        o_ss = i_s + o_s
+        m_sk = (o_ss < num_splits)[:, None, None] & m_tile
+        b_part = tl.load(p_rows + o_ss[:, None, None] * stride_ys, mask=m_sk, other=0.0).to(tl.float32)
         b_acc += tl.sum(tl.sum(b_part, axis=0), axis=0)
     tl.store(p_out + i_t.to(tl.int64) * stride_ot + o_h, b_acc.to(p_out.dtype.element_ty), mask=m_h)
