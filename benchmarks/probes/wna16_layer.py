@@ -34,7 +34,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--block-k", default="", help="comma list of K tiles to try with each variant (default: the "
                    "heuristic's)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
+                   + "; a dequant variant with '+swap' swaps the MMA's operands (GemmConfig.swap_ab)")
     args = p.parse_args()
     dev = torch.device("cuda")
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__} triton {triton.__version__}", flush=True)
@@ -65,7 +66,10 @@ def main() -> None:
                 if (v == "gemv" and t >= 256) or (v == "postscale" and t >= 1024):
                     continue  # no tensor cores at prefill / the old design at prefill: minutes for nothing
                 ks = {} if bk is None else {"block_k": bk}
-                cfg = replace(base, gemm1=replace(base.gemm1, variant=v, **ks), gemm2=replace(base.gemm2, variant=v, **ks))
+                ks["swap_ab"] = v.endswith("+swap")
+                kind = v.removesuffix("+swap")
+                cfg = replace(base, gemm1=replace(base.gemm1, variant=kind, **ks),
+                              gemm2=replace(base.gemm2, variant=kind, **ks))
                 name = v if bk is None else f"{v}/k{bk}"
                 triton_experts.choose_config = lambda s, _c=cfg: _c
                 try:

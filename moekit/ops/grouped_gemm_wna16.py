@@ -89,6 +89,8 @@ def grouped_gemm_wna16(
     if variant is None:
         variant = config.variant or wna16_variant(layout.block_m, layout.row_per_block)
     check_choice("variant", variant, WNA16_VARIANTS)
+    if config.swap_ab and not variant.startswith("dequant"):
+        raise ValueError(f"config.swap_ab: only the dequant variants swap their operands, got variant {variant!r}")
     check_ndim("a", a, 2, "[rows, k]")
     check_dtype("a", a, ACT_DTYPES)
     qweight, scales, zeros, bits, group, k_dim, e2m1 = _check_weight(b)
@@ -142,6 +144,7 @@ def grouped_gemm_wna16(
         activation.limit if activation is not None and activation.limit is not None else 0.0,
         VARIANT="dequant" if variant.startswith("dequant") else variant, WORDS=words is not None, BITS=bits,
         E2M1=e2m1, HAS_ZEROS=zeros is not None, SUB_K=sub_k, SPLIT=variant == "dequant_split" and bits == 4,
+        SWAP=config.swap_ab,
         ACTIVATION=activation_code(activation),
         GATED=gated, HAS_BIAS=bias_EN is not None, HAS_WEIGHTS=weights_N is not None,
         BLOCK_M=layout.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,

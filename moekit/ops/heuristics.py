@@ -51,6 +51,9 @@ class GemmConfig:
     # How ``grouped_gemm_wna16`` multiplies its weight codes (one of WNA16_VARIANTS; the other GEMMs ignore it).
     # None: ``wna16_variant``'s choice for the layout.
     variant: str | None = None
+    # ``grouped_gemm_wna16``'s dequant variants: multiply as acc^T = w @ a^T (the dequantized weights as the MMA's
+    # register operand; see its kernel). The other GEMMs ignore it.
+    swap_ab: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
@@ -169,7 +172,8 @@ def choose_config(shape: MoEShape) -> MoEKernelConfig:
 def fused_decode_config(s: MoEShape) -> FusedDecodeConfig | None:
     """The fused decode's tile when it should run (``moekit.ops.fused_decode``), else None.
 
-    Float weights, at most 32 routed rows and small experts (I <= 1024). Each program reads a [H, BLOCK_I]
+    Float weights, small experts (I <= 1024) and at most 32 routed rows, and no more than half the expert count
+    (each routed row streams its expert alone: rows that share experts would read them again). Each program reads a [H, BLOCK_I]
     column slice of w2, runs of 2·BLOCK_I bytes, so it pays only where the three launches' ramps and tails
     are a large share of a short call. H200, bf16 layer µs, unfused -> fused with BLOCK_I = 64
     (``benchmarks/probes/fused_decode_layer.py``, docs/perf/NOTES.md): qwen3-30b-a3b T = 1 29.8 -> 28.5, T = 4
@@ -177,7 +181,10 @@ def fused_decode_config(s: MoEShape) -> FusedDecodeConfig | None:
     T = 1 59.6 -> 74.5, deepseek-v3 173.7 -> 175.5, mixtral-8x7b 173.7 -> 213.8) and with narrower slices
     (BLOCK_I = 16: qwen3 T = 1 31.3, deepseek-v3 266).
     """
-    if s.weights not in ("bfloat16", "float16", "float32") or s.num_tokens * s.top_k > 32 or s.inter > 1024:
+    rows = s.num_tokens * s.top_k
+    # Each routed row reads its expert alone: rows sharing experts (few experts, or a few rows too many) would
+    # stream them several times.
+    if s.weights not in ("bfloat16", "float16", "float32") or rows > min(32, s.num_experts // 2) or s.inter > 1024:
         return None
     return FusedDecodeConfig(block_i=64, block_k=128 if s.elem_bytes <= 2 else 64)
 
@@ -313,20 +320,29 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
       H200; the word loads beat the byte loads by 4-11% here) on the bf16 prefill shapes: 64 x 128 tiles of 4 warps, 128 x 128 of 8 warps with the half tail from
       128-row blocks, 64-wide K (the dequantized [BLOCK_N, BLOCK_K] tile lives in registers beside the
       accumulator).
+    - mxfp4 past one token swaps the MMA's operands (``GemmConfig.swap_ab``: acc^T = w @ a^T, the dequantized
+      weights a register operand of wgmma instead of a tile stored to shared memory): gpt-oss-120b on an H200,
+      T = 16 623 -> 558 µs, T = 4096 7429 -> 4415; T = 1 123 against 85 (kept unswapped). Integer codes lost
+      with it at every measured point (qwen3-30b-a3b, mixtral-8x7b, deepseek-v3 at T = 1-4096: 3-40% slower,
+      but mixtral T = 64 on byte loads, 585 against 613, still behind "dequant_split"'s 565).
     Untuned on a GPU: ``benchmarks/probes/wna16_timing.py`` times the variants and tiles against each other;
     tuned tables hold exceptions under the key "E,H,I,K,<scheme>".
     """
     bk = 256 if bits == 4 else 128
+    # mxfp4 with 16-bit activations past one token: the weights as the MMA's register operand (swap_ab).
+    swap = s.weights == "mxfp4" and s.num_tokens > 1 and s.elem_bytes == 2
     if s.num_tokens == 1 or block_m <= 32:
         cfg = _decode_config(s, block_m, blocks, 2 * target if s.num_tokens == 1 else target, bk)
         v = "dequant_split" if bits == 4 and s.num_tokens > 1 and s.weights != "mxfp4" else "dequant_bytes"
-        return replace(cfg, gemm1=replace(cfg.gemm1, variant=v, block_k=_k_tile_dividing(bk, s.hidden)),
-                       gemm2=replace(cfg.gemm2, variant=v, block_k=_k_tile_dividing(bk, s.inter)))
+        return replace(cfg, gemm1=replace(cfg.gemm1, variant=v, block_k=_k_tile_dividing(bk, s.hidden),
+                                          swap_ab=swap),
+                       gemm2=replace(cfg.gemm2, variant=v, block_k=_k_tile_dividing(bk, s.inter), swap_ab=swap))
     if block_m == 128:
         g = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, half_tail=True,
-                       variant="dequant")
+                       variant="dequant", swap_ab=swap)
     else:
-        g = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4, variant="dequant")
+        g = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4, variant="dequant",
+                       swap_ab=swap)
     return MoEKernelConfig(block_m=block_m, gemm1=g, gemm2=g, y_fp32=False)
 
 
@@ -376,5 +392,7 @@ def _read_tables(folder: Path) -> dict:
     return merged
 
 
-__all__ = ["WNA16_VARIANTS", "FusedDecodeConfig", "GemmConfig", "MoEKernelConfig", "MoEShape", "choose_config", "fused_decode_config", "gpu_name",
-           "heuristic_config", "tuned_dir", "wna16_bits", "wna16_variant"]
+__all__ = [
+    "WNA16_VARIANTS", "FusedDecodeConfig", "GemmConfig", "MoEKernelConfig", "MoEShape", "choose_config",
+    "fused_decode_config", "gpu_name", "heuristic_config", "tuned_dir", "wna16_bits", "wna16_variant",
+]

@@ -325,3 +325,32 @@ def test_codes_minus_zero_exact(dtype, bits):
     _codes_kernel[(1,)](codes, zeros, out, n, n, bits)
     want = codes.int() - zeros[:, None]
     assert torch.equal(out.float(), want.float())
+
+
+@pytest.mark.parametrize("variant", ["dequant", "dequant_bytes", "dequant_split"])
+@pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, False)])
+@pytest.mark.parametrize("layout_kind", ["row_per_block", "block16", "half_tail32"])
+def test_swapped_operands(variant, bits, sym, layout_kind):
+    # swap_ab: the same products as acc^T = w @ a^T (the weights as the MMA's first operand): against the
+    # reference on the decode layout of one token, 16-row blocks, and 32-row blocks whose 16-row half tiles
+    # make the MMA's N 16; ragged K (200) and group 64.
+    num_experts, inter, k_dim = 5, 24, 200
+    w = _weights(num_experts, 2 * inter, k_dim, bits, 64, sym)
+    cfg = replace(SMALL, swap_ab=True, half_tail=layout_kind == "half_tail32")
+    if layout_kind == "row_per_block":
+        ids = torch.randperm(num_experts)[:3][None].int()
+        layout, num_tokens, top_k = row_per_block(ids, 16), 1, 3
+    else:
+        num_tokens, top_k = 9, 2
+        _, layout = _routing(num_tokens, top_k, num_experts, block_m=32 if layout_kind == "half_tail32" else 16)
+    x = (torch.randn(num_tokens, k_dim) / 10).half()
+    out, want = _gemm1(x, w, layout, inter, top_k, config=cfg, variant=variant,
+                       bias=torch.randn(num_experts, 2 * inter).half() / 10)
+    assert_close(out, want, _tol(variant, x.dtype))
+
+
+def test_swap_only_with_dequant_variants():
+    w = _weights(2, 32, 64, 4, 32, True)
+    ids, layout = _routing(2, 1, 2)
+    with pytest.raises(ValueError, match="config.swap_ab: only the dequant variants"):
+        _gemm1(torch.randn(2, 64).half(), w, layout, 16, 1, config=replace(SMALL, swap_ab=True), variant="gemv")

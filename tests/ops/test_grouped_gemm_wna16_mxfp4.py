@@ -178,12 +178,18 @@ def test_bad_inputs_name_the_argument():
 def test_heuristic_tiles_are_the_4bit_ones(num_tokens):
     # mxfp4 runs on the 4-bit tiles (decode: K tiles that divide K = 2880), each a valid K tiling of 32-column
     # groups, keyed by its own scheme in tuned tables; its decode variant reads bytes and interleaves the nibbles
-    # (splitting them, integer codes' choice at T > 1, measured level or behind for mxfp4 on an H200).
+    # (splitting them, integer codes' choice at T > 1, measured level or behind for mxfp4 on an H200); past one
+    # token it swaps the MMA's operands, which integer codes do not.
     shape = MoEShape(num_tokens=num_tokens, top_k=4, num_experts=128, hidden=2880, inter=2880, weights="mxfp4")
     cfg = heuristic_config(shape)
     int4 = heuristic_config(replace(shape, weights="w4a16_g32"))
-    assert replace(cfg, gemm1=replace(cfg.gemm1, variant=None), gemm2=replace(cfg.gemm2, variant=None)) == \
-        replace(int4, gemm1=replace(int4.gemm1, variant=None), gemm2=replace(int4.gemm2, variant=None))
+
+    def tiles(c):
+        return replace(c, gemm1=replace(c.gemm1, variant=None, swap_ab=False),
+                       gemm2=replace(c.gemm2, variant=None, swap_ab=False))
+
+    assert tiles(cfg) == tiles(int4)
+    assert cfg.gemm1.swap_ab == cfg.gemm2.swap_ab == (num_tokens > 1) and not int4.gemm1.swap_ab
     assert cfg.gemm1.variant != "dequant_split"
     for gemm in (cfg.gemm1, cfg.gemm2):
         assert k_tiles(gemm.block_k, 32, 2880, 4)[1] == 32
@@ -203,8 +209,10 @@ def test_mixtral_size_on_gpu(num_tokens, variant):
     dev = torch.device("cuda")
     cfg = heuristic_config(MoEShape(num_tokens=num_tokens, top_k=top_k, num_experts=num_experts, hidden=hidden,
                                     inter=inter, weights="mxfp4"))
-    if variant is not None:
-        cfg = replace(cfg, gemm1=replace(cfg.gemm1, variant=variant), gemm2=replace(cfg.gemm2, variant=variant))
+    if variant is not None:  # swapped operands only for the dequant variants
+        swap = cfg.gemm1.swap_ab and variant.startswith("dequant")
+        cfg = replace(cfg, gemm1=replace(cfg.gemm1, variant=variant, swap_ab=swap),
+                      gemm2=replace(cfg.gemm2, variant=variant, swap_ab=swap))
     w13 = MXFP4Weight(*quantize_mxfp4(torch.randn(num_experts, 2 * inter, hidden, device=dev) / 10))
     w2 = MXFP4Weight(*quantize_mxfp4(torch.randn(num_experts, hidden, inter, device=dev) / 10))
     x = torch.randn(num_tokens, hidden, device=dev, dtype=torch.bfloat16) / 10
@@ -224,3 +232,35 @@ def test_mixtral_size_on_gpu(num_tokens, variant):
                                     weights_N=weights)
     assert_close(y.sum(0), want_y, torch.bfloat16, name="gemm2")
     torch.testing.assert_close(y.sum(0), want_y, atol=2e-2, rtol=2 ** -8)
+
+
+@pytest.mark.parametrize("variant", ["dequant", "dequant_bytes", "dequant_split"])
+def test_swapped_operands(variant):
+    # swap_ab (what the heuristic picks for mxfp4 past one token): gated GEMM 1 with bias and GEMM 2 with
+    # routing weights and split-K, against the reference on the dequantized weights.
+    num_tokens, top_k, num_experts, inter, k_dim = 7, 2, 4, 32, 128
+    ids, layout = _routing(num_tokens, top_k, num_experts)
+    w13 = _weights(num_experts, 2 * inter, k_dim)
+    x = (torch.randn(num_tokens, k_dim) / 10).half()
+    cfg = replace(SMALL, swap_ab=True)
+    out, want = _gemm1(x, w13, layout, inter, top_k, config=cfg, variant=variant,
+                       bias=torch.randn(num_experts, 2 * inter).half() / 10)
+    assert_close(out, want, torch.float32)
+    w2 = _weights(num_experts, 48, inter)
+    a = (torch.randn(num_tokens * top_k, inter) / 10).half()
+    weights = torch.rand(num_tokens * top_k)
+    out = torch.full((2, num_tokens * top_k, 48), float("nan"))
+    grouped_gemm_wna16(a, w2, layout, out, replace(cfg, split_k=2, variant=variant), num_rows=num_tokens * top_k,
+                       weights_N=weights)
+    want = grouped_gemm_wna16_ref(a, w2, layout, torch.empty(num_tokens * top_k, 48), num_rows=num_tokens * top_k,
+                                  weights_N=weights)
+    assert_close(out.sum(0), want, torch.float32)
+
+
+def test_heuristic_swaps_mxfp4_past_one_token():
+    def cfg(t, weights="mxfp4", elem_bytes=2):
+        return heuristic_config(MoEShape(num_tokens=t, top_k=4, num_experts=128, hidden=2880, inter=2880,
+                                         weights=weights, elem_bytes=elem_bytes))
+
+    assert not cfg(1).gemm1.swap_ab and cfg(16).gemm1.swap_ab and cfg(4096).gemm2.swap_ab
+    assert not cfg(16, "w4a16_g128").gemm1.swap_ab and not cfg(16, elem_bytes=4).gemm1.swap_ab

@@ -19,6 +19,10 @@ group's scale s[n] and zero point z[n] (2^(bits-1) for symmetric codes). VARIANT
   order (the launcher's "dequant_bytes" forces this). SPLIT (4 bits, the launcher's "dequant_split"): no
   interleave; the low and high nibbles make two tiles of SUB_K/2 columns, multiplied by A's even and odd columns
   in two dots (the byte permutes of the interleave were the loop's most frequent instruction on sm_90).
+- SWAP (with "dequant"): the same products as acc^T = dot(w, a^T): the dequantized weight tile is the MMA's
+  first operand, which Hopper's wgmma takes from registers (no trip through shared memory), and the rows of A are
+  its second, so a decode tile of 16 rows is the MMA's N (wgmma needs M >= 64 a warpgroup: unswapped, a 16-row
+  tile runs on the older mma.sync).
 - "gemv": no tensor cores: acc[n] += s[n] · Σ_k (q - z)·a[k] in fp32 FMAs, one routed row a tile, for decode
   where a block holds one routed row (ROW_PER_BLOCK) or a few: the weight stream is the whole cost and a
   tensor-core tile of 16 padded rows only adds work. 4-bit codes are read as int32 words (any activation dtype)
@@ -213,7 +217,7 @@ def _tile(
     stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
     stride_bias_e, alpha, limit,
     VARIANT: tl.constexpr, WORDS: tl.constexpr, BITS: tl.constexpr, E2M1: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    SUB_K: tl.constexpr, SPLIT: tl.constexpr,
+    SUB_K: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
@@ -239,6 +243,7 @@ def _tile(
     p_s_cols = p_s + o_bn64 * stride_sn
     p_z_cols = p_z + o_bn64 * stride_zn
     b_acc = tl.zeros([TILE_M, BLOCK_N], dtype=tl.float32)
+    b_acc_t = tl.zeros([BLOCK_N, TILE_M], dtype=tl.float32)  # SWAP: the transposed accumulator
     VEC: tl.constexpr = (16 if SUB_B >= 16 else SUB_B) // (4 if WORDS else 1)  # elements of a 16-byte load
     b_acc_v = tl.zeros([BLOCK_N, SUB_B // VEC], dtype=tl.float32)  # "gemv": per-thread partial sums
     for k in range(k_start, k_end, BLOCK_K):
@@ -260,8 +265,12 @@ def _tile(
                 else:
                     b_w_lo = _codes_minus_zero(b_q & 15, b_z, DTYPE, BITS) * b_s.to(DTYPE)[:, None]
                     b_w_hi = _codes_minus_zero(b_q >> 4, b_z, DTYPE, BITS) * b_s.to(DTYPE)[:, None]
-                b_acc = tl.dot(b_a_even, tl.trans(b_w_lo), b_acc, input_precision=DOT_PRECISION)
-                b_acc = tl.dot(b_a_odd, tl.trans(b_w_hi), b_acc, input_precision=DOT_PRECISION)
+                if SWAP:
+                    b_acc_t = tl.dot(b_w_lo, tl.trans(b_a_even), b_acc_t, input_precision=DOT_PRECISION)
+                    b_acc_t = tl.dot(b_w_hi, tl.trans(b_a_odd), b_acc_t, input_precision=DOT_PRECISION)
+                else:
+                    b_acc = tl.dot(b_a_even, tl.trans(b_w_lo), b_acc, input_precision=DOT_PRECISION)
+                    b_acc = tl.dot(b_a_odd, tl.trans(b_w_hi), b_acc, input_precision=DOT_PRECISION)
             elif VARIANT == "dequant":
                 if E2M1 and DTYPE == tl.bfloat16:  # [BLOCK_N, SUB_K] in k order, in 16-bit ops
                     b_w = _mxfp4_weights_bf16(tl.interleave(b_q & 15, b_q >> 4), b_s)
@@ -275,7 +284,10 @@ def _tile(
                     else:
                         b_w = _codes_minus_zero(b_q, b_z, DTYPE, BITS)
                     b_w = b_w * b_s.to(DTYPE)[:, None]
-                b_acc = tl.dot(b_a, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
+                if SWAP:
+                    b_acc_t = tl.dot(b_w, tl.trans(b_a), b_acc_t, input_precision=DOT_PRECISION)
+                else:
+                    b_acc = tl.dot(b_a, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
             elif VARIANT == "gemv":  # TILE_M = 1 (the kernel runs each routed row alone)
                 b_a = tl.reshape(b_a.to(tl.float32), [SUB_B, PACK])
                 if E2M1:
@@ -312,6 +324,8 @@ def _tile(
         p_b_sub += (BLOCK_K // PACK) * stride_bk
     if VARIANT == "gemv":
         b_acc = tl.reshape(tl.sum(b_acc_v, axis=1), [TILE_M, BLOCK_N])
+    if SWAP:
+        b_acc = tl.trans(b_acc_t)
 
     _epilogue(b_acc, p_bias, p_weights, p_c, i_e, i_s, i_n, b_rows, m_rows, o_bn, n_out, stride_bias_e, stride_cs,
               stride_cm, alpha, limit, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, TILE_M, OUT_N)
@@ -327,7 +341,7 @@ def grouped_gemm_wna16_kernel(
     stride_cs, stride_cm, stride_bias_e,
     alpha, limit,
     VARIANT: tl.constexpr, WORDS: tl.constexpr, BITS: tl.constexpr, E2M1: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    SUB_K: tl.constexpr, SPLIT: tl.constexpr,
+    SUB_K: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
@@ -360,7 +374,7 @@ def grouped_gemm_wna16_kernel(
                     i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                     stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs,
                     stride_cm, stride_bias_e, alpha, limit,
-                    VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, 1,
+                    VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, SWAP, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, 1,
                     BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
                 )
     else:
@@ -373,7 +387,7 @@ def grouped_gemm_wna16_kernel(
                 i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                 stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
                 stride_bias_e, alpha, limit,
-                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M,
+                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, SWAP, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M,
                 BLOCK_M // 2,
                 BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
             )
@@ -383,7 +397,7 @@ def grouped_gemm_wna16_kernel(
                 i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                 stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
                 stride_bias_e, alpha, limit,
-                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M,
+                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, SWAP, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M,
                 BLOCK_M,
                 BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
             )
