@@ -83,6 +83,23 @@ def test_dispatch(cfg, cls, static):
     (ct({**INT8, "strategy": "channel", "symmetric": False}, {**INT8, "strategy": "token", "dynamic": True}),
      "weights.symmetric"),
     ({"quant_method": "compressed-tensors", "config_groups": {}}, "config_groups: expected a non-empty"),
+    # malformed block sizes and flags: refused naming the field, never a bare TypeError or a guess
+    ({"quant_method": "fp8", "weight_block_size": 128},
+     r"weight_block_size: expected a list of two positive ints, got 128"),
+    ({"quant_method": "fp8", "weight_block_size": [128, 0]}, r"weight_block_size: expected a list of two positive"),
+    ({"quant_method": "fp8", "weight_block_size": [128.0, 128]}, r"weight_block_size: expected a list of two positive"),
+    ({"quant_method": "fp8", "weight_block_size": [128, 128, 1]}, r"weight_block_size: expected a list of two"),
+    (ct({**FP8, "strategy": "block", "block_structure": 128},
+        {**FP8, "strategy": "group", "group_size": 128, "dynamic": True}),
+     r"weights.block_structure: expected a list of two positive ints, got 128"),
+    (ct({**FP8, "strategy": "tensor"}, {**FP8, "strategy": "tensor", "dynamic": "false"}),
+     r"group_0.input_activations.dynamic: expected a bool, got 'false'"),
+    (ct({**FP8, "strategy": "tensor"}, {**FP8, "strategy": "tensor", "dynamic": None}),
+     r"group_0.input_activations.dynamic: expected a bool, got None"),
+    (ct({**FP8, "strategy": "channel"}, {**FP8, "strategy": "token", "dynamic": 1}),
+     r"group_0.input_activations.dynamic: expected a bool, got 1"),
+    (ct({**FP8, "strategy": "channel", "dynamic": "no"}, {**FP8, "strategy": "token", "dynamic": True}),
+     r"group_0.weights.dynamic: expected a bool, got 'no'"),
 ])
 def test_refusals_name_the_scheme(cfg, match):
     with pytest.raises(UnsupportedQuantization, match=match):
