@@ -18,7 +18,8 @@ class Checkpoint:
     """Lazy, read-only view of a safetensors checkpoint: a file, or a directory of ``*.safetensors`` shards.
 
     A directory's ``model.safetensors.index.json`` (``weight_map``: key -> shard file) is used when present;
-    otherwise every shard's header is read (a key stored in two shards is then refused). Tensors are read one at a time with ``get``.
+    otherwise every shard's header is read (a key stored in two shards is then refused). Tensors are read one at a
+    time with ``get``.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:

@@ -13,7 +13,7 @@ import torch
 from moekit.checkpoint import CODE_DTYPES
 from moekit.ops.quantize import dequantize_weight
 from moekit.quant.mxfp4 import MXFP4MoEMethod
-from moekit.quant.w8a8 import W8A8MoEMethod
+from moekit.quant.w8a8 import WEIGHT_SCALES, W8A8MoEMethod, check_scales
 from moekit.quant.wna16 import WNA16MoEMethod
 
 if TYPE_CHECKING:
@@ -82,6 +82,8 @@ def _copy_shared(moe: MoE, plan: _Plan, dest: torch.Tensor, keys: list[str]) -> 
         s = s.reshape(()) if granularity == "tensor" else s
         dest.copy_(dequantize_weight(q, s, granularity, block if granularity == "block" else None))
 
+    # A NaN/inf/negative scale would dequantize into a NaN or sign-flipped Linear: refused before any copy.
+    plan.check_values([scale_key], lambda k, s: check_scales(f"checkpoint key {k!r}", s, WEIGHT_SCALES))
     plan.add(key, (n, k), apply)
     plan.report.loaded.append(scale_key)
     if base + "input_scale" in ckpt:  # the activation scale of a quantized shared MLP, unused unquantized
