@@ -35,8 +35,8 @@ before anything is copied (NaN, inf, negative refused, 0 allowed; not every inpu
 4/8-bit experts (a ``WNA16MoEMethod`` layer) read the tensors its ``checkpoint_tensors`` names beside each
 projection (compressed-tensors ``weight_packed``/``weight_scale``/``weight_zero_point``/``weight_shape``, GPTQ
 ``qweight``/``qzeros``/``scales``/``g_idx``, AWQ ``qweight``/``qzeros``/``scales``) through each parameter's own
-``weight_loader``; ``process_weights_after_loading`` converts them into the kernel's layout. MXFP4 experts (an
-``MXFP4MoEMethod`` layer) read compressed-tensors' per-expert ``weight_packed``/``weight_scale`` the same way, or
+``weight_loader`` (float group scales checked like the 8-bit ones); ``process_weights_after_loading`` converts them
+into the kernel's layout. MXFP4 experts (an ``MXFP4MoEMethod`` layer) read compressed-tensors' per-expert ``weight_packed``/``weight_scale`` the same way, or
 gpt-oss's fused ``experts.{gate_up,down}_proj_{blocks,scales,bias}`` (layout ``gpt_oss``, found by ``auto``), whose
 conversions (``MXFP4MoEMethod.gpt_oss_tensors``) de-interleave the gate/up rows (under TP, then cut).
 ``moekit.pretrained.from_pretrained`` (``MoE.from_pretrained``) builds the layer from config.json first.
@@ -68,7 +68,7 @@ from moekit.checkpoint import CODE_DTYPES, Checkpoint
 from moekit.checkpoint_gguf import GGUFCheckpoint, is_gguf
 from moekit.distributed import shard_intermediate
 from moekit.layer import MoE
-from moekit.loading_shared import load_shared
+from moekit.loading_shared import check_group_scale, is_group_scale, load_shared
 from moekit.quant.mxfp4 import MXFP4MoEMethod
 from moekit.quant.w8a8 import INPUT_SCALES, NO_INPUT_SCALE, WEIGHT_SCALES, W8A8MoEMethod, check_scales
 from moekit.quant.wna16 import WNA16MoEMethod
@@ -444,6 +444,8 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
             cut = method.tp_slicer(name.removeprefix("w13").removeprefix("w2"), row.shard_id,
                                    experts.intermediate_size * tp.tp_size, tp.tp_size, tp.tp_rank)
             plan.add(key, method.shard_shape(experts, name, row.shard_id), loader, cut, dtype=param.dtype)
+            if is_group_scale(method, key):
+                plan.check_values([key], check_group_scale)
             continue
         w2 = row.shard_id == "w2"
         param = experts.w2 if w2 else experts.w13

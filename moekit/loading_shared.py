@@ -21,6 +21,19 @@ if TYPE_CHECKING:
     from moekit.loading import _Plan
 
 _SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
+# Checkpoint names of weight-only group scales (GPTQ/AWQ ``scales``; compressed-tensors and moekit ``weight_scale``),
+# checked like 8-bit weight scales before any copy; mxfp4's e8m0 bytes are MXFP4MoEMethod's to check (255 = NaN).
+_GROUP_SCALES = ("scales", "weight_scale")
+
+
+def is_group_scale(method: object, key: str) -> bool:
+    """Whether ``key`` holds float group scales of a weight-only ``method`` (``check_group_scale`` applies)."""
+    return isinstance(method, WNA16MoEMethod) and key.rpartition(".")[2] in _GROUP_SCALES
+
+
+def check_group_scale(key: str, scale: torch.Tensor) -> None:
+    # A NaN/inf group scale gives NaN weights, a negative one flips its group's sign: a corrupted checkpoint.
+    check_scales(f"checkpoint key {key!r}", scale, "finite non-negative group scales")
 
 
 def load_shared(moe: MoE, plan: _Plan, prefix: str) -> None:
@@ -104,6 +117,9 @@ def _copy_shared_wna16(plan: _Plan, dest: torch.Tensor, key: str, method: WNA16M
     first, ckpt, done = next(iter(keys.values())), plan.ckpt, {}
 
     def dequantize(_key: str, _t: torch.Tensor) -> None:  # before any copy: a failure leaves the layer as it was
+        for key in keys.values():
+            if is_group_scale(method, key):
+                check_group_scale(key, ckpt.get(key))
         try:
             done["w"] = method.dequantize_tensors({n: ckpt.get(k) for n, k in keys.items()}, n=dest.shape[0],
                                                   k=dest.shape[1])

@@ -22,7 +22,12 @@ from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
 
 from moekit import MoE  # noqa: E402
 from moekit.loading import Checkpoint, load_moe  # noqa: E402
-from moekit.quant import Fp8BlockMoEMethod, Fp8TensorMoEMethod, UnsupportedQuantization  # noqa: E402
+from moekit.quant import (  # noqa: E402
+    Fp8BlockMoEMethod,
+    Fp8TensorMoEMethod,
+    UnsupportedQuantization,
+    get_quant_method,
+)
 from moekit.quant.w8a8 import dequantized_weights  # noqa: E402
 from moekit.testing import QUANT_TOLERANCES, TOLERANCES, Tolerance, assert_close  # noqa: E402
 from tests.hf.tiny_models import build  # noqa: E402
@@ -443,6 +448,27 @@ def test_wna16_checkpoint_matches_transformers_on_dequantized_weights(saved, fam
         assert moe.routed_experts.w13.dtype == torch.uint8
         with torch.no_grad():
             assert_close(moe(x), layer.mlp(x).float(), torch.bfloat16)
+
+
+@pytest.mark.parametrize(("scheme", "name", "bad"), [("gptq", "scales", float("nan")),
+                                                   ("awq", "scales", -1.0),
+                                                   ("ct_w4a16", "weight_scale", float("inf"))])
+@pytest.mark.parametrize("where", ["experts.3.up_proj", "shared_experts.gate_proj"])
+def test_bad_wna16_group_scales_are_refused_before_anything_is_copied(saved, tmp_path, scheme, name, bad, where):
+    # A NaN/inf group scale gives NaN weights (routed experts, or a shared Linear dequantized at load), a negative
+    # one flips its group's sign.
+    _, path, _ = saved["deepseek_v3"]
+    _write_wna16(path, tmp_path / "good", tmp_path / "dequantized", scheme)
+    key = f"model.layers.1.mlp.{where}.{name}"
+    edited = _edited(tmp_path / "good", tmp_path / "bad", lambda t: t[key].view(-1).__setitem__(0, bad))
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint key {key!r}: expected finite non-negative")):
+        MoE.from_pretrained(edited, layer=1)
+    config = MoE.from_pretrained(tmp_path / "good", layer=1).config
+    fresh = MoE(config, dtype=torch.bfloat16, quant_method=get_quant_method(WNA16_CONFIGS[scheme]))
+    before = _state(fresh)
+    with pytest.raises(ValueError, match=re.escape(key)):
+        load_moe(fresh, edited, "model.layers.1.mlp")
+    _assert_state(fresh, before)
 
 
 def test_gptq_act_order_checkpoint_loads_dequantized_on_request(saved, tmp_path):
