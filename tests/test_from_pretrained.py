@@ -309,16 +309,18 @@ def test_bad_weight_scales_are_refused_before_anything_is_copied(saved, tmp_path
         s.view(-1)[0] = bad if bad != -1.0 else -s.view(-1)[0]
         tensors[key] = s.to(tensors[key].dtype)
 
-    path = _edited(quantized[scheme], tmp_path / "bad", edit)
-    with pytest.raises(ValueError, match=re.escape(f"checkpoint key {key!r}: expected finite non-negative weight "
-                                                   "scales")):
-        MoE.from_pretrained(path, layer=0)
-    good = MoE.from_pretrained(quantized[scheme], layer=0)
-    fresh = MoE(good.config, dtype=torch.bfloat16, quant_method=type(good.routed_experts.quant_method)(
-        **({"static_input_scales": True} if scheme in ("ct_tensor", "modelopt") else {})))
+    _assert_refused(quantized[scheme], _edited(quantized[scheme], tmp_path / "bad", edit), key, 0,
+                    get_quant_method(CONFIGS[scheme]), "weight scales")
+
+
+def _assert_refused(good, bad, key: str, layer: int, method, what: str) -> None:
+    """``from_pretrained(bad)`` refuses ``key``'s values, and ``load_moe`` of it leaves a fresh layer as built."""
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint key {key!r}: expected finite non-negative {what}")):
+        MoE.from_pretrained(bad, layer=layer)
+    fresh = MoE(MoE.from_pretrained(good, layer=layer).config, dtype=torch.bfloat16, quant_method=method)
     before = _state(fresh)
     with pytest.raises(ValueError, match=re.escape(key)):
-        load_moe(fresh, path, "model.layers.0.mlp")
+        load_moe(fresh, bad, f"model.layers.{layer}.mlp")
     _assert_state(fresh, before)
 
 
@@ -461,14 +463,7 @@ def test_bad_wna16_group_scales_are_refused_before_anything_is_copied(saved, tmp
     _write_wna16(path, tmp_path / "good", tmp_path / "dequantized", scheme)
     key = f"model.layers.1.mlp.{where}.{name}"
     edited = _edited(tmp_path / "good", tmp_path / "bad", lambda t: t[key].view(-1).__setitem__(0, bad))
-    with pytest.raises(ValueError, match=re.escape(f"checkpoint key {key!r}: expected finite non-negative")):
-        MoE.from_pretrained(edited, layer=1)
-    config = MoE.from_pretrained(tmp_path / "good", layer=1).config
-    fresh = MoE(config, dtype=torch.bfloat16, quant_method=get_quant_method(WNA16_CONFIGS[scheme]))
-    before = _state(fresh)
-    with pytest.raises(ValueError, match=re.escape(key)):
-        load_moe(fresh, edited, "model.layers.1.mlp")
-    _assert_state(fresh, before)
+    _assert_refused(tmp_path / "good", edited, key, 1, get_quant_method(WNA16_CONFIGS[scheme]), "group scales")
 
 
 def test_gptq_act_order_checkpoint_loads_dequantized_on_request(saved, tmp_path):
