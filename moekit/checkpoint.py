@@ -18,7 +18,8 @@ class Checkpoint:
     """Lazy, read-only view of a safetensors checkpoint: a file, or a directory of ``*.safetensors`` shards.
 
     A directory's ``model.safetensors.index.json`` (``weight_map``: key -> shard file) is used when present;
-    otherwise every shard's header is read. Tensors are read one at a time with ``get``.
+    otherwise every shard's header is read (a key stored in two shards is then refused). Tensors are read one at a
+    time with ``get``.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -36,7 +37,7 @@ class Checkpoint:
                 shards = sorted(self.path.glob("*.safetensors"))
                 if not shards:
                     raise FileNotFoundError(f"path: no *.safetensors files in {self.path}")
-                self._files = {k: f for f in shards for k in _header_keys(f)}
+                self._files = _shard_map(shards)
         else:
             raise FileNotFoundError(f"path: {self.path} is neither a .safetensors file nor a directory")
         self._handles: dict[Path, object] = {}
@@ -100,6 +101,20 @@ def _open(file: Path):
         return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError) as err:
         raise ValueError(f"checkpoint file {file}: not a readable safetensors file (truncated?): {err}") from None
+
+
+def _shard_map(shards: list[Path]) -> dict[str, Path]:
+    """key -> shard file of a directory without an index; a key stored in two shards is refused, since nothing says
+    which copy is the model's (reading the last one would load whichever file sorts last)."""
+    files: dict[str, Path] = {}
+    for file in shards:
+        for key in _header_keys(file):
+            if key in files:
+                raise ValueError(f"checkpoint key {key!r}: stored in two shards, {files[key]} and {file}, and no "
+                                 "model.safetensors.index.json says which one to read; remove the stale copy or "
+                                 "add an index")
+            files[key] = file
+    return files
 
 
 def _header_keys(file: Path) -> list[str]:

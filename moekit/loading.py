@@ -29,13 +29,14 @@ Around the experts: the router (``gate.weight``, ``router.weight`` [+ ``.bias``]
 
 Quantized experts (a ``W8A8MoEMethod`` layer; per-expert layout only): beside each ``{e}.<proj>.weight`` of 8-bit
 codes, ``weight_scale_inv`` (DeepSeek-V3/Qwen3 fp8, fp32) or ``weight_scale`` (compressed-tensors, ModelOpt; any
-float dtype), per block/row/tensor (0-d or [1]), and with static activation scales ``input_scale``; then
+float dtype), per block/row/tensor (0-d or [1]), and with static activation scales ``input_scale``, each checked
+before anything is copied (NaN, inf, negative refused, 0 allowed; not every input scale 0); then
 ``process_weights_after_loading``. 8-bit shared experts are dequantized into the layer's dtype. Weight-only
 4/8-bit experts (a ``WNA16MoEMethod`` layer) read the tensors its ``checkpoint_tensors`` names beside each
 projection (compressed-tensors ``weight_packed``/``weight_scale``/``weight_zero_point``/``weight_shape``, GPTQ
 ``qweight``/``qzeros``/``scales``/``g_idx``, AWQ ``qweight``/``qzeros``/``scales``) through each parameter's own
-``weight_loader``; ``process_weights_after_loading`` converts them into the kernel's layout. MXFP4 experts (an
-``MXFP4MoEMethod`` layer) read compressed-tensors' per-expert ``weight_packed``/``weight_scale`` the same way, or
+``weight_loader`` (float group scales checked like the 8-bit ones); ``process_weights_after_loading`` converts them
+into the kernel's layout. MXFP4 experts (an ``MXFP4MoEMethod`` layer) read compressed-tensors' per-expert ``weight_packed``/``weight_scale`` the same way, or
 gpt-oss's fused ``experts.{gate_up,down}_proj_{blocks,scales,bias}`` (layout ``gpt_oss``, found by ``auto``), whose
 conversions (``MXFP4MoEMethod.gpt_oss_tensors``) de-interleave the gate/up rows (under TP, then cut).
 ``moekit.pretrained.from_pretrained`` (``MoE.from_pretrained``) builds the layer from config.json first.
@@ -67,9 +68,9 @@ from moekit.checkpoint import CODE_DTYPES, Checkpoint
 from moekit.checkpoint_gguf import GGUFCheckpoint, is_gguf
 from moekit.distributed import shard_intermediate
 from moekit.layer import MoE
-from moekit.loading_shared import load_shared
+from moekit.loading_shared import check_group_scale, is_group_scale, load_shared
 from moekit.quant.mxfp4 import MXFP4MoEMethod
-from moekit.quant.w8a8 import W8A8MoEMethod
+from moekit.quant.w8a8 import INPUT_SCALES, NO_INPUT_SCALE, WEIGHT_SCALES, W8A8MoEMethod, check_scales
 from moekit.quant.wna16 import WNA16MoEMethod
 from moekit.routed_experts import RoutedExperts
 
@@ -165,9 +166,9 @@ def load_moe(
         strict: raise ``KeyError`` listing the missing and unexpected keys (or, when nothing is stored under
             ``prefix``, the checkpoint's MoE prefixes) instead of only reporting them.
     Raises:
-        ValueError: a tensor's shape does not fit (the message names the checkpoint key), a shard is not a
-            readable safetensors file (named), or ``auto`` cannot tell the layout from the shapes and there is no
-            config.json to decide.
+        ValueError: a tensor's shape does not fit or a scale holds NaN, inf or a negative value (the message names
+            the checkpoint key), a shard is not a readable safetensors file (named), or ``auto`` cannot tell the
+            layout from the shapes and there is no config.json to decide.
 
     A GGUF checkpoint (a ``GGUFCheckpoint``, a ``.gguf`` file, or a directory with one and no config.json) is
     loaded by ``moekit.loading_gguf.load_gguf`` (``prefix``: ``blk.L``), which returns a ``GGUFLoadReport``.
@@ -245,7 +246,7 @@ class _Plan:
         self.ckpt = ckpt
         self.report = report
         self._steps: list[tuple[str, Callable[[torch.Tensor], object]]] = []
-        self._value_checks: list[tuple[str, Callable[[str, torch.Tensor], None]]] = []
+        self._value_checks: list[Callable[[], None]] = []
 
     def first(self, keys: Iterable[str]) -> str | None:
         return next((k for k in keys if k in self.ckpt), None)
@@ -284,11 +285,18 @@ class _Plan:
         """Run ``check(key, tensor)`` on the first present key among ``keys`` before anything is copied."""
         key = self.first(keys)
         if key is not None:
-            self._value_checks.append((key, check))
+            self._value_checks.append(lambda: check(key, self.ckpt.get(key)))
+
+    def check_together(self, keys: list[str], check: Callable[[dict[str, torch.Tensor]], None]) -> None:
+        """Run ``check({key: tensor})`` on the present keys among ``keys`` at once, before anything is copied: a
+        condition on all of them (not every scale 0)."""
+        present = [k for k in keys if k in self.ckpt]
+        if present:
+            self._value_checks.append(lambda: check({k: self.ckpt.get(k) for k in present}))
 
     def run(self) -> None:
-        for key, check in self._value_checks:  # small tensors, read before the first copy
-            check(key, self.ckpt.get(key))
+        for check in self._value_checks:  # small tensors, read before the first copy
+            check()
         for key, apply in self._steps:
             apply(self.ckpt.get(key))
 
@@ -301,6 +309,21 @@ def _check_correction_bias(key: str, bias: torch.Tensor) -> None:
         experts = bad.nonzero().flatten().tolist()
         raise ValueError(f"checkpoint key {key!r}: expected a finite correction bias (or -inf: never pick the expert), "
                          f"got NaN/+inf at experts {experts[:16]}{' ...' if len(experts) > 16 else ''}")
+
+
+def _check_weight_scale(key: str, scale: torch.Tensor) -> None:
+    check_scales(f"checkpoint key {key!r}", scale, WEIGHT_SCALES)
+
+
+def _check_input_scales(name: str, scales: dict[str, torch.Tensor]) -> None:
+    # One static activation scale per layer, the max over its experts (process_weights_after_loading): a 0 (an
+    # expert calibration never routed to) is harmless under the max, but all zeros leave no usable scale.
+    for key, scale in scales.items():
+        check_scales(f"checkpoint key {key!r}", scale, INPUT_SCALES)
+    if not any(bool((s.float() > 0).any()) for s in scales.values()):
+        keys = list(scales)
+        raise ValueError(f"{name}: every static activation scale is 0 ({keys[0]!r} ... {keys[-1]!r}, {len(keys)} "
+                         f"keys): {NO_INPUT_SCALE}")
 
 
 # safetensors dtype names of 8-bit codes -> their torch dtype
@@ -401,6 +424,7 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
     num_global, held = experts.held_experts()  # logical experts, also with redundant (EPLB) slots
     remote = set() if held is None else set(range(num_global)) - set(held)
     remote_names = {str(e) for e in remote}
+    input_keys: dict[str, list[str]] = {"w13_input_scale": [], "w2_input_scale": []}
     plan.report.skipped += [k for k in plan.ckpt.keys() if k.startswith(prefix + "experts.")
                             and k.removeprefix(prefix + "experts.").split(".")[0] in remote_names]
     for row in expert_params_mapping(num_global, gate=names[0], up=names[1], down=names[-1], tensors=tensors):
@@ -420,6 +444,8 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
             cut = method.tp_slicer(name.removeprefix("w13").removeprefix("w2"), row.shard_id,
                                    experts.intermediate_size * tp.tp_size, tp.tp_size, tp.tp_rank)
             plan.add(key, method.shard_shape(experts, name, row.shard_id), loader, cut, dtype=param.dtype)
+            if is_group_scale(method, key):
+                plan.check_values([key], check_group_scale)
             continue
         w2 = row.shard_id == "w2"
         param = experts.w2 if w2 else experts.w13
@@ -435,9 +461,13 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
             sliced = method.granularity == "block" or (method.granularity == "channel" and not w2)
             _plan_scale(plan, experts, scale, row, [base + "weight_scale_inv", base + "weight_scale"],
                         _tp_slicer(moe, 1 if w2 else 0) if sliced else None)
+            plan.check_values([base + "weight_scale_inv", base + "weight_scale"], _check_weight_scale)
             if method.static_input_scales:
                 inputs = experts.w2_input_scale if w2 else experts.w13_input_scale
                 _plan_scale(plan, experts, inputs, row, [base + "input_scale"])
+                input_keys["w2_input_scale" if w2 else "w13_input_scale"].append(base + "input_scale")
+    for name, keys in input_keys.items():  # checked before the copy: process_weights_after_loading merges them
+        plan.check_together(keys, functools.partial(_check_input_scales, name))
     if experts.w13_bias is not None:
         _plan_expert_biases(moe, plan, prefix, names, num_global, remote)
 

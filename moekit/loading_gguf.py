@@ -79,7 +79,8 @@ def load_gguf(moe: MoE, checkpoint: GGUFCheckpoint | str | os.PathLike, prefix: 
     Raises:
         KeyError: (``strict``) missing tensors or unexpected ``blk.L.ffn_*`` tensors, listed.
         ValueError: a shape that does not fit (named), a type the layer's method cannot hold exactly or the gguf
-            package cannot dequantize, another quant method, tensor parallelism or a non-gated activation.
+            package cannot dequantize, another quant method, tensor parallelism or a non-gated activation; a
+            NaN/inf block scale of a packed expert (named; found as that expert is copied, so after earlier ones).
     """
     if not isinstance(moe, MoE):
         raise TypeError(f"moe: expected a moekit.MoE, got {type(moe).__name__}")
@@ -299,6 +300,12 @@ def _packed_step(ckpt: GGUFCheckpoint, key: str, kind: str, expert: int, bits: i
             if got.shape != dest.shape:
                 raise ValueError(f"checkpoint key {key!r}: expert {expert}'s {kind} blocks give {what} of shape "
                                  f"{tuple(got.shape)}, the layer holds {tuple(dest.shape)}")
+        # A NaN/inf d makes its block's weights NaN. Found only as each expert is read (checking every expert first
+        # would read the file twice): the layer is then left partly copied, as after a failed copy. A negative d is
+        # valid (Q4_0's d = max / -8 for the signed value of largest magnitude).
+        if not bool(torch.isfinite(w.scales).all()):
+            raise ValueError(f"checkpoint key {key!r}: expert {expert}'s {kind} blocks hold a NaN/inf scale d (a "
+                             "corrupted file)")
         if not dry_run:
             codes.copy_(w.qweight)
             scales.copy_(w.scales)

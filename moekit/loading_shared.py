@@ -13,7 +13,7 @@ import torch
 from moekit.checkpoint import CODE_DTYPES
 from moekit.ops.quantize import dequantize_weight
 from moekit.quant.mxfp4 import MXFP4MoEMethod
-from moekit.quant.w8a8 import W8A8MoEMethod
+from moekit.quant.w8a8 import WEIGHT_SCALES, W8A8MoEMethod, check_scales
 from moekit.quant.wna16 import WNA16MoEMethod
 
 if TYPE_CHECKING:
@@ -21,6 +21,19 @@ if TYPE_CHECKING:
     from moekit.loading import _Plan
 
 _SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
+# Checkpoint names of weight-only group scales (GPTQ/AWQ ``scales``; compressed-tensors and moekit ``weight_scale``),
+# checked like 8-bit weight scales before any copy; mxfp4's e8m0 bytes are MXFP4MoEMethod's to check (255 = NaN).
+_GROUP_SCALES = ("scales", "weight_scale")
+
+
+def is_group_scale(method: object, key: str) -> bool:
+    """Whether ``key`` holds float group scales of a weight-only ``method`` (``check_group_scale`` applies)."""
+    return isinstance(method, WNA16MoEMethod) and key.rpartition(".")[2] in _GROUP_SCALES
+
+
+def check_group_scale(key: str, scale: torch.Tensor) -> None:
+    # A NaN/inf group scale gives NaN weights, a negative one flips its group's sign: a corrupted checkpoint.
+    check_scales(f"checkpoint key {key!r}", scale, "finite non-negative group scales")
 
 
 def load_shared(moe: MoE, plan: _Plan, prefix: str) -> None:
@@ -82,6 +95,8 @@ def _copy_shared(moe: MoE, plan: _Plan, dest: torch.Tensor, keys: list[str]) -> 
         s = s.reshape(()) if granularity == "tensor" else s
         dest.copy_(dequantize_weight(q, s, granularity, block if granularity == "block" else None))
 
+    # A NaN/inf/negative scale would dequantize into a NaN or sign-flipped Linear: refused before any copy.
+    plan.check_values([scale_key], lambda k, s: check_scales(f"checkpoint key {k!r}", s, WEIGHT_SCALES))
     plan.add(key, (n, k), apply)
     plan.report.loaded.append(scale_key)
     if base + "input_scale" in ckpt:  # the activation scale of a quantized shared MLP, unused unquantized
@@ -102,6 +117,9 @@ def _copy_shared_wna16(plan: _Plan, dest: torch.Tensor, key: str, method: WNA16M
     first, ckpt, done = next(iter(keys.values())), plan.ckpt, {}
 
     def dequantize(_key: str, _t: torch.Tensor) -> None:  # before any copy: a failure leaves the layer as it was
+        for key in keys.values():
+            if is_group_scale(method, key):
+                check_group_scale(key, ckpt.get(key))
         try:
             done["w"] = method.dequantize_tensors({n: ckpt.get(k) for n, k in keys.items()}, n=dest.shape[0],
                                                   k=dest.shape[1])

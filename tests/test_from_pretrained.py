@@ -22,7 +22,12 @@ from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
 
 from moekit import MoE  # noqa: E402
 from moekit.loading import Checkpoint, load_moe  # noqa: E402
-from moekit.quant import Fp8BlockMoEMethod, UnsupportedQuantization  # noqa: E402
+from moekit.quant import (  # noqa: E402
+    Fp8BlockMoEMethod,
+    Fp8TensorMoEMethod,
+    UnsupportedQuantization,
+    get_quant_method,
+)
 from moekit.quant.w8a8 import dequantized_weights  # noqa: E402
 from moekit.testing import QUANT_TOLERANCES, TOLERANCES, Tolerance, assert_close  # noqa: E402
 from tests.hf.tiny_models import build  # noqa: E402
@@ -266,6 +271,116 @@ def test_layer_is_the_decoder_layer_index(saved, tmp_path):
         assert_close(moe(x), model.model.layers[1].mlp(x).float(), torch.bfloat16)
 
 
+def _edited(src, dst, edit) -> object:
+    """A copy of the single-file checkpoint ``src`` (config.json included) with ``edit(tensors)`` applied."""
+    tensors = safetensors_torch.load_file(src / "model.safetensors")
+    edit(tensors)
+    dst.mkdir()
+    safetensors_torch.save_file(tensors, dst / "model.safetensors")
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    return dst
+
+
+def _state(moe: MoE) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in [*moe.named_parameters(), *moe.named_buffers()]}
+
+
+def _assert_state(moe: MoE, before: dict[str, torch.Tensor]) -> None:
+    after = _state(moe)
+    assert after.keys() == before.keys()
+    for name, t in before.items():  # bytes compared: NaN == NaN, and codes exactly
+        assert after[name].shape == t.shape and torch.equal(after[name].view(torch.uint8), t.view(torch.uint8)), name
+
+
+@pytest.mark.parametrize(("scheme", "proj", "bad"), [
+    ("fp8", "down_proj", float("nan")),  # a NaN block scale: NaN rows out of every token routed there
+    ("fp8", "gate_proj", -1.0),  # a negated block scale flips its block's sign
+    ("ct_channel", "up_proj", float("inf")),
+    ("ct_tensor", "up_proj", float("nan")),  # the per-tensor merge (amax over w1/w3) would spread it
+    ("modelopt", "down_proj", -1.0),
+])
+def test_bad_weight_scales_are_refused_before_anything_is_copied(saved, tmp_path, scheme, proj, bad):
+    _, _, quantized = saved["qwen3_moe"]
+    name = "weight_scale_inv" if scheme == "fp8" else "weight_scale"
+    key = f"model.layers.0.mlp.experts.2.{proj}.{name}"
+
+    def edit(tensors):
+        s = tensors[key].float()
+        s.view(-1)[0] = bad if bad != -1.0 else -s.view(-1)[0]
+        tensors[key] = s.to(tensors[key].dtype)
+
+    _assert_refused(quantized[scheme], _edited(quantized[scheme], tmp_path / "bad", edit), key, 0,
+                    get_quant_method(CONFIGS[scheme]), "weight scales")
+
+
+def _assert_refused(good, bad, key: str, layer: int, method, what: str) -> None:
+    """``from_pretrained(bad)`` refuses ``key``'s values, and ``load_moe`` of it leaves a fresh layer as built."""
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint key {key!r}: expected finite non-negative {what}")):
+        MoE.from_pretrained(bad, layer=layer)
+    fresh = MoE(MoE.from_pretrained(good, layer=layer).config, dtype=torch.bfloat16, quant_method=method)
+    before = _state(fresh)
+    with pytest.raises(ValueError, match=re.escape(key)):
+        load_moe(fresh, bad, f"model.layers.{layer}.mlp")
+    _assert_state(fresh, before)
+
+
+def test_bad_shared_expert_scale_is_refused(saved, tmp_path):
+    # DeepSeek-V3 quantizes its shared experts too; dequantized at load, a NaN scale would make the Linear NaN.
+    _, _, quantized = saved["deepseek_v3"]
+    key = "model.layers.1.mlp.shared_experts.down_proj.weight_scale_inv"
+    path = _edited(quantized["fp8"], tmp_path / "bad", lambda t: t[key].view(-1).__setitem__(0, float("nan")))
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint key {key!r}: expected finite non-negative weight")):
+        MoE.from_pretrained(path, layer=1)
+
+
+def test_zero_weight_scale_block_loads(saved, tmp_path):
+    # An all-zero block legitimately has scale 0 (its codes are 0): loaded, and the block computes zeros.
+    _, _, quantized = saved["qwen3_moe"]
+    key = "model.layers.0.mlp.experts.2.down_proj.weight_scale_inv"
+
+    def edit(tensors):
+        tensors[key] = torch.zeros_like(tensors[key])
+        tensors[key.removesuffix("_scale_inv")] = torch.zeros_like(tensors[key.removesuffix("_scale_inv")])
+
+    moe = MoE.from_pretrained(_edited(quantized["fp8"], tmp_path / "zero", edit), layer=0)
+    assert not moe.routed_experts.w2_scale[2].any() and moe.routed_experts.w2_scale[1].all()
+
+
+@pytest.mark.parametrize("scheme", ["ct_tensor", "modelopt"])
+def test_static_input_scales_are_checked_before_anything_is_copied(saved, tmp_path, scheme):
+    _, _, quantized = saved["qwen3_moe"]
+    prefix = "model.layers.0.mlp"
+    good = MoE.from_pretrained(quantized[scheme], layer=0)
+    fresh = MoE(good.config, dtype=torch.bfloat16, quant_method=Fp8TensorMoEMethod(static_input_scales=True))
+    before = _state(fresh)
+    num = good.config.num_experts
+    down = [f"{prefix}.experts.{e}.down_proj.input_scale" for e in range(num)]
+
+    # One expert never hit in calibration stores 0: harmless under the layer's max over experts (vLLM loads it).
+    zero = _edited(quantized[scheme], tmp_path / "zero", lambda t: t.__setitem__(down[5], torch.zeros_like(t[down[5]])))
+    moe = MoE.from_pretrained(zero, layer=0)
+    ckpt = Checkpoint(zero)
+    assert moe.routed_experts.w2_input_scale == torch.stack([ckpt.get(k).float().reshape(()) for k in down]).max()
+
+    # All zero: no usable scale (every activation would quantize to 0); NaN/inf/negative: refused, the key named.
+    def all_zero(t):
+        for k in down:
+            t[k] = torch.zeros_like(t[k])
+
+    refusals = [(all_zero, r"w2_input_scale: every static activation scale is 0 .*down_proj.input_scale")]
+    for i, bad in enumerate((float("nan"), float("inf"), -0.01)):
+        key = f"{prefix}.experts.{3 + i}.up_proj.input_scale"
+        refusals.append((lambda t, key=key, bad=bad: t.__setitem__(key, torch.full_like(t[key], bad)),
+                         re.escape(f"checkpoint key {key!r}: expected finite non-negative static activation scales")))
+    for i, (edit, match) in enumerate(refusals):
+        bad = _edited(quantized[scheme], tmp_path / f"bad{i}", edit)
+        with pytest.raises(ValueError, match=match):
+            load_moe(fresh, bad, prefix)
+        _assert_state(fresh, before)  # nothing copied, nothing merged
+    load_moe(fresh, quantized[scheme], prefix)  # the refused loads left a layer that still loads
+    assert fresh.routed_experts.w2_input_scale == good.routed_experts.w2_input_scale
+
+
 # ---- weight-only 4-bit checkpoints (GPTQ v1, AWQ gemm, compressed-tensors pack-quantized and MXFP4A16), packed
 # ---- here by the formats' documented formulas (tests/quant/test_wna16.py), against transformers on the dequantized
 # ---- weights
@@ -335,6 +450,20 @@ def test_wna16_checkpoint_matches_transformers_on_dequantized_weights(saved, fam
         assert moe.routed_experts.w13.dtype == torch.uint8
         with torch.no_grad():
             assert_close(moe(x), layer.mlp(x).float(), torch.bfloat16)
+
+
+@pytest.mark.parametrize(("scheme", "name", "bad"), [("gptq", "scales", float("nan")),
+                                                   ("awq", "scales", -1.0),
+                                                   ("ct_w4a16", "weight_scale", float("inf"))])
+@pytest.mark.parametrize("where", ["experts.3.up_proj", "shared_experts.gate_proj"])
+def test_bad_wna16_group_scales_are_refused_before_anything_is_copied(saved, tmp_path, scheme, name, bad, where):
+    # A NaN/inf group scale gives NaN weights (routed experts, or a shared Linear dequantized at load), a negative
+    # one flips its group's sign.
+    _, path, _ = saved["deepseek_v3"]
+    _write_wna16(path, tmp_path / "good", tmp_path / "dequantized", scheme)
+    key = f"model.layers.1.mlp.{where}.{name}"
+    edited = _edited(tmp_path / "good", tmp_path / "bad", lambda t: t[key].view(-1).__setitem__(0, bad))
+    _assert_refused(tmp_path / "good", edited, key, 1, get_quant_method(WNA16_CONFIGS[scheme]), "group scales")
 
 
 def test_gptq_act_order_checkpoint_loads_dequantized_on_request(saved, tmp_path):

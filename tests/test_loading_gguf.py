@@ -294,3 +294,23 @@ def test_packed_blocks_that_do_not_fit_fail_before_any_copy(tmp_path, monkeypatc
         load_gguf(moe, path, "blk.1")
     for name, param in moe.routed_experts.named_parameters():
         assert torch.equal(param, before[name]), name
+
+
+@pytest.mark.parametrize(("kind", "d"), [(T.Q4_0, 0x7E00), (T.Q8_0, 0x7C00)])  # fp16 NaN, +inf
+def test_packed_nonfinite_block_scale_is_refused(tmp_path, monkeypatch, kind, d):
+    # A NaN/inf fp16 d makes its block's 32 weights NaN: a corrupted file. (A negative d is not refused: Q4_0
+    # stores one by design, llama.cpp's d = max / -8 for the signed value of largest magnitude.)
+    path = tmp_path / "model.gguf"
+    write_gguf(path, types=(kind,) * 3)
+    raw = GGUFCheckpoint.raw
+
+    def poisoned(self, key, index=None):
+        t = raw(self, key, index)
+        if "down" in key and index == 3:
+            t[5, 0:2] = torch.tensor([d & 255, d >> 8], dtype=torch.uint8)  # row 5's first block
+        return t
+
+    monkeypatch.setattr(GGUFCheckpoint, "raw", poisoned)
+    moe = MoE(gguf_config(path, 1), quant_method=gguf_quant_method(path, "blk.1"))
+    with pytest.raises(ValueError, match=rf"ffn_down_exps.weight': expert 3's {kind.name} blocks hold a NaN/inf"):
+        load_gguf(moe, path, "blk.1")

@@ -93,7 +93,7 @@ def _fp8(cfg: Mapping) -> MoEQuantMethod:
     if block is None:
         # vLLM reads an fp8 checkpoint without blocks as per-tensor weights (a weight_scale per projection).
         return Fp8TensorMoEMethod(static_input_scales=scheme == "static")
-    if list(block) != _BLOCK:
+    if _block_size(block, "quantization_config.weight_block_size") != _BLOCK:
         raise UnsupportedQuantization(f"quantization_config.weight_block_size: fp8 blocks {list(block)} are not "
                                       f"supported yet (expected {_BLOCK})")
     if scheme != "dynamic":
@@ -110,6 +110,23 @@ def _modelopt(cfg: Mapping) -> MoEQuantMethod:
         return Fp8TensorMoEMethod(static_input_scales=True)
     raise UnsupportedQuantization(f"quantization_config.quant_algo: modelopt {algo!r} is not supported yet "
                                   "(moekit runs modelopt 'FP8')")
+
+
+def _block_size(value: object, where: str) -> list[int]:
+    """A block shape as two positive ints (a bare 128, a float or a bool is a malformed config, not a block)."""
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value)):
+        raise UnsupportedQuantization(f"{where}: expected a list of two positive ints, got {value!r}")
+    return list(value)
+
+
+def _flag(group: Mapping, name: str, where: str) -> bool:
+    """A bool field of a compressed-tensors scheme (default False): a string or None would be read by its
+    truthiness, one branch one way and another the other."""
+    value = group.get(name, False)
+    if not isinstance(value, bool):
+        raise UnsupportedQuantization(f"{where}.{name}: expected a bool, got {value!r}")
+    return value
 
 
 def _group_size(value: object, where: str) -> int:
@@ -184,7 +201,7 @@ def _ct_scheme(name: str, group: object) -> MoEQuantMethod:
                                       "yet (moekit runs 8-bit float/int)")
     if not w.get("symmetric", True):
         raise UnsupportedQuantization(f"{where}.weights.symmetric: asymmetric 8-bit weights are not supported yet")
-    if w.get("dynamic", False):
+    if _flag(w, "dynamic", f"{where}.weights"):
         raise UnsupportedQuantization(f"{where}.weights.dynamic: dynamic weight scales are not supported")
     if not isinstance(a, Mapping):
         raise UnsupportedQuantization(f"{where}.input_activations: weight-only {kind} 8-bit (W8A16) is not "
@@ -195,19 +212,19 @@ def _ct_scheme(name: str, group: object) -> MoEQuantMethod:
     if not a.get("symmetric", True):
         raise UnsupportedQuantization(f"{where}.input_activations.symmetric: asymmetric activations are not "
                                       "supported yet")
-    act, dynamic = a.get("strategy"), a.get("dynamic", False)
+    act, dynamic = a.get("strategy"), _flag(a, "dynamic", f"{where}.input_activations")
     # (weight strategy, activation strategy, dynamic) -> method; static scales exist only per tensor.
     if kind == "float" and strategy == "block":
         block = w.get("block_structure")
-        if block is None or list(block) != _BLOCK:
+        if _block_size(block, f"{where}.weights.block_structure") != _BLOCK:
             raise UnsupportedQuantization(f"{where}.weights.block_structure: fp8 blocks {block} are not supported "
                                           f"yet (expected {_BLOCK})")
-        if act == "group" and dynamic is True and a.get("group_size") == _BLOCK[1]:
+        if act == "group" and dynamic and a.get("group_size") == _BLOCK[1]:
             return Fp8BlockMoEMethod()
-    elif strategy == "channel" and act == "token" and dynamic is True:
+    elif strategy == "channel" and act == "token" and dynamic:
         return Fp8ChannelMoEMethod() if kind == "float" else Int8ChannelMoEMethod()
     elif kind == "float" and strategy == "tensor" and act == "tensor":
-        return Fp8TensorMoEMethod(static_input_scales=dynamic is False)
+        return Fp8TensorMoEMethod(static_input_scales=not dynamic)
     raise UnsupportedQuantization(f"{where}: {kind} 8-bit weights per {strategy} with "
                                   f"{'dynamic' if dynamic else 'static'} activations per {act} are not supported yet")
 

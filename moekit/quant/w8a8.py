@@ -15,7 +15,9 @@ so the kernel sees one scale per expert ([E]).
 
 Static activation scales (per-tensor only: a checkpoint's ``input_scale``, ``static_input_scales=True``) load per
 expert and shard into ``w13_input_scale`` [E, 2] (w1, w3) and ``w2_input_scale`` [E, 1]; after loading each
-becomes one scale per layer, the largest loaded (vLLM does the same: one quantization of x serves every expert).
+becomes one scale per layer, the largest loaded (vLLM does the same: one quantization of x serves every expert);
+a 0 (an expert calibration never routed to) is allowed, all zeros are not. NaN, inf and negative scales of either
+kind are refused (``check_scales``) before anything is merged.
 """
 
 from __future__ import annotations
@@ -106,13 +108,21 @@ class W8A8MoEMethod(MoEQuantMethod):
 
     @torch.no_grad()
     def process_weights_after_loading(self, layer: RoutedExperts) -> None:
-        if self.static_input_scales and layer.w13_input_scale.dim() != 0:
-            for name in ("w13_input_scale", "w2_input_scale"):
+        """Merge per-shard scales (static input scales to one per layer, per-tensor w1/w3 scales to one per expert),
+        once. Every scale is checked first (``moekit.loading`` checks the checkpoint's before copying; an engine
+        driving ``weight_loader`` itself gets the same refusals here): a refused layer is left as loaded."""
+        static = self.static_input_scales and layer.w13_input_scale.dim() != 0
+        if layer.w13_scale.device.type != "meta":  # a meta layer holds no values to check
+            for name in ("w13_scale", "w2_scale"):
+                check_scales(name, getattr(layer, name).data, WEIGHT_SCALES)
+            for name in ("w13_input_scale", "w2_input_scale") if static else ():
                 scales = getattr(layer, name).data
-                if not bool(torch.isfinite(scales).all()) or bool((scales <= 0).any()):
-                    raise ValueError(f"{name}: expected positive finite static activation scales, got "
-                                     f"{scales.flatten()[:8].tolist()}")
-                register_weight(layer, name, scales.amax().reshape(()).contiguous())
+                check_scales(name, scales, INPUT_SCALES)
+                if not bool((scales > 0).any()):
+                    raise ValueError(f"{name}: every static activation scale is 0: {NO_INPUT_SCALE}")
+        for name in ("w13_input_scale", "w2_input_scale") if static else ():
+            # The max over experts: a 0 (an expert calibration never routed to) does not lower it.
+            register_weight(layer, name, getattr(layer, name).data.amax().reshape(()).contiguous())
         if self.granularity != "tensor" or layer.w13_scale.dim() == 1:
             return
         inter = layer.intermediate_size
@@ -175,6 +185,26 @@ class W8A8MoEMethod(MoEQuantMethod):
 
         replace_float_weights(self, layer, store)
         self.process_weights_after_loading(layer)
+
+
+# What check_scales expects of each kind of scale, and why all-zero activation scales are refused.
+WEIGHT_SCALES = "finite non-negative weight scales (0 for an all-zero block)"
+INPUT_SCALES = "finite non-negative static activation scales (0 for an expert calibration never reached)"
+NO_INPUT_SCALE = "no usable scale (every activation would quantize to 0)"
+
+
+def check_scales(where: str, scale: torch.Tensor, what: str) -> None:
+    """Refuse NaN, inf and negative entries of ``scale`` with a ValueError naming ``where`` (a parameter or a
+    checkpoint key), the bad values and their positions; 0 passes. A NaN/inf scale gives NaN outputs, a negative one
+    flips the sign of what it scales, and a merge (the max over shards or experts) would spread either."""
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"scale: expected a tensor, got {type(scale).__name__}")
+    scale = scale.float()
+    bad = ~torch.isfinite(scale) | (scale < 0)
+    if bool(bad.any()):
+        at = bad.nonzero().tolist()
+        raise ValueError(f"{where}: expected {what}, got {scale[bad].tolist()[:8]} at {at[:8]}"
+                         f"{' ...' if len(at) > 8 else ''}")
 
 
 def dequantized_weights(layer: RoutedExperts) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,6 +83,23 @@ def test_dispatch(cfg, cls, static):
     (ct({**INT8, "strategy": "channel", "symmetric": False}, {**INT8, "strategy": "token", "dynamic": True}),
      "weights.symmetric"),
     ({"quant_method": "compressed-tensors", "config_groups": {}}, "config_groups: expected a non-empty"),
+    # malformed block sizes and flags: refused naming the field, never a bare TypeError or a guess
+    ({"quant_method": "fp8", "weight_block_size": 128},
+     r"weight_block_size: expected a list of two positive ints, got 128"),
+    ({"quant_method": "fp8", "weight_block_size": [128, 0]}, r"weight_block_size: expected a list of two positive"),
+    ({"quant_method": "fp8", "weight_block_size": [128.0, 128]}, r"weight_block_size: expected a list of two positive"),
+    ({"quant_method": "fp8", "weight_block_size": [128, 128, 1]}, r"weight_block_size: expected a list of two"),
+    (ct({**FP8, "strategy": "block", "block_structure": 128},
+        {**FP8, "strategy": "group", "group_size": 128, "dynamic": True}),
+     r"weights.block_structure: expected a list of two positive ints, got 128"),
+    (ct({**FP8, "strategy": "tensor"}, {**FP8, "strategy": "tensor", "dynamic": "false"}),
+     r"group_0.input_activations.dynamic: expected a bool, got 'false'"),
+    (ct({**FP8, "strategy": "tensor"}, {**FP8, "strategy": "tensor", "dynamic": None}),
+     r"group_0.input_activations.dynamic: expected a bool, got None"),
+    (ct({**FP8, "strategy": "channel"}, {**FP8, "strategy": "token", "dynamic": 1}),
+     r"group_0.input_activations.dynamic: expected a bool, got 1"),
+    (ct({**FP8, "strategy": "channel", "dynamic": "no"}, {**FP8, "strategy": "token", "dynamic": True}),
+     r"group_0.weights.dynamic: expected a bool, got 'no'"),
 ])
 def test_refusals_name_the_scheme(cfg, match):
     with pytest.raises(UnsupportedQuantization, match=match):
@@ -124,10 +141,29 @@ def test_static_input_scales_load_and_reduce_to_the_max():
     assert layer.to(torch.bfloat16).w13_input_scale.dtype == torch.float32  # stored, not cast
 
 
+def _static_layer() -> RoutedExperts:
+    return RoutedExperts(2, 128, 64, quant_method=Fp8TensorMoEMethod(static_input_scales=True))
+
+
 def test_static_input_scales_refuse_bad_values_and_online_quantization():
-    layer = RoutedExperts(2, 128, 64, quant_method=Fp8TensorMoEMethod(static_input_scales=True))
+    # Scales an engine loaded through weight_loader: a 0 (an expert calibration never reached) is harmless under
+    # the max; NaN/inf/negative or all zeros are refused, and before anything is merged.
+    layer = _static_layer()
     layer.w2_input_scale.data[1] = 0.0
-    with pytest.raises(ValueError, match="w2_input_scale: expected positive finite"):
-        layer.process_weights_after_loading()
+    layer.process_weights_after_loading()
+    assert layer.w2_input_scale.item() == 1.0
+    for name, value, match in (("w2_input_scale", float("nan"), "expected finite non-negative"),
+                               ("w2_input_scale", -1.0, "expected finite non-negative"),
+                               ("w2_input_scale", 0.0, "every static activation scale is 0"),
+                               ("w13_scale", float("inf"), "expected finite non-negative")):
+        layer = _static_layer()
+        getattr(layer, name).data.fill_(value)
+        before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+        with pytest.raises(ValueError, match=f"{name}: {match}"):
+            layer.process_weights_after_loading()
+        # w13's scales were merged before w2's were checked: the layer was left half merged, unloadable again
+        after = dict(layer.named_parameters())
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[n].view(torch.uint8), t.view(torch.uint8)) for n, t in before.items())
     with pytest.raises(ValueError, match="static_input_scales: a layer quantized from float weights"):
         Fp8TensorMoEMethod(static_input_scales=True).quantize_layer(RoutedExperts(2, 128, 64))
