@@ -36,8 +36,8 @@ before anything is copied (NaN, inf, negative refused, 0 allowed; not every inpu
 projection (compressed-tensors ``weight_packed``/``weight_scale``/``weight_zero_point``/``weight_shape``, GPTQ
 ``qweight``/``qzeros``/``scales``/``g_idx``, AWQ ``qweight``/``qzeros``/``scales``) through each parameter's own
 ``weight_loader`` (float group scales checked like the 8-bit ones); ``process_weights_after_loading`` converts them
-into the kernel's layout. MXFP4 experts (an ``MXFP4MoEMethod`` layer) read compressed-tensors' per-expert ``weight_packed``/``weight_scale`` the same way, or
-gpt-oss's fused ``experts.{gate_up,down}_proj_{blocks,scales,bias}`` (layout ``gpt_oss``, found by ``auto``), whose
+into the kernel's layout. MXFP4 experts (an ``MXFP4MoEMethod`` layer) read compressed-tensors' per-expert
+``weight_packed``/``weight_scale`` the same way, or gpt-oss's fused ``experts.{gate_up,down}_proj_{blocks,scales,bias}`` (layout ``gpt_oss``, found by ``auto``), whose
 conversions (``MXFP4MoEMethod.gpt_oss_tensors``) de-interleave the gate/up rows (under TP, then cut).
 ``moekit.pretrained.from_pretrained`` (``MoE.from_pretrained``) builds the layer from config.json first.
 
@@ -68,7 +68,7 @@ from moekit.checkpoint import CODE_DTYPES, Checkpoint
 from moekit.checkpoint_gguf import GGUFCheckpoint, is_gguf
 from moekit.distributed import shard_intermediate
 from moekit.layer import MoE
-from moekit.loading_shared import check_group_scale, is_group_scale, load_shared
+from moekit.loading_shared import check_e8m0_scale, check_group_scale, is_e8m0_scale, is_group_scale, load_shared
 from moekit.quant.mxfp4 import MXFP4MoEMethod
 from moekit.quant.w8a8 import INPUT_SCALES, NO_INPUT_SCALE, WEIGHT_SCALES, W8A8MoEMethod, check_scales
 from moekit.quant.wna16 import WNA16MoEMethod
@@ -446,6 +446,8 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
             plan.add(key, method.shard_shape(experts, name, row.shard_id), loader, cut, dtype=param.dtype)
             if is_group_scale(method, key):
                 plan.check_values([key], check_group_scale)
+            elif is_e8m0_scale(method, key):
+                plan.check_values([key], check_e8m0_scale)
             continue
         w2 = row.shard_id == "w2"
         param = experts.w2 if w2 else experts.w13
@@ -494,7 +496,8 @@ def _plan_scale(plan: _Plan, experts: RoutedExperts, param: torch.Tensor, row: E
                 keys: list[str], transform: Callable | None = None) -> None:
     key = plan.first(keys)
     if key is None:
-        plan.report.missing.append(keys[0])
+        # Several spellings (weight_scale_inv | weight_scale): name them all, the checkpoint's may be the second.
+        plan.report.missing.append(keys[0] if len(keys) == 1 else " | ".join(keys))
         return
     shape = _shard_shape(experts, param, row.shard_id)
     # A per-tensor scale is stored 0-d (ModelOpt) or [1] (compressed-tensors): both load into one element. (A
@@ -567,6 +570,8 @@ def _load_gpt_oss_mxfp4(moe: MoE, plan: _Plan, experts_prefix: str) -> None:
         if key in plan.ckpt and dest.dtype == torch.uint8 and plan.ckpt.dtype(key) != "U8":
             # copy_ would cast values into bytes: a bf16 checkpoint read as mxfp4.
             raise ValueError(f"checkpoint key {key!r}: expected mxfp4 bytes (U8), got {plan.ckpt.dtype(key)}")
+        if is_e8m0_scale(experts.quant_method, key):
+            plan.check_values([key], check_e8m0_scale)  # before any copy: the layer stays as it was on a refusal
         plan.copy(dest, [key], _chain(rows, convert, cuts.get(name)))
 
 

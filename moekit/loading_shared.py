@@ -12,7 +12,7 @@ import torch
 
 from moekit.checkpoint import CODE_DTYPES
 from moekit.ops.quantize import dequantize_weight
-from moekit.quant.mxfp4 import MXFP4MoEMethod
+from moekit.quant.mxfp4 import E8M0_NAN, MXFP4MoEMethod
 from moekit.quant.w8a8 import WEIGHT_SCALES, W8A8MoEMethod, check_scales
 from moekit.quant.wna16 import WNA16MoEMethod
 
@@ -22,13 +22,28 @@ if TYPE_CHECKING:
 
 _SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
 # Checkpoint names of weight-only group scales (GPTQ/AWQ ``scales``; compressed-tensors and moekit ``weight_scale``),
-# checked like 8-bit weight scales before any copy; mxfp4's e8m0 bytes are MXFP4MoEMethod's to check (255 = NaN).
+# checked like 8-bit weight scales before any copy; mxfp4's e8m0 bytes are checked for 255 (NaN) the same way.
 _GROUP_SCALES = ("scales", "weight_scale")
 
 
 def is_group_scale(method: object, key: str) -> bool:
     """Whether ``key`` holds float group scales of a weight-only ``method`` (``check_group_scale`` applies)."""
     return isinstance(method, WNA16MoEMethod) and key.rpartition(".")[2] in _GROUP_SCALES
+
+
+def is_e8m0_scale(method: object, key: str) -> bool:
+    """Whether ``key`` holds mxfp4's e8m0 scale bytes for ``method`` (``check_e8m0_scale`` applies)."""
+    return isinstance(method, MXFP4MoEMethod) and key.rpartition(".")[2] in ("weight_scale", "gate_up_proj_scales",
+                                                                            "down_proj_scales")
+
+
+def check_e8m0_scale(key: str, scale: torch.Tensor) -> None:
+    # 255 is NaN in the OCP MX spec: its whole group of 32 weights would be NaN.
+    bad = scale == E8M0_NAN
+    if bool(bad.any()):
+        where = bad.nonzero()[:4].tolist()
+        raise ValueError(f"checkpoint key {key!r}: e8m0 255 (NaN in the OCP MX spec) at {where}"
+                         f"{' ...' if int(bad.sum()) > 4 else ''}: a corrupted checkpoint")
 
 
 def check_group_scale(key: str, scale: torch.Tensor) -> None:

@@ -218,7 +218,9 @@ def test_mismatched_scales_are_refused_naming_the_tensor(saved, tmp_path):
     del tensors["model.layers.1.mlp.experts.5.down_proj.weight_scale_inv"]
     safetensors_torch.save_file(tensors, bad / "model.safetensors")
     (bad / "config.json").write_text((quantized["fp8"] / "config.json").read_text())
-    with pytest.raises(KeyError, match=r"missing \['model.layers.1.mlp.experts.5.down_proj.weight_scale_inv'\]"):
+    # (both spellings: a compressed-tensors checkpoint stores weight_scale)
+    key = "model.layers.1.mlp.experts.5.down_proj"
+    with pytest.raises(KeyError, match=re.escape(f"missing ['{key}.weight_scale_inv | {key}.weight_scale']")):
         MoE.from_pretrained(bad, layer=1)
 
 
@@ -512,6 +514,24 @@ def _write_gpt_oss_mxfp4(src, dst, deq_dst) -> None:
                                                                  "model.layers.*.mlp.router", "lm_head"]}
     (dst / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
     (deq_dst / "config.json").write_text(json.dumps(config))
+
+
+def test_gpt_oss_mxfp4_nan_scale_is_refused_before_anything_is_copied(tmp_path):
+    # e8m0 255 is NaN: a whole group of 32 weights NaN. Refused in the load plan, naming the key (it was refused
+    # only after the copy, leaving the layer loaded with it).
+    model = build("gpt_oss", hidden_size=64, intermediate_size=96).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    _write_gpt_oss_mxfp4(tmp_path / "bf16", tmp_path / "good", tmp_path / "dequantized")
+    key = "model.layers.0.mlp.experts.down_proj_scales"
+    bad = _edited(tmp_path / "good", tmp_path / "bad", lambda t: t[key].view(-1).__setitem__(5, 255))
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint key {key!r}: e8m0 255")):
+        MoE.from_pretrained(bad, layer=0)
+    fresh = MoE(MoE.from_pretrained(tmp_path / "good", layer=0).config, dtype=torch.bfloat16,
+                quant_method=get_quant_method({"quant_method": "mxfp4"}))
+    before = _state(fresh)
+    with pytest.raises(ValueError, match=re.escape(key)):
+        load_moe(fresh, bad, "model.layers.0.mlp")
+    _assert_state(fresh, before)
 
 
 def test_gpt_oss_mxfp4_checkpoint_matches_transformers_on_dequantized_weights(tmp_path):

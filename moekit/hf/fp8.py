@@ -44,9 +44,10 @@ def fp8_unsupported(module: nn.Module, *, allow_scale_copy: bool = True) -> str 
         return f"no {w13}/down_proj codes with *_scale_inv scales"
     if any(t.dtype != torch.float8_e4m3fn for t in codes):
         return f"expert codes in {codes[0].dtype} (moekit's fp8 block method takes float8_e4m3fn; fp4 experts are not)"
-    if any(t.dtype != torch.float32 for t in scales):
-        return (f"{scales[0].dtype} weight scales (scale_fmt='ue8m0'?): moekit's fp8 block method takes float32 "
-                f"scales")
+    bad = next((t.dtype for t in scales if t.dtype != torch.float32), None)
+    if bad is not None:
+        hint = " (scale_fmt='ue8m0')" if bad == getattr(torch, "float8_e8m0fnu", None) else ""
+        return f"{bad} weight scales{hint}: moekit's fp8 block method takes float32 scales"
     scheme = getattr(module, "activation_scheme", "dynamic")
     if scheme != "dynamic":
         return f"activation_scheme={scheme!r} (moekit quantizes block-fp8 activations dynamically, per 128 columns)"

@@ -124,7 +124,7 @@ def _unsupported_cases():
     yield "activation_scheme='static'", dict(inter=128, activation_scheme="static")
     yield "weight_block_size=(64, 64)", dict(inter=128, block=(64, 64))
     if hasattr(torch, "float8_e8m0fnu"):
-        yield "scales (scale_fmt='ue8m0'?)", dict(inter=128, scale_fmt="ue8m0")
+        yield "float8_e8m0fnu weight scales (scale_fmt='ue8m0')", dict(inter=128, scale_fmt="ue8m0")
 
 
 @pytest.mark.parametrize("expected, kw", list(_unsupported_cases()), ids=lambda v: str(v)[:30])
