@@ -38,6 +38,10 @@ def check_grouped_topk(
     ``RoutingConfig`` knows neither); ``prefix`` (``"routing."``) is put before the argument names in errors.
     """
     if num_expert_group is None and topk_group is None:
+        if group_score != "max":
+            # Likely a config whose n_group/topk_group went missing: the score of groups would be ignored.
+            raise ValueError(f"{prefix}group_score: {group_score!r} scores expert groups, but no num_expert_group/"
+                             "topk_group is set (ungrouped routing takes the default 'max')")
         return False
     if num_expert_group is None or topk_group is None:
         raise ValueError(
@@ -83,7 +87,7 @@ class RoutingConfig:
     correction_bias: bool = False
     routed_scaling_factor: float = 1.0
     apply_weights_on_input: bool = False
-    custom_routing_function: Callable | None = field(default=None, compare=False)
+    custom_routing_function: Callable | None = None  # compared by identity
 
     def __post_init__(self) -> None:
         for flag in ("topk_before_score", "renormalize", "correction_bias", "apply_weights_on_input"):
@@ -99,8 +103,16 @@ class RoutingConfig:
         )
         factor = check_real("routing.routed_scaling_factor", self.routed_scaling_factor, positive=True)
         object.__setattr__(self, "routed_scaling_factor", factor)
-        if self.custom_routing_function is not None and not callable(self.custom_routing_function):
-            raise TypeError("routing.custom_routing_function: expected a callable")
+        if self.custom_routing_function is not None:
+            if not callable(self.custom_routing_function):
+                raise TypeError("routing.custom_routing_function: expected a callable")
+            # The function receives only (hidden_states, logits, top_k, renormalize): anything else it would ignore.
+            for name, default in (("scoring_func", "softmax"), ("topk_before_score", False),
+                                  ("num_expert_group", None), ("correction_bias", False)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"routing.{name}: {getattr(self, name)!r} has no effect with a "
+                                     f"custom_routing_function (it receives only the logits, top_k and renormalize); "
+                                     f"expected {default!r}")
 
     @property
     def grouped(self) -> bool:
@@ -199,8 +211,9 @@ class ParallelConfig:
     Args:
         ep_size: ranks the routed experts are split over (expert parallelism); 1 = every expert on every rank.
         ep_rank: this rank's index in [0, ep_size).
-        tp_size: ranks each expert's intermediate dimension I is split over (tensor parallelism; I divisible by it,
-            unquantized experts without biases for now).
+        tp_size: ranks each expert's intermediate dimension I is split over (tensor parallelism; I divisible by it;
+            biases are sliced with I or added on one rank; a quant method allows the splits its blocks and groups
+            permit, ``check_tp_split``).
         tp_rank: this rank's index in [0, tp_size). Ranks are laid out TP-innermost, as in vLLM: the rank in the
             process group is ``ep_rank * tp_size + tp_rank``.
         placement: which experts a rank holds: ``linear`` (contiguous ranges, the first ``E % ep_size`` ranks one

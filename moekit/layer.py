@@ -203,11 +203,17 @@ class MoE(nn.Module):
         # .to(dtype)/.half()/.bfloat16() cast every floating buffer, but the correction bias only ranks experts, by
         # differences far below bf16's resolution: keep its fp32 values (on the new device), as the constructor
         # and DeepSeek-V3/vLLM do. A cast to a wider dtype is left alone.
+        # The same for an fp32 router (router_fp32: DeepSeek-V3 keeps it fp32; rounded to bf16 it routed ~1% of
+        # tokens to other experts).
         bias = self.e_score_correction_bias
+        gate = [(p, p.detach()) for p in self.gate.parameters()] if self.config.router_fp32 else []
         result = super()._apply(fn, recurse)
         new = self.e_score_correction_bias
         if bias is not None and new is not None and new.is_floating_point() and torch.finfo(new.dtype).bits < 32:
             self.e_score_correction_bias = bias.float().to(new.device)
+        for param, old in gate:
+            if param.is_floating_point() and torch.finfo(param.dtype).bits < 32:
+                param.data = old.float().to(param.device)
         return result
 
     def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:

@@ -117,6 +117,15 @@ def select_experts(
         check_same_device("e_score_correction_bias", e_score_correction_bias, "router_logits", router_logits)
 
     if custom_routing_function is not None:
+        # It receives only the logits, top_k and renormalize: any other routing argument would be ignored.
+        ignored = {"scoring_func": scoring_func, "topk_before_score": topk_before_score,
+                   "num_expert_group": num_expert_group, "e_score_correction_bias": e_score_correction_bias}
+        for name, value in ignored.items():
+            default = _ROUTING_DEFAULTS[name]
+            if (value is not None) if default is None else (value != default):
+                shown = "a tensor" if isinstance(value, torch.Tensor) else repr(value)
+                raise ValueError(f"select_experts: {name}={shown} has no effect with custom_routing_function (it "
+                                 f"receives only router_logits, top_k and renormalize); expected {default!r}")
         weights, ids = custom_routing_function(hidden_states, router_logits, top_k, renormalize)
         weights, ids = _check_precomputed(weights, ids, router_logits, top_k, source="custom_routing_function")
         return _scale(weights, routed_scaling_factor), ids
@@ -269,4 +278,8 @@ def _check_precomputed(
         num_experts = router_logits.shape[1]
         if ids.numel() and values_checkable() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
             raise ValueError(f"topk_ids: expected values in [0, {num_experts}), got [{int(ids.min())}, {int(ids.max())}]")
+    if ids.dtype == torch.int64:
+        # Saturate rather than wrap (2**32 + 3 would become a valid 3): out-of-range ids stay out of range for the
+        # checks after this one, without a device sync here.
+        ids = ids.clamp(-(2**31), 2**31 - 1)
     return weights.float(), ids.to(torch.int32)

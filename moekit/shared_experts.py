@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit._checks import check_bool, check_positive
+from moekit._checks import check_bool, check_positive, check_tensor
 from moekit.ops.activation import Activation, activation_ref, resolve_activation
 
 
@@ -42,6 +42,11 @@ class SharedExperts(nn.Module):
         self.gate = nn.Linear(hidden_size, 1, bias=False, **kw) if gate else None
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x_TH)
+        weight = self.gate_up_proj.weight
+        if x_TH.dtype != weight.dtype and not torch.is_autocast_enabled(x_TH.device.type):  # autocast casts
+            raise TypeError(f"x: expected dtype {str(weight.dtype).removeprefix('torch.')} (the shared experts' "
+                            f"weights), got {str(x_TH.dtype).removeprefix('torch.')}")
         if x_TH.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"x: expected last dim H = {self.hidden_size}, got shape {tuple(x_TH.shape)}"

@@ -149,6 +149,9 @@ def test_bad_activation_and_backend():
         fused_experts(**d, activation="swish")
     with pytest.raises(ValueError, match="backend: expected one of"):
         fused_experts(**d, backend="cutlass")
+    for quant in ("fp8", None):  # an AttributeError naming nothing before
+        with pytest.raises(TypeError, match="quant: expected a moekit QuantParams"):
+            fused_experts(**d, quant=quant)
 
 
 def _strided(t):

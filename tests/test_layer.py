@@ -130,6 +130,18 @@ def test_correction_bias_stays_fp32_through_a_cast():
     assert moe(torch.randn(3, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+def test_fp32_router_stays_fp32_through_a_cast():
+    # router_fp32 (DeepSeek-V3): .to(bfloat16) rounded the router weight, and ~1% of tokens went to other experts.
+    cfg = _config(router_fp32=True)
+    moe = MoE(cfg)
+    weight = torch.randn(8, 32) * (1 + torch.linspace(0, 1e-3, 32))  # values bf16 would round
+    moe.gate.weight.data.copy_(weight)
+    moe.to(torch.bfloat16)
+    assert moe.gate.weight.dtype == torch.float32 and torch.equal(moe.gate.weight, weight)
+    assert moe.routed_experts.w13.dtype == torch.bfloat16
+    assert moe(torch.randn(3, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_bad_inputs():
     moe = MoE(_config())
     with pytest.raises(ValueError, match=r"hidden_states: expected shape \[..., H=32\], got \(3, 31\)"):

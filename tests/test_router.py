@@ -150,6 +150,42 @@ def test_custom_routing_function_bad_output_is_rejected():
         select_experts(torch.randn(3, 6), 2, custom_routing_function=fn)
 
 
+def test_custom_routing_function_refuses_the_arguments_it_would_ignore():
+    # It receives the logits, top_k and renormalize only: sigmoid scores, groups or a correction bias beside it
+    # were silently dropped.
+    def fn(h, logits, k, r):
+        return torch.ones(logits.shape[0], k), torch.zeros(logits.shape[0], k, dtype=torch.int64)
+
+    for kw, name in ((dict(scoring_func="sigmoid"), "scoring_func"), (dict(topk_before_score=True), "topk_before"),
+                     (dict(num_expert_group=2, topk_group=1), "num_expert_group"),
+                     (dict(e_score_correction_bias=torch.zeros(6)), "e_score_correction_bias")):
+        with pytest.raises(ValueError, match=f"{name}.*has no effect with custom_routing_function"):
+            select_experts(torch.randn(3, 6), 2, custom_routing_function=fn, **kw)
+    with pytest.raises(ValueError, match="routing.correction_bias: True has no effect with a custom_routing_function"):
+        RoutingConfig(custom_routing_function=fn, correction_bias=True)
+    with pytest.raises(ValueError, match="routing.scoring_func: 'sigmoid' has no effect"):
+        RoutingConfig(custom_routing_function=fn, scoring_func="sigmoid")
+    # Configs with different functions are different routings.
+    assert RoutingConfig(custom_routing_function=fn) != RoutingConfig()
+
+
+def test_group_score_without_groups_is_refused():
+    # Probably a config whose n_group/topk_group went missing: its group score would be ignored.
+    with pytest.raises(ValueError, match="routing.group_score: 'top2_sum' scores expert groups"):
+        RoutingConfig(group_score="top2_sum")
+    with pytest.raises(ValueError, match="group_score: 'top2_sum' scores expert groups"):
+        select_experts(torch.randn(3, 8), 2, group_score="top2_sum")
+
+
+def test_precomputed_int64_ids_past_int32_do_not_wrap():
+    # 2**32 + 3 cast to int32 is 3, a valid expert: it must stay out of range.
+    ids = torch.tensor([[2**32 + 3, 1], [0, -(2**32) + 2]])
+    _, got = select_experts(None, 2, topk_weights=torch.rand(2, 2), topk_ids=ids)
+    assert got.tolist() == [[2**31 - 1, 1], [0, -(2**31)]]
+    with pytest.raises(ValueError, match="topk_ids: expected values in"):
+        select_experts(torch.randn(2, 8), 2, topk_weights=torch.rand(2, 2), topk_ids=ids)
+
+
 def test_precomputed_passthrough():
     w = torch.rand(4, 2, dtype=torch.bfloat16)
     ids = torch.randint(0, 8, (4, 2))

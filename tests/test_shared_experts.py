@@ -23,6 +23,10 @@ def test_errors():
         SharedExperts(16, 0)
     with pytest.raises(ValueError, match=r"x: expected last dim H = 16, got shape \(2, 8\)"):
         SharedExperts(16, 8)(torch.randn(2, 8))
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+        SharedExperts(16, 8)([[0.0] * 16])
+    with pytest.raises(TypeError, match="x: expected dtype float32 \\(the shared experts' weights\\), got float64"):
+        SharedExperts(16, 8)(torch.randn(2, 16, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("flag", ["gate", "bias"])

@@ -169,7 +169,7 @@ def deepseek_v3(*, scale_names: tuple[str, ...] = ("routed_scaling_factor",), re
             renormalize=renorm,
             num_expert_group=groups,
             topk_group=router.topk_group if groups is not None else None,
-            group_score="top2_sum",
+            group_score="top2_sum" if groups is not None else "max",
             correction_bias=True,
             routed_scaling_factor=_scale(block, router, *scale_names),
         )

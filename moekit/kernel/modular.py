@@ -89,6 +89,9 @@ class ModularKernel:
         act = resolve_activation(activation)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         check_bool("check_ids", check_ids)
+        if not isinstance(quant, QuantParams):
+            raise TypeError(f"quant: expected a moekit QuantParams (UNQUANTIZED for float weights), got "
+                            f"{type(quant).__name__}")
         check_expert_inputs(
             hidden_states, w13, w2, topk_weights, topk_ids,
             activation=act, w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map, quant=quant,
