@@ -86,6 +86,7 @@ def select_experts(
     """
     if topk_weights is not None or topk_ids is not None:
         _refuse_routing_arguments(
+            "given with precomputed topk_weights/topk_ids, which skip routing (route first, then pass the result)",
             scoring_func=scoring_func, topk_before_score=topk_before_score, renormalize=renormalize,
             num_expert_group=num_expert_group, topk_group=topk_group, group_score=group_score,
             e_score_correction_bias=e_score_correction_bias, routed_scaling_factor=routed_scaling_factor,
@@ -118,14 +119,11 @@ def select_experts(
 
     if custom_routing_function is not None:
         # It receives only the logits, top_k and renormalize: any other routing argument would be ignored.
-        ignored = {"scoring_func": scoring_func, "topk_before_score": topk_before_score,
-                   "num_expert_group": num_expert_group, "e_score_correction_bias": e_score_correction_bias}
-        for name, value in ignored.items():
-            default = _ROUTING_DEFAULTS[name]
-            if (value is not None) if default is None else (value != default):
-                shown = "a tensor" if isinstance(value, torch.Tensor) else repr(value)
-                raise ValueError(f"select_experts: {name}={shown} has no effect with custom_routing_function (it "
-                                 f"receives only router_logits, top_k and renormalize); expected {default!r}")
+        _refuse_routing_arguments(
+            "has no effect with custom_routing_function (it receives only router_logits, top_k and renormalize)",
+            scoring_func=scoring_func, topk_before_score=topk_before_score, num_expert_group=num_expert_group,
+            e_score_correction_bias=e_score_correction_bias,
+        )
         weights, ids = custom_routing_function(hidden_states, router_logits, top_k, renormalize)
         weights, ids = _check_precomputed(weights, ids, router_logits, top_k, source="custom_routing_function")
         return _scale(weights, routed_scaling_factor), ids
@@ -240,16 +238,17 @@ _ROUTING_DEFAULTS = {"scoring_func": "softmax", "topk_before_score": False, "ren
                      "e_score_correction_bias": None, "routed_scaling_factor": 1.0, "custom_routing_function": None}
 
 
-def _refuse_routing_arguments(**given: object) -> None:
-    """Precomputed weights/ids skip routing: a routing argument beside them would be silently ignored."""
-    given["routed_scaling_factor"] = check_real("routed_scaling_factor", given["routed_scaling_factor"],
-                                                positive=True)
+def _refuse_routing_arguments(why: str, **given: object) -> None:
+    """Refuse every routing argument in ``given`` that is not its default: ``why`` says what would ignore it
+    (precomputed weights/ids skip routing; a custom routing function sees only some arguments)."""
+    if "routed_scaling_factor" in given:
+        given["routed_scaling_factor"] = check_real("routed_scaling_factor", given["routed_scaling_factor"],
+                                                    positive=True)
     for name, value in given.items():
         default = _ROUTING_DEFAULTS[name]
         if (value is not None) if default is None else (value != default):
             shown = "a tensor" if isinstance(value, torch.Tensor) else repr(value)
-            raise ValueError(f"select_experts: {name}={shown} given with precomputed topk_weights/topk_ids, which "
-                             f"skip routing; expected {default!r} (route first, then pass the result)")
+            raise ValueError(f"select_experts: {name}={shown} {why}; expected {default!r}")
 
 
 def _check_precomputed(
