@@ -272,10 +272,56 @@ def test_unsupported_block_names_class_and_families():
     assert [type(m).__name__ for m in model.modules()] == before  # nothing swapped in
 
 
+def test_unsupported_block_says_why():
+    with pytest.raises(NotImplementedError, match=r"PhimoeSparseMoeBlock is not a supported MoE block \(sparsemixer"):
+        mh.moe_from_hf(build("phimoe").model.layers[0].mlp)
+
+
+def test_convert_refuses_a_model_that_outputs_router_logits_and_warns_when_nothing_converts():
+    # Converted blocks return no router logits: transformers' load-balancing loss then indexed an empty tuple
+    # (an IndexError in the first forward, generate() included).
+    model = build("mixtral", output_router_logits=True)
+    with pytest.raises(NotImplementedError, match="config.output_router_logits is True"):
+        mh.convert(model)
+    assert not any(isinstance(m, HFMoE) for m in model.modules())
+    with pytest.warns(RuntimeWarning, match="no sparse MoE block found in Linear"):
+        assert mh.convert(torch.nn.Linear(4, 4)) == 0
+
+
+def test_converted_block_applies_the_router_jitter_in_training():
+    # Mixtral's router_jitter_noise scales the block's input by uniform noise in training: drawn the same way,
+    # the seeded noise is the same, so the converted block matches the block (it ignored the jitter).
+    model = build("mixtral", router_jitter_noise=0.5)
+    block = model.model.layers[0].mlp
+    moe = mh.moe_from_hf(block).train()
+    block.train()
+    x = torch.randn(2, 5, block.experts.gate_up_proj.shape[-1])
+    torch.manual_seed(3)
+    want = block(x.clone())
+    torch.manual_seed(3)
+    got = moe(x)
+    assert_close(got, want, torch.float32)
+    assert rel_errors(moe.eval()(x), want)[0] > 1e-3  # no jitter in eval: a different result
+
+
+def test_experts_forward_checks_ids_unless_told_not_to():
+    # Called directly, out-of-range ids dropped their slot silently; the registered implementation skips the check
+    # (its ids come from the family's router).
+    model = build("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    x = torch.randn(3, experts.gate_up_proj.shape[-1])
+    ids = torch.tensor([[0, 1], [2, 8], [0, 3]])
+    with pytest.raises(ValueError, match="topk_ids"):
+        mh.experts_forward(experts, x, ids, torch.rand(3, 2))
+
+
 def test_unsupported_setting_is_named():
     model = build("cohere2_moe")
     with pytest.raises(NotImplementedError, match="shared_expert_combination_strategy"):
         mh.moe_from_hf(model.model.layers[0].mlp)
+    # ERNIE's renormalization floor: moekit divides by the sum alone (the same with the default 1e-12).
+    with pytest.raises(NotImplementedError, match="moe_norm_min=1.0"):
+        mh.moe_from_hf(build("ernie4_5_moe", moe_norm_min=1.0).model.layers[1].mlp)
 
 
 def test_experts_cache_follows_weight_updates():
@@ -288,6 +334,23 @@ def test_experts_cache_follows_weight_updates():
     actual = _logits(model, ids)
     model.set_experts_implementation("eager")
     assert rel_errors(actual, _logits(model, ids))[0] <= FP32_TOL
+
+
+def test_weights_changed_drops_the_cached_copy_after_a_data_write():
+    # A write through .data (PEFT's merge, an EMA update) moves neither storage nor version counter: the cached
+    # de-interleaved copy stayed in use (0.64 off) until moekit.hf.weights_changed().
+    model = build("gpt_oss")
+    model.set_experts_implementation("moekit")
+    ids = input_ids()
+    _logits(model, ids)
+    for layer in model.model.layers:
+        layer.mlp.experts.gate_up_proj.data.mul_(3)
+    mh.weights_changed(model)
+    actual = _logits(model, ids)
+    model.set_experts_implementation("eager")
+    assert rel_errors(actual, _logits(model, ids))[0] <= FP32_TOL
+    with pytest.raises(TypeError, match="module: expected a torch.nn.Module or None"):
+        mh.weights_changed("model")
 
 
 def test_experts_cache_follows_a_fused_optimizer_step():

@@ -23,7 +23,7 @@ if int(transformers.__version__.split(".")[0]) < 5:
     )
 
 from moekit.hf.convert import SUPPORTED_BLOCKS, convert, moe_from_hf, supported_families  # noqa: E402
-from moekit.hf.experts import experts_forward, register  # noqa: E402
+from moekit.hf.experts import experts_forward, register, weights_changed  # noqa: E402
 from moekit.hf.spec import ExpertsSpec, experts_spec  # noqa: E402
 
 __all__ = [
@@ -35,4 +35,5 @@ __all__ = [
     "moe_from_hf",
     "register",
     "supported_families",
+    "weights_changed",
 ]

@@ -18,6 +18,7 @@ families. The ``HFMoE`` saves and loads under the block's own names and layouts 
 from __future__ import annotations
 
 import math
+import warnings
 
 from dataclasses import dataclass
 
@@ -45,6 +46,16 @@ class BlockAdapter:
     returns_tuple: bool = False
     output_bias: str | None = None
 
+
+# Blocks convert refuses by class, with why (docs/HF.md lists them; their experts may still run on moekit through
+# the experts implementation).
+UNSUPPORTED_BLOCKS: dict[str, str] = {
+    "PhimoeSparseMoeBlock": "sparsemixer routing",
+    "ZayaSparseMoeBlock": "a router MLP with state carried between layers and a skip expert",
+    "InklingMoE": "shared experts that take part in the router's normalization",
+    "AXK1MoE": "a norm after the MoE inside the block",
+    "DeepseekV4SparseMoeBlock": "hash routing",
+}
 
 _QWEN = r.softmax_topk()
 _DSV3 = r.deepseek_v3()
@@ -151,13 +162,20 @@ class HFMoE(MoE):
 
     ``output_bias`` [H], when set, is added to the output (JetMoE's block bias)."""
 
-    def __init__(self, config: MoEConfig, *, returns_tuple: bool = False, source: str = "", **kwargs) -> None:
+    def __init__(self, config: MoEConfig, *, returns_tuple: bool = False, source: str = "", jitter_noise: float = 0.0,
+                 **kwargs) -> None:
         super().__init__(config, **kwargs)
         self.returns_tuple = returns_tuple
         self.source = source
+        self.jitter_noise = jitter_noise
         self.register_parameter("output_bias", None)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, None]:  # type: ignore[override]
+        if self.training and self.jitter_noise > 0:
+            # The block's router jitter (Mixtral, MiniMax: router_jitter_noise), drawn as it draws it, so a seeded
+            # run gets the same noise; multiplied out of place (the block scales its input in place).
+            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            hidden_states = hidden_states * noise
         out = super().forward(hidden_states)
         if self.output_bias is not None:
             out = out + self.output_bias
@@ -177,8 +195,10 @@ def moe_from_hf(block: nn.Module, backend: str = "auto") -> MoE:
     name = type(block).__name__
     adapter = SUPPORTED_BLOCKS.get(name)
     if adapter is None:
+        why = f" ({UNSUPPORTED_BLOCKS[name]})" if name in UNSUPPORTED_BLOCKS else ""
         raise NotImplementedError(
-            f"moekit.hf: {name} is not a supported MoE block; supported families: {', '.join(supported_families())}"
+            f"moekit.hf: {name} is not a supported MoE block{why}; supported families: "
+            f"{', '.join(supported_families())}"
         )
     try:
         return _build(block, adapter, backend)
@@ -190,10 +210,22 @@ def convert(model: nn.Module, *, backend: str = "auto") -> int:
     """Replace every sparse MoE block of ``model`` with a ``moekit.MoE``; returns how many were replaced.
 
     All blocks are converted before any is swapped in, so an unsupported block leaves ``model`` untouched.
-    Router-logit outputs (``output_router_logits``, the auxiliary loss) are not produced by converted blocks.
+    Converted blocks produce no router logits: a model configured to output them (``output_router_logits``, for
+    the auxiliary loss) is refused; the experts implementation (``register``) keeps the family's router and its
+    logits. Finding no block warns (the model runs as it was).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "output_router_logits", False) is True:
+            # transformers' load-balancing loss would index an empty tuple of logits (an IndexError in the first
+            # forward, generate() included).
+            raise NotImplementedError(
+                f"moekit.hf.convert: {name or type(model).__name__}.config.output_router_logits is True, but converted "
+                "blocks return no router logits; set it to False, or keep the model's blocks and run their experts "
+                "on moekit (moekit.hf.register(); model.set_experts_implementation('moekit'))"
+            )
     found = [(n, m) for n, m in model.named_modules() if _is_moe_block(m)]
     built = [(n, moe_from_hf(m, backend=backend)) for n, m in found if n and not _inside(n, found)]
     for name, moe in built:
@@ -202,6 +234,9 @@ def convert(model: nn.Module, *, backend: str = "auto") -> int:
         saving.install(moe, moe._moekit_saved_as)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, moe)
+    if not built:
+        warnings.warn(f"moekit.hf.convert: no sparse MoE block found in {type(model).__name__}; nothing was converted "
+                      f"(supported families: {', '.join(supported_families())})", RuntimeWarning, stacklevel=2)
     return len(built)
 
 
@@ -257,6 +292,7 @@ def _build(block: nn.Module, adapter: BlockAdapter, backend: str) -> HFMoE:
         config,
         returns_tuple=adapter.returns_tuple,
         source=type(block).__name__,
+        jitter_noise=float(getattr(block, "jitter_noise", 0.0) or 0.0),
         dtype=dtype,
         device="meta",
         quant_method=experts.quant_method,

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from moekit._checks import check_choice
+from moekit._checks import check_bool, check_choice
 from moekit.config import BACKENDS
 from moekit.functional import fused_experts
 from moekit.hf.fp8 import fp8_unsupported, fp8_weights, is_fp8_experts
@@ -52,7 +52,9 @@ def register(*, backend: str = "auto") -> None:
     def moekit_experts_forward(
         module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        return experts_forward(module, hidden_states, top_k_index, top_k_weights, backend=backend)
+        # Ids come from the family's own router over this module's experts: the value check (a device sync)
+        # is skipped.
+        return experts_forward(module, hidden_states, top_k_index, top_k_weights, backend=backend, check_ids=False)
 
     moekit_experts_forward.moekit_backend = backend
     ExpertsInterface.register(IMPLEMENTATION_NAME, moekit_experts_forward)
@@ -71,14 +73,18 @@ def experts_forward(
     top_k_weights: torch.Tensor,
     *,
     backend: str = "auto",
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """``forward`` of a decorated experts module on moekit.
 
     Args:
         hidden_states: x [T, H].  top_k_index: [T, K] expert ids.  top_k_weights: [T, K] routing weights.
+        check_ids: check that the ids are in [0, E) (a device sync; the registered implementation skips it, its
+            ids come from the family's router).
     Returns:
         [T, H] in x's dtype.
     """
+    check_bool("check_ids", check_ids)
     spec = experts_spec(module)
     expert_parallel = getattr(module, "_is_expert_parallel", False)
     if is_fp8_experts(module):
@@ -95,8 +101,6 @@ def experts_forward(
             return _fallback(module, spec, hidden_states, top_k_index, top_k_weights)
         w13, w2, w13_bias, w2_bias = weights(module, spec)
         quant = UNQUANTIZED
-    # Ids come from the family's own router over this module's experts, so the value check (a device sync)
-    # is skipped.
     return fused_experts(
         hidden_states,
         w13,
@@ -108,7 +112,7 @@ def experts_forward(
         w2_bias=w2_bias,
         backend=backend,
         quant=quant,
-        check_ids=False,
+        check_ids=check_ids,
     )
 
 
@@ -140,10 +144,24 @@ def weights(module: nn.Module, spec: ExpertsSpec) -> ExpertsTensors:
 _CACHED: weakref.WeakSet = weakref.WeakSet()
 
 
+def weights_changed(module: nn.Module | None = None) -> None:
+    """Forget the cached de-interleaved copies (gpt-oss's ``gate_up_proj``, see ``weights``) of ``module``'s experts
+    modules, or of every module when None; the next call rebuilds them.
+
+    Writes moekit cannot see need it: through ``.data`` (PEFT's merge, an EMA update) or a ``torch.distributed``
+    collective, which move neither the storage nor the version counter. In-place ops, ``load_state_dict`` and
+    ``torch.optim`` steps are seen without it.
+    """
+    if module is not None and not isinstance(module, nn.Module):
+        raise TypeError(f"module: expected a torch.nn.Module or None, got {type(module).__name__}")
+    targets = list(_CACHED) if module is None else [m for m in module.modules() if m in _CACHED]
+    for m in targets:
+        m.__dict__.pop("_moekit_weights", None)
+        _CACHED.discard(m)
+
+
 def _drop_copies(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-    for module in list(_CACHED):
-        module.__dict__.pop("_moekit_weights", None)
-    _CACHED.clear()
+    weights_changed()
 
 
 register_optimizer_step_post_hook(_drop_copies)

@@ -271,6 +271,12 @@ def sigmoid_topk(block: nn.Module) -> RouterSpec:
 
 def ernie(block: nn.Module) -> RouterSpec:
     router = _router(block)
+    norm_min = float(getattr(router, "norm_min", 1e-12))
+    if norm_min > 1e-12:
+        # transformers divides the picked weights by max(sum, moe_norm_min); moekit by the sum alone, which agree
+        # while no sum of picked weights falls below it (the default 1e-12 only in extreme underflow).
+        raise NotImplementedError(f"moe_norm_min={norm_min} (the renormalization's floor; moekit's is the default "
+                                  "1e-12)")
     correction = router.moe_statics.e_score_correction_bias
     if correction.shape[0] != 1:
         raise NotImplementedError(f"{correction.shape[0]} expert groups in moe_statics")
