@@ -39,10 +39,10 @@ CONVERT_FAMILIES = [
 # Families whose experts transformers does not decorate: only `convert` reaches them (fp32 and bf16).
 CONVERT_ONLY_FAMILIES = ["dbrx", "jetmoe", "llama4"]
 
-# Families whose converted blocks are also compared block by block on large random weights and inputs, so that
-# clamps (HY-V4's clamped-SiLU experts beside a plain-SiLU shared MLP), weights on the input and output biases
-# are exercised where the tiny models' activations stay small.
-BLOCK_FAMILIES = ["dbrx", "glm5_next", "hy_v4", "hy_v4_vl", "jetmoe", "kolibri1", "llama4"]
+# Every converted family is also compared block by block on large random weights and inputs, so that clamps
+# (HY-V4's clamped-SiLU experts beside a plain-SiLU shared MLP), weights on the input, expert and output biases
+# and routers whose tiny-model weights start at zero are exercised where the tiny models' activations stay small.
+BLOCK_FAMILIES = CORE_FAMILIES + CONVERT_FAMILIES + CONVERT_ONLY_FAMILIES
 
 # Decorated experts moekit runs through the experts interface but whose block `convert` does not take
 # (a router or block quirk moekit cannot express); the experts path must still match.
@@ -141,11 +141,12 @@ def test_converted_block_matches_on_large_weights(family):
         for p in block.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)  # pre-activations reach the clamps (limit 10)
         moe = mh.moe_from_hf(block)
-        x = torch.randn(2, 5, moe.config.hidden_size, generator=gen) * 3
-        expected, actual = block(x), moe(x)
-    if isinstance(expected, tuple):
-        expected, actual = expected[0], actual[0]
-    assert rel_errors(actual.reshape(expected.shape), expected)[0] <= FP32_TOL
+        for shape in ((2, 5), (1, 1)):  # T = 10 and T = 1
+            x = torch.randn(*shape, moe.config.hidden_size, generator=gen) * 3
+            expected, actual = block(x), moe(x)
+            if isinstance(expected, tuple):
+                expected, actual = expected[0], actual[0]
+            assert rel_errors(actual.reshape(expected.shape), expected)[0] <= FP32_TOL, shape
 
 
 def test_convert_llama4_settings_and_copies():
