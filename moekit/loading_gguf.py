@@ -175,6 +175,12 @@ class _GGUFPlan:
 
         def step() -> None:
             values = self.ckpt.dequantize(key, index)
+            if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+                # A NaN/inf weight (a corrupted block scale) would make every token routed there NaN. Checked as
+                # each tensor is read, like the packed scales: the copies before it stay (load_gguf's docstring).
+                where = "" if index is None else f" (expert {index})"
+                raise ValueError(f"checkpoint key {key!r}{where}: NaN or inf after dequantization ({kind}): a "
+                                 "corrupted checkpoint")
             dest.copy_(values if reshape is None else values.reshape(reshape))
 
         self._steps.append(step)

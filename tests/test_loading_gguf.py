@@ -296,6 +296,25 @@ def test_packed_blocks_that_do_not_fit_fail_before_any_copy(tmp_path, monkeypatc
         assert torch.equal(param, before[name]), name
 
 
+def test_dequantized_nonfinite_weights_are_refused(tmp_path, monkeypatch):
+    # Dequantized at load (a K-quant), a NaN from a corrupted block scale reached the layer: every token routed to
+    # that expert came out NaN.
+    path = tmp_path / "model.gguf"
+    write_gguf(path, types=(T.Q8_0, T.Q8_0, T.Q4_K))
+    dequantize = GGUFCheckpoint.dequantize
+
+    def poisoned(self, key, index=None):
+        t = dequantize(self, key, index)
+        if "down" in key and index == 2:
+            t = t.clone()
+            t[0, 0] = float("nan")
+        return t
+
+    monkeypatch.setattr(GGUFCheckpoint, "dequantize", poisoned)
+    with pytest.raises(ValueError, match=r"ffn_down_exps.weight' \(expert 2\): NaN or inf"):
+        MoE.from_pretrained(path)
+
+
 @pytest.mark.parametrize(("kind", "d"), [(T.Q4_0, 0x7E00), (T.Q8_0, 0x7C00)])  # fp16 NaN, +inf
 def test_packed_nonfinite_block_scale_is_refused(tmp_path, monkeypatch, kind, d):
     # A NaN/inf fp16 d makes its block's 32 weights NaN: a corrupted file. (A negative d is not refused: Q4_0
