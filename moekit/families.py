@@ -240,6 +240,9 @@ def _qwen_sparse(cfg: Mapping, layer: int) -> bool:
 
 
 def _deepseek_sparse(cfg: Mapping, layer: int) -> bool:
+    # DeepSeek's own model code and vLLM take moe_layer_freq (layer % freq == 0); transformers' DeepseekV3 ignores
+    # it (every layer from first_k_dense_replace on is sparse). They differ only for freq > 1, which no released
+    # checkpoint uses; moekit follows the model's authors.
     first = _int(cfg, "first_k_dense_replace", default=3, nullable=False)
     freq = _int(cfg, "moe_layer_freq", default=1)
     if freq < 1:  # transformers' layer % freq fails on 0; a negative one means nothing
