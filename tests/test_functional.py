@@ -112,6 +112,43 @@ def test_nan_in_one_token_stays_in_that_row():
     assert torch.isfinite(out[[0, 1, 3, 4, 5]]).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scheme", ["fp8_block", "fp8_channel", "int8_channel", "fp8_tensor"])
+def test_nan_in_one_token_of_an_8bit_layer(backend, scheme):
+    # The activation quantization dropped a NaN: its group took the all-zero branch (scale 0), or the kernel's max
+    # and clamp ignored it; a per-tensor scale then zeroed every token. Now the token's output is NaN and the
+    # others are what they are without it (per-tensor scaling: one NaN makes every token NaN, as one scale serves
+    # all).
+    _check_nan_token(backend, scheme, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme", ["fp8_block", "fp8_channel", "int8_channel", "fp8_tensor"])
+def test_gpu_nan_in_one_token_of_an_8bit_layer(scheme):
+    _check_nan_token("triton", scheme, "cuda")
+
+
+def _check_nan_token(backend, scheme, device):
+    import moekit
+    from moekit import MoE, MoEConfig
+
+    moe = MoE(MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=128, backend=backend),
+              device=device)
+    moekit.quantize(moe.requires_grad_(False), scheme)
+    x = torch.randn(6, 128, device=device)
+    with torch.no_grad():
+        clean = moe(x)
+        x[2, 7] = float("nan")
+        out = moe(x)
+    if scheme == "fp8_tensor":
+        assert torch.isnan(out).all()
+    else:
+        assert torch.isnan(out[2]).all()
+        # (not bit for bit: token 2's routing changed, and with it the other tokens' GEMM batches)
+        assert_close(out[[0, 1, 3, 4, 5]], clean[[0, 1, 3, 4, 5]].double(), torch.float32)
+
+
 # ---- bad inputs: each error names the argument and the expected vs actual -------------------------------
 def _good():
     return make_moe_inputs(4, 8, 32, 16, 2)

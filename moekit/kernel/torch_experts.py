@@ -75,6 +75,10 @@ class TorchExperts(Experts):
         if quant.act_dtype not in (None, quant.weight_dtype):
             raise ValueError(f"backend 'torch': {quant.act_dtype} activations with {quant.weight_dtype} weights are "
                              "not supported (activations are unquantized or in the weights' dtype)")
+        if quant.act_dtype is not None and hidden_states.dtype != QDTYPES[quant.act_dtype]:
+            # prepare hands over codes; float activations here would be read as if they were codes.
+            raise ValueError(f"backend 'torch': expected hidden_states as {QDTYPES[quant.act_dtype]} codes for "
+                             f"{quant.describe()}, got {hidden_states.dtype}")
 
     def run(
         self,

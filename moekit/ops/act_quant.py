@@ -66,8 +66,14 @@ def act_quant(
         if q.shape != (m, k) or q.dtype != QDTYPES[qdtype] or q.stride(-1) != 1:
             raise ValueError(f"out[0]: expected {QDTYPES[qdtype]} [{m}, {k}] with a contiguous last dim, got "
                              f"{q.dtype} {tuple(q.shape)}")
-        if granularity != "tensor" and (s.shape != (m, num_groups) or s.dtype != torch.float32):
-            raise ValueError(f"out[1]: expected float32 [{m}, {num_groups}], got {s.dtype} {tuple(s.shape)}")
+        # The kernel writes s[row, group] at row · stride + group: a column-major s got scrambled scales.
+        if granularity != "tensor" and (s.shape != (m, num_groups) or s.dtype != torch.float32
+                                        or (num_groups > 1 and s.stride(-1) != 1)):
+            raise ValueError(f"out[1]: expected float32 [{m}, {num_groups}] with a contiguous last dim, got {s.dtype} "
+                             f"{tuple(s.shape)} with strides {s.stride()}")
+        for name, t in (("out[0]", q), ("out[1]", s)):
+            if t is not None and t.device != device:
+                raise ValueError(f"{name}: expected a tensor on {device} (x_MK's device), got one on {t.device}")
     mult = None
     if static_scale is not None:
         s = static_act_scale(static_scale, granularity)

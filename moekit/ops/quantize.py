@@ -55,7 +55,9 @@ def native_8bit_dots(qdtype: str, device: torch.device) -> bool:
 def _codes(y: torch.Tensor, qdtype: str) -> torch.Tensor:
     qmax = QMAX[qdtype]
     if qdtype == "int8":
-        y = torch.round(y)  # half to even, like vLLM's float_to_int8_rn
+        # Half to even, like vLLM's float_to_int8_rn. int8 has no NaN: a NaN becomes code 0 (a float -> int cast of
+        # NaN is undefined), and its group's NaN scale (dynamic scales) carries it; a static scale cannot.
+        y = torch.round(torch.nan_to_num(y, nan=0.0, posinf=qmax, neginf=-qmax))
     return y.clamp(-qmax, qmax).to(QDTYPES[qdtype])
 
 
@@ -84,11 +86,14 @@ def quantize_blocks(x: torch.Tensor, block_shape: tuple[int, int], qdtype: str) 
 
 def multiplier(amax: torch.Tensor, qdtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(m, s)`` of groups with float32 maxima ``amax`` (module docstring): m = QMAX / max(amax, AMAX_FLOOR),
-    s = 1 / m, both 0 where amax = 0. The one place the reference and ``act_quant``'s torch side make them."""
-    nonzero = amax > 0
-    mult = QMAX[qdtype] / torch.where(nonzero, amax.clamp_min(AMAX_FLOOR), torch.ones_like(amax))
-    mult = torch.where(nonzero, mult, torch.zeros_like(mult))
-    scale = torch.where(nonzero, 1.0 / torch.where(nonzero, mult, torch.ones_like(mult)), torch.zeros_like(mult))
+    s = 1 / m, both 0 where amax = 0. The one place the reference and ``act_quant``'s torch side make them.
+
+    A NaN amax (a NaN in the group) gives NaN m and s, so the group dequantizes to NaN: a test of ``amax > 0``
+    sent it down the all-zero branch (s = 0, every code 0), and one NaN token zeroed a per-tensor batch."""
+    zero = amax == 0
+    mult = QMAX[qdtype] / torch.where(zero, torch.ones_like(amax), amax.clamp_min(AMAX_FLOOR))  # clamp keeps NaN
+    mult = torch.where(zero, torch.zeros_like(mult), mult)
+    scale = torch.where(zero, torch.zeros_like(mult), 1.0 / torch.where(zero, torch.ones_like(mult), mult))
     return mult, scale
 
 
@@ -209,12 +214,18 @@ def quantize_activation(
 
 def static_act_scale(static_scale: torch.Tensor, granularity: str) -> torch.Tensor:
     """A given activation scale as the float32 0-d tensor ``quantize_activation`` returns (checked: one element,
-    tensor granularity)."""
+    tensor granularity).
+
+    A scale that is not a positive normal float32 (0, negative, subnormal: its reciprocal overflows, NaN, inf)
+    becomes NaN, so every output it scales is NaN: it quantized every activation to 0 (a silently all-zero
+    layer). Its value is not refused here (a device sync on every call); the loaders refuse such scales."""
     check_tensor("static_scale", static_scale)
     if granularity != "tensor" or static_scale.numel() != 1:
         raise ValueError(f"static_scale: expected one element with tensor granularity, got shape "
                          f"{tuple(static_scale.shape)} with {granularity!r}")
-    return static_scale.float().reshape(())
+    s = static_scale.float().reshape(())
+    usable = (s >= torch.finfo(torch.float32).tiny) & torch.isfinite(s)
+    return torch.where(usable, s, torch.full_like(s, float("nan")))
 
 
 def dequantize_activation(

@@ -128,7 +128,8 @@ class W8A8MoEMethod(MoEQuantMethod):
         inter = layer.intermediate_size
         scales = layer.w13_scale.data
         merged = scales.amax(dim=1)
-        for e in range(scales.shape[0]):
+        # A meta layer (built to be materialized later) has no codes to requantize: only the shapes change.
+        for e in range(scales.shape[0] if scales.device.type != "meta" else 0):
             for half, s in ((slice(0, inter), scales[e, 0]), (slice(inter, 2 * inter), scales[e, 1])):
                 if bool(s != merged[e]):  # requantize only the shard whose scale was smaller
                     codes = layer.w13.data[e, half]

@@ -140,3 +140,19 @@ def test_pool_raises_a_workers_error():
 
     with pytest.raises(ValueError, match="from a worker"):
         pool.map(boom, [()])
+
+
+def test_8bit_activations_must_be_codes():
+    # With an activation dtype, prepare hands over codes; float activations given directly were read as codes.
+    from moekit.ops.quantize import quantize_weight
+    from moekit.quant.params import QuantParams
+
+    d = make_moe_inputs(3, 4, 64, 32, 2)
+    (q13, s13), (q2, s2) = (quantize_weight(w, "fp8_e4m3", "channel") for w in (d["w13"], d["w2"]))
+    quant = QuantParams(weight_dtype="fp8_e4m3", act_dtype="fp8_e4m3", granularity="channel", w13_scale=s13,
+                        w2_scale=s2)
+    with pytest.raises(ValueError, match=r"expected hidden_states as torch.float8_e4m3fn codes"):
+        te.TorchExperts().apply(d["hidden_states"], q13, q2, d["topk_weights"], d["topk_ids"],
+                                activation=Activation(name="silu"), w13_bias_E2I=None, w2_bias_EH=None,
+                                expert_map_E=None, quant=quant, hidden_scale=torch.ones(3, 1),
+                                out_dtype=torch.float32)

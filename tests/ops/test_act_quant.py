@@ -39,14 +39,20 @@ def test_matches_ref_bit_for_bit(qdtype, granularity, group, m, k, dtype):
 
 
 @pytest.mark.parametrize("qdtype", ["fp8_e4m3", "int8"])
-@pytest.mark.parametrize("scale", [0.0, 0.37, 1e-4])
+@pytest.mark.parametrize("scale", [0.0, 0.37, 1e-4, -0.01, 1e-40, float("nan")])
 def test_static_scale(qdtype, scale):
-    # A given per-tensor scale (checkpoint input_scale): codes saturate at ±QMAX; 0 gives zero codes.
+    # A given per-tensor scale (checkpoint input_scale): codes saturate at ±QMAX. A scale that is not a positive
+    # normal float (0, negative, subnormal, NaN) is NaN, so everything it scales dequantizes to NaN (0 gave zero
+    # codes and a finite scale: a silently all-zero layer).
     x = _x(6, 200, torch.bfloat16)
     static = torch.tensor([scale])
     q, s = act_quant(x, qdtype, "tensor", static_scale=static)
     q_ref, s_ref = act_quant_ref(x, qdtype, "tensor", static_scale=static)
-    assert torch.equal(q.float(), q_ref.float()) and torch.equal(s, s_ref)
+    assert torch.equal(q.float(), q_ref.float())
+    if scale > 1e-38:
+        assert torch.equal(s, s_ref)
+    else:
+        assert torch.isnan(s) and torch.isnan(s_ref) and torch.isnan(dequantize_activation(q, s, "tensor")).all()
 
 
 def test_out_buffers_and_empty():
@@ -74,6 +80,31 @@ def test_bad_inputs_name_the_argument():
         act_quant(torch.randn(2, 4), "int8", "token", static_scale=torch.tensor([1.0]))
     with pytest.raises(ValueError, match=r"out\[0\]"):
         act_quant(torch.randn(2, 4), "int8", "token", out=(torch.empty(2, 4), torch.empty(2, 1)))
+    # A column-major s (DeepGEMM's layout) got its scales written to the wrong places.
+    with pytest.raises(ValueError, match=r"out\[1\]: expected float32 \[2, 4\] with a contiguous last dim"):
+        act_quant(torch.randn(2, 512), "fp8_e4m3", "group", 128,
+                  out=(torch.empty(2, 512, dtype=torch.float8_e4m3fn), torch.empty(4, 2).t()))
+
+
+@pytest.mark.parametrize("qdtype", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize(("granularity", "group"), CASES)
+def test_a_nan_dequantizes_to_nan_and_stays_in_its_group(qdtype, granularity, group):
+    # A NaN amax took the all-zero branch (s = 0, codes 0: the NaN vanished, and a per-tensor batch became all
+    # zeros on the torch side); the kernel's max and clamp dropped it (a finite scale and code -QMAX). Now the
+    # group's scale is NaN on both sides, every other group is untouched, per-tensor scaling makes all NaN.
+    x = torch.randn(3, 256)
+    clean = act_quant_ref(x, qdtype, granularity, group)
+    x[1, 5] = float("nan")
+    for q, s in (act_quant(x, qdtype, granularity, group), act_quant_ref(x, qdtype, granularity, group)):
+        deq = dequantize_activation(q, s, granularity, group)
+        if granularity == "tensor":
+            assert torch.isnan(s) and torch.isnan(deq).all()
+            continue
+        assert torch.isnan(deq[1, 5])
+        nan_group = torch.isnan(s)
+        assert nan_group.sum() == 1 and nan_group[1].any()  # that row's group alone
+        assert torch.equal(s[~nan_group], clean[1][~nan_group])
+        assert torch.equal(deq[[0, 2]], dequantize_activation(*clean, granularity, group)[[0, 2]])
 
 
 @pytest.mark.parametrize("qdtype", ["fp8_e4m3", "int8"])
@@ -96,3 +127,22 @@ def test_a_group_of_subnormal_values_is_finite(qdtype, granularity, group):
     assert torch.isfinite(deq).all()
     assert (deq[:2] - x[:2]).abs().max().item() <= 1e-30  # the subnormal rows: ~themselves (or 0)
     assert (deq[2] - x[2]).abs().max().item() <= 0.07 * x[2].abs().max().item()  # e4m3: half a step is 1/16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("qdtype", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize(("granularity", "group"), CASES)
+def test_gpu_matches_ref_and_keeps_nan(qdtype, granularity, group):
+    # The kernel on a GPU (real fp8 casts, the GPU's NaN semantics of max and clamp) against the torch reference
+    # on the same device: bit for bit on finite rows, NaN scales where the reference has them.
+    x = _x(7, 1030, torch.bfloat16).cuda()
+    x[4, 17] = float("nan")
+    q, s = act_quant(x, qdtype, granularity, group)
+    q_ref, s_ref = act_quant_ref(x, qdtype, granularity, group)
+    assert torch.equal(torch.isnan(s), torch.isnan(s_ref)) and torch.isnan(s).any()
+    finite = ~torch.isnan(s_ref)
+    assert torch.equal(s[finite], s_ref[finite])
+    deq, deq_ref = (dequantize_activation(a, b, granularity, group) for a, b in ((q, s), (q_ref, s_ref)))
+    assert torch.equal(torch.isnan(deq), torch.isnan(deq_ref))
+    assert torch.equal(deq[~torch.isnan(deq)], deq_ref[~torch.isnan(deq_ref)])

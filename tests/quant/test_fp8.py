@@ -205,6 +205,15 @@ def test_per_tensor_shards_are_requantized_to_their_max():
     assert rel[:64].max() < 0.25  # w1 lost resolution to w3's 4x larger scale, but stays close
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_per_tensor_merge_on_a_meta_layer(static):
+    # A layer built on the meta device (materialized later) merges its scales' shapes; the requantization loop
+    # read the meta values (Tensor.item() cannot be called on meta tensors).
+    layer = RoutedExperts(4, 64, 32, quant_method=Fp8TensorMoEMethod(static_input_scales=static), device="meta")
+    layer.process_weights_after_loading()
+    assert layer.w13_scale.shape == (4,) and layer.w13_scale.device.type == "meta"
+
+
 def test_auto_backend_and_triton_accepts_the_codes(monkeypatch):
     # 'auto' is torch on CPU and on a GPU without fp8 dots, Triton on CUDA otherwise
     # (tests/kernel/test_triton_experts_w8a8.py), on x's codes from prepare.

@@ -26,9 +26,13 @@ import triton.language as tl
 @triton.jit
 def _codes(b_y, QMAX: tl.constexpr, IS_INT: tl.constexpr):
     """fp32 values of the 8-bit codes of ``b_y``: clamped to ±QMAX, rounded to nearest even on the format's grid."""
-    b_y = tl.minimum(tl.maximum(b_y, -QMAX), QMAX)
+    # NaN stays NaN (tl.minimum/maximum return the other operand by default: a NaN became a finite ±QMAX code).
+    b_y = tl.minimum(tl.maximum(b_y, -QMAX, propagate_nan=tl.PropagateNan.ALL), QMAX,
+                     propagate_nan=tl.PropagateNan.ALL)
     if IS_INT:
-        # 1.5·2^23: adding it leaves no fraction bits in fp32, so the sum rounds to an integer (to even).
+        # 1.5·2^23: adding it leaves no fraction bits in fp32, so the sum rounds to an integer (to even). NaN -> 0
+        # (int8 has no NaN; the torch reference does the same).
+        b_y = tl.where(b_y == b_y, b_y, 0.0)
         return (b_y + 12582912.0) - 12582912.0
     # e4m3fn: 3 mantissa bits, normal from 2^-6, subnormal spacing 2^-9. The grid spacing at |y| is
     # u = 2^(max(e, -6) - 3) for 2^e <= |y|; (y + 1.5·2^23·u) - 1.5·2^23·u rounds y to a multiple of u (to even).
@@ -40,18 +44,30 @@ def _codes(b_y, QMAX: tl.constexpr, IS_INT: tl.constexpr):
 
 @triton.jit
 def _multiplier(b_amax, QMAX: tl.constexpr):
-    """(m, s) of a group: m = QMAX / max(amax, 2^-100), s = 1 / m (0 and 0 for an all-zero group).
+    """(m, s) of a group: m = QMAX / max(amax, 2^-100), s = 1 / m (0 and 0 for an all-zero group; NaN and NaN
+    for a NaN amax, as ``moekit.ops.quantize.multiplier``).
 
     As torch evaluates ``QMAX / amax`` for a tensor amax (``reciprocal(amax) * QMAX``: two roundings), so the
     multiplier is the reference's float; each reciprocal is correctly rounded.
     """
-    m_nonzero = b_amax > 0
+    m_zero = b_amax == 0
     b_one = tl.full(b_amax.shape, 1.0, tl.float32)
     # amax floored at 2^-100 (moekit.ops.quantize.AMAX_FLOOR): a subnormal amax made m = inf and NaN codes.
-    b_amax = tl.where(m_nonzero, tl.maximum(b_amax, 7.888609052210118e-31), 1.0)
-    b_mult = tl.where(m_nonzero, tl.math.div_rn(b_one, b_amax) * QMAX, 0.0)
-    b_scale = tl.where(m_nonzero, tl.math.div_rn(b_one, tl.where(m_nonzero, b_mult, 1.0)), 0.0)
+    b_amax = tl.where(m_zero, 1.0, tl.maximum(b_amax, 7.888609052210118e-31, propagate_nan=tl.PropagateNan.ALL))
+    b_mult = tl.where(m_zero, 0.0, tl.math.div_rn(b_one, b_amax) * QMAX)
+    b_scale = tl.where(m_zero, 0.0, tl.math.div_rn(b_one, tl.where(m_zero, 1.0, b_mult)))
     return b_mult, b_scale
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _amax(b_x):
+    """max |x| of each row of ``b_x``, NaN where a row holds one (tl.max drops NaN)."""
+    return tl.reduce(tl.abs(b_x), 1, _max_nan)
 
 
 @triton.jit
@@ -86,7 +102,7 @@ def act_quant_kernel(
         if GIVEN_MULT:
             b_mult = tl.load(p_mult) + tl.zeros([BLOCK_M], dtype=tl.float32)
         else:
-            b_mult, b_scale = _multiplier(tl.max(tl.abs(b_x), axis=1), QMAX)
+            b_mult, b_scale = _multiplier(_amax(b_x), QMAX)
             tl.store(p_s + o_rows * stride_sm + i_g, b_scale, mask=m_rows)
         b_q = _codes(b_x * b_mult[:, None], QMAX, IS_INT)
         tl.store(p_q_rows + k_start + o_k[None, :], b_q.to(p_q.dtype.element_ty),
@@ -99,7 +115,7 @@ def act_quant_kernel(
         for k in range(k_start, k_end, BLOCK_K):
             m_k = (k + o_k) < k_end
             b_x = tl.load(p_x_rows + k + o_k[None, :], mask=m_rows[:, None] & m_k[None, :], other=0.0)
-            b_amax = tl.maximum(b_amax, tl.max(tl.abs(b_x.to(tl.float32)), axis=1))
+            b_amax = _max_nan(b_amax, _amax(b_x.to(tl.float32)))
         b_mult, b_scale = _multiplier(b_amax, QMAX)
         tl.store(p_s + o_rows * stride_sm + i_g, b_scale, mask=m_rows)
         for k in range(k_start, k_end, BLOCK_K):
