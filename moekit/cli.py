@@ -332,7 +332,7 @@ def _tokens(text: str) -> list[int]:
 
 def bench(args: argparse.Namespace) -> int:
     from moekit.bench import bench_point, measure_ceilings
-    from moekit.bench.report import noise_warning, table, write_json
+    from moekit.bench.report import table, write_json
     from moekit.bench.run import make_weights
 
     device = _device(args.device)
@@ -365,8 +365,7 @@ def bench(args: argparse.Namespace) -> int:
           f"backend {rows[0].backend if rows else args.backend}"
           + ("" if ceilings else " (no floor on CPU: the floor is defined for GPUs)"))
     print(table(rows))
-    if warning := noise_warning(rows):
-        print(f"moekit bench: {warning}", file=sys.stderr)
+    _warn(args.command, rows)
     meta = {**info(), "device": _device_name(device), "dtype": args.dtype, "quant": quant, "command": " ".join(["moekit", *args.argv])}
     if args.json:
         write_json(args.json, rows, meta, ceilings)
@@ -385,8 +384,19 @@ def replot(args: argparse.Namespace) -> int:
     except ValueError as err:  # names the file
         raise UsageError(str(err)) from None
     print(table(rows))
+    _warn(args.command, rows)
     _write_outputs(rows, args)
     return EXIT_OK
+
+
+def _warn(command: str, rows) -> None:
+    """The table's warnings on stderr: points off the reference (the run still succeeds: the timings are
+    printed and saved, flagged), and a busy machine."""
+    from moekit.bench.report import error_warning, noise_warning
+
+    for warning in (error_warning(rows), noise_warning(rows)):
+        if warning:
+            print(f"moekit {command}: {warning}", file=sys.stderr)
 
 
 def tune(args: argparse.Namespace) -> int:

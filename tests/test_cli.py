@@ -195,6 +195,21 @@ def test_bench_json_records_the_command_it_ran(tiny_config, tmp_path):
     assert json.loads(out_json.read_text())["meta"]["command"] == "moekit " + " ".join(argv)
 
 
+def test_bench_flags_rows_off_the_reference_without_failing(tiny_config, tmp_path, capsys, monkeypatch):
+    # A wrong kernel used to be a fast row with nothing flagged: now "!" in the table and a warning naming the row
+    # on stderr, the run still done (exit 0), the JSON keeps the tolerance so `moekit plot` flags it again.
+    monkeypatch.setattr(moekit.bench.run, "reference_error", lambda *a: 0.5)
+    out_json = tmp_path / "b.json"
+    assert main(["bench", "--hf-config", str(tiny_config), *FAST, "--json", str(out_json)]) == 0
+    captured = capsys.readouterr()
+    assert "5.00e-01!" in captured.out
+    assert "moekit bench: warning: moekit's output is off the reference" in captured.err
+    assert "qwen2_moe T=1 torch float32 (5.00e-01 > 1e-05)" in captured.err
+    assert main(["plot", str(out_json)]) == 0
+    captured = capsys.readouterr()
+    assert "5.00e-01!" in captured.out and "moekit plot: warning" in captured.err
+
+
 def test_tune_errors_name_tune(capsys):
     assert "moekit tune: --tokens" in _usage_error(capsys, ["tune", "--preset", "qwen3-30b-a3b", "--tokens", "1,x"])
     assert "--min-gain" in _usage_error(capsys, ["tune", "--preset", "olmoe-1b-7b", "--min-gain", "-1"])

@@ -21,11 +21,11 @@ from moekit.kernel import resolve_backend
 from moekit.ops.quantize_mxfp4 import dequantize_mxfp4
 from moekit.ops.quantize_wna16 import dequantize_wna16
 from moekit.online_quant import quantize
-from moekit.quant import MXFP4_SCHEMES, WNA16_SCHEMES
+from moekit.quant import MXFP4_SCHEMES, QUANT_SCHEMES, WNA16_SCHEMES
 from moekit.quant.wna16 import expert_weight
 from moekit.router import select_experts
 from moekit.routed_experts import RoutedExperts
-from moekit.testing import rel_errors
+from moekit.testing import QUANT_REFERENCE_TOLERANCE, QUANT_TOLERANCES, TOLERANCES, rel_errors
 
 # MEASURING.md requires CUDA-graph replays for T <= 1024 and allows eager timing above. Every call that can be
 # captured is graph-timed at every T: eager timing of large calls still counts ~0.1-0.4 ms of Python launch
@@ -65,6 +65,13 @@ class Row:
     grouped_mm_spread: float | None = None
     eager_min_us: float | None = None
     eager_spread: float | None = None
+    # The largest max_rel_err a correct kernel gives at this point (``error_tolerance``); None in older files.
+    max_rel_err_tol: float | None = None
+
+    @property
+    def error_exceeds(self) -> bool:
+        """Whether moekit's output is further from the reference than ``max_rel_err_tol`` allows (NaN included)."""
+        return self.max_rel_err_tol is not None and not self.max_rel_err <= self.max_rel_err_tol
 
     @property
     def max_spread(self) -> float | None:
@@ -74,6 +81,24 @@ class Row:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def error_tolerance(dtype: torch.dtype, quant: str | None = None) -> float:
+    """The max relative error above which the error column flags a point: what the tests allow for the same
+    comparison (``moekit.testing``). Unquantized: the ``dtype``'s rounding (``TOLERANCES``). 8-bit schemes, against
+    the unquantized reference: their quantization error (``QUANT_TOLERANCES`` of the scheme's qdtype).
+    Weight-only ones, against their own dequantized weights: the kernel tests' bound (the dtype's rounding, at
+    least ``QUANT_REFERENCE_TOLERANCE``)."""
+    if dtype not in TOLERANCES:
+        raise ValueError(f"dtype: expected one of {list(TOLERANCES)}, got {dtype}")
+    rounding = TOLERANCES[dtype].max
+    if quant is None:
+        return rounding
+    if quant in QUANT_SCHEMES:
+        return max(rounding, QUANT_TOLERANCES[QUANT_SCHEMES[quant].qdtype].max)
+    if quant in BENCH_SCHEMES:
+        return max(rounding, QUANT_REFERENCE_TOLERANCE.max)
+    raise ValueError(f"quant: expected None or one of {BENCH_SCHEMES}, got {quant!r}")
 
 
 def make_weights(shape: MoEShape, dtype: torch.dtype, device: torch.device, seed: int,
@@ -289,6 +314,7 @@ def bench_point(
         floor_us=fl,
         efficiency=fl / moekit_us if fl else None,
         max_rel_err=err,
+        max_rel_err_tol=error_tolerance(dtype, quant),
         grouped_mm_us=grouped_us,
         eager_us=eager_us,
         graph=graph,
