@@ -8,6 +8,7 @@ work, so a mistake costs no sweep and ends in one line on stderr with exit statu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -344,22 +345,25 @@ def bench(args: argparse.Namespace) -> int:
     _check_outputs(args)
     _check_memory(shapes, dtype, device, tokens, quant)
 
-    ceilings = measure_ceilings(device, quant) if device.type == "cuda" else None
-    if ceilings:
-        print(f"ceilings: read {ceilings.read_bw / 1e12:.2f} TB/s, {ceilings.mm_dtype} matmul "
-              f"{ceilings.mm_rate / 1e12:.0f} TFLOP/s", file=sys.stderr)
-    points = [(s, t) for s in shapes for t in tokens]
-    rows = []
-    weights = {}
-    for shape, t in _progress(points):
-        if shape.name not in weights:
-            weights.clear()  # one shape's weights at a time: deepseek-v3's alone are 22 GB in bf16
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            weights[shape.name] = make_weights(shape, dtype, device, args.seed, quant)
-        rows.append(bench_point(shape, t, backend=args.backend, dtype=dtype, device=device, ceilings=ceilings,
-                                weights=weights[shape.name], baselines=not args.no_baselines, seed=args.seed,
-                                quant=quant))
+    # cuda:N made current: do_bench's events, CUDA graphs and Triton launches go to the current device, not to the
+    # device of the tensors (everything ran on cuda:0 before).
+    with _on_device(device):
+        ceilings = measure_ceilings(device, quant, dtype) if device.type == "cuda" else None
+        if ceilings:
+            print(f"ceilings: read {ceilings.read_bw / 1e12:.2f} TB/s, {ceilings.mm_dtype} matmul "
+                  f"{ceilings.mm_rate / 1e12:.0f} TFLOP/s", file=sys.stderr)
+        points = [(s, t) for s in shapes for t in tokens]
+        rows = []
+        weights = {}
+        for shape, t in _progress(points):
+            if shape.name not in weights:
+                weights.clear()  # one shape's weights at a time: deepseek-v3's alone are 22 GB in bf16
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                weights[shape.name] = make_weights(shape, dtype, device, args.seed, quant)
+            rows.append(bench_point(shape, t, backend=args.backend, dtype=dtype, device=device, ceilings=ceilings,
+                                    weights=weights[shape.name], baselines=not args.no_baselines, seed=args.seed,
+                                    quant=quant))
     weights_text = args.dtype if quant is None else f"{quant} experts ({args.dtype} activations and baselines)"
     print(f"moekit bench on {_device_name(device)}, {weights_text}, "
           f"backend {rows[0].backend if rows else args.backend}"
@@ -443,6 +447,11 @@ def _write_outputs(rows, args: argparse.Namespace) -> None:
         Path(args.markdown).write_text(markdown(rows) + "\n")
     if args.plot:
         plot(args.plot, rows)
+
+
+def _on_device(device: torch.device):
+    """A context in which ``device`` is the current CUDA device (nothing to do on the CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _device_name(device: torch.device) -> str:

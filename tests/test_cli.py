@@ -210,6 +210,47 @@ def test_bench_flags_rows_off_the_reference_without_failing(tiny_config, tmp_pat
     assert "5.00e-01!" in captured.out and "moekit plot: warning" in captured.err
 
 
+def test_bench_sweeps_with_its_device_current(tiny_config, monkeypatch):
+    # --device cuda:N timed cuda:0: do_bench's events and Triton launches follow the current device. The sweep now
+    # runs inside cli._on_device(device), which makes it current.
+    entered, inside = [], []
+    real = cli._on_device
+
+    class Recorder:
+        def __init__(self, device):
+            self.device, self.ctx = device, real(device)
+
+        def __enter__(self):
+            entered.append(self.device)
+            self.ctx.__enter__()
+
+        def __exit__(self, *exc):
+            entered.remove(self.device)
+            return self.ctx.__exit__(*exc)
+
+    point = moekit.bench.bench_point
+    monkeypatch.setattr(cli, "_on_device", Recorder)
+    monkeypatch.setattr(moekit.bench, "bench_point", lambda *a, **kw: inside.append(list(entered)) or point(*a, **kw))
+    assert main(["bench", "--hf-config", str(tiny_config), *FAST, "--device", "cpu"]) == 0
+    assert inside == [[torch.device("cpu")]]
+    made = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: made.append(device) or cli.contextlib.nullcontext())
+    with real(torch.device("cuda", 1)):
+        assert made == [torch.device("cuda", 1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_bench_on_the_second_gpu_runs_there(tiny_config, monkeypatch):
+    current = []
+    point = moekit.bench.bench_point
+    monkeypatch.setattr(moekit.bench, "bench_point",
+                        lambda *a, **kw: current.append(torch.cuda.current_device()) or point(*a, **kw))
+    assert main(["bench", "--hf-config", str(tiny_config), "--tokens", "1", "--device", "cuda:1",
+                 "--no-baselines"]) == 0
+    assert current == [1]
+
+
 def test_tune_errors_name_tune(capsys):
     assert "moekit tune: --tokens" in _usage_error(capsys, ["tune", "--preset", "qwen3-30b-a3b", "--tokens", "1,x"])
     assert "--min-gain" in _usage_error(capsys, ["tune", "--preset", "olmoe-1b-7b", "--min-gain", "-1"])
