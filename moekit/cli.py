@@ -252,18 +252,41 @@ def _check_memory(shapes, dtype: torch.dtype, device: torch.device, tokens: list
         # --quant keeps the float weights (baselines, reference) beside the quantized experts moekit runs.
         quantized = 0 if quant is None else moe_bytes(shape, 0, shape.num_experts, dtype.itemsize, quant)
         needed += quantized
+        # On a CPU the torch backend packs an unquantized layer's experts for oneDNN as they run
+        # (moekit.kernel.cpu_packed): a second copy of the weights.
+        packed = weights if device.type == "cpu" and quant is None else 0
+        needed += packed
         # Activations, counted in fp32 and generously: x, the output, the reference's and a baseline's outputs
         # ([T, H] each), and the routed rows' GEMM 1 and GEMM 2 outputs ([T·K, 2I + H]).
         t = max(tokens, default=0)
         acts = 4 * (4 * t * shape.hidden_size + t * shape.top_k * (2 * shape.intermediate_size + shape.hidden_size))
         if needed + acts > available:
             with_acts = f", {acts / 1e9:.1f} GB more for the activations of T = {t}" if acts else ""
-            with_quant = f" their {quant} copy and" if quant else ""
+            with_quant = f" their {quant} copy and" if quant else " their CPU-packed copy and" if packed else ""
             raise UsageError(f"{shape.name}: its {str(dtype).removeprefix('torch.')} expert weights take "
                              f"{weights / 1e9:.1f} GB ({needed / 1e9:.1f} GB with{with_quant} the reference check"
                              f"{with_acts}), "
                              f"and {where} {available / 1e9:.1f} GB {what}; pick a smaller preset, fewer tokens or "
                              "another device")
+
+
+def _check_tune_out(args: argparse.Namespace, shapes) -> None:
+    """tune's tables folder (--out, else the default) is a writable folder, and the tables already there, which
+    the run merges into, read: a mistake costs no sweep."""
+    from moekit.bench.tune import read_table, table_path
+    from moekit.ops.heuristics import tuned_dir
+
+    folder = Path(args.out) if args.out else tuned_dir()
+    flag = f"--out {args.out}" if args.out else f"the tables folder {str(folder)!r} (--out)"
+    if not folder.is_dir():
+        raise UsageError(f"{flag}: {'is not a folder' if folder.exists() else 'does not exist'}")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag}: is not writable")
+    for shape in shapes:
+        try:
+            read_table(table_path(shape, folder, args.quant))
+        except ValueError as err:  # names the file
+            raise UsageError(str(err)) from None
 
 
 def _preset_shapes(text: str):
@@ -324,8 +347,9 @@ def _tokens(text: str) -> list[int]:
         tokens = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise UsageError(f"--tokens: expected comma-separated ints, got {text!r}") from None
-    if not tokens or min(tokens) < 0:
-        raise UsageError(f"--tokens: expected non-negative ints, got {text!r}")
+    # T = 0 times nothing: its floor is 0 (no expert is touched), which turned the whole plot into latencies.
+    if not tokens or min(tokens) < 1:
+        raise UsageError(f"--tokens: expected positive ints, got {text!r}")
     return tokens
 
 
@@ -408,6 +432,7 @@ def tune(args: argparse.Namespace) -> int:
     tokens = _tokens(args.tokens)
     if not 0 <= args.min_gain < 1:
         raise UsageError(f"--min-gain: expected a fraction in [0, 1), got {args.min_gain}")
+    _check_tune_out(args, shapes)
     if not torch.cuda.is_available():
         raise UsageError("needs a CUDA device (it times the Triton kernels); none is available")
     dtype = DTYPES[args.dtype]

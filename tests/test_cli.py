@@ -48,13 +48,13 @@ def _usage_error(capsys, argv) -> str:
 
 def test_bench_writes_table_json_plot_markdown(tiny_config, tmp_path, capsys):
     out_json, out_png, out_md = tmp_path / "b.json", tmp_path / "b.png", tmp_path / "b.md"
-    rc = main(["bench", "--hf-config", str(tiny_config), "--tokens", "0,1,5", "--dtype", "fp32",
+    rc = main(["bench", "--hf-config", str(tiny_config), "--tokens", "1,5", "--dtype", "fp32",
                "--backend", "torch", "--json", str(out_json), "--plot", str(out_png), "--markdown", str(out_md)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "moekit us" in text and "qwen2_moe" in text
     doc = json.loads(out_json.read_text())
-    assert [r["tokens"] for r in doc["rows"]] == [0, 1, 5]
+    assert [r["tokens"] for r in doc["rows"]] == [1, 5]
     for r in doc["rows"]:
         assert r["moekit_us"] > 0 and r["max_rel_err"] < 1e-5
         assert r["eager_us"] > 0
@@ -254,6 +254,41 @@ def test_bench_on_the_second_gpu_runs_there(tiny_config, monkeypatch):
 def test_tune_errors_name_tune(capsys):
     assert "moekit tune: --tokens" in _usage_error(capsys, ["tune", "--preset", "qwen3-30b-a3b", "--tokens", "1,x"])
     assert "--min-gain" in _usage_error(capsys, ["tune", "--preset", "olmoe-1b-7b", "--min-gain", "-1"])
+
+
+@pytest.mark.parametrize("command", ["bench", "tune"])
+@pytest.mark.parametrize("tokens", ["0", "1,0", "-4"])
+def test_token_counts_must_be_positive(capsys, no_sweep, command, tokens):
+    # T = 0 was accepted: its floor is 0, which silently turned the whole plot into a latency plot.
+    err = _usage_error(capsys, [command, "--preset", "olmoe-1b-7b", "--device", "cpu", f"--tokens={tokens}"]
+                       if command == "bench" else [command, "--preset", "olmoe-1b-7b", f"--tokens={tokens}"])
+    assert f"moekit {command}: --tokens: expected positive ints, got {tokens!r}" == err
+
+
+def test_tune_out_is_checked_before_the_sweep(tmp_path, capsys, monkeypatch):
+    # --out was only looked at after the sweep (minutes of GPU time): a missing folder, a file, or a malformed
+    # table in it (the run merges into it) is refused up front, before even the CUDA check.
+    from moekit.ops import heuristics
+
+    argv = ["tune", "--preset", "olmoe-1b-7b", "--tokens", "1", "--out"]
+    assert "does not exist" in _usage_error(capsys, [*argv, str(tmp_path / "nope")])
+    (tmp_path / "file").write_text("")
+    assert "is not a folder" in _usage_error(capsys, [*argv, str(tmp_path / "file")])
+    bad = tmp_path / heuristics.gpu_name() / "olmoe-1b-7b.fp8_block.json"
+    bad.parent.mkdir()
+    bad.write_text("[1, 2]")
+    err = _usage_error(capsys, [*argv, str(tmp_path), "--quant", "fp8_block"])
+    assert str(bad) in err and "expected a tuned table" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "needs a CUDA device" in _usage_error(capsys, [*argv, str(tmp_path)])  # the bf16 table is fine
+
+
+def test_cpu_memory_check_counts_the_packed_weights(capsys, no_sweep, monkeypatch):
+    # olmoe-1b-7b in bf16 on a CPU: weights 0.81 GB + 1.61 GB of reference fit in 3 GB, but the torch backend packs
+    # a second copy of the experts for oneDNN as they run (moekit/kernel/cpu_packed.py).
+    monkeypatch.setattr(cli, "device_memory_bytes", lambda device: 3 * 10**9)
+    err = _usage_error(capsys, ["bench", "--preset", "olmoe-1b-7b", "--device", "cpu", "--tokens", "1"])
+    assert "olmoe-1b-7b" in err and "CPU-packed copy" in err and "3.2 GB" in err
 
 
 def test_too_many_tokens_are_refused_with_the_activation_size(capsys, no_sweep, tiny_config):

@@ -101,6 +101,17 @@ def error_tolerance(dtype: torch.dtype, quant: str | None = None) -> float:
     raise ValueError(f"quant: expected None or one of {BENCH_SCHEMES}, got {quant!r}")
 
 
+def _check_quant(quant: str | None) -> None:
+    if quant is not None and quant not in BENCH_SCHEMES:
+        raise ValueError(f"quant: expected None or one of {BENCH_SCHEMES}, got {quant!r}")
+
+
+def _check_num_tokens(num_tokens: int) -> None:
+    # bool is an int: True would time one token
+    if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0:
+        raise ValueError(f"num_tokens: expected a non-negative int, got {num_tokens!r}")
+
+
 def make_weights(shape: MoEShape, dtype: torch.dtype, device: torch.device, seed: int,
                  quant: str | None = None) -> dict:
     """Random expert weights for ``shape``, scaled like nn.Linear's init; made once per shape.
@@ -108,6 +119,7 @@ def make_weights(shape: MoEShape, dtype: torch.dtype, device: torch.device, seed
     With ``quant`` (a ``moekit.quantize`` scheme), ``"quantized"`` also holds those weights quantized by
     ``moekit.quantize`` as a ``RoutedExperts``: moekit runs it, the baselines and the reference the float weights.
     """
+    _check_quant(quant)
     g = torch.Generator(device=device).manual_seed(seed)
     rows = shape.activation.w13_rows(shape.intermediate_size)
     E, H, I = shape.num_experts, shape.hidden_size, shape.intermediate_size
@@ -145,6 +157,7 @@ def float_experts(shape: MoEShape, weights: dict) -> RoutedExperts:
 
 def make_tokens(shape: MoEShape, num_tokens: int, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
     """Random hidden states and routing from random logits through the real router, fresh per point."""
+    _check_num_tokens(num_tokens)
     g = torch.Generator(device=device).manual_seed(seed + 1 + num_tokens)
     logits = torch.randn(num_tokens, shape.num_experts, generator=g, device=device)
     topk_weights, topk_ids = select_experts(logits, shape.top_k, renormalize=True)
@@ -221,16 +234,20 @@ def bench_point(
     across token counts.
 
     With ``quant``, moekit runs the routed experts quantized by ``moekit.quantize`` (``auto`` picks what such a
-    layer runs: Triton on CUDA with the scheme's dots, else torch; torch for mxfp4 for now, ``backend="triton"``
-    times its kernel); the baselines run the float weights, and the floor counts the quantized weights (codes,
+    layer runs: Triton on CUDA with the scheme's dots, mxfp4 included, else torch; ``backend="triton"`` times
+    the Triton kernel wherever it runs); the baselines run the float weights, and the floor counts the quantized weights (codes,
     scales, zero points: ``floor.moe_bytes``). The error column is against the unquantized fp32 reference for
     8-bit schemes (MEASURING.md) and against the fp32 reference on the dequantized weights for weight-only ones
     (integer groups and mxfp4).
     """
+    _check_num_tokens(num_tokens)
+    _check_quant(quant)
     if weights is None:
         weights = make_weights(shape, dtype, device, seed, quant)
-    if quant is not None and "quantized" not in weights:
-        raise ValueError(f"weights: expected make_weights(..., quant={quant!r})'s, which hold the quantized layer")
+    made_for = weights["quantized"].quant_method.name if "quantized" in weights else None
+    if made_for != quant:  # moekit would time one format and the floor and error column count another
+        raise ValueError(f"weights: expected make_weights(..., quant={quant!r})'s, got weights made with "
+                         f"quant={made_for!r}")
     rotate = ROTATE if device.type == "cuda" else 1
     token_sets = [make_tokens(shape, num_tokens, dtype, device, seed + 7919 * i) for i in range(rotate)]
     # The bench times what the layer would run: its quant method's choice for 'auto' (e.g. torch for an fp8

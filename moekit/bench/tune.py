@@ -283,6 +283,14 @@ def gpu_measure(preset, device: torch.device, dtype: torch.dtype, seed: int = 0,
     return measure, free
 
 
+def table_path(preset, out_dir: Path | str | None = None, quant: str | None = None) -> Path:
+    """``<out_dir>/<gpu>/<preset>[.<quant>].json``: where ``tune_preset`` writes ``preset``'s table (``out_dir``
+    defaults to ``heuristics.tuned_dir()``, ``<gpu>`` is the current device's folder name)."""
+    if quant is not None and quant not in BENCH_SCHEMES:
+        raise ValueError(f"quant: expected None or one of {BENCH_SCHEMES}, got {quant!r}")
+    return Path(out_dir or tuned_dir()) / heuristics.gpu_name() / f"{preset.name}{f'.{quant}' if quant else ''}.json"
+
+
 def tune_preset(
     preset, tokens: list[int], *, out_dir: Path | None = None, dtype: torch.dtype = torch.bfloat16,
     min_gain: float = 0.03, measure: Measure | None = None, num_sms: int | None = None,
@@ -297,9 +305,9 @@ def tune_preset(
     (``<name>.<quant>.json`` for a ``moekit.quantize`` scheme, whose entries are keyed by it) with ``<gpu>`` as
     ``heuristics`` names the current device; ``dtype`` is the activations' (and float weights') dtype.
     """
-    if quant is not None and quant not in BENCH_SCHEMES:
-        raise ValueError(f"quant: expected None or one of {BENCH_SCHEMES}, got {quant!r}")
-    path = Path(out_dir or tuned_dir()) / heuristics.gpu_name() / f"{preset.name}{f'.{quant}' if quant else ''}.json"
+    if not tokens or not all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in tokens):
+        raise ValueError(f"tokens: expected a non-empty list of positive ints, got {tokens!r}")
+    path = table_path(preset, out_dir, quant)
     read_table(path)  # a malformed file is refused before the sweep, not after it
     free = None
     if measure is None:
@@ -332,5 +340,5 @@ def format_points(name: str, points: list[TunePoint]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TunePoint", "candidate_configs", "format_points", "read_table", "table_entries", "tune_points",
+__all__ = ["TunePoint", "candidate_configs", "format_points", "read_table", "table_entries", "table_path", "tune_points",
            "tune_preset", "write_table"]

@@ -93,3 +93,24 @@ def test_a_point_records_its_tolerance_and_a_wrong_output_exceeds_it(monkeypatch
     assert row.max_rel_err_tol == TOLERANCES[torch.float32].max and not row.error_exceeds
     monkeypatch.setattr(run, "reference_error", lambda *a: 0.3)
     assert run.bench_point(shape, 3, **kw).error_exceeds
+
+
+def test_bench_point_checks_tokens_quant_and_weights():
+    shape = MoEShape(name="t", num_experts=6, hidden_size=64, intermediate_size=40, top_k=2)
+    cpu = torch.device("cpu")
+    kw = dict(backend="torch", dtype=torch.float32, device=cpu, ceilings=None, baselines=False)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"num_tokens: expected a non-negative int, got {bad!r}"):
+            run.bench_point(shape, bad, **kw)
+    with pytest.raises(ValueError, match="quant: expected None or one of .* got 'fp4'"):
+        run.bench_point(shape, 1, quant="fp4", **kw)
+    with pytest.raises(ValueError, match="quant: expected None or one of .* got 'fp4'"):
+        run.make_weights(shape, torch.float32, cpu, 0, "fp4")
+    # Weights made for another format: moekit would time one and the floor and error column count another.
+    float_w = run.make_weights(shape, torch.float32, cpu, 0)
+    w4 = run.make_weights(shape, torch.float32, cpu, 0, "w4a16_g128")
+    for weights, quant, made in ((float_w, "w4a16_g128", None), (w4, "w8a16_g128", "w4a16_g128"),
+                                 (w4, None, "w4a16_g128")):
+        with pytest.raises(ValueError, match=f"weights: expected make_weights\\(..., quant={quant!r}\\)'s, got "
+                                             f"weights made with quant={made!r}"):
+            run.bench_point(shape, 1, weights=weights, quant=quant, **kw)

@@ -151,6 +151,9 @@ def test_tune_8bit_writes_its_own_table_keyed_by_scheme(tmp_path, monkeypatch):
     assert choose_config(replace(fp8(4096), weights="fp8_channel")) == heuristic_config(fp8(4096))
     with pytest.raises(ValueError, match="quant: expected None or one of"):
         tune_preset(PRESET, [1], measure=measure, quant="fp4")
+    for tokens in ([], [0], [4, -1], [1.5]):
+        with pytest.raises(ValueError, match="tokens: expected a non-empty list of positive ints"):
+            tune_preset(PRESET, tokens, measure=measure)
     heuristics._tuned_tables.cache_clear()
 
 
