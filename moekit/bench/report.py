@@ -89,7 +89,7 @@ def error_warning(rows: Sequence[Row]) -> str | None:
     if not bad:
         return None
     where = ", ".join(f"{r.shape} T={r.tokens} {r.backend} {r.quant or r.dtype} ({r.max_rel_err:.2e} > "
-                      f"{r.max_rel_err_tol:.0e})" for r in bad)
+                      f"{r.max_rel_err_tol:.2g})" for r in bad)
     return (f"warning: moekit's output is off the reference by more than the tolerance at {where}: those timings "
             "are of a wrong result (marked '!' in the table)")
 

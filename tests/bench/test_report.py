@@ -68,5 +68,6 @@ def test_rows_off_the_reference_are_marked_and_named():
     assert _column([good, wrong, nan], "max rel err") == ["4.00e-03", "5.00e-01!", "nan!"]
     assert error_warning([good]) is None and error_warning([_row(max_rel_err=0.5)]) is None  # older files: no tol
     warning = error_warning([good, wrong, nan])
-    assert "olmoe-1b-7b T=16 torch bfloat16 (5.00e-01 > 4e-02)" in warning and "T=64" in warning
+    assert "olmoe-1b-7b T=16 torch bfloat16 (5.00e-01 > 0.04)" in warning and "T=64" in warning
     assert "T=1 " not in warning
+    assert "(2.00e-01 > 0.15)" in error_warning([_row(max_rel_err=0.2, max_rel_err_tol=0.15, quant="fp8_block")])
