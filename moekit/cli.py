@@ -8,6 +8,7 @@ work, so a mistake costs no sweep and ends in one line on stderr with exit statu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -251,18 +252,41 @@ def _check_memory(shapes, dtype: torch.dtype, device: torch.device, tokens: list
         # --quant keeps the float weights (baselines, reference) beside the quantized experts moekit runs.
         quantized = 0 if quant is None else moe_bytes(shape, 0, shape.num_experts, dtype.itemsize, quant)
         needed += quantized
+        # On a CPU the torch backend packs an unquantized layer's experts for oneDNN as they run
+        # (moekit.kernel.cpu_packed): a second copy of the weights.
+        packed = weights if device.type == "cpu" and quant is None else 0
+        needed += packed
         # Activations, counted in fp32 and generously: x, the output, the reference's and a baseline's outputs
         # ([T, H] each), and the routed rows' GEMM 1 and GEMM 2 outputs ([T·K, 2I + H]).
         t = max(tokens, default=0)
         acts = 4 * (4 * t * shape.hidden_size + t * shape.top_k * (2 * shape.intermediate_size + shape.hidden_size))
         if needed + acts > available:
             with_acts = f", {acts / 1e9:.1f} GB more for the activations of T = {t}" if acts else ""
-            with_quant = f" their {quant} copy and" if quant else ""
+            with_quant = f" their {quant} copy and" if quant else " their CPU-packed copy and" if packed else ""
             raise UsageError(f"{shape.name}: its {str(dtype).removeprefix('torch.')} expert weights take "
                              f"{weights / 1e9:.1f} GB ({needed / 1e9:.1f} GB with{with_quant} the reference check"
                              f"{with_acts}), "
                              f"and {where} {available / 1e9:.1f} GB {what}; pick a smaller preset, fewer tokens or "
                              "another device")
+
+
+def _check_tune_out(args: argparse.Namespace, shapes) -> None:
+    """tune's tables folder (--out, else the default) is a writable folder, and the tables already there, which
+    the run merges into, read: a mistake costs no sweep."""
+    from moekit.bench.tune import read_table, table_path
+    from moekit.ops.heuristics import tuned_dir
+
+    folder = Path(args.out) if args.out else tuned_dir()
+    flag = f"--out {args.out}" if args.out else f"the tables folder {str(folder)!r} (--out)"
+    if not folder.is_dir():
+        raise UsageError(f"{flag}: {'is not a folder' if folder.exists() else 'does not exist'}")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag}: is not writable")
+    for shape in shapes:
+        try:
+            read_table(table_path(shape, folder, args.quant))
+        except ValueError as err:  # names the file
+            raise UsageError(str(err)) from None
 
 
 def _preset_shapes(text: str):
@@ -323,8 +347,9 @@ def _tokens(text: str) -> list[int]:
         tokens = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise UsageError(f"--tokens: expected comma-separated ints, got {text!r}") from None
-    if not tokens or min(tokens) < 0:
-        raise UsageError(f"--tokens: expected non-negative ints, got {text!r}")
+    # T = 0 times nothing: its floor is 0 (no expert is touched), which turned the whole plot into latencies.
+    if not tokens or min(tokens) < 1:
+        raise UsageError(f"--tokens: expected positive ints, got {text!r}")
     return tokens
 
 
@@ -332,7 +357,7 @@ def _tokens(text: str) -> list[int]:
 
 def bench(args: argparse.Namespace) -> int:
     from moekit.bench import bench_point, measure_ceilings
-    from moekit.bench.report import noise_warning, table, write_json
+    from moekit.bench.report import table, write_json
     from moekit.bench.run import make_weights
 
     device = _device(args.device)
@@ -344,29 +369,31 @@ def bench(args: argparse.Namespace) -> int:
     _check_outputs(args)
     _check_memory(shapes, dtype, device, tokens, quant)
 
-    ceilings = measure_ceilings(device, quant) if device.type == "cuda" else None
-    if ceilings:
-        print(f"ceilings: read {ceilings.read_bw / 1e12:.2f} TB/s, {ceilings.mm_dtype} matmul "
-              f"{ceilings.mm_rate / 1e12:.0f} TFLOP/s", file=sys.stderr)
-    points = [(s, t) for s in shapes for t in tokens]
-    rows = []
-    weights = {}
-    for shape, t in _progress(points):
-        if shape.name not in weights:
-            weights.clear()  # one shape's weights at a time: deepseek-v3's alone are 22 GB in bf16
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            weights[shape.name] = make_weights(shape, dtype, device, args.seed, quant)
-        rows.append(bench_point(shape, t, backend=args.backend, dtype=dtype, device=device, ceilings=ceilings,
-                                weights=weights[shape.name], baselines=not args.no_baselines, seed=args.seed,
-                                quant=quant))
+    # cuda:N made current: do_bench's events, CUDA graphs and Triton launches go to the current device, not to the
+    # device of the tensors (everything ran on cuda:0 before).
+    with _on_device(device):
+        ceilings = measure_ceilings(device, quant, dtype) if device.type == "cuda" else None
+        if ceilings:
+            print(f"ceilings: read {ceilings.read_bw / 1e12:.2f} TB/s, {ceilings.mm_dtype} matmul "
+                  f"{ceilings.mm_rate / 1e12:.0f} TFLOP/s", file=sys.stderr)
+        points = [(s, t) for s in shapes for t in tokens]
+        rows = []
+        weights = {}
+        for shape, t in _progress(points):
+            if shape.name not in weights:
+                weights.clear()  # one shape's weights at a time: deepseek-v3's alone are 22 GB in bf16
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                weights[shape.name] = make_weights(shape, dtype, device, args.seed, quant)
+            rows.append(bench_point(shape, t, backend=args.backend, dtype=dtype, device=device, ceilings=ceilings,
+                                    weights=weights[shape.name], baselines=not args.no_baselines, seed=args.seed,
+                                    quant=quant))
     weights_text = args.dtype if quant is None else f"{quant} experts ({args.dtype} activations and baselines)"
     print(f"moekit bench on {_device_name(device)}, {weights_text}, "
           f"backend {rows[0].backend if rows else args.backend}"
           + ("" if ceilings else " (no floor on CPU: the floor is defined for GPUs)"))
     print(table(rows))
-    if warning := noise_warning(rows):
-        print(f"moekit bench: {warning}", file=sys.stderr)
+    _warn(args.command, rows)
     meta = {**info(), "device": _device_name(device), "dtype": args.dtype, "quant": quant, "command": " ".join(["moekit", *args.argv])}
     if args.json:
         write_json(args.json, rows, meta, ceilings)
@@ -385,8 +412,19 @@ def replot(args: argparse.Namespace) -> int:
     except ValueError as err:  # names the file
         raise UsageError(str(err)) from None
     print(table(rows))
+    _warn(args.command, rows)
     _write_outputs(rows, args)
     return EXIT_OK
+
+
+def _warn(command: str, rows) -> None:
+    """The table's warnings on stderr: points off the reference (the run still succeeds: the timings are
+    printed and saved, flagged), and a busy machine."""
+    from moekit.bench.report import error_warning, noise_warning
+
+    for warning in (error_warning(rows), noise_warning(rows)):
+        if warning:
+            print(f"moekit {command}: {warning}", file=sys.stderr)
 
 
 def tune(args: argparse.Namespace) -> int:
@@ -394,6 +432,7 @@ def tune(args: argparse.Namespace) -> int:
     tokens = _tokens(args.tokens)
     if not 0 <= args.min_gain < 1:
         raise UsageError(f"--min-gain: expected a fraction in [0, 1), got {args.min_gain}")
+    _check_tune_out(args, shapes)
     if not torch.cuda.is_available():
         raise UsageError("needs a CUDA device (it times the Triton kernels); none is available")
     dtype = DTYPES[args.dtype]
@@ -433,6 +472,11 @@ def _write_outputs(rows, args: argparse.Namespace) -> None:
         Path(args.markdown).write_text(markdown(rows) + "\n")
     if args.plot:
         plot(args.plot, rows)
+
+
+def _on_device(device: torch.device):
+    """A context in which ``device`` is the current CUDA device (nothing to do on the CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _device_name(device: torch.device) -> str:

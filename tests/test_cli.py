@@ -48,13 +48,13 @@ def _usage_error(capsys, argv) -> str:
 
 def test_bench_writes_table_json_plot_markdown(tiny_config, tmp_path, capsys):
     out_json, out_png, out_md = tmp_path / "b.json", tmp_path / "b.png", tmp_path / "b.md"
-    rc = main(["bench", "--hf-config", str(tiny_config), "--tokens", "0,1,5", "--dtype", "fp32",
+    rc = main(["bench", "--hf-config", str(tiny_config), "--tokens", "1,5", "--dtype", "fp32",
                "--backend", "torch", "--json", str(out_json), "--plot", str(out_png), "--markdown", str(out_md)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "moekit us" in text and "qwen2_moe" in text
     doc = json.loads(out_json.read_text())
-    assert [r["tokens"] for r in doc["rows"]] == [0, 1, 5]
+    assert [r["tokens"] for r in doc["rows"]] == [1, 5]
     for r in doc["rows"]:
         assert r["moekit_us"] > 0 and r["max_rel_err"] < 1e-5
         assert r["eager_us"] > 0
@@ -195,9 +195,100 @@ def test_bench_json_records_the_command_it_ran(tiny_config, tmp_path):
     assert json.loads(out_json.read_text())["meta"]["command"] == "moekit " + " ".join(argv)
 
 
+def test_bench_flags_rows_off_the_reference_without_failing(tiny_config, tmp_path, capsys, monkeypatch):
+    # A wrong kernel used to be a fast row with nothing flagged: now "!" in the table and a warning naming the row
+    # on stderr, the run still done (exit 0), the JSON keeps the tolerance so `moekit plot` flags it again.
+    monkeypatch.setattr(moekit.bench.run, "reference_error", lambda *a: 0.5)
+    out_json = tmp_path / "b.json"
+    assert main(["bench", "--hf-config", str(tiny_config), *FAST, "--json", str(out_json)]) == 0
+    captured = capsys.readouterr()
+    assert "5.00e-01!" in captured.out
+    assert "moekit bench: warning: moekit's output is off the reference" in captured.err
+    assert "qwen2_moe T=1 torch float32 (5.00e-01 > 1e-05)" in captured.err
+    assert main(["plot", str(out_json)]) == 0
+    captured = capsys.readouterr()
+    assert "5.00e-01!" in captured.out and "moekit plot: warning" in captured.err
+
+
+def test_bench_sweeps_with_its_device_current(tiny_config, monkeypatch):
+    # --device cuda:N timed cuda:0: do_bench's events and Triton launches follow the current device. The sweep now
+    # runs inside cli._on_device(device), which makes it current.
+    entered, inside = [], []
+    real = cli._on_device
+
+    class Recorder:
+        def __init__(self, device):
+            self.device, self.ctx = device, real(device)
+
+        def __enter__(self):
+            entered.append(self.device)
+            self.ctx.__enter__()
+
+        def __exit__(self, *exc):
+            entered.remove(self.device)
+            return self.ctx.__exit__(*exc)
+
+    point = moekit.bench.bench_point
+    monkeypatch.setattr(cli, "_on_device", Recorder)
+    monkeypatch.setattr(moekit.bench, "bench_point", lambda *a, **kw: inside.append(list(entered)) or point(*a, **kw))
+    assert main(["bench", "--hf-config", str(tiny_config), *FAST, "--device", "cpu"]) == 0
+    assert inside == [[torch.device("cpu")]]
+    made = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: made.append(device) or cli.contextlib.nullcontext())
+    with real(torch.device("cuda", 1)):
+        assert made == [torch.device("cuda", 1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_bench_on_the_second_gpu_runs_there(tiny_config, monkeypatch):
+    current = []
+    point = moekit.bench.bench_point
+    monkeypatch.setattr(moekit.bench, "bench_point",
+                        lambda *a, **kw: current.append(torch.cuda.current_device()) or point(*a, **kw))
+    assert main(["bench", "--hf-config", str(tiny_config), "--tokens", "1", "--device", "cuda:1",
+                 "--no-baselines"]) == 0
+    assert current == [1]
+
+
 def test_tune_errors_name_tune(capsys):
     assert "moekit tune: --tokens" in _usage_error(capsys, ["tune", "--preset", "qwen3-30b-a3b", "--tokens", "1,x"])
     assert "--min-gain" in _usage_error(capsys, ["tune", "--preset", "olmoe-1b-7b", "--min-gain", "-1"])
+
+
+@pytest.mark.parametrize("command", ["bench", "tune"])
+@pytest.mark.parametrize("tokens", ["0", "1,0", "-4"])
+def test_token_counts_must_be_positive(capsys, no_sweep, command, tokens):
+    # T = 0 was accepted: its floor is 0, which silently turned the whole plot into a latency plot.
+    err = _usage_error(capsys, [command, "--preset", "olmoe-1b-7b", "--device", "cpu", f"--tokens={tokens}"]
+                       if command == "bench" else [command, "--preset", "olmoe-1b-7b", f"--tokens={tokens}"])
+    assert f"moekit {command}: --tokens: expected positive ints, got {tokens!r}" == err
+
+
+def test_tune_out_is_checked_before_the_sweep(tmp_path, capsys, monkeypatch):
+    # --out was only looked at after the sweep (minutes of GPU time): a missing folder, a file, or a malformed
+    # table in it (the run merges into it) is refused up front, before even the CUDA check.
+    from moekit.ops import heuristics
+
+    argv = ["tune", "--preset", "olmoe-1b-7b", "--tokens", "1", "--out"]
+    assert "does not exist" in _usage_error(capsys, [*argv, str(tmp_path / "nope")])
+    (tmp_path / "file").write_text("")
+    assert "is not a folder" in _usage_error(capsys, [*argv, str(tmp_path / "file")])
+    bad = tmp_path / heuristics.gpu_name() / "olmoe-1b-7b.fp8_block.json"
+    bad.parent.mkdir()
+    bad.write_text("[1, 2]")
+    err = _usage_error(capsys, [*argv, str(tmp_path), "--quant", "fp8_block"])
+    assert str(bad) in err and "expected a tuned table" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "needs a CUDA device" in _usage_error(capsys, [*argv, str(tmp_path)])  # the bf16 table is fine
+
+
+def test_cpu_memory_check_counts_the_packed_weights(capsys, no_sweep, monkeypatch):
+    # olmoe-1b-7b in bf16 on a CPU: weights 0.81 GB + 1.61 GB of reference fit in 3 GB, but the torch backend packs
+    # a second copy of the experts for oneDNN as they run (moekit/kernel/cpu_packed.py).
+    monkeypatch.setattr(cli, "device_memory_bytes", lambda device: 3 * 10**9)
+    err = _usage_error(capsys, ["bench", "--preset", "olmoe-1b-7b", "--device", "cpu", "--tokens", "1"])
+    assert "olmoe-1b-7b" in err and "CPU-packed copy" in err and "3.2 GB" in err
 
 
 def test_too_many_tokens_are_refused_with_the_activation_size(capsys, no_sweep, tiny_config):

@@ -5,13 +5,15 @@
     floor_us = max(bytes / read_bw, flops / mm_rate)
 
 With an 8-bit scheme (``moekit bench --quant fp8_block``, ...) a weight is 1 byte, each touched expert adds its
-float32 scales, and ``mm_rate`` is the 8-bit matmul's (``torch._scaled_mm`` fp8 or ``torch._int_mm`` int8). With a
-weight-only scheme (``w4a16_g128``, ``w4a16_g128_asym``, ``w8a16_g128``) a weight is its packed code (half a byte
-at 4 bits, a byte at 8), each touched expert adds its group scales (in the activation dtype, as ``moekit.quantize``
-keeps them) and, asymmetric, a one-byte zero point per group; ``mm_rate`` stays the bf16 matmul's (the codes are
-dequantized to the activation dtype for the dots). With ``mxfp4`` a weight is half a byte of e2m1 code and every
-32 of them share one e8m0 scale byte (``mxfp4_bytes``); ``mm_rate`` is the bf16 matmul's too. ``read_bw`` and
-``mm_rate`` are measured in the same run by ``measure_ceilings``.
+float32 scales, and ``mm_rate`` is the 8-bit matmul's (``torch._scaled_mm`` fp8 or ``torch._int_mm`` int8) where
+the GPU has those dots, else the activation dtype's (the layer runs its dots there). With a weight-only scheme
+(``w4a16_g128``, ``w4a16_g128_asym``, ``w8a16_g128``) a weight is its packed code (half a byte at 4 bits, a byte
+at 8), each touched expert adds its group scales (in the activation dtype, as ``moekit.quantize`` keeps them)
+and, asymmetric, a one-byte zero point per group; ``mm_rate`` is the activation dtype's matmul (the codes are
+dequantized to it for the dots). With ``mxfp4`` a weight is half a byte of e2m1 code and every 32 of them share
+one e8m0 scale byte (``mxfp4_bytes``); ``mm_rate`` is the activation dtype's matmul too, as it is unquantized
+(bf16, fp16 or fp32: ``matmul_dtype``). ``read_bw`` and ``mm_rate`` are measured in the same run by
+``measure_ceilings``.
 """
 
 from __future__ import annotations
@@ -22,19 +24,21 @@ from dataclasses import dataclass
 import torch
 
 from moekit.bench.shapes import MoEShape
-from moekit.ops.quantize import expert_scale_shapes
+from moekit.ops.quantize import expert_scale_shapes, native_8bit_dots
 from moekit.ops.quantize_mxfp4 import GROUP as MXFP4_GROUP
 from moekit.quant import MXFP4_SCHEMES, QUANT_SCHEMES, WNA16_SCHEMES
 
 # The schemes ``moekit bench --quant`` times: 8-bit weights and activations, weight-only 4/8-bit groups, mxfp4.
 BENCH_SCHEMES = [*QUANT_SCHEMES, *WNA16_SCHEMES, *MXFP4_SCHEMES]
+# The float matmuls a layer's dots can run in (the activation dtype's), by the name ``Ceilings.mm_dtype`` records.
+FLOAT_MATMULS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @dataclass(frozen=True)
 class Ceilings:
     read_bw: float  # bytes / s
     mm_rate: float  # flop / s
-    mm_dtype: str = "bf16"  # the matmul mm_rate was measured with: bf16, fp8_e4m3 or int8
+    mm_dtype: str = "bf16"  # the matmul mm_rate was measured with: bf16, fp16, fp32, fp8_e4m3 or int8
 
 
 def scale_bytes(shape: MoEShape, scheme: str) -> int:
@@ -67,9 +71,18 @@ def mxfp4_bytes(shape: MoEShape) -> int:
                             (shape.hidden_size, shape.intermediate_size)))
 
 
-def matmul_dtype(scheme: str | None) -> str:
-    """The matmul whose rate bounds a ``scheme`` layer's flops: bf16, or the 8-bit schemes' fp8_e4m3 / int8."""
-    return QUANT_SCHEMES[scheme].qdtype if scheme in QUANT_SCHEMES else "bf16"
+def matmul_dtype(scheme: str | None, dtype: torch.dtype = torch.bfloat16, device: torch.device | None = None) -> str:
+    """The matmul whose rate bounds a ``scheme`` layer's flops with ``dtype`` activations on ``device``: an 8-bit
+    scheme's fp8_e4m3 / int8 where the device has those dots (``native_8bit_dots``; None: assume it does), else
+    the activation dtype's (bf16, fp16, fp32): the layer dequantizes to it for its dots there (a GPU without fp8
+    dots runs an fp8 layer on the torch backend), as weight-only and unquantized layers always do."""
+    if dtype not in FLOAT_MATMULS:
+        raise ValueError(f"dtype: expected one of {list(FLOAT_MATMULS)}, got {dtype}")
+    if scheme in QUANT_SCHEMES:
+        qdtype = QUANT_SCHEMES[scheme].qdtype
+        if device is None or native_8bit_dots(qdtype, device):
+            return qdtype
+    return FLOAT_MATMULS[dtype]
 
 
 def moe_bytes(shape: MoEShape, num_tokens: int, num_active: int, elem_size: int, scheme: str | None = None) -> int:
@@ -102,9 +115,10 @@ def floor_us(shape: MoEShape, num_tokens: int, num_active: int, elem_size: int, 
     return max(t_bytes, t_flops) * 1e6
 
 
-def measure_ceilings(device: torch.device, scheme: str | None = None) -> Ceilings:
-    """Streaming read of a 4 GiB tensor and an 8192³ matmul: bf16 (also for the weight-only schemes), or the 8-bit
-    one of ``scheme`` (``torch._scaled_mm`` for fp8, ``torch._int_mm`` for int8).
+def measure_ceilings(device: torch.device, scheme: str | None = None, dtype: torch.dtype = torch.bfloat16) -> Ceilings:
+    """Streaming read of a 4 GiB tensor and an 8192³ matmul in ``matmul_dtype(scheme, dtype, device)``: the
+    activations' ``dtype`` (also for the weight-only schemes, and for 8-bit ones on a GPU without their dots), or
+    the 8-bit one of ``scheme`` (``torch._scaled_mm`` for fp8, ``torch._int_mm`` for int8).
 
     The read is the fastest of two kernels over a few launch shapes each: a persistent 1-D stream and a stream of
     2-D row tiles shaped like the GEMMs' weight loads (``moekit.bench._kernels``). Taking the best keeps the
@@ -133,18 +147,23 @@ def measure_ceilings(device: torch.device, scheme: str | None = None) -> Ceiling
         best = min(best, ms)
     read_bw = n * 2 / (best * 1e-3)
     del x  # free the 4 GiB before the matmul's buffers
-    dots = matmul_dtype(scheme)
-    ms = do_bench(_matmul_8192(dots, device), return_mode="median")
+    dots = matmul_dtype(scheme, dtype, device)
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the layer's fp32 dots are full fp32 ("ieee"), never TF32
+    try:
+        ms = do_bench(_matmul(dots, device), return_mode="median")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     mm_rate = 2 * 8192**3 / (ms * 1e-3)
     return Ceilings(read_bw=read_bw, mm_rate=mm_rate, mm_dtype=dots)
 
 
-def _matmul_8192(mm_dtype: str, device: torch.device):
-    """A call of the 8192³ matmul in ``mm_dtype`` on random operands."""
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    if mm_dtype == "bf16":
+def _matmul(mm_dtype: str, device: torch.device, n: int = 8192):
+    """A call of the n³ matmul in ``mm_dtype`` on random operands."""
+    floats = {name: dtype for dtype, name in FLOAT_MATMULS.items()}
+    a = torch.randn(n, n, device=device, dtype=floats.get(mm_dtype, torch.bfloat16))
+    b = torch.randn(n, n, device=device, dtype=floats.get(mm_dtype, torch.bfloat16))
+    if mm_dtype in floats:
         return lambda: torch.matmul(a, b)
     # The 8-bit kernels take b column-major (b.t() of a row-major tensor), as the cuBLASLt paths require.
     if mm_dtype == "int8":

@@ -48,7 +48,7 @@ def _columns(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
             _fmt(r.tflops * 1e12 / flop_scale, ".2f"), _fmt(r.gbps * 1e9 / byte_scale, ".0f"),
             _fmt(r.floor_us, ".1f"), _fmt(r.efficiency and 100 * r.efficiency, ".1f"), _fmt(r.grouped_mm_us, ".1f"),
             _fmt(_ratio(r.grouped_mm_us, r.moekit_us), ".2f"), _fmt(r.eager_us, ".1f"),
-            _fmt(_ratio(r.eager_us, r.moekit_us), ".2f"), _fmt(r.max_rel_err, ".2e"),
+            _fmt(_ratio(r.eager_us, r.moekit_us), ".2f"), _fmt(r.max_rel_err, ".2e") + ("!" if r.error_exceeds else ""),
             r.quant or r.dtype,  # moekit's experts: a quant scheme, else the float dtype
         ])
     return header, cells
@@ -80,6 +80,18 @@ def noise_warning(rows: Sequence[Row]) -> str | None:
     return (f"warning: timings spread by more than {100 * NOISY_SPREAD:.0f}% between rounds at {where}: the machine "
             "was busy. The ratios (moekit and the baselines timed in the same interleaved rounds) still compare; "
             "for absolute numbers rerun on a quiet machine.")
+
+
+def error_warning(rows: Sequence[Row]) -> str | None:
+    """A warning naming the points whose output is further from the reference than their tolerance (marked "!"
+    in the table): a fast row of a wrong kernel must not pass unnoticed. None when every point is within."""
+    bad = [r for r in rows if r.error_exceeds]
+    if not bad:
+        return None
+    where = ", ".join(f"{r.shape} T={r.tokens} {r.backend} {r.quant or r.dtype} ({r.max_rel_err:.2e} > "
+                      f"{r.max_rel_err_tol:.2g})" for r in bad)
+    return (f"warning: moekit's output is off the reference by more than the tolerance at {where}: those timings "
+            "are of a wrong result (marked '!' in the table)")
 
 
 def write_json(path: str | Path, rows: Sequence[Row], meta: dict, ceilings: Ceilings | None) -> None:

@@ -21,11 +21,11 @@ from moekit.kernel import resolve_backend
 from moekit.ops.quantize_mxfp4 import dequantize_mxfp4
 from moekit.ops.quantize_wna16 import dequantize_wna16
 from moekit.online_quant import quantize
-from moekit.quant import MXFP4_SCHEMES, WNA16_SCHEMES
+from moekit.quant import MXFP4_SCHEMES, QUANT_SCHEMES, WNA16_SCHEMES
 from moekit.quant.wna16 import expert_weight
 from moekit.router import select_experts
 from moekit.routed_experts import RoutedExperts
-from moekit.testing import rel_errors
+from moekit.testing import QUANT_REFERENCE_TOLERANCE, QUANT_TOLERANCES, TOLERANCES, rel_errors
 
 # MEASURING.md requires CUDA-graph replays for T <= 1024 and allows eager timing above. Every call that can be
 # captured is graph-timed at every T: eager timing of large calls still counts ~0.1-0.4 ms of Python launch
@@ -65,6 +65,13 @@ class Row:
     grouped_mm_spread: float | None = None
     eager_min_us: float | None = None
     eager_spread: float | None = None
+    # The largest max_rel_err a correct kernel gives at this point (``error_tolerance``); None in older files.
+    max_rel_err_tol: float | None = None
+
+    @property
+    def error_exceeds(self) -> bool:
+        """Whether moekit's output is further from the reference than ``max_rel_err_tol`` allows (NaN included)."""
+        return self.max_rel_err_tol is not None and not self.max_rel_err <= self.max_rel_err_tol
 
     @property
     def max_spread(self) -> float | None:
@@ -76,6 +83,35 @@ class Row:
         return asdict(self)
 
 
+def error_tolerance(dtype: torch.dtype, quant: str | None = None) -> float:
+    """The max relative error above which the error column flags a point: what the tests allow for the same
+    comparison (``moekit.testing``). Unquantized: the ``dtype``'s rounding (``TOLERANCES``). 8-bit schemes, against
+    the unquantized reference: their quantization error (``QUANT_TOLERANCES`` of the scheme's qdtype).
+    Weight-only ones, against their own dequantized weights: the kernel tests' bound (the dtype's rounding, at
+    least ``QUANT_REFERENCE_TOLERANCE``)."""
+    if dtype not in TOLERANCES:
+        raise ValueError(f"dtype: expected one of {list(TOLERANCES)}, got {dtype}")
+    rounding = TOLERANCES[dtype].max
+    if quant is None:
+        return rounding
+    if quant in QUANT_SCHEMES:
+        return max(rounding, QUANT_TOLERANCES[QUANT_SCHEMES[quant].qdtype].max)
+    if quant in BENCH_SCHEMES:
+        return max(rounding, QUANT_REFERENCE_TOLERANCE.max)
+    raise ValueError(f"quant: expected None or one of {BENCH_SCHEMES}, got {quant!r}")
+
+
+def _check_quant(quant: str | None) -> None:
+    if quant is not None and quant not in BENCH_SCHEMES:
+        raise ValueError(f"quant: expected None or one of {BENCH_SCHEMES}, got {quant!r}")
+
+
+def _check_num_tokens(num_tokens: int) -> None:
+    # bool is an int: True would time one token
+    if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0:
+        raise ValueError(f"num_tokens: expected a non-negative int, got {num_tokens!r}")
+
+
 def make_weights(shape: MoEShape, dtype: torch.dtype, device: torch.device, seed: int,
                  quant: str | None = None) -> dict:
     """Random expert weights for ``shape``, scaled like nn.Linear's init; made once per shape.
@@ -83,6 +119,7 @@ def make_weights(shape: MoEShape, dtype: torch.dtype, device: torch.device, seed
     With ``quant`` (a ``moekit.quantize`` scheme), ``"quantized"`` also holds those weights quantized by
     ``moekit.quantize`` as a ``RoutedExperts``: moekit runs it, the baselines and the reference the float weights.
     """
+    _check_quant(quant)
     g = torch.Generator(device=device).manual_seed(seed)
     rows = shape.activation.w13_rows(shape.intermediate_size)
     E, H, I = shape.num_experts, shape.hidden_size, shape.intermediate_size
@@ -120,6 +157,7 @@ def float_experts(shape: MoEShape, weights: dict) -> RoutedExperts:
 
 def make_tokens(shape: MoEShape, num_tokens: int, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
     """Random hidden states and routing from random logits through the real router, fresh per point."""
+    _check_num_tokens(num_tokens)
     g = torch.Generator(device=device).manual_seed(seed + 1 + num_tokens)
     logits = torch.randn(num_tokens, shape.num_experts, generator=g, device=device)
     topk_weights, topk_ids = select_experts(logits, shape.top_k, renormalize=True)
@@ -196,16 +234,20 @@ def bench_point(
     across token counts.
 
     With ``quant``, moekit runs the routed experts quantized by ``moekit.quantize`` (``auto`` picks what such a
-    layer runs: Triton on CUDA with the scheme's dots, else torch; torch for mxfp4 for now, ``backend="triton"``
-    times its kernel); the baselines run the float weights, and the floor counts the quantized weights (codes,
+    layer runs: Triton on CUDA with the scheme's dots, mxfp4 included, else torch; ``backend="triton"`` times
+    the Triton kernel wherever it runs); the baselines run the float weights, and the floor counts the quantized weights (codes,
     scales, zero points: ``floor.moe_bytes``). The error column is against the unquantized fp32 reference for
     8-bit schemes (MEASURING.md) and against the fp32 reference on the dequantized weights for weight-only ones
     (integer groups and mxfp4).
     """
+    _check_num_tokens(num_tokens)
+    _check_quant(quant)
     if weights is None:
         weights = make_weights(shape, dtype, device, seed, quant)
-    if quant is not None and "quantized" not in weights:
-        raise ValueError(f"weights: expected make_weights(..., quant={quant!r})'s, which hold the quantized layer")
+    made_for = weights["quantized"].quant_method.name if "quantized" in weights else None
+    if made_for != quant:  # moekit would time one format and the floor and error column count another
+        raise ValueError(f"weights: expected make_weights(..., quant={quant!r})'s, got weights made with "
+                         f"quant={made_for!r}")
     rotate = ROTATE if device.type == "cuda" else 1
     token_sets = [make_tokens(shape, num_tokens, dtype, device, seed + 7919 * i) for i in range(rotate)]
     # The bench times what the layer would run: its quant method's choice for 'auto' (e.g. torch for an fp8
@@ -289,6 +331,7 @@ def bench_point(
         floor_us=fl,
         efficiency=fl / moekit_us if fl else None,
         max_rel_err=err,
+        max_rel_err_tol=error_tolerance(dtype, quant),
         grouped_mm_us=grouped_us,
         eager_us=eager_us,
         graph=graph,

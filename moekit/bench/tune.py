@@ -7,7 +7,8 @@
 
 A benchmark-side tool (it times the experts backends on ``moekit.bench`` inputs); the table is what
 ``moekit.ops.heuristics`` reads: an entry keyed by T covers the token counts above the previous
-key up to T; ``null`` keeps the heuristic for that range. Only the points where tuning wins are written, so most
+key up to T; ``null`` keeps the heuristic for that range. A run replaces the entries of the T values it tunes and
+keeps the file's others. Only the points where tuning wins are written, so most
 presets need no table at all: good heuristics are the product, tables patch what they miss.
 Timing follows docs/perf/MEASURING.md: CUDA-graph replays for T <= 1024 (each replay runs ``ROTATE`` calls on
 different routings so the weights are not found in L2), eager calls above, through ``moekit.bench.timing``.
@@ -107,11 +108,13 @@ def tune_points(
         times = measure(t, cands)
         log(f"T={t}: " + " ".join(f"{n}={us:.1f}" for n, us in times.items()))
         heur = times["heuristic"]
+        _check_heuristic_timed(t, heur, times)
         name = min(times, key=lambda n: times[n])
         best_us = times[name]
         if name != "heuristic" and math.isfinite(best_us) and 1 - best_us / heur > min_gain:
             again = measure(t, {"heuristic": cands["heuristic"], name: cands[name]})
             log(f"T={t}: confirm heuristic={again['heuristic']:.1f} {name}={again[name]:.1f}")
+            _check_heuristic_timed(t, again["heuristic"], again)
             heur = min(heur, again["heuristic"])
             best_us = max(best_us, again[name])  # the winner's worse timing against the heuristic's better one
             if not 1 - best_us / heur > min_gain:
@@ -122,30 +125,74 @@ def tune_points(
     return points
 
 
-def table_entries(points: list[TunePoint]) -> dict[str, dict | None]:
-    """{"<T>": config or None}: configs where the tuned one won; None only where it bounds a later entry."""
+def _check_heuristic_timed(t: int, heur: float, times: dict[str, float]) -> None:
+    """The heuristic is what every call without a table runs: if it failed (inf: wrong output, no compile) the
+    gains against it mean nothing, and it is a bug to report rather than a table to write."""
+    if math.isfinite(heur) and heur > 0:
+        return
+    why = "every candidate failed too" if not any(map(math.isfinite, times.values())) else "other candidates timed"
+    raise RuntimeError(f"T={t}: the heuristic's config timed as {heur} us (it failed the accuracy check against the "
+                       f"torch backend, or did not compile; {why}): no table can be chosen against it")
+
+
+def table_entries(points: list[TunePoint], old: dict[str, dict | None] | None = None) -> dict[str, dict | None]:
+    """{"<T>": config or None}: this run's ``points`` merged into the ``old`` entries of the same table key.
+
+    A key T covers the token counts above the previous key up to T (``heuristics._lookup_tuned``); past the last
+    key the heuristic runs. The breakpoints are the old keys and the tuned T values: a segment ending at a tuned T
+    takes this run's choice (None where the heuristic won), one ending at an old key keeps its old entry, so an
+    old entry that no tuned T falls into covers exactly its old range. Then a run of null segments keeps only
+    its last key (the bound of what follows) and trailing nulls go (the heuristic runs there anyway).
+    """
+    segments: dict[int, dict | None] = {int(t): entry for t, entry in (old or {}).items()}
+    for p in points:
+        segments[p.tokens] = None if p.best_name == "heuristic" else p.best.to_dict()
     entries: dict[str, dict | None] = {}
-    pending_null: str | None = None
-    for p in sorted(points, key=lambda p: p.tokens):
-        if p.best_name == "heuristic":
-            pending_null = str(p.tokens)  # the last heuristic point before the next win ends that win's range
+    pending_null: int | None = None
+    for t in sorted(segments):
+        if segments[t] is None:
+            pending_null = t  # the last null before the next entry ends that entry's range from below
             continue
         if pending_null is not None:
-            entries[pending_null] = None
+            entries[str(pending_null)] = None
             pending_null = None
-        entries[str(p.tokens)] = p.best.to_dict()
+        entries[str(t)] = segments[t]
     return entries
 
 
+def read_table(path: Path) -> dict[str, dict[str, dict | None]]:
+    """The tables of a tuned file (``{key: {"<T>": config or None}}``), ``{}`` when there is none; ValueError
+    naming ``path`` when it is not such a file (nothing is overwritten then)."""
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); fix or remove it before tuning") from None
+    if not isinstance(doc, dict) or not all(
+            isinstance(t, dict) and all(k.isdigit() and (v is None or isinstance(v, dict)) for k, v in t.items())
+            for t in doc.values()):
+        raise ValueError(f"{path}: expected a tuned table {{key: {{\"<T>\": config or null}}}}; fix or remove it "
+                         "before tuning")
+    return doc
+
+
 def write_table(path: Path, key: str, points: list[TunePoint]) -> bool:
-    """Write (or remove, when nothing beat the heuristic) the table at ``path``; True if one was written."""
-    entries = table_entries(points)
-    if not entries:
+    """Merge ``points`` into ``key``'s table at ``path`` (``table_entries``; other keys and other T values stay
+    as they are); True if the file holds entries for ``key`` afterwards. The file is removed only when nothing
+    at all is left in it."""
+    tables = read_table(path)
+    entries = table_entries(points, tables.get(key))
+    if entries:
+        tables[key] = entries
+    else:
+        tables.pop(key, None)
+    if not tables:
         path.unlink(missing_ok=True)
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({key: entries}, indent=1, sort_keys=False) + "\n")
-    return True
+    path.write_text(json.dumps(tables, indent=1, sort_keys=False) + "\n")
+    return bool(entries)
 
 
 def gpu_measure(preset, device: torch.device, dtype: torch.dtype, seed: int = 0,
@@ -206,8 +253,17 @@ def gpu_measure(preset, device: torch.device, dtype: torch.dtype, seed: int = 0,
                 with torch.no_grad():
                     got = kernel(TritonExperts(config=cfg)).apply(x, w13, w2, tw, ids, **kw)
                 err = rel_errors(got, ref)[0]
-                out[name] = time_one(cfg, sets, t <= GRAPH_MAX_TOKENS) if err < MAX_REL_ERR else math.inf
+                if not err < MAX_REL_ERR:  # NaN included
+                    if name == "heuristic":  # what every call without a table runs: a bug, not a candidate
+                        raise RuntimeError(f"T={t}: the heuristic's config fails the accuracy check against the "
+                                           f"torch backend: max rel err {err:.3g} >= {MAX_REL_ERR}")
+                    log(f"T={t}: {name} skipped: max rel err {err:.3g} >= {MAX_REL_ERR} against the torch backend")
+                    out[name] = math.inf
+                    continue
+                out[name] = time_one(cfg, sets, t <= GRAPH_MAX_TOKENS)
             except triton.runtime.errors.OutOfResources as exc:  # a tile too big for shared memory
+                if name == "heuristic":
+                    raise RuntimeError(f"T={t}: the heuristic's config does not fit this GPU: {exc}") from exc
                 log(f"T={t}: {name} skipped: {exc}")
                 out[name] = math.inf
             except ValueError as exc:
@@ -227,6 +283,14 @@ def gpu_measure(preset, device: torch.device, dtype: torch.dtype, seed: int = 0,
     return measure, free
 
 
+def table_path(preset, out_dir: Path | str | None = None, quant: str | None = None) -> Path:
+    """``<out_dir>/<gpu>/<preset>[.<quant>].json``: where ``tune_preset`` writes ``preset``'s table (``out_dir``
+    defaults to ``heuristics.tuned_dir()``, ``<gpu>`` is the current device's folder name)."""
+    if quant is not None and quant not in BENCH_SCHEMES:
+        raise ValueError(f"quant: expected None or one of {BENCH_SCHEMES}, got {quant!r}")
+    return Path(out_dir or tuned_dir()) / heuristics.gpu_name() / f"{preset.name}{f'.{quant}' if quant else ''}.json"
+
+
 def tune_preset(
     preset, tokens: list[int], *, out_dir: Path | None = None, dtype: torch.dtype = torch.bfloat16,
     min_gain: float = 0.03, measure: Measure | None = None, num_sms: int | None = None,
@@ -234,13 +298,17 @@ def tune_preset(
 ) -> tuple[list[TunePoint], Path | None]:
     """Tune ``preset`` (a ``moekit.bench.shapes.MoEShape``) at ``tokens``; write its table under ``out_dir``.
 
-    Returns the points and the path written (None when the heuristic won everywhere). ``measure`` defaults to
+    Returns the points and the path of the table (None when the file holds no entry for this shape: the
+    heuristic won everywhere and no earlier run's entries remain). The entries are merged into the file's
+    (``write_table``): T values not tuned now keep theirs. ``measure`` defaults to
     timing on the current CUDA device; tests inject their own. Tables go to ``<out_dir>/<gpu>/<name>.json``
     (``<name>.<quant>.json`` for a ``moekit.quantize`` scheme, whose entries are keyed by it) with ``<gpu>`` as
     ``heuristics`` names the current device; ``dtype`` is the activations' (and float weights') dtype.
     """
-    if quant is not None and quant not in BENCH_SCHEMES:
-        raise ValueError(f"quant: expected None or one of {BENCH_SCHEMES}, got {quant!r}")
+    if not tokens or not all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in tokens):
+        raise ValueError(f"tokens: expected a non-empty list of positive ints, got {tokens!r}")
+    path = table_path(preset, out_dir, quant)
+    read_table(path)  # a malformed file is refused before the sweep, not after it
     free = None
     if measure is None:
         device = torch.device("cuda")
@@ -259,7 +327,6 @@ def tune_preset(
     finally:
         if free is not None:
             free()
-    path = Path(out_dir or tuned_dir()) / heuristics.gpu_name() / f"{preset.name}{f'.{quant}' if quant else ''}.json"
     written = write_table(path, shape_of(tokens[0] if tokens else 1).table_key, points)
     heuristics._tuned_tables.cache_clear()
     return points, path if written else None
@@ -273,5 +340,5 @@ def format_points(name: str, points: list[TunePoint]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TunePoint", "candidate_configs", "format_points", "table_entries", "tune_points", "tune_preset",
-           "write_table"]
+__all__ = ["TunePoint", "candidate_configs", "format_points", "read_table", "table_entries", "table_path", "tune_points",
+           "tune_preset", "write_table"]

@@ -1,5 +1,9 @@
 """The floor arithmetic of MEASURING.md, checked by hand."""
 
+import pytest
+import torch
+
+import moekit.bench.floor as floor
 from moekit.bench.floor import BENCH_SCHEMES, Ceilings, floor_us, matmul_dtype, moe_bytes, moe_flops
 from moekit.bench.shapes import PRESETS, MoEShape
 
@@ -105,3 +109,35 @@ def test_read_kernels_read_every_element_once():
     _stream_tiles[(rows // block_n,)](x.view(-1), out, k_dim, BLOCK_N=block_n, BLOCK_K=block_k)
     assert out.sum().item() == x.float().sum().item()
     assert out[0].item() == x[:block_n].float().sum().item()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_matmul_ceiling_is_the_dots_the_layer_runs(monkeypatch, native):
+    # fp8 on a GPU without fp8 dots (compute capability < 8.9): the layer runs its dots in the activation dtype,
+    # and measuring torch._scaled_mm there crashed; --dtype fp32 was floored with the bf16 rate.
+    seen = []
+    monkeypatch.setattr(floor, "native_8bit_dots", lambda qdtype, device: seen.append((qdtype, device)) or native)
+    gpu = torch.device("cuda", 1)
+    assert matmul_dtype("fp8_block", torch.bfloat16, gpu) == ("fp8_e4m3" if native else "bf16")
+    assert seen == [("fp8_e4m3", gpu)]
+    assert matmul_dtype("fp8_tensor", torch.float16, gpu) == ("fp8_e4m3" if native else "fp16")
+    assert matmul_dtype("int8_channel", torch.float32, gpu) == ("int8" if native else "fp32")
+    assert matmul_dtype(None, torch.float32, gpu) == "fp32" and matmul_dtype("mxfp4", torch.float16, gpu) == "fp16"
+    assert matmul_dtype("w4a16_g128", torch.float32, gpu) == "fp32"
+    with pytest.raises(ValueError, match="dtype: expected one of .* got torch.float64"):
+        matmul_dtype(None, torch.float64, gpu)
+
+
+@pytest.mark.parametrize("mm_dtype", ["bf16", "fp16", "fp32"])
+def test_float_matmuls_run_in_their_dtype(mm_dtype):
+    out = floor._matmul(mm_dtype, torch.device("cpu"), n=16)()
+    assert out.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[mm_dtype]
+
+
+@pytest.mark.gpu
+def test_measure_ceilings_records_the_matmul_it_timed():
+    device = torch.device("cuda")
+    fp8 = floor.measure_ceilings(device, "fp8_block")
+    assert fp8.mm_dtype == ("fp8_e4m3" if floor.native_8bit_dots("fp8_e4m3", device) else "bf16")
+    fp32 = floor.measure_ceilings(device, None, torch.float32)
+    assert fp32.mm_dtype == "fp32" and fp32.mm_rate < floor.measure_ceilings(device).mm_rate

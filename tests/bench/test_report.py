@@ -3,7 +3,7 @@ warning, and files written before these fields existed."""
 
 import json
 
-from moekit.bench.report import markdown, noise_warning, read_json, table
+from moekit.bench.report import error_warning, markdown, noise_warning, read_json, table
 from moekit.bench.run import Row
 
 
@@ -58,3 +58,16 @@ def test_files_without_the_cpu_fields_still_read(tmp_path):
     path.write_text(json.dumps({"meta": {}, "ceilings": None, "rows": [old]}))
     (row,) = read_json(path)
     assert row.moekit_min_us is None and row.max_spread is None
+
+
+def test_rows_off_the_reference_are_marked_and_named():
+    # A wrong kernel is a fast row: its error column is flagged against the row's tolerance and a warning names it.
+    good = _row(max_rel_err=4e-3, max_rel_err_tol=4e-2)
+    wrong = _row(tokens=16, max_rel_err=0.5, max_rel_err_tol=4e-2)
+    nan = _row(tokens=64, max_rel_err=float("nan"), max_rel_err_tol=4e-2)
+    assert _column([good, wrong, nan], "max rel err") == ["4.00e-03", "5.00e-01!", "nan!"]
+    assert error_warning([good]) is None and error_warning([_row(max_rel_err=0.5)]) is None  # older files: no tol
+    warning = error_warning([good, wrong, nan])
+    assert "olmoe-1b-7b T=16 torch bfloat16 (5.00e-01 > 0.04)" in warning and "T=64" in warning
+    assert "T=1 " not in warning
+    assert "(2.00e-01 > 0.15)" in error_warning([_row(max_rel_err=0.2, max_rel_err_tol=0.15, quant="fp8_block")])

@@ -5,7 +5,8 @@ import torch
 
 import moekit.bench.run as run
 from moekit.bench.shapes import MoEShape
-from moekit.testing import make_moe_inputs, reference_experts
+from moekit.testing import (QUANT_REFERENCE_TOLERANCE, QUANT_TOLERANCES, TOLERANCES, make_moe_inputs,
+                             reference_experts)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -69,3 +70,47 @@ def test_mxfp4_point_is_checked_against_its_dequantized_weights(backend):
     with torch.no_grad():
         out = layer(tokens["hidden_states"], tokens["topk_weights"], tokens["topk_ids"])
     assert run.reference_error({**weights, **tokens}, out, shape) > 1e-3  # the float weights: 4-bit rounding
+
+
+@pytest.mark.parametrize(("dtype", "quant", "want"), [
+    (torch.bfloat16, None, TOLERANCES[torch.bfloat16].max),  # the dtype's rounding against the fp32 reference
+    (torch.float32, None, TOLERANCES[torch.float32].max),
+    (torch.bfloat16, "fp8_block", QUANT_TOLERANCES["fp8_e4m3"].max),  # against the unquantized reference
+    (torch.float32, "int8_channel", QUANT_TOLERANCES["int8"].max),
+    (torch.float32, "w4a16_g128", QUANT_REFERENCE_TOLERANCE.max),  # against its own dequantized weights
+    (torch.float16, "mxfp4", TOLERANCES[torch.float16].max),
+])
+def test_error_tolerance_is_the_tests_for_the_same_comparison(dtype, quant, want):
+    assert run.error_tolerance(dtype, quant) == want
+    with pytest.raises(ValueError, match="quant: expected None or one of .* got 'fp4'"):
+        run.error_tolerance(dtype, "fp4")
+
+
+def test_a_point_records_its_tolerance_and_a_wrong_output_exceeds_it(monkeypatch):
+    shape = MoEShape(name="t", num_experts=6, hidden_size=64, intermediate_size=40, top_k=2)
+    kw = dict(backend="torch", dtype=torch.float32, device=torch.device("cpu"), ceilings=None, baselines=False)
+    row = run.bench_point(shape, 3, **kw)
+    assert row.max_rel_err_tol == TOLERANCES[torch.float32].max and not row.error_exceeds
+    monkeypatch.setattr(run, "reference_error", lambda *a: 0.3)
+    assert run.bench_point(shape, 3, **kw).error_exceeds
+
+
+def test_bench_point_checks_tokens_quant_and_weights():
+    shape = MoEShape(name="t", num_experts=6, hidden_size=64, intermediate_size=40, top_k=2)
+    cpu = torch.device("cpu")
+    kw = dict(backend="torch", dtype=torch.float32, device=cpu, ceilings=None, baselines=False)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"num_tokens: expected a non-negative int, got {bad!r}"):
+            run.bench_point(shape, bad, **kw)
+    with pytest.raises(ValueError, match="quant: expected None or one of .* got 'fp4'"):
+        run.bench_point(shape, 1, quant="fp4", **kw)
+    with pytest.raises(ValueError, match="quant: expected None or one of .* got 'fp4'"):
+        run.make_weights(shape, torch.float32, cpu, 0, "fp4")
+    # Weights made for another format: moekit would time one and the floor and error column count another.
+    float_w = run.make_weights(shape, torch.float32, cpu, 0)
+    w4 = run.make_weights(shape, torch.float32, cpu, 0, "w4a16_g128")
+    for weights, quant, made in ((float_w, "w4a16_g128", None), (w4, "w8a16_g128", "w4a16_g128"),
+                                 (w4, None, "w4a16_g128")):
+        with pytest.raises(ValueError, match=f"weights: expected make_weights\\(..., quant={quant!r}\\)'s, got "
+                                             f"weights made with quant={made!r}"):
+            run.bench_point(shape, 1, weights=weights, quant=quant, **kw)

@@ -1,6 +1,7 @@
 """moekit tune: the candidate grid, the choice of a winner, the table's JSON round trip, the CLI without CUDA."""
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -50,13 +51,83 @@ def test_tune_writes_a_table_that_choose_config_reads(tmp_path, monkeypatch):
     assert choose_config(_shape(700)) == candidate_configs(_shape(1024))["bm64"]  # (16, 1024]
     assert choose_config(_shape(4096)) == heuristic_config(_shape(4096))
 
-    # A noisy win that the second timing does not confirm leaves no table (and removes a stale one).
-    flaky = iter([0.5, 1.0])
-    points, path2 = tune_preset(PRESET, [1], measure=lambda t, c: {n: 100.0 * (next(flaky) if n == "bk64" else 1)
-                                                                   for n in c if n in ("heuristic", "bk64")},
-                                log=lambda s: None)
+    # A noisy win that the second timing does not confirm: T=1 goes back to the heuristic, the rest of the table
+    # stays; alone in a new file it writes nothing.
+    def flaky_measure():
+        flaky = iter([0.5, 1.0])
+        return lambda t, c: {n: 100.0 * (next(flaky) if n == "bk64" else 1) for n in c if n in ("heuristic", "bk64")}
+
+    points, path2 = tune_preset(PRESET, [1], measure=flaky_measure(), log=lambda s: None)
+    assert points[0].best_name == "heuristic" and path2 == path
+    assert json.loads(path.read_text())["64,2048,1024,8"] == {"16": None, "1024": table["1024"]}
+    path.unlink()
+    points, path2 = tune_preset(PRESET, [1], measure=flaky_measure(), log=lambda s: None)
     assert points[0].best_name == "heuristic" and path2 is None and not path.exists()
     heuristics._tuned_tables.cache_clear()
+
+
+KEY = "64,2048,1024,8"  # olmoe-1b-7b's table key
+
+
+def _wins(winners: dict[int, str]):
+    """A measure where ``winners[T]`` is the fastest candidate at T (the heuristic elsewhere)."""
+    return lambda t, configs: {n: 50.0 if n == winners.get(t) else 100.0 + (n != "heuristic") for n in configs}
+
+
+@pytest.mark.parametrize("case", ["heuristic-wins-below", "win-above", "inside-a-range", "other-key"])
+def test_tune_merges_into_the_tables_file(tmp_path, monkeypatch, case):
+    # A run replaces only the T values it tunes: tuning gpt-oss-120b at T=1 (the heuristic won) used to delete its
+    # committed table, and tuning deepseek-v3 at T=4096 alone dropped its T=1 entry.
+    monkeypatch.setenv("MOEKIT_TUNED_DIR", str(tmp_path))
+    heuristics._tuned_tables.cache_clear()
+    path = tmp_path / heuristics.gpu_name() / "olmoe-1b-7b.json"
+    path.parent.mkdir(parents=True)
+    a = candidate_configs(_shape(1))["bk64"].to_dict()
+    b = candidate_configs(_shape(4096))["bm64"].to_dict()
+    other = {"8,4096,14336,2": {"16": a}}  # another shape's table in the same file (hand-merged files exist)
+    old, tokens, winners, want = {
+        "heuristic-wins-below": ({"1024": None, "4096": b}, [1], {}, {"1024": None, "4096": b}),
+        "win-above": ({"1": a}, [4096], {4096: "bm64"}, {"1": a, "4096": b}),
+        # T=64 tuned inside the null range (16, 1024]: the heuristic keeps (16, 64], b keeps (64, 1024]
+        "inside-a-range": ({"16": None, "1024": b, "4096": a}, [64], {}, {"64": None, "1024": b, "4096": a}),
+        "other-key": ({"4": a}, [1, 4], {}, None),
+    }[case]
+    path.write_text(json.dumps({KEY: old, **other}))
+    points, written = tune_preset(PRESET, tokens, measure=_wins(winners), log=lambda s: None)
+    doc = json.loads(path.read_text())
+    assert doc.get(KEY) == want and {k: v for k, v in doc.items() if k != KEY} == other
+    assert written == (path if want else None)
+    heuristics._tuned_tables.cache_clear()
+    if case == "win-above":  # each old entry still covers exactly its old range
+        assert choose_config(_shape(1)) == candidate_configs(_shape(1))["bk64"]
+        assert choose_config(_shape(2048)) == candidate_configs(_shape(4096))["bm64"]
+    heuristics._tuned_tables.cache_clear()
+
+
+def test_tune_refuses_a_malformed_tables_file_before_the_sweep(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEKIT_TUNED_DIR", str(tmp_path))
+    path = tmp_path / heuristics.gpu_name() / "olmoe-1b-7b.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    calls = []
+    with pytest.raises(ValueError, match="olmoe-1b-7b.json: not valid JSON"):
+        tune_preset(PRESET, [1], measure=lambda t, c: calls.append(t), log=lambda s: None)
+    assert calls == [] and path.read_text() == "{not json"
+
+
+@pytest.mark.parametrize("others", [100.0, math.inf])
+def test_tune_raises_when_the_heuristic_fails(tmp_path, monkeypatch, others):
+    # A heuristic that fails the accuracy check (or does not compile) times as inf: no gain can be measured
+    # against it, and every call without a table runs it. It used to write a table ("inf 5.0 100.0%"), or, with
+    # every candidate inf, print "nan%" and "no table".
+    monkeypatch.setenv("MOEKIT_TUNED_DIR", str(tmp_path))
+
+    def measure(t, configs):  # T=1 is fine; at T=16 the heuristic fails and the others time as ``others``
+        return {n: 100.0 if t == 1 else math.inf if n == "heuristic" else others for n in configs}
+
+    with pytest.raises(RuntimeError, match="T=16: the heuristic's config timed as inf"):
+        tune_preset(PRESET, [1, 16], measure=measure, log=lambda s: None)
+    assert not (tmp_path / heuristics.gpu_name()).exists()
 
 
 def test_tune_8bit_writes_its_own_table_keyed_by_scheme(tmp_path, monkeypatch):
@@ -80,6 +151,9 @@ def test_tune_8bit_writes_its_own_table_keyed_by_scheme(tmp_path, monkeypatch):
     assert choose_config(replace(fp8(4096), weights="fp8_channel")) == heuristic_config(fp8(4096))
     with pytest.raises(ValueError, match="quant: expected None or one of"):
         tune_preset(PRESET, [1], measure=measure, quant="fp4")
+    for tokens in ([], [0], [4, -1], [1.5]):
+        with pytest.raises(ValueError, match="tokens: expected a non-empty list of positive ints"):
+            tune_preset(PRESET, tokens, measure=measure)
     heuristics._tuned_tables.cache_clear()
 
 
@@ -135,5 +209,13 @@ def test_measure_skips_a_candidate_the_op_refuses(monkeypatch):
 
     monkeypatch.setattr(tune, "time_us", broken)
     with pytest.raises(ValueError, match="a bug"):
+        measure(1, {"heuristic": DECODE})
+
+    # A wrong output: a candidate is skipped with the error in its log line; the heuristic's is a bug, raised.
+    monkeypatch.setattr(tune, "rel_errors", lambda got, ref: (0.5, 0.1))
+    lines.clear()
+    assert measure(1, {"wrong": DECODE}) == {"wrong": float("inf")}
+    assert lines == [f"T=1: wrong skipped: max rel err 0.5 >= {tune.MAX_REL_ERR} against the torch backend"]
+    with pytest.raises(RuntimeError, match="T=1: the heuristic's config fails the accuracy check .* 0.5"):
         measure(1, {"heuristic": DECODE})
     free()
