@@ -29,7 +29,7 @@ CORE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "g
 # Every other family whose blocks `convert` replaces (and whose tiny config builds on the CPU).
 CONVERT_FAMILIES = [
     "afmoe", "aria", "bailing_hybrid", "beam", "deepseek_v2", "deepseek_v32", "dots1", "dots3_note",
-    "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm5_next", "glm_moe_dsa", "granitemoe",
+    "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint", "lfm2_moe", "glm4_moe", "glm4_moe_lite", "glm5_next", "glm_moe_dsa", "granitemoe",
     "granitemoe_swa", "granitemoeshared", "granitemoehybrid", "hunyuan_v1_moe", "hy_v3", "hy_v4", "hy_v4_vl", "jamba",
     "kimi_linear", "kolibri1", "laguna", "lara_mini", "mellum", "minimax", "minimax_m2", "mistral4", "mistral_large4",
     "nemotron_h", "openai_privacy_filter", "qwen3_5_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_vl_moe", "qwen4_exp",

@@ -56,7 +56,8 @@ SIZES = dict(
 # Fields a family needs beyond SIZES for its tiny config to validate or to contain MoE layers.
 OVERRIDES = {
     "gemma4": dict(enable_moe_block=True, vocab_size_per_layer_input=96, hidden_size_per_layer_input=8),
-    "lfm2_moe": dict(num_dense_layers=0),
+    "lfm2_moe": dict(num_dense_layers=0, layer_types=["full_attention"] * 2),  # its default mixes in conv layers
+    "flint": dict(mlp_only_layers=[]),  # its default makes every tiny layer dense
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_expand=2, mamba_n_groups=1, mamba_d_state=8),
     "zaya": dict(num_experts_per_tok=1),
     # weights on the input need K = 1; layer 0 dense, layer 1 sparse
