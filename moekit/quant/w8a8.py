@@ -80,16 +80,21 @@ class W8A8MoEMethod(MoEQuantMethod):
                                                  device=device))
         s13, s2 = expert_scale_shapes(self.granularity, self.block_shape, num_experts=num_experts,
                                       hidden=hidden_size, inter=intermediate_size, gated=gated)
-        if self.granularity == "tensor" and gated:
+        # Scales that process_weights_after_loading merges (per-tensor w1/w3, static input scales) start at 0, so a
+        # shard a strict=False load left out cannot win the max (a unit default requantized the loaded shard to
+        # 1.0, or set the layer's activation scale); the others start at 1.
+        merged = self.granularity == "tensor" and gated
+        if merged:
             s13 = (num_experts, 2)  # w1 and w3 as loaded; one per expert after process_weights_after_loading
-        register_weight(layer, "w13_scale", torch.ones(s13, dtype=torch.float32, device=device))
+        register_weight(layer, "w13_scale", (torch.zeros if merged else torch.ones)(s13, dtype=torch.float32,
+                                                                                     device=device))
         register_weight(layer, "w2_scale", torch.ones(s2, dtype=torch.float32, device=device))
         if self.static_input_scales:
-            # Unit scales until loaded; reduced to one per layer by process_weights_after_loading.
+            # Reduced to one per layer (the max) by process_weights_after_loading; all 0 there is refused.
             rows13 = 2 if gated else 1
-            register_weight(layer, "w13_input_scale", torch.ones(num_experts, rows13, dtype=torch.float32,
-                                                                 device=device))
-            register_weight(layer, "w2_input_scale", torch.ones(num_experts, 1, dtype=torch.float32, device=device))
+            register_weight(layer, "w13_input_scale", torch.zeros(num_experts, rows13, dtype=torch.float32,
+                                                                  device=device))
+            register_weight(layer, "w2_input_scale", torch.zeros(num_experts, 1, dtype=torch.float32, device=device))
         register_biases(layer, num_experts, rows, hidden_size, params_dtype, device)
 
     def check_tp_split(self, intermediate_size: int, tp_size: int) -> None:

@@ -142,7 +142,26 @@ def test_static_input_scales_load_and_reduce_to_the_max():
 
 
 def _static_layer() -> RoutedExperts:
-    return RoutedExperts(2, 128, 64, quant_method=Fp8TensorMoEMethod(static_input_scales=True))
+    """A per-tensor static layer whose scales an engine loaded (all 1)."""
+    layer = RoutedExperts(2, 128, 64, quant_method=Fp8TensorMoEMethod(static_input_scales=True))
+    for name in ("w13_scale", "w13_input_scale", "w2_input_scale"):
+        getattr(layer, name).data.fill_(1.0)
+    return layer
+
+
+def test_scales_a_partial_load_left_out_do_not_win_the_merge():
+    # strict=False may leave a shard's scales out: they start at 0, so the max over the loaded ones is what merges
+    # (unit defaults requantized a loaded w1 of scale 0.02 to 1.0, and made 1.0 the layer's activation scale).
+    layer = RoutedExperts(2, 128, 64, quant_method=Fp8TensorMoEMethod(static_input_scales=True))
+    layer.w13_scale.data[:, 0] = 0.02  # w1 loaded, w3 not
+    layer.w13_input_scale.data[:, 0] = 0.03
+    layer.w2_input_scale.data[0] = 0.05  # expert 1's w2 input scale not loaded
+    layer.process_weights_after_loading()
+    assert torch.equal(layer.w13_scale, torch.full((2,), 0.02))
+    assert layer.w13_input_scale.item() == pytest.approx(0.03) and layer.w2_input_scale.item() == pytest.approx(0.05)
+    unloaded = RoutedExperts(2, 128, 64, quant_method=Fp8TensorMoEMethod(static_input_scales=True))
+    with pytest.raises(ValueError, match="every static activation scale is 0"):
+        unloaded.process_weights_after_loading()
 
 
 def test_static_input_scales_refuse_bad_values_and_online_quantization():
