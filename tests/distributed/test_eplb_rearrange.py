@@ -196,6 +196,8 @@ def _refusals(rank: int, world: int, device: str) -> None:
     # Merged static input scales are one per layer (each rank's maximum over its own experts).
     static = RoutedExperts(R // world, H, I, quant_method=Fp8TensorMoEMethod(static_input_scales=True),
                            device=device)
+    for name in ("w13_scale", "w13_input_scale", "w2_input_scale"):  # as loaded
+        getattr(static, name).data.fill_(1.0)
     static.process_weights_after_loading()
     refused(static, ValueError, "w13_input_scale")
     # Different plans on different ranks.
