@@ -316,6 +316,15 @@ def test_experts_forward_checks_ids_unless_told_not_to():
         mh.experts_forward(experts, x, ids, torch.rand(3, 2))
 
 
+def test_convert_cohere2_moe_with_summed_shared_experts():
+    # Its default ("average") is refused (below); "sum" is the shared MLP added to the routed experts' output.
+    model = build("cohere2_moe", shared_expert_combination_strategy="sum")
+    ids = input_ids()
+    reference = _logits(model, ids)
+    assert mh.convert(model) == len(_moe_blocks(model)) > 0
+    _compare(_logits(model, ids), reference, torch.float32, "cohere2_moe converted")
+
+
 def test_unsupported_setting_is_named():
     model = build("cohere2_moe")
     with pytest.raises(NotImplementedError, match="shared_expert_combination_strategy"):
