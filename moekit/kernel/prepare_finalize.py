@@ -8,7 +8,6 @@ ranks). The handle that connects the two is a frozen ``PrepareResult``, not a tu
 
 from __future__ import annotations
 
-import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -17,8 +16,6 @@ import torch
 from moekit.ops.quantize import QDTYPES, quantize_activation
 from moekit.quant.params import QuantParams
 
-# Looked up once: torch.compile cannot trace importlib (the lookup per call broke every compiled 8-bit layer on CUDA).
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,7 +90,11 @@ def quantize_input(x_TH: torch.Tensor, quant: QuantParams) -> tuple[torch.Tensor
         # No rows, no amax (an expert-parallel rank can receive none): any scale quantizes nothing.
         return x_TH.to(QDTYPES[quant.act_dtype]), torch.ones((), dtype=torch.float32, device=x_TH.device)
     quantize = quantize_activation
-    if x_TH.device.type == "cuda" and _HAS_TRITON:
+    # The registry's lookup, made once at import: torch.compile cannot trace importlib (a lookup per call broke
+    # every compiled 8-bit layer on CUDA). Imported here: the package imports this module.
+    from moekit.kernel import triton_available
+
+    if x_TH.device.type == "cuda" and triton_available():
         from moekit.ops.act_quant import act_quant as quantize  # imported on use: Triton is optional
     return quantize(x_TH if x_TH.stride(-1) == 1 else x_TH.contiguous(), quant.act_dtype, quant.act_granularity,
                     quant.act_group_size, static_scale=quant.a13_scale)
