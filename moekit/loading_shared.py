@@ -12,7 +12,7 @@ import torch
 
 from moekit.checkpoint import CODE_DTYPES
 from moekit.ops.quantize import dequantize_weight
-from moekit.quant.mxfp4 import E8M0_NAN, MXFP4MoEMethod
+from moekit.quant.mxfp4 import MXFP4MoEMethod, check_e8m0_scales
 from moekit.quant.w8a8 import WEIGHT_SCALES, W8A8MoEMethod, check_scales
 from moekit.quant.wna16 import WNA16MoEMethod
 
@@ -38,12 +38,7 @@ def is_e8m0_scale(method: object, key: str) -> bool:
 
 
 def check_e8m0_scale(key: str, scale: torch.Tensor) -> None:
-    # 255 is NaN in the OCP MX spec: its whole group of 32 weights would be NaN.
-    bad = scale == E8M0_NAN
-    if bool(bad.any()):
-        where = bad.nonzero()[:4].tolist()
-        raise ValueError(f"checkpoint key {key!r}: e8m0 255 (NaN in the OCP MX spec) at {where}"
-                         f"{' ...' if int(bad.sum()) > 4 else ''}: a corrupted checkpoint")
+    check_e8m0_scales(f"checkpoint key {key!r}", scale)
 
 
 def check_group_scale(key: str, scale: torch.Tensor) -> None:

@@ -54,6 +54,19 @@ if TYPE_CHECKING:
 _UNIT_SCALE = 127  # e8m0 of 1.0: an unloaded layer (zero codes) computes zeros, never NaN
 
 
+def check_e8m0_scales(where: str, scale: torch.Tensor, *, per_expert: bool = False) -> None:
+    """Refuse e8m0 255 (NaN in the OCP MX spec: its whole group of 32 weights would be NaN) in ``scale``, naming
+    ``where`` (a parameter or a checkpoint key) and the local experts (``per_expert``: dim 0) or the positions."""
+    bad = scale == E8M0_NAN
+    if not bool(bad.any()):
+        return
+    if per_expert:
+        located = f"in local experts {bad.flatten(1).any(1).nonzero().flatten().tolist()[:16]}"
+    else:
+        located = f"at {bad.nonzero()[:4].tolist()}{' ...' if int(bad.sum()) > 4 else ''}"
+    raise ValueError(f"{where}: e8m0 255 (NaN in the OCP MX spec) {located}: a corrupted checkpoint")
+
+
 class MXFP4MoEMethod(MoEQuantMethod):
     """MXFP4 routed experts (module docstring); the torch backend runs them (each used expert dequantized in its
     loop, and 'auto' picks it) and so does backend 'triton' (codes dequantized in the GEMMs' K loop)."""
@@ -165,13 +178,8 @@ class MXFP4MoEMethod(MoEQuantMethod):
         """The loaded bytes are already the kernel's layout; refuse e8m0 255 (NaN) in any scale."""
         for name in ("w13_scale", "w2_scale"):
             scale = layer._parameters[name]
-            if scale.device.type == "meta":
-                continue
-            bad = scale == E8M0_NAN
-            if bool(bad.any()):
-                experts = bad.flatten(1).any(1).nonzero().flatten().tolist()
-                raise ValueError(f"{name}: e8m0 255 (NaN in the OCP MX spec) in local experts {experts[:16]}: a "
-                                 "corrupted checkpoint")
+            if scale.device.type != "meta":
+                check_e8m0_scales(name, scale, per_expert=True)
 
     def dequantize_tensors(self, tensors: Mapping[str, torch.Tensor], *, n: int, k: int) -> torch.Tensor:
         """float32 [N, K] of one linear stored as a compressed-tensors MXFP4 ``weight_packed`` / ``weight_scale``
