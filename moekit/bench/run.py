@@ -92,18 +92,18 @@ def error_tolerance(dtype: torch.dtype, quant: str | None = None) -> float:
     if dtype not in TOLERANCES:
         raise ValueError(f"dtype: expected one of {list(TOLERANCES)}, got {dtype}")
     rounding = TOLERANCES[dtype].max
+    _check_quant(quant)
     if quant is None:
         return rounding
     if quant in QUANT_SCHEMES:
         return max(rounding, QUANT_TOLERANCES[QUANT_SCHEMES[quant].qdtype].max)
-    if quant in BENCH_SCHEMES:
-        return max(rounding, QUANT_REFERENCE_TOLERANCE.max)
-    raise ValueError(f"quant: expected None or one of {BENCH_SCHEMES}, got {quant!r}")
+    return max(rounding, QUANT_REFERENCE_TOLERANCE.max)
 
 
-def _check_quant(quant: str | None) -> None:
+def _check_quant(quant: str | None, name: str = "quant") -> None:
+    """``quant`` is None (unquantized) or a scheme the bench runs; the error names the argument ``name``."""
     if quant is not None and quant not in BENCH_SCHEMES:
-        raise ValueError(f"quant: expected None or one of {BENCH_SCHEMES}, got {quant!r}")
+        raise ValueError(f"{name}: expected None or one of {BENCH_SCHEMES}, got {quant!r}")
 
 
 def _check_num_tokens(num_tokens: int) -> None:
