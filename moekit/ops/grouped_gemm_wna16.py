@@ -35,6 +35,7 @@ with ``cfg = choose_config(MoEShape(..., weights="w4a16_g128"))`` (the scheme's 
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -44,7 +45,7 @@ from moekit.ops._kernels.grouped_gemm_wna16 import grouped_gemm_wna16_kernel
 from moekit.ops.activation import Activation, activation_code
 from moekit.ops.align import AlignResult
 from moekit.ops.grouped_gemm import check_epilogue_args, grouped_gemm_ref
-from moekit.ops.heuristics import WNA16_VARIANTS, GemmConfig, wna16_variant
+from moekit.ops.heuristics import WNA16_VARIANTS, GemmConfig, k_tiles, pairs_sub_tile, wna16_variant
 from moekit.ops.quantize_mxfp4 import GROUP as MXFP4_GROUP
 from moekit.ops.quantize_mxfp4 import check_mxfp4, dequantize_mxfp4
 from moekit.ops.quantize_wna16 import WNA16Weight, _check_wna16, dequantize_wna16
@@ -81,15 +82,19 @@ def grouped_gemm_wna16(
         variant: how the codes are multiplied, one of ``WNA16_VARIANTS`` (see the kernel's docstring); None
             takes ``config.variant``, else ``wna16_variant``'s choice for the layout. "dequant" reads 4-bit codes
             as int32 words where the rows allow (fp16/bf16 activations), "dequant_bytes" always as bytes,
-            "dequant_split" as bytes without interleaving the nibbles (two dots on A's even and odd columns); all
-            round each dequantized weight to a's dtype (as a bf16 copy of the weights would). "postscale" and
-            "gemv" multiply exact codes and scale in fp32.
+            "dequant_split" as bytes without interleaving the nibbles (two dots on A's even and odd columns),
+            "dequant_pairs" as int32 words, nibbles r and r + 4 of a word dequantized as one packed pair, four
+            swapped dots a sub-tile (integer 4-bit codes in aligned words, fp16/bf16, K sub-tiles of >= 64
+            columns: groups that are a multiple of 64 or a whole row, K tiles >= 64; else it runs as
+            "dequant_bytes" on one-row blocks and "dequant_split" on others); all round each dequantized weight to
+            a's dtype (as a bf16 copy of the weights would). "postscale" and "gemv" multiply exact codes and scale
+            in fp32.
         The other arguments are ``grouped_gemm``'s.
     """
     if variant is None:
         variant = config.variant or wna16_variant(layout.block_m, layout.row_per_block)
     check_choice("variant", variant, WNA16_VARIANTS)
-    if config.swap_ab and not variant.startswith("dequant"):
+    if config.swap_ab and not variant.startswith("dequant"):  # dequant_pairs always swaps
         raise ValueError(f"config.swap_ab: only the dequant variants swap their operands, got variant {variant!r}")
     check_ndim("a", a, 2, "[rows, k]")
     check_dtype("a", a, ACT_DTYPES)
@@ -127,8 +132,12 @@ def grouped_gemm_wna16(
     z = zeros if zeros is not None else scales  # never read without zero points
     # gemv's fp32 FMAs take words from any activation dtype; dequant's 16-bit trick needs fp16/bf16.
     # e2m1 codes never: the word tricks make integers, not e2m1 values.
-    use_words = bits == 4 and not e2m1 and (variant == "gemv" or (variant == "dequant" and a.dtype != torch.float32))
+    use_words = bits == 4 and not e2m1 and (variant == "gemv" or (variant in ("dequant", "dequant_pairs")
+                                                                    and a.dtype != torch.float32))
     words = _as_words(qweight) if use_words else None
+    pairs = variant == "dequant_pairs" and words is not None and pairs_sub_tile(sub_k)
+    if variant == "dequant_pairs" and not pairs:  # the decode choice it replaces
+        variant, words = ("dequant_bytes" if layout.row_per_block else "dequant_split"), None
     codes = words if words is not None else qweight
     grouped_gemm_wna16_kernel[grid](
         a, codes, scales, z, out_3d,
@@ -144,7 +153,9 @@ def grouped_gemm_wna16(
         activation.limit if activation is not None and activation.limit is not None else 0.0,
         VARIANT="dequant" if variant.startswith("dequant") else variant, WORDS=words is not None, BITS=bits,
         E2M1=e2m1, HAS_ZEROS=zeros is not None, SUB_K=sub_k, SPLIT=variant == "dequant_split" and bits == 4,
-        SWAP=config.swap_ab,
+        SWAP=config.swap_ab or pairs, PAIRS=pairs,
+        # Inline PTX: NVIDIA GPUs only, and never in Triton's CPU interpreter (which may be handed CUDA tensors).
+        ASM=a.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET", "0") != "1",
         ACTIVATION=activation_code(activation),
         GATED=gated, HAS_BIAS=bias_EN is not None, HAS_WEIGHTS=weights_N is not None,
         BLOCK_M=layout.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
@@ -181,27 +192,6 @@ def _as_words(qweight: torch.Tensor) -> torch.Tensor | None:
             or qweight.shape[-1] % 4:
         return None
     return qweight.view(torch.int32)
-
-
-def k_tiles(block_k: int, group_size: int, k_dim: int, bits: int) -> tuple[int, int]:
-    """(BLOCK_K, SUB_K) for a configured K tile and the weights' group size: SUB_K columns lie in one group and
-    divide BLOCK_K (module docstring). Raises naming the argument when no K tile fits."""
-    # 4 bits: a sub-tile is two dots of SUB_K/2 columns (even, odd); tl.dot needs a K of at least 16.
-    min_sub = 32 if bits == 4 else 16
-    if block_k < min_sub:
-        raise ValueError(f"config.block_k: {bits}-bit weights need a K tile >= {min_sub}, got {block_k}")
-    if group_size >= k_dim or group_size % block_k == 0:
-        return block_k, block_k
-    if block_k % group_size == 0 and group_size >= min_sub:
-        return block_k, group_size
-    # A group size that is not a power of two (96): the largest power-of-two tile that divides it.
-    tile = block_k
-    while tile > min_sub and group_size % tile:
-        tile //= 2
-    if group_size % tile:
-        raise ValueError(f"b.group_size: {bits}-bit weights need a group size that is a multiple of a K tile (a "
-                         f"power of two >= {min_sub}) or a power of two >= {min_sub} dividing it, got {group_size}")
-    return tile, tile
 
 
 def grouped_gemm_wna16_ref(

@@ -28,7 +28,7 @@ _TUNED_DIR = Path(__file__).parent / "tuned"
 # The ways grouped_gemm_wna16 multiplies weight codes (its kernel's docstring): scale each dot's product,
 # dequantize the weight tile before one dot (4-bit codes read as int32 words where aligned, or always as bytes),
 # or FMAs without tensor cores for decode.
-WNA16_VARIANTS = ("postscale", "dequant", "dequant_bytes", "dequant_split", "gemv")
+WNA16_VARIANTS = ("postscale", "dequant", "dequant_bytes", "dequant_split", "dequant_pairs", "gemv")
 
 
 def tuned_dir() -> Path:
@@ -277,6 +277,7 @@ def _decode_config(s: MoEShape, block_m: int, blocks: int, target: int, bk: int)
 
 # Weight-only integer schemes ("w4a16_g128", "w4a16_g128_asym", "w8a16_g32", ...): codes of 4 or 8 bits.
 _WNA16_SCHEME = re.compile(r"w([48])a16(?:_|$)")
+_WNA16_GROUP = re.compile(r"_g(\d+)")  # absent: one group a row ("channel")
 
 
 def wna16_bits(weights: str) -> int | None:
@@ -311,10 +312,16 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
       beat the int32-word "dequant" by 14-33% from T = 4 to 64 (mixtral T = 64: 612 against 873) and tie or win
       against "gemv" at T = 1 (qwen3 25.7 against 30.0; deepseek-v3 134 against 132); "gemv" loses 1.5-11x
       once a block holds more than one row.
-      Integer 4-bit codes with more than one row an expert: "dequant_split" (the same tiles; the low and high
-      nibbles as two dots against A's even and odd columns, no interleave of the weights): 4-8% ahead of
-      "dequant_bytes" at T = 16-64 (mixtral T = 64: 564 against 612 µs; deepseek-v3 T = 1024: 6397 against 6690),
-      4-5% behind at T = 1 (qwen3, deepseek-v3) and level or behind for mxfp4.
+      Integer 4-bit codes past one token: "dequant_pairs" (the same tiles; int32 words, nibbles r and r + 4 of a
+      word dequantized as one packed pair straight into wgmma's register operand, four swapped dots a sub-tile):
+      14-20% ahead of "dequant_split" (the low and high nibbles as two unswapped dots) from T = 4 to 64 and on
+      qwen3/deepseek-v3's T = 256 decode tiles (mixtral T = 16: 351 against 429 µs; deepseek-v3 T = 64: 2293
+      against 2771), but behind "dequant_bytes" at T = 1 on qwen3 and deepseek-v3 (30 against 26, 149 against
+      134) and far behind "dequant" on prefill tiles; groups < 64 run it as "dequant_split" (which was 4-8% ahead
+      of "dequant_bytes" at T = 16-64). At T = 1 with twice the heuristic's BLOCK_N it wins on large experts
+      (deepseek-v3 113.5 against 133.8 µs, mixtral 119.5 against 130.9) and loses on small ones (qwen3-30b-a3b
+      27.6 against 25.9): taken from H·I >= 4M weights an expert. Measured with groups of 128 (dots 32 wide);
+      groups of 64 (16-wide dots) and whole-row groups take it unmeasured.
     - Otherwise compute-bound: "dequant" (the dot accumulates in place and is pipelined like a bf16 GEMM; the
       old per-dot scaling left the tensor cores waiting on each product, 0.25-0.39x of bf16 at T = 4096 on an
       H200; the word loads beat the byte loads by 4-11% here) on the bf16 prefill shapes: 64 x 128 tiles of 4 warps, 128 x 128 of 8 warps with the half tail from
@@ -333,17 +340,69 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
     swap = s.weights == "mxfp4" and s.num_tokens > 1 and s.elem_bytes == 2
     if s.num_tokens == 1 or block_m <= 32:
         cfg = _decode_config(s, block_m, blocks, 2 * target if s.num_tokens == 1 else target, bk)
-        v = "dequant_split" if bits == 4 and s.num_tokens > 1 and s.weights != "mxfp4" else "dequant_bytes"
-        return replace(cfg, gemm1=replace(cfg.gemm1, variant=v, block_k=_k_tile_dividing(bk, s.hidden),
-                                          swap_ab=swap),
-                       gemm2=replace(cfg.gemm2, variant=v, block_k=_k_tile_dividing(bk, s.inter), swap_ab=swap))
+        k1, k2 = _k_tile_dividing(bk, s.hidden), _k_tile_dividing(bk, s.inter)
+        # "dequant_pairs" (integer 4-bit codes, 16-bit activations, K sub-tiles of >= 64 columns: it falls back
+        # otherwise, so each GEMM decides for itself); one token only on large experts, with twice the BLOCK_N.
+        group = _WNA16_GROUP.search(s.weights)
+        candidate = bits == 4 and s.weights != "mxfp4" and s.elem_bytes == 2 and (
+            s.num_tokens > 1 or s.hidden * s.inter >= _PAIRS_T1_MIN)
+        old = "dequant_split" if bits == 4 and s.num_tokens > 1 and s.weights != "mxfp4" else "dequant_bytes"
+
+        def gemm(g: GemmConfig, k_tile: int, k_dim: int) -> GemmConfig:
+            pairs = candidate and _pairs_tile(k_tile, int(group.group(1)) if group else k_dim, k_dim)
+            wide = 2 if pairs and s.num_tokens == 1 else 1  # one token: twice the bytes a program (H200 probe)
+            return replace(g, variant="dequant_pairs" if pairs else old, block_k=k_tile, block_n=wide * g.block_n,
+                           swap_ab=swap)
+
+        return replace(cfg, gemm1=gemm(cfg.gemm1, k1, s.hidden), gemm2=gemm(cfg.gemm2, k2, s.inter))
     if block_m == 128:
-        g = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, half_tail=True,
-                       variant="dequant", swap_ab=swap)
+        # mxfp4's swapped 128-row tiles: 256 weight rows (two wgmma M blocks a warpgroup): gpt-oss-120b T = 4096 on
+        # an H200 4448 -> 3989 µs (docs/perf/NOTES.md); 64-row blocks keep 128.
+        g = GemmConfig(block_n=256 if swap else 128, block_k=64, group_m=8, num_warps=8, num_stages=3,
+                       half_tail=True, variant="dequant", swap_ab=swap)
     else:
         g = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4, variant="dequant",
                        swap_ab=swap)
     return MoEKernelConfig(block_m=block_m, gemm1=g, gemm2=g, y_fp32=False)
+
+
+def k_tiles(block_k: int, group_size: int, k_dim: int, bits: int) -> tuple[int, int]:
+    """(BLOCK_K, SUB_K) for a configured K tile and the weights' group size: SUB_K columns lie in one group and
+    divide BLOCK_K (module docstring). Raises naming the argument when no K tile fits."""
+    # 4 bits: a sub-tile is two dots of SUB_K/2 columns (even, odd); tl.dot needs a K of at least 16.
+    min_sub = 32 if bits == 4 else 16
+    if block_k < min_sub:
+        raise ValueError(f"config.block_k: {bits}-bit weights need a K tile >= {min_sub}, got {block_k}")
+    if group_size >= k_dim or group_size % block_k == 0:
+        return block_k, block_k
+    if block_k % group_size == 0 and group_size >= min_sub:
+        return block_k, group_size
+    # A group size that is not a power of two (96): the largest power-of-two tile that divides it.
+    tile = block_k
+    while tile > min_sub and group_size % tile:
+        tile //= 2
+    if group_size % tile:
+        raise ValueError(f"b.group_size: {bits}-bit weights need a group size that is a multiple of a K tile (a "
+                         f"power of two >= {min_sub}) or a power of two >= {min_sub} dividing it, got {group_size}")
+    return tile, tile
+
+
+def _pairs_tile(block_k: int, group_size: int, k_dim: int) -> bool:
+    """Whether a GEMM with this K tile and group size would run "dequant_pairs" (no K tiling fits: no)."""
+    try:
+        return pairs_sub_tile(k_tiles(block_k, group_size, k_dim, 4)[1])
+    except ValueError:
+        return False
+
+
+def pairs_sub_tile(sub_k: int) -> bool:
+    """Whether ``grouped_gemm_wna16``'s "dequant_pairs" runs on K sub-tiles of ``sub_k`` columns (``k_tiles``): its
+    four dots a sub-tile are sub_k / 4 wide, and tl.dot needs a K of at least 16."""
+    return sub_k >= 64
+
+
+# One token on "dequant_pairs": experts of at least this many weights (H·I; qwen3-30b-a3b has 1.6M, deepseek-v3 15M).
+_PAIRS_T1_MIN = 4 << 20
 
 
 def _k_tile_dividing(block_k: int, k: int) -> int:
@@ -394,5 +453,6 @@ def _read_tables(folder: Path) -> dict:
 
 __all__ = [
     "WNA16_VARIANTS", "FusedDecodeConfig", "GemmConfig", "MoEKernelConfig", "MoEShape", "choose_config",
-    "fused_decode_config", "gpu_name", "heuristic_config", "tuned_dir", "wna16_bits", "wna16_variant",
+    "fused_decode_config", "gpu_name", "heuristic_config", "k_tiles", "pairs_sub_tile", "tuned_dir", "wna16_bits",
+    "wna16_variant",
 ]

@@ -226,14 +226,20 @@ def test_wna16_heuristic_tiles(num_experts, hidden, inter, top_k, num_tokens, sc
         k_tiles(gemm.block_k, int(scheme.split("_g")[1].split("_")[0]), k_dim, bits)  # a valid K tiling
     if cfg.block_m <= 32:  # decode: 128 B of codes a weight row per K tile
         assert cfg.gemm1.block_k * bits == 1024
-    # Decode tiles load the codes as bytes (4-bit codes with several rows a block: low and high nibbles as two
-    # dots), prefill tiles as int32 words (H200 measurements: heuristics.py).
+    # Decode tiles load the codes as bytes at T = 1 and (4-bit codes past one token) as int32 words dequantized in
+    # packed pairs, prefill tiles as int32 words (H200 measurements: heuristics.py).
     want = "dequant_bytes" if cfg.block_m <= 32 or num_tokens == 1 else "dequant"
-    if want == "dequant_bytes" and num_tokens > 1 and bits == 4:
-        want = "dequant_split"
+    if want == "dequant_bytes" and bits == 4 and (num_tokens > 1 or hidden * inter >= 4 << 20):
+        want = "dequant_pairs"  # one token: large experts only (mixtral, deepseek-v3; not qwen3-30b-a3b)
     assert cfg.gemm1.variant == cfg.gemm2.variant == want
-    # A config naming no variant gets the same, or plain byte loads where the heuristic splits the nibbles.
-    assert wna16_variant(cfg.block_m, num_tokens == 1) == want.replace("dequant_split", "dequant_bytes")
+    if want == "dequant_pairs" and num_tokens == 1:  # twice the BLOCK_N of the byte loads (groups of 32: no pairs)
+        plain = heuristic_config(replace(shape, weights="w4a16_g32"))
+        assert plain.gemm1.variant == "dequant_bytes"
+        assert (cfg.gemm1.block_n, cfg.gemm2.block_n) == (2 * plain.gemm1.block_n, 2 * plain.gemm2.block_n)
+    if bits == 4 and num_tokens > 1 and want != "dequant":  # groups of 32 split the nibbles instead
+        assert heuristic_config(replace(shape, weights="w4a16_g32")).gemm1.variant == "dequant_split"
+    # A config naming no variant gets the same, or plain byte loads where the heuristic takes the pairs.
+    assert wna16_variant(cfg.block_m, num_tokens == 1) == want.replace("dequant_pairs", "dequant_bytes")
     assert shape.table_key == f"{num_experts},{hidden},{inter},{top_k},{scheme}"
 
 
@@ -259,7 +265,7 @@ def test_wna16_bits():
     (1, 8, True, None), (64, 8, False, None),
     # each variant off its heuristic shape: T = 1 on tensor cores, a 32-row block on FMAs, the old scaling
     (1, 4, False, "dequant"), (1, 4, True, "postscale"), (64, 4, False, "gemv"), (64, 8, True, "postscale"),
-    (64, 4, False, "dequant_bytes"),
+    (64, 4, False, "dequant_bytes"), (64, 4, False, "dequant_split"),
 ])
 def test_mixtral_size_on_gpu(num_tokens, bits, sym, variant):
     # The issue's tolerance (atol 2e-2 on randn/10 inputs) at mixtral-8x7b's size, bf16 activations, both GEMMs
@@ -327,7 +333,7 @@ def test_codes_minus_zero_exact(dtype, bits):
     assert torch.equal(out.float(), want.float())
 
 
-@pytest.mark.parametrize("variant", ["dequant", "dequant_bytes", "dequant_split"])
+@pytest.mark.parametrize("variant", ["dequant", "dequant_bytes", "dequant_split", "dequant_pairs"])
 @pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, False)])
 @pytest.mark.parametrize("layout_kind", ["row_per_block", "block16", "half_tail32"])
 def test_swapped_operands(variant, bits, sym, layout_kind):
@@ -354,3 +360,102 @@ def test_swap_only_with_dequant_variants():
     ids, layout = _routing(2, 1, 2)
     with pytest.raises(ValueError, match="config.swap_ab: only the dequant variants"):
         _gemm1(torch.randn(2, 64).half(), w, layout, 16, 1, config=replace(SMALL, swap_ab=True), variant="gemv")
+
+
+class _LaunchSpy:
+    """Stands in for the kernel object: records each launch's PAIRS and SPLIT flags, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((kwargs["PAIRS"], kwargs["SPLIT"]))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    import moekit.ops.grouped_gemm_wna16 as op
+    spy = _LaunchSpy(op.grouped_gemm_wna16_kernel)
+    monkeypatch.setattr(op, "grouped_gemm_wna16_kernel", spy)
+    return spy.launches
+
+
+@pytest.mark.parametrize("k_dim, group_size, split_k, sym", [
+    (200, 64, 1, False),   # ragged K: the last sub-tile half past the end, zero points
+    (136, -1, 1, True),    # 17 words a row, one group a row (sub-tiles of the whole 64-wide K tile)
+    (72, 64, 2, True),     # split-K whose second split holds 8 columns of a sub-tile
+    (448, 128, 3, False),  # split-K over groups of 128 (sub-tiles of 64 inside a group)
+])
+def test_pairs_on_ragged_k_split_k_and_whole_row_groups(launches, k_dim, group_size, split_k, sym):
+    # The cases where "dequant_pairs" runs (not its fallback): each launch says PAIRS, and GEMM 2's split partials
+    # sum to the reference.
+    num_tokens, top_k, num_experts, hidden = 5, 2, 4, 32
+    ids, layout = _routing(num_tokens, top_k, num_experts)
+    num_rows = ids.numel()
+    w = _weights(num_experts, hidden, k_dim, 4, group_size, sym)
+    a = (torch.randn(num_rows, k_dim) / 10).half()
+    kw = dict(num_rows=num_rows, weights_N=torch.rand(num_rows))
+    out = torch.full((split_k, num_rows, hidden), float("nan"))
+    grouped_gemm_wna16(a, w, layout, out if split_k > 1 else out[0], replace(SMALL, split_k=split_k),
+                       variant="dequant_pairs", **kw)
+    assert launches == [(True, False)]
+    assert_close(out.sum(0), grouped_gemm_wna16_ref(a, w, layout, torch.empty(num_rows, hidden), **kw), torch.float16)
+
+
+@pytest.mark.parametrize("case", ["fp32", "group32", "group96", "8bit", "row_per_block_group32"])
+def test_pairs_fall_back_where_they_cannot_run(launches, case):
+    # fp32 activations, sub-tiles under 64 columns (groups of 32, 96) and 8-bit codes run the decode choice the
+    # pairs replace: split nibbles on row blocks, byte loads (no split) on one-row blocks; results stay right.
+    bits, group_size = (8, 64) if case == "8bit" else (4, {"group96": 96}.get(case, 32 if "32" in case else 64))
+    dtype = torch.float32 if case == "fp32" else torch.float16
+    w = _weights(4, 32, 192, bits, group_size, True, dtype)
+    if case.startswith("row_per_block"):
+        layout, num_tokens, top_k = row_per_block(torch.tensor([[2, 0]]).int(), 16), 1, 2
+    else:
+        num_tokens, top_k = 4, 2
+        _, layout = _routing(num_tokens, top_k, 4)
+    x = (torch.randn(num_tokens, 192) / 10).to(dtype)
+    out, want = _gemm1(x, w, layout, 16, top_k, config=replace(SMALL, block_k=128), variant="dequant_pairs")
+    assert_close(out, want, dtype)
+    split = bits == 4 and not case.startswith("row_per_block")
+    assert launches == [(False, split)]
+
+
+@pytest.mark.parametrize("scheme, elem_bytes, inter, want1, want2", [
+    ("w4a16_g128", 2, 14336, "dequant_pairs", "dequant_pairs"),
+    ("w4a16_channel", 2, 14336, "dequant_pairs", "dequant_pairs"),
+    ("w4a16_g128", 4, 14336, "dequant_bytes", "dequant_bytes"),   # fp32 activations: no 16-bit pairs
+    ("w4a16_g96", 2, 14336, "dequant_bytes", "dequant_bytes"),    # 32-column sub-tiles
+    ("w4a16_g128", 2, 1440, "dequant_pairs", "dequant_bytes"),    # GEMM 2's K tile of 32 divides I = 1440
+])
+def test_pairs_heuristic_at_one_token_per_gemm(scheme, elem_bytes, inter, want1, want2):
+    # One token on a large expert: each GEMM takes the pairs (with twice the BLOCK_N) only where they would run.
+    shape = MoEShape(num_tokens=1, top_k=2, num_experts=8, hidden=4096, inter=inter, weights=scheme,
+                     elem_bytes=elem_bytes)
+    cfg, plain = heuristic_config(shape), heuristic_config(replace(shape, weights="w4a16_g32"))
+    for gemm, base, want in ((cfg.gemm1, plain.gemm1, want1), (cfg.gemm2, plain.gemm2, want2)):
+        assert gemm.variant == want
+        assert gemm.block_n == (2 if want == "dequant_pairs" else 1) * base.block_n
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size, k_dim, sym", [(64, 200, False), (128, 448, True), (-1, 264, True)])
+def test_pairs_inline_asm_on_gpu(launches, dtype, group_size, k_dim, sym):
+    # The CUDA path of "dequant_pairs" (inline PTX, which the CPU tests never run): fp16's and bf16's magic
+    # numbers, groups of 64 / 128 / a whole row, ragged K with zero points, against the reference.
+    dev = torch.device("cuda")
+    num_tokens, top_k, num_experts, inter = 9, 2, 4, 48
+    ids, _ = _routing(num_tokens, top_k, num_experts)
+    layout = align(ids.to(dev), num_experts, 16)
+    w = quantize_wna16(torch.randn(num_experts, 2 * inter, k_dim, device=dev, dtype=dtype) / 10, 4, group_size, sym)
+    x = torch.randn(num_tokens, k_dim, device=dev, dtype=dtype) / 10
+    num_rows = num_tokens * top_k
+    kw = dict(num_rows=num_rows, a_row_div=top_k, activation=SILU)
+    out = torch.full((num_rows, inter), float("nan"), device=dev, dtype=dtype)
+    grouped_gemm_wna16(x, w, layout, out, SMALL, variant="dequant_pairs", **kw)
+    assert launches == [(True, False)]
+    assert_close(out, grouped_gemm_wna16_ref(x, w, layout, torch.empty(num_rows, inter, device=dev), **kw), dtype)

@@ -179,7 +179,8 @@ def test_heuristic_tiles_are_the_4bit_ones(num_tokens):
     # mxfp4 runs on the 4-bit tiles (decode: K tiles that divide K = 2880), each a valid K tiling of 32-column
     # groups, keyed by its own scheme in tuned tables; its decode variant reads bytes and interleaves the nibbles
     # (splitting them, integer codes' choice at T > 1, measured level or behind for mxfp4 on an H200); past one
-    # token it swaps the MMA's operands, which integer codes do not.
+    # token it swaps the MMA's operands, which integer codes do not (except inside "dequant_pairs", which needs
+    # groups of >= 64: not these of 32).
     shape = MoEShape(num_tokens=num_tokens, top_k=4, num_experts=128, hidden=2880, inter=2880, weights="mxfp4")
     cfg = heuristic_config(shape)
     int4 = heuristic_config(replace(shape, weights="w4a16_g32"))
@@ -188,9 +189,12 @@ def test_heuristic_tiles_are_the_4bit_ones(num_tokens):
         return replace(c, gemm1=replace(c.gemm1, variant=None, swap_ab=False),
                        gemm2=replace(c.gemm2, variant=None, swap_ab=False))
 
+    if num_tokens == 4096:  # swapped prefill tiles: 256 weight rows (the MMA's M) against integer codes' 128
+        assert cfg.gemm1.block_n == cfg.gemm2.block_n == 256 and int4.gemm1.block_n == 128
+        cfg = replace(cfg, gemm1=replace(cfg.gemm1, block_n=128), gemm2=replace(cfg.gemm2, block_n=128))
     assert tiles(cfg) == tiles(int4)
     assert cfg.gemm1.swap_ab == cfg.gemm2.swap_ab == (num_tokens > 1) and not int4.gemm1.swap_ab
-    assert cfg.gemm1.variant != "dequant_split"
+    assert cfg.gemm1.variant not in ("dequant_split", "dequant_pairs")
     for gemm in (cfg.gemm1, cfg.gemm2):
         assert k_tiles(gemm.block_k, 32, 2880, 4)[1] == 32
     assert shape.table_key == "128,2880,2880,4,mxfp4"

@@ -23,6 +23,13 @@ group's scale s[n] and zero point z[n] (2^(bits-1) for symmetric codes). VARIANT
   first operand, which Hopper's wgmma takes from registers (no trip through shared memory), and the rows of A are
   its second, so a decode tile of 16 rows is the MMA's N (wgmma needs M >= 64 a warpgroup: unswapped, a 16-row
   tile runs on the older mma.sync).
+- PAIRS (4-bit codes as int32 words, fp16/bf16, swapped; the launcher's "dequant_pairs"): nibbles r and r + 4 of a
+  word (columns 8w + r and 8w + r + 4) sit in its two 16-bit halves, so a permute, one shift and one and-or give
+  both as a packed pair of 16-bit floats (``_nibble_pairs``). The sub-tile is four dots, one per r, each over the columns
+  {8w + r, 8w + r + 4} of the weight row in (w, h) order and the same columns of A (split out of A's tile in
+  registers: A is the small operand at decode). Every op between the word load and the dot is elementwise, so
+  the compiler moves the *word* tile into wgmma's register-operand layout (the codes cross shared memory once,
+  half a byte a weight) and never stores a dequantized tile; no byte permutes (the interleaves of "dequant").
 - "gemv": no tensor cores: acc[n] += s[n] · Σ_k (q - z)·a[k] in fp32 FMAs, one routed row a tile, for decode
   where a block holds one routed row (ROW_PER_BLOCK) or a few: the weight stream is the whole cost and a
   tensor-core tile of 16 padded rows only adds work. 4-bit codes are read as int32 words (any activation dtype)
@@ -115,6 +122,35 @@ def _words_minus_zero(b_w, b_z, DTYPE: tl.constexpr):
     W: tl.constexpr = b_w.shape[1]
     b_f = tl.reshape(b_f, [BLOCK_N, 8 * W])
     return b_f - (b_z + POWER).to(DTYPE)[:, None]
+
+
+@triton.jit
+def _nibble_pairs(b_x, SHIFT: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """Codes [BLOCK_N, 2W] of a words tile joined with its high halves (column 2w: word w, 2w + 1: word w >> 16):
+    each element's low 16 bits, shifted right by SHIFT, masked to a nibble and OR-ed into the mantissa of POWER
+    (1024 in fp16, 128 in bf16): exactly POWER + nibble SHIFT/4 + 4h of word w. Every element depends on its own
+    input only, so the result is right whichever two elements Triton hands one asm call.
+    ASM (CUDA): two elements an asm call, packed as the two 16-bit halves of one register: a byte permute joins
+    their low halves (for the pair (2w, 2w + 1) of one word that is the word itself), then one shift and one
+    and-or (``lop3``) make both values. Else (the CPU interpreter has no inline asm): the same bits per element."""
+    MAGIC: tl.constexpr = 0x64006400 if DTYPE == tl.float16 else 0x43004300
+    if ASM:
+        return tl.inline_asm_elementwise(
+            f"{{ .reg .b32 t; prmt.b32 t, $1, $2, 0x5410; shr.u32 t, t, {SHIFT}; "
+            f"lop3.b32 $0, t, 0x000F000F, {MAGIC}, 0xea; }}",
+            "=r,r,r", [b_x], dtype=tl.float16 if DTYPE == tl.float16 else tl.bfloat16, is_pure=True, pack=2)
+    b_v = ((b_x >> SHIFT) & 15) | (MAGIC & 0xFFFF)
+    return b_v.to(tl.int16).to(DTYPE, bitcast=True)
+
+
+@triton.jit
+def _pairs_dot(b_x, b_a, b_off, b_sc, b_acc_t, R: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """acc^T += w_R · a_R^T for piece R of a PAIRS sub-tile: w_R [BLOCK_N, 2W] the weight columns 8w + R + 4h in
+    (w, h) order (``_nibble_pairs`` minus POWER + z, times the group scale: rounded once, as "dequant"), a_R
+    [TILE_M, 2W] the same columns of A."""
+    b_w = (_nibble_pairs(b_x, 4 * R, DTYPE, ASM) - b_off) * b_sc
+    return tl.dot(b_w, tl.trans(b_a), b_acc_t, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -217,7 +253,7 @@ def _tile(
     stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
     stride_bias_e, alpha, limit,
     VARIANT: tl.constexpr, WORDS: tl.constexpr, BITS: tl.constexpr, E2M1: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    SUB_K: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr,
+    SUB_K: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
@@ -251,7 +287,24 @@ def _tile(
             b_a, b_q, b_s, b_z = _load_sub_tile(
                 p_a_sub + j * SUB_K, p_b_sub + j * SUB_B * stride_bk, p_s_cols, p_z_cols, m_rows, k + j * SUB_K,
                 k_end, group_size, stride_sk, stride_zk, BITS, HAS_ZEROS, SUB_K, BLOCK_N, EVEN_K, PACK)
-            if VARIANT == "dequant" and SPLIT:
+            if VARIANT == "dequant" and PAIRS:
+                tl.static_assert(WORDS and BITS == 4 and not E2M1, "PAIRS: integer 4-bit codes as int32 words")
+                # A's columns 8w + 4h + r: (w, h, r1, r0) with r = 2·r1 + r0; split r0, then r1 -> [TILE_M, 2W].
+                b_a_r0, b_a_r1 = tl.split(tl.reshape(b_a, [TILE_M, SUB_B, 2, 2, 2]))
+                b_a_0, b_a_2 = tl.split(b_a_r0)
+                b_a_1, b_a_3 = tl.split(b_a_r1)
+                b_x = tl.reshape(tl.join(b_q, b_q >> 16), [BLOCK_N, 2 * SUB_B])  # (w, h): h = 1 the high half
+                b_off = (b_z + (1024 if DTYPE == tl.float16 else 128)).to(DTYPE)[:, None]
+                b_sc = b_s.to(DTYPE)[:, None]
+                b_acc_t = _pairs_dot(b_x, tl.reshape(b_a_0, [TILE_M, 2 * SUB_B]), b_off, b_sc, b_acc_t, 0, DTYPE,
+                                     ASM, DOT_PRECISION)
+                b_acc_t = _pairs_dot(b_x, tl.reshape(b_a_1, [TILE_M, 2 * SUB_B]), b_off, b_sc, b_acc_t, 1, DTYPE,
+                                     ASM, DOT_PRECISION)
+                b_acc_t = _pairs_dot(b_x, tl.reshape(b_a_2, [TILE_M, 2 * SUB_B]), b_off, b_sc, b_acc_t, 2, DTYPE,
+                                     ASM, DOT_PRECISION)
+                b_acc_t = _pairs_dot(b_x, tl.reshape(b_a_3, [TILE_M, 2 * SUB_B]), b_off, b_sc, b_acc_t, 3, DTYPE,
+                                     ASM, DOT_PRECISION)
+            elif VARIANT == "dequant" and SPLIT:
                 # Low and high nibbles as two tiles of SUB_K/2 columns (even and odd k), each multiplied by A's
                 # even or odd columns: no interleave of the weights (the byte permutes it compiles to were the
                 # largest share of the loop's instructions on sm_90).
@@ -324,7 +377,7 @@ def _tile(
         p_b_sub += (BLOCK_K // PACK) * stride_bk
     if VARIANT == "gemv":
         b_acc = tl.reshape(tl.sum(b_acc_v, axis=1), [TILE_M, BLOCK_N])
-    if SWAP:
+    if SWAP or PAIRS:
         b_acc = tl.trans(b_acc_t)
 
     _epilogue(b_acc, p_bias, p_weights, p_c, i_e, i_s, i_n, b_rows, m_rows, o_bn, n_out, stride_bias_e, stride_cs,
@@ -341,7 +394,7 @@ def grouped_gemm_wna16_kernel(
     stride_cs, stride_cm, stride_bias_e,
     alpha, limit,
     VARIANT: tl.constexpr, WORDS: tl.constexpr, BITS: tl.constexpr, E2M1: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    SUB_K: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr,
+    SUB_K: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
@@ -374,7 +427,8 @@ def grouped_gemm_wna16_kernel(
                     i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                     stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs,
                     stride_cm, stride_bias_e, alpha, limit,
-                    VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, SWAP, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, 1,
+                    VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, SWAP, PAIRS, ASM, ACTIVATION, GATED,
+                    HAS_BIAS, HAS_WEIGHTS, BLOCK_M, 1,
                     BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
                 )
     else:
@@ -387,7 +441,8 @@ def grouped_gemm_wna16_kernel(
                 i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                 stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
                 stride_bias_e, alpha, limit,
-                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, SWAP, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M,
+                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, SWAP, PAIRS, ASM, ACTIVATION, GATED, HAS_BIAS,
+                HAS_WEIGHTS, BLOCK_M,
                 BLOCK_M // 2,
                 BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
             )
@@ -397,7 +452,8 @@ def grouped_gemm_wna16_kernel(
                 i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                 stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
                 stride_bias_e, alpha, limit,
-                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, SWAP, ACTIVATION, GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M,
+                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, SWAP, PAIRS, ASM, ACTIVATION, GATED, HAS_BIAS,
+                HAS_WEIGHTS, BLOCK_M,
                 BLOCK_M,
                 BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
             )
