@@ -23,7 +23,7 @@ from moekit.bench.floor import measure_ceilings
 from moekit.bench.run import bench_point, make_weights
 from moekit.bench.shapes import PRESETS
 
-VARIANTS = ("gemv", "dequant", "dequant_bytes", "postscale")
+VARIANTS = ("gemv", "dequant", "dequant_bytes", "dequant_split", "dequant_pairs", "postscale")
 
 
 def main() -> None:
@@ -34,6 +34,13 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--block-k", default="", help="comma list of K tiles to try with each variant (default: the "
                    "heuristic's)")
+    p.add_argument("--block-n", default="1", help="comma list of factors on the heuristic's BLOCK_N of both GEMMs "
+                   "(0.5, 1, 2) to try with each variant and K tile")
+    p.add_argument("--block-m", default="", help="comma list of BLOCK_M (rows a block) to try with each of the "
+                   "above (default: the heuristic's)")
+    p.add_argument("--warps", default="", help="comma list of num_warps to try (default: the heuristic's)")
+    p.add_argument("--stages", default="", help="comma list of num_stages to try with each of the above (default: "
+                   "the heuristic's)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
                    + "; a dequant variant with '+swap' swaps the MMA's operands (GemmConfig.swap_ab)")
     args = p.parse_args()
@@ -62,15 +69,28 @@ def main() -> None:
                                weights=weights, baselines=False, quant=args.scheme)
             res = {"heuristic": (heur.moekit_us, heur.max_rel_err)}
             block_ks = [int(b) for b in args.block_k.split(",")] if args.block_k else [None]
-            for v, bk in [(v, bk) for v in args.variants.split(",") for bk in block_ks]:
+            factors = [float(f) for f in args.block_n.split(",")]
+            stages = [int(x) for x in args.stages.split(",")] if args.stages else [None]
+            block_ms = [int(x) for x in args.block_m.split(",")] if args.block_m else [None]
+            warps = [int(x) for x in args.warps.split(",")] if args.warps else [None]
+            for v, bk, fn, st, bm, nw in [(v, bk, f, st, bm, nw) for v in args.variants.split(",") for bk in block_ks
+                                          for f in factors for st in stages for bm in block_ms for nw in warps]:
                 if (v == "gemv" and t >= 256) or (v == "postscale" and t >= 1024):
                     continue  # no tensor cores at prefill / the old design at prefill: minutes for nothing
                 ks = {} if bk is None else {"block_k": bk}
+                if st is not None:
+                    ks["num_stages"] = st
+                if nw is not None:
+                    ks["num_warps"] = nw
                 ks["swap_ab"] = v.endswith("+swap")
                 kind = v.removesuffix("+swap")
-                cfg = replace(base, gemm1=replace(base.gemm1, variant=kind, **ks),
-                              gemm2=replace(base.gemm2, variant=kind, **ks))
-                name = v if bk is None else f"{v}/k{bk}"
+                cfg = replace(base, gemm1=replace(base.gemm1, variant=kind, block_n=int(base.gemm1.block_n * fn), **ks),
+                              gemm2=replace(base.gemm2, variant=kind, block_n=int(base.gemm2.block_n * fn), **ks))
+                if bm is not None:
+                    cfg = replace(cfg, block_m=bm)
+                name = ((v if bk is None else f"{v}/k{bk}") + ("" if fn == 1 else f"/n*{fn:g}")
+                        + ("" if st is None else f"/s{st}") + ("" if bm is None else f"/m{bm}")
+                        + ("" if nw is None else f"/w{nw}"))
                 triton_experts.choose_config = lambda s, _c=cfg: _c
                 try:
                     r = bench_point(shape, t, backend="triton", dtype=torch.bfloat16, device=dev, ceilings=ceil_q,
