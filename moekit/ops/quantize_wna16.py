@@ -118,8 +118,8 @@ def gptq_to_wna16(
         W[n, k] = scales[g(k), n] · (q[k, n] − (qzeros[g(k), n] + 1))            (v1 stores the zero minus one)
 
     Sym (``sym=True``): every stored zero must read 2^(bits-1) − 1 (checked; ``qzeros`` may be None) and the result
-    has ``zeros=None``. The v1 storage cannot hold a true zero of 0: a stored all-ones reads 2^bits, as the formula
-    above says (4-bit: 16, which a uint8 holds); at 8 bits that 256 does not fit and is refused.
+    has ``zeros=None``. The "minus one" is taken off each packed word as a whole, as GPTQModel writes it (a zero
+    point of 0 borrows from the field above: ``_gptq_zeros``), so every zero point 0 .. 2^bits − 1 reads exactly.
     ``g_idx`` must be ``k // group_size`` (or None): act-order checkpoints (``desc_act=True``) are refused with
     vLLM's message; dequantize them with ``dequantize_gptq``.
     """
@@ -138,9 +138,6 @@ def gptq_to_wna16(
                 raise ValueError(f"qzeros: expected every zero to be {mid} (stored {mid - 1}) for sym=True, "
                                  f"got values {z.unique().tolist()[:8]}")
         else:
-            if bits == 8 and bool((z > 255).any()):
-                raise ValueError("qzeros: a stored zero of 255 (v1 storage of zero 0, i.e. 256) does not fit the "
-                                 "8-bit layout; dequantize this checkpoint with dequantize_gptq")
             zeros = z.t().contiguous().to(torch.uint8)
     return WNA16Weight(q, scales.t().contiguous(), zeros, bits, g, k)
 
@@ -287,8 +284,13 @@ def _check_gptq(qweight, qzeros, scales, g_idx, bits, group_size, sym) -> tuple[
 
 
 def _gptq_zeros(qzeros: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """[G, N] int32 zeros of v1 storage: the stored value plus one."""
-    return _unpack_int32(qzeros, bits, dim=1, size=n) + 1
+    """[G, N] int32 zeros of v1 storage. GPTQModel writes v1 by subtracting one from every field of each packed
+    *word* at once (a word minus 0x11111111 at 4 bits), so a zero point of 0 borrows from the field above it; its
+    reader adds the word back. Doing the same here gives every zero exactly, 0 included (adding one to each field
+    after unpacking would read 2^bits for that 0 and one less for its neighbour)."""
+    ones = sum(1 << (bits * i) for i in range(32 // bits))
+    words = (qzeros.to(torch.int64) + ones) & 0xFFFFFFFF
+    return _unpack_int32(words, bits, dim=1, size=n).to(torch.int32)
 
 
 def _group_size(group_size: object, k: int) -> int:

@@ -33,14 +33,17 @@ def _pack_words(codes_by_word: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def gptq_pack(q_KN: torch.Tensor, z_GN: torch.Tensor, scales_GN: torch.Tensor, bits: int):
-    """GPTQ v1: qweight [K/pw, N] packed along K; qzeros [G, ⌈N/pw⌉] packed along N, storing zero − 1."""
+    """GPTQ v1: qweight [K/pw, N] packed along K; qzeros [G, ⌈N/pw⌉] packed along N, then one subtracted from
+    every field of each word at once, as GPTQModel exports v1 (a word minus 0x11111111 at 4 bits: a zero of 0
+    borrows from the field above)."""
     pw = 32 // bits
     k, n = q_KN.shape
     qweight = _pack_words(q_KN.reshape(k // pw, pw, n).permute(0, 2, 1), bits)
-    zs = (z_GN.long() - 1) & ((1 << bits) - 1)
     npad = math.ceil(n / pw) * pw
-    zs = torch.nn.functional.pad(zs, (0, npad - n))
-    qzeros = _pack_words(zs.reshape(zs.shape[0], npad // pw, pw), bits)
+    zs = torch.nn.functional.pad(z_GN.long(), (0, npad - n))
+    words = _pack_words(zs.reshape(zs.shape[0], npad // pw, pw), bits).long() & 0xFFFFFFFF
+    words = (words - sum(1 << (bits * i) for i in range(pw))) & 0xFFFFFFFF
+    qzeros = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return qweight, qzeros, scales_GN
 
 
@@ -180,8 +183,9 @@ def _random_gptq(k, n, g, bits, sym, seed=4):
     q = torch.randint(0, 1 << bits, (k, n), dtype=torch.int32)
     if sym:
         z = torch.full((groups, n), 1 << (bits - 1), dtype=torch.int32)
-    else:  # v1 cannot store a zero of 0 (stored −1 reads back as 2^bits), so real zeros start at 1
-        z = torch.randint(1, 1 << bits, (groups, n), dtype=torch.int32)
+    else:  # every zero point, 0 (a borrow in v1's packed words) and 2^bits - 1 included
+        z = torch.randint(0, 1 << bits, (groups, n), dtype=torch.int32)
+        z[0, ::2], z[-1, 1::3] = 0, (1 << bits) - 1
     s = (torch.rand(groups, n) * 0.01 + 1e-3).half()
     return q, z, s
 
@@ -203,17 +207,16 @@ def test_gptq_matches_formula_bit_exact(bits, sym, k, n, g):
         assert torch.equal(dequantize_wna16(qw2), expected)
 
 
-def test_gptq_v1_all_ones_zero_reads_as_sixteen():
-    q, z, s = _random_gptq(64, 8, 32, 4, False)
-    z[0, 0] = 16  # stored as 15: what a true zero of 0 becomes in v1 storage
-    qweight, qzeros, scales = gptq_pack(q, z, s, 4)
-    qw = gptq_to_wna16(qweight, qzeros, scales, None, bits=4, group_size=32, sym=False)
-    assert int(qw.zeros[0, 0]) == 16
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_v1_zero_point_of_zero_reads_back(bits):
+    # GPTQModel exports v1 by subtracting one from each packed word, so a zero point of 0 borrows from the field
+    # above it. Reading one field at a time gave 2^bits there (at 8 bits: refused) and one less above it.
+    q, z, s = _random_gptq(64, 24, 32, bits, False)
+    z[:] = 5
+    z[0, 0] = z[1, 7] = 0  # field 0 and the last field of a word (its borrow leaves the word)
+    qw = gptq_to_wna16(*gptq_pack(q, z, s, bits), None, bits=bits, group_size=32, sym=False)
+    assert torch.equal(qw.zeros.int().t(), z)
     assert torch.equal(dequantize_wna16(qw), formula(q.t(), z.t(), s.t(), 32))
-    q8, z8, s8 = _random_gptq(64, 8, 32, 8, False)
-    z8[0, 0] = 256
-    with pytest.raises(ValueError, match="qzeros: .*255"):
-        gptq_to_wna16(*gptq_pack(q8, z8, s8, 8), None, bits=8, group_size=32, sym=False)
 
 
 @pytest.mark.parametrize("sym", [True, False])
