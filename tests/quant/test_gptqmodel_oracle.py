@@ -1,6 +1,7 @@
 """moekit's GPTQ reader against GPTQModel itself: tensors packed by GPTQModel 7.6's ``TorchLinear.pack`` and
 written in its "v1" checkpoint format, and GPTQModel's own ``dequantize_weight`` of them (fp16), stored in
-``data/gptqmodel_v1.safetensors`` by ``data/make_gptqmodel_fixture.py`` (which says how it was made). Bit for bit:
+``data/gptqmodel_v1.safetensors`` by ``data/make_gptqmodel_fixture.py`` (which says how it was made), and AWQ words
+packed and dequantized by its AWQ utilities. Bit for bit:
 moekit's fp32 dequantization rounded to fp16 must equal GPTQModel's fp16 result."""
 
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moekit.ops.quantize_wna16 import dequantize_gptq, dequantize_wna16, gptq_to_wna16
+from moekit.ops.quantize_wna16 import awq_to_wna16, dequantize_gptq, dequantize_wna16, gptq_to_wna16
 
 safetensors = pytest.importorskip("safetensors.torch")
 FIXTURE = Path(__file__).parent / "data" / "gptqmodel_v1.safetensors"
@@ -40,3 +41,11 @@ def test_act_order_dequantized_matches_gptqmodel_bit_for_bit():
         gptq_to_wna16(c["qweight"], c["qzeros"], c["scales"], c["g_idx"], bits=4, group_size=GROUP, sym=True)
     got = dequantize_gptq(c["qweight"], c["qzeros"], c["scales"], c["g_idx"], bits=4, group_size=GROUP, sym=True)
     assert torch.equal(got.half(), c["dequantized"].t())
+
+
+def test_awq_reader_matches_gptqmodel_bit_for_bit():
+    # AWQ GEMM words packed by GPTQModel's pack_awq (nibble order [0, 2, 4, 6, 1, 3, 5, 7]), zero points 0 and 15
+    # included, against its dequantize_gemm.
+    c = _case("awq_w4")
+    got = dequantize_wna16(awq_to_wna16(c["qweight"], c["qzeros"], c["scales"], group_size=GROUP)).half()
+    assert torch.equal(got, c["dequantized"].t())

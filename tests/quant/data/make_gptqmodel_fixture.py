@@ -11,7 +11,8 @@ fp16 scales s (so GPTQModel's packer, which rounds (W + s·z) / s, stores q itse
 written as a checkpoint writes it: ``convert_gptq_v2_to_v1_format_module`` (the "v1" zeros of
 ``checkpoint_format: gptq``, one subtracted from each packed word, borrows included). Cases: symmetric (z = 8);
 asymmetric with zero points 0 and 15 planted in every group (a 0 borrows from its neighbour in v1); 8-bit
-asymmetric; act order (a permuted ``g_idx``).
+asymmetric; act order (a permuted ``g_idx``); and an AWQ (GEMM) case packed by GPTQModel's ``pack_awq`` and
+dequantized by its ``dequantize_gemm``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm, pack_awq
 from gptqmodel.utils.model import convert_gptq_v2_to_v1_format_module
 
 N, K, G = 64, 256, 64
@@ -59,12 +61,26 @@ def case(name: str, bits: int, sym: bool, desc_act: bool, seed: int) -> dict[str
             f"{name}.dequantized": ref.clone()}
 
 
+def awq_case(name: str, seed: int) -> dict[str, torch.Tensor]:
+    """AWQ GEMM tensors packed by GPTQModel's ``pack_awq`` (the [0, 2, 4, 6, 1, 3, 5, 7] nibble order) and its
+    ``dequantize_gemm`` of them (fp16 [K, N]); zero points of 0 and 15 in every group."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (K, N), generator=gen)
+    z = torch.randint(0, 16, (K // G, N), generator=gen)
+    z[:, ::3], z[:, 1::3] = 0, 15
+    s = (torch.rand(K // G, N, generator=gen) * 0.02 + 0.001).half()
+    qweight, qzeros = pack_awq(q, z, 4)
+    ref = dequantize_gemm(qweight, qzeros, s, 4, G).to(torch.float16)
+    return {f"{name}.qweight": qweight, f"{name}.qzeros": qzeros, f"{name}.scales": s, f"{name}.dequantized": ref}
+
+
 def main() -> None:
     tensors = {}
     tensors.update(case("w4_sym", 4, True, False, 0))
     tensors.update(case("w4_asym", 4, False, False, 1))
     tensors.update(case("w8_asym", 8, False, False, 2))
     tensors.update(case("w4_sym_act_order", 4, True, True, 3))
+    tensors.update(awq_case("awq_w4", 4))
     out = Path(__file__).with_name("gptqmodel_v1.safetensors")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out))
     print(f"wrote {out} ({out.stat().st_size} bytes)")
