@@ -155,7 +155,7 @@ def grouped_gemm_wna16(
         E2M1=e2m1, HAS_ZEROS=zeros is not None, SUB_K=sub_k, SPLIT=variant == "dequant_split" and bits == 4,
         SWAP=config.swap_ab or pairs, PAIRS=pairs,
         # Inline PTX: NVIDIA GPUs only, and never in Triton's CPU interpreter (which may be handed CUDA tensors).
-        ASM=a.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET", "0") != "1",
+        ASM=a.is_cuda and torch.version.hip is None and not _interpreting(),
         ACTIVATION=activation_code(activation),
         GATED=gated, HAS_BIAS=bias_EN is not None, HAS_WEIGHTS=weights_N is not None,
         BLOCK_M=layout.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
@@ -164,6 +164,11 @@ def grouped_gemm_wna16(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
+
+
+def _interpreting() -> bool:
+    """Triton's CPU interpreter is on (``TRITON_INTERPRET`` as Triton reads a boolean: 1 / true / on / yes)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def _check_weight(b: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int, int, bool]:

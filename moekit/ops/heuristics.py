@@ -320,8 +320,9 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
       134) and far behind "dequant" on prefill tiles; groups < 64 run it as "dequant_split" (which was 4-8% ahead
       of "dequant_bytes" at T = 16-64). At T = 1 with twice the heuristic's BLOCK_N it wins on large experts
       (deepseek-v3 113.5 against 133.8 µs, mixtral 119.5 against 130.9) and loses on small ones (qwen3-30b-a3b
-      27.6 against 25.9): taken from H·I >= 4M weights an expert. Measured with groups of 128 (dots 32 wide);
-      groups of 64 (16-wide dots) and whole-row groups take it unmeasured.
+      27.6 against 25.9): taken from H·I >= 4M weights an expert. Measured with groups of 128 (dots 32 wide):
+      only sub-tiles of >= 128 columns take it (whole-row groups: 64-wide dots, unmeasured; groups of 64 or K
+      tiles of 64, e.g. K = 2880, keep the byte loads).
     - Otherwise compute-bound: "dequant" (the dot accumulates in place and is pipelined like a bf16 GEMM; the
       old per-dot scaling left the tensor cores waiting on each product, 0.25-0.39x of bf16 at T = 4096 on an
       H200; the word loads beat the byte loads by 4-11% here) on the bf16 prefill shapes: 64 x 128 tiles of 4 warps, 128 x 128 of 8 warps with the half tail from
@@ -367,9 +368,10 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
 
 
 def k_tiles(block_k: int, group_size: int, k_dim: int, bits: int) -> tuple[int, int]:
-    """(BLOCK_K, SUB_K) for a configured K tile and the weights' group size: SUB_K columns lie in one group and
-    divide BLOCK_K (module docstring). Raises naming the argument when no K tile fits."""
-    # 4 bits: a sub-tile is two dots of SUB_K/2 columns (even, odd); tl.dot needs a K of at least 16.
+    """(BLOCK_K, SUB_K) of ``grouped_gemm_wna16`` for a configured K tile and the weights' group size: SUB_K columns
+    lie in one group (the kernel scales a sub-tile by one group's scale) and divide BLOCK_K. Raises naming the
+    argument when no K tile fits."""
+    # 4 bits: a sub-tile may run as two dots of SUB_K/2 columns (even, odd); tl.dot needs a K of at least 16.
     min_sub = 32 if bits == 4 else 16
     if block_k < min_sub:
         raise ValueError(f"config.block_k: {bits}-bit weights need a K tile >= {min_sub}, got {block_k}")
@@ -388,9 +390,12 @@ def k_tiles(block_k: int, group_size: int, k_dim: int, bits: int) -> tuple[int, 
 
 
 def _pairs_tile(block_k: int, group_size: int, k_dim: int) -> bool:
-    """Whether a GEMM with this K tile and group size would run "dequant_pairs" (no K tiling fits: no)."""
+    """Whether the heuristic gives a GEMM with this K tile and group size "dequant_pairs": it would run them (whole
+    int32 words of codes: K a multiple of 8) on sub-tiles of >= 128 columns, the measured dots of 32 (H200, groups
+    of 128) or wider. Narrower sub-tiles (groups of 64, K tiles of 64) would run them on 16-wide dots, unmeasured:
+    they keep the byte-load choice."""
     try:
-        return pairs_sub_tile(k_tiles(block_k, group_size, k_dim, 4)[1])
+        return k_dim % 8 == 0 and k_tiles(block_k, group_size, k_dim, 4)[1] >= 128
     except ValueError:
         return False
 

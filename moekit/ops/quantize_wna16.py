@@ -115,7 +115,7 @@ def gptq_to_wna16(
     ``qweight`` int32 [K·bits/32, N] (K-packed: element k at bits ``bits·(k % (32/bits))`` of word k // (32/bits)),
     ``qzeros`` int32 [⌈K/g⌉, ⌈N·bits/32⌉] (N-packed the same way), ``scales`` [⌈K/g⌉, N], ``g_idx`` int [K]:
 
-        W[n, k] = scales[g(k), n] · (q[k, n] − (qzeros[g(k), n] + 1))            (v1 stores the zero minus one)
+        W[n, k] = scales[g(k), n] · (q[k, n] − z[g(k), n]),   z = unpack((qzeros + 0x11…1) mod 2^32)   (4 bits: + 0x11111111)
 
     Sym (``sym=True``): every stored zero must read 2^(bits-1) − 1 (checked; ``qzeros`` may be None) and the result
     has ``zeros=None``. The "minus one" is taken off each packed word as a whole, as GPTQModel writes it (a zero
@@ -133,10 +133,7 @@ def gptq_to_wna16(
     if qzeros is not None:
         z = _gptq_zeros(qzeros, bits, n)
         if sym:
-            if not bool((z == 1 << (bits - 1)).all()):
-                mid = 1 << (bits - 1)
-                raise ValueError(f"qzeros: expected every zero to be {mid} (stored {mid - 1}) for sym=True, "
-                                 f"got values {z.unique().tolist()[:8]}")
+            _check_sym_zeros(z, bits)
         else:
             zeros = z.t().contiguous().to(torch.uint8)
     return WNA16Weight(q, scales.t().contiguous(), zeros, bits, g, k)
@@ -163,7 +160,10 @@ def dequantize_gptq(
     if qzeros is None:
         z = torch.full((scales.shape[0], n), float(1 << (bits - 1)), device=qweight.device)
     else:
-        z = _gptq_zeros(qzeros, bits, n).float()
+        z = _gptq_zeros(qzeros, bits, n)
+        if sym:
+            _check_sym_zeros(z, bits)
+        z = z.float()
     return ((q - z[group]) * scales.float()[group]).t().contiguous()
 
 
@@ -281,6 +281,14 @@ def _check_gptq(qweight, qzeros, scales, g_idx, bits, group_size, sym) -> tuple[
         check_shape("qzeros", qzeros, (groups, math.ceil(n / per_word)), f"[⌈K/g⌉, ⌈N/{per_word}⌉] for N={n}")
         check_dtype("qzeros", qzeros, (torch.int32,))
     return k, n, g
+
+
+def _check_sym_zeros(z: torch.Tensor, bits: int) -> None:
+    """A symmetric checkpoint's zeros (``_gptq_zeros``) must all be 2^(bits-1): else its ``sym`` flag is wrong."""
+    mid = 1 << (bits - 1)
+    if not bool((z == mid).all()):
+        raise ValueError(f"qzeros: expected every zero to be {mid} (stored {mid - 1}) for sym=True, "
+                         f"got values {z.unique().tolist()[:8]}")
 
 
 def _gptq_zeros(qzeros: torch.Tensor, bits: int, n: int) -> torch.Tensor:

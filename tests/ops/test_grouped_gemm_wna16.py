@@ -429,7 +429,9 @@ def test_pairs_fall_back_where_they_cannot_run(launches, case):
     ("w4a16_channel", 2, 14336, "dequant_pairs", "dequant_pairs"),
     ("w4a16_g128", 4, 14336, "dequant_bytes", "dequant_bytes"),   # fp32 activations: no 16-bit pairs
     ("w4a16_g96", 2, 14336, "dequant_bytes", "dequant_bytes"),    # 32-column sub-tiles
+    ("w4a16_g64", 2, 14336, "dequant_bytes", "dequant_bytes"),    # 64-column sub-tiles: 16-wide dots, unmeasured
     ("w4a16_g128", 2, 1440, "dequant_pairs", "dequant_bytes"),    # GEMM 2's K tile of 32 divides I = 1440
+    ("w4a16_g128", 2, 2880, "dequant_pairs", "dequant_bytes"),    # GEMM 2's K tiles of 64 (gpt-oss's I = 2880)
 ])
 def test_pairs_heuristic_at_one_token_per_gemm(scheme, elem_bytes, inter, want1, want2):
     # One token on a large expert: each GEMM takes the pairs (with twice the BLOCK_N) only where they would run.

@@ -346,3 +346,12 @@ def test_refusals_name_the_argument():
                                     group_size=32)
     with pytest.raises(TypeError, match="weight_packed: expected dtype"):
         compressed_tensors_to_wna16(packed.view(torch.uint8), torch.ones(16, 2), bits=4, group_size=32)
+
+
+def test_gptq_sym_zeros_are_checked_when_dequantized_too():
+    # dequantize_gptq (act order, shared experts) refuses a "sym" checkpoint whose zeros are not the midpoint, as
+    # gptq_to_wna16 does (it used whatever zeros were stored).
+    q, z, s = _random_gptq(64, 8, 32, 4, True)
+    z[0, 3] = 5
+    with pytest.raises(ValueError, match="qzeros: expected every zero to be 8"):
+        dequantize_gptq(*gptq_pack(q, z, s, 4), None, bits=4, group_size=32, sym=True)

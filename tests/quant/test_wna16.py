@@ -253,9 +253,10 @@ def ct_pack(q_NK, z_NG, bits):
 def _codes(n, k, g, bits, sym, dtype, gen):
     groups = -(-k // g)
     q = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.int32)
-    lo = 1  # GPTQ v1 cannot store a zero of 0 at 8 bits; 1..max is every format's common ground
     z = (torch.full((n, groups), 1 << (bits - 1), dtype=torch.int32) if sym
-         else torch.randint(lo, 1 << bits, (n, groups), generator=gen, dtype=torch.int32))
+         else torch.randint(0, 1 << bits, (n, groups), generator=gen, dtype=torch.int32))
+    if not sym:  # a zero point of 0 in the top field of a packed word (GPTQ v1's borrow leaves the word)
+        z[min(7, n - 1), 0] = 0
     s = (torch.rand(n, groups, generator=gen) * 0.02 + 1e-3).to(dtype)
     return q, z, s
 
