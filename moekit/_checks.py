@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 
 import torch
@@ -78,6 +79,12 @@ def values_checkable() -> bool:
     if torch.compiler.is_compiling():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def triton_interpreting() -> bool:
+    """Triton runs kernels in its CPU interpreter: ``TRITON_INTERPRET`` read as Triton reads a boolean (1, true,
+    yes, on, y; any case). The CPU test suite runs the kernels this way."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
 def check_expert_map_values(expert_map: torch.Tensor, num_local: int) -> None:

@@ -3,7 +3,7 @@ these are the rules a plain membership or isinstance test would get wrong)."""
 
 import pytest
 
-from moekit._checks import check_choice
+from moekit._checks import check_choice, triton_interpreting
 
 
 def test_check_choice_accepts_its_choices():
@@ -27,3 +27,11 @@ def test_check_choice_names_a_missing_choice():
         check_choice("bits", 2, (4, 8))
     with pytest.raises(ValueError, match=r"backend: expected one of \['auto', 'torch'\], got 'cuda'"):
         check_choice("backend", "cuda", ("auto", "torch"))
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("ON", True), ("yes", True), ("0", False),
+                                       ("false", False), ("", False)])
+def test_triton_interpreting_reads_the_variable_as_triton_does(monkeypatch, value, on):
+    # Triton takes "true"/"on"/"yes" as well as "1": the inline-PTX paths must see the interpreter the same way.
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert triton_interpreting() is on

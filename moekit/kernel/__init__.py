@@ -6,10 +6,10 @@ Adding a backend = one module under ``kernel/`` plus a factory and one line in `
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
+from moekit._checks import triton_interpreting
 from moekit.kernel.experts import Experts
 from moekit.kernel.modular import ModularKernel, check_expert_inputs
 from moekit.kernel.prepare_finalize import LocalPrepareFinalize, PrepareFinalize, PrepareResult
@@ -78,11 +78,6 @@ def make_kernel(backend: str, device: torch.device) -> ModularKernel:
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def triton_interpreting() -> bool:
-    """Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, how the CPU test suite runs them)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 __all__ = [

@@ -35,12 +35,13 @@ with ``cfg = choose_config(MoEShape(..., weights="w4a16_g128"))`` (the scheme's 
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
-from moekit._checks import ACT_DTYPES, check_choice, check_dtype, check_ndim, check_same_device
+from moekit._checks import (
+    ACT_DTYPES, check_choice, check_dtype, check_ndim, check_same_device, triton_interpreting,
+)
 from moekit.ops._kernels.grouped_gemm_wna16 import grouped_gemm_wna16_kernel
 from moekit.ops.activation import Activation, activation_code
 from moekit.ops.align import AlignResult
@@ -155,7 +156,7 @@ def grouped_gemm_wna16(
         E2M1=e2m1, HAS_ZEROS=zeros is not None, SUB_K=sub_k, SPLIT=variant == "dequant_split" and bits == 4,
         SWAP=config.swap_ab or pairs, PAIRS=pairs,
         # Inline PTX: NVIDIA GPUs only, and never in Triton's CPU interpreter (which may be handed CUDA tensors).
-        ASM=a.is_cuda and torch.version.hip is None and not _interpreting(),
+        ASM=a.is_cuda and torch.version.hip is None and not triton_interpreting(),
         ACTIVATION=activation_code(activation),
         GATED=gated, HAS_BIAS=bias_EN is not None, HAS_WEIGHTS=weights_N is not None,
         BLOCK_M=layout.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
@@ -164,11 +165,6 @@ def grouped_gemm_wna16(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
-
-
-def _interpreting() -> bool:
-    """Triton's CPU interpreter is on (``TRITON_INTERPRET`` as Triton reads a boolean: 1 / true / on / yes)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def _check_weight(b: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int, int, bool]:
