@@ -317,8 +317,8 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
       14-20% ahead of "dequant_split" (the low and high nibbles as two unswapped dots) from T = 4 to 64 and on
       qwen3/deepseek-v3's T = 256 decode tiles (mixtral T = 16: 351 against 429 µs; deepseek-v3 T = 64: 2293
       against 2771), but behind "dequant_bytes" at T = 1 on qwen3 and deepseek-v3 (30 against 26, 149 against
-      134) and far behind "dequant" on prefill tiles; groups < 64 run it as "dequant_split" (which was 4-8% ahead
-      of "dequant_bytes" at T = 16-64). At T = 1 with twice the heuristic's BLOCK_N it wins on large experts
+      134) and far behind "dequant" on prefill tiles; GEMMs it is not given keep "dequant_split" past one token
+      (4-8% ahead of "dequant_bytes" at T = 16-64) and "dequant_bytes" at one. At T = 1 with twice the heuristic's BLOCK_N it wins on large experts
       (deepseek-v3 113.5 against 133.8 µs, mixtral 119.5 against 130.9) and loses on small ones (qwen3-30b-a3b
       27.6 against 25.9): taken from H·I >= 4M weights an expert. Measured with groups of 128 (dots 32 wide):
       only sub-tiles of >= 128 columns take it (whole-row groups: 64-wide dots, unmeasured; groups of 64 or K
@@ -342,18 +342,19 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
     if s.num_tokens == 1 or block_m <= 32:
         cfg = _decode_config(s, block_m, blocks, 2 * target if s.num_tokens == 1 else target, bk)
         k1, k2 = _k_tile_dividing(bk, s.hidden), _k_tile_dividing(bk, s.inter)
-        # "dequant_pairs" (integer 4-bit codes, 16-bit activations, K sub-tiles of >= 64 columns: it falls back
-        # otherwise, so each GEMM decides for itself); one token only on large experts, with twice the BLOCK_N.
+        # "dequant_pairs" (integer 4-bit codes, 16-bit activations, the measured sub-tiles: ``_pairs_tile``, so
+        # each GEMM decides for itself); one token only on large experts, with twice the BLOCK_N. Else byte loads,
+        # with the nibbles split past one token.
+        int4 = bits == 4 and s.weights != "mxfp4"
         group = _WNA16_GROUP.search(s.weights)
-        candidate = bits == 4 and s.weights != "mxfp4" and s.elem_bytes == 2 and (
-            s.num_tokens > 1 or s.hidden * s.inter >= _PAIRS_T1_MIN)
-        old = "dequant_split" if bits == 4 and s.num_tokens > 1 and s.weights != "mxfp4" else "dequant_bytes"
+        candidate = int4 and s.elem_bytes == 2 and (s.num_tokens > 1 or s.hidden * s.inter >= _PAIRS_T1_MIN)
+        otherwise = "dequant_split" if int4 and s.num_tokens > 1 else "dequant_bytes"
 
         def gemm(g: GemmConfig, k_tile: int, k_dim: int) -> GemmConfig:
             pairs = candidate and _pairs_tile(k_tile, int(group.group(1)) if group else k_dim, k_dim)
             wide = 2 if pairs and s.num_tokens == 1 else 1  # one token: twice the bytes a program (H200 probe)
-            return replace(g, variant="dequant_pairs" if pairs else old, block_k=k_tile, block_n=wide * g.block_n,
-                           swap_ab=swap)
+            return replace(g, variant="dequant_pairs" if pairs else otherwise, block_k=k_tile,
+                           block_n=wide * g.block_n, swap_ab=swap)
 
         return replace(cfg, gemm1=gemm(cfg.gemm1, k1, s.hidden), gemm2=gemm(cfg.gemm2, k2, s.inter))
     if block_m == 128:
