@@ -140,6 +140,8 @@ def grouped_gemm_wna16(
     if variant == "dequant_pairs" and not pairs:  # the decode choice it replaces
         variant, words = ("dequant_bytes" if layout.row_per_block else "dequant_split"), None
     codes = words if words is not None else qweight
+    # Inline PTX: NVIDIA GPUs only, and never in Triton's CPU interpreter (which may be handed CUDA tensors).
+    asm = a.is_cuda and torch.version.hip is None and not triton_interpreting()
     grouped_gemm_wna16_kernel[grid](
         a, codes, scales, z, out_3d,
         bias_EN if bias_EN is not None else a,
@@ -155,8 +157,7 @@ def grouped_gemm_wna16(
         VARIANT="dequant" if variant.startswith("dequant") else variant, WORDS=words is not None, BITS=bits,
         E2M1=e2m1, HAS_ZEROS=zeros is not None, SUB_K=sub_k, SPLIT=variant == "dequant_split" and bits == 4,
         SWAP=config.swap_ab or pairs, PAIRS=pairs,
-        # Inline PTX: NVIDIA GPUs only, and never in Triton's CPU interpreter (which may be handed CUDA tensors).
-        ASM=a.is_cuda and torch.version.hip is None and not triton_interpreting(),
+        ASM=asm, OPAQUE_ZEROS=asm and pairs and zeros is not None and not _wgmma_tile(a.device, config),
         ACTIVATION=activation_code(activation),
         GATED=gated, HAS_BIAS=bias_EN is not None, HAS_WEIGHTS=weights_N is not None,
         BLOCK_M=layout.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
@@ -165,6 +166,12 @@ def grouped_gemm_wna16(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
+
+
+def _wgmma_tile(device: torch.device, config: GemmConfig) -> bool:
+    """Whether a swapped tile's dots run on Hopper's wgmma: sm_90 and >= 64 weight rows (wgmma's M of a warpgroup;
+    smaller tiles, and older GPUs, run mma.sync, where the pairs need OPAQUE_ZEROS: see the kernel's docstring)."""
+    return torch.cuda.get_device_capability(device)[0] == 9 and config.block_n >= 64
 
 
 def _check_weight(b: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int, int, bool]:

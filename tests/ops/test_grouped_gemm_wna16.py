@@ -445,10 +445,16 @@ def test_pairs_heuristic_at_one_token_per_gemm(scheme, elem_bytes, inter, want1,
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("group_size, k_dim, sym", [(64, 200, False), (128, 448, True), (-1, 264, True)])
-def test_pairs_inline_asm_on_gpu(launches, dtype, group_size, k_dim, sym):
+@pytest.mark.parametrize("group_size, k_dim, sym, block_n", [
+    (64, 200, False, 32),   # 32 weight rows: mma.sync, where loaded zero points need OPAQUE_ZEROS
+    (128, 448, False, 64),  # 64: wgmma, without it
+    (128, 448, True, 32),
+    (-1, 264, True, 64),
+])
+def test_pairs_inline_asm_on_gpu(launches, dtype, group_size, k_dim, sym, block_n):
     # The CUDA path of "dequant_pairs" (inline PTX, which the CPU tests never run): fp16's and bf16's magic
-    # numbers, groups of 64 / 128 / a whole row, ragged K with zero points, against the reference.
+    # numbers, groups of 64 / 128 / a whole row, ragged K, zero points on mma.sync and wgmma tiles, against the
+    # reference.
     dev = torch.device("cuda")
     num_tokens, top_k, num_experts, inter = 9, 2, 4, 48
     ids, _ = _routing(num_tokens, top_k, num_experts)
@@ -458,6 +464,6 @@ def test_pairs_inline_asm_on_gpu(launches, dtype, group_size, k_dim, sym):
     num_rows = num_tokens * top_k
     kw = dict(num_rows=num_rows, a_row_div=top_k, activation=SILU)
     out = torch.full((num_rows, inter), float("nan"), device=dev, dtype=dtype)
-    grouped_gemm_wna16(x, w, layout, out, SMALL, variant="dequant_pairs", **kw)
+    grouped_gemm_wna16(x, w, layout, out, replace(SMALL, block_n=block_n), variant="dequant_pairs", **kw)
     assert launches == [(True, False)]
     assert_close(out, grouped_gemm_wna16_ref(x, w, layout, torch.empty(num_rows, inter, device=dev), **kw), dtype)

@@ -30,6 +30,12 @@ group's scale s[n] and zero point z[n] (2^(bits-1) for symmetric codes). VARIANT
   registers: A is the small operand at decode). Every op between the word load and the dot is elementwise, so
   the compiler moves the *word* tile into wgmma's register-operand layout (the codes cross shared memory once,
   half a byte a weight) and never stores a dequantized tile; no byte permutes (the interleaves of "dequant").
+  OPAQUE_ZEROS: the loaded zero points pass through a non-pure asm identity first. Triton 3.6 mis-compiles the
+  pairs with loaded zero points where the dot runs on mma.sync instead of wgmma (on an H200: a tile of 32 weight
+  rows on 4 warps; relative error ~1 against the reference, fp16 and bf16, any stage count; constant zero points,
+  wgmma tiles and the interpreter are right). The identity keeps the compiler from moving the zero points' chain,
+  which fixes it, but costs an asym layer 9-14% where wgmma runs (H200, mixtral/deepseek-v3/qwen3 at T = 4-64),
+  so the launcher asks for it only off wgmma.
 - "gemv": no tensor cores: acc[n] += s[n] · Σ_k (q - z)·a[k] in fp32 FMAs, one routed row a tile, for decode
   where a block holds one routed row (ROW_PER_BLOCK) or a few: the weight stream is the whole cost and a
   tensor-core tile of 16 padded rows only adds work. 4-bit codes are read as int32 words (any activation dtype)
@@ -144,6 +150,13 @@ def _nibble_pairs(b_x, SHIFT: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constex
 
 
 @triton.jit
+def _opaque(b_v):
+    """``b_v`` (int32) unchanged, through an asm call the compiler may not move or merge (CUDA only). See
+    OPAQUE_ZEROS in the module docstring."""
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [b_v], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _pairs_dot(b_x, b_a, b_off, b_sc, b_acc_t, R: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     """acc^T += w_R · a_R^T for piece R of a PAIRS sub-tile: w_R [BLOCK_N, 2W] the weight columns 8w + R + 4h in
@@ -254,6 +267,7 @@ def _tile(
     stride_bias_e, alpha, limit,
     VARIANT: tl.constexpr, WORDS: tl.constexpr, BITS: tl.constexpr, E2M1: tl.constexpr, HAS_ZEROS: tl.constexpr,
     SUB_K: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
+    OPAQUE_ZEROS: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
@@ -294,6 +308,8 @@ def _tile(
                 b_a_0, b_a_2 = tl.split(b_a_r0)
                 b_a_1, b_a_3 = tl.split(b_a_r1)
                 b_x = tl.reshape(tl.join(b_q, b_q >> 16), [BLOCK_N, 2 * SUB_B])  # (w, h): h = 1 the high half
+                if HAS_ZEROS and OPAQUE_ZEROS:
+                    b_z = _opaque(b_z)
                 b_off = (b_z + (1024 if DTYPE == tl.float16 else 128)).to(DTYPE)[:, None]
                 b_sc = b_s.to(DTYPE)[:, None]
                 b_acc_t = _pairs_dot(b_x, tl.reshape(b_a_0, [TILE_M, 2 * SUB_B]), b_off, b_sc, b_acc_t, 0, DTYPE,
@@ -395,6 +411,7 @@ def grouped_gemm_wna16_kernel(
     alpha, limit,
     VARIANT: tl.constexpr, WORDS: tl.constexpr, BITS: tl.constexpr, E2M1: tl.constexpr, HAS_ZEROS: tl.constexpr,
     SUB_K: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
+    OPAQUE_ZEROS: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
@@ -427,8 +444,8 @@ def grouped_gemm_wna16_kernel(
                     i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                     stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs,
                     stride_cm, stride_bias_e, alpha, limit,
-                    VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, SWAP, PAIRS, ASM, ACTIVATION, GATED,
-                    HAS_BIAS, HAS_WEIGHTS, BLOCK_M, 1,
+                    VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, SWAP, PAIRS, ASM, OPAQUE_ZEROS, ACTIVATION,
+                    GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M, 1,
                     BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
                 )
     else:
@@ -441,8 +458,8 @@ def grouped_gemm_wna16_kernel(
                 i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                 stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
                 stride_bias_e, alpha, limit,
-                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, SWAP, PAIRS, ASM, ACTIVATION, GATED, HAS_BIAS,
-                HAS_WEIGHTS, BLOCK_M,
+                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, SWAP, PAIRS, ASM, OPAQUE_ZEROS, ACTIVATION,
+                GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M,
                 BLOCK_M // 2,
                 BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
             )
@@ -452,8 +469,8 @@ def grouped_gemm_wna16_kernel(
                 i_m, i_n, i_s, i_e, num_rows, n_out, k_dim, a_row_div, up_offset, k_per_split, group_size,
                 stride_am, stride_bn, stride_bk, stride_sn, stride_sk, stride_zn, stride_zk, stride_cs, stride_cm,
                 stride_bias_e, alpha, limit,
-                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, SWAP, PAIRS, ASM, ACTIVATION, GATED, HAS_BIAS,
-                HAS_WEIGHTS, BLOCK_M,
+                VARIANT, WORDS, BITS, E2M1, HAS_ZEROS, SUB_K, SPLIT, SWAP, PAIRS, ASM, OPAQUE_ZEROS, ACTIVATION,
+                GATED, HAS_BIAS, HAS_WEIGHTS, BLOCK_M,
                 BLOCK_M,
                 BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, DOT_PRECISION, ROW_PER_BLOCK,
             )
