@@ -18,6 +18,7 @@ from moekit.layer import MoE
 from moekit.checkpoint_gguf import GGUFCheckpoint, gguf_config, is_gguf
 from moekit.loading import Checkpoint, _shown, load_moe
 from moekit.quant.config import get_quant_method
+from moekit.quant.exclusions import experts_excluded
 
 # config.json "dtype" / "torch_dtype" -> the layer's activation dtype
 _CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -44,6 +45,9 @@ def from_pretrained(
     pick the weight format (``moekit.loading_gguf.gguf_quant_method``: Q4_0 -> w4a16 g32, Q8_0 (+ Q4_0) -> w8a16
     g32, exact; anything else is dequantized into ``dtype`` at load, with a warning naming the tensors). ``dtype``
     defaults to torch's default dtype there.
+
+    The ``quantization_config``'s exclusion lists are read (``moekit.quant.exclusions``): a block whose routed
+    experts the checkpoint keeps unquantized is built as an unquantized layer.
     """
     if is_gguf(path):
         return _from_gguf(path, layer, prefix=prefix, dtype=dtype, device=device, backend=backend, parallel=parallel,
@@ -75,6 +79,8 @@ def from_pretrained(
                 raise ValueError(f"layer: expected one MoE block of decoder layer {layer} in the checkpoint, found "
                                  f"{len(matches)} among {_shown(found)}; pass prefix=")
             prefix = matches[0]
+    if method is not None and experts_excluded(quant, prefix, _expert_modules(ckpt, prefix)):
+        method = None  # the checkpoint keeps this block's experts unquantized (an exclusion list says so)
     moe = MoE(config, dtype=dtype, device=device, quant_method=method, parallel=parallel, process_group=process_group)
     load_moe(moe, ckpt, prefix)
     return moe
@@ -111,6 +117,13 @@ def _from_gguf(path: str | os.PathLike, layer: int | None, *, prefix: str | None
         more = f", ... ({len(quantized)} in all)" if len(quantized) > 8 else ""
         warnings.warn(f"{ckpt.path.name} {block}: dequantized at load: {shown}{more}", stacklevel=3)
     return moe
+
+
+def _expert_modules(ckpt: Checkpoint, prefix: str) -> list[str]:
+    """The modules holding ``prefix``'s expert tensors: ``{prefix}.experts.{e}.{proj}`` per expert, or
+    ``{prefix}.experts`` for fused tensors."""
+    head = prefix + ".experts."
+    return list(dict.fromkeys(k.rpartition(".")[0] for k in ckpt.keys() if k.startswith(head)))
 
 
 def _decoder_layer(prefix: str) -> int | None:
