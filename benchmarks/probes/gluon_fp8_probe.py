@@ -22,6 +22,7 @@ Partitions of a persistent program (one per SM; tiles = BM-row blocks x BN weigh
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import triton
@@ -36,48 +37,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-
-@gluon.jit
-def _tile_coords(t, num_blocks, num_n, GROUP_M: gl.constexpr):
-    in_group = GROUP_M * num_n
-    first_m = (t // in_group) * GROUP_M
-    gm = gl.minimum(num_blocks - first_m, GROUP_M)
-    return first_m + (t % in_group) % gm, (t % in_group) // gm
-
-
-@gluon.jit
-def _loader(p_a, b_desc, p_sorted, p_experts, a_bufs, b_bufs, ready, empty, num_blocks, num_n, num_rows,
-            a_row_div, stride_am, n_b, num_k, num_tiles, num_progs,
-            BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, LAG: gl.constexpr,
-            GROUP_M: gl.constexpr):
-    # 16-byte vectors: 8 threads cover one 128-wide fp8 row, a warp 4 rows.
-    a_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [gl.num_warps(), 1], [1, 0])
-    o_k = gl.max_contiguous(gl.multiple_of(gl.arange(0, BK, layout=gl.SliceLayout(0, a_layout)), 16), 16)
-    it = 0
-    for t in range(gl.program_id(0), num_tiles, num_progs):
-        i_m, i_n = _tile_coords(t, num_blocks, num_n, GROUP_M)
-        i_e = gl.maximum(gl.load(p_experts + i_m), 0)
-        rows = gl.load(p_sorted + i_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, a_layout)))
-        o_rows = gl.multiple_of((rows // a_row_div).to(gl.int64) * stride_am, 16)
-        p_tile = p_a + o_rows[:, None] + o_k[None, :]
-        mask = (rows < num_rows)[:, None]
-        b_row0 = i_e * n_b + i_n * BN
-        for kk in range(num_k):
-            s = it % S
-            mbarrier.wait(empty.index(s), ((it // S) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), BN * BK)
-            tma.async_copy_global_to_shared(b_desc, [b_row0, kk * BK], ready.index(s), b_bufs.index(s))
-            async_copy.async_copy_global_to_shared(a_bufs.index(s), p_tile + kk * BK, mask=mask)
-            async_copy.commit_group()
-            if it >= LAG:
-                async_copy.wait_group(LAG)
-                fence_async_shared()
-                mbarrier.arrive(ready.index((it - LAG) % S), count=1)
-            it += 1
-    async_copy.wait_group(0)
-    fence_async_shared()
-    for j in range(gl.maximum(it - LAG, 0), it):
-        mbarrier.arrive(ready.index(j % S), count=1)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gluon_gemm_probe import _p_loader, _tile_coords  # noqa: E402  (the bf16 probe's loader, EB = 1 here)
 
 
 @gluon.jit
@@ -188,8 +149,8 @@ def gluon_fp8_block_kernel(p_a, p_b, p_as, p_bs, p_c, p_sorted, p_experts, num_b
         (_consumer, (p_c, p_sorted, p_experts, p_as, p_bs, a_bufs, b_bufs, ready, empty, num_blocks, num_n, n_out,
                      num_rows, a_row_div, stride_asm, stride_bse, stride_bsn, num_k, num_tiles, num_progs,
                      BM, BN, BK, S, GROUP_M, 1, DEFER)),
-        (_loader, (p_a, b_desc, p_sorted, p_experts, a_bufs, b_bufs, ready, empty, num_blocks, num_n, num_rows,
-                   a_row_div, stride_am, n_b, num_k, num_tiles, num_progs, BM, BN, BK, S, LAG, GROUP_M)),
+        (_p_loader, (p_a, b_desc, p_sorted, p_experts, a_bufs, b_bufs, ready, empty, num_blocks, num_n, num_rows,
+                     a_row_div, stride_am, n_b, num_k, num_tiles, num_progs, BM, BN, BK, S, LAG, GROUP_M, 1)),
     ], [4, 4], [232, 40])
 
 

@@ -152,24 +152,25 @@ def gluon_gmm_kernel(p_a, p_b, p_c, p_sorted, p_experts, num_blocks, num_rows, a
 def _p_loader(p_a, b_desc, p_sorted, p_experts, a_bufs, b_bufs, ready, empty, num_blocks, num_n, num_rows,
               a_row_div, stride_am, n_b, num_k, num_tiles, num_progs,
               BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, LAG: gl.constexpr,
-              GROUP_M: gl.constexpr):
+              GROUP_M: gl.constexpr, EB: gl.constexpr):
     """Persistent loader: the stage ring and the cp.async lag run on across tiles, so the next tile's loads
-    start while the consumer is still in this tile's epilogue."""
-    a_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
-    o_k = gl.max_contiguous(gl.multiple_of(gl.arange(0, BK, layout=gl.SliceLayout(0, a_layout)), 8), 8)
+    start while the consumer is still in this tile's epilogue. EB: bytes an element (2: bf16, 1: fp8)."""
+    VEC: gl.constexpr = 16 // EB  # 16-byte vectors; 8 threads cover a row of BK = 8·VEC elements
+    a_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [4, 8], [gl.num_warps(), 1], [1, 0])
+    o_k = gl.max_contiguous(gl.multiple_of(gl.arange(0, BK, layout=gl.SliceLayout(0, a_layout)), VEC), VEC)
     it = 0
     for t in range(gl.program_id(0), num_tiles, num_progs):
         i_m, i_n = _tile_coords(t, num_blocks, num_n, GROUP_M)
         i_e = gl.maximum(gl.load(p_experts + i_m), 0)
         rows = gl.load(p_sorted + i_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, a_layout)))
-        o_rows = gl.multiple_of((rows // a_row_div).to(gl.int64) * stride_am, 8)
+        o_rows = gl.multiple_of((rows // a_row_div).to(gl.int64) * stride_am, VEC)
         p_tile = p_a + o_rows[:, None] + o_k[None, :]
         mask = (rows < num_rows)[:, None]
         b_row0 = i_e * n_b + i_n * BN
         for kk in range(num_k):
             s = it % S
             mbarrier.wait(empty.index(s), ((it // S) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), BN * BK * 2)
+            mbarrier.expect(ready.index(s), BN * BK * EB)
             tma.async_copy_global_to_shared(b_desc, [b_row0, kk * BK], ready.index(s), b_bufs.index(s))
             async_copy.async_copy_global_to_shared(a_bufs.index(s), p_tile + kk * BK, mask=mask)
             async_copy.commit_group()
@@ -223,7 +224,7 @@ def gluon_gmm_persistent_kernel(p_a, p_b, p_c, p_sorted, p_experts, num_blocks, 
         (_p_consumer, (p_c, a_bufs, b_bufs, ready, empty, num_blocks, num_n, n_out, num_k, num_tiles, num_progs,
                        BM, BN, S, GROUP_M, mma_layout)),
         (_p_loader, (p_a, b_desc, p_sorted, p_experts, a_bufs, b_bufs, ready, empty, num_blocks, num_n, num_rows,
-                     a_row_div, stride_am, n_b, num_k, num_tiles, num_progs, BM, BN, BK, S, LAG, GROUP_M)),
+                     a_row_div, stride_am, n_b, num_k, num_tiles, num_progs, BM, BN, BK, S, LAG, GROUP_M, 2)),
     ], [4], [80])
 
 
@@ -279,7 +280,7 @@ def gluon_gmm_halves_kernel(p_a, p_b, p_c, p_sorted, p_experts, num_blocks, num_
         (_h_consumer, (p_c, p_sorted, a_bufs, b_bufs, ready, empty, num_blocks, num_n, n_out, num_rows, num_k,
                        num_tiles, num_progs, BM, BN, S, GROUP_M, 1)),
         (_p_loader, (p_a, b_desc, p_sorted, p_experts, a_bufs, b_bufs, ready, empty, num_blocks, num_n, num_rows,
-                     a_row_div, stride_am, n_b, num_k, num_tiles, num_progs, BM, BN, BK, S, LAG, GROUP_M)),
+                     a_row_div, stride_am, n_b, num_k, num_tiles, num_progs, BM, BN, BK, S, LAG, GROUP_M, 2)),
     ], [4, 4], [232, 56])
 
 
