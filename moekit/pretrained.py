@@ -17,7 +17,8 @@ from moekit.families import read_hf_config, text_config
 from moekit.layer import MoE
 from moekit.checkpoint_gguf import GGUFCheckpoint, gguf_config, is_gguf
 from moekit.loading import Checkpoint, _shown, load_moe
-from moekit.quant.config import get_quant_method
+from moekit.checkpoint import CODE_DTYPES
+from moekit.quant.config import UnsupportedQuantization, get_quant_method
 from moekit.quant.exclusions import experts_excluded
 
 # config.json "dtype" / "torch_dtype" -> the layer's activation dtype
@@ -59,7 +60,6 @@ def from_pretrained(
     # sparse ones).
     config = replace(MoEConfig.from_hf(cfg, layer), backend=backend)  # validated again: backend is checked
     quant = cfg.get("quantization_config", text_config(cfg).get("quantization_config"))
-    method = get_quant_method(quant, dequantize_act_order=dequantize_act_order) if quant is not None else None
     if dtype is None:
         named = cfg.get("dtype") or cfg.get("torch_dtype") or text_config(cfg).get("dtype")
         dtype = _CONFIG_DTYPES.get(named, torch.get_default_dtype())
@@ -79,8 +79,13 @@ def from_pretrained(
                 raise ValueError(f"layer: expected one MoE block of decoder layer {layer} in the checkpoint, found "
                                  f"{len(matches)} among {_shown(found)}; pass prefix=")
             prefix = matches[0]
-    if method is not None and experts_excluded(quant, prefix, _expert_modules(ckpt, prefix)):
-        method = None  # the checkpoint keeps this block's experts unquantized (an exclusion list says so)
+    method = None
+    if quant is not None:
+        why = experts_excluded(quant, prefix, _expert_modules(ckpt, prefix))
+        if why is None:
+            method = get_quant_method(quant, dequantize_act_order=dequantize_act_order)
+        else:  # the checkpoint keeps this block's experts unquantized: an unquantized layer, if the tensors agree
+            _check_unquantized(ckpt, prefix, why)
     moe = MoE(config, dtype=dtype, device=device, quant_method=method, parallel=parallel, process_group=process_group)
     load_moe(moe, ckpt, prefix)
     return moe
@@ -124,6 +129,24 @@ def _expert_modules(ckpt: Checkpoint, prefix: str) -> list[str]:
     ``{prefix}.experts`` for fused tensors."""
     head = prefix + ".experts."
     return list(dict.fromkeys(k.rpartition(".")[0] for k in ckpt.keys() if k.startswith(head)))
+
+
+# safetensors dtypes of float tensors; anything else under an excluded block's experts is a code.
+_FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+
+
+def _check_unquantized(ckpt: Checkpoint, prefix: str, why: str) -> None:
+    """Refuse a block whose exclusion-list verdict the checkpoint contradicts: routed experts holding codes, or
+    shared experts stored packed (their dequantization needs the routed experts' quant method)."""
+    for key in ckpt.keys():
+        if not key.startswith(prefix + ".") or ckpt.dtype(key) in _FLOAT_DTYPES:
+            continue
+        if key.startswith(prefix + ".experts."):
+            raise UnsupportedQuantization(f"quantization_config keeps the experts of {prefix!r} unquantized "
+                                          f"({why}), but checkpoint key {key!r} holds {ckpt.dtype(key)} codes")
+        if ckpt.dtype(key) not in CODE_DTYPES:
+            raise UnsupportedQuantization(f"checkpoint key {key!r}: packed {ckpt.dtype(key)} shared-expert tensors in "
+                                          f"a block whose routed experts are unquantized ({why}) are not supported")
 
 
 def _decoder_layer(prefix: str) -> int | None:

@@ -136,7 +136,9 @@ def grouped_gemm_wna16(
     use_words = bits == 4 and not e2m1 and (variant == "gemv" or (variant in ("dequant", "dequant_pairs")
                                                                     and a.dtype != torch.float32))
     words = _as_words(qweight) if use_words else None
-    pairs = variant == "dequant_pairs" and words is not None and pairs_sub_tile(sub_k)
+    # Not on ROCm: measured and checked on NVIDIA only (its zero-point workaround is inline PTX).
+    pairs = (variant == "dequant_pairs" and words is not None and pairs_sub_tile(sub_k)
+             and not (a.is_cuda and torch.version.hip is not None))
     if variant == "dequant_pairs" and not pairs:  # the decode choice it replaces
         variant, words = ("dequant_bytes" if layout.row_per_block else "dequant_split"), None
     codes = words if words is not None else qweight
@@ -169,9 +171,11 @@ def grouped_gemm_wna16(
 
 
 def _wgmma_tile(device: torch.device, config: GemmConfig) -> bool:
-    """Whether a swapped tile's dots run on Hopper's wgmma: sm_90 and >= 64 weight rows (wgmma's M of a warpgroup;
-    smaller tiles, and older GPUs, run mma.sync, where the pairs need OPAQUE_ZEROS: see the kernel's docstring)."""
-    return torch.cuda.get_device_capability(device)[0] == 9 and config.block_n >= 64
+    """Whether a swapped tile's dots run on Hopper's wgmma: sm_90, weight rows a multiple of 64 (wgmma's M of a
+    warpgroup) and whole warpgroups (Triton's condition); other tiles, and other GPUs, run mma.sync, where the
+    pairs need OPAQUE_ZEROS (see the kernel's docstring)."""
+    return (torch.cuda.get_device_capability(device)[0] == 9 and config.block_n % 64 == 0
+            and config.num_warps % 4 == 0)
 
 
 def _check_weight(b: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int, int, bool]:

@@ -445,13 +445,15 @@ def test_pairs_heuristic_at_one_token_per_gemm(scheme, elem_bytes, inter, want1,
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("group_size, k_dim, sym, block_n", [
-    (64, 200, False, 32),   # 32 weight rows: mma.sync, where loaded zero points need OPAQUE_ZEROS
-    (128, 448, False, 64),  # 64: wgmma, without it
-    (128, 448, True, 32),
-    (-1, 264, True, 64),
+@pytest.mark.parametrize("group_size, k_dim, sym, block_n, num_warps", [
+    (64, 200, False, 32, 4),   # 32 weight rows: mma.sync, where loaded zero points need OPAQUE_ZEROS
+    (128, 448, False, 64, 2),  # not a whole warpgroup: mma.sync too
+    (128, 448, False, 64, 4),  # wgmma, without it
+    (128, 448, False, 128, 8),  # the heuristic's 8-warp tiles
+    (128, 448, True, 32, 4),
+    (-1, 264, True, 64, 4),
 ])
-def test_pairs_inline_asm_on_gpu(launches, dtype, group_size, k_dim, sym, block_n):
+def test_pairs_inline_asm_on_gpu(launches, dtype, group_size, k_dim, sym, block_n, num_warps):
     # The CUDA path of "dequant_pairs" (inline PTX, which the CPU tests never run): fp16's and bf16's magic
     # numbers, groups of 64 / 128 / a whole row, ragged K, zero points on mma.sync and wgmma tiles, against the
     # reference.
@@ -464,6 +466,22 @@ def test_pairs_inline_asm_on_gpu(launches, dtype, group_size, k_dim, sym, block_
     num_rows = num_tokens * top_k
     kw = dict(num_rows=num_rows, a_row_div=top_k, activation=SILU)
     out = torch.full((num_rows, inter), float("nan"), device=dev, dtype=dtype)
-    grouped_gemm_wna16(x, w, layout, out, replace(SMALL, block_n=block_n), variant="dequant_pairs", **kw)
+    grouped_gemm_wna16(x, w, layout, out, replace(SMALL, block_n=block_n, num_warps=num_warps), variant="dequant_pairs",
+                       **kw)
     assert launches == [(True, False)]
     assert_close(out, grouped_gemm_wna16_ref(x, w, layout, torch.empty(num_rows, inter, device=dev), **kw), dtype)
+
+
+@pytest.mark.parametrize(("capability", "block_n", "num_warps", "wgmma"), [
+    ((9, 0), 64, 4, True), ((9, 0), 128, 8, True), ((9, 0), 256, 4, True),
+    ((9, 0), 32, 4, False),   # fewer rows than a warpgroup's M
+    ((9, 0), 64, 2, False),   # not a whole warpgroup
+    ((8, 0), 128, 4, False), ((10, 0), 128, 8, False),  # no wgmma (Ampere), or not measured (Blackwell)
+])
+def test_zero_points_are_made_opaque_off_wgmma(monkeypatch, capability, block_n, num_warps, wgmma):
+    # OPAQUE_ZEROS (the workaround for Triton's mis-compile of the pairs with zero points on mma.sync) is asked for
+    # exactly where the swapped dots do not run on wgmma.
+    import moekit.ops.grouped_gemm_wna16 as op
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    config = GemmConfig(block_n=block_n, block_k=128, group_m=1, num_warps=num_warps, num_stages=2)
+    assert op._wgmma_tile(torch.device("cuda"), config) == wgmma

@@ -48,7 +48,7 @@ def test_ignore_matches_as_compressed_tensors_does(pattern):
 def test_modelopt_wildcards_awq_substrings_and_gptq_dynamic():
     modelopt = {"quant_method": "modelopt", "quantization": {"quant_algo": "FP8",
                                                              "exclude_modules": ["lm_head", "model.layers.1.mlp*"]}}
-    assert excluded(modelopt, "model.layers.1.mlp.experts.3.down_proj") == "exclude_modules: 'model.layers.1.mlp*'"
+    assert excluded(modelopt, "model.layers.1.mlp.experts.3.down_proj") == "quantization.exclude_modules: 'model.layers.1.mlp*'"
     assert excluded(modelopt, "model.layers.11.mlp.experts.3.down_proj") is None
     assert excluded({"quant_method": "modelopt", "exclude_modules": ["*experts*"]}, "model.layers.2.mlp.experts.0.w1")
     # AutoAWQ skips a module whose name contains an entry (transformers' boundary rule would not match here).
@@ -66,6 +66,47 @@ def test_modelopt_wildcards_awq_substrings_and_gptq_dynamic():
         excluded(gptq, "model.layers.2.mlp.experts.5.up_proj")
     with pytest.raises(UnsupportedQuantization, match="modules_to_not_convert: expected a list of module names"):
         excluded({"quant_method": "fp8", "modules_to_not_convert": [3]}, "lm_head")
+
+
+def test_modelopt_config_json_ignore_is_wildcards():
+    # ModelOpt's config.json spells its exclusions "ignore", as wildcards (hf_quant_config.json: exclude_modules).
+    qc = {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": ["lm_head", "model.layers.1.mlp*"]}
+    assert experts_excluded(qc, "model.layers.1.mlp", ["model.layers.1.mlp.experts.0.w1"])
+    assert experts_excluded(qc, "model.layers.11.mlp", ["model.layers.11.mlp.experts.0.w1"]) is None
+
+
+def test_gptq_dynamic_first_match_decides():
+    base = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    name = "model.layers.1.mlp.experts.0.gate_proj"
+    # A matching "+:" without a format change keeps the module quantized, later "-:" patterns notwithstanding.
+    assert excluded({**base, "dynamic": {r"+:.*mlp\.experts.*": {"bits": 4, "sym": True},
+                                         r"-:model\.layers\.1\..*": {}}}, name) is None
+    assert excluded({**base, "dynamic": {r"-:model\.layers\.1\..*": {},
+                                         r"+:.*mlp\.experts.*": {"bits": 8}}}, name) is not None
+
+
+@pytest.mark.parametrize(("qc", "message"), [
+    ({"quant_method": "fp8", "modules_to_not_convert": {"model.layers.1.mlp.experts": 1}},
+     "modules_to_not_convert: expected a list of module names"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"targets": None}}},
+     r"config_groups.g.targets: expected a list of module names, got None"),
+    ({"quant_method": "gptq", "dynamic": {".*experts.*": [8]}}, r"dynamic\.\.\*experts\.\*: expected an object"),
+    ({"quant_method": "compressed-tensors", "ignore": ["re:model.(layers"]}, r"ignore: 're:model.\(layers' is not a "
+                                                                             "valid regex"),
+    ({"quant_method": "modelopt", "quantization": {"exclude_modules": "lm_head,x"}}, None),
+])
+def test_malformed_fields_are_refused_naming_them(qc, message):
+    name = "model.layers.1.mlp.experts.0.gate_proj"
+    if message is None:  # a single string is one pattern, as the formats allow
+        assert excluded(qc, name) is None
+        return
+    with pytest.raises(UnsupportedQuantization, match=message):
+        excluded(qc, name)
+
+
+def test_ignored_layers_has_no_class_names():
+    assert excluded({"quant_method": "fp8", "ignored_layers": ["Linear"]}, "model.layers.0.mlp.experts.0.up_proj") \
+        is None
 
 
 def test_compressed_tensors_targets_decide_what_is_quantized():
@@ -87,7 +128,16 @@ def test_a_block_is_excluded_whole_or_refused():
     qc = {"quant_method": "compressed-tensors", "config_groups": {"g": {"targets": ["Linear"]}}}
     assert not experts_excluded(qc, "model.layers.1.mlp", modules)
     assert experts_excluded({**qc, "ignore": modules}, "model.layers.1.mlp", modules)
-    assert experts_excluded({**qc, "ignore": ["model.layers.1.mlp.experts"]}, "model.layers.1.mlp", modules)
+    # compressed-tensors matches each linear's own name: ignoring the container keeps its linears quantized.
+    assert not experts_excluded({**qc, "ignore": ["model.layers.1.mlp.experts"]}, "model.layers.1.mlp", modules)
+    # Experts-only checkpoints (RedHatAI's targets) name the linears, never the container.
+    experts_only = {**qc, "config_groups": {"g": {"targets": [r"re:.*mlp\.experts\..*(gate|up|down)_proj$"]}}}
+    assert not experts_excluded(experts_only, "model.layers.1.mlp", modules)
+    attention_only = {**qc, "config_groups": {"g": {"targets": ["re:.*self_attn.*"]}}}
+    assert experts_excluded(attention_only, "model.layers.1.mlp", modules).startswith("every expert linear")
+    # Rules that name containers exclude the block whatever its linears.
+    assert experts_excluded({"quant_method": "fp8", "ignored_layers": ["model.layers.1.mlp.experts"]},
+                            "model.layers.1.mlp", modules)
     fused = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.mlp.experts"]}
     assert experts_excluded(fused, "model.layers.1.mlp", ["model.layers.1.mlp.experts"])
     with pytest.raises(UnsupportedQuantization, match=r"3 of the 24 expert modules of 'model.layers.1.mlp' are kept "
@@ -157,6 +207,39 @@ def test_excluded_experts_load_unquantized(checkpoints, scheme, edit):
         assert_close(moe(x), model.model.layers[1].mlp(x).float(), torch.bfloat16)
     # The other layer stays quantized.
     assert MoE.from_pretrained(path, layer=0).routed_experts.quant_method.name != "unquantized"
+
+
+def test_an_exclusion_the_tensors_contradict_is_refused(checkpoints):
+    from moekit import MoE
+
+    _, root, out, _ = checkpoints
+    src = out["ct_block"]
+    dst = root / "ct_block_contradicted"
+    dst.mkdir()
+    (dst / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"]["ignore"] = EXPERT_LINEARS  # says float; the file holds codes
+    (dst / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedQuantization, match=r"keeps the experts of 'model.layers.1.mlp' unquantized "
+                                                      r"\(every expert linear .*\), but checkpoint key "
+                                                      r"'model.layers.1.mlp.experts.0.down_proj.weight' holds F8_E4M3"):
+        MoE.from_pretrained(dst, layer=1)
+
+
+def test_experts_only_targets_load_quantized(checkpoints):
+    # llm-compressor recipes that quantize only the experts target their linears by regex: still quantized.
+    from moekit import MoE
+
+    _, root, out, _ = checkpoints
+    src = out["ct_block"]
+    dst = root / "ct_block_experts_only"
+    dst.mkdir()
+    (dst / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["targets"] = [
+        r"re:.*mlp\.experts\..*(gate|up|down)_proj$"]
+    (dst / "config.json").write_text(json.dumps(config))
+    assert MoE.from_pretrained(dst, layer=1).routed_experts.quant_method.name == "fp8_block"
 
 
 def test_partly_excluded_experts_are_refused(checkpoints):

@@ -32,7 +32,7 @@ group's scale s[n] and zero point z[n] (2^(bits-1) for symmetric codes). VARIANT
   half a byte a weight) and never stores a dequantized tile; no byte permutes (the interleaves of "dequant").
   OPAQUE_ZEROS: the loaded zero points pass through a non-pure asm identity first. Triton 3.6 mis-compiles the
   pairs with loaded zero points where the dot runs on mma.sync instead of wgmma (on an H200: a tile of 32 weight
-  rows on 4 warps; relative error ~1 against the reference, fp16 and bf16, any stage count; constant zero points,
+  rows on 4 warps; wgmma needs a multiple of 64 rows on whole warpgroups; relative error ~1 against the reference, fp16 and bf16, any stage count; constant zero points,
   wgmma tiles and the interpreter are right). The identity keeps the compiler from moving the zero points' chain,
   which fixes it, but costs an asym layer 9-14% where wgmma runs (H200, mixtral/deepseek-v3/qwen3 at T = 4-64),
   so the launcher asks for it only off wgmma.
