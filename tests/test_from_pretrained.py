@@ -407,7 +407,8 @@ def _write_wna16(src, dst, deq_dst, scheme: str) -> None:
     holding the weights its codes mean."""
     from moekit.ops.quantize_mxfp4 import dequantize_mxfp4, quantize_mxfp4
     from moekit.ops.quantize_wna16 import quantize_wna16
-    from tests.quant.test_wna16 import _checkpoint_tensors, formula
+    from tests.ops.test_quantize_wna16 import formula
+    from tests.quant.test_wna16_loading import _checkpoint_tensors
 
     fmt = {"ct_w4a16": "compressed-tensors"}.get(scheme, scheme)
     sym = scheme == "ct_w4a16"

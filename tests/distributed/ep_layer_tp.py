@@ -193,7 +193,8 @@ def _wna16_checkpoint_case(rank: int, world: int, out_dir: str) -> None:
     from moekit.loading import load_moe
     from moekit.quant import WNA16MoEMethod
     from moekit.quant.wna16 import dequantized_weights
-    from tests.quant.test_wna16 import _checkpoint_tensors, _codes, formula
+    from tests.ops.test_quantize_wna16 import formula
+    from tests.quant.test_wna16_loading import _checkpoint_tensors, _codes
 
     parallel = parallel_for(world, rank, 2, dispatch="all_to_all")
     e_num, hidden, inter, g = 4, 64, 128, 32
