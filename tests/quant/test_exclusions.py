@@ -184,6 +184,16 @@ def _exclude_layer1(root, src, name: str, edit_config) -> object:
     return dst
 
 
+def _with_config(src, dst, edit_config) -> object:
+    """A copy of checkpoint ``src`` with ``edit_config`` applied to its quantization_config."""
+    dst.mkdir()
+    (dst / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = edit_config(dict(config["quantization_config"]))
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
 EXPERT_LINEARS = [f"model.layers.1.mlp.experts.{e}.{p}" for e in range(8) for p in ("gate_proj", "up_proj", "down_proj")]
 
 
@@ -213,13 +223,8 @@ def test_an_exclusion_the_tensors_contradict_is_refused(checkpoints):
     from moekit import MoE
 
     _, root, out, _ = checkpoints
-    src = out["ct_block"]
-    dst = root / "ct_block_contradicted"
-    dst.mkdir()
-    (dst / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"]["ignore"] = EXPERT_LINEARS  # says float; the file holds codes
-    (dst / "config.json").write_text(json.dumps(config))
+    # The config says float, the file holds codes.
+    dst = _with_config(out["ct_block"], root / "ct_block_contradicted", lambda qc: {**qc, "ignore": EXPERT_LINEARS})
     with pytest.raises(UnsupportedQuantization, match=r"keeps the experts of 'model.layers.1.mlp' unquantized "
                                                       r"\(every expert linear .*\), but checkpoint key "
                                                       r"'model.layers.1.mlp.experts.0.down_proj.weight' holds F8_E4M3"):
@@ -231,14 +236,12 @@ def test_experts_only_targets_load_quantized(checkpoints):
     from moekit import MoE
 
     _, root, out, _ = checkpoints
-    src = out["ct_block"]
-    dst = root / "ct_block_experts_only"
-    dst.mkdir()
-    (dst / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"]["config_groups"]["group_0"]["targets"] = [
-        r"re:.*mlp\.experts\..*(gate|up|down)_proj$"]
-    (dst / "config.json").write_text(json.dumps(config))
+
+    def experts_only(qc):
+        group = {**qc["config_groups"]["group_0"], "targets": [r"re:.*mlp\.experts\..*(gate|up|down)_proj$"]}
+        return {**qc, "config_groups": {"group_0": group}}
+
+    dst = _with_config(out["ct_block"], root / "ct_block_experts_only", experts_only)
     assert MoE.from_pretrained(dst, layer=1).routed_experts.quant_method.name == "fp8_block"
 
 
