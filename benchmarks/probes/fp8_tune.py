@@ -50,9 +50,16 @@ def candidates(base: MoEKernelConfig, block_scales: bool, big_t: bool) -> dict[s
         if not block_scales:
             out["m128n128k128w8s4"] = replace(m64, block_m=128, gemm1=replace(v, num_warps=8, half_tail=True),
                                               gemm2=replace(v, num_warps=8, half_tail=True))
+            # 256-wide K tiles: each tile's product (promoted to fp32 once a tile) spans 256 columns of K.
+            for stages in (3, 4):
+                k256 = replace(v, block_k=256, num_stages=stages)
+                out[f"m64k256s{stages}"] = replace(m64, gemm1=k256, gemm2=k256)
+            k256w8 = replace(v, block_k=256, num_warps=8, num_stages=3, half_tail=True)
+            out["m128k256w8s3"] = replace(m64, block_m=128, gemm1=k256w8, gemm2=k256w8)
         if big_t:
             out = {k: v for k, v in out.items() if k in ("heuristic", "m64n128k128w4s4", "m64s3", "m64g32",
-                                                         "m128n128k128w8s4")}
+                                                         "m128n128k128w8s4", "m64k256s3", "m64k256s4",
+                                                         "m128k256w8s3")}
     seen: dict[MoEKernelConfig, str] = {}
     for name, cfg in out.items():
         seen.setdefault(cfg, name)
