@@ -29,12 +29,10 @@ from moekit._checks import (
 from moekit.config import BACKENDS
 from moekit.kernel import ModularKernel, PrepareFinalize, cpu_packed, make_kernel
 from moekit.ops.activation import Activation, resolve_activation
-from moekit.quant.base import MoEQuantMethod
+from moekit.quant.base import INDEX_SUFFIXES, MoEQuantMethod, loaded_dtype_refusal, refusal_error
 from moekit.quant.unquantized import UnquantizedMoEMethod
 
 SHARD_IDS = ("w1", "w2", "w3")
-# Quantized codes: loaded only into a parameter of the same dtype (with their scales loaded alongside).
-_CODE_DTYPES = (torch.float8_e4m3fn, torch.int8)
 
 
 class RoutedExperts(nn.Module):
@@ -143,6 +141,26 @@ class RoutedExperts(nn.Module):
         for param in self.parameters(recurse=False):
             param.weight_loader = self.weight_loader
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # noqa: ANN001
+                              unexpected_keys, error_msgs) -> None:
+        # nn.Module copies any dtype into any other: another scheme's codes with equal keys and shapes (fp8 into
+        # int8, int8 into uint8) became other numbers. The stored tensors load as through weight_loader: codes from
+        # their own dtype, scales only where they are held exactly. A refusal leaves this layer untouched.
+        refused = []
+        for name in self.quant_method.stored_params:
+            param, source = self._parameters.get(name), state_dict.get(prefix + name)
+            if param is None or not isinstance(source, torch.Tensor):
+                continue  # missing or not a tensor: nn.Module's own reports
+            refusal = loaded_dtype_refusal(param.dtype, source, index=name.endswith(INDEX_SUFFIXES))
+            if refusal is not None:
+                refused.append(str(refusal_error(refusal, f"state_dict[{prefix + name!r}]", "the tensor", name,
+                                                 param.dtype, source.dtype, self.quant_method.name)))
+        if refused:
+            error_msgs.extend(refused)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     @property
     def params_dtype(self) -> torch.dtype:
         """The activation dtype the layer expects.
@@ -224,7 +242,18 @@ class RoutedExperts(nn.Module):
             raise ValueError(f"param: expected one of this layer's parameters {names}")
         if (shard_id == "w2") != is_w2:
             raise ValueError(f"shard_id: {shard_id!r} does not load into {name!r} (w1/w3 -> w13*, w2 -> w2*)")
+        own = getattr(param, "weight_loader", None)
+        delegate = own is not None and own != self.weight_loader
+        if not delegate and (param.dim() == 0 or (is_w13 and self.activation.is_gated and param.dim() == 1)):
+            # A per-tensor scale reduced over shards (or over experts): there is no expert's shard to write.
+            raise ValueError(f"{name}: {tuple(param.shape)} was merged by process_weights_after_loading (or "
+                             "moekit.quantize) and takes no per-expert shard; load into a freshly built layer")
         try:
+            if delegate:
+                # The quant method's loader for this parameter (its split axis, its dtype checks): both entry
+                # points must refuse the same inputs, or a float written through this one would become codes.
+                own(param, loaded_weight, shard_id, expert_id)
+                return
             for local_id in slots:  # every replica of the expert on this rank gets its own copy
                 self._load_into(name, param.data[local_id], loaded_weight, shard_id, expert_id, is_w13)
         finally:  # writes through .data: the version counter does not see them
@@ -245,12 +274,18 @@ class RoutedExperts(nn.Module):
                 f"loaded_weight: expected shape {tuple(dest.shape)} for {name}[{expert_id}] shard {shard_id!r}, "
                 f"got {tuple(loaded_weight.shape)}"
             )
-        if (dest.dtype in _CODE_DTYPES or loaded_weight.dtype in _CODE_DTYPES) and loaded_weight.dtype != dest.dtype:
-            # copy_ would cast values, not codes: 8-bit codes mean nothing without their scales, and the other way.
-            raise TypeError(
-                f"loaded_weight: expected dtype {str(dest.dtype).removeprefix('torch.')} for {name} "
-                f"(quant method {self.quant_method.name!r}), got {str(loaded_weight.dtype).removeprefix('torch.')}"
-            )
+        if name in self.quant_method.stored_params:
+            refusal = loaded_dtype_refusal(dest.dtype, loaded_weight)
+            if refusal is not None:
+                raise refusal_error(refusal, "loaded_weight", f"{name}[{expert_id}] shard {shard_id!r}", name,
+                                    dest.dtype, loaded_weight.dtype, self.quant_method.name)
+        elif not loaded_weight.is_floating_point() or loaded_weight.element_size() == 1:
+            # Float weights (and biases) load from any float dtype, rounded as a Linear's would be; 8-bit codes
+            # mean nothing without their scales.
+            dtype = str(loaded_weight.dtype).removeprefix("torch.")
+            raise TypeError(f"loaded_weight: expected dtype {str(dest.dtype).removeprefix('torch.')} for {name} "
+                            f"(or another float dtype, rounded into it; quant method {self.quant_method.name!r}), "
+                            f"got {dtype}")
         dest.copy_(loaded_weight)
 
     def set_slot_experts(self, slot_experts: Sequence[int] | None, num_logical: int | None = None) -> None:

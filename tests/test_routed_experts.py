@@ -134,3 +134,61 @@ def test_unsupported_dtype_is_refused_at_construction():
     # A float64 layer would reject every input at its first call.
     with pytest.raises(ValueError, match="dtype: expected one of"):
         RoutedExperts(3, 16, 8, dtype=torch.float64)
+
+
+def _quantized(scheme, **kw):
+    from moekit import quantize
+
+    re = RoutedExperts(4, 64, 32, backend="torch", **kw)
+    with torch.no_grad():
+        re.w13.normal_(0, 0.125)
+        re.w2.normal_(0, 0.18)
+    return quantize(re, scheme)
+
+
+@pytest.mark.parametrize("scheme, name, weight, error", [
+    # Float values into uint8 codes were cast (to 0), 1.0 into an e8m0 scale became byte 1 (2^-126), and an fp16
+    # group scale rounded 1e-9 to 0: the parameter's own weight_loader refused all three, the layer's did not.
+    ("w8a16_g128", "w13", torch.full((32, 64), 0.05), TypeError),
+    ("mxfp4", "w13_scale", torch.ones(32, 2), TypeError),
+    ("w4a16_g128", "w13_scale", torch.full((32, 1), 1e-9), ValueError),
+])
+def test_weight_loader_refuses_what_the_parameter_loader_refuses(scheme, name, weight, error):
+    re = _quantized(scheme, dtype=torch.float16 if scheme == "w4a16_g128" else None)
+    param = getattr(re, name)
+    before = param.detach().clone()
+    for loader in (re.weight_loader, param.weight_loader):
+        with pytest.raises(error, match=f"loaded_weight: .*{name}"):
+            loader(param, weight, "w1", 0)
+    assert torch.equal(param, before)
+
+
+def test_weight_loader_into_a_merged_scale_names_it():
+    # fp8_tensor merges w1/w3's scales to one per expert ([E]) and the static input scales to one per layer (0-d):
+    # a later weight_loader call raised a bare IndexError.
+    from moekit.quant import Fp8TensorMoEMethod
+
+    re = _quantized("fp8_tensor")
+    with pytest.raises(ValueError, match="w13_scale: .*merged by process_weights_after_loading.*freshly built"):
+        re.weight_loader(re.w13_scale, torch.tensor([0.5]), "w1", 0)
+    re = RoutedExperts(2, 16, 8, quant_method=Fp8TensorMoEMethod(static_input_scales=True), backend="torch")
+    for name, shard in (("w13_input_scale", "w1"), ("w13_input_scale", "w3"), ("w2_input_scale", "w2")):
+        re.weight_loader(getattr(re, name), torch.tensor(0.5), shard, 0)  # every input scale 0 is refused
+    re.process_weights_after_loading()
+    for name in ("w13_input_scale", "w2_input_scale"):
+        with pytest.raises(ValueError, match=f"{name}: .*merged by process_weights_after_loading"):
+            re.weight_loader(getattr(re, name), torch.tensor([0.5]), "w2" if name.startswith("w2") else "w1", 1)
+
+
+@pytest.mark.parametrize("source, target", [
+    # Equal keys and shapes: fp8 codes became wrapped int8 values (rel err ~1), int8 codes uint8 ones.
+    ("fp8_channel", "int8_channel"),
+    ("int8_channel", "w8a16_g128"),
+])
+def test_load_state_dict_refuses_codes_of_another_dtype(source, target):
+    src, dst = _quantized(source), _quantized(target)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"state_dict\['w13'\]: expected dtype .* for w13 \(quant method .*\), got "):
+        dst.load_state_dict(src.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+    dst.load_state_dict(_quantized(target).state_dict())  # the same scheme loads

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 _SHARDS = ("w1", "w2", "w3")  # a checkpoint's gate, down and up projections, as weight loaders name them
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # Integer metadata tensors (GPTQ's g_idx, compressed-tensors' weight_shape) load from any integer dtype.
-_INDEX_SUFFIXES = ("_g_idx", "_weight_shape")
+INDEX_SUFFIXES = ("_g_idx", "_weight_shape")
 
 
 class MoEQuantMethod(ABC):
@@ -182,20 +182,45 @@ def load_shard(layer: RoutedExperts, name: str, split_dim: int, param: nn.Parame
         if tuple(loaded_weight.shape) != tuple(dest.shape):
             raise ValueError(f"loaded_weight: expected shape {tuple(dest.shape)} for {name}[{expert_id}] shard "
                              f"{shard_id!r}, got {tuple(loaded_weight.shape)}")
-        is_index = name.endswith(_INDEX_SUFFIXES)
-        ok = (loaded_weight.dtype in _FLOATS if dest.dtype.is_floating_point
-              else not loaded_weight.dtype.is_floating_point if is_index
-              else loaded_weight.dtype == dest.dtype)
-        if ok and dest.dtype.is_floating_point and loaded_weight.dtype != dest.dtype:
-            # Scales are copied as they are: one the destination dtype cannot hold would be rounded silently.
-            if not torch.equal(loaded_weight.to(dest.dtype).to(loaded_weight.dtype), loaded_weight):
-                raise ValueError(f"loaded_weight: {name}[{expert_id}] shard {shard_id!r} holds "
-                                 f"{str(loaded_weight.dtype).removeprefix('torch.')} values that "
-                                 f"{str(dest.dtype).removeprefix('torch.')} cannot hold exactly; build the layer "
-                                 "with a dtype that holds them (scales are never rounded)")
-        if not ok:
-            # copy_ would turn codes into values (or the other way): a checkpoint of another format.
-            raise TypeError(f"loaded_weight: expected dtype {str(dest.dtype).removeprefix('torch.')} for {name} "
-                            f"(quant method {layer.quant_method.name!r}), got "
-                            f"{str(loaded_weight.dtype).removeprefix('torch.')}")
+        refusal = loaded_dtype_refusal(dest.dtype, loaded_weight, index=name.endswith(INDEX_SUFFIXES))
+        if refusal is not None:
+            raise refusal_error(refusal, "loaded_weight", f"{name}[{expert_id}] shard {shard_id!r}", name,
+                                dest.dtype, loaded_weight.dtype, layer.quant_method.name)
         dest.copy_(loaded_weight)
+
+
+def loaded_dtype_refusal(dest_dtype: torch.dtype, loaded: torch.Tensor, *, index: bool = False) -> str | None:
+    """Why ``loaded`` may not be copied into a quant method's stored tensor of ``dest_dtype`` (None: it may):
+    ``"dtype"`` when codes would load from another dtype (``copy_`` would turn codes into values, or the other
+    way; integer metadata, ``index``, loads from any integer dtype), ``"inexact"`` when a float scale holds values
+    ``dest_dtype`` cannot hold exactly (scales are never rounded). Every entry point that writes stored tensors
+    (the weight loaders, ``load_state_dict``) refuses the same inputs through it."""
+    scale = dest_dtype in _FLOATS  # float8 is floating point to torch, but codes here
+    if scale:
+        ok = loaded.dtype in _FLOATS
+    elif index:
+        ok = not loaded.dtype.is_floating_point
+    else:
+        ok = loaded.dtype == dest_dtype
+    if not ok:
+        return "dtype"
+    if scale and loaded.dtype != dest_dtype and loaded.device.type != "meta":  # meta: no values to compare
+        # A NaN is held (as a NaN): refusing it is the value checks' job, with their message.
+        if not torch.allclose(loaded.to(dest_dtype).to(loaded.dtype), loaded, rtol=0, atol=0, equal_nan=True):
+            return "inexact"
+    return None
+
+
+def refusal_error(refusal: str, where: str, what: str, name: str, dest_dtype: torch.dtype,
+                  loaded_dtype: torch.dtype, method: str) -> Exception:
+    """The error for ``loaded_dtype_refusal``'s ``refusal``, naming ``where`` (the argument or state-dict key),
+    ``what`` was being loaded and parameter ``name`` of quant method ``method``."""
+    dest, loaded = _dtype_name(dest_dtype), _dtype_name(loaded_dtype)
+    if refusal == "dtype":
+        return TypeError(f"{where}: expected dtype {dest} for {name} (quant method {method!r}), got {loaded}")
+    return ValueError(f"{where}: {what} holds {loaded} values that {dest} cannot hold exactly; build the layer "
+                      "with a dtype that holds them (scales are never rounded)")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
