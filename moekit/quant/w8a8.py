@@ -199,14 +199,15 @@ INPUT_SCALES = "finite non-negative static activation scales (0 for an expert ca
 NO_INPUT_SCALE = "no usable scale (every activation would quantize to 0)"
 
 
-def check_scales(where: str, scale: torch.Tensor, what: str) -> None:
-    """Refuse NaN, inf and negative entries of ``scale`` with a ValueError naming ``where`` (a parameter or a
-    checkpoint key), the bad values and their positions; 0 passes. A NaN/inf scale gives NaN outputs, a negative one
-    flips the sign of what it scales, and a merge (the max over shards or experts) would spread either."""
+def check_scales(where: str, scale: torch.Tensor, what: str, *, signed: bool = False) -> None:
+    """Refuse NaN, inf and (unless ``signed``) negative entries of ``scale`` with a ValueError naming ``where`` (a
+    parameter or a checkpoint key), the bad values and their positions; 0 passes. A NaN/inf scale gives NaN
+    outputs, a negative one flips the sign of what it scales, and a merge (the max over shards or experts) would
+    spread either."""
     if not isinstance(scale, torch.Tensor):
         raise TypeError(f"scale: expected a tensor, got {type(scale).__name__}")
     scale = scale.float()
-    bad = ~torch.isfinite(scale) | (scale < 0)
+    bad = ~torch.isfinite(scale) if signed else ~torch.isfinite(scale) | (scale < 0)
     if bool(bad.any()):
         at = bad.nonzero().tolist()
         raise ValueError(f"{where}: expected {what}, got {scale[bad].tolist()[:8]} at {at[:8]}"

@@ -52,11 +52,13 @@ from moekit.quant.base import (
     replace_float_weights,
 )
 from moekit.quant.params import QuantParams
+from moekit.quant.w8a8 import WEIGHT_SCALES, check_scales
 
 if TYPE_CHECKING:
     from moekit.routed_experts import RoutedExperts
 
 CHECKPOINT_FORMATS = ("moekit", "compressed-tensors", "gptq", "awq")
+_SIGNED_SCALES = "finite group scales"
 _INTERNAL = ("", "_scale", "_zp")
 # Per format: (parameter suffix, checkpoint tensor name, dim of one expert's tensor that holds N / the halves).
 _CHECKPOINT_TENSORS = {
@@ -247,7 +249,20 @@ class WNA16MoEMethod(MoEQuantMethod):
     def process_weights_after_loading(self, layer: RoutedExperts) -> None:
         """Convert the loaded checkpoint tensors into the kernel's layout, once (a second call does nothing); with
         ``dequantize`` into float weights of an unquantized layer instead."""
-        if self.checkpoint_format == "moekit" or "w13" in layer._parameters:
+        if self.checkpoint_format != "moekit" and "w13" in layer._parameters:
+            return  # converted (and checked) already
+        # Scales loaded through the parameters' own weight_loader are checked here, before anything is replaced
+        # (moekit.loading checks a checkpoint's before copying): a NaN/inf gives NaN outputs, and in the formats
+        # whose producers write only positive scales a negative one flips the sign of its group. moekit's own
+        # layout holds signed ones: GGUF's Q4_0 d is negative by construction (llama.cpp's max / -8). The
+        # conversions below only move them.
+        suffix = next(s for s, n, _ in _CHECKPOINT_TENSORS[self.checkpoint_format] if "scale" in n)
+        signed = self.checkpoint_format == "moekit"
+        for w in ("w13", "w2"):
+            scales = layer._parameters[f"{w}{suffix}"].data
+            if scales.device.type != "meta":  # a meta layer holds no values to check
+                check_scales(f"{w}{suffix}", scales, _SIGNED_SCALES if signed else WEIGHT_SCALES, signed=signed)
+        if self.checkpoint_format == "moekit":
             return
         if self.dequantize:
             self._dequantize_layer(layer)

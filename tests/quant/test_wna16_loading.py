@@ -492,3 +492,30 @@ def test_quantized_shared_expert_loads_under_each_prefix(tmp_path, shared_name, 
     gate_up = torch.cat((expected[f"{base}.gate_proj"], expected[f"{base}.up_proj"]))
     assert torch.equal(shared.gate_up_proj.weight, gate_up.to(torch.float16))
     assert torch.equal(shared.down_proj.weight, expected[f"{base}.down_proj"].to(torch.float16))
+
+
+@pytest.mark.parametrize("bad", [-0.01, float("nan"), float("inf")])
+@pytest.mark.parametrize("fmt", ["moekit", "compressed-tensors", "gptq", "awq"])
+def test_negative_or_nan_scales_are_refused_on_the_engine_path(fmt, bad):
+    # Loaded through the parameters' own weight_loader and converted, a negative group scale (a sign flip) or a
+    # NaN ran; the 8-bit method refuses both on the same path. A refused layer is left as loaded. moekit's own
+    # layout holds negative scales (GGUF Q4_0's d is max / -8): only NaN/inf are refused there.
+    suffix = {"moekit": "_scale", "compressed-tensors": "_weight_scale"}.get(fmt, "_scales")
+    if fmt == "moekit":
+        layer = RoutedExperts(2, 64, 32, quant_method=WNA16MoEMethod(group_size=32))
+        scale = torch.ones(64, 1)
+        scale[0, 0] = bad
+        layer.w2_scale.weight_loader(layer.w2_scale, scale, "w2", 1)
+    else:
+        def edit(tensors, e, shard):
+            if (e, shard) == (1, "w2"):
+                tensors[suffix.removeprefix("_")][0, 0] = bad
+
+        layer, _, _ = load_layer(fmt, sym=fmt != "awq", edit=edit)
+    before = dict(layer._parameters)
+    if fmt == "moekit" and bad < 0:
+        layer.process_weights_after_loading()
+        return
+    with pytest.raises(ValueError, match=rf"w2{suffix}: expected finite .* at \[\[1, 0, 0\]\]"):
+        layer.process_weights_after_loading()
+    assert dict(layer._parameters) == before
