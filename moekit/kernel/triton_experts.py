@@ -113,6 +113,12 @@ class TritonExperts(Experts):
             raise ValueError(
                 f"backend 'triton': needs a CUDA device (or TRITON_INTERPRET=1), got {hidden_states.device}"
             )
+        if hidden_states.device.type != "cuda" and hidden_states.dtype == torch.bfloat16:
+            # Triton's interpreter computes bf16 tl.dot wrongly (outputs ~1e10, no error). 8-bit experts never get
+            # here with bf16: their hidden_states are codes by now.
+            raise ValueError(f"backend 'triton': hidden_states in bfloat16 on {hidden_states.device} "
+                             "(TRITON_INTERPRET=1): the Triton interpreter computes bf16 dots wrongly; use "
+                             "float16/float32 there, or backend 'torch'")
 
     @property
     def op_backend(self) -> str | None:

@@ -294,3 +294,17 @@ def test_gpu_half_tail_tiles(block_m):
     want = _apply(TorchExperts(), inp, activation="silu")
     assert_close(out, want.double(), torch.bfloat16, name=f"half_tail block_m={block_m}")
 
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter on CPU tensors")
+@pytest.mark.parametrize("scheme", [None, "w4a16_g128"])
+def test_interpreter_refuses_bf16_activations(scheme):
+    # Triton's interpreter computes bf16 tl.dot wrongly: the layer returned ~1e10 where the reference is ~1.
+    from moekit import RoutedExperts, quantize
+
+    layer = RoutedExperts(4, 64, 32, backend="triton", dtype=torch.bfloat16)
+    if scheme is not None:
+        quantize(layer, scheme)
+    inp = make_moe_inputs(2, 4, 64, 32, 2, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="hidden_states in bfloat16 on cpu .*float16/float32 .*backend 'torch'"):
+        layer(inp["hidden_states"], inp["topk_weights"], inp["topk_ids"])
