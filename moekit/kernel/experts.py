@@ -25,7 +25,7 @@ nothing for training). ``apply`` is the one entry point and picks the path:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
@@ -84,8 +84,11 @@ class Experts(ABC):
                                     self.op_backend, *quant_op_args(quant, hidden_scale))
         if needs_grad(tensors):
             if quant.is_quantized:  # ModularKernel refuses earlier; a backend called directly must too
-                raise ValueError(f"quant: quantized experts ({quant.describe()}) have no backward, but a gradient "
-                                 "is required (run them under torch.no_grad()/torch.inference_mode())")
+                named = {"hidden_states": hidden_states_TH, "w13": w13_E2IH, "w2": w2_EHI,
+                         "topk_weights": topk_weights_TK, "w13_bias": w13_bias_E2I, "w2_bias": w2_bias_EH}
+                raise ValueError(f"quant: quantized experts ({quant.describe()}) have no backward, but "
+                                 f"{requiring_grad(named)}: run them under torch.no_grad()/torch.inference_mode() "
+                                 "or detach it")
             if type(self).backward is Experts.backward:
                 raise NotImplementedError(f"backend {self.name!r}: no backward, but a gradient is required "
                                           "(run it under torch.no_grad()/torch.inference_mode())")
@@ -139,6 +142,13 @@ class Experts(ABC):
 def needs_grad(tensors: Sequence[torch.Tensor | None]) -> bool:
     """Whether autograd must track a call on ``tensors``."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def requiring_grad(named: Mapping[str, torch.Tensor | None]) -> str:
+    """The names of ``named``'s tensors that require grad, for a refusal to say which (a trainable router gate
+    makes only ``topk_weights`` require it)."""
+    names = [n for n, t in named.items() if t is not None and t.requires_grad]
+    return f"{', '.join(names)} require{'s' if len(names) == 1 else ''} grad"
 
 
 class _ExpertsFunction(torch.autograd.Function):

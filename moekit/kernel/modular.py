@@ -33,7 +33,7 @@ from moekit._checks import (
     check_signed_int_dtype,
     values_checkable,
 )
-from moekit.kernel.experts import Experts, needs_grad
+from moekit.kernel.experts import Experts, needs_grad, requiring_grad
 from moekit.kernel.prepare_finalize import PrepareFinalize
 from moekit.ops.activation import Activation, resolve_activation
 from moekit.ops.quantize import QDTYPES, expert_scale_shapes
@@ -100,21 +100,24 @@ class ModularKernel:
         if shared_experts_input is not None:
             check_shape("shared_experts_input", shared_experts_input, tuple(hidden_states.shape), "[T, H]")
             check_same_device("shared_experts_input", shared_experts_input, "hidden_states", hidden_states)
-        differentiable = (hidden_states, w13, w2, topk_weights, w13_bias, w2_bias)
-        grad = needs_grad(differentiable)
+        differentiable = {"hidden_states": hidden_states, "w13": w13, "w2": w2, "topk_weights": topk_weights,
+                          "w13_bias": w13_bias, "w2_bias": w2_bias}
+        grad = needs_grad(tuple(differentiable.values()))
         if grad and quant.is_quantized:
-            # Returning a detached output would train nothing without a word.
+            # Returning a detached output would train nothing without a word. Named, because the tensor that
+            # requires grad is often not the input: a trainable router gate makes topk_weights require it.
             raise ValueError(
-                f"quant: quantized experts ({quant.weight_dtype}) have no backward, but a gradient is required "
-                "(an input or weight requires grad): run them under torch.no_grad()/torch.inference_mode()"
+                f"quant: quantized experts ({quant.weight_dtype}) have no backward, but "
+                f"{requiring_grad(differentiable)}: run them under torch.no_grad()/torch.inference_mode() or "
+                "detach it"
             )
         collective = self.prepare_finalize.collective
         if grad and collective:
             # The collectives of an expert-parallel dispatch are not differentiable: a backward would silently
             # miss every other rank's contribution.
             raise ValueError(
-                f"{type(self.prepare_finalize).__name__}: an expert-parallel layer has no backward, but a gradient "
-                "is required (an input or weight requires grad): run it under torch.no_grad()/torch.inference_mode()"
+                f"{type(self.prepare_finalize).__name__}: an expert-parallel layer has no backward, but "
+                f"{requiring_grad(differentiable)}: run it under torch.no_grad()/torch.inference_mode()"
             )
         num_tokens, hidden = hidden_states.shape
         # With no tokens of its own, a rank still joins the dispatch's collectives (the other ranks wait on it).

@@ -272,3 +272,24 @@ def test_activation_scalars_from_numpy_and_tensors_compile():
     out = torch.compile(lambda *a: fused_experts(*a, activation=act, backend="torch"), backend="aot_eager",
                         fullgraph=True)(*args)
     assert_close(out, reference_experts(*args, activation=act), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantized_refusal_names_what_requires_grad(backend):
+    # A trainable router gate makes only topk_weights require grad: "an input or weight requires grad" sent the
+    # reader to the wrong tensors. The backend called directly refuses the same way.
+    inp = make_moe_inputs(3, 4, 16, 8, 2)
+    weights = inp["topk_weights"].requires_grad_(True)
+    kernel = ModularKernel(LocalPrepareFinalize(), get_experts(backend))
+    quant = QuantParams(weight_dtype="int8")
+    with pytest.raises(ValueError, match="have no backward, but topk_weights requires grad"):
+        kernel.apply(inp["hidden_states"], inp["w13"], inp["w2"], weights, inp["topk_ids"], quant=quant)
+    from moekit import RoutedExperts, quantize
+
+    layer = quantize(RoutedExperts(4, 16, 8, backend=backend), "w8a16_g128")
+    x = inp["hidden_states"].requires_grad_(True)
+    with pytest.raises(ValueError, match="have no backward, but hidden_states, topk_weights require grad"):
+        get_experts(backend).apply(x, layer.w13, layer.w2, weights, inp["topk_ids"], activation=layer.activation,
+                                   w13_bias_E2I=None, w2_bias_EH=None, expert_map_E=None,
+                                   quant=layer.quant_method.quant_params(layer), hidden_scale=None,
+                                   out_dtype=x.dtype)
