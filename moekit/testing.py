@@ -140,7 +140,13 @@ def reference_quantized_experts(
     expert_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """8-bit experts as their math says, in fp64: dequantized weights, activations fake-quantized (x per token
-    row, the activation's output per routed row, or per tensor over the rows this rank computes). fp64 [T, H]."""
+    row, the activation's output per routed row, or per tensor over the rows this rank computes). fp64 [T, H].
+    Weight-only group-quantized weights (w4a16, w8a16, mxfp4) have no activation math to model: their reference
+    is ``reference_experts`` on the dequantized weights (``moekit.quant.wna16/mxfp4.dequantized_weights``)."""
+    if not quant.is_quantized or quant.granularity == "group":
+        raise ValueError(f"quant: expected 8-bit weights with tensor, channel or block scales, got "
+                         f"{quant.describe()}; use reference_experts on the dequantized weights "
+                         "(moekit.quant.wna16.dequantized_weights / moekit.quant.mxfp4.dequantized_weights)")
     act = resolve_activation(activation)
     gate_rows = w2_EHI.shape[2] if act.is_gated else None
     w13 = dequantize_weight(w13_E2IH, quant.w13_scale, quant.granularity, quant.block_shape, gate_rows=gate_rows)

@@ -230,3 +230,14 @@ def test_quantize_refuses_non_finite_weights_and_keeps_the_layer(scheme):
     with pytest.raises(ValueError, match="w_NK: expected finite values"):
         moekit.quantize(moe, scheme)
     assert moe.routed_experts.quant_method.name == "unquantized" and torch.equal(run(moe, inputs), before)
+
+
+def test_reference_quantized_experts_points_weight_only_weights_to_reference_experts():
+    # It models 8-bit weights and activations; a w4a16 QuantParams failed on an internal 'granularity' check.
+    from moekit.testing import reference_quantized_experts
+
+    layer = moekit.quantize(RoutedExperts(4, 64, 32, backend="torch"), "w4a16_g128")
+    inp = make_moe_inputs(3, 4, 64, 32, 2)
+    with pytest.raises(ValueError, match=r"quant: expected 8-bit weights .*, got int4 group 128 .*use reference_experts"):
+        reference_quantized_experts(inp["hidden_states"], layer.w13, layer.w2, inp["topk_weights"],
+                                    inp["topk_ids"], layer.quant_method.quant_params(layer))
