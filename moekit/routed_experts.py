@@ -137,9 +137,11 @@ class RoutedExperts(nn.Module):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         # copy.deepcopy and pickle rebuild a Parameter from its tensor alone, dropping ``weight_loader``: attach the
-        # loader of this (new) layer again, so a copied layer still loads checkpoints into its own weights.
-        for param in self.parameters(recurse=False):
-            param.weight_loader = self.weight_loader
+        # loaders of this (new) layer again, so a copied layer still loads checkpoints into its own weights (with
+        # the quant method's own loader where it has one: GPTQ's split axis is not the layer's).
+        for name, param in self.named_parameters(recurse=False):
+            own = self.quant_method.weight_loader_for(self, name)
+            param.weight_loader = self.weight_loader if own is None else own
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # noqa: ANN001
                               unexpected_keys, error_msgs) -> None:
@@ -275,7 +277,7 @@ class RoutedExperts(nn.Module):
                 f"got {tuple(loaded_weight.shape)}"
             )
         if name in self.quant_method.stored_params:
-            refusal = loaded_dtype_refusal(dest.dtype, loaded_weight)
+            refusal = loaded_dtype_refusal(dest.dtype, loaded_weight, index=name.endswith(INDEX_SUFFIXES))
             if refusal is not None:
                 raise refusal_error(refusal, "loaded_weight", f"{name}[{expert_id}] shard {shard_id!r}", name,
                                     dest.dtype, loaded_weight.dtype, self.quant_method.name)

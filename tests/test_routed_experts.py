@@ -192,3 +192,18 @@ def test_load_state_dict_refuses_codes_of_another_dtype(source, target):
         dst.load_state_dict(src.state_dict())
     assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
     dst.load_state_dict(_quantized(target).state_dict())  # the same scheme loads
+
+
+def test_copies_keep_the_quant_methods_own_loaders():
+    # A copied GPTQ layer got the layer's loader on every parameter, which cuts w1/w3 along the rows where GPTQ
+    # stores them in the columns: every shard was refused.
+    import copy
+    import pickle
+
+    from moekit.quant import WNA16MoEMethod
+
+    re = RoutedExperts(2, 64, 32, quant_method=WNA16MoEMethod(group_size=32, checkpoint_format="gptq"))
+    scales = torch.rand(2, 32)  # [⌈K/g⌉, N]: expert 1's gate columns
+    for clone in (copy.deepcopy(re), pickle.loads(pickle.dumps(re))):
+        clone.w13_scales.weight_loader(clone.w13_scales, scales, "w1", 1)
+        assert torch.equal(clone.w13_scales[1, :, :32], scales) and not torch.equal(re.w13_scales[1, :, :32], scales)

@@ -59,6 +59,12 @@ class MoEQuantMethod(ABC):
     def process_weights_after_loading(self, layer: RoutedExperts) -> None:
         """Called once after all weights are loaded; the default keeps them as loaded."""
 
+    def weight_loader_for(self, layer: RoutedExperts, name: str) -> Callable[..., None] | None:
+        """The ``weight_loader`` of ``layer``'s parameter ``name`` when it is this method's own rather than the
+        layer's (None): torch drops python attributes of a copied parameter (``copy.deepcopy``, pickle), and the
+        copied layer attaches them again from here."""
+        return None
+
     def check_tp_split(self, intermediate_size: int, tp_size: int) -> None:
         """Refuse splitting I (the whole layer's ``intermediate_size``) over ``tp_size`` tensor-parallel ranks
         where this format's state (a scale block or group, a packed word) would straddle two ranks. A method that

@@ -94,6 +94,9 @@ class MXFP4MoEMethod(MoEQuantMethod):
             register_weight(layer, f"{w}_scale", scales, self._loader(layer, f"{w}_scale"))
         register_biases(layer, num_experts, rows, hidden_size, params_dtype, device)
 
+    def weight_loader_for(self, layer: RoutedExperts, name: str) -> Callable[..., None] | None:
+        return self._loader(layer, name) if name in self.stored_params else None
+
     @staticmethod
     def _loader(layer: RoutedExperts, name: str) -> Callable:
         # One expert's shard at a time; uint8 codes and scales only (a float tensor would be cast, not decoded).

@@ -245,6 +245,13 @@ class WNA16MoEMethod(MoEQuantMethod):
     def _loader(self, layer: RoutedExperts, name: str, split_dim: int):
         return functools.partial(load_shard, layer, name, split_dim)
 
+    def weight_loader_for(self, layer: RoutedExperts, name: str) -> Callable[..., None] | None:
+        # GPTQ/AWQ tensors split their halves along the columns: the layer's own loader would cut the rows.
+        for suffix, _, split in _CHECKPOINT_TENSORS[self.checkpoint_format] + tuple((s, "", 0) for s in _INTERNAL):
+            if name in (f"w13{suffix}", f"w2{suffix}"):
+                return self._loader(layer, name, split)
+        return None  # the biases
+
     @torch.no_grad()
     def process_weights_after_loading(self, layer: RoutedExperts) -> None:
         """Convert the loaded checkpoint tensors into the kernel's layout, once (a second call does nothing); with
@@ -286,11 +293,10 @@ class WNA16MoEMethod(MoEQuantMethod):
         for w, (codes, scales, zeros) in converted.items():
             for suffix, _, _ in _CHECKPOINT_TENSORS[self.checkpoint_format]:
                 layer._parameters.pop(f"{w}{suffix}", None)
-            loader = self._loader(layer, w, 0)
-            register_weight(layer, w, codes, loader)
-            register_weight(layer, f"{w}_scale", scales, loader)
+            register_weight(layer, w, codes, self._loader(layer, w, 0))
+            register_weight(layer, f"{w}_scale", scales, self._loader(layer, f"{w}_scale", 0))
             if zeros is not None:
-                register_weight(layer, f"{w}_zp", zeros, loader)
+                register_weight(layer, f"{w}_zp", zeros, self._loader(layer, f"{w}_zp", 0))
 
     def _dequantize_layer(self, layer: RoutedExperts) -> None:
         """GPTQ tensors with any g_idx (act order) -> float w13/w2 in the layer dtype; the layer's method becomes
