@@ -1,8 +1,9 @@
 """Checkpoint loading: MoE weights from safetensors files (``moekit.checkpoint.Checkpoint``) into a ``moekit.MoE``,
 one tensor at a time.
 
-    ckpt   = Checkpoint(path)                       a .safetensors file, or a directory (with or without
-                                                     model.safetensors.index.json); nothing is read yet
+    ckpt   = Checkpoint(path)                       a .safetensors file, or a directory (model.safetensors, else
+                                                     model.safetensors.index.json, else its shards: transformers'
+                                                     order); nothing is read yet
     report = load_moe(moe, ckpt, "model.layers.3.mlp")
                                                      checks that block's keys and shapes from the headers, then
                                                      reads its tensors one at a time, converts each to moekit's
