@@ -157,8 +157,10 @@ def load_moe(
 ) -> LoadReport:
     """Load the block stored under ``prefix`` (e.g. ``model.layers.3.mlp``) into ``moe``.
 
-    Every key and shape is checked from the checkpoint's headers before anything is copied: when this raises,
-    ``moe`` is unchanged.
+    Every key, shape and dtype is checked from the checkpoint's headers, and every scale's values read, before
+    anything is copied: when that raises, ``moe`` is unchanged. Float weights and biases are checked finite in the
+    layer's dtype as each is read and copied (reading them all first would read the file twice): a refusal there
+    leaves the tensors copied before it.
 
     Args:
         layout: ``auto`` (per-expert names if present; else the layout ``MODEL_LAYOUTS`` gives config.json's
@@ -167,9 +169,11 @@ def load_moe(
         strict: raise ``KeyError`` listing the missing and unexpected keys (or, when nothing is stored under
             ``prefix``, the checkpoint's MoE prefixes) instead of only reporting them.
     Raises:
-        ValueError: a tensor's shape does not fit or a scale holds NaN, inf or a negative value (the message names
-            the checkpoint key), a shard is not a readable safetensors file (named), or ``auto`` cannot tell the
-            layout from the shapes and there is no config.json to decide.
+        ValueError: a tensor's shape does not fit, a scale holds NaN, inf or a negative value or is stored as
+            integers, a float weight/bias holds NaN/inf or a value beyond the layer's dtype (an fp16 layer: 65504)
+            (the message names the checkpoint key), a shard is not a readable safetensors file (named), ``auto``
+            cannot tell the layout from the shapes and there is no config.json to decide, or ``moe`` holds meta
+            tensors (``moe.to_empty(device=...)`` first).
 
     A GGUF checkpoint (a ``GGUFCheckpoint``, a ``.gguf`` file, or a directory with one and no config.json) is
     loaded by ``moekit.loading_gguf.load_gguf`` (``prefix``: ``blk.L``), which returns a ``GGUFLoadReport``.
@@ -185,9 +189,11 @@ def load_moe(
         raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
     check_choice("layout", layout, LAYOUTS)
     check_bool("strict", strict)
+    check_materialized(moe)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     prefix = prefix.rstrip(".") + "."
-    if strict and not any(k.startswith(prefix) for k in ckpt.keys()):
+    # A decoder layer's or a dense MLP's prefix holds keys but no experts: named as such, not as missing keys.
+    if strict and not any(k.startswith(prefix + "experts.") for k in ckpt.keys()):
         raise KeyError(_prefix_not_found(ckpt, prefix[:-1]))
     method = moe.routed_experts.quant_method
     mxfp4 = isinstance(method, MXFP4MoEMethod)
@@ -229,9 +235,19 @@ def load_moe(
 
 def _prefix_not_found(ckpt: Checkpoint, prefix: str) -> str:
     found = ckpt.moe_prefixes()
+    head = f"prefix {prefix!r}: no MoE block ('{prefix}.experts.' keys) in {ckpt.path}"
     if not found:
-        return f"prefix {prefix!r} not found in {ckpt.path}; the checkpoint has no MoE blocks (no '.experts.' keys)"
-    return f"prefix {prefix!r} not found in {ckpt.path}; the checkpoint has MoE blocks at: {_shown(found)}"
+        return f"{head}; the checkpoint has no MoE blocks (no '.experts.' keys)"
+    return f"{head}; the checkpoint has MoE blocks at: {_shown(found)}"
+
+
+def check_materialized(moe: MoE) -> None:
+    """Refuse a layer with meta tensors: copying into one is a no-op, so a load would report success and leave
+    nothing loaded."""
+    for name, t in (*moe.named_parameters(), *moe.named_buffers()):
+        if t.is_meta:
+            raise ValueError(f"moe: {name} is on the meta device (no storage to load into); materialize it first "
+                             "(moe.to_empty(device=...))")
 
 
 def _shown(prefixes: list[str]) -> str:
@@ -253,9 +269,11 @@ class _Plan:
         return next((k for k in keys if k in self.ckpt), None)
 
     def add(self, key: str, expected: Sequence[int], apply: Callable, transform: Callable | None = None,
-            *, dtype: torch.dtype | None = None) -> None:
+            *, dtype: torch.dtype | None = None, finite: bool = True) -> None:
         """Plan ``apply(transform(tensor))`` for the tensor stored under ``key``, which must convert to ``expected``;
-        with ``dtype`` (the destination's), 8-bit codes load only into codes of their own dtype and the other way."""
+        with ``dtype`` (the destination's), 8-bit codes load only into codes of their own dtype and the other way,
+        integers never into floats, and (``finite``) float values must stay finite in ``dtype`` (checked as the
+        tensor is read: the copies before it stay)."""
         shape, expected = self.ckpt.shape(key), tuple(expected)
         if dtype is not None:
             _check_codes(key, self.ckpt.dtype(key), dtype)
@@ -269,18 +287,22 @@ class _Plan:
                     raise ValueError(f"expected shape {expected} after conversion, got {got}")
             except (RuntimeError, ValueError, IndexError) as err:
                 raise ValueError(f"checkpoint key {key!r} (shape {shape}): {err}") from None
-            apply = _compose(apply, transform)
+        values = dtype is not None and dtype.is_floating_point and dtype not in CODE_DTYPES.values()
+        convert = _chain(transform, _finite_in(key, dtype) if values and finite else None)
+        if convert is not None:
+            apply = _compose(apply, convert)
         self.report.loaded.append(key)
         self._steps.append((key, apply))
 
-    def copy(self, dest: torch.Tensor, keys: list[str], transform: Callable | None = None) -> None:
+    def copy(self, dest: torch.Tensor, keys: list[str], transform: Callable | None = None, *,
+             finite: bool = True) -> None:
         """Plan a copy of the first present key among ``keys`` into ``dest`` (after ``transform``); else report
         it missing."""
         key = self.first(keys)
         if key is None:
             self.report.missing.append(keys[0])
             return
-        self.add(key, dest.shape, dest.copy_, transform, dtype=dest.dtype)
+        self.add(key, dest.shape, dest.copy_, transform, dtype=dest.dtype, finite=finite)
 
     def check_values(self, keys: list[str], check: Callable[[str, torch.Tensor], None]) -> None:
         """Run ``check(key, tensor)`` on the first present key among ``keys`` before anything is copied."""
@@ -335,6 +357,11 @@ def _check_codes(key: str, stored: str, dest: torch.dtype) -> None:
     # would load silently wrong weights.
     code = CODE_DTYPES.get(stored)
     if code is None and dest not in CODE_DTYPES.values():
+        if dest.is_floating_point and (stored.startswith(("I", "U")) or stored == "BOOL"):
+            # e.g. e8m0 exponent bytes or integer scales: copy_ casts the integer (a U8 127 scale becomes 127.0,
+            # not 2^0), a silently wrong value.
+            raise ValueError(f"checkpoint key {key!r}: holds {stored} integers, expected "
+                             f"{str(dest).removeprefix('torch.')} values")
         return
     if code is not dest:
         what = f"8-bit codes ({stored})" if code is not None else f"{stored} values"
@@ -345,6 +372,20 @@ def _check_codes(key: str, stored: str, dest: torch.dtype) -> None:
 
 def _compose(apply: Callable, transform: Callable) -> Callable:
     return lambda t: apply(transform(t))
+
+
+def _finite_in(key: str, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``t`` itself, once every value is checked finite in ``dtype``: a NaN/inf weight, or one beyond the range
+    of a narrower layer dtype (a bf16/fp32 1e5 in an fp16 layer), makes every token routed there NaN/inf."""
+
+    def check(t: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.isfinite(t if t.dtype == dtype else t.to(dtype)).all()):
+            what = ("holds NaN or inf (a corrupted checkpoint)" if not bool(torch.isfinite(t).all()) else
+                    f"holds values beyond the range of the layer's dtype (max |x| {float(t.abs().max()):g})")
+            raise ValueError(f"checkpoint key {key!r}: {what}; the layer is {str(dtype).removeprefix('torch.')}")
+        return t
+
+    return check
 
 
 def _detect_layout(moe: MoE, ckpt: Checkpoint, prefix: str) -> str:
@@ -391,14 +432,14 @@ def _load_router(moe: MoE, plan: _Plan, prefix: str) -> None:
         # An fp32 router in a 16-bit checkpoint (DeepSeek-V3 style): rounded into the gate it would pick other
         # experts for some tokens. The gate (and its bias) turn fp32 when the plan runs, the same Parameter
         # objects; router_logits takes a gate whose dtype differs from the input's.
-        plan.add(key, moe.gate.weight.shape, lambda t: _set_fp32(moe.gate, t))
+        plan.add(key, moe.gate.weight.shape, lambda t: _set_fp32(moe.gate, t), dtype=torch.float32)
     else:
         plan.copy(moe.gate.weight, weight_keys)
     if moe.gate.bias is not None:
         plan.copy(moe.gate.bias, [f"{prefix}{n}.bias" for n in _ROUTER_NAMES])
     if moe.e_score_correction_bias is not None:
         names = [f"{prefix}{n}.e_score_correction_bias" for n in _ROUTER_NAMES] + [f"{prefix}e_score_correction_bias"]
-        plan.copy(moe.e_score_correction_bias, names)
+        plan.copy(moe.e_score_correction_bias, names, finite=False)  # -inf allowed: _check_correction_bias
         plan.check_values(names, _check_correction_bias)
 
 
