@@ -69,9 +69,17 @@ from moekit.checkpoint import CODE_DTYPES, Checkpoint
 from moekit.checkpoint_gguf import GGUFCheckpoint, is_gguf
 from moekit.distributed import shard_intermediate
 from moekit.layer import MoE
+from moekit.loading_checks import (
+    check_codes,
+    check_correction_bias,
+    check_input_scales,
+    check_materialized,
+    check_weight_scale,
+    finite_in,
+)
 from moekit.loading_shared import check_e8m0_scale, check_group_scale, is_e8m0_scale, is_group_scale, load_shared
 from moekit.quant.mxfp4 import MXFP4MoEMethod
-from moekit.quant.w8a8 import INPUT_SCALES, NO_INPUT_SCALE, WEIGHT_SCALES, W8A8MoEMethod, check_scales
+from moekit.quant.w8a8 import W8A8MoEMethod
 from moekit.quant.wna16 import WNA16MoEMethod
 from moekit.routed_experts import RoutedExperts
 
@@ -241,15 +249,6 @@ def _prefix_not_found(ckpt: Checkpoint, prefix: str) -> str:
     return f"{head}; the checkpoint has MoE blocks at: {_shown(found)}"
 
 
-def check_materialized(moe: MoE) -> None:
-    """Refuse a layer with meta tensors: copying into one is a no-op, so a load would report success and leave
-    nothing loaded."""
-    for name, t in (*moe.named_parameters(), *moe.named_buffers()):
-        if t.is_meta:
-            raise ValueError(f"moe: {name} is on the meta device (no storage to load into); materialize it first "
-                             "(moe.to_empty(device=...))")
-
-
 def _shown(prefixes: list[str]) -> str:
     return ", ".join(prefixes[:16]) + (f", ... ({len(prefixes)} in all)" if len(prefixes) > 16 else "")
 
@@ -276,7 +275,7 @@ class _Plan:
         tensor is read: the copies before it stay)."""
         shape, expected = self.ckpt.shape(key), tuple(expected)
         if dtype is not None:
-            _check_codes(key, self.ckpt.dtype(key), dtype)
+            check_codes(key, self.ckpt.dtype(key), dtype)
         if transform is None:
             if shape != expected:
                 raise ValueError(f"checkpoint key {key!r}: expected shape {expected}, got {shape}")
@@ -288,7 +287,7 @@ class _Plan:
             except (RuntimeError, ValueError, IndexError) as err:
                 raise ValueError(f"checkpoint key {key!r} (shape {shape}): {err}") from None
         values = dtype is not None and dtype.is_floating_point and dtype not in CODE_DTYPES.values()
-        convert = _chain(transform, _finite_in(key, dtype) if values and finite else None)
+        convert = _chain(transform, finite_in(key, dtype) if values and finite else None)
         if convert is not None:
             apply = _compose(apply, convert)
         self.report.loaded.append(key)
@@ -324,68 +323,8 @@ class _Plan:
             apply(self.ckpt.get(key))
 
 
-def _check_correction_bias(key: str, bias: torch.Tensor) -> None:
-    # A NaN/+inf entry would win every token's expert choice: a corrupted checkpoint, refused at load (routing on a
-    # GPU only marks the affected tokens NaN, since checking there would sync with the device on every call).
-    bad = torch.isnan(bias) | (bias == float("inf"))
-    if bool(bad.any()):
-        experts = bad.nonzero().flatten().tolist()
-        raise ValueError(f"checkpoint key {key!r}: expected a finite correction bias (or -inf: never pick the expert), "
-                         f"got NaN/+inf at experts {experts[:16]}{' ...' if len(experts) > 16 else ''}")
-
-
-def _check_weight_scale(key: str, scale: torch.Tensor) -> None:
-    check_scales(f"checkpoint key {key!r}", scale, WEIGHT_SCALES)
-
-
-def _check_input_scales(name: str, scales: dict[str, torch.Tensor]) -> None:
-    # One static activation scale per layer, the max over its experts (process_weights_after_loading): a 0 (an
-    # expert calibration never routed to) is harmless under the max, but all zeros leave no usable scale.
-    for key, scale in scales.items():
-        check_scales(f"checkpoint key {key!r}", scale, INPUT_SCALES)
-    if not any(bool((s.float() > 0).any()) for s in scales.values()):
-        keys = list(scales)
-        raise ValueError(f"{name}: every static activation scale is 0 ({keys[0]!r} ... {keys[-1]!r}, {len(keys)} "
-                         f"keys): {NO_INPUT_SCALE}")
-
-
-# safetensors dtype names of 8-bit codes -> their torch dtype
-
-
-def _check_codes(key: str, stored: str, dest: torch.dtype) -> None:
-    # copy_ would turn codes into values (or values into codes): a checkpoint read with the wrong quant method
-    # would load silently wrong weights.
-    code = CODE_DTYPES.get(stored)
-    if code is None and dest not in CODE_DTYPES.values():
-        if dest.is_floating_point and (stored.startswith(("I", "U")) or stored == "BOOL"):
-            # e.g. e8m0 exponent bytes or integer scales: copy_ casts the integer (a U8 127 scale becomes 127.0,
-            # not 2^0), a silently wrong value.
-            raise ValueError(f"checkpoint key {key!r}: holds {stored} integers, expected "
-                             f"{str(dest).removeprefix('torch.')} values")
-        return
-    if code is not dest:
-        what = f"8-bit codes ({stored})" if code is not None else f"{stored} values"
-        hint = (" (a quantized checkpoint: build the layer with the quant method its quantization_config names, as "
-                "MoE.from_pretrained does)" if code is not None else "")
-        raise ValueError(f"checkpoint key {key!r}: holds {what}, expected {str(dest).removeprefix('torch.')}{hint}")
-
-
 def _compose(apply: Callable, transform: Callable) -> Callable:
     return lambda t: apply(transform(t))
-
-
-def _finite_in(key: str, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``t`` itself, once every value is checked finite in ``dtype``: a NaN/inf weight, or one beyond the range
-    of a narrower layer dtype (a bf16/fp32 1e5 in an fp16 layer), makes every token routed there NaN/inf."""
-
-    def check(t: torch.Tensor) -> torch.Tensor:
-        if not bool(torch.isfinite(t if t.dtype == dtype else t.to(dtype)).all()):
-            what = ("holds NaN or inf (a corrupted checkpoint)" if not bool(torch.isfinite(t).all()) else
-                    f"holds values beyond the range of the layer's dtype (max |x| {float(t.abs().max()):g})")
-            raise ValueError(f"checkpoint key {key!r}: {what}; the layer is {str(dtype).removeprefix('torch.')}")
-        return t
-
-    return check
 
 
 def _detect_layout(moe: MoE, ckpt: Checkpoint, prefix: str) -> str:
@@ -439,8 +378,8 @@ def _load_router(moe: MoE, plan: _Plan, prefix: str) -> None:
         plan.copy(moe.gate.bias, [f"{prefix}{n}.bias" for n in _ROUTER_NAMES])
     if moe.e_score_correction_bias is not None:
         names = [f"{prefix}{n}.e_score_correction_bias" for n in _ROUTER_NAMES] + [f"{prefix}e_score_correction_bias"]
-        plan.copy(moe.e_score_correction_bias, names, finite=False)  # -inf allowed: _check_correction_bias
-        plan.check_values(names, _check_correction_bias)
+        plan.copy(moe.e_score_correction_bias, names, finite=False)  # -inf allowed: check_correction_bias
+        plan.check_values(names, check_correction_bias)
 
 
 @torch.no_grad()
@@ -505,13 +444,13 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
             sliced = method.granularity == "block" or (method.granularity == "channel" and not w2)
             _plan_scale(plan, experts, scale, row, [base + "weight_scale_inv", base + "weight_scale"],
                         _tp_slicer(moe, 1 if w2 else 0) if sliced else None)
-            plan.check_values([base + "weight_scale_inv", base + "weight_scale"], _check_weight_scale)
+            plan.check_values([base + "weight_scale_inv", base + "weight_scale"], check_weight_scale)
             if method.static_input_scales:
                 inputs = experts.w2_input_scale if w2 else experts.w13_input_scale
                 _plan_scale(plan, experts, inputs, row, [base + "input_scale"])
                 input_keys["w2_input_scale" if w2 else "w13_input_scale"].append(base + "input_scale")
     for name, keys in input_keys.items():  # checked before the copy: process_weights_after_loading merges them
-        plan.check_together(keys, functools.partial(_check_input_scales, name))
+        plan.check_together(keys, functools.partial(check_input_scales, name))
     if experts.w13_bias is not None:
         _plan_expert_biases(moe, plan, prefix, names, num_global, remote)
 

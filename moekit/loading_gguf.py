@@ -34,7 +34,8 @@ from torch import nn
 from moekit._checks import check_bool
 from moekit.checkpoint_gguf import GGUF_BLOCK, GGUFCheckpoint, q4_0_to_wna16, q8_0_to_wna16
 from moekit.layer import MoE
-from moekit.loading import LoadReport, _check_correction_bias, check_materialized
+from moekit.loading import LoadReport
+from moekit.loading_checks import check_correction_bias, check_materialized
 from moekit.quant.unquantized import UnquantizedMoEMethod
 from moekit.quant.wna16 import WNA16MoEMethod, _narrow_scales
 
@@ -222,7 +223,7 @@ def _plan_router(moe: MoE, plan: _GGUFPlan, block: str) -> None:
         key = block + "exp_probs_b.bias"
         if plan.present(key, (cfg.num_experts,)):
             bias = plan.ckpt.dequantize(key)  # small: checked now, before anything is copied
-            _check_correction_bias(key, bias)
+            check_correction_bias(key, bias)
             plan.dequantized(key, moe.e_score_correction_bias)
 
 
