@@ -166,7 +166,7 @@ def _check_unquantized(ckpt: Checkpoint, prefix: str, why: str) -> None:
 def _config_dtype(cfg: dict) -> torch.dtype:
     """The layer dtype config.json names (``dtype``, older ``torch_dtype``); torch's default dtype otherwise."""
     named = cfg.get("dtype") or cfg.get("torch_dtype") or text_config(cfg).get("dtype")
-    if named is None or named in _CONFIG_DTYPES:
+    if named is None or (isinstance(named, str) and named in _CONFIG_DTYPES):
         return _CONFIG_DTYPES.get(named, torch.get_default_dtype())
     # "auto" (transformers: the checkpoint's own dtype) or a dtype no activation runs in (float8_e4m3fn, the
     # weights' codes): not silent, since the layer's dtype decides how every weight is rounded.

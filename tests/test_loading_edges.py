@@ -5,6 +5,7 @@ hf_quant_config.json, config.json dtypes moekit does not build layers in."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -102,14 +103,14 @@ def test_modelopt_quantization_in_hf_quant_config_json(root, tmp_path):
         assert torch.equal(got[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
 
 
-@pytest.mark.parametrize("named", ["auto", "float8_e4m3fn"])
+@pytest.mark.parametrize("named", ["auto", "float8_e4m3fn", ["bfloat16"]])
 def test_config_dtype_moekit_does_not_build_in_warns(root, tmp_path, named):
     # It silently became torch's default dtype.
     dst = tmp_path / "ckpt"
     shutil.copytree(root / "bf16", dst)
     config = json.loads((dst / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps({**config, "dtype": named}))
-    with pytest.warns(UserWarning, match=rf"config.json dtype '{named}' is not one of .*; the layer is built in "
-                                         r"torch's default dtype float32"):
+    with pytest.warns(UserWarning, match=rf"config.json dtype {re.escape(repr(named))} is not one of .*; the layer is "
+                                         r"built in torch's default dtype float32"):
         moe = MoE.from_pretrained(dst, layer=1)
     assert moe.routed_experts.w13.dtype == torch.float32
