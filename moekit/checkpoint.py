@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,27 +18,30 @@ CODE_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "I8": torch.int8}
 class Checkpoint:
     """Lazy, read-only view of a safetensors checkpoint: a file, or a directory of ``*.safetensors`` shards.
 
-    A directory's ``model.safetensors.index.json`` (``weight_map``: key -> shard file) is used when present;
-    otherwise every shard's header is read (a key stored in two shards is then refused). Tensors are read one at a
-    time with ``get``.
+    A directory is read in transformers' order (``from_pretrained``): its ``model.safetensors`` when there is one
+    (a ``model.safetensors.index.json`` beside it is then a stale leftover: ``save_pretrained`` into a directory
+    that held a sharded save keeps the old index), else the shards its ``model.safetensors.index.json``
+    (``weight_map``: key -> shard file) names, else every ``*.safetensors`` shard, whose headers are read (a key
+    stored in two shards is then refused). Tensors are read one at a time with ``get``.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._index: Path | None = None  # the index that named each key's shard, for error messages
+        single = self.path / "model.safetensors"
+        index = self.path / "model.safetensors.index.json"
         if self.path.is_file():
             self._files = {k: self.path for k in _header_keys(self.path)}
+        elif single.is_file():
+            self._files = {k: single for k in _header_keys(single)}
+        elif index.is_file():
+            self._index = index
+            self._files = _index_map(index)
         elif self.path.is_dir():
-            index = self.path / "model.safetensors.index.json"
-            if index.is_file():
-                weight_map = read_json(index).get("weight_map")
-                if not isinstance(weight_map, dict):
-                    raise ValueError(f"checkpoint index {index}: expected a JSON object with a 'weight_map' object")
-                self._files = {k: self.path / f for k, f in weight_map.items()}
-            else:
-                shards = sorted(self.path.glob("*.safetensors"))
-                if not shards:
-                    raise FileNotFoundError(f"path: no *.safetensors files in {self.path}")
-                self._files = _shard_map(shards)
+            shards = sorted(self.path.glob("*.safetensors"))
+            if not shards:
+                raise FileNotFoundError(f"path: no *.safetensors files in {self.path}")
+            self._files = _shard_map(shards)
         else:
             raise FileNotFoundError(f"path: {self.path} is neither a .safetensors file nor a directory")
         self._handles: dict[Path, object] = {}
@@ -49,23 +53,34 @@ class Checkpoint:
         return key in self._files
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
+        return tuple(self._read(key, lambda f: f.get_slice(key).get_shape()))
 
     def dtype(self, key: str) -> str:
         """The safetensors dtype name of ``key`` from its header (``BF16``, ``F32``, ``F8_E4M3``, ``I8``, ...)."""
-        return self._handle(key).get_slice(key).get_dtype()
+        return self._read(key, lambda f: f.get_slice(key).get_dtype())
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key`` (read from disk now)."""
-        return self._handle(key).get_tensor(key)
+        return self._read(key, lambda f: f.get_tensor(key))
 
-    def _handle(self, key: str):
+    def _read(self, key: str, read: Callable):
+        """``read(handle)`` on the shard holding ``key``; its errors name the key, the shard and the index that
+        pointed there (a stale index names a shard that is gone or lacks the key)."""
         if key not in self._files:
             raise KeyError(f"checkpoint key {key!r} not found in {self.path}")
         file = self._files[key]
-        if file not in self._handles:
-            self._handles[file] = _open(file)
-        return self._handles[file]
+        where = f"checkpoint key {key!r} (shard {file}" + (f", named by {self._index})" if self._index else ")")
+        try:
+            if file not in self._handles:
+                self._handles[file] = _open(file)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"{where}: {err}") from None
+        from safetensors import SafetensorError  # (importable: _open succeeded)
+
+        try:
+            return read(self._handles[file])
+        except SafetensorError as err:  # e.g. "File does not contain tensor ...": the index points elsewhere
+            raise ValueError(f"{where}: {err}") from None
 
     def model_types(self) -> set[str]:
         """``model_type`` (and ``text_config.model_type``) of the ``config.json`` beside the checkpoint; empty
@@ -101,6 +116,18 @@ def _open(file: Path):
         return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError) as err:
         raise ValueError(f"checkpoint file {file}: not a readable safetensors file (truncated?): {err}") from None
+
+
+def _index_map(index: Path) -> dict[str, Path]:
+    """key -> shard file from ``model.safetensors.index.json``, every entry checked to be a file name."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"checkpoint index {index}: expected a JSON object with a 'weight_map' object")
+    for key, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise ValueError(f"checkpoint index {index}: weight_map[{key!r}]: expected a shard file name, got "
+                             f"{file!r}")
+    return {k: index.parent / f for k, f in weight_map.items()}
 
 
 def _shard_map(shards: list[Path]) -> dict[str, Path]:

@@ -1,8 +1,9 @@
 """Checkpoint loading: MoE weights from safetensors files (``moekit.checkpoint.Checkpoint``) into a ``moekit.MoE``,
 one tensor at a time.
 
-    ckpt   = Checkpoint(path)                       a .safetensors file, or a directory (with or without
-                                                     model.safetensors.index.json); nothing is read yet
+    ckpt   = Checkpoint(path)                       a .safetensors file, or a directory (model.safetensors, else
+                                                     model.safetensors.index.json, else its shards: transformers'
+                                                     order); nothing is read yet
     report = load_moe(moe, ckpt, "model.layers.3.mlp")
                                                      checks that block's keys and shapes from the headers, then
                                                      reads its tensors one at a time, converts each to moekit's
@@ -68,9 +69,17 @@ from moekit.checkpoint import CODE_DTYPES, Checkpoint
 from moekit.checkpoint_gguf import GGUFCheckpoint, is_gguf
 from moekit.distributed import shard_intermediate
 from moekit.layer import MoE
+from moekit.loading_checks import (
+    check_codes,
+    check_correction_bias,
+    check_input_scales,
+    check_materialized,
+    check_weight_scale,
+    finite_in,
+)
 from moekit.loading_shared import check_e8m0_scale, check_group_scale, is_e8m0_scale, is_group_scale, load_shared
 from moekit.quant.mxfp4 import MXFP4MoEMethod
-from moekit.quant.w8a8 import INPUT_SCALES, NO_INPUT_SCALE, WEIGHT_SCALES, W8A8MoEMethod, check_scales
+from moekit.quant.w8a8 import W8A8MoEMethod
 from moekit.quant.wna16 import WNA16MoEMethod
 from moekit.routed_experts import RoutedExperts
 
@@ -156,8 +165,10 @@ def load_moe(
 ) -> LoadReport:
     """Load the block stored under ``prefix`` (e.g. ``model.layers.3.mlp``) into ``moe``.
 
-    Every key and shape is checked from the checkpoint's headers before anything is copied: when this raises,
-    ``moe`` is unchanged.
+    Every key, shape and dtype is checked from the checkpoint's headers, and every scale's values read, before
+    anything is copied: when that raises, ``moe`` is unchanged. Float weights and biases are checked finite in the
+    layer's dtype as each is read and copied (reading them all first would read the file twice): a refusal there
+    leaves the tensors copied before it.
 
     Args:
         layout: ``auto`` (per-expert names if present; else the layout ``MODEL_LAYOUTS`` gives config.json's
@@ -166,9 +177,11 @@ def load_moe(
         strict: raise ``KeyError`` listing the missing and unexpected keys (or, when nothing is stored under
             ``prefix``, the checkpoint's MoE prefixes) instead of only reporting them.
     Raises:
-        ValueError: a tensor's shape does not fit or a scale holds NaN, inf or a negative value (the message names
-            the checkpoint key), a shard is not a readable safetensors file (named), or ``auto`` cannot tell the
-            layout from the shapes and there is no config.json to decide.
+        ValueError: a tensor's shape does not fit, a scale holds NaN, inf or a negative value or is stored as
+            integers, a float weight/bias holds NaN/inf or a value beyond the layer's dtype (an fp16 layer: 65504)
+            (the message names the checkpoint key), a shard is not a readable safetensors file (named), ``auto``
+            cannot tell the layout from the shapes and there is no config.json to decide, or ``moe`` holds meta
+            tensors (``moe.to_empty(device=...)`` first).
 
     A GGUF checkpoint (a ``GGUFCheckpoint``, a ``.gguf`` file, or a directory with one and no config.json) is
     loaded by ``moekit.loading_gguf.load_gguf`` (``prefix``: ``blk.L``), which returns a ``GGUFLoadReport``.
@@ -184,9 +197,11 @@ def load_moe(
         raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
     check_choice("layout", layout, LAYOUTS)
     check_bool("strict", strict)
+    check_materialized(moe)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     prefix = prefix.rstrip(".") + "."
-    if strict and not any(k.startswith(prefix) for k in ckpt.keys()):
+    # A decoder layer's or a dense MLP's prefix holds keys but no experts: named as such, not as missing keys.
+    if strict and not any(k.startswith(prefix + "experts.") for k in ckpt.keys()):
         raise KeyError(_prefix_not_found(ckpt, prefix[:-1]))
     method = moe.routed_experts.quant_method
     mxfp4 = isinstance(method, MXFP4MoEMethod)
@@ -228,9 +243,10 @@ def load_moe(
 
 def _prefix_not_found(ckpt: Checkpoint, prefix: str) -> str:
     found = ckpt.moe_prefixes()
+    head = f"prefix {prefix!r}: no MoE block ('{prefix}.experts.' keys) in {ckpt.path}"
     if not found:
-        return f"prefix {prefix!r} not found in {ckpt.path}; the checkpoint has no MoE blocks (no '.experts.' keys)"
-    return f"prefix {prefix!r} not found in {ckpt.path}; the checkpoint has MoE blocks at: {_shown(found)}"
+        return f"{head}; the checkpoint has no MoE blocks (no '.experts.' keys)"
+    return f"{head}; the checkpoint has MoE blocks at: {_shown(found)}"
 
 
 def _shown(prefixes: list[str]) -> str:
@@ -252,12 +268,14 @@ class _Plan:
         return next((k for k in keys if k in self.ckpt), None)
 
     def add(self, key: str, expected: Sequence[int], apply: Callable, transform: Callable | None = None,
-            *, dtype: torch.dtype | None = None) -> None:
+            *, dtype: torch.dtype | None = None, finite: bool = True) -> None:
         """Plan ``apply(transform(tensor))`` for the tensor stored under ``key``, which must convert to ``expected``;
-        with ``dtype`` (the destination's), 8-bit codes load only into codes of their own dtype and the other way."""
+        with ``dtype`` (the destination's), 8-bit codes load only into codes of their own dtype and the other way,
+        integers never into floats, and (``finite``) float values must stay finite in ``dtype`` (checked as the
+        tensor is read: the copies before it stay)."""
         shape, expected = self.ckpt.shape(key), tuple(expected)
         if dtype is not None:
-            _check_codes(key, self.ckpt.dtype(key), dtype)
+            check_codes(key, self.ckpt.dtype(key), dtype)
         if transform is None:
             if shape != expected:
                 raise ValueError(f"checkpoint key {key!r}: expected shape {expected}, got {shape}")
@@ -268,18 +286,22 @@ class _Plan:
                     raise ValueError(f"expected shape {expected} after conversion, got {got}")
             except (RuntimeError, ValueError, IndexError) as err:
                 raise ValueError(f"checkpoint key {key!r} (shape {shape}): {err}") from None
-            apply = _compose(apply, transform)
+        values = dtype is not None and dtype.is_floating_point and dtype not in CODE_DTYPES.values()
+        convert = _chain(transform, finite_in(key, dtype) if values and finite else None)
+        if convert is not None:
+            apply = _compose(apply, convert)
         self.report.loaded.append(key)
         self._steps.append((key, apply))
 
-    def copy(self, dest: torch.Tensor, keys: list[str], transform: Callable | None = None) -> None:
+    def copy(self, dest: torch.Tensor, keys: list[str], transform: Callable | None = None, *,
+             finite: bool = True) -> None:
         """Plan a copy of the first present key among ``keys`` into ``dest`` (after ``transform``); else report
         it missing."""
         key = self.first(keys)
         if key is None:
             self.report.missing.append(keys[0])
             return
-        self.add(key, dest.shape, dest.copy_, transform, dtype=dest.dtype)
+        self.add(key, dest.shape, dest.copy_, transform, dtype=dest.dtype, finite=finite)
 
     def check_values(self, keys: list[str], check: Callable[[str, torch.Tensor], None]) -> None:
         """Run ``check(key, tensor)`` on the first present key among ``keys`` before anything is copied."""
@@ -299,47 +321,6 @@ class _Plan:
             check()
         for key, apply in self._steps:
             apply(self.ckpt.get(key))
-
-
-def _check_correction_bias(key: str, bias: torch.Tensor) -> None:
-    # A NaN/+inf entry would win every token's expert choice: a corrupted checkpoint, refused at load (routing on a
-    # GPU only marks the affected tokens NaN, since checking there would sync with the device on every call).
-    bad = torch.isnan(bias) | (bias == float("inf"))
-    if bool(bad.any()):
-        experts = bad.nonzero().flatten().tolist()
-        raise ValueError(f"checkpoint key {key!r}: expected a finite correction bias (or -inf: never pick the expert), "
-                         f"got NaN/+inf at experts {experts[:16]}{' ...' if len(experts) > 16 else ''}")
-
-
-def _check_weight_scale(key: str, scale: torch.Tensor) -> None:
-    check_scales(f"checkpoint key {key!r}", scale, WEIGHT_SCALES)
-
-
-def _check_input_scales(name: str, scales: dict[str, torch.Tensor]) -> None:
-    # One static activation scale per layer, the max over its experts (process_weights_after_loading): a 0 (an
-    # expert calibration never routed to) is harmless under the max, but all zeros leave no usable scale.
-    for key, scale in scales.items():
-        check_scales(f"checkpoint key {key!r}", scale, INPUT_SCALES)
-    if not any(bool((s.float() > 0).any()) for s in scales.values()):
-        keys = list(scales)
-        raise ValueError(f"{name}: every static activation scale is 0 ({keys[0]!r} ... {keys[-1]!r}, {len(keys)} "
-                         f"keys): {NO_INPUT_SCALE}")
-
-
-# safetensors dtype names of 8-bit codes -> their torch dtype
-
-
-def _check_codes(key: str, stored: str, dest: torch.dtype) -> None:
-    # copy_ would turn codes into values (or values into codes): a checkpoint read with the wrong quant method
-    # would load silently wrong weights.
-    code = CODE_DTYPES.get(stored)
-    if code is None and dest not in CODE_DTYPES.values():
-        return
-    if code is not dest:
-        what = f"8-bit codes ({stored})" if code is not None else f"{stored} values"
-        hint = (" (a quantized checkpoint: build the layer with the quant method its quantization_config names, as "
-                "MoE.from_pretrained does)" if code is not None else "")
-        raise ValueError(f"checkpoint key {key!r}: holds {what}, expected {str(dest).removeprefix('torch.')}{hint}")
 
 
 def _compose(apply: Callable, transform: Callable) -> Callable:
@@ -390,15 +371,15 @@ def _load_router(moe: MoE, plan: _Plan, prefix: str) -> None:
         # An fp32 router in a 16-bit checkpoint (DeepSeek-V3 style): rounded into the gate it would pick other
         # experts for some tokens. The gate (and its bias) turn fp32 when the plan runs, the same Parameter
         # objects; router_logits takes a gate whose dtype differs from the input's.
-        plan.add(key, moe.gate.weight.shape, lambda t: _set_fp32(moe.gate, t))
+        plan.add(key, moe.gate.weight.shape, lambda t: _set_fp32(moe.gate, t), dtype=torch.float32)
     else:
         plan.copy(moe.gate.weight, weight_keys)
     if moe.gate.bias is not None:
         plan.copy(moe.gate.bias, [f"{prefix}{n}.bias" for n in _ROUTER_NAMES])
     if moe.e_score_correction_bias is not None:
         names = [f"{prefix}{n}.e_score_correction_bias" for n in _ROUTER_NAMES] + [f"{prefix}e_score_correction_bias"]
-        plan.copy(moe.e_score_correction_bias, names)
-        plan.check_values(names, _check_correction_bias)
+        plan.copy(moe.e_score_correction_bias, names, finite=False)  # -inf allowed: check_correction_bias
+        plan.check_values(names, check_correction_bias)
 
 
 @torch.no_grad()
@@ -463,13 +444,13 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
             sliced = method.granularity == "block" or (method.granularity == "channel" and not w2)
             _plan_scale(plan, experts, scale, row, [base + "weight_scale_inv", base + "weight_scale"],
                         _tp_slicer(moe, 1 if w2 else 0) if sliced else None)
-            plan.check_values([base + "weight_scale_inv", base + "weight_scale"], _check_weight_scale)
+            plan.check_values([base + "weight_scale_inv", base + "weight_scale"], check_weight_scale)
             if method.static_input_scales:
                 inputs = experts.w2_input_scale if w2 else experts.w13_input_scale
                 _plan_scale(plan, experts, inputs, row, [base + "input_scale"])
                 input_keys["w2_input_scale" if w2 else "w13_input_scale"].append(base + "input_scale")
     for name, keys in input_keys.items():  # checked before the copy: process_weights_after_loading merges them
-        plan.check_together(keys, functools.partial(_check_input_scales, name))
+        plan.check_together(keys, functools.partial(check_input_scales, name))
     if experts.w13_bias is not None:
         _plan_expert_biases(moe, plan, prefix, names, num_global, remote)
 

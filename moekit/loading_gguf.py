@@ -34,7 +34,8 @@ from torch import nn
 from moekit._checks import check_bool
 from moekit.checkpoint_gguf import GGUF_BLOCK, GGUFCheckpoint, q4_0_to_wna16, q8_0_to_wna16
 from moekit.layer import MoE
-from moekit.loading import LoadReport, _check_correction_bias
+from moekit.loading import LoadReport
+from moekit.loading_checks import check_correction_bias, check_materialized
 from moekit.quant.unquantized import UnquantizedMoEMethod
 from moekit.quant.wna16 import WNA16MoEMethod, _narrow_scales
 
@@ -79,12 +80,15 @@ def load_gguf(moe: MoE, checkpoint: GGUFCheckpoint | str | os.PathLike, prefix: 
     Raises:
         KeyError: (``strict``) missing tensors or unexpected ``blk.L.ffn_*`` tensors, listed.
         ValueError: a shape that does not fit (named), a type the layer's method cannot hold exactly or the gguf
-            package cannot dequantize, another quant method, tensor parallelism or a non-gated activation; a
-            NaN/inf block scale of a packed expert (named; found as that expert is copied, so after earlier ones).
+            package cannot dequantize, another quant method, tensor parallelism, a non-gated activation or meta
+            tensors in ``moe`` (``moe.to_empty(device=...)`` first); a NaN/inf block scale of a packed expert, or a
+            dequantized value that is NaN/inf or beyond the layer's dtype (an fp16 layer: 65504) (named; found as
+            that tensor is copied, so after earlier ones).
     """
     if not isinstance(moe, MoE):
         raise TypeError(f"moe: expected a moekit.MoE, got {type(moe).__name__}")
     check_bool("strict", strict)
+    check_materialized(moe)
     ckpt = _checkpoint(checkpoint)
     block = _block(prefix)
     experts = moe.routed_experts
@@ -175,13 +179,18 @@ class _GGUFPlan:
 
         def step() -> None:
             values = self.ckpt.dequantize(key, index)
-            if values.is_floating_point() and not bool(torch.isfinite(values).all()):
-                # A NaN/inf weight (a corrupted block scale) would make every token routed there NaN. Checked as
-                # each tensor is read, like the packed scales: the copies before it stay (load_gguf's docstring).
+            cast = values.to(dest.dtype)
+            if cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
+                # A NaN/inf weight (a corrupted block scale), or a value beyond the layer's dtype (1e5 in fp16),
+                # would make every token routed there NaN/inf. Checked as each tensor is read, like the packed
+                # scales: the copies before it stay (load_gguf's docstring).
                 where = "" if index is None else f" (expert {index})"
-                raise ValueError(f"checkpoint key {key!r}{where}: NaN or inf after dequantization ({kind}): a "
-                                 "corrupted checkpoint")
-            dest.copy_(values if reshape is None else values.reshape(reshape))
+                if not bool(torch.isfinite(values).all()):
+                    raise ValueError(f"checkpoint key {key!r}{where}: NaN or inf after dequantization ({kind}): a "
+                                     "corrupted checkpoint")
+                raise ValueError(f"checkpoint key {key!r}{where}: values beyond the range of the layer's "
+                                 f"{str(dest.dtype).removeprefix('torch.')} (max |x| {float(values.abs().max()):g})")
+            dest.copy_(cast if reshape is None else cast.reshape(reshape))
 
         self._steps.append(step)
 
@@ -214,7 +223,7 @@ def _plan_router(moe: MoE, plan: _GGUFPlan, block: str) -> None:
         key = block + "exp_probs_b.bias"
         if plan.present(key, (cfg.num_experts,)):
             bias = plan.ckpt.dequantize(key)  # small: checked now, before anything is copied
-            _check_correction_bias(key, bias)
+            check_correction_bias(key, bias)
             plan.dequantized(key, moe.e_score_correction_bias)
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from moekit.config import MoEConfig, ParallelConfig
-from moekit.families import read_hf_config, text_config
+from moekit.families import read_hf_config, read_json, text_config
 from moekit.layer import MoE
 from moekit.checkpoint_gguf import GGUFCheckpoint, gguf_config, is_gguf
 from moekit.loading import Checkpoint, _shown, load_moe
@@ -48,8 +48,16 @@ def from_pretrained(
     defaults to torch's default dtype there.
 
     The ``quantization_config``'s exclusion lists are read (``moekit.quant.exclusions``): a block whose routed
-    experts the checkpoint keeps unquantized is built as an unquantized layer.
+    experts the checkpoint keeps unquantized is built as an unquantized layer. A ModelOpt export that states its
+    quantization only in ``hf_quant_config.json`` (none in config.json) is read from that file.
+
+    ``dtype`` defaults to config.json's ``dtype`` (or ``torch_dtype``) when it names bfloat16, float16 or float32,
+    else to torch's default dtype (with a warning when config.json names another value, e.g. ``"auto"``).
+    ``device="meta"`` is refused: the weights are loaded (build ``MoE(config, device="meta")`` for an empty layer).
     """
+    if device is not None and str(device).split(":")[0] == "meta":  # load_moe would refuse it, naming a parameter
+        raise ValueError("device: 'meta' holds no values to load the checkpoint into; build MoE(config, "
+                         "device='meta') for an empty layer, or pass a real device")
     if is_gguf(path):
         return _from_gguf(path, layer, prefix=prefix, dtype=dtype, device=device, backend=backend, parallel=parallel,
                           process_group=process_group)
@@ -60,9 +68,11 @@ def from_pretrained(
     # sparse ones).
     config = replace(MoEConfig.from_hf(cfg, layer), backend=backend)  # validated again: backend is checked
     quant = cfg.get("quantization_config", text_config(cfg).get("quantization_config"))
+    modelopt = Path(path) / "hf_quant_config.json"
+    if quant is None and modelopt.is_file():  # get_quant_method / exclusions read its fields under "quantization"
+        quant = {"quant_method": "modelopt", **read_json(modelopt)}
     if dtype is None:
-        named = cfg.get("dtype") or cfg.get("torch_dtype") or text_config(cfg).get("dtype")
-        dtype = _CONFIG_DTYPES.get(named, torch.get_default_dtype())
+        dtype = _config_dtype(cfg)
     ckpt = Checkpoint(path)
     found = ckpt.moe_prefixes()
     if prefix is not None and layer is not None:
@@ -85,7 +95,11 @@ def from_pretrained(
         if why is None:
             method = get_quant_method(quant, dequantize_act_order=dequantize_act_order)
         else:  # the checkpoint keeps this block's experts unquantized: an unquantized layer, if the tensors agree
-            _check_unquantized(ckpt, prefix, why)
+            _check_unquantized(ckpt, prefix, f"quantization_config keeps the experts of {prefix!r} unquantized "
+                                             f"({why})")
+    else:  # codes without a quantization_config: say so (load_moe's hint would point back at from_pretrained)
+        _check_unquantized(ckpt, prefix, "config.json has no quantization_config (and no hf_quant_config.json is "
+                                         "beside it): its experts are read as unquantized")
     moe = MoE(config, dtype=dtype, device=device, quant_method=method, parallel=parallel, process_group=process_group)
     load_moe(moe, ckpt, prefix)
     return moe
@@ -136,17 +150,30 @@ _FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 
 
 def _check_unquantized(ckpt: Checkpoint, prefix: str, why: str) -> None:
-    """Refuse a block whose exclusion-list verdict the checkpoint contradicts: routed experts holding codes, or
-    shared experts stored packed (their dequantization needs the routed experts' quant method)."""
+    """Refuse a block read as unquantized (``why``: an exclusion list, or no quantization_config) that the checkpoint
+    contradicts: routed experts holding codes, or shared experts stored packed (their dequantization needs the
+    routed experts' quant method)."""
     for key in ckpt.keys():
         if not key.startswith(prefix + ".") or ckpt.dtype(key) in _FLOAT_DTYPES:
             continue
         if key.startswith(prefix + ".experts."):
-            raise UnsupportedQuantization(f"quantization_config keeps the experts of {prefix!r} unquantized "
-                                          f"({why}), but checkpoint key {key!r} holds {ckpt.dtype(key)} codes")
+            raise UnsupportedQuantization(f"{why}, but checkpoint key {key!r} holds {ckpt.dtype(key)} codes")
         if ckpt.dtype(key) not in CODE_DTYPES:
             raise UnsupportedQuantization(f"checkpoint key {key!r}: packed {ckpt.dtype(key)} shared-expert tensors in "
                                           f"a block whose routed experts are unquantized ({why}) are not supported")
+
+
+def _config_dtype(cfg: dict) -> torch.dtype:
+    """The layer dtype config.json names (``dtype``, older ``torch_dtype``); torch's default dtype otherwise."""
+    named = cfg.get("dtype") or cfg.get("torch_dtype") or text_config(cfg).get("dtype")
+    if named is None or (isinstance(named, str) and named in _CONFIG_DTYPES):
+        return _CONFIG_DTYPES.get(named, torch.get_default_dtype())
+    # "auto" (transformers: the checkpoint's own dtype) or a dtype no activation runs in (float8_e4m3fn, the
+    # weights' codes): not silent, since the layer's dtype decides how every weight is rounded.
+    default = torch.get_default_dtype()
+    warnings.warn(f"config.json dtype {named!r} is not one of {sorted(_CONFIG_DTYPES)}; the layer is built in "
+                  f"torch's default dtype {str(default).removeprefix('torch.')} (pass dtype= to choose)", stacklevel=3)
+    return default
 
 
 def _decoder_layer(prefix: str) -> int | None:

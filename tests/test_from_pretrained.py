@@ -212,8 +212,12 @@ def test_mismatched_scales_are_refused_naming_the_tensor(saved, tmp_path):
     config = json.loads((bad / "config.json").read_text())
     del config["quantization_config"]
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"experts\.0\.gate_proj\.weight': holds 8-bit codes \(F8_E4M3\)"):
+    with pytest.raises(ValueError, match=r"config.json has no quantization_config .*experts\.0\.\w+_proj\.weight' "
+                                         r"holds F8_E4M3 codes"):
         MoE.from_pretrained(bad, layer=1)
+    plain = MoE(MoE.from_pretrained(quantized["fp8"], layer=1).config, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"experts\.0\.gate_proj\.weight': holds 8-bit codes \(F8_E4M3\)"):
+        load_moe(plain, bad, "model.layers.1.mlp")
     # a missing scale is named
     del tensors["model.layers.1.mlp.experts.5.down_proj.weight_scale_inv"]
     safetensors_torch.save_file(tensors, bad / "model.safetensors")

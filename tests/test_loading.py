@@ -225,13 +225,19 @@ def test_failed_strict_load_leaves_the_module_unchanged(saved, failure):
     _assert_unchanged(moe, before)
 
 
-def test_wrong_prefix_lists_the_checkpoints_moe_prefixes(saved):
+@pytest.mark.parametrize("prefix", [
+    "model.layers.9.mlp",  # nothing stored under it
+    "model.layers.1",  # a decoder layer: keys, no experts (was a multi-kilobyte missing-keys KeyError)
+    "model.layers.1.self_attn",  # a dense module
+    "model.layers.1.mlp.experts",  # one level too deep
+])
+def test_wrong_prefix_lists_the_checkpoints_moe_prefixes(saved, prefix):
     model, path = saved["qwen2_moe"]
     moe = _fresh_like(model.model.layers[0].mlp)
     before = _params(moe)
     with pytest.raises(KeyError) as info:
-        load_moe(moe, path, "model.layers.9.mlp")
-    assert "prefix 'model.layers.9.mlp' not found" in str(info.value)
+        load_moe(moe, path, prefix)
+    assert f"prefix {prefix!r}: no MoE block ('{prefix}.experts.' keys) in {path}" in str(info.value)
     assert "the checkpoint has MoE blocks at: model.layers.0.mlp, model.layers.1.mlp" in str(info.value)
     assert "missing" not in str(info.value)
     _assert_unchanged(moe, before)

@@ -12,6 +12,7 @@ gguf = pytest.importorskip("gguf")
 from moekit import MoE  # noqa: E402
 from moekit.checkpoint_gguf import GGUFCheckpoint, gguf_config  # noqa: E402
 from moekit.loading import load_moe  # noqa: E402
+from moekit import loading_gguf  # noqa: E402
 from moekit.loading_gguf import gguf_quant_method, load_gguf  # noqa: E402
 from moekit.quant.wna16 import dequantized_weights  # noqa: E402
 from moekit.testing import (  # noqa: E402
@@ -243,9 +244,11 @@ def test_gpu_from_pretrained_matches_the_cpu_layer(tmp_path, arch, types, scheme
 
 
 @pytest.mark.parametrize("types", [(T.Q4_0,) * 3, (T.Q8_0, T.Q8_0, T.Q4_0)])
-def test_packed_load_keeps_every_parameter_on_the_layer_device(tmp_path, types):
+def test_packed_load_keeps_every_parameter_on_the_layer_device(tmp_path, types, monkeypatch):
     # meta stands in for CUDA: the scales gathered on the CPU and swapped in with `param.data =` raised here, after
-    # the codes were copied. Every parameter stays a Parameter of its device, with its loader.
+    # the codes were copied. Every parameter stays a Parameter of its device, with its loader. (load_gguf refuses
+    # meta layers, which hold no values: that check is bypassed here to follow the device through the steps.)
+    monkeypatch.setattr(loading_gguf, "check_materialized", lambda moe: None)
     path = tmp_path / "model.gguf"
     write_gguf(path, types=types)
     moe = MoE(gguf_config(path, 1), dtype=torch.bfloat16, quant_method=gguf_quant_method(path, "blk.1"),
@@ -333,3 +336,36 @@ def test_packed_nonfinite_block_scale_is_refused(tmp_path, monkeypatch, kind, d)
     moe = MoE(gguf_config(path, 1), quant_method=gguf_quant_method(path, "blk.1"))
     with pytest.raises(ValueError, match=rf"ffn_down_exps.weight': expert 3's {kind.name} blocks hold a NaN/inf"):
         load_gguf(moe, path, "blk.1")
+
+
+def test_meta_layer_is_refused(tmp_path):
+    # copy_ into a meta tensor is a no-op: the load reported success and the layer held nothing.
+    path = tmp_path / "model.gguf"
+    write_gguf(path, types=(T.Q4_0,) * 3)
+    for method in (gguf_quant_method(path, "blk.1"), None):  # packed, dequantized
+        moe = MoE(gguf_config(path, 1), quant_method=method, device="meta")
+        with pytest.raises(ValueError, match=r"moe: gate\.weight is on the meta device .*moe\.to_empty"):
+            load_moe(moe, path, "blk.1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantized_weight_beyond_the_layer_dtype_is_refused(tmp_path, monkeypatch, dtype):
+    # Finite in float32 after dequantization, 1e5 became inf in an fp16 layer; bf16 holds it.
+    path = tmp_path / "model.gguf"
+    write_gguf(path, types=(T.F32,) * 3)
+    dequantize = GGUFCheckpoint.dequantize
+
+    def big(self, key, index=None):
+        t = dequantize(self, key, index)
+        if "down" in key and index == 1:
+            t = t.clone()
+            t[0, 0] = 1e5
+        return t
+
+    monkeypatch.setattr(GGUFCheckpoint, "dequantize", big)
+    if dtype == torch.bfloat16:
+        assert MoE.from_pretrained(path, dtype=dtype).routed_experts.w2[1, 0, 0] == 99840
+        return
+    with pytest.raises(ValueError, match=r"ffn_down_exps.weight' \(expert 1\): values beyond the range of the "
+                                         r"layer's float16 \(max \|x\| 100000\)"):
+        MoE.from_pretrained(path, dtype=dtype)
