@@ -123,10 +123,17 @@ def _index_map(index: Path) -> dict[str, Path]:
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"checkpoint index {index}: expected a JSON object with a 'weight_map' object")
+    root = os.path.normpath(index.parent)
     for key, file in weight_map.items():
         if not isinstance(file, str) or not file:
             raise ValueError(f"checkpoint index {index}: weight_map[{key!r}]: expected a shard file name, got "
                              f"{file!r}")
+        # Shards live under the index's directory: an absolute or ../ entry would read a file outside the
+        # checkpoint. Checked on the path as written, not resolved: the Hugging Face cache's shards are symlinks
+        # into a blobs directory beside the snapshot.
+        if not os.path.normpath(os.path.join(root, file)).startswith(root + os.sep):
+            raise ValueError(f"checkpoint index {index}: weight_map[{key!r}]: expected a shard file in "
+                             f"{index.parent}, got {file!r}")
     return {k: index.parent / f for k, f in weight_map.items()}
 
 

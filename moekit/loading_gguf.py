@@ -169,8 +169,9 @@ class _GGUFPlan:
         return True
 
     def dequantized(self, key: str, dest: torch.Tensor, index: int | None = None, *,
-                    reshape: tuple[int, ...] | None = None) -> None:
-        """Plan ``dest.copy_(values of key[index])`` (dequantized unless a float type kept as is)."""
+                    reshape: tuple[int, ...] | None = None, finite: bool = True) -> None:
+        """Plan ``dest.copy_(values of key[index])`` (dequantized unless a float type kept as is); ``finite``:
+        refuse NaN/inf values (off for the correction bias, whose own check allows -inf: "never this expert")."""
         kind = self.ckpt.type_name(key)
         if kind not in ("F32", "F16", "BF16") or kind != _FLOAT_NAMES.get(dest.dtype):
             self.report.dequantized[key] = f"{kind} -> {dest.dtype}"
@@ -180,7 +181,7 @@ class _GGUFPlan:
         def step() -> None:
             values = self.ckpt.dequantize(key, index)
             cast = values.to(dest.dtype)
-            if cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
+            if finite and cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
                 # A NaN/inf weight (a corrupted block scale), or a value beyond the layer's dtype (1e5 in fp16),
                 # would make every token routed there NaN/inf. Checked as each tensor is read, like the packed
                 # scales: the copies before it stay (load_gguf's docstring).
@@ -224,7 +225,7 @@ def _plan_router(moe: MoE, plan: _GGUFPlan, block: str) -> None:
         if plan.present(key, (cfg.num_experts,)):
             bias = plan.ckpt.dequantize(key)  # small: checked now, before anything is copied
             check_correction_bias(key, bias)
-            plan.dequantized(key, moe.e_score_correction_bias)
+            plan.dequantized(key, moe.e_score_correction_bias, finite=False)
 
 
 def _expert_shapes(moe: MoE) -> dict[str, tuple[int, int, int]]:

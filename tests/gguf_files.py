@@ -61,8 +61,9 @@ def write_gguf(path, *, arch="qwen3moe", types=(T.Q4_0, T.Q4_0, T.Q4_0), layers=
             tensors[b + "ffn_down_shexp.weight"] = (rng.standard_normal((hidden, shared)) / 16, T.Q8_0)
             tensors[b + "ffn_gate_inp_shexp.weight"] = (rng.standard_normal(hidden), T.F32)
         tensors[b + "ffn_norm.weight"] = (np.ones(hidden), T.F32)  # the decoder layer's norm: not the MoE block's
-        for name, shape_kind in extra:
-            tensors[b + name] = (rng.standard_normal(shape_kind[0]), shape_kind[1])
+        for name, (shape_or_values, kind) in extra:  # a shape (random values) or the values themselves
+            values = shape_or_values if isinstance(shape_or_values, np.ndarray) else rng.standard_normal(shape_or_values)
+            tensors[b + name] = (values, kind)
         for name, (values, kind) in tensors.items():
             if name.removeprefix(b) not in skip:
                 src[name] = values.astype(np.float32)

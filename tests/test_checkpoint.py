@@ -55,6 +55,27 @@ def test_index_entry_that_is_no_file_name_is_refused(tmp_path, entry):
         Checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("entry", ["../a.safetensors", "/etc/a.safetensors", "sub/../../a.safetensors"])
+def test_index_entry_outside_the_checkpoint_is_refused(tmp_path, entry):
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    index = _indexed(root, {"a": entry, "b": "b.safetensors"})
+    with pytest.raises(ValueError, match=re.escape(f"weight_map['a']: expected a shard file in {root}, got "
+                                                   f"{entry!r}")):
+        Checkpoint(root)
+
+
+def test_index_shards_may_be_symlinks_out_of_the_checkpoint(tmp_path):
+    # The Hugging Face cache: snapshots/<rev>/model-*.safetensors are symlinks into ../../blobs.
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "rev"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    safetensors_torch.save_file({"a": torch.ones(2)}, blobs / "h1")
+    (snap / "a.safetensors").symlink_to(blobs / "h1")
+    (snap / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "a.safetensors"}}))
+    assert torch.equal(Checkpoint(snap).get("a"), torch.ones(2))
+
+
 def test_index_pointing_at_the_wrong_shard_names_key_shard_and_index(tmp_path):
     index = _indexed(tmp_path, {"a": "a.safetensors", "b": "a.safetensors"})  # b lives in b.safetensors
     ckpt = Checkpoint(tmp_path)

@@ -4,6 +4,7 @@ fp64 einsums on those weights."""
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,6 +133,18 @@ def test_deepseek_correction_bias_loads(tmp_path):
                meta={"expert_gating_func": 2})
     moe = MoE.from_pretrained(path, layer=1)
     assert torch.equal(moe.e_score_correction_bias.float(), gguf_dequantize(path, "blk.1.exp_probs_b.bias"))
+
+
+def test_deepseek_correction_bias_may_rule_out_an_expert(tmp_path):
+    # -inf in the correction bias means "never this expert" (the safetensors loader allows it too): not a NaN/inf
+    # weight to refuse.
+    bias = np.zeros(E, dtype=np.float32)
+    bias[1] = -np.inf
+    path = tmp_path / "ds.gguf"
+    write_gguf(path, arch="deepseek2", types=(T.Q8_0,) * 3, extra=[("exp_probs_b.bias", (bias, T.F32))],
+               meta={"expert_gating_func": 2})
+    moe = MoE.from_pretrained(path, layer=1)
+    assert moe.e_score_correction_bias[1].item() == float("-inf")
 
 
 def test_load_refusals(tmp_path):
