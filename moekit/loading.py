@@ -76,6 +76,7 @@ from moekit.loading_checks import (
     check_materialized,
     check_weight_scale,
     finite_in,
+    no_nan_codes,
 )
 from moekit.loading_shared import check_e8m0_scale, check_group_scale, is_e8m0_scale, is_group_scale, load_shared
 from moekit.quant.mxfp4 import MXFP4MoEMethod
@@ -287,7 +288,9 @@ class _Plan:
             except (RuntimeError, ValueError, IndexError) as err:
                 raise ValueError(f"checkpoint key {key!r} (shape {shape}): {err}") from None
         values = dtype is not None and dtype.is_floating_point and dtype not in CODE_DTYPES.values()
-        convert = _chain(transform, finite_in(key, dtype) if values and finite else None)
+        # fp8 codes are checked for NaN codes first, whether they stay codes or are dequantized (shared experts).
+        nan_codes = no_nan_codes(key) if self.ckpt.dtype(key) == "F8_E4M3" else None
+        convert = _chain(nan_codes, transform, finite_in(key, dtype) if values and finite else None)
         if convert is not None:
             apply = _compose(apply, convert)
         self.report.loaded.append(key)

@@ -68,6 +68,18 @@ def check_codes(key: str, stored: str, dest: torch.dtype) -> None:
         raise ValueError(f"checkpoint key {key!r}: holds {what}, expected {str(dest).removeprefix('torch.')}{hint}")
 
 
+def no_nan_codes(key: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``t`` (fp8 e4m3 codes) itself, once no code is NaN (bytes 0x7F / 0xFF, e4m3fn's only NaNs): a NaN weight
+    makes every token routed there NaN, like a NaN scale."""
+
+    def check(t: torch.Tensor) -> torch.Tensor:
+        if bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any()):
+            raise ValueError(f"checkpoint key {key!r}: holds NaN fp8 codes (a corrupted checkpoint)")
+        return t
+
+    return check
+
+
 def finite_in(key: str, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """``t`` itself, once every value is checked finite in ``dtype``: a NaN/inf weight, or one beyond the range
     of a narrower layer dtype (a bf16/fp32 1e5 in an fp16 layer), makes every token routed there NaN/inf."""

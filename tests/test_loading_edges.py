@@ -63,6 +63,18 @@ def test_float_weights_must_be_finite_in_the_layer_dtype(root, tmp_path, key, va
         assert MoE.from_pretrained(bad, layer=1, dtype=torch.bfloat16).routed_experts.w2[0, 0, 0] == 99840
 
 
+@pytest.mark.parametrize("code", [0x7F, 0xFF])
+def test_nan_fp8_codes_are_refused(root, tmp_path, code):
+    # e4m3fn's NaNs (0x7F, 0xFF) as weight codes: NaN out of every token routed there, like a NaN scale.
+    def edit(tensors):
+        tensors[f"{PREFIX}.experts.2.gate_proj.weight"].view(torch.uint8)[1, 3] = code
+
+    bad = _edited(root / "ct_channel", tmp_path / "bad", edit)
+    with pytest.raises(ValueError, match=rf"checkpoint key '{PREFIX}\.experts\.2\.gate_proj\.weight': holds NaN fp8 "
+                                         "codes"):
+        MoE.from_pretrained(bad, layer=1)
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
 def test_integer_weight_scales_are_refused_before_anything_is_copied(root, tmp_path, dtype):
     # Cast into the fp32 scales, a U8 127 (an e8m0-like exponent byte) became 127.0: a silently 127x weight.
