@@ -274,9 +274,9 @@ class _Plan:
         with ``dtype`` (the destination's), 8-bit codes load only into codes of their own dtype and the other way,
         integers never into floats, and (``finite``) float values must stay finite in ``dtype`` (checked as the
         tensor is read: the copies before it stay)."""
-        shape, expected = self.ckpt.shape(key), tuple(expected)
+        shape, expected, stored = self.ckpt.shape(key), tuple(expected), self.ckpt.dtype(key)
         if dtype is not None:
-            check_codes(key, self.ckpt.dtype(key), dtype)
+            check_codes(key, stored, dtype)
         if transform is None:
             if shape != expected:
                 raise ValueError(f"checkpoint key {key!r}: expected shape {expected}, got {shape}")
@@ -289,7 +289,7 @@ class _Plan:
                 raise ValueError(f"checkpoint key {key!r} (shape {shape}): {err}") from None
         values = dtype is not None and dtype.is_floating_point and dtype not in CODE_DTYPES.values()
         # fp8 codes are checked for NaN codes first, whether they stay codes or are dequantized (shared experts).
-        nan_codes = no_nan_codes(key) if self.ckpt.dtype(key) == "F8_E4M3" else None
+        nan_codes = no_nan_codes(key) if stored == "F8_E4M3" else None
         convert = _chain(nan_codes, transform, finite_in(key, dtype) if values and finite else None)
         if convert is not None:
             apply = _compose(apply, convert)

@@ -154,12 +154,15 @@ def _check_unquantized(ckpt: Checkpoint, prefix: str, why: str) -> None:
     contradicts: routed experts holding codes, or shared experts stored packed (their dequantization needs the
     routed experts' quant method)."""
     for key in ckpt.keys():
-        if not key.startswith(prefix + ".") or ckpt.dtype(key) in _FLOAT_DTYPES:
+        if not key.startswith(prefix + "."):
+            continue
+        stored = ckpt.dtype(key)
+        if stored in _FLOAT_DTYPES:
             continue
         if key.startswith(prefix + ".experts."):
-            raise UnsupportedQuantization(f"{why}, but checkpoint key {key!r} holds {ckpt.dtype(key)} codes")
-        if ckpt.dtype(key) not in CODE_DTYPES:
-            raise UnsupportedQuantization(f"checkpoint key {key!r}: packed {ckpt.dtype(key)} shared-expert tensors in "
+            raise UnsupportedQuantization(f"{why}, but checkpoint key {key!r} holds {stored} codes")
+        if stored not in CODE_DTYPES:
+            raise UnsupportedQuantization(f"checkpoint key {key!r}: packed {stored} shared-expert tensors in "
                                           f"a block whose routed experts are unquantized ({why}) are not supported")
 
 

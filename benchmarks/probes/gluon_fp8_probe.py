@@ -38,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gluon_gemm_probe import _p_loader, _tile_coords  # noqa: E402  (the bf16 probe's loader, EB = 1 here)
+from gluon_gemm_probe import _p_loader, _ring, _tile_coords  # noqa: E402  (the bf16 probe's; EB = 1 here)
 
 
 @gluon.jit
@@ -128,17 +128,8 @@ def gluon_fp8_block_kernel(p_a, p_b, p_as, p_bs, p_c, p_sorted, p_experts, num_b
                            k_dim, n_b, num_experts, stride_am, stride_asm, stride_bse, stride_bsn, num_progs,
                            BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
                            LAG: gl.constexpr, GROUP_M: gl.constexpr, DEFER: gl.constexpr, num_warps: gl.constexpr):
-    a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.float8e4nv)
-    b_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.float8e4nv)
-    b_desc = tma.make_tensor_descriptor(p_b, shape=[num_experts * n_b, k_dim], strides=[k_dim, 1],
-                                        block_shape=[BN, BK], layout=b_sl)
-    a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [S, BM, BK], a_sl)
-    b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [S, BN, BK], b_sl)
-    ready = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(S):
-        mbarrier.init(ready.index(s), count=2)  # the loader's arrival + the TMA bytes
-        mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups
+    # fp8 tiles (p_b's type); a stage is free once both consumer warpgroups arrive.
+    b_desc, a_bufs, b_bufs, ready, empty = _ring(p_b, num_experts, n_b, k_dim, BM, BN, BK, S, 2)
     num_k = gl.cdiv(k_dim, BK)
     num_n = gl.cdiv(n_out, BN)
     num_tiles = num_blocks * num_n

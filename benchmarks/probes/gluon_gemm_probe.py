@@ -100,13 +100,15 @@ def _tile_coords(t, num_blocks, num_n, GROUP_M: gl.constexpr):
 def _ring(p_b, num_experts, n_b, k_dim, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
           EMPTY_ARRIVALS: gl.constexpr):
     """The weight descriptor, S stages of A and B tiles, and each stage's barriers: ``ready`` completes on the
-    loader's arrival plus the TMA bytes, ``empty`` on EMPTY_ARRIVALS consumer arrivals."""
-    a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
-    b_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.bfloat16)
+    loader's arrival plus the TMA bytes, ``empty`` on EMPTY_ARRIVALS consumer arrivals. Tiles of the weights'
+    element type (A's is the same: bf16, or fp8 in gluon_fp8_probe.py)."""
+    DTYPE: gl.constexpr = p_b.dtype.element_ty
+    a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], DTYPE)
+    b_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], DTYPE)
     b_desc = tma.make_tensor_descriptor(p_b, shape=[num_experts * n_b, k_dim], strides=[k_dim, 1],
                                         block_shape=[BN, BK], layout=b_sl)
-    a_bufs = gl.allocate_shared_memory(gl.bfloat16, [S, BM, BK], a_sl)
-    b_bufs = gl.allocate_shared_memory(gl.bfloat16, [S, BN, BK], b_sl)
+    a_bufs = gl.allocate_shared_memory(DTYPE, [S, BM, BK], a_sl)
+    b_bufs = gl.allocate_shared_memory(DTYPE, [S, BN, BK], b_sl)
     ready = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(S):

@@ -136,14 +136,14 @@ def grouped_gemm_wna16(
     use_words = bits == 4 and not e2m1 and (variant == "gemv" or (variant in ("dequant", "dequant_pairs")
                                                                     and a.dtype != torch.float32))
     words = _as_words(qweight) if use_words else None
+    rocm = a.is_cuda and torch.version.hip is not None
     # Not on ROCm: measured and checked on NVIDIA only (its zero-point workaround is inline PTX).
-    pairs = (variant == "dequant_pairs" and words is not None and pairs_sub_tile(sub_k)
-             and not (a.is_cuda and torch.version.hip is not None))
+    pairs = variant == "dequant_pairs" and words is not None and pairs_sub_tile(sub_k) and not rocm
     if variant == "dequant_pairs" and not pairs:  # the decode choice it replaces
         variant, words = ("dequant_bytes" if layout.row_per_block else "dequant_split"), None
     codes = words if words is not None else qweight
     # Inline PTX: NVIDIA GPUs only, and never in Triton's CPU interpreter (which may be handed CUDA tensors).
-    asm = a.is_cuda and torch.version.hip is None and not triton_interpreting()
+    asm = a.is_cuda and not rocm and not triton_interpreting()
     grouped_gemm_wna16_kernel[grid](
         a, codes, scales, z, out_3d,
         bias_EN if bias_EN is not None else a,
