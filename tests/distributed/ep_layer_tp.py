@@ -193,8 +193,7 @@ def _wna16_checkpoint_case(rank: int, world: int, out_dir: str) -> None:
     from moekit.loading import load_moe
     from moekit.quant import WNA16MoEMethod
     from moekit.quant.wna16 import dequantized_weights
-    from tests.ops.test_quantize_wna16 import formula
-    from tests.quant.test_wna16_loading import _checkpoint_tensors, _codes
+    from tests.quant.test_wna16_loading import expert_tensors
 
     parallel = parallel_for(world, rank, 2, dispatch="all_to_all")
     e_num, hidden, inter, g = 4, 64, 128, 32
@@ -204,18 +203,9 @@ def _wna16_checkpoint_case(rank: int, world: int, out_dir: str) -> None:
     for fmt, sym in (("gptq", False), ("compressed-tensors", True)):
         gen = torch.Generator().manual_seed(21)
         full = moekit.MoE(cfg)
-        tensors, w13, w2 = {f"{PREFIX}.gate.weight": full.gate.weight.detach().clone()}, [], []
-        for e in range(e_num):
-            parts = {}
-            for shard, proj, (n, k) in (("w1", "gate_proj", (inter, hidden)), ("w3", "up_proj", (inter, hidden)),
-                                        ("w2", "down_proj", (hidden, inter))):
-                q, z, s = _codes(n, k, g, 4, sym, torch.float16, gen)
-                parts[shard] = formula(q, z, s, g)
-                for name, t in _checkpoint_tensors(fmt, q, z, s, g, 4, sym).items():
-                    tensors[f"{PREFIX}.experts.{e}.{proj}.{name}"] = t
-            w13.append(torch.cat((parts["w1"], parts["w3"])))
-            w2.append(parts["w2"])
-        w13, w2 = torch.stack(w13), torch.stack(w2)
+        tensors, w13, w2 = expert_tensors(fmt, PREFIX, ("gate_proj", "up_proj", "down_proj"), e_num, hidden, inter,
+                                          g, sym, gen)
+        tensors[f"{PREFIX}.gate.weight"] = full.gate.weight.detach().clone()
         full.routed_experts.w13.data.copy_(w13)
         full.routed_experts.w2.data.copy_(w2)
         path = os.path.join(out_dir, f"tp_{fmt}.safetensors")

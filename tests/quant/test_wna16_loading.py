@@ -319,12 +319,10 @@ def test_tensor_parallel_split_refusals():
 
 # ------------------------------------------------------------------------------------------------ loader edges
 
-def _save_experts(tmp_path, fmt, names, *, num_experts=2, hidden=64, inter=32, g=32, sym=False, edit=None):
-    """A per-expert checkpoint of ``fmt`` with projection ``names`` (gate, up, down), its float32 weights."""
-    safetensors_torch = pytest.importorskip("safetensors.torch")
-    gen = torch.Generator().manual_seed(9)
-    prefix, tensors, w13, w2 = "model.layers.0.block_sparse_moe", {}, [], []
-    tensors[f"{prefix}.gate.weight"] = torch.randn(num_experts, hidden, generator=gen)
+def expert_tensors(fmt, prefix, names, num_experts, hidden, inter, g, sym, gen):
+    """4-bit ``fmt`` checkpoint tensors of ``num_experts`` experts under ``{prefix}.experts.{e}.{proj}.`` (``names``:
+    gate, up, down), and the float32 weights they dequantize to (the format's formula): (tensors, w13, w2)."""
+    tensors, w13, w2 = {}, [], []
     for e in range(num_experts):
         parts = {}
         for shard, proj, (n, k) in (("w1", names[0], (inter, hidden)), ("w3", names[1], (inter, hidden)),
@@ -335,10 +333,21 @@ def _save_experts(tmp_path, fmt, names, *, num_experts=2, hidden=64, inter=32, g
                 tensors[f"{prefix}.experts.{e}.{proj}.{name}"] = t
         w13.append(torch.cat((parts["w1"], parts["w3"])))
         w2.append(parts["w2"])
+    return tensors, torch.stack(w13), torch.stack(w2)
+
+
+def _save_experts(tmp_path, fmt, names, *, num_experts=2, hidden=64, inter=32, g=32, sym=False, edit=None):
+    """A per-expert checkpoint of ``fmt`` with projection ``names`` (gate, up, down), its float32 weights."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    gen = torch.Generator().manual_seed(9)
+    prefix = "model.layers.0.block_sparse_moe"
+    tensors = {f"{prefix}.gate.weight": torch.randn(num_experts, hidden, generator=gen)}
+    experts, w13, w2 = expert_tensors(fmt, prefix, names, num_experts, hidden, inter, g, sym, gen)
+    tensors.update(experts)
     if edit is not None:
         edit(tensors, prefix)
     safetensors_torch.save_file(tensors, tmp_path / "model.safetensors")
-    return prefix, torch.stack(w13), torch.stack(w2)
+    return prefix, w13, w2
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors"])
