@@ -1,7 +1,7 @@
 """Probe: a Gluon 4-bit weight-only decode GEMM whose register-operand wgmmas stay in flight while the next piece is
 dequantized, against moekit's ``grouped_gemm_wna16`` ("dequant_pairs"), op level.
 
-    python3 benchmarks/probes/gluon_wna16_probe.py --compile-only   # anywhere with triton 3.6: compile for sm_90
+    PYTHONPATH=. python3 benchmarks/probes/gluon_wna16_probe.py --compile-only   # anywhere with triton 3.6
     PYTHONPATH=. python3 benchmarks/probes/gluon_wna16_probe.py     # on an sm_90 GPU: check + time
 
 Why: "dequant_pairs" (NOTES.md, "Packed pairs into wgmma's register operand") already brings a thread's int32 code
@@ -17,7 +17,8 @@ W[BN, K] · A^T. A K step of 128 columns (one scale group) is four pieces r = 0.
 one shift and one ``lop3`` give a packed bf16 pair -- in (w, h) order. A's columns are permuted the same way once
 per call (``permute_a``): piece r's activations are then the contiguous columns [32r, 32r + 32) of the step.
 
-Registers: the words of a [BN, 16] step are loaded from shared memory in ``_word_layout``, which is by construction
+Registers: the words of a [BN, 16] step are loaded from shared memory in ``_word_layout`` (the library kernel's,
+``moekit/ops/_kernels/gluon_wna16.py``, which grew out of this probe), which is by construction
 the register layout of wgmma's A operand for the [BN, 32] bf16 piece with the pair (2w, 2w + 1) in one register;
 the piece is built by an elementwise asm and handed to the wgmma with ``convert_layout(assert_trivial=True)``.
 Shared memory: TMA stages of the words ([BN, BK / 8] int32) and of A ([BK / 32, BM, 32] bf16, rows past M
@@ -42,22 +43,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from moekit.ops._kernels.gluon_wna16 import _word_layout  # noqa: E402  (the library's: same layout)
+
 GROUP_SIZE = 128
 GROUP = gl.constexpr(GROUP_SIZE)
-
-
-@gluon.constexpr_function
-def _word_layout(BN, WG):
-    # [BN, 16] int32 words of one 128-column step. wgmma's A fragment for a [64, 32] bf16 piece: lane (g, t) =
-    # (lane // 4, lane % 4) holds rows g and g + 8 of its warp's 16, and k pairs (2t, 2t + 1), (2t + 8, 2t + 9) of
-    # each 16-wide k chunk. With k = 2w + h that is words t, t + 4, t + 8, t + 12: registers (row + 8, w + 4,
-    # w + 8), lanes (w + 1, w + 2, row + 1, row + 2, row + 4), warps (row + 16, row + 32), then + 64 a warpgroup.
-    reg = [[8, 0], [0, 4], [0, 8]]
-    for i in range((BN // (64 * WG)).bit_length() - 1):  # more than 64 rows a warpgroup: repeat in registers
-        reg.append([64 * WG * (1 << i), 0])
-    warps = [[16, 0], [32, 0]] + [[64 * (1 << i), 0] for i in range((WG - 1).bit_length())]
-    return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
-                                      warp_bases=warps, block_bases=[], shape=[BN, 16])
 
 
 @gluon.jit

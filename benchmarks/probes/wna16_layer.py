@@ -23,7 +23,7 @@ from moekit.bench.floor import measure_ceilings
 from moekit.bench.run import bench_point, make_weights
 from moekit.bench.shapes import PRESETS
 
-VARIANTS = ("gemv", "dequant", "dequant_bytes", "dequant_split", "dequant_pairs", "postscale")
+VARIANTS = ("gemv", "dequant", "dequant_bytes", "dequant_split", "dequant_pairs", "gluon_pairs", "postscale")
 
 
 def main() -> None:
@@ -51,6 +51,17 @@ def main() -> None:
     sink = open(args.out, "a") if args.out else None
     rows = []
     real_choose = triton_experts.choose_config
+    # Which GEMMs "gluon_pairs" ran in Gluon (and why not where it fell back to "dequant_pairs"), by K.
+    import moekit.ops.grouped_gemm_wna16 as op
+    gluon_why = {}
+    real_unsupported = op.gluon_unsupported
+
+    def unsupported(*a, **kw):
+        why = real_unsupported(*a, **kw)
+        gluon_why[a[6]] = why or "gluon"
+        return why
+
+    op.gluon_unsupported = unsupported
     for preset in args.presets.split(","):
         shape = PRESETS[preset]
         weights = make_weights(shape, torch.bfloat16, dev, 0, args.scheme)
@@ -92,10 +103,14 @@ def main() -> None:
                         + ("" if st is None else f"/s{st}") + ("" if bm is None else f"/m{bm}")
                         + ("" if nw is None else f"/w{nw}"))
                 triton_experts.choose_config = lambda s, _c=cfg: _c
+                gluon_why.clear()
                 try:
                     r = bench_point(shape, t, backend="triton", dtype=torch.bfloat16, device=dev, ceilings=ceil_q,
                                     weights=weights, baselines=False, quant=args.scheme)
                     res[name] = (r.moekit_us, r.max_rel_err)
+                    if gluon_why:
+                        print(f"  {preset} T={t} {name}: " + ", ".join(f"K={k}: {w}" for k, w in gluon_why.items()),
+                              flush=True)
                 except Exception as e:  # report and go on
                     res[name] = (math.inf, math.nan)
                     print(f"  {preset} T={t} {name}: {type(e).__name__}: {str(e)[:160]}", flush=True)

@@ -45,6 +45,7 @@ from moekit._checks import (
 from moekit.ops._kernels.grouped_gemm_wna16 import grouped_gemm_wna16_kernel
 from moekit.ops.activation import Activation, activation_code
 from moekit.ops.align import AlignResult
+from moekit.ops.gluon_wna16 import gluon_unsupported, grouped_gemm_wna16_gluon
 from moekit.ops.grouped_gemm import check_epilogue_args, grouped_gemm_ref
 from moekit.ops.heuristics import WNA16_VARIANTS, GemmConfig, k_tiles, pairs_sub_tile, wna16_variant
 from moekit.ops.quantize_mxfp4 import GROUP as MXFP4_GROUP
@@ -89,7 +90,9 @@ def grouped_gemm_wna16(
             columns: groups that are a multiple of 64 or a whole row, K tiles >= 64; else it runs as
             "dequant_bytes" on one-row blocks and "dequant_split" on others); all round each dequantized weight to
             a's dtype (as a bf16 copy of the weights would). "postscale" and "gemv" multiply exact codes and scale
-            in fp32.
+            in fp32. "gluon_pairs": "dequant_pairs"'s pieces in a Gluon kernel on sm_90 that keeps its wgmmas in
+            flight and scales each group's product in fp32 (``moekit.ops.gluon_wna16``; the weights are not
+            rounded); where ``gluon_unsupported`` names a reason it runs as "dequant_pairs".
         The other arguments are ``grouped_gemm``'s.
     """
     if variant is None:
@@ -133,9 +136,18 @@ def grouped_gemm_wna16(
     z = zeros if zeros is not None else scales  # never read without zero points
     # gemv's fp32 FMAs take words from any activation dtype; dequant's 16-bit trick needs fp16/bf16.
     # e2m1 codes never: the word tricks make integers, not e2m1 values.
-    use_words = bits == 4 and not e2m1 and (variant == "gemv" or (variant in ("dequant", "dequant_pairs")
+    use_words = bits == 4 and not e2m1 and (variant == "gemv" or (variant in ("dequant", "dequant_pairs",
+                                                                                "gluon_pairs")
                                                                     and a.dtype != torch.float32))
     words = _as_words(qweight) if use_words else None
+    if variant == "gluon_pairs":
+        if gluon_unsupported(a, qweight, words, bits, e2m1, group, k_dim, n_out, layout, config, activation,
+                             bias_EN is not None) is None:
+            grouped_gemm_wna16_gluon(a, words, scales, zeros, group, k_dim, layout, out_3d, config,
+                                     num_rows=num_rows, a_row_div=a_row_div, n_out=n_out, weights_N=weights_N,
+                                     activation=activation)
+            return out
+        variant = "dequant_pairs"  # the same math in Triton
     rocm = a.is_cuda and torch.version.hip is not None
     # Not on ROCm: measured and checked on NVIDIA only (its zero-point workaround is inline PTX).
     pairs = variant == "dequant_pairs" and words is not None and pairs_sub_tile(sub_k) and not rocm

@@ -28,7 +28,7 @@ _TUNED_DIR = Path(__file__).parent / "tuned"
 # The ways grouped_gemm_wna16 multiplies weight codes (its kernel's docstring): scale each dot's product,
 # dequantize the weight tile before one dot (4-bit codes read as int32 words where aligned, or always as bytes),
 # or FMAs without tensor cores for decode.
-WNA16_VARIANTS = ("postscale", "dequant", "dequant_bytes", "dequant_split", "dequant_pairs", "gemv")
+WNA16_VARIANTS = ("postscale", "dequant", "dequant_bytes", "dequant_split", "dequant_pairs", "gluon_pairs", "gemv")
 
 
 def tuned_dir() -> Path:
@@ -323,6 +323,11 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
       27.6 against 25.9): taken from H·I >= 4M weights an expert. Measured with groups of 128 (dots 32 wide):
       only sub-tiles of >= 128 columns take it (whole-row groups: 64-wide dots, unmeasured; groups of 64 or K
       tiles of 64, e.g. K = 2880, keep the byte loads).
+      Named "gluon_pairs" since 2026-11-29: the same pieces in a Gluon kernel on sm_90 (``moekit.ops.gluon_wna16``:
+      wgmmas left in flight, group scales in fp32; elsewhere, or for what it does not take, "dequant_pairs"),
+      layer µs on an H200 (``wna16_layer.py --variants dequant_pairs,gluon_pairs``): mixtral T = 1 / 4 / 16 / 64
+      121.0 / 274.0 / 357.7 / 520.8 -> 78.5 / 200.6 / 307.0 / 330.6, deepseek-v3 115.7 / 375.2 / 1047.7 / 2322.9
+      -> 102.0 / 283.2 / 816.3 / 1785.4, qwen3-30b-a3b T = 4 / 16 / 64 58.4 / 130.3 / 181.1 -> 58.2 / 123.4 / 167.2.
     - Otherwise compute-bound: "dequant" (the dot accumulates in place and is pipelined like a bf16 GEMM; the
       old per-dot scaling left the tensor cores waiting on each product, 0.25-0.39x of bf16 at T = 4096 on an
       H200; the word loads beat the byte loads by 4-11% here) on the bf16 prefill shapes: 64 x 128 tiles of 4 warps, 128 x 128 of 8 warps with the half tail from
@@ -353,7 +358,7 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
         def gemm(g: GemmConfig, k_tile: int, k_dim: int) -> GemmConfig:
             pairs = candidate and _pairs_tile(k_tile, int(group.group(1)) if group else k_dim, k_dim)
             wide = 2 if pairs and s.num_tokens == 1 else 1  # one token: twice the bytes a program (H200 probe)
-            return replace(g, variant="dequant_pairs" if pairs else otherwise, block_k=k_tile,
+            return replace(g, variant="gluon_pairs" if pairs else otherwise, block_k=k_tile,
                            block_n=wide * g.block_n, swap_ab=swap)
 
         return replace(cfg, gemm1=gemm(cfg.gemm1, k1, s.hidden), gemm2=gemm(cfg.gemm2, k2, s.inter))

@@ -1,0 +1,184 @@
+"""The Gluon decode path of ``grouped_gemm_wna16`` ("gluon_pairs", ``moekit.ops.gluon_wna16``).
+
+CPU: ``gather_pieces`` against its torch twin (interpreter), and the kernel's arithmetic emulated in torch on
+``gather_pieces``' output -- pieces r of each 128-column group built from nibbles r and r + 4 of the int32 code
+words, minus the zero point, summed per group, scaled in fp32 -- against the reference GEMM: the permutation of
+A and the nibble order must agree, or this sum is wrong. GPU (sm_90): the kernel itself against
+``grouped_gemm_wna16_ref`` over the decode shapes, each case checked to run the Gluon kernel (not its fallback).
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from moekit.ops.activation import Activation
+from moekit.ops.align import align, align_ref, row_per_block
+from moekit.ops.gluon_wna16 import gather_pieces, gather_pieces_ref, gluon_unsupported, piece_order
+from moekit.ops.grouped_gemm_wna16 import _as_words, grouped_gemm_wna16, grouped_gemm_wna16_ref
+from moekit.ops.heuristics import GemmConfig
+from moekit.ops.quantize_wna16 import quantize_wna16
+from moekit.testing import assert_close
+
+SILU = Activation(name="silu")
+DECODE = GemmConfig(block_n=128, block_k=256, num_warps=4, num_stages=4, variant="gluon_pairs")
+
+
+def _layouts(num_tokens, top_k, num_experts, block_m, device="cpu", expert_map=None):
+    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)]).int().to(device)
+    if num_tokens == 1 and expert_map is None:
+        return ids, row_per_block(ids, block_m)
+    return ids, align(ids, num_experts, block_m, expert_map=expert_map)
+
+
+@pytest.mark.parametrize("num_tokens, top_k, block_m, a_row_div, bm", [
+    (1, 2, 16, 2, 8),     # one row a block, 8 slots a block (the kernel's BM at one token)
+    (5, 2, 16, 2, None),  # gathered by token (GEMM 1), padding slots zero
+    (7, 3, 16, 1, None),  # gathered by routed row (GEMM 2)
+    (0, 2, 16, 2, None),  # no tokens
+])
+def test_gather_pieces_matches_reference(num_tokens, top_k, block_m, a_row_div, bm):
+    num_experts, k_dim = 4, 384
+    _, layout = _layouts(num_tokens, top_k, num_experts, block_m) if num_tokens else (
+        None, align_ref(torch.zeros(0, top_k, dtype=torch.int32), num_experts, block_m))
+    num_rows = num_tokens * top_k
+    a = torch.randn(max(num_rows // a_row_div, 1), k_dim).half()
+    got = gather_pieces(a, layout, num_rows=num_rows, a_row_div=a_row_div, block_m=bm)
+    want = gather_pieces_ref(a, layout, num_rows=num_rows, a_row_div=a_row_div, block_m=bm)
+    assert got.shape == (k_dim // 32, layout.expert_ids.numel() * (bm or block_m), 32)
+    assert torch.equal(got, want)
+
+
+def test_piece_order_is_a_permutation_of_each_group():
+    assert torch.equal(piece_order().sort().values, torch.arange(128))
+
+
+def _emulate(a, w, layout, num_rows, a_row_div, bm=None):
+    """The kernel's sum in torch: [slots, n_b] fp32, from code words and ``gather_pieces``."""
+    bm = bm or layout.block_m
+    pieces = gather_pieces(a, layout, num_rows=num_rows, a_row_div=a_row_div, block_m=bm).float()
+    num_slots = pieces.shape[1]
+    words = _as_words(w.qweight).to(torch.int64) & 0xFFFFFFFF  # [E, n_b, K / 8]
+    num_experts, n_b, k_dim = w.qweight.shape[0], w.qweight.shape[1], w.k
+    group = w.group_size if 0 < w.group_size < k_dim else k_dim
+    out = torch.zeros(num_slots, n_b)
+    for blk in range(layout.expert_ids.numel()):
+        e = int(layout.expert_ids[blk])
+        if e < 0:
+            continue
+        acc = torch.zeros(n_b, bm)
+        for g in range(k_dim // 128):
+            wg = words[e, :, 16 * g:16 * g + 16]  # [n_b, 16]
+            i_grp = 128 * g // group
+            z = 8.0 if w.zeros is None else w.zeros[e, :, i_grp].float()[:, None]
+            prod = torch.zeros(n_b, bm)
+            for r in range(4):
+                lo, hi = (wg >> (4 * r)) & 15, (wg >> (4 * r + 16)) & 15
+                piece = torch.stack([lo, hi], -1).reshape(n_b, 32).float() - z  # column 2w + h
+                prod += piece @ pieces[4 * g + r, blk * bm:(blk + 1) * bm].T
+            acc += prod * w.scales[e, :, i_grp].float()[:, None]
+        out[blk * bm:(blk + 1) * bm] = acc.T
+    return out
+
+
+@pytest.mark.parametrize("group_size, sym", [(128, True), (256, False), (-1, True)])
+@pytest.mark.parametrize("one_token", [False, True])
+def test_emulated_kernel_sum_matches_reference(group_size, sym, one_token):
+    num_tokens, top_k, num_experts, k_dim, n_b = (1 if one_token else 6), 2, 4, 512, 24
+    ids, layout = _layouts(num_tokens, top_k, num_experts, 16)
+    w = quantize_wna16(torch.randn(num_experts, n_b, k_dim) / 10, 4, group_size, sym)
+    x = (torch.randn(num_tokens, k_dim) / 10).half()
+    num_rows = ids.numel()
+    got = _emulate(x, w, layout, num_rows, top_k, bm=8 if one_token else None)
+    want = grouped_gemm_wna16_ref(x, w, layout, torch.empty(num_rows, n_b), num_rows=num_rows, a_row_div=top_k)
+    bm = 8 if one_token else layout.block_m
+    if layout.row_per_block:
+        slots = torch.arange(num_rows) * bm
+        rows = torch.arange(num_rows)
+    else:
+        slots = torch.nonzero(layout.sorted_ids[:layout.expert_ids.numel() * bm] < num_rows).flatten()
+        rows = layout.sorted_ids[slots].long()
+    torch.testing.assert_close(got[slots], want[rows], atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_off_gpu_names_why():
+    w = quantize_wna16(torch.randn(2, 128, 256) / 10, 4, 128, True)
+    _, layout = _layouts(3, 1, 2, 16)
+    why = gluon_unsupported(torch.randn(3, 256).half(), w.qweight, _as_words(w.qweight), 4, False, 128, 256, 64,
+                            layout, DECODE, SILU, False)
+    assert why == "not an NVIDIA GPU"
+
+
+# GPU: (num_tokens, top_k, num_experts, hidden, inter, group, sym, dtype, block_m, block_n, warps, split, act)
+GPU_CASES = [
+    (9, 2, 4, 512, 256, 128, True, torch.bfloat16, 16, 128, 4, 1, "silu"),
+    (9, 2, 4, 512, 256, 256, False, torch.float16, 16, 128, 4, 1, "silu"),       # zero points, fp16
+    (1, 2, 4, 384, 128, -1, True, torch.bfloat16, 16, 128, 4, 1, "silu"),         # one token: 8-slot blocks
+    (1, 8, 16, 512, 128, 128, False, torch.bfloat16, 16, 256, 8, 1, "gelu_tanh"),  # two warpgroups
+    (20, 1, 4, 256, 128, 128, True, torch.bfloat16, 32, 128, 4, 2, "silu"),      # all on one expert, split GEMM 2
+    (5, 2, 8, 768, 256, 128, False, torch.bfloat16, 16, 128, 4, 3, "gelu"),      # empty experts, split 3
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"T{c[0]}k{c[1]}E{c[2]}g{c[5]}{'s' if c[6] else 'a'}")
+def test_gluon_gemms_match_reference_on_gpu(case):
+    num_tokens, top_k, num_experts, hidden, inter, group, sym, dtype, block_m, block_n, warps, split, act = case
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel runs on sm_90 only")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)]).int().to(dev)
+    if num_tokens == 20:
+        ids.zero_()
+    layout = row_per_block(ids, block_m) if num_tokens == 1 else align(ids, num_experts, block_m)
+    w13 = quantize_wna16(torch.randn(num_experts, 2 * inter, hidden, device=dev, dtype=dtype) / 10, 4, group, sym)
+    w2 = quantize_wna16(torch.randn(num_experts, hidden, inter, device=dev, dtype=dtype) / 10, 4, group, sym)
+    x = torch.randn(num_tokens, hidden, device=dev, dtype=dtype) / 10
+    num_rows = ids.numel()
+    activation = Activation(name=act)
+    cfg1 = replace(DECODE, block_n=block_n, num_warps=warps)
+    cfg2 = replace(cfg1, block_n=block_n // 2 if warps == 4 else block_n, split_k=split)
+    for w, cfg, k_dim, n_out, act_ in ((w13, cfg1, hidden, inter, activation), (w2, cfg2, inter, hidden, None)):
+        assert gluon_unsupported(x, w.qweight, _as_words(w.qweight), 4, False, w.group_size, k_dim, n_out,
+                                 layout, cfg, act_, False) is None
+    a = torch.full((num_rows, inter), float("nan"), device=dev, dtype=dtype)
+    kw1 = dict(num_rows=num_rows, a_row_div=top_k, activation=activation)
+    grouped_gemm_wna16(x, w13, layout, a, cfg1, **kw1)
+    want_a = grouped_gemm_wna16_ref(x, w13, layout, torch.empty(num_rows, inter, device=dev), **kw1)
+    assert_close(a, want_a, dtype, name="gemm1")
+    weights = torch.rand(num_rows, device=dev)
+    y = torch.full((split, num_rows, hidden), float("nan"), device=dev)
+    grouped_gemm_wna16(a, w2, layout, y if split > 1 else y[0], cfg2, num_rows=num_rows, weights_N=weights)
+    want_y = grouped_gemm_wna16_ref(a, w2, layout, torch.empty(num_rows, hidden, device=dev), num_rows=num_rows,
+                                    weights_N=weights)
+    assert_close(y.sum(0), want_y, torch.float16, name="gemm2")  # exact (q - z)·a products, fp32 sums
+
+
+@pytest.mark.gpu
+def test_gluon_falls_back_with_a_bias_on_gpu():
+    # What the Gluon epilogue lacks (a bias) runs as "dequant_pairs", still right.
+    dev = torch.device("cuda")
+    ids, layout = _layouts(5, 2, 4, 16, device=dev)
+    w = quantize_wna16(torch.randn(4, 256, 256, device=dev, dtype=torch.bfloat16) / 10, 4, 128, True)
+    x = torch.randn(5, 256, device=dev, dtype=torch.bfloat16) / 10
+    bias = torch.randn(4, 256, device=dev)
+    assert gluon_unsupported(x, w.qweight, _as_words(w.qweight), 4, False, 128, 256, 128, layout, DECODE, SILU,
+                             True) == "a bias"
+    kw = dict(num_rows=10, a_row_div=2, activation=SILU, bias_EN=bias)
+    out = torch.empty(10, 128, device=dev, dtype=torch.bfloat16)
+    grouped_gemm_wna16(x, w, layout, out, DECODE, **kw)
+    assert_close(out, grouped_gemm_wna16_ref(x, w, layout, torch.empty(10, 128, device=dev), **kw), torch.bfloat16)
+
+
+def test_gather_pieces_names_bad_arguments():
+    _, layout = _layouts(3, 2, 4, 16)
+    a = torch.randn(3, 256).half()
+    with pytest.raises(ValueError, match="a: expected K a multiple of 128"):
+        gather_pieces(torch.randn(3, 200).half(), layout, num_rows=6, a_row_div=2)
+    with pytest.raises(ValueError, match="a: expected at least 3 rows"):
+        gather_pieces(a[:2], layout, num_rows=6, a_row_div=2)
+    with pytest.raises(ValueError, match="block_m"):
+        gather_pieces(a, layout, num_rows=6, a_row_div=2, block_m=8)  # not a one-row-a-block layout
+    with pytest.raises(TypeError, match="a"):
+        gather_pieces(a.int(), layout, num_rows=6, a_row_div=2)
