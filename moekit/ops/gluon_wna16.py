@@ -84,13 +84,33 @@ def _check_gather(a: torch.Tensor, layout: AlignResult, num_rows: int, a_row_div
         raise ValueError(f"a: expected a contiguous last dim, got strides {a.stride()}")
     check_same_device("layout.sorted_ids", layout.sorted_ids, "a", a)
     check_positive("a_row_div", a_row_div)
-    if num_rows < 0 or a.shape[0] < -(-num_rows // a_row_div):
+    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
+        raise ValueError(f"num_rows: expected an int >= 0, got {num_rows!r}")
+    if a.shape[0] < -(-num_rows // a_row_div):
         raise ValueError(f"a: expected at least {-(-num_rows // a_row_div)} rows (num_rows = {num_rows}, a_row_div = "
                          f"{a_row_div}), got shape {tuple(a.shape)}")
     if block_m is not None and (block_m < 8 or block_m % 8 or (block_m != layout.block_m
                                                                and not layout.row_per_block)):
         raise ValueError(f"block_m: expected a multiple of 8, and the layout's {layout.block_m} unless the layout "
                          f"holds one row a block, got {block_m}")
+
+
+def _device_unsupported(a: torch.Tensor) -> str | None:
+    """Why ``a``'s device or this Triton cannot run the kernel (None: they can)."""
+    if not a.is_cuda or torch.version.hip is not None or triton_interpreting():
+        return "not an NVIDIA GPU"
+    if torch.cuda.get_device_capability(a.device) != (9, 0):
+        return "not sm_90"
+    if _triton_version() < (3, 6):
+        return f"Triton {triton.__version__} (Gluon's API is checked on 3.6)"
+    if _kernel() is None:
+        return "this Triton has no Gluon"
+    return None
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = (int("".join(c for c in p if c.isdigit()) or 0) for p in triton.__version__.split(".")[:2])
+    return major, minor
 
 
 @functools.cache
@@ -116,7 +136,8 @@ class GluonTiles:
         # One row a block: 8 slots (wgmma's narrowest N) instead of the layout's BLOCK_M: half of A's bytes.
         self.bm = 8 if layout.row_per_block else layout.block_m
         k_per_split = -(-k_dim // (config.split_k * PIECE_GROUP)) * PIECE_GROUP
-        self.bk = 256 if k_per_split % 256 == 0 else 128
+        # Every split a whole number of stages, the last one too: 256 only where both K and the split divide.
+        self.bk = 256 if k_dim % 256 == 0 and k_per_split % 256 == 0 else 128
         self.k_per_split = -(-k_dim // (config.split_k * self.bk)) * self.bk
         stage = self.bn * self.bk // 2 + self.bm * self.bk * 2
         # Two programs an SM (228 KB of shared memory) with up to four stages in flight each.
@@ -125,17 +146,19 @@ class GluonTiles:
 
 def gluon_unsupported(a: torch.Tensor, qweight: torch.Tensor, words: torch.Tensor | None, bits: int, e2m1: bool,
                       group: int, k_dim: int, n_out: int, layout: AlignResult, config: GemmConfig,
-                      activation: Activation | None, has_bias: bool) -> str | None:
+                      activation: Activation | None, has_bias: bool, scales: torch.Tensor | None = None,
+                      zeros: torch.Tensor | None = None) -> str | None:
     """Why ``gluon_wna16_kernel`` cannot run this GEMM (None: it can)."""
     gated = activation is not None and activation.is_gated
-    if not a.is_cuda or torch.version.hip is not None or triton_interpreting():
-        return "not an NVIDIA GPU"
-    if torch.cuda.get_device_capability(a.device) != (9, 0):
-        return "not sm_90"
-    if _kernel() is None:
-        return "this Triton has no Gluon"
+    why = _device_unsupported(a)
+    if why is not None:
+        return why
     if bits != 4 or e2m1 or words is None:
         return "not integer 4-bit codes in aligned int32 words"
+    if words.data_ptr() % 16:
+        return "codes not 16-byte aligned (TMA)"
+    if any(t is not None and t.stride(-1) != 1 for t in (scales, zeros)):
+        return "scales or zero points with a last stride other than 1"
     if a.dtype not in (torch.float16, torch.bfloat16):
         return f"activations {a.dtype}"
     if k_dim % PIECE_GROUP or (0 < group < k_dim and group % PIECE_GROUP):
@@ -148,7 +171,7 @@ def gluon_unsupported(a: torch.Tensor, qweight: torch.Tensor, words: torch.Tenso
     if not layout.row_per_block and (layout.block_m > 32 or layout.block_m % 8):
         return f"row blocks of {layout.block_m} slots"
     tiles = GluonTiles(config, layout, k_dim, gated)
-    if config.num_warps % 4 or tiles.out_n % (64 * tiles.wg) or n_out % tiles.out_n:
+    if config.num_warps % 4 or tiles.out_n % (64 * tiles.wg) or n_out % tiles.out_n or tiles.out_n > 256:
         return f"tile of {config.block_n} rows on {config.num_warps} warps for {n_out} outputs"
     if config.split_k > 1 and gated:
         return "split-K with an activation"

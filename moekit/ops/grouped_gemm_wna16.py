@@ -98,8 +98,9 @@ def grouped_gemm_wna16(
     if variant is None:
         variant = config.variant or wna16_variant(layout.block_m, layout.row_per_block)
     check_choice("variant", variant, WNA16_VARIANTS)
-    if config.swap_ab and not variant.startswith("dequant"):  # dequant_pairs always swaps
-        raise ValueError(f"config.swap_ab: only the dequant variants swap their operands, got variant {variant!r}")
+    if config.swap_ab and not (variant.startswith("dequant") or variant == "gluon_pairs"):  # the pairs always swap
+        raise ValueError(f"config.swap_ab: only the dequant variants (and gluon_pairs) swap their operands, got variant "
+                         f"{variant!r}")
     check_ndim("a", a, 2, "[rows, k]")
     check_dtype("a", a, ACT_DTYPES)
     qweight, scales, zeros, bits, group, k_dim, e2m1 = _check_weight(b)
@@ -142,7 +143,7 @@ def grouped_gemm_wna16(
     words = _as_words(qweight) if use_words else None
     if variant == "gluon_pairs":
         if gluon_unsupported(a, qweight, words, bits, e2m1, group, k_dim, n_out, layout, config, activation,
-                             bias_EN is not None) is None:
+                             bias_EN is not None, scales, zeros) is None:
             grouped_gemm_wna16_gluon(a, words, scales, zeros, group, k_dim, layout, out_3d, config,
                                      num_rows=num_rows, a_row_div=a_row_div, n_out=n_out, weights_N=weights_N,
                                      activation=activation)

@@ -328,6 +328,9 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
       layer µs on an H200 (``wna16_layer.py --variants dequant_pairs,gluon_pairs``): mixtral T = 1 / 4 / 16 / 64
       121.0 / 274.0 / 357.7 / 520.8 -> 78.5 / 200.6 / 307.0 / 330.6, deepseek-v3 115.7 / 375.2 / 1047.7 / 2322.9
       -> 102.0 / 283.2 / 816.3 / 1785.4, qwen3-30b-a3b T = 4 / 16 / 64 58.4 / 130.3 / 181.1 -> 58.2 / 123.4 / 167.2.
+      Tiles the Gluon kernel does not take (a gated tile of fewer than 128 weight rows: 64 outputs, one
+      warpgroup, at least) run "dequant_pairs": deepseek-v3's GEMM 1 at T = 1 (64 rows), so its T = 1 gain is
+      GEMM 2's.
     - Otherwise compute-bound: "dequant" (the dot accumulates in place and is pipelined like a bf16 GEMM; the
       old per-dot scaling left the tensor cores waiting on each product, 0.25-0.39x of bf16 at T = 4096 on an
       H200; the word loads beat the byte loads by 4-11% here) on the bf16 prefill shapes: 64 x 128 tiles of 4 warps, 128 x 128 of 8 warps with the half tail from

@@ -101,6 +101,61 @@ def test_emulated_kernel_sum_matches_reference(group_size, sym, one_token):
     torch.testing.assert_close(got[slots], want[rows], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case, want", [
+    ("supported", None),
+    ("bias", "a bias"),
+    ("relu2", "activation relu2"),
+    ("swigluoai", "activation swigluoai"),
+    ("group64", "K = 512 or group size 64 not a multiple of 128"),
+    ("k384_group128", None),
+    ("8bit", "not integer 4-bit codes in aligned int32 words"),
+    ("fp32", "activations torch.float32"),
+    ("block64", "row blocks of 64 slots"),
+    ("narrow_gated", "tile of 64 rows on 4 warps for 256 outputs"),
+    ("split_gated", "split-K with an activation"),
+    ("wide", "tile of 512 rows on 8 warps for 512 outputs"),
+    ("strided_scales", "scales or zero points with a last stride other than 1"),
+    ("offset_codes", "codes not 16-byte aligned (TMA)"),
+])
+def test_unsupported_names_what_the_kernel_cannot_do(monkeypatch, case, want):
+    # The shape rules of gluon_unsupported, with the device check (CUDA sm_90, Triton with Gluon) passed.
+    import moekit.ops.gluon_wna16 as op
+    monkeypatch.setattr(op, "_device_unsupported", lambda a: None)
+    k_dim = 384 if case.startswith("k384") else 512
+    bits, group = (8, 128) if case == "8bit" else (4, 64 if case == "group64" else 128)
+    dtype = torch.float32 if case == "fp32" else torch.float16
+    w = quantize_wna16(torch.randn(4, 512, k_dim) / 10, bits, group, True)
+    qweight, scales = w.qweight, w.scales
+    if case == "strided_scales":
+        scales = scales.transpose(1, 2).contiguous().transpose(1, 2)
+    if case == "offset_codes":
+        qweight = torch.empty(qweight.numel() + 4, dtype=torch.uint8)[4:].view(qweight.shape)
+    words = _as_words(qweight) if bits == 4 else None
+    _, layout = _layouts(6, 2, 4, 64 if case == "block64" else 16)
+    cfg = DECODE
+    act = {"relu2": Activation(name="relu2"), "swigluoai": Activation(name="swigluoai")}.get(case, SILU)
+    n_out = 256
+    if case == "narrow_gated":
+        cfg = replace(DECODE, block_n=64)
+    if case == "split_gated":
+        cfg = replace(DECODE, split_k=2)
+    if case == "wide":
+        cfg, act, n_out = replace(DECODE, block_n=512, num_warps=8), None, 512
+    a = torch.randn(6, k_dim).to(dtype)
+    why = gluon_unsupported(a, qweight, words, bits, False, group, k_dim, n_out, layout, cfg, act, case == "bias",
+                            scales, None)
+    assert why == want
+
+
+def test_stage_width_divides_every_split():
+    # K = 384 in two splits of 256 would end the second split half a stage early: 128-wide stages there.
+    from moekit.ops.gluon_wna16 import GluonTiles
+    _, layout = _layouts(3, 1, 2, 16)
+    for k_dim, split, want in ((384, 2, 128), (512, 2, 256), (2432, 2, 128), (4096, 1, 256), (768, 3, 256)):
+        tiles = GluonTiles(replace(DECODE, split_k=split), layout, k_dim, gated=False)
+        assert tiles.bk == want and tiles.k_per_split % tiles.bk == 0 and k_dim % tiles.bk == 0
+
+
 def test_unsupported_off_gpu_names_why():
     w = quantize_wna16(torch.randn(2, 128, 256) / 10, 4, 128, True)
     _, layout = _layouts(3, 1, 2, 16)
@@ -182,3 +237,56 @@ def test_gather_pieces_names_bad_arguments():
         gather_pieces(a, layout, num_rows=6, a_row_div=2, block_m=8)  # not a one-row-a-block layout
     with pytest.raises(TypeError, match="a"):
         gather_pieces(a.int(), layout, num_rows=6, a_row_div=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["k384_split2", "int64_ids_one_token", "expert_map", "fp16_sym", "fp32_scales"])
+def test_gluon_edge_cases_on_gpu(case):
+    # A split whose K is not a whole number of 256-wide stages, flat int64 topk_ids at one token, an expert map
+    # (this rank holds experts 4-7 of 8: blocks of other ranks' rows are dropped), fp16's 1024 + q, fp32 scales:
+    # GEMM 1 (gated) and GEMM 2 (routing weights, split-K) against the reference, each on the Gluon kernel.
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel runs on sm_90 only")
+    dev = torch.device("cuda")
+    torch.manual_seed(1)
+    dtype = torch.float16 if case == "fp16_sym" else torch.bfloat16
+    num_tokens, top_k, num_global = (1, 4, 8) if case == "int64_ids_one_token" else (7, 2, 8)
+    hidden, inter, split = (384, 128, 2) if case == "k384_split2" else (512, 256, 2)
+    ids = torch.stack([torch.randperm(num_global)[:top_k] for _ in range(num_tokens)]).to(dev)
+    expert_map = None
+    num_experts = num_global
+    if case == "expert_map":
+        num_experts = 4
+        expert_map = torch.tensor([-1, -1, -1, -1, 0, 1, 2, 3], device=dev, dtype=torch.int32)
+    if case == "int64_ids_one_token":
+        layout = row_per_block(ids, 16)  # int64 ids: the flat topk_ids are the blocks' experts
+        assert layout.expert_ids.dtype == torch.int64
+    else:
+        layout = align(ids.int(), num_experts, 16, expert_map=expert_map)
+    wdt = torch.float32 if case == "fp32_scales" else dtype
+    w13 = quantize_wna16(torch.randn(num_experts, 2 * inter, hidden, device=dev, dtype=wdt) / 10, 4, 128,
+                         case != "fp16_sym" and case != "k384_split2")
+    w2 = quantize_wna16(torch.randn(num_experts, hidden, inter, device=dev, dtype=wdt) / 10, 4, 128, True)
+    x = torch.randn(num_tokens, hidden, device=dev, dtype=dtype) / 10
+    num_rows = ids.numel()
+    cfg2 = replace(DECODE, block_n=64, split_k=split)
+    for w, cfg, k_dim, n_out, act in ((w13, DECODE, hidden, inter, SILU), (w2, cfg2, inter, hidden, None)):
+        assert gluon_unsupported(x, w.qweight, _as_words(w.qweight), 4, False, 128, k_dim, n_out, layout, cfg, act,
+                                 False, w.scales, w.zeros) is None
+    kw1 = dict(num_rows=num_rows, a_row_div=top_k, activation=SILU)
+    a = torch.zeros(num_rows, inter, device=dev, dtype=dtype)  # rows of other ranks' experts stay unwritten: 0
+    grouped_gemm_wna16(x, w13, layout, a, DECODE, **kw1)
+    want_a = grouped_gemm_wna16_ref(x, w13, layout, torch.zeros(num_rows, inter, device=dev), **kw1)
+    assert_close(a, want_a, dtype, name="gemm1")
+    if case == "k384_split2":  # GEMM 1 of K = 384 in two splits too (no activation: split partials)
+        y1 = torch.full((2, num_rows, 2 * inter), float("nan"), device=dev)
+        grouped_gemm_wna16(x, w13, layout, y1, replace(DECODE, split_k=2), num_rows=num_rows, a_row_div=top_k)
+        want1 = grouped_gemm_wna16_ref(x, w13, layout, torch.empty(num_rows, 2 * inter, device=dev),
+                                       num_rows=num_rows, a_row_div=top_k)
+        assert_close(y1.sum(0), want1, torch.float16, name="gemm1 split")
+    weights = torch.rand(num_rows, device=dev)
+    y = torch.zeros((split, num_rows, hidden), device=dev)
+    grouped_gemm_wna16(a, w2, layout, y, cfg2, num_rows=num_rows, weights_N=weights)
+    want_y = grouped_gemm_wna16_ref(a, w2, layout, torch.zeros(num_rows, hidden, device=dev), num_rows=num_rows,
+                                    weights_N=weights)
+    assert_close(y.sum(0), want_y, torch.float16, name="gemm2")

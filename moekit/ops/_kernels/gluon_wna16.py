@@ -96,7 +96,7 @@ def _activate(gate, up, ACTIVATION: gl.constexpr):
         return gate / (1.0 + gl.exp(-2.0 * z)) * up
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["num_rows"])  # T·K changes every call: no recompiles at 1 or multiples of 16
 def gluon_wna16_kernel(
     w_desc, a_desc, p_s, p_z, p_c, p_weights, p_sorted_ids, p_expert_ids, p_num_padded,
     num_rows, n_b, up_offset, k_per_split, group_size,
@@ -114,7 +114,7 @@ def gluon_wna16_kernel(
     num_n = n_out // OUT_N
     i_m = gl.program_id(0) // num_n
     i_n = gl.program_id(0) % num_n
-    i_e = gl.load(p_expert_ids + i_m)
+    i_e = gl.load(p_expert_ids + i_m).to(gl.int32)  # flat int64 topk_ids at one token: TMA coordinates are i32
     live = i_e >= 0  # -1: past the padded slots, or (one row a block) a row routed to another rank's expert
     if not ROW_PER_BLOCK:
         live = live & (i_m * BM < gl.load(p_num_padded))
