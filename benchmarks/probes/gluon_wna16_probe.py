@@ -64,6 +64,8 @@ def _piece(words, s2, R: gl.constexpr, BN: gl.constexpr, MODE: gl.constexpr):
     elif MODE == 2:
         asm: gl.constexpr = ("{ .reg .b32 t, c; " + SH + "lop3.b32 t, t, 0x000F000F, 0x43004300, 0xea; "
                              "mov.b32 c, 0x43084308; sub.rn.bf16x2 $0, t, c; }")
+    elif MODE == 4:  # 128 + q as is: the 136 comes off in the group epilogue (136 · Σa per slot and group)
+        asm: gl.constexpr = "{ .reg .b32 t; " + SH + "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea; }"
     else:  # diagnostic: no dequantization (wrong values; the structure's own cost)
         asm: gl.constexpr = "{ mov.b32 $0, $1; }"
     return gl.inline_asm_elementwise(asm, "=r,r,r,r,r", [x, s], dtype=gl.bfloat16, is_pure=True, pack=2)
@@ -86,7 +88,8 @@ def _refill(w_desc, a_desc, w_bufs, a_bufs, ready, j0, i, j_end, KS, BN: gl.cons
 
 
 @gluon.jit
-def wna16_decode_kernel(w_desc, a_desc, p_s, p_c, M, N, K: gl.constexpr, k_per_split, stride_sn, stride_cs, stride_cm,
+def wna16_decode_kernel(w_desc, a_desc, p_s, p_c, p_asum, M, N, K: gl.constexpr, k_per_split, stride_sn, stride_cs,
+                        stride_cm,
                         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, WG: gl.constexpr,
                         MODE: gl.constexpr, WAIT: gl.constexpr, STREAM: gl.constexpr, num_warps: gl.constexpr):
     """MODE 0: each piece scaled in bf16 before its wgmma (what "dequant_pairs" does). MODE 2: the pieces of a
@@ -150,6 +153,8 @@ def wna16_decode_kernel(w_desc, a_desc, p_s, p_c, M, N, K: gl.constexpr, k_per_s
                 s2 = gl.zeros([BN, 16], gl.int32, layout=wl) + (sb | (sb << 16))[:, None]
             else:
                 s_g = gl.load(p_s + (tile * BN + rows_c).to(gl.int64) * stride_sn + kk * GS + g).to(gl.float32)
+            if MODE == 4:  # Σa of each slot over this group's 128 columns ([K / 128, M] fp32)
+                asum_g = gl.load(p_asum + (kk * GS + g) * M + o_m, mask=o_m < M, other=0.0)
             words = w_bufs.index(s).slice(16 * g, 16, dim=1).load(wl)
             for r in gl.static_range(4):
                 b_q = gl.convert_layout(_piece(words, s2, r, BN, MODE), op_layout, assert_trivial=True)
@@ -167,6 +172,8 @@ def wna16_decode_kernel(w_desc, a_desc, p_s, p_c, M, N, K: gl.constexpr, k_per_s
                         # The previous group's product is complete (only this wgmma is in flight): scale it in.
                         prod, prev, b_q = warpgroup_mma_wait(num_outstanding=WAIT, deps=(prod, prev, b_q))
                         acc += prev * s_prev[:, None]
+                        if MODE == 4:
+                            acc -= (136.0 * s_prev)[:, None] * asum_prev[None, :]
                     else:
                         prod, b_q = warpgroup_mma_wait(num_outstanding=WAIT, deps=(prod, b_q))
                 if g == 0 and r == 0:
@@ -174,12 +181,16 @@ def wna16_decode_kernel(w_desc, a_desc, p_s, p_c, M, N, K: gl.constexpr, k_per_s
                     # their reads of its words: refill its stage with step i - 1 + S.
                     gl.thread_barrier()
                     _refill(w_desc, a_desc, w_bufs, a_bufs, ready, j0, i - 1 + S, j_end, KS, BN, BK, STEP_BYTES)
-            if MODE == 1 or MODE == 2:
+            if MODE == 1 or MODE == 2 or MODE == 4:
                 prev = prod
                 s_prev = s_g
-        if MODE == 1 or MODE == 2:
+            if MODE == 4:
+                asum_prev = asum_g
+        if MODE == 1 or MODE == 2 or MODE == 4:
             prev = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
             acc += prev * s_prev[:, None]
+            if MODE == 4:
+                acc -= (136.0 * s_prev)[:, None] * asum_prev[None, :]
         if (kk == KS - 1) | (i == j_end - j0 - 1):  # the tile's last step here: flush its partial sums
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             p_out = p_c + o_m[None, :] * stride_cm + (tile * BN + rows_c)[:, None]
@@ -190,7 +201,7 @@ def wna16_decode_kernel(w_desc, a_desc, p_s, p_c, M, N, K: gl.constexpr, k_per_s
             acc = gl.zeros([BN, BM], gl.float32, layout=mma_layout)
 
 
-SIG = {"w_desc": None, "a_desc": None, "p_s": "*bf16", "p_c": "*fp32", "M": "i32", "N": "i32", "K": "constexpr",
+SIG = {"w_desc": None, "a_desc": None, "p_s": "*bf16", "p_c": "*fp32", "p_asum": "*fp32", "M": "i32", "N": "i32", "K": "constexpr",
        "k_per_split": "i32", "stride_sn": "i32", "stride_cs": "i32", "stride_cm": "i32",
        "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "S": "constexpr", "WG": "constexpr",
        "MODE": "constexpr", "WAIT": "constexpr", "STREAM": "constexpr", "num_warps": "constexpr"}
@@ -199,7 +210,7 @@ SIG = {"w_desc": None, "a_desc": None, "p_s": "*bf16", "p_c": "*fp32", "M": "i32
 VARIANTS = ((8, 64, 256, 4, 1, 1, 0), (16, 64, 256, 4, 1, 1, 0), (8, 128, 256, 4, 2, 1, 0), (16, 128, 256, 4, 2, 1, 0),
             (8, 64, 256, 4, 1, 1, 1), (16, 64, 256, 4, 1, 1, 1), (8, 128, 256, 4, 2, 1, 1), (16, 128, 256, 4, 2, 1, 1),
             (8, 64, 256, 6, 1, 1, 1), (16, 64, 512, 3, 1, 1, 1), (16, 128, 512, 3, 2, 1, 1))
-MODES = (2, 3)
+MODES = (2, 4, 3)
 
 
 def compile_only() -> None:
@@ -218,7 +229,7 @@ def compile_only() -> None:
     names = list(SIG)
     attrs = {(names.index(x),): [["tt.divisibility", 16]] for x in ("p_s", "p_c", "N", "k_per_split",
                                                                       "stride_sn", "stride_cm")}
-    for (bm, bn, bk, S, wg, wait, stream), mode in ((v, m) for v in VARIANTS for m in (0, 2)):
+    for (bm, bn, bk, S, wg, wait, stream), mode in ((v, m) for v in VARIANTS[:4] for m in (0, 2, 4)):
         const = {"K": 4096, "BM": bm, "BN": bn, "BK": bk, "S": S, "WG": wg, "MODE": mode, "WAIT": wait,
                  "STREAM": stream, "num_warps": 4 * wg}
         w_desc, a_desc = descriptors(torch.zeros(bn, 4096 // 8, dtype=torch.int32),
@@ -294,6 +305,7 @@ def run_gpu(rep: int) -> None:
         for m in (1, 16):
             a = (torch.randn(m, k, device=dev) / 10).to(torch.bfloat16)
             a_p = permute_a(a)
+            asum = a.float().reshape(m, k // GROUP_SIZE, GROUP_SIZE).sum(-1).t().contiguous()  # "fold": [K / 128, M]
             ref = a.float() @ w_deq.float().t()
 
             def report(name, us, got):
@@ -312,14 +324,14 @@ def run_gpu(rep: int) -> None:
                 progs = sms * max(1, min(4, (227 * 1024) // shared))
                 grid = (progs,) if stream else (n // bn, split)
                 for mode in MODES:
-                    name = (f"gluon{['', ' nodq', ' post', ' loads'][mode]}{' persist' if stream else ''} m{bm} n{bn} "
+                    name = (f"gluon{['', ' nodq', ' post', ' loads', ' fold'][mode]}{' persist' if stream else ''} m{bm} n{bn} "
                             f"k{bk} s{S} wg{wg}")
 
                     def fn(mode=mode, stream=stream, grid=grid):
                         if stream:
                             out.zero_()  # timed: the partial sums are added into zeros
                         wna16_decode_kernel[grid](
-                            w_desc, a_desc, scales, out, m, n, k, k_per, scales.stride(0), out.stride(0),
+                            w_desc, a_desc, scales, out, asum, m, n, k, k_per, scales.stride(0), out.stride(0),
                             out.stride(1), BM=bm, BN=bn, BK=bk, S=S, WG=wg, MODE=mode, WAIT=wait, STREAM=stream,
                             num_warps=4 * wg)
 
