@@ -8,10 +8,12 @@ bit-equal to them.
     gather_pieces(a, layout)  [K / 32, P, 32]: the slots' rows of A, columns in piece order (one launch)
     gluon_wna16_kernel        both operands by TMA, register-operand wgmmas kept in flight, group scales in fp32
 
-Supported (else the Triton kernel): an sm_90 GPU, Triton with Gluon; ``WNA16Weight`` with 4-bit codes in aligned
-int32 words, K and the group size multiples of 128 (or one group a row); fp16/bf16 activations; no bias; the
-activation none, silu, gelu or gelu_tanh; row blocks of at most 32 slots (decode); output tiles of whole
-warpgroups (64 rows).
+Supported (else the Triton kernel; ``gluon_unsupported`` says which rule failed): an sm_90 GPU, Triton >= 3.6
+with Gluon; ``WNA16Weight`` with 4-bit codes in int32 words, 16-byte aligned and contiguous, scales and zero points
+with a unit last stride; K and the group size multiples of 128 (or one group a row); fp16/bf16 activations; no
+bias; the activation none, silu, gelu or gelu_tanh (gated: no split-K); row blocks of at most 32 slots (decode);
+output tiles of whole warpgroups, 64 to 256 rows a TMA box (a gated tile: its gate and up halves, so at least 128
+rows), dividing the outputs.
 """
 
 from __future__ import annotations
