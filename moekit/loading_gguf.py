@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moekit._checks import check_bool
+from moekit._checks import check_bool, finite_extremes
 from moekit.checkpoint_gguf import GGUF_BLOCK, GGUFCheckpoint, q4_0_to_wna16, q8_0_to_wna16
 from moekit.layer import MoE
 from moekit.loading import LoadReport
@@ -181,12 +181,12 @@ class _GGUFPlan:
         def step() -> None:
             values = self.ckpt.dequantize(key, index)
             cast = values.to(dest.dtype)
-            if finite and cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
+            if finite and cast.is_floating_point() and not finite_extremes(cast):
                 # A NaN/inf weight (a corrupted block scale), or a value beyond the layer's dtype (1e5 in fp16),
                 # would make every token routed there NaN/inf. Checked as each tensor is read, like the packed
                 # scales: the copies before it stay (load_gguf's docstring).
                 where = "" if index is None else f" (expert {index})"
-                if not bool(torch.isfinite(values).all()):
+                if not finite_extremes(values):
                     raise ValueError(f"checkpoint key {key!r}{where}: NaN or inf after dequantization ({kind}): a "
                                      "corrupted checkpoint")
                 raise ValueError(f"checkpoint key {key!r}{where}: values beyond the range of the layer's "
@@ -319,7 +319,7 @@ def _packed_step(ckpt: GGUFCheckpoint, key: str, kind: str, expert: int, bits: i
         # A NaN/inf d makes its block's weights NaN. Found only as each expert is read (checking every expert first
         # would read the file twice): the layer is then left partly copied, as after a failed copy. A negative d is
         # valid (Q4_0's d = max / -8 for the signed value of largest magnitude).
-        if not bool(torch.isfinite(w.scales).all()):
+        if not finite_extremes(w.scales):
             raise ValueError(f"checkpoint key {key!r}: expert {expert}'s {kind} blocks hold a NaN/inf scale d (a "
                              "corrupted file)")
         if not dry_run:

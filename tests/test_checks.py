@@ -2,8 +2,9 @@
 these are the rules a plain membership or isinstance test would get wrong)."""
 
 import pytest
+import torch
 
-from moekit._checks import check_choice, triton_interpreting
+from moekit._checks import check_choice, finite_extremes, triton_interpreting
 
 
 def test_check_choice_accepts_its_choices():
@@ -35,3 +36,18 @@ def test_triton_interpreting_reads_the_variable_as_triton_does(monkeypatch, valu
     # Triton takes "true"/"on"/"yes" as well as "1": the inline-PTX paths must see the interpreter the same way.
     monkeypatch.setenv("TRITON_INTERPRET", value)
     assert triton_interpreting() is on
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_extremes(dtype):
+    t = torch.randn(7, 9, dtype=dtype)
+    assert finite_extremes(t) and finite_extremes(t.t()) and finite_extremes(t[:0]) and finite_extremes(t[0, 0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[3, 4] = bad
+        assert not finite_extremes(u) and not finite_extremes(u.t())
+    # Cast: 7e4 overflows fp16 (max 65504; 65519 still rounds down to it, 65520 rounds to inf).
+    big = torch.tensor([1.0, 7e4, -2.0], dtype=torch.float32)
+    assert finite_extremes(big) and not finite_extremes(big, torch.float16)
+    assert finite_extremes(torch.tensor([65519.0, -65519.0]), torch.float16)
+    assert not finite_extremes(torch.tensor([-65520.0, 0.0]), torch.float16)

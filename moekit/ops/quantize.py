@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moekit._checks import check_choice, check_dtype, check_tensor
+from moekit._checks import check_choice, check_dtype, check_tensor, finite_extremes
 
 # Storage dtype and largest code of each 8-bit format (QuantParams.weight_dtype names).
 QDTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
@@ -148,7 +148,7 @@ def quantize_weight(
     check_dtype("w_NK", w_NK, _FLOAT_DTYPES)
     if w_NK.dim() < 2:
         raise ValueError(f"w_NK: expected at least 2 dims [..., N, K], got shape {tuple(w_NK.shape)}")
-    if not bool(torch.isfinite(w_NK).all()):
+    if not finite_extremes(w_NK):
         raise ValueError("w_NK: expected finite values (an inf or NaN makes its whole block's scale, and so every "
                          "value of the block, NaN), got inf or NaN")
     n, k = w_NK.shape[-2:]

@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from moekit._checks import check_dtype, check_tensor
+from moekit._checks import check_dtype, check_tensor, finite_extremes
 
 GROUP = 32
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -97,7 +97,7 @@ def quantize_mxfp4(w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if w_NK.dim() < 2 or w_NK.shape[-1] % GROUP:
         raise ValueError(f"w_NK: expected shape [..., N, K] with K a multiple of {GROUP}, got {tuple(w_NK.shape)}")
     w = w_NK.float().contiguous()  # exact for every input dtype: amax and the power-of-two division below are exact too
-    if not bool(torch.isfinite(w).all()):
+    if not finite_extremes(w):
         raise ValueError("w_NK: expected finite values (MXFP4 has no inf/NaN codes), got inf or NaN")
     groups = w.unflatten(-1, (w.shape[-1] // GROUP, GROUP))
     amax = groups.abs().amax(-1)

@@ -27,7 +27,9 @@ from typing import NamedTuple
 
 import torch
 
-from moekit._checks import check_bool, check_choice, check_dtype, check_ndim, check_shape, check_tensor
+from moekit._checks import (
+    check_bool, check_choice, check_dtype, check_ndim, check_shape, check_tensor, finite_extremes,
+)
 
 BITS = (4, 8)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -66,7 +68,7 @@ def quantize_wna16(w_NK: torch.Tensor, bits: int, group_size: int, sym: bool) ->
     check_dtype("w_NK", w_NK, _FLOAT_DTYPES)
     if w_NK.dim() < 2:
         raise ValueError(f"w_NK: expected at least 2 dims [..., N, K], got shape {tuple(w_NK.shape)}")
-    if not bool(torch.isfinite(w_NK).all()):
+    if not finite_extremes(w_NK):
         raise ValueError("w_NK: expected finite values (an integer code cannot hold inf/NaN), got inf or NaN")
     check_choice("bits", bits, BITS)
     check_bool("sym", sym)
