@@ -178,7 +178,8 @@ class MoE(nn.Module):
         The config comes from ``config.json`` (``MoEConfig.from_hf``), the quant method from its
         ``quantization_config`` when present (``moekit.quant.get_quant_method``); then ``moekit.loading.load_moe``
         reads the block's tensors only (8-bit codes with their scales, static ``input_scale``) and runs
-        ``process_weights_after_loading``.
+        ``process_weights_after_loading``. The load is strict (a missing or unexpected tensor raises), so the
+        routed experts' float weights are not randomly initialized first (``quant.base.weights_from_checkpoint``).
 
         Args:
             layer: which MoE block: its decoder layer index (``model.layers.<layer>.mlp``; a dense decoder layer,

@@ -18,6 +18,7 @@ from moekit.layer import MoE
 from moekit.checkpoint_gguf import GGUFCheckpoint, gguf_config, is_gguf
 from moekit.loading import Checkpoint, _shown, load_moe
 from moekit.checkpoint import CODE_DTYPES
+from moekit.quant.base import weights_from_checkpoint
 from moekit.quant.config import UnsupportedQuantization, get_quant_method
 from moekit.quant.exclusions import experts_excluded
 
@@ -100,7 +101,9 @@ def from_pretrained(
     else:  # codes without a quantization_config: say so (load_moe's hint would point back at from_pretrained)
         _check_unquantized(ckpt, prefix, "config.json has no quantization_config (and no hf_quant_config.json is "
                                          "beside it): its experts are read as unquantized")
-    moe = MoE(config, dtype=dtype, device=device, quant_method=method, parallel=parallel, process_group=process_group)
+    with weights_from_checkpoint():  # the strict load below fills every routed weight, or raises
+        moe = MoE(config, dtype=dtype, device=device, quant_method=method, parallel=parallel,
+                  process_group=process_group)
     load_moe(moe, ckpt, prefix)
     return moe
 
@@ -126,8 +129,9 @@ def _from_gguf(path: str | os.PathLike, layer: int | None, *, prefix: str | None
     config = replace(gguf_config(ckpt, layer), backend=backend)
     block = f"blk.{layer}"
     method = gguf_quant_method(ckpt, block)
-    moe = MoE(config, dtype=dtype or torch.get_default_dtype(), device=device, quant_method=method,
-              parallel=parallel, process_group=process_group)
+    with weights_from_checkpoint():  # the strict load below fills every routed weight, or raises
+        moe = MoE(config, dtype=dtype or torch.get_default_dtype(), device=device, quant_method=method,
+                  parallel=parallel, process_group=process_group)
     report = load_moe(moe, ckpt, block)
     quantized = {k: v for k, v in report.dequantized.items() if report.types[k] not in ("F32", "F16", "BF16")}
     if quantized:

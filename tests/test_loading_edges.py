@@ -126,3 +126,29 @@ def test_config_dtype_moekit_does_not_build_in_warns(root, tmp_path, named):
                                          r"built in torch's default dtype float32"):
         moe = MoE.from_pretrained(dst, layer=1)
     assert moe.routed_experts.w13.dtype == torch.float32
+
+
+def test_from_pretrained_does_not_randomly_initialize_what_it_loads(root, tmp_path, monkeypatch):
+    # The strict load fills every routed weight (or raises): their nn.Linear-style uniform init cost ~10x the
+    # load on a CPU. A layer built outside from_pretrained still gets random weights.
+    want = MoE.from_pretrained(root / "bf16", layer=1)
+    sizes = []
+    real = torch.Tensor.uniform_
+
+    def uniform_(self, *args, **kwargs):
+        sizes.append(self.numel())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "uniform_", uniform_)
+    got = MoE.from_pretrained(root / "bf16", layer=1)
+    routed = {got.routed_experts.w13.numel(), got.routed_experts.w2.numel()}
+    assert not routed & set(sizes)
+    for name, t in got.routed_experts.named_parameters():
+        assert torch.equal(t, getattr(want.routed_experts, name)), name
+    sizes.clear()
+    fresh = MoE(got.config, dtype=torch.bfloat16)
+    assert routed <= set(sizes) and bool(fresh.routed_experts.w2.abs().sum() > 0)
+    # A checkpoint missing one expert's weight: the load raises, no half-filled layer comes back.
+    bad = _edited(root / "bf16", tmp_path / "bad", lambda tensors: tensors.pop(f"{PREFIX}.experts.2.down_proj.weight"))
+    with pytest.raises(KeyError, match=r"missing .*experts\.2\.down_proj\.weight"):
+        MoE.from_pretrained(bad, layer=1)

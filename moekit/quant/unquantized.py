@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moekit.quant.base import MoEQuantMethod
+from moekit.quant.base import MoEQuantMethod, random_init
 from moekit.quant.params import UNQUANTIZED, QuantParams
 
 if TYPE_CHECKING:
@@ -39,7 +39,10 @@ class UnquantizedMoEMethod(MoEQuantMethod):
         else:
             layer.w13_bias = None
             layer.w2_bias = None
-        # nn.Linear's default init, per expert: random weights so an unloaded layer still computes real numbers.
+        # nn.Linear's default init, per expert: random weights so an unloaded layer still computes real numbers
+        # (not for a layer a strict load fills next: ``weights_from_checkpoint``).
+        if not random_init():
+            return
         with torch.no_grad():
             for name, fan_in in (("w13", hidden_size), ("w2", intermediate_size)):
                 bound = 1.0 / math.sqrt(fan_in)
