@@ -25,10 +25,6 @@ from moekit._checks import check_dtype, check_tensor, finite_extremes
 GROUP = 32
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 E8M0_NAN = 255
-# Round-to-nearest-even onto the magnitudes [0, .5, 1, 1.5, 2, 3, 4, 6] (codes 0..7): the midpoints between
-# neighbours, and which of them round up on a tie (the upper neighbour has the even code).
-_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-_TIES_UP = (0.75, 1.75, 3.5)
 _EMAX = 2  # e2m1's largest value 6 = 1.5 · 2^2
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -105,14 +101,14 @@ def quantize_mxfp4(w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     e = exponent.to(torch.int32) - 1 + (mantissa >= 0.875).to(torch.int32)
     s = torch.where(amax > 0, (127 + e - _EMAX).clamp(0, 254), torch.zeros_like(e)).to(torch.uint8)
     y = (groups / e8m0_to_float(s).unsqueeze(-1)).flatten(-2)
-    a = y.abs()
-    mids = torch.tensor(_MIDPOINTS, dtype=torch.float32, device=w.device)
-    code = torch.bucketize(a, mids)  # ties to the lower neighbour ...
-    ties_up = torch.zeros_like(a, dtype=torch.bool)
-    for t in _TIES_UP:  # ... except where the upper one is even
-        ties_up |= a == t
-    code = (code + ties_up.long()) | (torch.signbit(w).long() << 3)
-    code = code.to(torch.uint8)
+    a = y.abs().clamp_(max=6.0)
+    # E2M1's magnitudes are three uniform grids: step 0.5 on [0, 2) (codes 0-4), 1 on [2, 4) (codes 4-6), 2 on
+    # [4, 6] (codes 6-7), each code even where its mantissa bit is 0. torch.round is round-half-to-even on each
+    # grid, and a tie on a grid is a tie between codes whose even one is the grid's even step: round-to-nearest-
+    # even onto E2M1, with no search (a bucketize over the midpoints and a pass per upward tie ran 4x slower on CPU).
+    code = torch.where(a < 2.0, torch.round(a * 2.0), torch.where(a < 4.0, torch.round(a) + 2.0,
+                                                                  torch.round(a * 0.5) + 4.0))
+    code = code.to(torch.uint8) | (torch.signbit(w).to(torch.uint8) << 3)
     return code[..., 0::2] | (code[..., 1::2] << 4), s
 
 
