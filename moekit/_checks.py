@@ -21,13 +21,20 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 _NUMPY_BOOLS = ("numpy.bool_", "numpy.bool")
 
 
+_MINMAX_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def finite_extremes(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether every value of the float tensor ``t`` is finite (also once cast to ``dtype``, if given). One
     reduction pass with no temporary the size of ``t``: min and max carry any NaN or inf (and, rounding being
     monotonic, the values that overflow ``dtype``) into the result. ``torch.isfinite(t).all()`` allocates a bool
     tensor the size of ``t`` and ran ~20x slower on a 2-core CPU (1.8 against 40 GB/s of bf16 weights)."""
+    if t.is_complex():
+        raise TypeError(f"finite_extremes: expected a real tensor, got {t.dtype}")
     if t.numel() == 0:
         return True
+    if t.is_floating_point() and t.dtype not in _MINMAX_FLOATS:
+        t = t.float()  # 8-bit floats (no aminmax kernel): exact in fp32
     lo, hi = torch.aminmax(t)
     if dtype is not None and dtype != t.dtype:
         lo, hi = lo.to(dtype), hi.to(dtype)

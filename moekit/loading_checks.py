@@ -56,6 +56,10 @@ def check_codes(key: str, stored: str, dest: torch.dtype) -> None:
     # would load silently wrong weights.
     code = CODE_DTYPES.get(stored)
     if code is None and dest not in CODE_DTYPES.values():
+        if dest.is_floating_point and stored.startswith("C"):
+            # copy_ keeps the real part (with a warning only): a silently wrong weight.
+            raise ValueError(f"checkpoint key {key!r}: holds {stored} complex numbers, expected "
+                             f"{str(dest).removeprefix('torch.')} values")
         if dest.is_floating_point and (stored.startswith(("I", "U")) or stored == "BOOL"):
             # e.g. e8m0 exponent bytes or integer scales: copy_ casts the integer (a U8 127 scale becomes 127.0,
             # not 2^0), a silently wrong value.

@@ -51,3 +51,13 @@ def test_finite_extremes(dtype):
     assert finite_extremes(big) and not finite_extremes(big, torch.float16)
     assert finite_extremes(torch.tensor([65519.0, -65519.0]), torch.float16)
     assert not finite_extremes(torch.tensor([-65520.0, 0.0]), torch.float16)
+
+
+def test_finite_extremes_of_8_bit_floats_and_complex():
+    # No aminmax kernel for 8-bit floats: they are checked in fp32 (exact); a complex tensor is refused.
+    for dt in (torch.float8_e4m3fn, torch.float8_e5m2):
+        t = torch.tensor([1.0, -448.0, 0.5]).to(dt)
+        assert finite_extremes(t) and finite_extremes(t, torch.bfloat16)
+    assert not finite_extremes(torch.tensor([1.0, float("inf")]).to(torch.float8_e5m2))
+    with pytest.raises(TypeError, match="expected a real tensor, got torch.complex64"):
+        finite_extremes(torch.ones(2, dtype=torch.complex64))

@@ -152,3 +152,25 @@ def test_from_pretrained_does_not_randomly_initialize_what_it_loads(root, tmp_pa
     bad = _edited(root / "bf16", tmp_path / "bad", lambda tensors: tensors.pop(f"{PREFIX}.experts.2.down_proj.weight"))
     with pytest.raises(KeyError, match=r"missing .*experts\.2\.down_proj\.weight"):
         MoE.from_pretrained(bad, layer=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e5m2, torch.complex64])
+def test_router_stored_as_another_float_type(root, tmp_path, dtype):
+    # An 8-bit float router loads as its exact values; a complex one is refused naming the key (copy_ kept the real
+    # part, silently).
+    config = MoE.from_pretrained(root / "bf16", layer=1).config
+    key = f"{PREFIX}.gate.weight"
+    stored = {}
+
+    def edit(tensors):
+        tensors[key] = tensors[key].to(dtype)
+        stored["t"] = tensors[key]
+
+    bad = _edited(root / "bf16", tmp_path / "bad", edit)
+    moe = MoE(config, dtype=torch.bfloat16)
+    if dtype.is_complex:
+        with pytest.raises(ValueError, match=rf"checkpoint key '{re.escape(key)}': holds C64 complex numbers"):
+            load_moe(moe, bad, PREFIX)
+    else:
+        load_moe(moe, bad, PREFIX)
+        assert torch.equal(moe.gate.weight, stored["t"].to(moe.gate.weight.dtype))
