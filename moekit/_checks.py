@@ -107,6 +107,14 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
+def check_dot_operand(name: str, t: torch.Tensor) -> None:
+    """Refuse a bf16 ``tl.dot`` operand where Triton's interpreter runs the kernel (CPU tensors, or
+    ``TRITON_INTERPRET``): it computes bf16 dots wrongly (outputs ~1e10, no error). fp16/fp32 are right there."""
+    if t.dtype == torch.bfloat16 and (t.device.type != "cuda" or triton_interpreting()):
+        raise ValueError(f"{name}: bfloat16 on {t.device} runs in Triton's CPU interpreter, which computes bf16 dots "
+                         "wrongly; pass float16/float32 there, or use the op's torch reference (<op>_ref)")
+
+
 def check_expert_map_values(expert_map: torch.Tensor, num_local: int) -> None:
     """Entries in [-1, num_local), each local expert named at most once."""
     if not values_checkable() or expert_map.numel() == 0:

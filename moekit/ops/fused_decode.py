@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from moekit._checks import (
-    check_dtype, check_int_dtype, check_ndim, check_same_device, check_same_dtype, check_shape,
+    check_dot_operand, check_dtype, check_int_dtype, check_ndim, check_same_device, check_same_dtype, check_shape,
     check_signed_int_dtype,
 )
 from moekit.ops._kernels.fused_decode import fused_decode_kernel
@@ -65,6 +65,7 @@ def fused_decode(
     check_shape("w2_EHI", w2_EHI, (num_experts, hidden, inter), "[E, H, I]")
     check_same_dtype("w13_E2IH", w13_E2IH, "x_TH", x_TH)
     check_same_dtype("w2_EHI", w2_EHI, "x_TH", x_TH)
+    check_dot_operand("x_TH", x_TH)
     check_ndim("topk_ids_TK", topk_ids_TK, 2, "[T, K]")
     top_k = topk_ids_TK.shape[1]
     check_shape("topk_ids_TK", topk_ids_TK, (num_tokens, top_k), "[T, K]")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit._checks import check_ndim, check_same_dtype, check_shape
+from moekit._checks import check_dot_operand, check_ndim, check_same_dtype, check_shape
 from moekit.ops._kernels.grouped_gemm import grouped_gemm_kernel
 from moekit.ops.activation import Activation, activation_code, activation_ref
 from moekit.ops.align import AlignResult
@@ -59,6 +59,7 @@ def grouped_gemm(
         raise ValueError(f"b_ENK: expected [E, n, {k_dim}], got shape {tuple(b_ENK.shape)}")
     # tl.dot takes one dtype: a mismatch failed inside the compiler with no argument named.
     check_same_dtype("a", a, "b_ENK", b_ENK)
+    check_dot_operand("a", a)
     if gated and b_ENK.shape[1] % 2:
         # An odd row count has no gate|up halves (the kernel would pair rows n_out.. with the wrong gates).
         raise ValueError(

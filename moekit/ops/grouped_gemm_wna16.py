@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 
 from moekit._checks import (
-    ACT_DTYPES, check_choice, check_dtype, check_ndim, check_same_device, triton_interpreting,
+    ACT_DTYPES, check_choice, check_dot_operand, check_dtype, check_ndim, check_same_device, triton_interpreting,
 )
 from moekit.ops._kernels.grouped_gemm_wna16 import grouped_gemm_wna16_kernel
 from moekit.ops.activation import Activation, activation_code
@@ -103,6 +103,7 @@ def grouped_gemm_wna16(
                          f"{variant!r}")
     check_ndim("a", a, 2, "[rows, k]")
     check_dtype("a", a, ACT_DTYPES)
+    check_dot_operand("a", a)
     qweight, scales, zeros, bits, group, k_dim, e2m1 = _check_weight(b)
     check_ndim("b.qweight", qweight, 3, "[E, n, packed k]")
     for name, t in (("b.qweight", qweight), ("b.scales", scales), ("b.zeros", zeros), ("out", out)):

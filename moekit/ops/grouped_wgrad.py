@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit._checks import check_ndim, check_same_dtype, check_shape
+from moekit._checks import check_dot_operand, check_ndim, check_same_dtype, check_shape
 from moekit.ops._kernels.grouped_wgrad import grouped_wgrad_kernel
 from moekit.ops.align import AlignResult
 from moekit.ops.heuristics import GemmConfig, wgrad_config
@@ -64,6 +64,7 @@ def grouped_wgrad(
     check_ndim("x", x, 2, "[rows, k]")
     check_ndim("out_ENK", out_ENK, 3, "[E, n, k]")
     check_same_dtype("x", x, "g", g)  # tl.dot takes one dtype
+    check_dot_operand("x", x)
     num_experts, n_dim, k_dim = out_ENK.shape
     if layout.row_per_block:
         raise ValueError("layout: grouped_wgrad needs the padded layout of align, got a row-per-block layout")

@@ -97,3 +97,31 @@ def test_align_rejects_bad_arguments():
         align(big, 4, 16, scratch=torch.empty(4, dtype=torch.int32))
     with pytest.raises(ValueError, match="expert_map: expected a 1-d tensor"):
         align(ids, 4, 16, expert_map=torch.zeros(2, 2, dtype=torch.int32))
+
+
+def test_bf16_dots_in_the_interpreter_are_refused():
+    # Triton's CPU interpreter computes bf16 tl.dot wrongly (~1e10, no error): each op with a dot refuses bf16
+    # CPU tensors naming the argument (fp16 runs and is right: the other tests).
+    from moekit.ops.fused_decode import fused_decode
+    from moekit.ops.grouped_gemm_wna16 import grouped_gemm_wna16
+    from moekit.ops.grouped_wgrad import grouped_wgrad
+    from moekit.ops.heuristics import FusedDecodeConfig
+    from moekit.ops.quantize_wna16 import quantize_wna16
+
+    ids, layout, x, w = _gemm_args()
+    bf = torch.bfloat16
+    num_rows = ids.numel()
+    msg = "bfloat16 on cpu runs in Triton's CPU interpreter"
+    with pytest.raises(ValueError, match=f"a: {msg}"):
+        grouped_gemm(x.to(bf), w.to(bf), layout, torch.empty(num_rows, 24, dtype=bf), CFG, num_rows=num_rows,
+                     a_row_div=2)
+    with pytest.raises(ValueError, match=f"a: {msg}"):
+        grouped_gemm_wna16(x.to(bf), quantize_wna16(w, 4, 32, True), layout, torch.empty(num_rows, 24, dtype=bf),
+                           CFG, num_rows=num_rows, a_row_div=2)
+    with pytest.raises(ValueError, match=f"x: {msg}"):
+        grouped_wgrad(torch.randn(num_rows, 24).to(bf), x.to(bf), layout, torch.empty(3, 24, 32, dtype=bf),
+                      num_rows=num_rows, x_row_div=2)
+    act = Activation(name="silu")
+    with pytest.raises(ValueError, match=f"x_TH: {msg}"):
+        fused_decode(x.to(bf), torch.randn(3, 48, 32).to(bf), torch.randn(3, 32, 24).to(bf), torch.rand(6, 2),
+                     ids, torch.empty(1, num_rows, 32), FusedDecodeConfig(block_i=32), activation=act)
