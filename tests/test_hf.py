@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 
 import moekit  # noqa: E402
 import moekit.hf as mh  # noqa: E402
-from moekit.hf.convert import HFMoE  # noqa: E402
+from moekit.hf.convert import HFMoE, convert, moe_from_hf  # noqa: E402
 from moekit.hf.experts import _WARNED
 from moekit.testing import assert_close, rel_errors  # noqa: E402
 from tests.hf.tiny_models import build, input_ids  # noqa: E402
@@ -578,3 +578,59 @@ def test_convert_refuses_a_joined_weight_of_mixed_trainability():
     model.model.layers[0].mlp.shared_expert.gate_proj.weight.requires_grad_(False)
     with pytest.raises(NotImplementedError, match="requires_grad"):
         mh.convert(model)
+
+
+def test_convert_keeps_eval_mode_and_applies_jitter_only_in_training():
+    # A converted block starts in its block's mode: an eval model drew router jitter at inference before.
+    model = build("mixtral", router_jitter_noise=0.05)
+    model.eval()
+    ids = input_ids()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        convert(model)
+        a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert not any(m.training for m in model.modules())
+    assert torch.equal(a, b)
+    assert_close(a, want, name="eval logits with jitter configured")
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_convert_takes_dbrx_router_jitter():
+    model = build("dbrx", ffn_config=dict(moe_jitter_eps=0.2))
+    convert(model)
+    moes = [m for m in model.modules() if isinstance(m, HFMoE)]
+    assert moes and all(m.jitter_noise == pytest.approx(0.2) for m in moes)
+
+
+def test_convert_refuses_router_logits_asked_for_later():
+    model = build("mixtral")
+    convert(model)
+    ids = input_ids()
+    with pytest.raises(NotImplementedError, match="called with output_router_logits"):
+        model(input_ids=ids, output_router_logits=True)
+    model.config.output_router_logits = True
+    with pytest.raises(NotImplementedError, match="called with output_router_logits"):
+        model(input_ids=ids)
+
+
+@pytest.mark.parametrize("family, kw", [("deepseek_v3", dict(n_shared_experts=0)),
+                                        ("qwen2_moe", dict(shared_expert_intermediate_size=0))])
+def test_convert_refuses_a_shared_mlp_of_width_zero_by_name(family, kw):
+    # It computes nothing, but its empty tensors belong to the checkpoint: refused naming it (it crashed in the
+    # activation probe's max() of an empty tensor).
+    with pytest.raises(NotImplementedError, match=r"a shared MLP of width 0 \(shared_experts?\.down_proj"):
+        convert(build(family, **kw))
+
+
+def test_convert_names_a_block_passed_as_the_model_and_a_second_convert():
+    model = build("mixtral")
+    block = next(m for m in model.modules() if type(m).__name__ == "MixtralSparseMoeBlock")
+    with pytest.raises(TypeError, match="is a MoE block itself"):
+        convert(block)
+    convert(model)
+    with pytest.warns(RuntimeWarning, match="already converted"):
+        assert convert(model) == 0
+    with pytest.raises(TypeError, match="block: expected a transformers MoE block"):
+        moe_from_hf("x")

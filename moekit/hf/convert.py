@@ -185,13 +185,20 @@ class HFMoE(MoE):
         return f"from={self.source}" if self.source else ""
 
 
-def moe_from_hf(block: nn.Module, backend: str = "auto") -> MoE:
-    """A ``moekit.MoE`` that computes what ``block`` computes, sharing its parameters where layouts agree.
+def moe_from_hf(block: nn.Module, backend: str = "auto", *, act_dtype: torch.dtype | None = None) -> MoE:
+    """A ``moekit.MoE`` that computes what ``block`` computes, sharing its parameters where layouts agree, in the
+    block's train/eval mode.
+
+    ``act_dtype``: the dtype the block's inputs arrive in, for blocks whose experts hold 8-bit codes (``convert``
+    passes the model's embedding dtype); by default a 16/32-bit weight of the block other than its router, else
+    the router's dtype.
 
     Raises:
         NotImplementedError: ``block`` is not a supported sparse MoE block (the message names its class and lists
             the supported families), or uses a setting moekit cannot express (the message names it).
     """
+    if not isinstance(block, nn.Module):
+        raise TypeError(f"block: expected a transformers MoE block (torch.nn.Module), got {type(block).__name__}")
     name = type(block).__name__
     adapter = SUPPORTED_BLOCKS.get(name)
     if adapter is None:
@@ -201,7 +208,7 @@ def moe_from_hf(block: nn.Module, backend: str = "auto") -> MoE:
             f"{', '.join(supported_families())}"
         )
     try:
-        return _build(block, adapter, backend)
+        return _build(block, adapter, backend, act_dtype)
     except NotImplementedError as err:
         raise NotImplementedError(f"moekit.hf: {name} ({adapter.family}) uses {err}, which moekit cannot express") from None
 
@@ -226,18 +233,52 @@ def convert(model: nn.Module, *, backend: str = "auto") -> int:
                 "blocks return no router logits; set it to False, or keep the model's blocks and run their experts "
                 "on moekit (moekit.hf.register(); model.set_experts_implementation('moekit'))"
             )
+    if _is_moe_block(model):
+        raise TypeError(f"model: {type(model).__name__} is a MoE block itself; convert() replaces the blocks inside a "
+                        "model (moekit.hf.moe_from_hf(block) builds one block's MoE)")
     found = [(n, m) for n, m in model.named_modules() if _is_moe_block(m)]
-    built = [(n, moe_from_hf(m, backend=backend)) for n, m in found if n and not _inside(n, found)]
+    act_dtype = _embedding_dtype(model)
+    built = [(n, moe_from_hf(m, backend=backend, act_dtype=act_dtype)) for n, m in found if n and not _inside(n, found)]
     for name, moe in built:
         # In the model the block's names are gone: its checkpoint must still speak them (a block from
         # moe_from_hf alone, beside its source, keeps moekit's names).
         saving.install(moe, moe._moekit_saved_as)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, moe)
+    if built and not getattr(model, "_moekit_router_logits_hook", False):
+        model.register_forward_pre_hook(_no_router_logits, with_kwargs=True)
+        model._moekit_router_logits_hook = True
     if not built:
-        warnings.warn(f"moekit.hf.convert: no sparse MoE block found in {type(model).__name__}; nothing was converted "
-                      f"(supported families: {', '.join(supported_families())})", RuntimeWarning, stacklevel=2)
+        if any(isinstance(m, HFMoE) for m in model.modules()):
+            warnings.warn(f"moekit.hf.convert: {type(model).__name__} is already converted; nothing was converted",
+                          RuntimeWarning, stacklevel=2)
+        else:
+            warnings.warn(f"moekit.hf.convert: no sparse MoE block found in {type(model).__name__}; nothing was "
+                          f"converted (supported families: {', '.join(supported_families())})", RuntimeWarning,
+                          stacklevel=2)
     return len(built)
+
+
+def _no_router_logits(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Converted blocks return no router logits: a call asking for them (or a config switched on after convert)
+    would end in transformers' load-balancing loss indexing an empty tuple."""
+    config = getattr(model, "config", None)
+    if kwargs.get("output_router_logits") or getattr(config, "output_router_logits", False) is True:
+        raise NotImplementedError(
+            f"moekit.hf.convert: {type(model).__name__} was called with output_router_logits, but converted blocks "
+            "return no router logits; keep the model's blocks and run their experts on moekit instead "
+            "(moekit.hf.register(); model.set_experts_implementation('moekit'))")
+
+
+def _embedding_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype hidden states arrive in: the input embeddings' (never 8-bit codes), when the model has them."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    weight = getattr(emb, "weight", None)
+    return _float_dtype(weight) if isinstance(weight, torch.Tensor) else None
 
 
 def _is_moe_block(module: nn.Module) -> bool:
@@ -251,7 +292,7 @@ def _inside(name: str, found: list[tuple[str, nn.Module]]) -> bool:
     return any(name.startswith(other + ".") for other, _ in found if other)
 
 
-def _build(block: nn.Module, adapter: BlockAdapter, backend: str) -> HFMoE:
+def _build(block: nn.Module, adapter: BlockAdapter, backend: str, act_dtype: torch.dtype | None = None) -> HFMoE:
     experts = adapter.experts(block)
     _check_block(block)
     router = adapter.router(block)
@@ -286,13 +327,20 @@ def _build(block: nn.Module, adapter: BlockAdapter, backend: str) -> HFMoE:
         router_fp32=router.fp32 or router.weight.dtype == torch.float32,
         backend=backend,
     )
-    # Quantized experts hold codes: the layer computes in the router's dtype, the model's.
-    dtype = router.weight.dtype if experts.quant_method is not None else w13.dtype
+    # Quantized experts hold codes: the layer computes in the model's activation dtype -- the embeddings' when
+    # convert() knows the model, else a 16/32-bit weight of the block other than the router (models keep routers
+    # in fp32 while computing in bf16: DeepSeek-V3, GLM-4.5), else the router's.
+    dtype = w13.dtype
+    if experts.quant_method is not None:
+        dtype = act_dtype or _float_dtype(shared_w13, shared_w2) or router.weight.dtype
+    # The router's input jitter (Mixtral, MiniMax: block.jitter_noise; DBRX: router.moe_jitter_eps, which scales
+    # the input the experts see too, in place): the same meaning.
+    jitter = getattr(block, "jitter_noise", None) or getattr(getattr(block, "router", None), "moe_jitter_eps", None)
     moe = HFMoE(
         config,
         returns_tuple=adapter.returns_tuple,
         source=type(block).__name__,
-        jitter_noise=float(getattr(block, "jitter_noise", 0.0) or 0.0),
+        jitter_noise=float(jitter or 0.0),
         dtype=dtype,
         device="meta",
         quant_method=experts.quant_method,
@@ -328,7 +376,16 @@ def _build(block: nn.Module, adapter: BlockAdapter, backend: str) -> HFMoE:
     entries = saving.views(block, moe, saved)
     _train_as_sources(block, moe, entries)
     moe._moekit_saved_as = tuple(entries)
+    moe.train(block.training)  # a new module trains by default: an eval model's block would draw router jitter
     return moe
+
+
+def _float_dtype(*tensors: torch.Tensor | None) -> torch.dtype | None:
+    """The dtype of the first 16/32-bit float tensor among ``tensors`` (not 8-bit codes), if any."""
+    for t in tensors:
+        if t is not None and t.is_floating_point() and t.element_size() >= 2:
+            return t.dtype
+    return None
 
 
 def _train_as_sources(block: nn.Module, moe: MoE, entries: list[saving.SavedAs]) -> None:
@@ -373,6 +430,11 @@ def _shared_modules(block: nn.Module) -> tuple[str | None, nn.Module | None, nn.
             shared_name, shared = name, candidate
             break
     gate = getattr(block, "shared_expert_gate", None)
+    down = getattr(shared, "down_proj", None)
+    if isinstance(down, nn.Linear) and down.in_features == 0:
+        # It adds nothing, but its empty tensors are in the checkpoint the converted model must keep writing.
+        raise NotImplementedError(f"a shared MLP of width 0 ({shared_name}.down_proj is {tuple(down.weight.shape)}; "
+                                  "set its size to None / leave it out instead)")
     if gate is not None and (gate.bias is not None or gate.out_features != 1):
         raise NotImplementedError("a shared-expert gate other than Linear(H, 1, bias=False)")
     return shared_name, shared, gate

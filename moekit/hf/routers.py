@@ -135,7 +135,8 @@ class PNormTopK:
 
 def dbrx(block: nn.Module) -> RouterSpec:
     """softmax -> top-k; ``moe_normalize_expert_weights`` = p divides by the p-norm of the K weights (None: no
-    division; p = 1 is renormalize, the weights being positive). The training-time input jitter is not applied."""
+    division; p = 1 is renormalize, the weights being positive). The training-time input jitter
+    (``router.moe_jitter_eps``) is the converted layer's (``HFMoE.jitter_noise``)."""
     router = _router(block)
     p = block.moe_normalize_expert_weights
     custom = None if p is None or float(p) == 1.0 else PNormTopK(float(p))

@@ -212,3 +212,21 @@ def test_convert_refuses_fp8_variants_naming_why(expected, kw):
     with pytest.raises(NotImplementedError, match=re.escape(expected)):
         mh.convert(model)
     assert block.experts is fp8  # the model is left untouched
+
+
+def test_convert_fp8_in_a_bf16_model_with_an_fp32_router():
+    # from_pretrained keeps DeepSeek-V3's gate.weight in fp32 in a bf16 model (_keep_in_fp32_modules_strict): the
+    # converted layer computes in the model's bf16 (its embeddings'), not the router's fp32, and runs.
+    model, block, fp8 = _model(128, "deepseek_v3")
+    model.to(torch.bfloat16)
+    block.gate.weight.data = block.gate.weight.data.float()
+    ids = input_ids()
+    with torch.no_grad():
+        block.experts = fp8
+        model.config._experts_implementation = "moekit"
+        on_moekit = model(input_ids=ids, use_cache=False).logits
+        assert mh.convert(model) == 1
+        moe = model.model.layers[0].mlp
+        assert moe.routed_experts.params_dtype == torch.bfloat16 and moe.gate.weight.dtype == torch.float32
+        out = model(input_ids=ids, use_cache=False).logits
+    assert_close(out.float(), on_moekit.float(), name="converted vs experts implementation, bf16", tol=FP8)
