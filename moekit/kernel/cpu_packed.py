@@ -8,8 +8,9 @@ the 2-core CPU of docs/perf/NOTES.md, where the same weights reordered once by
 every expert's GEMMs on packed weights where oneDNN supports the dtype on this CPU (the same ops PyTorch's own
 CPU inference path uses when it freezes a model).
 
-Only the weights of a ``RoutedExperts`` layer are packed: the layer marks its ``w13``/``w2`` (``track``) when
-it runs on a CPU, and moekit knows every way it changes them. A tracked weight's packs (made the first time an
+Only the frozen weights (``requires_grad`` False, as a serving engine holds them) of a ``RoutedExperts`` layer
+are packed: the layer marks its ``w13``/``w2`` (``track``) when it runs on a CPU, and moekit knows every way it
+changes them; trainable weights run the plain GEMMs (a training loop's ``.data`` writes would go unseen). A tracked weight's packs (made the first time an
 expert gets a token) are dropped when
 - its storage, dtype, shape or strides change (``param.data = ...``, ``module.to``/``float()``: the layer's
   ``_apply`` also drops them at once, so no old copy outlives the old weights);
@@ -119,7 +120,7 @@ def _dtype_supported(dtype: torch.dtype) -> bool:
 
 def usable(x_MH: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether this call's GEMMs can run on packed weights: CPU tensors of one supported dtype, no autograd,
-    weights a layer tracks (``track``) that count in-place writes (not made under ``torch.inference_mode``;
+    frozen weights a layer tracks (``track``) that count in-place writes (not made under ``torch.inference_mode``;
     running under it is fine), and the path not turned off."""
     if x_MH.device.type != "cpu" or os.environ.get("MOEKIT_CPU_PREPACK", "1") == "0":
         return False
@@ -127,7 +128,10 @@ def usable(x_MH: torch.Tensor, *weights: torch.Tensor) -> bool:
         return False
     if any(w.device.type != "cpu" or w.dtype != x_MH.dtype for w in weights):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_MH, *weights)):
+    # Trainable weights never: a training loop may write them through .data (p.data.sub_(lr * p.grad)), which
+    # moves no version counter, and a pack made at an eval between steps would then be silently stale. Frozen
+    # (requires_grad_(False)) weights, as a serving engine holds them, are packed.
+    if any(w.requires_grad for w in weights) or (torch.is_grad_enabled() and x_MH.requires_grad):
         return False
     if any(w.is_inference() for w in weights):  # made under torch.inference_mode: no version counter to check
         return False

@@ -231,11 +231,13 @@ def check_expert_inputs(
         )
     for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
         check_same_device(name, t, "hidden_states", hidden_states)
-    if w13_bias is not None:
+    if w13_bias is not None:  # a bool or integer bias ran as 0/1 or integer values, silently
         check_shape("w13_bias", w13_bias, (num_local, rows13), "[E, 2I]")
+        check_dtype("w13_bias", w13_bias, ACT_DTYPES)
         check_same_device("w13_bias", w13_bias, "hidden_states", hidden_states)
     if w2_bias is not None:
         check_shape("w2_bias", w2_bias, (num_local, w2.shape[1]), "[E, H]")
+        check_dtype("w2_bias", w2_bias, ACT_DTYPES)
         check_same_device("w2_bias", w2_bias, "hidden_states", hidden_states)
     num_global = num_local
     if expert_map is not None:

@@ -14,6 +14,7 @@ from moekit import (
     QuantParams,
     UnquantizedMoEMethod,
 )
+from moekit import fused_experts
 from moekit.kernel import get_experts, make_kernel
 from moekit.testing import assert_close, make_moe_inputs, reference_experts
 
@@ -144,3 +145,15 @@ def test_expanded_weights_on_input_rounds_once():
     out = ModularKernel(LocalPrepareFinalize(), Recording()).apply(*_args(inputs), apply_router_weight_on_input=True)
     assert seen == [torch.float32] and out.dtype == torch.bfloat16
     assert_close(out, reference_experts(*_args(inputs), apply_router_weight_on_input=True), torch.bfloat16)
+
+
+@pytest.mark.parametrize("bias", ["w13_bias", "w2_bias"])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.float64])
+def test_bias_dtypes_are_checked(bias, dtype):
+    # A bool or integer bias ran as 0/1 or integer values on both backends, silently; fp64 is no layer dtype.
+    d = make_moe_inputs(5, 4, 16, 8, 2, dtype=torch.float32)
+    rows = {"w13_bias": d["w13"].shape[1], "w2_bias": d["w2"].shape[1]}[bias]
+    value = (torch.randn(4, rows) > 0).to(dtype)
+    with pytest.raises(TypeError, match=bias):
+        fused_experts(d["hidden_states"], d["w13"], d["w2"], d["topk_weights"], d["topk_ids"], backend="torch",
+                      **{bias: value})
