@@ -46,6 +46,15 @@ from moekit.router import route, select_experts
 from moekit.shared_experts import SharedExperts
 
 
+# The state-dict key of an EPLB layer's placement (phy2log): which logical expert each saved slot holds.
+PLAN_KEY = "eplb_phy2log"
+
+
+def _save_plan(module: MoE, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    if module.phy2log is not None:
+        state_dict[prefix + PLAN_KEY] = module.phy2log.detach().clone()
+
+
 class MoE(nn.Module):
     """A Mixture-of-Experts layer: router gate + ``RoutedExperts`` + optional ``SharedExperts``.
 
@@ -149,6 +158,8 @@ class MoE(nn.Module):
             check_rearrangeable(self.routed_experts)
             # vLLM's initial layout: slot p holds expert p for p < E, then replicas p % E.
             self._set_plan(torch.arange(num_slots) % config.num_experts)
+            # The slots' weights are saved in the plan's order: the plan goes with them (_load_from_state_dict).
+            self.register_state_dict_post_hook(_save_plan)
         self.shared_experts = None
         if config.has_shared_experts:
             self.shared_experts = SharedExperts(
@@ -329,6 +340,26 @@ class MoE(nn.Module):
         num_local = self.routed_experts.num_experts
         first = self.parallel.ep_rank * num_local
         self.routed_experts.set_slot_experts(phy2log[first:first + num_local].tolist(), num_experts)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # noqa: ANN001
+                              unexpected_keys, error_msgs) -> None:
+        # An EPLB layer's state holds its slots in the plan they were saved under (rearrange moves them): install
+        # that plan before the slots load, or a layer with another plan would route to the wrong weights. A state
+        # without it (saved before plans were saved) keeps the layer's own plan.
+        key = prefix + PLAN_KEY
+        plan = state_dict.get(key)
+        if plan is not None and self.phy2log is not None:
+            if (not isinstance(plan, torch.Tensor) or plan.shape != self.phy2log.shape or plan.is_floating_point()
+                    or int(plan.min()) < 0 or int(plan.max()) >= self.config.num_experts
+                    or torch.unique(plan).numel() != self.config.num_experts):
+                error_msgs.append(f"{key}: expected an int plan [{self.phy2log.numel()}] naming every one of the "
+                                  f"{self.config.num_experts} experts, got {plan!r}")
+            else:
+                self._set_plan(plan)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.phy2log is not None and key in unexpected_keys:
+            unexpected_keys.remove(key)
 
     @torch.no_grad()
     def rearrange(self, new_phy2log: torch.Tensor) -> None:

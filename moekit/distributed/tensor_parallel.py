@@ -27,7 +27,7 @@ from moekit.config import ParallelConfig
 from moekit.kernel.prepare_finalize import PrepareFinalize, PrepareResult
 from moekit.quant.params import QuantParams
 
-# (process group or None, ep_size, tp_size) -> (this rank's EP group, TP group); new_group is collective over the
+# (process group, ep_size, tp_size) -> (this rank's EP group, TP group); new_group is collective over the
 # whole group, so each layout's subgroups are made once per process, in the same order on every rank.
 _GROUPS: dict[tuple[object, int, int], tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]] = {}
 
@@ -49,7 +49,9 @@ def parallel_groups(parallel: ParallelConfig, group: dist.ProcessGroup | None = 
     ep, tp = parallel.ep_size, parallel.tp_size
     if ep == 1 or tp == 1:
         return (group if ep > 1 else None), (group if tp > 1 else None)
-    key = (group, ep, tp)
+    # Keyed by the group object itself, the default one resolved: after destroy_process_group and a new
+    # init_process_group, None names a new group and the cached subgroups of the old one are dead.
+    key = (group if group is not None else _default_group(), ep, tp)
     if key not in _GROUPS:
         ranks = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)]
         mine = ranks[parallel.rank]
@@ -64,6 +66,10 @@ def parallel_groups(parallel: ParallelConfig, group: dist.ProcessGroup | None = 
             tp_group = made if mine in members else tp_group
         _GROUPS[key] = (ep_group, tp_group)
     return _GROUPS[key]
+
+
+def _default_group() -> dist.ProcessGroup | None:
+    return dist.group.WORLD
 
 
 def shard_intermediate(t: torch.Tensor, dim: int, tp_size: int, tp_rank: int, *, halves: int = 1) -> torch.Tensor:

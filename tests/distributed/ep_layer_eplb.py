@@ -114,6 +114,12 @@ def _layer_case(cfg: moekit.MoEConfig, dispatch: str, rank: int, world: int) -> 
     assert int(ep.logcnt[0]) > 1, ep.logcnt  # the hot expert has replicas
     errors += _check_slots(full, ep, rank)
     errors += _compare(full, ep, rank, world, "after rearrange")
+    # The state dict carries the plan its slots were saved under: a fresh layer (the initial plan) loading it
+    # routes as the rearranged one (it routed by its own plan to the moved weights before).
+    fresh = moekit.MoE(cfg, parallel=ep.parallel)
+    fresh.load_state_dict(ep.state_dict())
+    assert fresh.phy2log.tolist() == phy2log.tolist()
+    errors += _compare(full, fresh, rank, world, "reloaded after rearrange")
     assert not errors, "\n".join(errors)
 
 

@@ -66,3 +66,27 @@ def test_parallel_config_defaults_and_rank():
 def test_parallel_config_validates(kwargs, err, match):
     with pytest.raises(err, match=match):
         moekit.ParallelConfig(**kwargs)
+
+
+def test_parallel_groups_are_remade_for_a_new_default_group(monkeypatch):
+    # EP x TP subgroups are made once per (group, ep, tp) and cached: keyed by None, a process that destroyed its
+    # default group and initialized a new one got the dead subgroups back ("Group ... is not registered").
+    import torch.distributed as dist
+
+    import moekit.distributed.tensor_parallel as tp_mod
+
+    made = []
+    monkeypatch.setattr(tp_mod, "_GROUPS", {})
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 3)
+    monkeypatch.setattr(dist, "new_group", lambda ranks: made.append(tuple(ranks)) or object())
+    parallel = moekit.ParallelConfig(ep_size=2, ep_rank=1, tp_size=2, tp_rank=1)
+    world = object()
+    monkeypatch.setattr(tp_mod, "_default_group", lambda: world)
+    first = tp_mod.parallel_groups(parallel)
+    assert tp_mod.parallel_groups(parallel) == first and len(made) == 4  # cached: no new collective
+    world = object()  # destroy_process_group + init_process_group: a new default group
+    second = tp_mod.parallel_groups(parallel)
+    assert len(made) == 8 and second[0] is not first[0] and second[1] is not first[1]
