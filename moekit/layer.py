@@ -217,6 +217,11 @@ class MoE(nn.Module):
         # and DeepSeek-V3/vLLM do. A cast to a wider dtype is left alone.
         # The same for an fp32 router (router_fp32: DeepSeek-V3 keeps it fp32; rounded to bf16 it routed ~1% of
         # tokens to other experts).
+        # A cast to a dtype the layer cannot compute in (.double()) is refused before anything moves: accepted, it
+        # left a layer that refused every input at its first call.
+        probe = fn(torch.empty(0, dtype=torch.float32, device=self.gate.weight.device))
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point() and probe.dtype != torch.float32:
+            check_layer_dtype(probe.dtype)
         bias = self.e_score_correction_bias
         gate = [(p, p.detach()) for p in self.gate.parameters()] if self.config.router_fp32 else []
         result = super()._apply(fn, recurse)

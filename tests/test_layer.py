@@ -230,3 +230,17 @@ def test_load_recorder_counts_logical_ids_and_deep_copies_share_it():
     with torch.no_grad():
         moe(x)
     assert recorder.current[2].tolist() == (2 * counts).tolist()
+
+
+def test_a_cast_to_a_dtype_the_layer_cannot_run_is_refused_before_anything_moves():
+    # .double() was accepted and left a layer that refused every input (float64 hidden_states) at its first call.
+    moe = MoE(_config(), dtype=torch.float32)
+    before = {n: p.dtype for n, p in moe.named_parameters()}
+    with pytest.raises(ValueError, match=r"dtype: expected one of \(float16, bfloat16, float32\), got float64"):
+        moe.double()
+    with pytest.raises(ValueError, match="got float64"):
+        moe.to(torch.float64)
+    assert {n: p.dtype for n, p in moe.named_parameters()} == before  # nothing converted
+    moe.half()  # the layer dtypes still cast
+    assert moe.routed_experts.w13.dtype == torch.float16
+    moe.to("cpu")  # device moves pass the probe

@@ -96,7 +96,8 @@ def test_a_layer_packs_its_weights_and_drops_them_with_a_move(packs):
     assert_close(out, reference_experts(x, e.w13, e.w2, weights, ids), dtype)
     w13 = e.w13
     assert cpu_packed._TRACKED.get(w13) is not None
-    moe.to(torch.float64)  # a cast: the packs of the old weights are dropped at once, not at the next CPU call
+    moe.to(torch.float16 if dtype != torch.float16 else torch.float32)  # a cast: the packs of the old weights
+    # are dropped at once, not at the next CPU call
     assert cpu_packed._TRACKED.get(w13) is None
 
 
