@@ -176,12 +176,15 @@ def _device(text: str | None) -> torch.device:
     return device
 
 
-def _check_backend(backend: str, device: torch.device) -> None:
+def _check_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> None:
     from moekit.kernel import available_backends
 
     if backend != "auto" and backend not in available_backends(device):
         raise UsageError(f"--backend {backend}: not available on {device.type} here; "
                          f"expected auto or one of {available_backends(device)}")
+    if backend == "triton" and device.type != "cuda" and dtype == torch.bfloat16:
+        raise UsageError("--backend triton on the CPU runs in Triton's interpreter, which computes bf16 dots "
+                         "wrongly: pass --dtype fp16 or fp32")
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -197,14 +200,43 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag} {path}: the folder {str(folder)!r} does not exist")
         if not os.access(folder, os.W_OK):
             raise UsageError(f"--{flag} {path}: the folder {str(folder)!r} is not writable")
+        if Path(path).exists() and not os.access(path, os.W_OK):  # found before the sweep, not after it
+            raise UsageError(f"--{flag} {path}: the file exists and is not writable")
     for flag in ("plot", "png"):
-        if getattr(args, flag, None):
+        path = getattr(args, flag, None)
+        if path:
             from moekit.bench.report import require_matplotlib
 
             try:
                 require_matplotlib()
             except ImportError as err:
                 raise UsageError(f"--{flag}: {err}") from None
+            from matplotlib.backend_bases import FigureCanvasBase
+
+            kinds = FigureCanvasBase.get_supported_filetypes()
+            suffix = Path(path).suffix.lower().lstrip(".")
+            if suffix not in kinds:  # matplotlib would fail after the sweep, or add .png to a name without one
+                raise UsageError(f"--{flag} {path}: expected a file name ending in an image type matplotlib writes "
+                                 f"(.png, .svg, .pdf, ...), got {('.' + suffix) if suffix else 'no suffix'}")
+
+
+_SEED_MAX = 2**63 - 2**20  # room for the per-point offsets added to it
+
+
+def _check_seed(seed: int | None) -> None:
+    if seed is not None and not 0 <= seed < _SEED_MAX:
+        raise UsageError(f"--seed: expected an int in [0, 2**63 - 2**20), got {seed}")
+
+
+def _check_sizes(shapes, quant: str | None) -> None:
+    """Sizes the scheme cannot store, refused before any work (mxfp4 scales blocks of 32 columns)."""
+    if quant != "mxfp4":
+        return
+    for shape in shapes:
+        for what, size in (("hidden", shape.hidden_size), ("intermediate", shape.intermediate_size)):
+            if size % 32:
+                raise UsageError(f"--quant mxfp4: {shape.name}'s {what} size {size} is not a multiple of 32 (mxfp4 "
+                                 "scales blocks of 32 columns)")
 
 
 def device_memory_bytes(device: torch.device) -> int | None:
@@ -292,18 +324,24 @@ def _check_tune_out(args: argparse.Namespace, shapes) -> None:
 def _preset_shapes(text: str):
     from moekit.bench.shapes import PRESETS
 
-    names = list(PRESETS) if text == "all" else [n.strip() for n in text.split(",")]
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        names = list(PRESETS)
+    if not names:
+        raise UsageError(f"--preset: expected 'all' or some of {list(PRESETS)}, got {text!r}")
+    if "all" in names:
+        raise UsageError(f"--preset: 'all' stands alone (it is every preset), got {text!r}")
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
         raise UsageError(f"--preset: unknown {unknown}; expected 'all' or some of {list(PRESETS)}")
-    return [PRESETS[n] for n in names]
+    return [PRESETS[n] for n in dict.fromkeys(names)]  # a repeated name once
 
 
 def _shapes(args: argparse.Namespace, device: torch.device):
     from moekit.bench.shapes import shape_from_hf_config
 
-    if args.hf_config:
-        if args.preset:
+    if args.hf_config is not None:
+        if args.preset is not None:
             raise UsageError("give --preset or --hf-config, not both")
         try:
             return [shape_from_hf_config(args.hf_config)]
@@ -311,14 +349,14 @@ def _shapes(args: argparse.Namespace, device: torch.device):
             raise UsageError(f"--hf-config {args.hf_config}: {err.strerror or err}") from None
         except ValueError as err:  # names the file and the field
             raise UsageError(str(err)) from None
-    return _preset_shapes(args.preset or ("all" if device.type == "cuda" else CPU_PRESET))
+    return _preset_shapes(args.preset if args.preset is not None else ("all" if device.type == "cuda" else CPU_PRESET))
 
 
 def _quant_scheme(args: argparse.Namespace) -> str | None:
     """--quant, or the scheme of --hf-config's quantization_config (they must agree when both are given)."""
     from moekit.quant import UnsupportedQuantization, get_quant_method
 
-    if not args.hf_config:
+    if args.hf_config is None:
         return args.quant
     # The file was read and checked by _shapes already; only its quantization_config is looked at here.
     cfg = json.loads(Path(args.hf_config).read_text())
@@ -362,11 +400,13 @@ def bench(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     shapes = _shapes(args, device)
-    tokens = _tokens(args.tokens or (GPU_TOKENS if device.type == "cuda" else CPU_TOKENS))
+    tokens = _tokens(args.tokens if args.tokens is not None else (GPU_TOKENS if device.type == "cuda" else CPU_TOKENS))
     dtype = DTYPES[args.dtype]
     quant = _quant_scheme(args)
-    _check_backend(args.backend, device)
+    _check_backend(args.backend, device, dtype)
     _check_outputs(args)
+    _check_seed(args.seed)
+    _check_sizes(shapes, quant)
     _check_memory(shapes, dtype, device, tokens, quant)
 
     # cuda:N made current: do_bench's events, CUDA graphs and Triton launches go to the current device, not to the
@@ -451,6 +491,7 @@ def eplb(args: argparse.Namespace) -> int:
     from moekit.distributed import eplb_report
 
     _check_outputs(args)
+    _check_seed(args.seed)
     try:
         load, source = eplb_report.load_from_args(args)
         plan = eplb_report.make_plan(load, num_redundant=args.redundant, num_groups=args.groups,

@@ -3,6 +3,7 @@ one-line exit-2 answer to every user mistake, given before any sweep."""
 
 import argparse
 import json
+import os
 import re
 import sys
 
@@ -398,3 +399,41 @@ def test_quant_counts_the_quantized_copy_in_the_memory_check(capsys, no_sweep, m
     monkeypatch.setattr(cli, "device_memory_bytes", lambda device: 30 * 10**9)
     err = _usage_error(capsys, ["bench", "--preset", "deepseek-v3", "--device", "cpu", "--quant", "fp8_block"])
     assert "deepseek-v3" in err and "fp8_block" in err and "30.0 GB" in err
+
+
+def test_bench_refuses_more_mistakes_before_the_sweep(tmp_path, capsys, no_sweep, tiny_config, monkeypatch):
+    cfg = ["bench", "--hf-config", str(tiny_config), *FAST]
+    # An image type matplotlib cannot write, or no suffix (it wrote a .png beside the name): after the sweep.
+    for name in ("out.jpgg", "noext"):
+        assert "--plot" in _usage_error(capsys, [*cfg, "--plot", str(tmp_path / name)])
+    # Empty values were taken for the defaults.
+    assert "--tokens" in _usage_error(capsys, ["bench", "--hf-config", str(tiny_config), "--tokens", ""])
+    assert "--preset" in _usage_error(capsys, ["bench", "--preset", "", "--tokens", "1"])
+    assert "not both" in _usage_error(capsys, ["bench", "--hf-config", "", "--preset", "olmoe-1b-7b"])
+    assert "'all' stands alone" in _usage_error(capsys, ["bench", "--preset", "all,olmoe-1b-7b"])
+    # A seed numpy/torch cannot take: an OverflowError after the checks.
+    assert "--seed" in _usage_error(capsys, [*cfg, "--seed", str(10**30)])
+    assert "--seed" in _usage_error(capsys, ["eplb", "--ranks", "4", "--synthetic-skew", "1", "--seed", "-1"])
+    # mxfp4 of a size it cannot store.
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({**TINY, "moe_intermediate_size": 40}))
+    assert "multiple of 32" in _usage_error(capsys, ["bench", "--hf-config", str(odd), *FAST, "--quant", "mxfp4"])
+    # Triton's interpreter computes bf16 dots wrongly.
+    monkeypatch.setattr(moekit.kernel, "available_backends", lambda device: ["torch", "triton"])
+    assert "bf16" in _usage_error(capsys, ["bench", "--hf-config", str(tiny_config), "--tokens", "1", "--backend",
+                                           "triton", "--no-baselines"])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files")
+def test_an_existing_file_that_is_not_writable_is_refused_before_the_sweep(tmp_path, capsys, no_sweep, tiny_config):
+    ro = tmp_path / "ro.json"
+    ro.write_text("x")
+    ro.chmod(0o444)
+    err = _usage_error(capsys, ["bench", "--hf-config", str(tiny_config), *FAST, "--json", str(ro)])
+    assert "not writable" in err
+
+
+def test_preset_names_are_normalized():
+    from moekit.cli import _preset_shapes
+
+    assert [s.name for s in _preset_shapes(" OLMOE-1b-7b, olmoe-1b-7b,")] == ["olmoe-1b-7b"]
