@@ -437,3 +437,16 @@ def test_preset_names_are_normalized():
     from moekit.cli import _preset_shapes
 
     assert [s.name for s in _preset_shapes(" OLMOE-1b-7b, olmoe-1b-7b,")] == ["olmoe-1b-7b"]
+
+
+@pytest.mark.parametrize("field, value", [("moekit_us", "7127.9"), ("moekit_us", 0), ("max_rel_err", None),
+                                          ("tokens", 0), ("grouped_mm_us", "x")])
+def test_plot_of_hand_edited_rows_names_the_field(tiny_config, tmp_path, capsys, field, value):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--hf-config", str(tiny_config), *FAST, "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    doc["rows"][0][field] = value
+    out.write_text(json.dumps(doc))
+    capsys.readouterr()
+    err = _usage_error(capsys, ["plot", str(out)])
+    assert field in err and str(out) in err

@@ -76,7 +76,13 @@ def noise_warning(rows: Sequence[Row]) -> str | None:
     noisy = [r for r in rows if r.max_spread is not None and r.max_spread > NOISY_SPREAD]
     if not noisy:
         return None
-    where = ", ".join(f"{r.shape} T={r.tokens} ({100 * r.max_spread:.0f}%)" for r in noisy)
+    def worst(r: Row) -> str:  # which variant spread (the table's column is moekit's alone)
+        named = [(s, n) for s, n in ((r.moekit_spread, "moekit"), (r.grouped_mm_spread, "grouped_mm"),
+                                     (r.eager_spread, "eager")) if s is not None]
+        s, name = max(named)
+        return f"{name} {100 * s:.1f}%"
+
+    where = ", ".join(f"{r.shape} T={r.tokens} ({worst(r)})" for r in noisy)
     return (f"warning: timings spread by more than {100 * NOISY_SPREAD:.0f}% between rounds at {where}: the machine "
             "was busy. The ratios (moekit and the baselines timed in the same interleaved rounds) still compare; "
             "for absolute numbers rerun on a quiet machine.")
@@ -116,7 +122,32 @@ def read_json(path: str | Path) -> list[Row]:
         raise ValueError(f"{path}: not a `moekit bench --json` file ({type(err).__name__}: {err})") from None
     if not rows:
         raise ValueError(f"{path}: a `moekit bench --json` file with no rows: nothing to show")
+    for i, row in enumerate(rows):  # a hand-edited value would fail in the table's formatting, as a traceback
+        _check_row(path, i, row)
     return rows
+
+
+def _check_row(path: str | Path, i: int, row: Row) -> None:
+    def number(name: str, optional: bool, positive: bool = False) -> None:
+        value = getattr(row, name)
+        if value is None and optional:
+            return
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        if not ok or (positive and not value > 0):
+            raise ValueError(f"{path}: row {i} ({row.shape!r}): {name} is {value!r}, expected a "
+                             f"{'positive ' if positive else ''}number{' or null' if optional else ''}")
+
+    if isinstance(row.tokens, bool) or not isinstance(row.tokens, int) or row.tokens < 1:
+        raise ValueError(f"{path}: row {i}: tokens is {row.tokens!r}, expected a positive int")
+    number("moekit_us", False, positive=True)
+    for name in ("tflops", "gbps"):
+        number(name, False)
+    for name in ("grouped_mm_us", "eager_us", "floor_us", "moekit_min_us", "grouped_mm_min_us", "eager_min_us"):
+        number(name, True, positive=True)
+    for name in ("efficiency", "moekit_spread", "grouped_mm_spread", "eager_spread", "max_rel_err_tol"):
+        number(name, True)
+    if isinstance(row.max_rel_err, bool) or not isinstance(row.max_rel_err, (int, float)):  # NaN: a broken kernel
+        raise ValueError(f"{path}: row {i}: max_rel_err is {row.max_rel_err!r}, expected a number")
 
 
 def require_matplotlib():
