@@ -229,14 +229,17 @@ def _check_seed(seed: int | None) -> None:
 
 
 def _check_sizes(shapes, quant: str | None) -> None:
-    """Sizes the scheme cannot store, refused before any work (mxfp4 scales blocks of 32 columns)."""
+    """Sizes the scheme cannot store, refused before any work (mxfp4 scales blocks of 32 columns): the method's
+    own check, which would otherwise raise while the sweep makes the weights."""
     if quant != "mxfp4":
         return
+    from moekit.quant.mxfp4 import _check_sizes as check_mxfp4_sizes
+
     for shape in shapes:
-        for what, size in (("hidden", shape.hidden_size), ("intermediate", shape.intermediate_size)):
-            if size % 32:
-                raise UsageError(f"--quant mxfp4: {shape.name}'s {what} size {size} is not a multiple of 32 (mxfp4 "
-                                 "scales blocks of 32 columns)")
+        try:
+            check_mxfp4_sizes(shape.hidden_size, shape.intermediate_size)
+        except ValueError as err:
+            raise UsageError(f"--quant mxfp4: {shape.name}: {err}") from None
 
 
 def device_memory_bytes(device: torch.device) -> int | None:

@@ -32,6 +32,8 @@ from moekit.config import MoEConfig, ParallelConfig
 from moekit.distributed import (
     ExpertLoadRecorder,
     TensorParallel,
+    check_phy2log,
+    check_phy2log_covers,
     check_rearrangeable,
     determine_expert_map,
     logical_to_physical,
@@ -354,11 +356,11 @@ class MoE(nn.Module):
         key = prefix + PLAN_KEY
         plan = state_dict.get(key)
         if plan is not None and self.phy2log is not None:
-            if (not isinstance(plan, torch.Tensor) or plan.shape != self.phy2log.shape or plan.is_floating_point()
-                    or int(plan.min()) < 0 or int(plan.max()) >= self.config.num_experts
-                    or torch.unique(plan).numel() != self.config.num_experts):
-                error_msgs.append(f"{key}: expected an int plan [{self.phy2log.numel()}] naming every one of the "
-                                  f"{self.config.num_experts} experts, got {plan!r}")
+            try:  # rearrange's own checks of a plan: [R] ints, every logical expert in a slot
+                plan = check_phy2log(key, plan, self.phy2log.numel())
+                check_phy2log_covers(key, plan, self.config.num_experts)
+            except (TypeError, ValueError) as err:
+                error_msgs.append(str(err))
             else:
                 self._set_plan(plan)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

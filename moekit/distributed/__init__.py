@@ -15,7 +15,12 @@ from moekit.distributed.dispatch import (
 )
 from moekit.distributed.eplb import logical_to_physical, rebalance_experts
 from moekit.distributed.eplb_load import ExpertLoadRecorder, read_expert_load, write_expert_load
-from moekit.distributed.eplb_rearrange import check_rearrangeable, rearrange_expert_weights
+from moekit.distributed.eplb_rearrange import (
+    check_phy2log,
+    check_phy2log_covers,
+    check_rearrangeable,
+    rearrange_expert_weights,
+)
 from moekit.distributed.placement import determine_expert_map, expert_owners, local_experts
 from moekit.distributed.tensor_parallel import TensorParallel, parallel_groups, shard_intermediate
 
@@ -25,6 +30,8 @@ __all__ = [
     "ExpertLoadRecorder",
     "ExpertParallelPrepareFinalize",
     "TensorParallel",
+    "check_phy2log",
+    "check_phy2log_covers",
     "check_rearrangeable",
     "determine_expert_map",
     "expert_owners",

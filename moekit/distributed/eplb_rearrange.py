@@ -76,7 +76,8 @@ def check_rearrangeable(experts: RoutedExperts) -> list[tuple[str, torch.Tensor]
     return tensors
 
 
-def _check_plan(name: str, plan: object, num_slots: int | None) -> torch.Tensor:
+def check_phy2log(name: str, plan: object, num_slots: int | None) -> torch.Tensor:
+    """``plan`` as a CPU int64 [R] phy2log (``num_slots`` = R when given), or an error naming ``name``."""
     check_tensor(name, plan)
     check_ndim(name, plan, 1, "[R] (one layer's phy2log)")
     check_signed_int_dtype(name, plan)
@@ -86,7 +87,7 @@ def _check_plan(name: str, plan: object, num_slots: int | None) -> torch.Tensor:
     return plan.detach().to("cpu", torch.int64)
 
 
-def _check_covers(name: str, plan: torch.Tensor, num_logical: int) -> None:
+def check_phy2log_covers(name: str, plan: torch.Tensor, num_logical: int) -> None:
     """Ids in [0, E) and every logical expert in at least one slot."""
     if plan.numel() and (int(plan.min()) < 0 or int(plan.max()) >= num_logical):
         raise ValueError(f"{name}: expected logical ids in [0, E={num_logical}), got values in "
@@ -217,10 +218,10 @@ def rearrange_expert_weights(experts: RoutedExperts, old_phy2log: torch.Tensor, 
     error, tensors = None, []
     old_cpu = new_cpu = torch.zeros(0, dtype=torch.int64)
     try:
-        old_cpu = _check_plan("old_phy2log", old_phy2log, None)
-        new_cpu = _check_plan("new_phy2log", new_phy2log, old_cpu.shape[0])
+        old_cpu = check_phy2log("old_phy2log", old_phy2log, None)
+        new_cpu = check_phy2log("new_phy2log", new_phy2log, old_cpu.shape[0])
         if num_logical is not None:
-            _check_covers("new_phy2log", new_cpu, num_logical)
+            check_phy2log_covers("new_phy2log", new_cpu, num_logical)
         tensors = _check_local(experts, old_cpu, new_cpu, ep_rank, ep_size, process_group)
     except Exception as err:  # noqa: BLE001 (re-raised by _agree after the other ranks heard of it)
         error = err

@@ -110,6 +110,7 @@ def _device_unsupported(a: torch.Tensor) -> str | None:
     return None
 
 
+@functools.cache
 def _triton_version() -> tuple[int, int]:
     major, minor = (int("".join(c for c in p if c.isdigit()) or 0) for p in triton.__version__.split(".")[:2])
     return major, minor
