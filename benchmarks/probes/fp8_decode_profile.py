@@ -1,6 +1,6 @@
-"""Probe: where an 8-bit decode call spends its time on one GPU (kernel durations vs the graph replay).
+"""Probe: where a quantized decode call spends its time on one GPU (kernel durations vs the graph replay).
 
-    python3 benchmarks/probes/fp8_decode_profile.py
+    python3 benchmarks/probes/fp8_decode_profile.py [preset:scheme:T,...]   (scheme "bf16" for none)
 
 For a few (preset, scheme, T) decode points: each kernel's duration (torch.profiler over CUDA-graph replays, so
 launch gaps are the graph's), their sum, and the replay time of the same call; the difference is what lies
@@ -8,6 +8,7 @@ between kernels (gaps, ramp-up). Not a unit test; what it finds goes into docs/p
 """
 
 import collections
+import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -19,6 +20,8 @@ from moekit.bench.timing import time_us
 
 POINTS = [("deepseek-v3", "fp8_block", 1), ("qwen3-30b-a3b", "fp8_block", 1), ("qwen3-30b-a3b", "fp8_block", 16),
           ("mixtral-8x7b", "fp8_block", 1), ("mixtral-8x7b", "fp8_block", 64), ("qwen3-30b-a3b", None, 1)]
+if len(sys.argv) > 1:
+    POINTS = [(n, None if s == "bf16" else s, int(t)) for n, s, t in (p.split(":") for p in sys.argv[1].split(","))]
 
 dev = torch.device("cuda")
 print(f"card: {torch.cuda.get_device_name()}")
@@ -30,6 +33,8 @@ for name, scheme, t in POINTS:
         kw = dict(w13=layer.w13, w2=layer.w2, quant=layer.quant_method.quant_params(layer))
     else:
         kw = dict(w13=w["w13"], w2=w["w2"])
+    if shape.bias:  # gpt-oss: both biases, as the layer runs
+        kw.update(w13_bias=w["w13_bias"], w2_bias=w["w2_bias"])
     tok = make_tokens(shape, t, torch.bfloat16, dev, 0)
 
     def call():

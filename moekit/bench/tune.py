@@ -31,6 +31,7 @@ from moekit.kernel.modular import ModularKernel
 from moekit.kernel.prepare_finalize import LocalPrepareFinalize
 from moekit.kernel.torch_experts import TorchExperts
 from moekit.ops import heuristics
+from moekit.ops.gluon_wna16 import gluon_available
 from moekit.ops.heuristics import GemmConfig, MoEKernelConfig, MoEShape, heuristic_config, tuned_dir
 from moekit.quant import QUANT_SCHEMES
 from moekit.quant.params import UNQUANTIZED
@@ -67,8 +68,10 @@ def candidate_configs(shape: MoEShape) -> dict[str, MoEKernelConfig]:
     g1, g2 = base.gemm1, base.gemm2
     out = {"heuristic": heuristic, "unfused": base}
     if base.block_m <= 32:  # memory-bound: bytes in flight and grid size
-        out["bk64"] = replace(base, gemm1=replace(g1, block_k=64), gemm2=replace(g2, block_k=64))
-        out["stages3"] = replace(base, gemm1=replace(g1, num_stages=3), gemm2=replace(g2, num_stages=3))
+        # The Gluon decode kernel sizes its own K steps and stages (``GluonTiles``): no moves of those there.
+        if "gluon_pairs" not in (g1.variant, g2.variant):
+            out["bk64"] = replace(base, gemm1=replace(g1, block_k=64), gemm2=replace(g2, block_k=64))
+            out["stages3"] = replace(base, gemm1=replace(g1, num_stages=3), gemm2=replace(g2, num_stages=3))
         out["bn1x2"] = replace(base, gemm1=replace(g1, block_n=min(256, g1.block_n * 2)))
         out["bn1/2"] = replace(base, gemm1=replace(g1, block_n=max(32, g1.block_n // 2)))
         out["split2x"] = replace(base, gemm2=replace(g2, split_k=g2.split_k * 2))
@@ -310,17 +313,19 @@ def tune_preset(
     path = table_path(preset, out_dir, quant)
     read_table(path)  # a malformed file is refused before the sweep, not after it
     free = None
+    gluon = False
     if measure is None:
         device = torch.device("cuda")
         measure, free = gpu_measure(preset, device, dtype, quant=quant, log=log)
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        gluon = dtype == torch.bfloat16 and gluon_available(device)
     gated = preset.activation.is_gated
 
     def shape_of(t: int) -> MoEShape:
         return MoEShape(num_tokens=t, top_k=preset.top_k, num_experts=preset.num_experts,
                         hidden=preset.hidden_size, inter=preset.intermediate_size, gated=gated,
                         num_sms=num_sms or 132, elem_bytes=1 if quant in QUANT_SCHEMES else dtype.itemsize,
-                        weights=quant or str(dtype).removeprefix("torch."))
+                        weights=quant or str(dtype).removeprefix("torch."), gluon=gluon)
 
     try:
         points = tune_points(shape_of, tokens, measure, min_gain=min_gain, log=log)

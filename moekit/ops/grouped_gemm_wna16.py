@@ -92,7 +92,8 @@ def grouped_gemm_wna16(
             a's dtype (as a bf16 copy of the weights would). "postscale" and "gemv" multiply exact codes and scale
             in fp32. "gluon_pairs": "dequant_pairs"'s pieces in a Gluon kernel on sm_90 that keeps its wgmmas in
             flight and scales each group's product in fp32 (``moekit.ops.gluon_wna16``; the weights are not
-            rounded); where ``gluon_unsupported`` names a reason it runs as "dequant_pairs".
+            rounded; mxfp4 too, exactly); where ``gluon_unsupported`` names a reason it runs as "dequant_pairs"
+            (mxfp4: "dequant_bytes").
         The other arguments are ``grouped_gemm``'s.
     """
     if variant is None:
@@ -136,20 +137,21 @@ def grouped_gemm_wna16(
         return out  # no routed rows (T = 0): nothing to launch
     k_per_split = -(-k_dim // (split * block_k)) * block_k
     z = zeros if zeros is not None else scales  # never read without zero points
-    # gemv's fp32 FMAs take words from any activation dtype; dequant's 16-bit trick needs fp16/bf16.
-    # e2m1 codes never: the word tricks make integers, not e2m1 values.
-    use_words = bits == 4 and not e2m1 and (variant == "gemv" or (variant in ("dequant", "dequant_pairs",
-                                                                                "gluon_pairs")
-                                                                    and a.dtype != torch.float32))
-    words = _as_words(qweight) if use_words else None
     if variant == "gluon_pairs":
-        if gluon_unsupported(a, qweight, words, bits, e2m1, group, k_dim, n_out, layout, config, activation,
-                             bias_EN is not None, scales, zeros) is None:
+        words = _as_words(qweight) if bits == 4 else None  # e2m1 too: the Gluon kernel has its own e2m1 pieces
+        if gluon_unsupported(a, qweight, words, bits, e2m1, group, k_dim, n_out, layout, config, activation, scales,
+                             zeros) is None:
             grouped_gemm_wna16_gluon(a, words, scales, zeros, group, k_dim, layout, out_3d, config,
                                      num_rows=num_rows, a_row_div=a_row_div, n_out=n_out, weights_N=weights_N,
-                                     activation=activation)
+                                     activation=activation, bias_EN=bias_EN, e2m1=e2m1)
             return out
-        variant = "dequant_pairs"  # the same math in Triton
+        # The same math in Triton; mxfp4's decode variant where the Gluon kernel cannot run.
+        variant = "dequant_bytes" if e2m1 else "dequant_pairs"
+    # gemv's fp32 FMAs take words from any activation dtype; dequant's 16-bit trick needs fp16/bf16.
+    # e2m1 codes never: the word tricks make integers, not e2m1 values.
+    use_words = bits == 4 and not e2m1 and (variant == "gemv" or (variant in ("dequant", "dequant_pairs")
+                                                                    and a.dtype != torch.float32))
+    words = _as_words(qweight) if use_words else None
     rocm = a.is_cuda and torch.version.hip is not None
     # Not on ROCm: measured and checked on NVIDIA only (its zero-point workaround is inline PTX).
     pairs = variant == "dequant_pairs" and words is not None and pairs_sub_tile(sub_k) and not rocm

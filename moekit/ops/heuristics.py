@@ -143,6 +143,10 @@ class MoEShape:
     # elem_bytes is then 1), or a weight-only integer scheme ("w4a16_g128": ``wna16_bits``; elem_bytes is the
     # activations'). Tuned entries are keyed by it: an 8-bit layer has other best tiles than a bf16 one.
     weights: str = "bfloat16"
+    # Whether this call can run the Gluon decode kernel's mxfp4 pieces: the device runs Gluon
+    # (``moekit.ops.gluon_wna16.gluon_available``: sm_90, Triton >= 3.6) and the activations are bf16. Only mxfp4's
+    # decode tiles depend on it: elsewhere they would fall back to the byte loads on tiles sized for the Gluon kernel.
+    gluon: bool = False
 
     @property
     def table_key(self) -> str:
@@ -330,7 +334,9 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
       -> 102.0 / 283.2 / 816.3 / 1785.4, qwen3-30b-a3b T = 4 / 16 / 64 58.4 / 130.3 / 181.1 -> 58.2 / 123.4 / 167.2.
       Tiles the Gluon kernel does not take (a gated tile of fewer than 128 weight rows: 64 outputs, one
       warpgroup, at least) run "dequant_pairs": deepseek-v3's GEMM 1 at T = 1 (64 rows), so its T = 1 gain is
-      GEMM 2's.
+      GEMM 2's. mxfp4 decode takes the Gluon kernel too, on its own tiles where the device runs it
+      (``_mxfp4_gluon_config``; ``MoEShape.gluon``): gpt-oss-120b T = 1 / 16 / 256 / 1024 85.6 / 562.9 / 1328 / 2068
+      -> 53.2 / 385.4 / 919.3 / 1538 µs (H200); elsewhere the byte loads below.
     - Otherwise compute-bound: "dequant" (the dot accumulates in place and is pipelined like a bf16 GEMM; the
       old per-dot scaling left the tensor cores waiting on each product, 0.25-0.39x of bf16 at T = 4096 on an
       H200; the word loads beat the byte loads by 4-11% here) on the bf16 prefill shapes: 64 x 128 tiles of 4 warps, 128 x 128 of 8 warps with the half tail from
@@ -364,7 +370,8 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
             return replace(g, variant="gluon_pairs" if pairs else otherwise, block_k=k_tile,
                            block_n=wide * g.block_n, swap_ab=swap)
 
-        return replace(cfg, gemm1=gemm(cfg.gemm1, k1, s.hidden), gemm2=gemm(cfg.gemm2, k2, s.inter))
+        cfg = replace(cfg, gemm1=gemm(cfg.gemm1, k1, s.hidden), gemm2=gemm(cfg.gemm2, k2, s.inter))
+        return _mxfp4_gluon_config(s, cfg, blocks, target) if s.weights == "mxfp4" and s.gluon else cfg
     if block_m == 128:
         # mxfp4's swapped 128-row tiles: 256 weight rows (two wgmma M blocks a warpgroup): gpt-oss-120b T = 4096 on
         # an H200 4448 -> 3989 µs (docs/perf/NOTES.md); 64-row blocks keep 128.
@@ -374,6 +381,23 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
         g = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4, variant="dequant",
                        swap_ab=swap)
     return MoEKernelConfig(block_m=block_m, gemm1=g, gemm2=g, y_fp32=False)
+
+
+def _mxfp4_gluon_config(s: MoEShape, cfg: MoEKernelConfig, blocks: int, target: int) -> MoEKernelConfig:
+    """mxfp4 decode tiles on the Gluon kernel ("gluon_pairs", ``moekit.ops.gluon_wna16``) for each GEMM its tile
+    divides (else that GEMM keeps ``cfg``'s byte loads): GEMM 1 128 weight rows a program (gated: 64 outputs, the
+    kernel's least), GEMM 2 64 (gpt-oss's H = 2880 is no multiple of 128), K steps of 128, GEMM 2 split while the
+    grid is short of ``target`` programs and each split keeps >= 4 steps."""
+    gemm1, gemm2 = cfg.gemm1, cfg.gemm2
+    if s.inter % 64 == 0:
+        gemm1 = GemmConfig(block_n=128 if s.gated else 64, block_k=128, num_warps=4, num_stages=4,
+                           variant="gluon_pairs")
+    if s.hidden % 64 == 0:
+        split = 1
+        while blocks * (s.hidden // 64) * split < target and s.inter // (2 * split) >= 4 * 128:
+            split *= 2
+        gemm2 = GemmConfig(block_n=64, block_k=128, split_k=split, num_warps=4, num_stages=4, variant="gluon_pairs")
+    return replace(cfg, gemm1=gemm1, gemm2=gemm2)
 
 
 def k_tiles(block_k: int, group_size: int, k_dim: int, bits: int) -> tuple[int, int]:

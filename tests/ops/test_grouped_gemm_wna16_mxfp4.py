@@ -268,3 +268,26 @@ def test_heuristic_swaps_mxfp4_past_one_token():
 
     assert not cfg(1).gemm1.swap_ab and cfg(16).gemm1.swap_ab and cfg(4096).gemm2.swap_ab
     assert not cfg(16, "w4a16_g128").gemm1.swap_ab and not cfg(16, elem_bytes=4).gemm1.swap_ab
+
+
+@pytest.mark.parametrize("num_tokens", [1, 4, 64, 4096])
+def test_heuristic_takes_the_gluon_kernel_for_decode_where_it_runs(num_tokens):
+    # Where the Gluon decode kernel runs the call (MoEShape.gluon: sm_90, bf16 activations), mxfp4 decode gets its
+    # tiles: GEMM 1 128 weight rows (64 outputs: the gated minimum), GEMM 2 64 (gpt-oss's H = 2880 is no multiple
+    # of 128), K steps of 128; GEMM 2 split at one token (4 experts x 45 tiles fill less than two programs an SM).
+    # Prefill, other calls and integer codes keep the Triton tiles; a GEMM whose tile does not divide its outputs
+    # keeps them too (gpt-oss at TP = 2: I = 1440 is no multiple of 64, H = 2880 is).
+    shape = MoEShape(num_tokens=num_tokens, top_k=4, num_experts=128, hidden=2880, inter=2880, weights="mxfp4",
+                     gluon=True)
+    cfg = heuristic_config(shape)
+    if num_tokens == 4096:
+        assert cfg == heuristic_config(replace(shape, gluon=False))
+        return
+    assert (cfg.gemm1.variant, cfg.gemm2.variant) == ("gluon_pairs", "gluon_pairs")
+    assert (cfg.gemm1.block_n, cfg.gemm2.block_n, cfg.gemm1.block_k) == (128, 64, 128)
+    assert cfg.gemm2.split_k == (2 if num_tokens == 1 else 1) and not cfg.gemm1.swap_ab
+    for off in (replace(shape, gluon=False), replace(shape, weights="w4a16_g32")):
+        assert heuristic_config(off).gemm1.variant != "gluon_pairs"
+    tp2 = heuristic_config(replace(shape, inter=1440))
+    assert tp2.gemm1 == heuristic_config(replace(shape, inter=1440, gluon=False)).gemm1
+    assert tp2.gemm2.variant == "gluon_pairs"

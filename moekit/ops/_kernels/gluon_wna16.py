@@ -1,5 +1,5 @@
-"""Gluon body of ``moekit.ops.gluon_wna16``: the decode tiles of ``grouped_gemm_wna16`` for integer 4-bit codes on
-Hopper (sm_90), with the wgmmas that read the dequantized weights from registers left in flight.
+"""Gluon body of ``moekit.ops.gluon_wna16``: the decode tiles of ``grouped_gemm_wna16`` for 4-bit codes (integer, or
+mxfp4's e2m1) on Hopper (sm_90), with the wgmmas that read the dequantized weights from registers left in flight.
 
 Why Gluon: Triton 3.6 waits for every wgmma whose A operand is in registers before it builds the next one, so the
 tensor cores, the integer units and the loads take turns ("dequant_pairs"); here each wgmma is waited on with one
@@ -19,7 +19,16 @@ rows, then the OUT_N up rows of the same outputs) x one K split. Swapped: acc^T 
 - A group's pieces accumulate into their own fp32 product, scaled into the accumulator (one FMA an element) once
   the group is done, while the next group's first wgmma runs. The weights are never rounded to the activations'
   dtype (the Triton variants round W = (q - z)·s first): closer to the exact product, not bit-equal to them.
-Loads: TMA stages of the code words ([BN, BK / 8] int32, gated: two boxes) and of A, S - 1 ahead.
+E2M1 (mxfp4 codes, bf16 activations): the same words and pieces; the packed pair of a piece is the e2m1 pair with
+its sign at bit 15 and its three magnitude bits at bf16's exponent/mantissa boundary (bits 6-8), i.e. e2m1 · 2^-126,
+times the bf16 power of two 2^(E - M + 127) for the group's e8m0 byte E, M the largest of the row's four bytes in
+the step (a word's eight codes lie in one group of 32, a step's four groups are a thread's four words of the row:
+the bytes are loaded in the words' layout, a step ahead). The piece then holds e2m1 · 2^(E - M + 1), exactly
+(normal bf16 down to groups 2^-126 below the row's largest), and the step's product is scaled by 2^(M - 128) in
+fp32 like an integer group's. One multiply a pair; the weights are never rounded.
+Loads: TMA stages of the code words ([BN, BK / 8] int32, gated: two boxes) and of A, S - 1 ahead. A K that is
+not a multiple of BK: the last step's boxes run past the rows' ends and TMA fills zeros (A's gather pads with zeros
+too), so the tail adds nothing.
 Epilogue: the activation (gated: act(gate)·up), the routing weight, stores to the slots' routed rows (split-K:
 partial sums, as ``grouped_gemm``).
 """
@@ -28,8 +37,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-# ACTIVATION codes: ``moekit.ops.activation.activation_code`` (0 none, 1 silu, 2 gelu, 3 gelu_tanh; the launcher
-# sends the others to the Triton kernel).
+# ACTIVATION codes: ``moekit.ops.activation.activation_code`` (0 none, 1 silu, 2 gelu, 3 gelu_tanh, 5 swigluoai,
+# 6 clamped silu; the launcher sends relu2 to the Triton kernel).
 
 
 @gluon.constexpr_function
@@ -66,6 +75,35 @@ def _piece(words, z2, R: gl.constexpr, BN: gl.constexpr, FP16: gl.constexpr):
 
 
 @gluon.jit
+def _piece_e2m1(words, m, R: gl.constexpr, BN: gl.constexpr):
+    """E2M1 piece R as a bf16 [BN, 32] tile: element (n, 2w + h) = the e2m1 code of nibble R + 4h of word (n, w)
+    times the packed bf16 pair ``m`` of its word (``_e2m1_step``): sign to bit 15, magnitude to bits 6-8 (e2m1 ·
+    2^-126; 0.5 is the bf16 subnormal 2^-127), one exact multiply."""
+    x = gl.reshape(gl.join(words, words), [BN, 32])
+    p = gl.reshape(gl.join(m, m), [BN, 32])
+    # Nibble R's magnitude (bits 4R..4R+2) moves by 6 - 4R, its sign (bit 4R + 3) by 12 - 4R: each straight from
+    # the word (nibble R + 4 of the high half moves with it), so R = 3's sign needs no shift at all.
+    MAG: gl.constexpr = (f"shl.b32 u, $1, {6 - 4 * R}; " if R < 2 else f"shr.u32 u, $1, {4 * R - 6}; ")
+    SIGN: gl.constexpr = (f"shl.b32 v, $1, {12 - 4 * R}; and.b32 v, v, 0x80008000; " if R < 3
+                          else "and.b32 v, $1, 0x80008000; ")
+    asm: gl.constexpr = ("{ .reg .b32 t, u, v; " + MAG + SIGN + "lop3.b32 t, u, 0x01C001C0, v, 0xea; "
+                         "mul.rn.bf16x2 $0, t, $3; }")
+    return gl.inline_asm_elementwise(asm, "=r,r,r,r,r", [x, p], dtype=gl.bfloat16, is_pure=True, pack=2)
+
+
+@gluon.jit
+def _e2m1_step(e):
+    """(the packed bf16 pairs 2^(E - M + 127) [BN, 16], the fp32 factor 2^(M - 128) [BN]) of a step's e8m0 bytes
+    ``e`` (int32, words' layout), M = the row's largest. The pair's exponent field E - M + 254 is >= 0 for any
+    bytes (0 is a zero factor: a group 2^254 below its row's); 2^(M - 128) for M = 0 and 1 is an fp32 subnormal
+    (2^-128, 2^-127). Byte 255 (NaN in the OCP MX spec, refused at load) is not NaN here: the layer never passes it."""
+    emax = gl.max(e, axis=1)
+    f = gl.maximum(e - emax[:, None] + 254, 0) << 7
+    post = gl.where(emax > 1, (emax - 1) << 23, 1 << (emax + 21)).to(gl.float32, bitcast=True)
+    return f | (f << 16), post
+
+
+@gluon.jit
 def _refill(w_desc, a_desc, w_bufs, a_bufs, ready, i, num_k, k0, w_row0, w_row1, a_row0,
             OUT_N: gl.constexpr, BK: gl.constexpr, GATED: gl.constexpr, STEP_BYTES: gl.constexpr):
     """The program's K step i (if i < num_k) into stage i % S: the weight rows' words (gated: gate rows at
@@ -83,9 +121,16 @@ def _refill(w_desc, a_desc, w_bufs, a_bufs, ready, i, num_k, k0, w_row0, w_row1,
 
 
 @gluon.jit
-def _activate(gate, up, ACTIVATION: gl.constexpr):
-    """act(gate) · up in fp32 (``grouped_gemm``'s codes 0-3; ``up`` unused for 0)."""
-    if ACTIVATION == 0:
+def _activate(gate, up, alpha, limit, ACTIVATION: gl.constexpr):
+    """act(gate) · up in fp32 (``grouped_gemm``'s codes 0-3, 5 swigluoai, 6 clamped silu; ``up`` unused for 0).
+    The clamps keep NaN (a comparison with NaN is false), as ``torch.clamp`` does."""
+    if ACTIVATION == 5 or ACTIVATION == 6:
+        g = gl.where(gate > limit, limit, gate)
+        u = gl.where(up > limit, limit, gl.where(up < -limit, -limit, up))
+        if ACTIVATION == 5:
+            return g / (1.0 + gl.exp(-alpha * g)) * (u + 1.0)
+        return g / (1.0 + gl.exp(-g)) * u
+    elif ACTIVATION == 0:
         return gate
     elif ACTIVATION == 1:
         return gate / (1.0 + gl.exp(-gate)) * up
@@ -98,15 +143,17 @@ def _activate(gate, up, ACTIVATION: gl.constexpr):
 
 @gluon.jit(do_not_specialize=["num_rows"])  # T·K changes every call: no recompiles at 1 or multiples of 16
 def gluon_wna16_kernel(
-    w_desc, a_desc, p_s, p_z, p_c, p_weights, p_sorted_ids, p_expert_ids, p_num_padded,
+    w_desc, a_desc, p_s, p_z, p_c, p_bias, p_weights, p_sorted_ids, p_expert_ids, p_num_padded,
     num_rows, n_b, up_offset, k_per_split, group_size,
-    stride_se, stride_sn, stride_ze, stride_zn, stride_cs, stride_cm,
+    stride_se, stride_sn, stride_ze, stride_zn, stride_cs, stride_cm, stride_bias_e, alpha, limit,
     K: gl.constexpr, BM: gl.constexpr, OUT_N: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, WG: gl.constexpr,
-    GATED: gl.constexpr, ACTIVATION: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_WEIGHTS: gl.constexpr,
-    ROW_PER_BLOCK: gl.constexpr, FP16: gl.constexpr, num_warps: gl.constexpr,
+    GATED: gl.constexpr, ACTIVATION: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
+    HAS_WEIGHTS: gl.constexpr, ROW_PER_BLOCK: gl.constexpr, FP16: gl.constexpr, E2M1: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     """Grid (row blocks x output tiles of OUT_N, splits). ``w_desc``: the code words of all experts [E·n_b, K / 8]
-    int32, blocks [OUT_N, BK / 8]; ``a_desc``: ``gather_pieces``' [K / 32, P, 32], blocks [BK / 32, BM, 32]."""
+    int32, blocks [OUT_N, BK / 8]; ``a_desc``: ``gather_pieces``' [⌈K / 128⌉ · 4, P, 32], blocks [BK / 32, BM, 32].
+    E2M1: ``p_s`` the e8m0 bytes [E, n_b, K / 32] (BK = 128)."""
     R: gl.constexpr = 2 if GATED else 1
     BN: gl.constexpr = R * OUT_N
     GS: gl.constexpr = BK // 128  # 128-column steps a stage
@@ -120,7 +167,7 @@ def gluon_wna16_kernel(
         live = live & (i_m * BM < gl.load(p_num_padded))
     # A dead block runs no K step (every load predicated off) and stores nothing: no branch around the body.
     k0 = gl.program_id(1) * k_per_split
-    num_k = gl.where(live, gl.minimum(k_per_split, K - k0) // BK, 0)
+    num_k = gl.where(live, gl.cdiv(gl.minimum(k_per_split, K - k0), BK), 0)
     i_e = gl.maximum(i_e, 0)
     w_row0 = i_e * n_b + i_n * OUT_N
     w_row1 = i_e * n_b + up_offset + i_n * OUT_N
@@ -150,6 +197,11 @@ def gluon_wna16_kernel(
     HI: gl.constexpr = 0x6400 if FP16 else 0x4300  # the bits of BASE
     z_bits = gl.full([BN], HI + 8, gl.int32, layout=gl.SliceLayout(1, wl))  # BASE + 8: symmetric codes
     z2 = gl.zeros([BN, 16], gl.int32, layout=wl) + (z_bits | (z_bits << 16))[:, None]
+    if E2M1:
+        # Word w of a step lies in group k / 32 + w // 4; the bytes of step i + 1 are loaded during step i.
+        p_e_rows = p_s + i_e.to(gl.int64) * stride_se + n_w.to(gl.int64) * stride_sn
+        w_grp = gl.arange(0, 16, layout=gl.SliceLayout(0, wl)) // 4
+        e_next = _e8m0_step(p_e_rows, w_grp, t_w, k0, 0, K)
 
     acc = gl.zeros([BN, BM], gl.float32, layout=mma_layout)
     zero = gl.zeros([BN, BM], gl.float32, layout=mma_layout)
@@ -158,9 +210,17 @@ def gluon_wna16_kernel(
         mbarrier.wait(ready.index(s), (i // S) & 1)
         words_s = w_bufs.index(s)
         a_s = a_bufs.index(s).reshape([BK // 32 * BM, 32])
+        if E2M1:  # BK = 128: one step a stage
+            m_e, post = _e2m1_step(e_next)
+            # The rows of the words' layout are the accumulator's (wgmma's A rows are its C rows).
+            post = gl.convert_layout(post, gl.SliceLayout(1, mma_layout), assert_trivial=True)
+            e_next = _e8m0_step(p_e_rows, w_grp, t_w, k0, i + 1, K)
         for g in gl.static_range(GS):
-            i_grp = (k0 + i * BK + 128 * g) // group_size
-            s_g = gl.load(p_s_rows + i_grp).to(gl.float32)
+            if E2M1:
+                s_g = post
+            else:
+                i_grp = (k0 + i * BK + 128 * g) // group_size
+                s_g = gl.load(p_s_rows + i_grp).to(gl.float32)
             if HAS_ZEROS:  # BASE + z as the subtrahend pair (exact: small integers)
                 z_g = gl.load(p_z_rows + i_grp).to(gl.int32)
                 zb = (z_g + BASE).to(gl.float16 if FP16 else gl.bfloat16).to(gl.int16, bitcast=True)
@@ -168,7 +228,10 @@ def gluon_wna16_kernel(
                 z2 = gl.zeros([BN, 16], gl.int32, layout=wl) + (zb | (zb << 16))[:, None]
             words = words_s.slice(16 * g, 16, dim=1).load(wl)
             for r in gl.static_range(4):
-                b_q = gl.convert_layout(_piece(words, z2, r, BN, FP16), op_layout, assert_trivial=True)
+                if E2M1:
+                    b_q = gl.convert_layout(_piece_e2m1(words, m_e, r, BN), op_layout, assert_trivial=True)
+                else:
+                    b_q = gl.convert_layout(_piece(words, z2, r, BN, FP16), op_layout, assert_trivial=True)
                 a_op = a_s.slice((4 * g + r) * BM, BM, dim=0).permute((1, 0))
                 if r == 0:
                     prod = warpgroup_mma(b_q, a_op, zero, use_acc=False, is_async=True)
@@ -193,6 +256,9 @@ def gluon_wna16_kernel(
     for st in gl.static_range(S):
         mbarrier.invalidate(ready.index(st))
 
+    if HAS_BIAS:  # once, in split 0
+        p_b_rows = p_bias + i_e.to(gl.int64) * stride_bias_e + n_c
+        acc += gl.load(p_b_rows, mask=(t_c >= 0) & (gl.program_id(1) == 0), other=0.0).to(gl.float32)[:, None]
     # Epilogue: columns are slots; their routed rows, and which are real.
     o_m = gl.arange(0, BM, layout=gl.SliceLayout(0, mma_layout))
     if ROW_PER_BLOCK:
@@ -202,9 +268,9 @@ def gluon_wna16_kernel(
     m_rows = (rows < num_rows) & live
     if GATED:
         gate, up = gl.split(gl.permute(gl.reshape(acc, [2, OUT_N, BM]), [1, 2, 0]))
-        out = _activate(gate, up, ACTIVATION)
+        out = _activate(gate, up, alpha, limit, ACTIVATION)
     else:
-        out = _activate(acc, acc, ACTIVATION)
+        out = _activate(acc, acc, alpha, limit, ACTIVATION)
     out_layout: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [num_warps, 1], [0, 1])
     out = gl.convert_layout(out, out_layout)
     o_rows = gl.convert_layout(rows, gl.SliceLayout(0, out_layout))
@@ -214,3 +280,13 @@ def gluon_wna16_kernel(
     o_n = i_n * OUT_N + gl.arange(0, OUT_N, layout=gl.SliceLayout(1, out_layout))
     p_out = p_c + gl.program_id(1) * stride_cs + o_rows.to(gl.int64)[None, :] * stride_cm + o_n[:, None]
     gl.store(p_out, out.to(p_c.dtype.element_ty), mask=m_out[None, :])
+
+
+@gluon.jit
+def _e8m0_step(p_e_rows, w_grp, t_w, k0, j, K: gl.constexpr):
+    """The e8m0 bytes (int32) of the 128 columns from k0 + 128·j in the words' layout: row pointers ``p_e_rows``,
+    word w in group w // 4 (``w_grp``) of the step; 0 past K's end (where the codes are zeros: 0 never raises a row's
+    largest byte). The step after a split's last (loaded a step ahead) is read and never used."""
+    grp = (k0 + j * 128) // 32 + w_grp
+    m = (t_w >= 0)[:, None] & (grp < K // 32)[None, :]
+    return gl.load(p_e_rows[:, None] + grp[None, :], mask=m, other=0).to(gl.int32)
