@@ -12,7 +12,7 @@ N = T·K routed rows. ``x_TH`` is [T, H], ``w13_E2IH`` is [E, 2I, H].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import os
 
@@ -41,6 +41,7 @@ from moekit.distributed import (
     parallel_groups,
     rearrange_expert_weights,
 )
+from moekit.distributed.consistency import RankCheck
 from moekit.kernel import LocalPrepareFinalize
 from moekit.quant.base import MoEQuantMethod
 from moekit.routed_experts import RoutedExperts
@@ -69,7 +70,9 @@ class MoE(nn.Module):
     ``num_redundant_experts = r`` (EPLB) the EP ranks hold R = E + r physical slots, R / ep_size each (slot p:
     expert p % E at first); each routed (token, k) goes to one slot of its expert (``logical_to_physical``, maps
     ``log2phy``/``logcnt``), loaders fill every slot of an expert, and ``rearrange(new_phy2log)`` applies a
-    ``rebalance_experts`` plan.
+    ``rebalance_experts`` plan. At the first call (outside graph capture and compilation) the ranks check with
+    one all-gather that they built the layer alike (``moekit.distributed.consistency``) and raise naming what
+    differs.
 
     ``forward(hidden_states [..., H], router_logits=None, *, topk_weights=None, topk_ids=None)`` returns
     the same shape and dtype. Give ``router_logits`` [T, E] to skip the gate, or ``topk_weights``/``topk_ids``
@@ -153,6 +156,8 @@ class MoE(nn.Module):
             **kw,
         )
         self._load_recorder: _RecorderHook | None = None
+        # The ranks agree on how they built the layer: checked collectively at the first call (``_rank_fields``).
+        self._rank_check = RankCheck([process_group]) if parallel.world_size > 1 else None
         for name in ("phy2log", "log2phy", "logcnt"):  # the EPLB maps (_set_plan), None without redundant experts
             self.register_buffer(name, None, persistent=False)
         if parallel.num_redundant_experts:
@@ -171,6 +176,18 @@ class MoE(nn.Module):
                 gate=config.shared_expert_gate,
                 **kw,
             )
+
+    def _rank_fields(self) -> dict[str, object]:
+        """What every rank of a parallel layer must have built alike (``moekit.distributed.consistency``): the
+        config (its backend aside: a per-rank choice of kernels, not of results), the parallel layout without the
+        ranks, the experts' dtype and quantization (read now: ``moekit.quantize`` may have changed it)."""
+        out: dict[str, object] = {f"config.{f.name}": getattr(self.config, f.name) for f in fields(self.config)
+                                  if f.name != "backend"}
+        for name in ("ep_size", "tp_size", "placement", "dispatch", "num_redundant_experts"):
+            out[f"parallel.{name}"] = getattr(self.parallel, name)
+        out["dtype"] = self.routed_experts.params_dtype
+        out["quantization"] = self.routed_experts.quant_method.name
+        return out
 
     @classmethod
     def from_pretrained(
@@ -289,6 +306,10 @@ class MoE(nn.Module):
             if lo < 0 or hi >= cfg.num_experts:
                 raise ValueError(f"topk_ids: expected values in [0, E={cfg.num_experts}), got values in "
                                  f"[{lo}, {hi}]")
+        check = self._rank_check
+        if check is not None and not check.done and values_checkable():
+            # Once, outside graph capture and compilation (it syncs): every rank makes its first such call together.
+            check.run(self._rank_fields(), x_TH.device, what="MoE")
         if self._load_recorder is not None:
             hook = self._load_recorder
             hook.recorder.record(hook.layer, ids)  # logical ids, this rank's tokens (device-side, no sync)

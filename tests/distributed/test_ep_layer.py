@@ -101,7 +101,8 @@ def _float_cases() -> dict[str, dict]:
 
 CASES = _float_cases()
 OTHER = ("collective_counts", "checkpoint_loads_local_experts", "from_pretrained_parallel",
-         "fused_checkpoint_loads_local_rows", "tp_checkpoint_loads_slices", "refusals", *ep_layer_eplb.NAMES,
+         "fused_checkpoint_loads_local_rows", "tp_checkpoint_loads_slices", "refusals", "ranks_disagree",
+         *ep_layer_eplb.NAMES,
          *ep_layer_tp.NAMES)
 
 
@@ -150,7 +151,8 @@ def _run_case(name: str, case: dict, rank: int, world: int, device: str = "cpu")
 
 def _collective_counts(rank: int, world: int, device: str = "cpu") -> None:
     """Three collectives per call for both dispatches, as moekit.distributed.dispatch documents (one for
-    allgather_reducescatter when no rank has a token)."""
+    allgather_reducescatter when no rank has a token), and one all_gather more at a layer's first call: the ranks'
+    check that they built the same layer (moekit.distributed.consistency)."""
     calls: list[str] = []
     names = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor",
              "all_to_all_single", "all_reduce", "all_gather", "broadcast", "barrier")
@@ -175,7 +177,8 @@ def _collective_counts(rank: int, world: int, device: str = "cpu") -> None:
         runs = ((3 + rank, seq), (0, seq if dispatch == "all_to_all" else seq[:1]))
         if sync_free:  # no count exchange; equal token counts on every rank
             runs = ((3, seq[1:]), (0, seq[1:] if dispatch == "all_to_all" else []))
-        for tokens, want in runs:
+        for i, (tokens, want) in enumerate(runs):
+            want = (["all_gather"] if i == 0 else []) + want
             for n in originals:
                 setattr(dist, n, counting(n))
             try:
@@ -199,7 +202,7 @@ def _collective_counts(rank: int, world: int, device: str = "cpu") -> None:
         finally:
             for n, fn in originals.items():
                 setattr(dist, n, fn)
-        want = (seq if parallel.ep_size > 1 else []) + ["all_reduce"]
+        want = ["all_gather"] + (seq if parallel.ep_size > 1 else []) + ["all_reduce"]
         assert calls == want, f"TP 2 {dispatch}: {calls} != {want}"
     # A copied layer shares the dispatch (bound to the process group) and computes the same.
     x = torch.randn(5, H, device=device)
@@ -331,8 +334,40 @@ def _refusals(rank: int, world: int) -> None:
     with pytest.raises(ValueError, match="tp_size"):
         moekit.MoE(replace(cfg, intermediate_size=15), parallel=parallel_for(world, rank, 2))
     ep = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank))
-    with pytest.raises(ValueError, match="no backward"):  # refused before any collective: no rank waits
+    with pytest.raises(ValueError, match="no backward"):  # refused before the dispatch's collectives
         ep(torch.randn(2, H))
+
+
+def _ranks_disagree(rank: int, world: int) -> None:
+    """Ranks that built the layer differently (what would exchange tensors of the right shapes and compute wrong
+    outputs) are refused at the first call on every rank, the differing fields named; ranks that agree pass, and
+    are checked once."""
+    cfg = moekit.MoEConfig(num_experts=8, top_k=2, hidden_size=H, intermediate_size=I)
+    builds = {
+        "parallel.placement": dict(parallel=moekit.ParallelConfig(
+            ep_size=world, ep_rank=rank, placement="round_robin" if rank == 1 else "linear")),
+        "config.top_k": dict(cfg=replace(cfg, top_k=3 if rank == 1 else 2)),
+        "config.activation": dict(cfg=replace(cfg, activation=moekit.Activation(
+            name="gelu" if rank == 1 else "silu"))),
+        "dtype": dict(dtype=torch.bfloat16 if rank == 1 else torch.float32),
+        "quantization": dict(scheme="fp8_channel" if rank == 1 else None),
+    }
+    for field, b in builds.items():
+        c = b.get("cfg", replace(cfg, hidden_size=128, intermediate_size=64) if "scheme" in b else cfg)
+        dtype = b.get("dtype", torch.float32)
+        moe = moekit.MoE(c, dtype=dtype, parallel=b.get("parallel", moekit.ParallelConfig(ep_size=world,
+                                                                                           ep_rank=rank)))
+        if b.get("scheme"):
+            moekit.quantize(moe, b["scheme"])
+        with torch.no_grad(), pytest.raises(ValueError, match=f"built differently: {field} ") as err:
+            moe(torch.randn(3, c.hidden_size, dtype=dtype))
+        assert "ranks with equal values: [0" in str(err.value) and "/ [1])" in str(err.value), str(err.value)
+    moe = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank))
+    with torch.no_grad():
+        moe(torch.randn(3, H))
+        assert moe._rank_check.done
+        copied = copy.deepcopy(moe)  # shares the finding (and the group, which cannot be copied)
+        assert copied._rank_check.done and copied._rank_check.groups is moe._rank_check.groups
 
 
 def _cuda_graph_case(rank: int, world: int, device: str) -> None:
@@ -378,7 +413,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo
                   ("from_pretrained_parallel", lambda: _checkpoint_case(rank, world, out_dir, True)),
                   ("fused_checkpoint_loads_local_rows", lambda: _fused_checkpoint_case(rank, world, out_dir)),
                   ("tp_checkpoint_loads_slices", lambda: _tp_checkpoint_case(rank, world, out_dir)),
-                  ("refusals", lambda: _refusals(rank, world))]
+                  ("refusals", lambda: _refusals(rank, world)),
+                  ("ranks_disagree", lambda: _ranks_disagree(rank, world))]
         steps += ep_layer_eplb.cases(rank, world, out_dir, _write_checkpoints)
         steps += ep_layer_tp.cases(rank, world, out_dir)
     run_cases(steps, rank, out_dir)
