@@ -143,9 +143,10 @@ class MoEShape:
     # elem_bytes is then 1), or a weight-only integer scheme ("w4a16_g128": ``wna16_bits``; elem_bytes is the
     # activations'). Tuned entries are keyed by it: an 8-bit layer has other best tiles than a bf16 one.
     weights: str = "bfloat16"
-    # Whether this call can run the Gluon decode kernel's mxfp4 pieces: the device runs Gluon
-    # (``moekit.ops.gluon_wna16.gluon_available``: sm_90, Triton >= 3.6) and the activations are bf16. Only mxfp4's
-    # decode tiles depend on it: elsewhere they would fall back to the byte loads on tiles sized for the Gluon kernel.
+    # Whether this call runs the Gluon decode kernel: the device runs Gluon (``moekit.ops.gluon_wna16.
+    # gluon_available``: sm_90, Triton >= 3.6) and the activations are bf16 (what its mxfp4 pieces take and where
+    # its tiles were measured). The tiles sized for it depend on it (mxfp4 decode, wider 4-bit decode tiles):
+    # elsewhere they would fall back to Triton kernels on tiles never measured there.
     gluon: bool = False
 
     @property
@@ -336,7 +337,12 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
       warpgroup, at least) run "dequant_pairs": deepseek-v3's GEMM 1 at T = 1 (64 rows), so its T = 1 gain is
       GEMM 2's. mxfp4 decode takes the Gluon kernel too, on its own tiles where the device runs it
       (``_mxfp4_gluon_config``; ``MoEShape.gluon``): gpt-oss-120b T = 1 / 16 / 256 / 1024 85.6 / 562.9 / 1328 / 2068
-      -> 53.2 / 385.4 / 919.3 / 1538 µs (H200); elsewhere the byte loads below.
+      -> 51.3 / 365.0 / 877.4 / 1483 µs (H200); elsewhere the byte loads below. Where the call runs Gluon, its
+      16-slot blocks take twice the BLOCK_N too (GEMM 1 two warpgroups, 128 outputs; GEMM 2 128 rows), layer µs
+      on an H200 (``wna16_layer.py --variants gluon_pairs --block-n 1,2``): deepseek-v3 T = 4 / 16 / 64 282.8 /
+      821.0 / 1783.6 -> 264.6 / 747.1 / 1661.2, qwen3-30b-a3b 58.3 / 123.4 / 168.1 -> 54.2 / 110.0 / 149.5,
+      mixtral-8x7b T = 16 307.2 -> 260.9 (T = 4 200.3 -> 202.8: level); 32-slot blocks lost (mixtral T = 64 330.2
+      -> 343.6).
     - Otherwise compute-bound: "dequant" (the dot accumulates in place and is pipelined like a bf16 GEMM; the
       old per-dot scaling left the tensor cores waiting on each product, 0.25-0.39x of bf16 at T = 4096 on an
       H200; the word loads beat the byte loads by 4-11% here) on the bf16 prefill shapes: 64 x 128 tiles of 4 warps, 128 x 128 of 8 warps with the half tail from
@@ -366,7 +372,8 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
 
         def gemm(g: GemmConfig, k_tile: int, k_dim: int) -> GemmConfig:
             pairs = candidate and _pairs_tile(k_tile, int(group.group(1)) if group else k_dim, k_dim)
-            wide = 2 if pairs and s.num_tokens == 1 else 1  # one token: twice the bytes a program (H200 probe)
+            # Twice the bytes a program: one token (H200 probe), and 16-slot blocks where the Gluon kernel runs.
+            wide = 2 if pairs and (s.num_tokens == 1 or (s.gluon and block_m <= 16)) else 1
             return replace(g, variant="gluon_pairs" if pairs else otherwise, block_k=k_tile,
                            block_n=wide * g.block_n, swap_ab=swap)
 

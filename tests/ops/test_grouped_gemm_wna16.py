@@ -242,6 +242,12 @@ def test_wna16_heuristic_tiles(num_experts, hidden, inter, top_k, num_tokens, sc
     # A config naming no variant gets the same, or plain byte loads where the heuristic takes the pairs.
     assert wna16_variant(cfg.block_m, num_tokens == 1) == want.replace("gluon_pairs", "dequant_bytes")
     assert shape.table_key == f"{num_experts},{hidden},{inter},{top_k},{scheme}"
+    # Where the call runs the Gluon kernel, its 16-slot blocks take twice the BLOCK_N (H200 probe); nothing else
+    # changes.
+    on_gluon = heuristic_config(replace(shape, gluon=True))
+    wide = want == "gluon_pairs" and num_tokens > 1 and cfg.block_m <= 16
+    assert on_gluon == (replace(cfg, gemm1=replace(cfg.gemm1, block_n=2 * cfg.gemm1.block_n),
+                                gemm2=replace(cfg.gemm2, block_n=2 * cfg.gemm2.block_n)) if wide else cfg)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 16, 64])
