@@ -71,8 +71,8 @@ class MoE(nn.Module):
     expert p % E at first); each routed (token, k) goes to one slot of its expert (``logical_to_physical``, maps
     ``log2phy``/``logcnt``), loaders fill every slot of an expert, and ``rearrange(new_phy2log)`` applies a
     ``rebalance_experts`` plan. At the first call (outside graph capture and compilation) the ranks check with
-    one all-gather that they built the layer alike (``moekit.distributed.consistency``) and raise naming what
-    differs.
+    one all-gather that they built the layer alike (``moekit.distributed.consistency``), and the ranks of a TP
+    group that they got the same tokens, and raise naming what differs.
 
     ``forward(hidden_states [..., H], router_logits=None, *, topk_weights=None, topk_ids=None)`` returns
     the same shape and dtype. Give ``router_logits`` [T, E] to skip the gate, or ``topk_weights``/``topk_ids``
@@ -157,7 +157,9 @@ class MoE(nn.Module):
         )
         self._load_recorder: _RecorderHook | None = None
         # The ranks agree on how they built the layer: checked collectively at the first call (``_rank_fields``).
-        self._rank_check = RankCheck([process_group]) if parallel.world_size > 1 else None
+        self._rank_check = None
+        if parallel.world_size > 1:
+            self._rank_check = RankCheck(process_group, tp_group, tensor_parallel=parallel.tp_size > 1)
         for name in ("phy2log", "log2phy", "logcnt"):  # the EPLB maps (_set_plan), None without redundant experts
             self.register_buffer(name, None, persistent=False)
         if parallel.num_redundant_experts:
@@ -309,7 +311,7 @@ class MoE(nn.Module):
         check = self._rank_check
         if check is not None and not check.done and values_checkable():
             # Once, outside graph capture and compilation (it syncs): every rank makes its first such call together.
-            check.run(self._rank_fields(), x_TH.device, what="MoE")
+            check.run(self._rank_fields(), x_TH, what="MoE")
         if self._load_recorder is not None:
             hook = self._load_recorder
             hook.recorder.record(hook.layer, ids)  # logical ids, this rank's tokens (device-side, no sync)

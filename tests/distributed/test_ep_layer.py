@@ -152,7 +152,8 @@ def _run_case(name: str, case: dict, rank: int, world: int, device: str = "cpu")
 def _collective_counts(rank: int, world: int, device: str = "cpu") -> None:
     """Three collectives per call for both dispatches, as moekit.distributed.dispatch documents (one for
     allgather_reducescatter when no rank has a token), and one all_gather more at a layer's first call: the ranks'
-    check that they built the same layer (moekit.distributed.consistency)."""
+    check that they built the same layer (moekit.distributed.consistency); two with tensor parallelism (its ranks'
+    tokens too)."""
     calls: list[str] = []
     names = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor",
              "all_to_all_single", "all_reduce", "all_gather", "broadcast", "barrier")
@@ -198,11 +199,13 @@ def _collective_counts(rank: int, world: int, device: str = "cpu") -> None:
         try:
             calls.clear()
             with torch.no_grad():
-                tp(torch.randn(3, H, device=device))
+                # A TP group's ranks share their tokens (the first call checks it).
+                tp(torch.randn(3, H, generator=torch.Generator().manual_seed(parallel.ep_rank)).to(device))
         finally:
             for n, fn in originals.items():
                 setattr(dist, n, fn)
-        want = ["all_gather"] + (seq if parallel.ep_size > 1 else []) + ["all_reduce"]
+        # The first call's checks: how the ranks built the layer, and that a TP group's ranks got the same tokens.
+        want = ["all_gather"] * 2 + (seq if parallel.ep_size > 1 else []) + ["all_reduce"]
         assert calls == want, f"TP 2 {dispatch}: {calls} != {want}"
     # A copied layer shares the dispatch (bound to the process group) and computes the same.
     x = torch.randn(5, H, device=device)
@@ -362,12 +365,21 @@ def _ranks_disagree(rank: int, world: int) -> None:
         with torch.no_grad(), pytest.raises(ValueError, match=f"built differently: {field} ") as err:
             moe(torch.randn(3, c.hidden_size, dtype=dtype))
         assert "ranks with equal values: [0" in str(err.value) and "/ [1])" in str(err.value), str(err.value)
+    # Tensor parallelism: the ranks of a TP group must also get the same tokens (they sum their outputs).
+    for label, tokens in (("count", torch.randn(3 + rank % 2, H)),
+                          ("values", torch.randn(3, H, generator=torch.Generator().manual_seed(rank)))):
+        tp = moekit.MoE(cfg, parallel=parallel_for(world, rank, 2))
+        with torch.no_grad(), pytest.raises(ValueError, match="hidden_states: the ranks got different tokens"):
+            tp(tokens)
+    tp = moekit.MoE(cfg, parallel=parallel_for(world, rank, 2))
+    with torch.no_grad():  # the same tokens within each TP group (EP ranks differ): passes
+        tp(torch.randn(3, H, generator=torch.Generator().manual_seed(rank // 2)))
     moe = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank))
     with torch.no_grad():
         moe(torch.randn(3, H))
         assert moe._rank_check.done
         copied = copy.deepcopy(moe)  # shares the finding (and the group, which cannot be copied)
-        assert copied._rank_check.done and copied._rank_check.groups is moe._rank_check.groups
+        assert copied._rank_check.done and copied._rank_check.group is moe._rank_check.group
 
 
 def _cuda_graph_case(rank: int, world: int, device: str) -> None:
