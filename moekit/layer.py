@@ -41,7 +41,7 @@ from moekit.distributed import (
     parallel_groups,
     rearrange_expert_weights,
 )
-from moekit.distributed.consistency import RankCheck
+from moekit.distributed.consistency import RankCheck, flatten_fields
 from moekit.kernel import LocalPrepareFinalize
 from moekit.quant.base import MoEQuantMethod
 from moekit.routed_experts import RoutedExperts
@@ -183,12 +183,18 @@ class MoE(nn.Module):
         """What every rank of a parallel layer must have built alike (``moekit.distributed.consistency``): the
         config (its backend aside: a per-rank choice of kernels, not of results), the parallel layout without the
         ranks, the experts' dtype and quantization (read now: ``moekit.quantize`` may have changed it)."""
-        out: dict[str, object] = {f"config.{f.name}": getattr(self.config, f.name) for f in fields(self.config)
-                                  if f.name != "backend"}
+        out: dict[str, object] = {}
+        for f in fields(self.config):
+            if f.name != "backend":
+                out.update(flatten_fields(f"config.{f.name}", getattr(self.config, f.name)))
         for name in ("ep_size", "tp_size", "placement", "dispatch", "num_redundant_experts"):
             out[f"parallel.{name}"] = getattr(self.parallel, name)
         out["dtype"] = self.routed_experts.params_dtype
-        out["quantization"] = self.routed_experts.quant_method.name
+        method = self.routed_experts.quant_method
+        out["quantization"] = method.quant_params(self.routed_experts).describe()
+        out["quantization.static_input_scales"] = bool(getattr(method, "static_input_scales", False))
+        if self.phy2log is not None:  # EPLB: a loaded plan routes to its slots (one sync, at the first call)
+            out["eplb plan"] = tuple(self.phy2log.tolist())
         return out
 
     @classmethod
@@ -272,6 +278,15 @@ class MoE(nn.Module):
         topk_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cfg = self.config
+        check = self._rank_check
+        if check is not None and not check.done and isinstance(hidden_states, torch.Tensor):
+            # Once, first (before a rank can refuse its input and leave the others in a collective), outside graph
+            # capture (it syncs). A compiled layer is never checked: a rank falling back to eager later would run
+            # the collective alone.
+            if torch.compiler.is_compiling():
+                check.done = True
+            elif values_checkable():
+                check.run(self._rank_fields(), hidden_states, what="MoE")
         check_tensor("hidden_states", hidden_states)
         if hidden_states.dim() == 0 or hidden_states.shape[-1] != cfg.hidden_size:
             raise ValueError(f"hidden_states: expected shape [..., H={cfg.hidden_size}], got {tuple(hidden_states.shape)}")
@@ -308,10 +323,6 @@ class MoE(nn.Module):
             if lo < 0 or hi >= cfg.num_experts:
                 raise ValueError(f"topk_ids: expected values in [0, E={cfg.num_experts}), got values in "
                                  f"[{lo}, {hi}]")
-        check = self._rank_check
-        if check is not None and not check.done and values_checkable():
-            # Once, outside graph capture and compilation (it syncs): every rank makes its first such call together.
-            check.run(self._rank_fields(), x_TH, what="MoE")
         if self._load_recorder is not None:
             hook = self._load_recorder
             hook.recorder.record(hook.layer, ids)  # logical ids, this rank's tokens (device-side, no sync)

@@ -10,6 +10,7 @@ value and which ranks hold which value.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Mapping
 
@@ -17,9 +18,28 @@ import torch
 import torch.distributed as dist
 
 
+def flatten_fields(prefix: str, value: object) -> dict[str, object]:
+    """``value``'s leaves under dotted names (a dataclass field by field, recursively; anything else is a leaf), so
+    a difference is named down to the leaf (``config.routing.scoring_func``)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(value):
+            out.update(flatten_fields(f"{prefix}.{f.name}", getattr(value, f.name)))
+        return out
+    return {prefix: value}
+
+
+def stable_repr(value: object) -> str:
+    """A text of ``value`` equal across processes for equal values: ``repr``, except for functions, methods and
+    classes, whose repr holds an address (a routing callback is compared by its qualified name)."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
+    return repr(value)
+
+
 def field_hashes(fields: Mapping[str, object]) -> torch.Tensor:
-    """int64 [F]: CRC-32 of ``repr`` of each value, in ``fields``' order."""
-    return torch.tensor([zlib.crc32(repr(v).encode()) for v in fields.values()], dtype=torch.int64)
+    """int64 [F]: CRC-32 of ``stable_repr`` of each value, in ``fields``' order."""
+    return torch.tensor([zlib.crc32(stable_repr(v).encode()) for v in fields.values()], dtype=torch.int64)
 
 
 def check_ranks_agree(fields: Mapping[str, object], group: dist.ProcessGroup | None, device: torch.device,
@@ -44,7 +64,8 @@ def check_ranks_agree(fields: Mapping[str, object], group: dist.ProcessGroup | N
         for r in range(world):
             by_value.setdefault(int(table[r, i]), []).append(r)
         ranks = " / ".join(str(rs) for rs in by_value.values())
-        details.append(f"{names[i]} (this rank, {rank}: {fields[names[i]]!r}; ranks with equal values: {ranks})")
+        details.append(f"{names[i]} (this rank, {rank} of the group: {stable_repr(fields[names[i]])}; ranks with "
+                       f"equal values: {ranks})")
     if what == "hidden_states":
         raise ValueError("hidden_states: the ranks got different tokens at the layer's first call: "
                          + "; ".join(details))
@@ -65,7 +86,8 @@ class RankCheck:
     of the layer's ranks) on how they built it, ``same_tokens`` (a tensor-parallel group, whose ranks hold slices
     of the same experts and sum their outputs) on the tokens of the first call too.
 
-    A copy (``copy.deepcopy`` of the layer) shares the groups, which cannot be copied, and the finding."""
+    A copy (``copy.deepcopy`` of the layer) shares the groups, which cannot be copied, and the finding; a pickled
+    one (``torch.save``) is checked again where it is loaded."""
 
     def __init__(self, group: dist.ProcessGroup | None, same_tokens: dist.ProcessGroup | None = None,
                  *, tensor_parallel: bool = False) -> None:
@@ -77,19 +99,18 @@ class RankCheck:
         other.done = self.done
         return other
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "done": False}
+
     def run(self, fields: Mapping[str, object], x: torch.Tensor, *, what: str) -> None:
         """``check_ranks_agree`` over ``group`` and (tensor parallelism) on ``x``'s digest over ``same_tokens``,
-        once; the hashes travel on ``x``'s device for NCCL groups, else on the CPU."""
-        check_ranks_agree(fields, self.group, _device(self.group, x), what=what)
+        once; the hashes travel on ``x``'s device, as the dispatch's own collectives do."""
+        check_ranks_agree(fields, self.group, x.device, what=what)
         if self.tensor_parallel:
             try:
-                check_ranks_agree(tokens_digest(x), self.same_tokens, _device(self.same_tokens, x),
-                                  what="hidden_states")
+                check_ranks_agree(tokens_digest(x), self.same_tokens, x.device, what="hidden_states")
             except ValueError as err:
                 raise ValueError(f"{err} (the ranks of a tensor-parallel group hold slices of the same experts and "
                                  "sum their outputs: each must be called with the same tokens)") from None
         self.done = True
 
-
-def _device(group: dist.ProcessGroup | None, x: torch.Tensor) -> torch.device:
-    return x.device if dist.get_backend(group) == "nccl" else torch.device("cpu")

@@ -31,7 +31,7 @@ from moekit._checks import (
 from moekit.ops._kernels.pieces import gather_pieces_kernel
 from moekit.ops.activation import Activation, activation_code
 from moekit.ops.align import AlignResult
-from moekit.ops.heuristics import GemmConfig
+from moekit.ops.heuristics import GemmConfig, gluon_tile_fits
 
 PIECE_GROUP = 128  # columns of one K step: 16 code words, four pieces of 32
 
@@ -195,8 +195,7 @@ def gluon_unsupported(a: torch.Tensor, qweight: torch.Tensor, words: torch.Tenso
         return f"activation {activation.name if activation else None}"
     if not layout.row_per_block and (layout.block_m > 32 or layout.block_m % 8):
         return f"row blocks of {layout.block_m} slots"
-    tiles = GluonTiles(config, layout, k_dim, gated, e2m1)
-    if config.num_warps % 4 or tiles.out_n % (64 * tiles.wg) or n_out % tiles.out_n or tiles.out_n > 256:
+    if not gluon_tile_fits(config.block_n, config.num_warps, n_out, gated):
         return f"tile of {config.block_n} rows on {config.num_warps} warps for {n_out} outputs"
     if config.split_k > 1 and gated:
         return "split-K with an activation"

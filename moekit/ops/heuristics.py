@@ -370,14 +370,17 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
         candidate = int4 and s.elem_bytes == 2 and (s.num_tokens > 1 or s.hidden * s.inter >= _PAIRS_T1_MIN)
         otherwise = "dequant_split" if int4 and s.num_tokens > 1 else "dequant_bytes"
 
-        def gemm(g: GemmConfig, k_tile: int, k_dim: int) -> GemmConfig:
+        def gemm(g: GemmConfig, k_tile: int, k_dim: int, n_out: int, gated: bool) -> GemmConfig:
             pairs = candidate and _pairs_tile(k_tile, int(group.group(1)) if group else k_dim, k_dim)
-            # Twice the bytes a program: one token (H200 probe), and 16-slot blocks where the Gluon kernel runs.
-            wide = 2 if pairs and (s.num_tokens == 1 or (s.gluon and block_m <= 16)) else 1
+            # Twice the bytes a program: one token (H200 probe), and 16-slot blocks where the Gluon kernel runs
+            # and still takes the doubled tile (else it would run "dequant_pairs" on tiles never measured there).
+            wider = s.gluon and block_m <= 16 and gluon_tile_fits(2 * g.block_n, g.num_warps, n_out, gated)
+            wide = 2 if pairs and (s.num_tokens == 1 or wider) else 1
             return replace(g, variant="gluon_pairs" if pairs else otherwise, block_k=k_tile,
                            block_n=wide * g.block_n, swap_ab=swap)
 
-        cfg = replace(cfg, gemm1=gemm(cfg.gemm1, k1, s.hidden), gemm2=gemm(cfg.gemm2, k2, s.inter))
+        cfg = replace(cfg, gemm1=gemm(cfg.gemm1, k1, s.hidden, s.inter, s.gated),
+                      gemm2=gemm(cfg.gemm2, k2, s.inter, s.hidden, False))
         return _mxfp4_gluon_config(s, cfg, blocks, target) if s.weights == "mxfp4" and s.gluon else cfg
     if block_m == 128:
         # mxfp4's swapped 128-row tiles: 256 weight rows (two wgmma M blocks a warpgroup): gpt-oss-120b T = 4096 on
@@ -390,16 +393,25 @@ def _wna16_config(s: MoEShape, bits: int, block_m: int, blocks: int, target: int
     return MoEKernelConfig(block_m=block_m, gemm1=g, gemm2=g, y_fp32=False)
 
 
+def gluon_tile_fits(block_n: int, num_warps: int, n_out: int, gated: bool) -> bool:
+    """Whether the Gluon decode kernel takes BLOCK_N weight rows on ``num_warps`` warps for ``n_out`` outputs (gated:
+    half gate, half up rows): whole warpgroups of 64-row wgmma blocks, at most 256 rows a TMA box, dividing the
+    outputs (``moekit.ops.gluon_wna16.gluon_unsupported`` checks the same with ``GluonTiles``)."""
+    out_n = block_n // 2 if gated else block_n
+    wg = max(1, num_warps // 4, block_n // 128)
+    return num_warps % 4 == 0 and out_n % (64 * wg) == 0 and n_out % out_n == 0 and out_n <= 256
+
+
 def _mxfp4_gluon_config(s: MoEShape, cfg: MoEKernelConfig, blocks: int, target: int) -> MoEKernelConfig:
     """mxfp4 decode tiles on the Gluon kernel ("gluon_pairs", ``moekit.ops.gluon_wna16``) for each GEMM its tile
     divides (else that GEMM keeps ``cfg``'s byte loads): GEMM 1 128 weight rows a program (gated: 64 outputs, the
     kernel's least), GEMM 2 64 (gpt-oss's H = 2880 is no multiple of 128), K steps of 128, GEMM 2 split while the
     grid is short of ``target`` programs and each split keeps >= 4 steps."""
     gemm1, gemm2 = cfg.gemm1, cfg.gemm2
-    if s.inter % 64 == 0:
+    if gluon_tile_fits(128 if s.gated else 64, 4, s.inter, s.gated):
         gemm1 = GemmConfig(block_n=128 if s.gated else 64, block_k=128, num_warps=4, num_stages=4,
                            variant="gluon_pairs")
-    if s.hidden % 64 == 0:
+    if gluon_tile_fits(64, 4, s.hidden, False):
         split = 1
         while blocks * (s.hidden // 64) * split < target and s.inter // (2 * split) >= 4 * 128:
             split *= 2

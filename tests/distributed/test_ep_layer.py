@@ -341,6 +341,12 @@ def _refusals(rank: int, world: int) -> None:
         ep(torch.randn(2, H))
 
 
+def _route_top2(hidden_states, router_logits, top_k, renormalize):
+    """A routing callback (module level: the same on every rank, at a different address in each process)."""
+    weights, ids = torch.topk(router_logits.softmax(-1), top_k)
+    return weights, ids
+
+
 def _ranks_disagree(rank: int, world: int) -> None:
     """Ranks that built the layer differently (what would exchange tensors of the right shapes and compute wrong
     outputs) are refused at the first call on every rank, the differing fields named; ranks that agree pass, and
@@ -350,20 +356,25 @@ def _ranks_disagree(rank: int, world: int) -> None:
         "parallel.placement": dict(parallel=moekit.ParallelConfig(
             ep_size=world, ep_rank=rank, placement="round_robin" if rank == 1 else "linear")),
         "config.top_k": dict(cfg=replace(cfg, top_k=3 if rank == 1 else 2)),
-        "config.activation": dict(cfg=replace(cfg, activation=moekit.Activation(
+        "config.activation.name": dict(cfg=replace(cfg, activation=moekit.Activation(
             name="gelu" if rank == 1 else "silu"))),
+        "config.routing.scoring_func": dict(cfg=replace(cfg, routing=moekit.RoutingConfig(
+            scoring_func="sigmoid" if rank == 1 else "softmax"))),
         "dtype": dict(dtype=torch.bfloat16 if rank == 1 else torch.float32),
         "quantization": dict(scheme="fp8_channel" if rank == 1 else None),
     }
+    builds["config.hidden_size"] = dict(cfg=replace(cfg, hidden_size=48 if rank == 1 else H))
     for field, b in builds.items():
         c = b.get("cfg", replace(cfg, hidden_size=128, intermediate_size=64) if "scheme" in b else cfg)
-        dtype = b.get("dtype", torch.float32)
-        moe = moekit.MoE(c, dtype=dtype, parallel=b.get("parallel", moekit.ParallelConfig(ep_size=world,
-                                                                                           ep_rank=rank)))
+        moe = moekit.MoE(c, dtype=b.get("dtype", torch.float32),
+                         parallel=b.get("parallel", moekit.ParallelConfig(ep_size=world, ep_rank=rank)))
         if b.get("scheme"):
             moekit.quantize(moe, b["scheme"])
+        # Every rank gets rank 0's input: the rank built differently is refused with the others, before its own
+        # input check (which would leave them in the collective).
+        x = torch.randn(3, 128 if "scheme" in b else H)
         with torch.no_grad(), pytest.raises(ValueError, match=f"built differently: {field} ") as err:
-            moe(torch.randn(3, c.hidden_size, dtype=dtype))
+            moe(x)
         assert "ranks with equal values: [0" in str(err.value) and "/ [1])" in str(err.value), str(err.value)
     # Tensor parallelism: the ranks of a TP group must also get the same tokens (they sum their outputs).
     for label, tokens in (("count", torch.randn(3 + rank % 2, H)),
@@ -374,6 +385,11 @@ def _ranks_disagree(rank: int, world: int) -> None:
     tp = moekit.MoE(cfg, parallel=parallel_for(world, rank, 2))
     with torch.no_grad():  # the same tokens within each TP group (EP ranks differ): passes
         tp(torch.randn(3, H, generator=torch.Generator().manual_seed(rank // 2)))
+    # The same routing callback on every rank (its repr holds a per-process address) agrees.
+    routed = moekit.MoE(replace(cfg, routing=moekit.RoutingConfig(custom_routing_function=_route_top2)),
+                        parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank))
+    with torch.no_grad():
+        routed(torch.randn(3, H))
     moe = moekit.MoE(cfg, parallel=moekit.ParallelConfig(ep_size=world, ep_rank=rank))
     with torch.no_grad():
         moe(torch.randn(3, H))

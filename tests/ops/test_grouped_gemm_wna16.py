@@ -19,7 +19,8 @@ from moekit.ops.activation import Activation
 from moekit.ops.align import align, align_ref, row_per_block
 from moekit.ops.grouped_gemm_wna16 import _as_words, grouped_gemm_wna16, grouped_gemm_wna16_ref, k_tiles
 from moekit.ops.heuristics import (
-    WNA16_VARIANTS, GemmConfig, MoEKernelConfig, MoEShape, heuristic_config, wna16_bits, wna16_variant,
+    WNA16_VARIANTS, GemmConfig, MoEKernelConfig, MoEShape, gluon_tile_fits, heuristic_config, wna16_bits,
+    wna16_variant,
 )
 from moekit.ops.grouped_gemm import grouped_gemm_ref
 from moekit.ops.quantize_wna16 import WNA16Weight, dequantize_wna16, quantize_wna16
@@ -242,12 +243,30 @@ def test_wna16_heuristic_tiles(num_experts, hidden, inter, top_k, num_tokens, sc
     # A config naming no variant gets the same, or plain byte loads where the heuristic takes the pairs.
     assert wna16_variant(cfg.block_m, num_tokens == 1) == want.replace("gluon_pairs", "dequant_bytes")
     assert shape.table_key == f"{num_experts},{hidden},{inter},{top_k},{scheme}"
-    # Where the call runs the Gluon kernel, its 16-slot blocks take twice the BLOCK_N (H200 probe); nothing else
-    # changes.
+    # Where the call runs the Gluon kernel, its 16-slot blocks take twice the BLOCK_N (H200 probe) where the
+    # doubled tile still runs there; nothing else changes.
     on_gluon = heuristic_config(replace(shape, gluon=True))
     wide = want == "gluon_pairs" and num_tokens > 1 and cfg.block_m <= 16
-    assert on_gluon == (replace(cfg, gemm1=replace(cfg.gemm1, block_n=2 * cfg.gemm1.block_n),
-                                gemm2=replace(cfg.gemm2, block_n=2 * cfg.gemm2.block_n)) if wide else cfg)
+    for g, on, n_out, gated in ((cfg.gemm1, on_gluon.gemm1, inter, True), (cfg.gemm2, on_gluon.gemm2, hidden, False)):
+        doubled = wide and gluon_tile_fits(2 * g.block_n, g.num_warps, n_out, gated)
+        assert on == (replace(g, block_n=2 * g.block_n) if doubled else g)
+    assert on_gluon.block_m == cfg.block_m
+
+
+@pytest.mark.parametrize("inter, hidden, want1, want2", [
+    (768, 2048, True, True),    # qwen3-30b-a3b
+    (192, 2048, False, True),   # its TP = 4 slice: 128 outputs do not divide 192
+    (704, 2048, False, True),   # qwen2-moe / DeepSeek-V2-Lite at TP = 2
+    (720, 2880, False, False),  # gpt-oss's H = 2880 (w4a16) at TP = 4: neither doubled tile divides
+])
+def test_wider_gluon_tiles_only_where_they_still_run(inter, hidden, want1, want2):
+    shape = MoEShape(num_tokens=16, top_k=8, num_experts=128, hidden=hidden, inter=inter, weights="w4a16_g128",
+                     gluon=True)
+    cfg, narrow = heuristic_config(shape), heuristic_config(replace(shape, gluon=False))
+    assert cfg.block_m == 16
+    for g, base, want in ((cfg.gemm1, narrow.gemm1, want1), (cfg.gemm2, narrow.gemm2, want2)):
+        if base.variant == "gluon_pairs":
+            assert g.block_n == (2 if want else 1) * base.block_n
 
 
 @pytest.mark.parametrize("num_tokens", [1, 16, 64])
