@@ -137,7 +137,8 @@ def _agree(error: Exception | None, old: torch.Tensor, new: torch.Tensor, ep_siz
     row = torch.tensor([int(error is not None), old.shape[0] if error is None else -1,
                         hash(tuple(old.tolist())), hash(tuple(new.tolist()))], dtype=torch.int64)
     device = torch.device("cpu")
-    if dist.get_backend(process_group) == "nccl":
+    backend = str(dist.get_backend(process_group))  # "nccl", "cuda:nccl", "cpu:gloo,cuda:nccl", "gloo", ...
+    if "nccl" in backend and "cpu:" not in backend:  # NCCL alone: CUDA tensors only
         device = torch.device("cuda", torch.cuda.current_device())
     gathered = [torch.empty_like(row, device=device) for _ in range(ep_size)]
     dist.all_gather(gathered, row.to(device), group=process_group)
