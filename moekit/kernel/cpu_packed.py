@@ -37,7 +37,6 @@ from collections.abc import Iterator
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.weak import WeakIdKeyDictionary
 
 from moekit.ops.activation import Activation, activation_ref
 
@@ -56,30 +55,49 @@ class _Packed:
         self.experts: dict[int, torch.Tensor] = {}
 
 
-# Keyed by identity (a WeakKeyDictionary would compare tensors with ==, which is elementwise). _TRACKED: the
-# weights a layer marked (value: its packs or None before its first call); entries die with the weights.
-_TRACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+class _Packs:
+    """A tracked weight's packs (``entry``: None before its first call or after ``forget``), held as an attribute
+    of the weight itself (``_ATTR``): it dies with the weight, and no weak reference is taken (``torch.utils.
+    swap_tensors``, which ``module.to()`` uses under ``torch.__future__.set_swap_module_params_on_conversion``,
+    refuses tensors that have one; a swap also swaps the attribute away, with the old data). A copy or a pickle
+    of the weight gets no packs."""
+
+    def __init__(self) -> None:
+        self.entry: _Packed | None = None
+
+    def __deepcopy__(self, memo: dict) -> _Packs:
+        return _Packs()
+
+    def __reduce__(self) -> tuple:
+        return (_Packs, ())
+
+
+_ATTR = "_moekit_cpu_packs"
+
+
+def _packs(w: torch.Tensor) -> _Packs | None:
+    return getattr(w, _ATTR, None)
 
 
 def track(*weights: torch.Tensor) -> None:
     """Mark a layer's expert weights as packable (the layer calls it on a CPU forward; cheap when already)."""
     for w in weights:
-        if w not in _TRACKED:
-            _TRACKED[w] = None
+        if _packs(w) is None:
+            setattr(w, _ATTR, _Packs())
 
 
 def forget(*weights: torch.Tensor) -> None:
     """Drop the packs of ``weights`` (they stay tracked): the next call packs again from their values."""
     for w in weights:
-        if w in _TRACKED:
-            _TRACKED[w] = None
+        packs = _packs(w)
+        if packs is not None:
+            packs.entry = None
 
 
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
     # A fused optimizer step (Adam/AdamW/SGD fused=True) writes the parameters without moving their version
     # counters: drop the packs of every parameter a step may have written.
-    if _TRACKED:
-        forget(*(p for group in optimizer.param_groups for p in group["params"]))
+    forget(*(p for group in optimizer.param_groups for p in group["params"]))
 
 
 register_optimizer_step_post_hook(_after_optimizer_step)
@@ -135,16 +153,17 @@ def usable(x_MH: torch.Tensor, *weights: torch.Tensor) -> bool:
         return False
     if any(w.is_inference() for w in weights):  # made under torch.inference_mode: no version counter to check
         return False
-    if not all(w in _TRACKED for w in weights):  # bare tensors: nobody tells us when they change
+    if not all(_packs(w) is not None for w in weights):  # bare tensors: nobody tells us when they change
         return False
     return x_MH.dtype in _DTYPES and _dtype_supported(x_MH.dtype)
 
 
 def _entry(w_ENK: torch.Tensor) -> _Packed:
     """The packs of a tracked ``w_ENK``, checked once per call (stale ones dropped: module docstring)."""
-    entry = _TRACKED.get(w_ENK)
+    packs = _packs(w_ENK)
+    entry = packs.entry
     if entry is None or entry.key != _key(w_ENK):
-        entry = _TRACKED[w_ENK] = _Packed(w_ENK)
+        entry = packs.entry = _Packed(w_ENK)
     return entry
 
 

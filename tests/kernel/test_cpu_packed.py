@@ -2,7 +2,10 @@
 weights where the CPU supports the dtype, equal to the plain GEMMs within the dtype's rounding, never stale (every
 way moekit changes the weights after a forward is seen by the next one), and never for bare tensors."""
 
+import copy
 import gc
+import io
+import weakref
 
 import pytest
 import torch
@@ -95,22 +98,49 @@ def test_a_layer_packs_its_weights_and_drops_them_with_a_move(packs):
     assert len(packs) == 2 * int(torch.unique(ids).numel())  # packed once
     assert_close(out, reference_experts(x, e.w13, e.w2, weights, ids), dtype)
     w13 = e.w13
-    assert cpu_packed._TRACKED.get(w13) is not None
+    assert cpu_packed._packs(w13).entry is not None
     moe.to(torch.float16 if dtype != torch.float16 else torch.float32)  # a cast: the packs of the old weights
     # are dropped at once, not at the next CPU call
-    assert cpu_packed._TRACKED.get(w13) is None
+    assert cpu_packed._packs(w13).entry is None
 
 
 @needs_packing
 def test_packs_die_with_the_layer():
+    # The packs hang off the weights themselves: nothing global keeps them (or the weights) alive.
     moe = _layer(PACKED_DTYPES[-1])
     x = torch.randn(3, 32, dtype=PACKED_DTYPES[-1])
     with torch.no_grad():
         moe.routed_experts(x, *_routing(3))
-    before = len(cpu_packed._TRACKED)
+    entry = weakref.ref(cpu_packed._packs(moe.routed_experts.w13).entry)
     del moe
     gc.collect()
-    assert len(cpu_packed._TRACKED) <= before - 2
+    assert entry() is None
+
+
+@needs_packing
+def test_swapped_conversion_after_a_forward(monkeypatch):
+    # torch.__future__.set_swap_module_params_on_conversion(True): module.to() swaps each parameter's contents
+    # with torch.utils.swap_tensors, which refuses tensors with weak references: a CPU forward must not leave one.
+    # The cast layer computes as a fresh layer of its dtype; copies and pickles of a packed layer carry no packs.
+    dtype = PACKED_DTYPES[-1]
+    moe = _layer(dtype)
+    x = torch.randn(5, 32, dtype=dtype)
+    with torch.no_grad():
+        moe(x)
+    copied = copy.deepcopy(moe)
+    assert getattr(cpu_packed._packs(copied.routed_experts.w13), "entry", None) is None
+    buf = io.BytesIO()
+    torch.save(moe, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert getattr(cpu_packed._packs(loaded.routed_experts.w13), "entry", None) is None
+    monkeypatch.setattr(torch.__future__, "_swap_module_params_on_conversion", True)
+    other = torch.float32 if dtype != torch.float32 else torch.bfloat16
+    moe.to(other)
+    fresh = _layer(other)
+    fresh.load_state_dict(moe.state_dict())
+    with torch.no_grad():
+        assert torch.equal(moe(x.to(other)), fresh(x.to(other)))
 
 
 @needs_packing
