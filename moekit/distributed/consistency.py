@@ -43,10 +43,11 @@ def field_hashes(fields: Mapping[str, object]) -> torch.Tensor:
 
 
 def check_ranks_agree(fields: Mapping[str, object], group: dist.ProcessGroup | None, device: torch.device,
-                      *, what: str = "the layer") -> None:
-    """Raise ValueError unless every rank of ``group`` passed equal ``fields`` (collective: every rank calls it).
+                      *, what: str, hint: str) -> None:
+    """Raise ValueError unless every rank of ``group`` passed equal ``fields`` (collective: every rank calls it):
+    ``what``, the fields that differ, then ``hint``.
 
-    ``device``: where the hashes travel (a CUDA device for NCCL, the CPU for gloo).
+    ``device``: where the hashes travel (the device the group's collectives take: the layer's input's).
     """
     mine = field_hashes(fields).to(device)
     world = dist.get_world_size(group)
@@ -66,19 +67,13 @@ def check_ranks_agree(fields: Mapping[str, object], group: dist.ProcessGroup | N
         ranks = " / ".join(str(rs) for rs in by_value.values())
         details.append(f"{names[i]} (this rank, {rank} of the group: {stable_repr(fields[names[i]])}; ranks with "
                        f"equal values: {ranks})")
-    if what == "hidden_states":
-        raise ValueError("hidden_states: the ranks got different tokens at the layer's first call: "
-                         + "; ".join(details))
-    raise ValueError(f"{what}: the ranks of its process group were built differently: " + "; ".join(details)
-                     + ". Every rank must build it with the same config, parallel sizes, placement, dispatch, dtype "
-                     "and quantization")
+    raise ValueError(f"{what}: " + "; ".join(details) + f". {hint}")
 
 
 def tokens_digest(x: torch.Tensor) -> dict[str, object]:
     """What identifies a batch of tokens across ranks without moving it: its shape and the int64 sum of its bytes
     (exact, so equal inputs give equal sums on any device)."""
-    flat = x.detach().contiguous().view(torch.uint8) if x.numel() else x.new_zeros(0, dtype=torch.uint8)
-    return {"shape": tuple(x.shape), "byte sum": int(flat.sum(dtype=torch.int64)) if flat.numel() else 0}
+    return {"shape": tuple(x.shape), "byte sum": int(x.detach().reshape(-1).view(torch.uint8).sum(dtype=torch.int64))}
 
 
 class RankCheck:
@@ -105,12 +100,13 @@ class RankCheck:
     def run(self, fields: Mapping[str, object], x: torch.Tensor, *, what: str) -> None:
         """``check_ranks_agree`` over ``group`` and (tensor parallelism) on ``x``'s digest over ``same_tokens``,
         once; the hashes travel on ``x``'s device, as the dispatch's own collectives do."""
-        check_ranks_agree(fields, self.group, x.device, what=what)
+        check_ranks_agree(fields, self.group, x.device, what=f"{what}: the ranks of its process group were built "
+                          "differently", hint="Every rank must build it with the same config, parallel sizes, "
+                          "placement, dispatch, dtype and quantization")
         if self.tensor_parallel:
-            try:
-                check_ranks_agree(tokens_digest(x), self.same_tokens, x.device, what="hidden_states")
-            except ValueError as err:
-                raise ValueError(f"{err} (the ranks of a tensor-parallel group hold slices of the same experts and "
-                                 "sum their outputs: each must be called with the same tokens)") from None
+            check_ranks_agree(tokens_digest(x), self.same_tokens, x.device,
+                              what="hidden_states: the ranks got different tokens at the layer's first call",
+                              hint="The ranks of a tensor-parallel group hold slices of the same experts and sum "
+                              "their outputs: each must be called with the same tokens")
         self.done = True
 
