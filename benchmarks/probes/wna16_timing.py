@@ -27,7 +27,7 @@ import triton.testing
 from moekit.bench.shapes import PRESETS
 from moekit.ops.activation import Activation
 from moekit.ops.align import align, row_per_block
-from moekit.ops.gluon_wna16 import gluon_available
+from moekit.ops.gluon_wna16 import gluon_decode
 from moekit.ops.grouped_gemm import grouped_gemm
 from moekit.ops.grouped_gemm_wna16 import grouped_gemm_wna16
 from moekit.ops.heuristics import GemmConfig, MoEKernelConfig, MoEShape, choose_config
@@ -166,7 +166,7 @@ def main() -> None:
             t_bf = (bench(bf1, graph), bench(bf2, graph))
             floor_us = [nbytes(w, active) / READ_BW * 1e6 for w in (w13, w2)]
             # What the layer's heuristic sees on this device (bf16 activations: the Gluon tiles where it runs).
-            heur = choose_config(replace(base_shape, weights=scheme, gluon=gluon_available(dev)))
+            heur = choose_config(replace(base_shape, weights=scheme, gluon=gluon_decode(dev, torch.bfloat16)))
             totals: dict[str, float] = {}
             point_start = time.perf_counter()
             for cname, cfg in variants(heur, bits).items():

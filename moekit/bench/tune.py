@@ -31,7 +31,7 @@ from moekit.kernel.modular import ModularKernel
 from moekit.kernel.prepare_finalize import LocalPrepareFinalize
 from moekit.kernel.torch_experts import TorchExperts
 from moekit.ops import heuristics
-from moekit.ops.gluon_wna16 import gluon_available
+from moekit.ops.gluon_wna16 import gluon_decode
 from moekit.ops.heuristics import GemmConfig, MoEKernelConfig, MoEShape, heuristic_config, tuned_dir
 from moekit.quant import QUANT_SCHEMES
 from moekit.quant.params import UNQUANTIZED
@@ -318,7 +318,7 @@ def tune_preset(
         device = torch.device("cuda")
         measure, free = gpu_measure(preset, device, dtype, quant=quant, log=log)
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-        gluon = dtype == torch.bfloat16 and gluon_available(device)
+        gluon = gluon_decode(device, dtype)
     gated = preset.activation.is_gated
 
     def shape_of(t: int) -> MoEShape:

@@ -79,11 +79,17 @@ def _packs(w: torch.Tensor) -> _Packs | None:
     return getattr(w, _ATTR, None)
 
 
+# Whether any weight was ever tracked: until then an optimizer step (any model's, every step) has nothing to drop.
+_ANY_TRACKED = False
+
+
 def track(*weights: torch.Tensor) -> None:
     """Mark a layer's expert weights as packable (the layer calls it on a CPU forward; cheap when already)."""
+    global _ANY_TRACKED
     for w in weights:
         if _packs(w) is None:
             setattr(w, _ATTR, _Packs())
+            _ANY_TRACKED = True
 
 
 def forget(*weights: torch.Tensor) -> None:
@@ -97,7 +103,8 @@ def forget(*weights: torch.Tensor) -> None:
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
     # A fused optimizer step (Adam/AdamW/SGD fused=True) writes the parameters without moving their version
     # counters: drop the packs of every parameter a step may have written.
-    forget(*(p for group in optimizer.param_groups for p in group["params"]))
+    if _ANY_TRACKED:
+        forget(*(p for group in optimizer.param_groups for p in group["params"]))
 
 
 register_optimizer_step_post_hook(_after_optimizer_step)

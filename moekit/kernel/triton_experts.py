@@ -47,7 +47,7 @@ from moekit.ops.act_quant import act_quant
 from moekit.ops.activation_backward import activation_backward
 from moekit.ops.align import AlignResult, align, align_num_blocks, align_workspace_elems, row_per_block
 from moekit.ops.fused_decode import fused_decode, fused_decode_slices
-from moekit.ops.gluon_wna16 import gluon_available
+from moekit.ops.gluon_wna16 import gluon_decode
 from moekit.ops.grouped_gemm import grouped_gemm
 from moekit.ops.grouped_gemm_w8a8 import grouped_gemm_w8a8
 from moekit.ops.grouped_gemm_wna16 import MXFP4Weight, grouped_gemm_wna16
@@ -418,7 +418,7 @@ class TritonExperts(Experts):
                 gated=activation.is_gated, num_sms=_num_sms(x_TH.device), elem_bytes=x_TH.element_size(),
                 gpu=gpu_name(x_TH.device),  # the tables of the card the call runs on, also on mixed hosts
                 weights=quant.scheme if quant.is_quantized else str(x_TH.dtype).removeprefix("torch."),
-                gluon=x_TH.dtype == torch.bfloat16 and gluon_available(x_TH.device),
+                gluon=gluon_decode(x_TH.device, x_TH.dtype),
             )
         )
 

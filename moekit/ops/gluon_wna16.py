@@ -122,6 +122,12 @@ def gluon_available(device: torch.device) -> bool:
     return _device_available(torch.cuda.current_device() if device.index is None else device.index)
 
 
+def gluon_decode(device: torch.device, dtype: torch.dtype) -> bool:
+    """``MoEShape.gluon`` of a call with ``dtype`` activations on ``device``: the device runs the Gluon kernel and
+    the activations are bf16 (what its mxfp4 pieces take and where its tiles were measured)."""
+    return dtype == torch.bfloat16 and gluon_available(device)
+
+
 @functools.cache
 def _device_available(index: int) -> bool:
     return _device_unsupported(torch.empty(0, device=torch.device("cuda", index))) is None

@@ -143,9 +143,9 @@ class MoEShape:
     # elem_bytes is then 1), or a weight-only integer scheme ("w4a16_g128": ``wna16_bits``; elem_bytes is the
     # activations'). Tuned entries are keyed by it: an 8-bit layer has other best tiles than a bf16 one.
     weights: str = "bfloat16"
-    # Whether this call runs the Gluon decode kernel: the device runs Gluon (``moekit.ops.gluon_wna16.
-    # gluon_available``: sm_90, Triton >= 3.6) and the activations are bf16 (what its mxfp4 pieces take and where
-    # its tiles were measured). The tiles sized for it depend on it (mxfp4 decode, wider 4-bit decode tiles):
+    # Whether this call runs the Gluon decode kernel (``moekit.ops.gluon_wna16.gluon_decode``): the device runs
+    # Gluon (sm_90, Triton >= 3.6) and the activations are bf16 (what its mxfp4 pieces take and where its tiles
+    # were measured). The tiles sized for it depend on it (mxfp4 decode, wider 4-bit decode tiles):
     # elsewhere they would fall back to Triton kernels on tiles never measured there.
     gluon: bool = False
 
