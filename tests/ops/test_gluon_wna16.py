@@ -27,8 +27,10 @@ SILU = Activation(name="silu")
 DECODE = GemmConfig(block_n=128, block_k=256, num_warps=4, num_stages=4, variant="gluon_pairs")
 
 
-def _layouts(num_tokens, top_k, num_experts, block_m, device="cpu", expert_map=None):
+def _layouts(num_tokens, top_k, num_experts, block_m, device="cpu", expert_map=None, one_expert=False):
     ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)]).int().to(device)
+    if one_expert:  # every row on expert 0
+        ids.zero_()
     if num_tokens == 1 and expert_map is None:
         return ids, row_per_block(ids, block_m)
     return ids, align(ids, num_experts, block_m, expert_map=expert_map)
@@ -223,10 +225,7 @@ def test_gluon_gemms_match_reference_on_gpu(case):
         pytest.skip("the Gluon kernel runs on sm_90 only")
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)]).int().to(dev)
-    if num_tokens == 20:
-        ids.zero_()
-    layout = row_per_block(ids, block_m) if num_tokens == 1 else align(ids, num_experts, block_m)
+    ids, layout = _layouts(num_tokens, top_k, num_experts, block_m, device=dev, one_expert=num_tokens == 20)
     w13 = quantize_wna16(torch.randn(num_experts, 2 * inter, hidden, device=dev, dtype=dtype) / 10, 4, group, sym)
     w2 = quantize_wna16(torch.randn(num_experts, hidden, inter, device=dev, dtype=dtype) / 10, 4, group, sym)
     x = torch.randn(num_tokens, hidden, device=dev, dtype=dtype) / 10
@@ -285,10 +284,7 @@ def test_gluon_mxfp4_gemms_match_reference_on_gpu(case):
         pytest.skip("the Gluon kernel runs on sm_90 only")
     dev = torch.device("cuda")
     torch.manual_seed(2)
-    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)]).int().to(dev)
-    if num_tokens == 20:
-        ids.zero_()
-    layout = row_per_block(ids, block_m) if num_tokens == 1 else align(ids, num_experts, block_m)
+    ids, layout = _layouts(num_tokens, top_k, num_experts, block_m, device=dev, one_expert=num_tokens == 20)
     w13 = MXFP4Weight(*quantize_mxfp4(torch.randn(num_experts, 2 * inter, hidden, device=dev) / 10))
     w2 = MXFP4Weight(*quantize_mxfp4(torch.randn(num_experts, hidden, inter, device=dev) / 10))
     if extreme:  # the scale bytes' ends: subnormal bf16 weights (E <= 1) and large ones, beside ordinary groups
