@@ -25,9 +25,10 @@ up); a rank's time is its median, and the table shows the slowest rank's.
 
 Bytes: what each rank sends to the other ranks per call (its own rows stay), from the dispatch's row layout:
 
-    all_to_all               dispatch rows x[t] + int32 id (H·e + 4 bytes) to the expert's rank; the combine sends
-                             the results (H·e) of the rows it received back; counts: 8 bytes per rank (eager only).
-                             Sync-free: N padded slots to each other rank, both ways.
+    all_to_all               one row per (token, rank owning one of its experts): x[t] + K fp32 weights + K int32
+                             ids (H·e + 8K bytes) to that rank; the combine sends the partial results (H·e) of the
+                             rows it received back; counts: 8 bytes per rank (eager only). Sync-free: every token
+                             to every other rank, both ways.
     allgather_reducescatter  all_gather of T rows x[t] + K fp32 weights + K int32 ids (H·e + 8K) to W-1 ranks;
                              reduce_scatter of [W·T, H] (W-1)·T·H·e; counts 8 bytes per rank (eager only).
     tp > 1                   + the all-reduce of [T, H]: 2·(tp-1)/tp·T·H·e (a ring's share).
@@ -208,18 +209,19 @@ def bytes_sent(pf: object, ids: torch.Tensor, hidden_bytes: int, *, sync_free: b
     counts = 0 if sync_free else (world - 1) * 8
     if isinstance(pf, AllGatherReduceScatter):
         return total + counts + (world - 1) * tokens * (hidden_bytes + 8 * top_k + hidden_bytes)
-    rows = tokens * top_k
+    row = hidden_bytes + 8 * top_k  # x + K fp32 weights + K int32 ids
     if sync_free:
-        return total + (world - 1) * rows * (hidden_bytes + 4 + hidden_bytes)
-    owners, _ = pf.tables(ids.device)
-    send = torch.bincount(owners[ids.reshape(-1).long()], minlength=world).cpu()
+        return total + (world - 1) * tokens * (row + hidden_bytes)
+    owners = pf.owners(ids.device)
+    hit = torch.zeros(tokens, world, dtype=torch.bool, device=ids.device).scatter_(1, owners[ids.long()], True)
+    send = hit.sum(dim=0).cpu()
     gathered: list[list[int] | None] = [None] * world
     dist.all_gather_object(gathered, send.tolist(), group=pf.group)
     matrix = torch.tensor(gathered)  # row r: the rows rank r sends to each rank
     me = pf.ep_rank
     out_rows = int(send.sum()) - int(send[me])  # this rank's rows going to other ranks
     back_rows = int(matrix[:, me].sum()) - int(matrix[me, me])  # results of the rows it received, sent back
-    return total + counts + out_rows * (hidden_bytes + 4) + back_rows * hidden_bytes
+    return total + counts + out_rows * row + back_rows * hidden_bytes
 
 
 def time_calls(fns: dict[str, Callable[[], object]], device: torch.device, *, iters: int, warmup: int, graph: bool,

@@ -10,26 +10,27 @@ Every rank holds the router, the shared experts and its own experts (``RoutedExp
         experts  local experts only (remote ids -> zero rows), summed over K per token
         combine  reduce_scatter (sum) of [W·T_max, H] in the layer's dtype -> each rank its own T_r rows
 
-    all_to_all (AllToAll; torchtitan's token dispatch)
-        each routed (token, k) row goes to the rank owning expert ids[t, k], sorted by destination
+    all_to_all (AllToAll; the token dispatch of DeepEP and vLLM's all-to-all backends, on all_to_all_single)
+        each token travels once to each rank owning one of its K experts (D = min(K, W) ranks at most)
         counts   all_to_all_single of per-destination row counts                    (host sync: split sizes)
-        dispatch all_to_all_single with splits of one byte row per routed row: x[t] (x[t]·w[t, k] with weights
-                 on the input; or its 8-bit codes) + per-row scales + the global id
-        experts  one row per received (token, k), weight 1, written in the layer's dtype
-        combine  all_to_all_single back with the splits reversed; at home out[t] = Σ_k w[t, k] · y[t, k] in fp32,
-                 rounded once
+        dispatch all_to_all_single with splits of the same byte rows as above, sorted by destination
+        experts  local experts only, summed over K per row (as above)
+        combine  all_to_all_single back with the splits reversed: one partial row per (token, rank); at home a
+                 token's partials summed in fp32 in rank order, rounded once
 
 Collectives per layer call: 3 for both (allgather_reducescatter: 1 when no rank has a token), and one host sync
 for the counts. Sync-free (``sync_free``; by default while a CUDA graph is being captured) every rank must call
 with the same token count T: allgather_reducescatter then skips the counts (2 collectives, 0 when T = 0);
-all_to_all skips them too and sends N = T·K slots to every rank, real rows in the first ones and zero rows
-routed to one of that rank's experts after them (2 collectives; each rank computes W·N rows, cheap at decode
-sizes).
+all_to_all skips them too and sends every token to every rank (T rows each way, 2 collectives; a rank that owns
+none of a token's experts returns a zero row). Bytes a rank sends per call, e = element size, S = scale bytes:
+allgather_reducescatter (W - 1)·T·(H·e + 8K + S) there and (W - 1)·T·H·e back; all_to_all the rows of its
+tokens' other destinations, (H·e + 8K + S) each there and H·e back: fewer when W > D or a token's experts
+cluster on few ranks, the same as the gather (T rows to each) when every token reaches every rank.
 
 8-bit activations travel as their codes (uint8 views) with per-row scales, so fewer bytes move, whenever the
 quantization is per row (token, group) or uses a static scale. A dynamic per-tensor scale cannot be computed
-per sender: those rows travel unquantized and are quantized where the experts run (all_to_all: the scale is then
-the max over the rows a rank received, not over one rank's tokens).
+per sender: those rows travel unquantized and are quantized where the experts run (the scale is then the max
+over the rows a rank received, not over one rank's tokens).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch.distributed as dist
 
 from moekit._checks import check_choice, check_positive
 from moekit.config import DISPATCHES, PLACEMENTS
-from moekit.distributed.placement import check_group, expert_owners, local_experts
+from moekit.distributed.placement import check_group, expert_owners
 from moekit.kernel.prepare_finalize import (
     LocalPrepareFinalize,
     PrepareFinalize,
@@ -91,6 +92,32 @@ def _rowwise_quant(quant: QuantParams) -> bool:
     return quant.act_dtype is None or quant.act_granularity != "tensor" or quant.a13_scale is not None
 
 
+def _token_rows(x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor, weights_on_input: bool,
+                quant: QuantParams) -> tuple[list[torch.Tensor], bool, torch.Tensor | None]:
+    """What travels for each token: ``(rows, early, static_scale)``. Prepared where the tokens are (8-bit codes +
+    per-row scales travel: fewer bytes) unless a row's result depends on other rows (a dynamic per-tensor scale) or
+    K rows per token would travel instead of one (weights on the input, K > 1); a static scale stays home."""
+    early = _rowwise_quant(quant) and not (weights_on_input and ids_TK.shape[1] > 1)
+    if not early:
+        return [x_TH, weights_TK.float(), ids_TK.to(torch.int32)], False, None
+    own = _LOCAL.prepare(x_TH, weights_TK, ids_TK, apply_router_weight_on_input=weights_on_input, quant=quant)
+    rows = [own.hidden_states, own.topk_weights.float(), own.topk_ids.to(torch.int32)]
+    if own.hidden_scale is not None and own.hidden_scale.dim() == 2:
+        return [*rows, own.hidden_scale], True, None
+    return rows, True, own.hidden_scale  # None, or the static scale every rank holds
+
+
+def _received(got: list[torch.Tensor], early: bool, static_scale: torch.Tensor | None, weights_on_input: bool,
+              quant: QuantParams) -> PrepareResult:
+    """The local prepare of the rows a rank received (``_token_rows``' layout): its experts' input."""
+    x, weights, ids = got[:3]
+    if not early:
+        return _LOCAL.prepare(x, weights, ids, apply_router_weight_on_input=weights_on_input, quant=quant)
+    scale = got[3] if len(got) > 3 else static_scale
+    return PrepareResult(hidden_states=x, hidden_scale=scale, topk_weights=weights, topk_ids=ids,
+                         weights_applied=weights_on_input, num_tokens=x.shape[0])
+
+
 class ExpertParallelPrepareFinalize(PrepareFinalize):
     """Shared set-up of the expert-parallel dispatches: the process group and which rank owns each expert.
 
@@ -121,9 +148,7 @@ class ExpertParallelPrepareFinalize(PrepareFinalize):
         self.num_experts, self.ep_size, self.ep_rank = num_experts, ep_size, ep_rank
         self.placement, self.group = placement, group
         self._owners = expert_owners(ep_size, num_experts, placement)
-        # Each rank's first expert: the id padding rows of a sync-free all-to-all carry (any of its experts would do).
-        self._first = torch.stack([local_experts(ep_size, r, num_experts, placement)[0] for r in range(ep_size)])
-        self._tables_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._owners_on: dict[torch.device, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(num_experts={self.num_experts}, ep_size={self.ep_size}, "
@@ -137,13 +162,12 @@ class ExpertParallelPrepareFinalize(PrepareFinalize):
             return self.sync_free
         return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
-    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(owners int64 [E], first int32 [W])`` on ``device`` (copied there once): the rank of each global
-        expert and each rank's first expert."""
-        tables = self._tables_on.get(device)
-        if tables is None:
-            tables = self._tables_on[device] = (self._owners.to(device), self._first.to(device, torch.int32))
-        return tables
+    def owners(self, device: torch.device) -> torch.Tensor:
+        """The rank of each global expert, int64 [E], on ``device`` (copied there once)."""
+        owners = self._owners_on.get(device)
+        if owners is None:
+            owners = self._owners_on[device] = self._owners.to(device)
+        return owners
 
 
 @dataclass(frozen=True)
@@ -162,8 +186,7 @@ class AllGatherReduceScatter(ExpertParallelPrepareFinalize):
     def prepare(self, hidden_states_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor, *,
                 apply_router_weight_on_input: bool, quant: QuantParams) -> PrepareResult:
         check_act_dtype(quant)
-        num_tokens, top_k = topk_ids_TK.shape
-        device = hidden_states_TH.device
+        num_tokens, device = topk_ids_TK.shape[0], hidden_states_TH.device
         if self._sync_free(device):
             counts_list = [num_tokens] * self.ep_size  # the caller's promise: every rank has as many tokens
         else:
@@ -171,20 +194,8 @@ class AllGatherReduceScatter(ExpertParallelPrepareFinalize):
             _all_gather(counts, torch.tensor([num_tokens], dtype=torch.int64, device=device), self.group)
             counts_list = counts.tolist()  # the host sync: padding and the rows to keep depend on every count
         max_tokens = max(counts_list)
-        # Prepared where the tokens are (codes + per-row scales travel) unless a row's result depends on other rows
-        # (a dynamic per-tensor scale) or K rows per token would travel instead of one (weights on the input, K > 1).
-        early = _rowwise_quant(quant) and not (apply_router_weight_on_input and top_k > 1)
-        static_scale = None
-        if early:
-            own = _LOCAL.prepare(hidden_states_TH, topk_weights_TK, topk_ids_TK,
-                                 apply_router_weight_on_input=apply_router_weight_on_input, quant=quant)
-            rows = [own.hidden_states, own.topk_weights.float(), own.topk_ids.to(torch.int32)]
-            if own.hidden_scale is not None and own.hidden_scale.dim() == 2:
-                rows.append(own.hidden_scale)
-            else:
-                static_scale = own.hidden_scale  # None, or the static scale every rank holds
-        else:
-            rows = [hidden_states_TH, topk_weights_TK.float(), topk_ids_TK.to(torch.int32)]
+        rows, early, static_scale = _token_rows(hidden_states_TH, topk_weights_TK, topk_ids_TK,
+                                                apply_router_weight_on_input, quant)
         layout = _row_layout(rows)
         if max_tokens == 0:  # every rank agrees (same counts): nothing to move
             gathered, valid = [t[:0] for t in rows], None
@@ -199,15 +210,7 @@ class AllGatherReduceScatter(ExpertParallelPrepareFinalize):
                 valid = torch.cat([torch.arange(c, device=device) + r * max_tokens for r, c in enumerate(counts_list)])
                 recv = recv.index_select(0, valid)
             gathered = _unpack(recv, layout)
-        if early:
-            x, weights, ids = gathered[:3]
-            scale = gathered[3] if len(gathered) > 3 else static_scale
-            local = PrepareResult(hidden_states=x, hidden_scale=scale, topk_weights=weights, topk_ids=ids,
-                                  weights_applied=apply_router_weight_on_input, num_tokens=x.shape[0])
-        else:
-            x, weights, ids = gathered
-            local = _LOCAL.prepare(x, weights, ids, apply_router_weight_on_input=apply_router_weight_on_input,
-                                   quant=quant)
+        local = _received(gathered, early, static_scale, apply_router_weight_on_input, quant)
         return PrepareResult(
             hidden_states=local.hidden_states, hidden_scale=local.hidden_scale, topk_weights=local.topk_weights,
             topk_ids=local.topk_ids, weights_applied=apply_router_weight_on_input, num_tokens=num_tokens,
@@ -230,97 +233,78 @@ class AllGatherReduceScatter(ExpertParallelPrepareFinalize):
 
 @dataclass(frozen=True)
 class _AllToAllHandle:
-    order: torch.Tensor  # int64 [N]: routed row (t·K + k) of each sent row, sorted by destination rank
-    send_splits: list[int] | None  # rows sent to each rank (None: sync-free, N padded rows to each)
+    local: PrepareResult  # the local prepare of the received rows (finalize sums expanded K rows)
+    slots: torch.Tensor  # int64 [rows sent]: where each sent row's result lands at home, t·D + j (or the dump row)
+    send_splits: list[int] | None  # rows sent to each rank (None: sync-free, T rows to each)
     recv_splits: list[int] | None  # rows received from each rank
-    slots: torch.Tensor | None  # sync-free: int64 [N], each sorted row's place among the W·N padded rows
-    weights: torch.Tensor | None  # float32 [T, K] applied at home; None when already multiplied into x
-    top_k: int
+    num_tokens: int  # T, this rank's tokens
+    depth: int  # D = min(K, W): the most ranks one token's K experts can live on
     dtype: torch.dtype  # the layer's dtype
 
 
 class AllToAll(ExpertParallelPrepareFinalize):
-    """Each routed (token, k) row travels only to the rank owning its expert and its result comes back (see the
-    module docstring). A token whose K experts share a rank travels once per expert."""
+    """Each token travels once to every rank that owns one of its K experts, and that rank's partial result (its
+    own experts' weighted sum) comes back (see the module docstring)."""
 
     def prepare(self, hidden_states_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor, *,
                 apply_router_weight_on_input: bool, quant: QuantParams) -> PrepareResult:
         check_act_dtype(quant)
         num_tokens, top_k = topk_ids_TK.shape
-        x, device = hidden_states_TH, hidden_states_TH.device
-        num_rows, world = num_tokens * top_k, self.ep_size
-        owners, first = self.tables(device)
-        ids_N = topk_ids_TK.reshape(-1)
-        dest_N = owners[ids_N.long()]
-        order = torch.sort(dest_N, stable=True).indices  # stable: a rank's rows stay in routed-row order
-        send_splits = recv_splits = slots = None
+        device, world = hidden_states_TH.device, self.ep_size
+        depth = min(top_k, world)
+        rows, early, static_scale = _token_rows(hidden_states_TH, topk_weights_TK, topk_ids_TK,
+                                                apply_router_weight_on_input, quant)
+        layout = _row_layout(rows)
+        # hit[r, t]: one of token t's experts lives on rank r; place[r, t]: r's rank among t's destinations (the
+        # row of t's home buffer its partial result lands in). Flattened, both are in (rank, token) order.
+        dest_KT = self.owners(device)[topk_ids_TK.long()].t()
+        hit_WT = torch.zeros(world, num_tokens, dtype=torch.bool, device=device).scatter_(0, dest_KT, True)
+        place_WT = torch.cumsum(hit_WT, dim=0) - 1
+        hit_n, place_n = hit_WT.reshape(-1), place_WT.reshape(-1)
+        dump = num_tokens * depth  # home row taking the results nobody reads
+        send_splits = recv_splits = None
         if self._sync_free(device):
-            # N slots per destination (all N rows may go to one rank), so no count travels and the host never
-            # waits; row i of destination r, in sorted order, takes slot r·N + i. Every rank has N rows too.
-            counts = torch.zeros(world, dtype=torch.int64, device=device).index_add_(0, dest_N, torch.ones_like(dest_N))
-            dest_sorted = dest_N[order]
-            starts = torch.cumsum(counts, 0) - counts
-            slots = dest_sorted * num_rows + torch.arange(num_rows, device=device) - starts[dest_sorted]
+            # Every token to every rank (T rows each way, no count to exchange): a rank none of whose experts a
+            # token chose finds no local id among its K and returns a zero row, which lands in the dump row.
+            token_n = torch.arange(world * num_tokens, device=device) % max(num_tokens, 1)
+            slots = torch.where(hit_n, token_n * depth + place_n, dump)
+            send = _pack(rows).repeat(world, 1)
+            recv = torch.empty_like(send)
+            dist.all_to_all_single(recv, send, group=self.group)
         else:
-            send_counts = torch.bincount(dest_N, minlength=world)
+            send_counts = hit_WT.sum(dim=1)
             recv_counts = torch.empty_like(send_counts)
             dist.all_to_all_single(recv_counts, send_counts, group=self.group)
             # The one host sync: the payload's split sizes.
             send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
-        token_N = order // top_k
-        if apply_router_weight_on_input:
-            # Each row scaled by its own expert's weight, rounded to the layer's dtype as the local path does.
-            w_N = topk_weights_TK.reshape(-1)[order].float().unsqueeze(1)
-            x_rows = (x[token_N].float() * w_N).to(x.dtype)
-        else:
-            x_rows = x[token_N]
-        early = _rowwise_quant(quant)
-        static_scale = None
-        rows = [x_rows]
-        if early and quant.act_dtype is not None:
-            codes, scale = quantize_input(x_rows, quant)
-            rows = [codes]
-            if scale.dim() == 2:
-                rows.append(scale)
-            else:
-                static_scale = scale
-        ids_rows = ids_N[order].to(torch.int32).unsqueeze(1)
-        layout = _row_layout([*rows, ids_rows])
-        send = _pack(rows)
-        if slots is not None:
-            # Padding rows are zero bytes routed to an expert of their destination; their results are never read.
-            # (Padded as bytes: index_copy_ has no 8-bit float kernel on every device.)
-            send = send.new_zeros(world * num_rows, send.shape[1]).index_copy_(0, slots, send)
-            ids_rows = first.repeat_interleave(num_rows).unsqueeze(1).index_copy_(0, slots, ids_rows)
-        send = torch.cat([send, _pack([ids_rows])], dim=1)
-        recv = send.new_empty(send.shape[0] if slots is not None else sum(recv_splits), send.shape[1])
-        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group)
-        got = _unpack(recv, layout)
-        x_n, ids_n1 = got[0], got[-1]
-        scale_n = got[1] if len(got) == 3 else static_scale
-        if not early:
-            x_n, scale_n = quantize_input(x_n, quant)
-        weights = None if apply_router_weight_on_input else topk_weights_TK.float()
+            # The hit pairs in (rank, token) order without a second sync (a boolean mask would wait for its count):
+            # pair i goes to place cumsum - 1, the others to one spare place past the end.
+            sent = sum(send_splits)
+            where = torch.where(hit_n, torch.cumsum(hit_n, dim=0) - 1, sent)
+            pairs = torch.empty(sent + 1, dtype=torch.int64, device=device)
+            pairs = pairs.scatter_(0, where, torch.arange(where.numel(), device=device))[:sent]
+            slots = pairs % max(num_tokens, 1) * depth + place_n[pairs]
+            send = _pack(rows)[pairs % max(num_tokens, 1)]
+            recv = send.new_empty(sum(recv_splits), send.shape[1])
+            dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group)
+        local = _received(_unpack(recv, layout), early, static_scale, apply_router_weight_on_input, quant)
         return PrepareResult(
-            hidden_states=x_n, hidden_scale=scale_n,
-            topk_weights=torch.ones(x_n.shape[0], 1, dtype=torch.float32, device=device), topk_ids=ids_n1,
-            weights_applied=apply_router_weight_on_input, num_tokens=num_tokens, experts_out_dtype=x.dtype,
-            handle=_AllToAllHandle(order, send_splits, recv_splits, slots, weights, top_k, x.dtype),
+            hidden_states=local.hidden_states, hidden_scale=local.hidden_scale, topk_weights=local.topk_weights,
+            topk_ids=local.topk_ids, weights_applied=apply_router_weight_on_input, num_tokens=num_tokens,
+            experts_out_dtype=local.experts_out_dtype,
+            handle=_AllToAllHandle(local, slots, send_splits, recv_splits, num_tokens, depth,
+                                   hidden_states_TH.dtype),
         )
 
     def finalize(self, output_TH: torch.Tensor, prep: PrepareResult) -> torch.Tensor:
         handle: _AllToAllHandle = prep.handle
-        hidden = output_TH.shape[1]
-        rows = len(handle.order) if handle.slots is None else output_TH.shape[0]
-        back = output_TH.new_empty(rows, hidden)
-        dist.all_to_all_single(back, output_TH.contiguous(), handle.send_splits, handle.recv_splits, group=self.group)
-        if handle.slots is not None:
-            back = back.index_select(0, handle.slots)
-        y_N = torch.empty_like(back).index_copy_(0, handle.order, back).float()
-        y_TKH = y_N.view(prep.num_tokens, handle.top_k, hidden)
-        if handle.weights is not None:
-            y_TKH = y_TKH * handle.weights.unsqueeze(-1)
-        return y_TKH.sum(dim=1).to(handle.dtype)  # in a fixed order, rounded once
+        out = _LOCAL.finalize(output_TH, handle.local)  # [rows received, H]: each row's local experts, weighted
+        hidden, depth, num_tokens = out.shape[1], handle.depth, handle.num_tokens
+        back = out.new_empty(handle.slots.numel(), hidden)
+        dist.all_to_all_single(back, out.contiguous(), handle.send_splits, handle.recv_splits, group=self.group)
+        home = out.new_zeros(num_tokens * depth + 1, hidden).index_copy_(0, handle.slots, back)
+        # A token's partials (at most D, zeros in the unused rows) summed in fp32 in rank order, rounded once.
+        return home[:-1].view(num_tokens, depth, hidden).sum(dim=1, dtype=torch.float32).to(handle.dtype)
 
 
 _DISPATCHES = {"allgather_reducescatter": AllGatherReduceScatter, "all_to_all": AllToAll}

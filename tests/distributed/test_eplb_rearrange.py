@@ -80,7 +80,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _assert_holds(layer: RoutedExperts, full: RoutedExperts, phy2log: torch.Tensor, rank: int, world: int,
                   label: str) -> None:
-    mine = phy2log[rank * R // world:(rank + 1) * R // world]
+    mine = phy2log[rank * R // world:(rank + 1) * R // world].cpu()  # the plan may live on the layer's GPU
     for name, t in full.named_parameters():
         got, want = _bits(getattr(layer, name)), _bits(t[mine])
         assert torch.equal(got, want), f"{label}: {name} differs from the logical experts {mine.tolist()}"
