@@ -18,8 +18,8 @@ each T tokens per rank, times:
 On GPUs (NCCL), up to ``--graph-max-tokens`` per rank (decode sizes, default 64), each call is captured once in a
 CUDA graph and its replays are timed with CUDA events: while a graph is captured the dispatch is the sync-free one
 (no counts exchanged), as a decode step would run it. Above, eager calls are timed with CUDA events (the dispatch
-waits once per call for the counts): a sync-free all_to_all sends N = T·K slots to every rank and each rank
-computes W·N rows, which at prefill sizes would time W times the real work. On CPUs (gloo) wall time per call.
+waits once per call for the counts): a sync-free all_to_all sends every token to every rank, so each rank's
+experts stage takes W·T rows, which at prefill sizes would time more than the real work. On CPUs (gloo) wall time per call.
 The single-device layer is timed the same way at each T. Every rank makes the same number of calls (collectives pair
 up); a rank's time is its median, and the table shows the slowest rank's.
 

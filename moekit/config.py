@@ -219,7 +219,7 @@ class ParallelConfig:
         placement: which experts a rank holds: ``linear`` (contiguous ranges, the first ``E % ep_size`` ranks one
             more) or ``round_robin`` (expert e on rank ``e % ep_size``).
         dispatch: how tokens reach the experts' ranks: ``allgather_reducescatter`` (every rank sees every token)
-            or ``all_to_all`` (each routed row travels only to the rank that owns its expert).
+            or ``all_to_all`` (each token travels once to each rank that owns one of its experts).
         num_redundant_experts: r, extra expert replicas for load balancing (EPLB): the layer then holds
             R = E + r physical slots (R divisible by ep_size), slot p holding expert p % E until a rearrangement
             (``MoE.rearrange``); needs ep_size > 1, the ``linear`` placement and tp_size = 1.

@@ -35,8 +35,19 @@ def candidates(base: MoEKernelConfig, block_scales: bool, big_t: bool) -> dict[s
     out = {"heuristic": base}
     if base.block_m <= 32:
         out["s6"] = replace(base, gemm1=replace(g1, num_stages=6), gemm2=replace(g2, num_stages=6))
+        out["s6g1"] = replace(base, gemm1=replace(g1, num_stages=6))
+        out["s6g2"] = replace(base, gemm2=replace(g2, num_stages=6))
         out["bn2x2_s6"] = replace(base, gemm1=replace(g1, num_stages=6),
                                   gemm2=replace(g2, block_n=min(256, 2 * g2.block_n), num_stages=6))
+        # 64-row tiles at decode (wgmma, which needs 64 rows a warpgroup, instead of 16-row mma.sync tiles that
+        # load every weight tile from shared memory into registers): vLLM's default 8-bit block tile, and around it.
+        v = GemmConfig(block_n=128, block_k=128, group_m=32, num_warps=4, num_stages=3)
+        dec64 = MoEKernelConfig(block_m=64, gemm1=v, gemm2=v, y_fp32=base.y_fp32)
+        out["dec_m64s3g32"] = dec64
+        out["dec_m64s4"] = replace(dec64, gemm1=replace(v, num_stages=4), gemm2=replace(v, num_stages=4))
+        out["dec_m64s4g2n64"] = replace(dec64, gemm1=replace(v, num_stages=4),
+                                        gemm2=replace(v, block_n=64, num_stages=4))
+        out["dec_m64s5"] = replace(dec64, gemm1=replace(v, num_stages=5), gemm2=replace(v, num_stages=5))
     if base.block_m >= 32:  # mid and prefill: around 64 x 128 x 128, 4 warps, 4 stages
         v = GemmConfig(block_n=128, block_k=128, group_m=8, num_warps=4, num_stages=4)
         m64 = MoEKernelConfig(block_m=64, gemm1=v, gemm2=v, y_fp32=False)

@@ -15,17 +15,17 @@ Every rank holds the router, the shared experts and its own experts (``RoutedExp
         counts   all_to_all_single of per-destination row counts                    (host sync: split sizes)
         dispatch all_to_all_single with splits of the same byte rows as above, sorted by destination
         experts  local experts only, summed over K per row (as above)
-        combine  all_to_all_single back with the splits reversed: one partial row per (token, rank); at home a
-                 token's partials summed in fp32 in rank order, rounded once
+        combine  all_to_all_single back with the splits reversed: one partial row per (token, rank), in the
+                 layer's dtype; at home a token's partials summed in fp32 in rank order, the sum rounded once
 
 Collectives per layer call: 3 for both (allgather_reducescatter: 1 when no rank has a token), and one host sync
 for the counts. Sync-free (``sync_free``; by default while a CUDA graph is being captured) every rank must call
 with the same token count T: allgather_reducescatter then skips the counts (2 collectives, 0 when T = 0);
 all_to_all skips them too and sends every token to every rank (T rows each way, 2 collectives; a rank that owns
 none of a token's experts returns a zero row). Bytes a rank sends per call, e = element size, S = scale bytes:
-allgather_reducescatter (W - 1)·T·(H·e + 8K + S) there and (W - 1)·T·H·e back; all_to_all the rows of its
-tokens' other destinations, (H·e + 8K + S) each there and H·e back: fewer when W > D or a token's experts
-cluster on few ranks, the same as the gather (T rows to each) when every token reaches every rank.
+allgather_reducescatter (W - 1)·T·(H·e + 8K + S) there and (W - 1)·T·H·e back; all_to_all H·e + 8K + S for
+each of its tokens' destinations other than itself, and H·e back for each row it received from another rank:
+fewer when W > D or a token's experts cluster on few ranks, the gather's bytes when every token reaches every rank.
 
 8-bit activations travel as their codes (uint8 views) with per-row scales, so fewer bytes move, whenever the
 quantization is per row (token, group) or uses a static scale. A dynamic per-tensor scale cannot be computed
@@ -287,7 +287,13 @@ class AllToAll(ExpertParallelPrepareFinalize):
             send = _pack(rows)[pairs % max(num_tokens, 1)]
             recv = send.new_empty(sum(recv_splits), send.shape[1])
             dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group)
-        local = _received(_unpack(recv, layout), early, static_scale, apply_router_weight_on_input, quant)
+        got = _unpack(recv, layout)
+        if not early and send_splits is None:
+            # Quantized here, a dynamic per-tensor scale is the max over the rows this rank computes: rows that
+            # came only because sync-free sends every token everywhere (eager never sends them) take no part.
+            mine = (self.owners(device)[got[2].long()] == self.ep_rank).any(dim=1, keepdim=True)
+            got[0] = torch.where(mine, got[0], got[0].new_zeros(()))
+        local = _received(got, early, static_scale, apply_router_weight_on_input, quant)
         return PrepareResult(
             hidden_states=local.hidden_states, hidden_scale=local.hidden_scale, topk_weights=local.topk_weights,
             topk_ids=local.topk_ids, weights_applied=apply_router_weight_on_input, num_tokens=num_tokens,
@@ -303,7 +309,7 @@ class AllToAll(ExpertParallelPrepareFinalize):
         back = out.new_empty(handle.slots.numel(), hidden)
         dist.all_to_all_single(back, out.contiguous(), handle.send_splits, handle.recv_splits, group=self.group)
         home = out.new_zeros(num_tokens * depth + 1, hidden).index_copy_(0, handle.slots, back)
-        # A token's partials (at most D, zeros in the unused rows) summed in fp32 in rank order, rounded once.
+        # A token's partials (at most D, zeros in the unused rows) summed in fp32 in rank order, the sum rounded once.
         return home[:-1].view(num_tokens, depth, hidden).sum(dim=1, dtype=torch.float32).to(handle.dtype)
 
 

@@ -100,7 +100,7 @@ def _float_cases() -> dict[str, dict]:
 
 
 CASES = _float_cases()
-OTHER = ("collective_counts", "checkpoint_loads_local_experts", "from_pretrained_parallel",
+OTHER = ("collective_counts", "all_to_all_traffic", "checkpoint_loads_local_experts", "from_pretrained_parallel",
          "fused_checkpoint_loads_local_rows", "tp_checkpoint_loads_slices", "refusals", "ranks_disagree",
          *ep_layer_eplb.NAMES,
          *ep_layer_tp.NAMES)
@@ -147,6 +147,53 @@ def _run_case(name: str, case: dict, rank: int, world: int, device: str = "cpu")
         except AssertionError as err:
             errors.append(str(err))
     assert not errors, "\n".join(errors)
+
+
+def _all_to_all_traffic(rank: int, world: int, device: str = "cpu") -> None:
+    """all_to_all sends each token once to each rank that owns one of its experts and to no other (the payload's
+    split sizes against counts made here from the routing), and its sync-free variant returns the eager result
+    bit for bit, also when the experts quantize what they receive with one dynamic scale (fp8_tensor)."""
+    num_experts, top_k, tokens = 10, 3, 6
+    owners = torch.empty(num_experts, dtype=torch.int64)
+    for r in range(world):
+        owners[local_experts(world, r, num_experts)] = r
+    cfg = moekit.MoEConfig(num_experts=num_experts, top_k=top_k, hidden_size=128, intermediate_size=64)
+    parallel = moekit.ParallelConfig(ep_size=world, ep_rank=rank, dispatch="all_to_all")
+    original = dist.all_to_all_single
+    splits: list[list[int]] = []
+
+    def recording(output, input, output_split_sizes=None, input_split_sizes=None, **kwargs):
+        if input_split_sizes is not None:
+            splits.append(list(input_split_sizes))
+        return original(output, input, output_split_sizes, input_split_sizes, **kwargs)
+
+    for scheme in (None, "fp8_tensor"):
+        torch.manual_seed(99)  # the same layer on every rank; the tokens differ per rank
+        ep = _shard(moekit.MoE(cfg), parallel, torch.float32)
+        if scheme:
+            moekit.quantize(ep, scheme)
+        routed = ep.routed_experts.to(device)
+        gen = torch.Generator().manual_seed(rank)
+        x = torch.randn(tokens, 128, generator=gen)
+        ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)])
+        weights = torch.rand(tokens, top_k, generator=gen)
+        hit = torch.zeros(tokens, world, dtype=torch.bool).scatter_(1, owners[ids], True)
+        want = hit.sum(dim=0).tolist()
+        x, ids, weights = x.to(device), ids.to(torch.int32).to(device), weights.to(device)
+        outs = []
+        for sync_free in (False, True):
+            _dispatch(ep).sync_free = sync_free
+            splits.clear()
+            dist.all_to_all_single = recording
+            try:
+                with torch.no_grad():
+                    outs.append(routed(x, weights, ids, check_ids=False))
+            finally:
+                dist.all_to_all_single = original
+            if not sync_free:
+                assert splits and splits[0] == want, f"{scheme}: rows sent to each rank {splits[:1]} != {want}"
+        assert torch.equal(outs[0], outs[1]), f"{scheme}: sync-free differs from eager by " \
+            f"{(outs[0] - outs[1]).abs().max().item()}"
 
 
 def _collective_counts(rank: int, world: int, device: str = "cpu") -> None:
@@ -433,7 +480,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo
     """One rank: gloo on the CPU, or NCCL on GPU ``rank`` (the layer cases and the collective count only)."""
     device = init_rank(rank, world, port, backend, timeout_s=120)
     steps = [(n, lambda n=n, c=c: _run_case(n, c, rank, world, device)) for n, c in CASES.items()]
-    steps += [("collective_counts", lambda: _collective_counts(rank, world, device))]
+    steps += [("collective_counts", lambda: _collective_counts(rank, world, device)),
+              ("all_to_all_traffic", lambda: _all_to_all_traffic(rank, world, device))]
     if backend == "nccl":
         steps += [("cuda_graph", lambda: _cuda_graph_case(rank, world, device))]
     if backend == "gloo":

@@ -22,7 +22,7 @@ def results(tmp_path_factory):
     return spawn(_worker, world, tmp_path_factory.mktemp("ep_nccl"), "nccl")
 
 
-@pytest.mark.parametrize("case", [*CASES, "collective_counts", "cuda_graph"])
+@pytest.mark.parametrize("case", [*CASES, "collective_counts", "all_to_all_traffic", "cuda_graph"])
 def test_expert_parallel_nccl(results, case):
     failed = failures(results, case)
     assert not failed, failed
