@@ -20,9 +20,9 @@ Every rank holds the router, the shared experts and its own experts (``RoutedExp
 
 Collectives per layer call: 3 for both (allgather_reducescatter: 1 when no rank has a token), and one host sync
 for the counts. Sync-free (``sync_free``; by default while a CUDA graph is being captured) every rank must call
-with the same token count T: allgather_reducescatter then skips the counts (2 collectives, 0 when T = 0);
-all_to_all skips them too and sends every token to every rank (T rows each way, 2 collectives; a rank that owns
-none of a token's experts returns a zero row). Bytes a rank sends per call, e = element size, S = scale bytes:
+with the same token count T and both skip the counts (2 collectives, 0 when T = 0): all_to_all then sends every
+token to every rank, which is an all_gather (NCCL's is quicker than its send/recv at decode sizes), and a rank
+that owns none of a token's experts returns a zero row (combine: all_to_all_single, T rows to each rank). Bytes a rank sends per call, e = element size, S = scale bytes:
 allgather_reducescatter (W - 1)·T·(H·e + 8K + S) there and (W - 1)·T·H·e back; all_to_all H·e + 8K + S for
 each of its tokens' destinations other than itself, and H·e back for each row it received from another rank:
 fewer when W > D or a token's experts cluster on few ranks, the gather's bytes when every token reaches every rank.
@@ -264,13 +264,15 @@ class AllToAll(ExpertParallelPrepareFinalize):
         dump = num_tokens * depth  # home row taking the results nobody reads
         send_splits = recv_splits = None
         if self._sync_free(device):
-            # Every token to every rank (T rows each way, no count to exchange): a rank none of whose experts a
-            # token chose finds no local id among its K and returns a zero row, which lands in the dump row.
+            # Every token to every rank, no count to exchange: that is an all-gather (NCCL's is quicker than its
+            # send/recv at decode sizes). A rank none of whose experts a token chose finds no local id among its K
+            # and returns a zero row, which lands in the dump row.
             token_n = torch.arange(world * num_tokens, device=device) % max(num_tokens, 1)
             slots = torch.where(hit_n, token_n * depth + place_n, dump)
-            send = _pack(rows).repeat(world, 1)
-            recv = torch.empty_like(send)
-            dist.all_to_all_single(recv, send, group=self.group)
+            send = _pack(rows)
+            recv = send.new_empty(world * num_tokens, send.shape[1])
+            if num_tokens:  # every rank has as many tokens: with none, every rank skips
+                _all_gather(recv, send, self.group)
         else:
             send_counts = hit_WT.sum(dim=1)
             recv_counts = torch.empty_like(send_counts)
@@ -307,7 +309,8 @@ class AllToAll(ExpertParallelPrepareFinalize):
         out = _LOCAL.finalize(output_TH, handle.local)  # [rows received, H]: each row's local experts, weighted
         hidden, depth, num_tokens = out.shape[1], handle.depth, handle.num_tokens
         back = out.new_empty(handle.slots.numel(), hidden)
-        dist.all_to_all_single(back, out.contiguous(), handle.send_splits, handle.recv_splits, group=self.group)
+        if handle.send_splits is not None or num_tokens:  # sync-free with no tokens: every rank skips
+            dist.all_to_all_single(back, out.contiguous(), handle.send_splits, handle.recv_splits, group=self.group)
         home = out.new_zeros(num_tokens * depth + 1, hidden).index_copy_(0, handle.slots, back)
         # A token's partials (at most D, zeros in the unused rows) summed in fp32 in rank order, the sum rounded once.
         return home[:-1].view(num_tokens, depth, hidden).sum(dim=1, dtype=torch.float32).to(handle.dtype)

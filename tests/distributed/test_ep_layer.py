@@ -223,8 +223,9 @@ def _collective_counts(rank: int, world: int, device: str = "cpu") -> None:
                         device=device)
         ep.routed_experts.prepare_finalize.sync_free = sync_free
         runs = ((3 + rank, seq), (0, seq if dispatch == "all_to_all" else seq[:1]))
-        if sync_free:  # no count exchange; equal token counts on every rank
-            runs = ((3, seq[1:]), (0, seq[1:] if dispatch == "all_to_all" else []))
+        if sync_free:  # no count exchange (all_to_all: the dispatch is an all_gather); equal token counts
+            free = ["all_gather_single", "all_to_all_single"] if dispatch == "all_to_all" else seq[1:]
+            runs = ((3, free), (0, []))
         for i, (tokens, want) in enumerate(runs):
             want = (["all_gather"] if i == 0 else []) + want
             for n in originals:
