@@ -54,14 +54,18 @@ for name, scheme, t in POINTS:
             for _ in range(20):
                 g.replay()
             torch.cuda.synchronize()
+    # Keyed by place in the call (a GEMM kernel runs twice a call, once per GEMM): events in start order, 20 replays.
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    per_call = max(1, len(kernels) // 20)
     per = collections.defaultdict(list)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per[e.name[:60]].append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+    for i, e in enumerate(kernels):
+        per[f"{i % per_call}: {e.name[:56]}"].append(
+            e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
     total = sum(sum(v) for v in per.values()) / 20
     print(f"\n{name} {scheme or 'bf16'} T={t}: replay {replay_us:.1f} us, kernels {total:.1f} us, between "
           f"{replay_us - total:.1f} us")
-    for k, v in sorted(per.items(), key=lambda kv: -sum(kv[1])):
+    for k, v in sorted(per.items()):
         print(f"   {sum(v) / 20:8.1f} us x{len(v) // 20}  {k}")
     del w, kw
     torch.cuda.empty_cache()

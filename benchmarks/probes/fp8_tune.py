@@ -39,6 +39,12 @@ def candidates(base: MoEKernelConfig, block_scales: bool, big_t: bool) -> dict[s
         out["s6g2"] = replace(base, gemm2=replace(g2, num_stages=6))
         out["bn2x2_s6"] = replace(base, gemm1=replace(g1, num_stages=6),
                                   gemm2=replace(g2, block_n=min(256, 2 * g2.block_n), num_stages=6))
+        # 256-byte runs of each weight row a K step (a bf16 row's bytes at BLOCK_K 128; block scales: two
+        # 128-wide sub-tiles a step, each scaled on its own).
+        for stages in (3, 4):
+            out[f"dec_k256s{stages}"] = replace(base, gemm1=replace(g1, block_k=256, num_stages=stages),
+                                                gemm2=replace(g2, block_k=256, num_stages=stages))
+        out["dec_k256g1s3"] = replace(base, gemm1=replace(g1, block_k=256, num_stages=3))
         # 64-row tiles at decode (wgmma, which needs 64 rows a warpgroup, instead of 16-row mma.sync tiles that
         # load every weight tile from shared memory into registers): vLLM's default 8-bit block tile, and around it.
         v = GemmConfig(block_n=128, block_k=128, group_m=32, num_warps=4, num_stages=3)
@@ -58,13 +64,12 @@ def candidates(base: MoEKernelConfig, block_scales: bool, big_t: bool) -> dict[s
         out["m64n64"] = replace(m64, gemm1=replace(v, block_n=64), gemm2=replace(v, block_n=64))
         out["m64g2n64"] = replace(m64, gemm2=replace(v, block_n=64))
         out["m32n128k128w4s4"] = replace(m64, block_m=32)
+        for stages in (3, 4):  # block scales: two 128-wide sub-tiles a step, each scaled on its own
+            k256 = replace(v, block_k=256, num_stages=stages)
+            out[f"m64k256s{stages}"] = replace(m64, gemm1=k256, gemm2=k256)
         if not block_scales:
             out["m128n128k128w8s4"] = replace(m64, block_m=128, gemm1=replace(v, num_warps=8, half_tail=True),
                                               gemm2=replace(v, num_warps=8, half_tail=True))
-            # 256-wide K tiles: each tile's product (promoted to fp32 once a tile) spans 256 columns of K.
-            for stages in (3, 4):
-                k256 = replace(v, block_k=256, num_stages=stages)
-                out[f"m64k256s{stages}"] = replace(m64, gemm1=k256, gemm2=k256)
             k256w8 = replace(v, block_k=256, num_warps=8, num_stages=3, half_tail=True)
             out["m128k256w8s3"] = replace(m64, block_m=128, gemm1=k256w8, gemm2=k256w8)
         if big_t:
@@ -83,6 +88,7 @@ def main() -> None:
     p.add_argument("--tokens", default=TOKENS)
     p.add_argument("--out", default=None)
     p.add_argument("--heuristic-only", action="store_true", help="time only what ships (the table's run)")
+    p.add_argument("--only", default=None, help="comma-separated candidate names to time beside the heuristic")
     args = p.parse_args()
     dev = torch.device("cuda")
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__} triton {triton.__version__}", flush=True)
@@ -114,7 +120,7 @@ def main() -> None:
                                weights=weights, baselines=False, quant=scheme)
             results = {"heuristic": (heur.moekit_us, heur.max_rel_err)}
             for cname, cfg in candidates(base, scheme.endswith("block"), t >= 16384).items():
-                if cname == "heuristic" or args.heuristic_only:
+                if cname == "heuristic" or args.heuristic_only or (args.only and cname not in args.only.split(",")):
                     continue
                 triton_experts.choose_config = lambda s, _c=cfg: _c
                 try:

@@ -10,8 +10,10 @@ Same layout and semantics as ``moekit.ops.grouped_gemm`` (see there), with A and
     block        [rows, ⌈k/bk⌉] (per 1×bk)   [E, ⌈n_b/bn⌉ or 2·⌈n_out/bn⌉, ⌈k/bk⌉] per K tile, in the loop
 
 For a gated activation with block scales, gate rows [0, n_out) and up rows [n_out, 2·n_out) are blocked apart
-(``moekit.ops.quantize.expert_scale_shapes``): up row n_out + n has scale row ⌈n_out/bn⌉ + n // bn. Block mode
-needs BLOCK_K to divide bk, so each K tile lies in one scale group.
+(``moekit.ops.quantize.expert_scale_shapes``): up row n_out + n has scale row ⌈n_out/bn⌉ + n // bn. In block
+mode a K tile lies in one scale group (BLOCK_K divides bk) or spans whole groups (a multiple of bk), each group's
+share of it a sub-tile scaled on its own (a 256-wide 8-bit K tile reads 256-byte runs of each weight row, as a
+bf16 tile of 128 does).
 
 Activations are quantized by ``moekit.ops.act_quant`` (x in ``prepare``; GEMM 1's output before GEMM 2 by the
 experts backend, in a separate pass: fusing it into GEMM 1's epilogue needs an output tile of whole bk-groups,
@@ -83,7 +85,7 @@ def grouped_gemm_w8a8(
             raise ValueError(f"{name}: expected float32, got {t.dtype}")
     group_n = group_k = 1
     up_scale_rows = 0
-    block_k = config.block_k
+    block_k = sub_k = config.block_k
     if granularity == "tensor":
         check_shape("a_scale", a_scale.reshape(-1), (1,), "[] (one element)")
         check_shape("b_scale", b_scale, (num_experts,), "[E]")
@@ -103,11 +105,16 @@ def grouped_gemm_w8a8(
         check_shape("b_scale", b_scale, (num_experts, scale_rows, k_groups), "[E, scale rows, ⌈k/bk⌉]")
         if a_scale.stride(-1) != 1:
             raise ValueError(f"a_scale: expected a contiguous last dim, got strides {a_scale.stride()}")
-        # A K tile must lie in one scale group: the largest power of two <= block_k that divides bk.
-        while block_k > 16 and group_k % block_k:
-            block_k //= 2
-        if group_k % block_k:
-            raise ValueError(f"block_shape: bk = {group_k} needs a K tile (power of two >= 16) that divides it")
+        # A K tile spans whole scale groups (each scaled on its own: the kernel's sub-tiles) or lies in one: the
+        # largest power of two <= block_k that divides bk.
+        if block_k % group_k == 0:
+            sub_k = group_k
+        else:
+            while block_k > 16 and group_k % block_k:
+                block_k //= 2
+            if group_k % block_k:
+                raise ValueError(f"block_shape: bk = {group_k} needs a K tile (power of two >= 16) that divides it")
+            sub_k = block_k
         a_stride = a_scale.stride(0)
     split = config.split_k
     out_3d = check_epilogue_args("grouped_gemm_w8a8", b_ENK, out, split, num_rows=num_rows, n_out=n_out,
@@ -135,7 +142,7 @@ def grouped_gemm_w8a8(
         UNIFORM_BS=granularity == "block" and group_n % out_n == 0 and (not gated or out_n >= 32),
         ACTIVATION=activation_code(activation),
         GATED=gated, HAS_BIAS=bias_EN is not None, HAS_WEIGHTS=weights_N is not None,
-        BLOCK_M=layout.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
+        BLOCK_M=layout.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SUB_K=sub_k, GROUP_M=config.group_m,
         EVEN_K=k_dim % block_k == 0, EVEN_N=n_out % out_n == 0, ROW_PER_BLOCK=layout.row_per_block,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -236,6 +236,12 @@ def _gemm_config(s: MoEShape) -> MoEKernelConfig:
 
     if block_m <= 32:
         # Memory-bound: 128-wide K tiles (256 B per bf16 row) and 4 stages keep ~64 KB in flight per program.
+        if s.elem_bytes == 1 and block_m == 16 and s.num_tokens > 1:
+            # 8-bit codes: 256-wide K steps read the same 256-byte run of each weight row (block scales: two
+            # 128-wide sub-tiles, each scaled on its own), 3 stages. H200 (NOTES.md "8-bit decode tiles again"):
+            # 3-4% on deepseek-v3 and mixtral at T = 4-64, 0-1.5% on qwen3; at T = 1 (one row a block) it lost
+            # 3-8%, and 32-row tiles moved nothing.
+            return _decode_config(s, block_m, blocks, target, 256, stages=3)
         return _decode_config(s, block_m, blocks, target, 128 if s.elem_bytes <= 2 else 64)
 
 
@@ -255,16 +261,16 @@ def _gemm_config(s: MoEShape) -> MoEKernelConfig:
     return MoEKernelConfig(block_m=block_m, gemm1=gemm1, gemm2=gemm2, y_fp32=False)
 
 
-def _decode_config(s: MoEShape, block_m: int, blocks: int, target: int, bk: int) -> MoEKernelConfig:
-    """Memory-bound tiles (rows of ``block_m`` <= 32) of K width ``bk``: ``blocks`` row blocks, ``target``
-    programs wanted per GEMM."""
+def _decode_config(s: MoEShape, block_m: int, blocks: int, target: int, bk: int, stages: int = 4) -> MoEKernelConfig:
+    """Memory-bound tiles (rows of ``block_m`` <= 32) of K width ``bk`` in ``stages`` stages: ``blocks`` row
+    blocks, ``target`` programs wanted per GEMM."""
     # GEMM1's BLOCK_N counts weight rows: for a gated activation half gate, half up, so a tile yields
     # BLOCK_N / 2 outputs. Shrink it until the grid fills the chip.
     per_out = 2 if s.gated else 1
     bn1 = 128
     while bn1 > 16 * per_out and blocks * -(-s.inter * per_out // bn1) < target:
         bn1 //= 2
-    gemm1 = GemmConfig(block_n=bn1, block_k=bk, num_warps=4, num_stages=4)
+    gemm1 = GemmConfig(block_n=bn1, block_k=bk, num_warps=4, num_stages=stages)
     bn2 = 64
     while bn2 > 32 and blocks * -(-s.hidden // bn2) < target:
         bn2 //= 2
@@ -276,7 +282,7 @@ def _decode_config(s: MoEShape, block_m: int, blocks: int, target: int, bk: int)
     while (blocks * -(-s.hidden // bn2) * split < target and s.inter // (2 * split) >= 4 * bk
            and (2 * split - 1) * -(-k_tiles // (2 * split)) < k_tiles):
         split *= 2
-    gemm2 = GemmConfig(block_n=bn2, block_k=bk, split_k=split, num_warps=4, num_stages=4)
+    gemm2 = GemmConfig(block_n=bn2, block_k=bk, split_k=split, num_warps=4, num_stages=stages)
     return MoEKernelConfig(block_m=block_m, gemm1=gemm1, gemm2=gemm2, y_fp32=True)
 
 

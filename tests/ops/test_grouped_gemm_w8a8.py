@@ -84,9 +84,9 @@ def test_gemm2_weights_and_split_k(qdtype, granularity, split_k, block_n):
     assert_close(out.sum(0), want, torch.float32)
 
 
-def test_row_per_block_and_block_k_clamped_to_the_scale_group():
-    # Decode layout (one routed row per block, no align) and a config whose BLOCK_K = 128 exceeds bk = 64: the
-    # wrapper halves the K tile so a tile never straddles two scale groups.
+def test_row_per_block_and_a_k_tile_of_two_scale_groups():
+    # Decode layout (one routed row per block, no align) and a config whose BLOCK_K = 128 spans two groups of
+    # bk = 64: the kernel scales each group's half of the tile on its own.
     num_experts, inter, k_dim, top_k = 6, 64, 256, 3
     ids = torch.randperm(num_experts)[:top_k][None]
     layout = row_per_block(ids.int(), 16)
@@ -117,3 +117,36 @@ def test_bad_inputs_name_the_argument():
         grouped_gemm_w8a8(a_q, a_s, b_q, b_s, layout, out, SMALL, granularity="block", num_rows=2)
     with pytest.raises(ValueError, match="granularity"):
         grouped_gemm_w8a8(a_q, a_s, b_q, b_s, layout, out, SMALL, granularity="group", num_rows=2)
+
+
+@pytest.mark.parametrize("qdtype", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("block_k", [128, 256])
+def test_k_tiles_spanning_scale_groups(qdtype, block_k):
+    # BLOCK_K = 2 or 4 groups of bk = 64. GEMM 1 gated (one dot and two-dot tiles) with a ragged K = 200 (the last
+    # tile's second half partly past K); GEMM 2 split 3 ways over K = 264, whose last split starts a tile at 256:
+    # sub-tiles wholly past K must add nothing and read no scale past the last group.
+    act = Activation(name="silu")
+    num_tokens, top_k, num_experts, inter, k_dim = 7, 2, 4, 64, 200
+    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)])
+    layout = align_ref(ids, num_experts, 16)
+    num_rows = ids.numel()
+    b_q, b_s = _weights(num_experts, 2 * inter, k_dim, qdtype, "block", inter)
+    a_q, a_s = _acts(torch.randn(num_tokens, k_dim), qdtype, "block")
+    kw = dict(granularity="block", block_shape=BLOCK, num_rows=num_rows, a_row_div=top_k, activation=act)
+    for block_n in (32, 128):
+        out = torch.full((num_rows, inter), float("nan"))
+        grouped_gemm_w8a8(a_q, a_s, b_q, b_s, layout, out, replace(SMALL, block_n=block_n, block_k=block_k), **kw)
+        want = grouped_gemm_w8a8_ref(a_q, a_s, b_q, b_s, layout, torch.empty(num_rows, inter), **kw)
+        assert_close(out, want, torch.float32, name=f"gemm1 block_n {block_n}")
+    hidden, k_dim, split = 48, 264, 3
+    b_q, b_s = _weights(num_experts, hidden, k_dim, qdtype, "block")
+    a_q, a_s = _acts(torch.randn(num_rows, k_dim), qdtype, "block")
+    # The scales as views with a NaN group after the last: a read past the last group shows in the output.
+    a_s, b_s = (torch.cat([t, torch.full_like(t[..., :1], float("nan"))], dim=-1)[..., :-1] for t in (a_s, b_s))
+    weights = torch.rand(num_rows)
+    kw = dict(granularity="block", block_shape=BLOCK, num_rows=num_rows, weights_N=weights)
+    out = torch.full((split, num_rows, hidden), float("nan"))
+    grouped_gemm_w8a8(a_q, a_s, b_q, b_s, layout, out, GemmConfig(block_n=32, block_k=block_k, split_k=split,
+                                                                 num_stages=2), **kw)
+    want = grouped_gemm_w8a8_ref(a_q, a_s, b_q, b_s, layout, torch.empty(num_rows, hidden), **kw)
+    assert_close(out.sum(0), want, torch.float32, name="gemm2 split 3")

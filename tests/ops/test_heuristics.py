@@ -92,6 +92,23 @@ def test_8bit_prefill_tiles(num_experts, hidden, inter, top_k, num_tokens):
     assert cfg.block_m == 64 and cfg.gemm1.block_n == 128 and cfg.gemm1.block_k == 128
 
 
+@pytest.mark.parametrize("num_tokens", [1, 4, 16, 64])
+def test_8bit_decode_k_steps(num_tokens):
+    # 16-row 8-bit decode tiles past one token take 256-wide K steps in 3 stages (256-byte runs of each weight
+    # row, a bf16 step's bytes); at one token (one row a block) 128-wide in 4, as bf16's decode tiles; 32-row
+    # tiles (mixtral T=64) are left as they were.
+    shape = MoEShape(num_tokens=num_tokens, top_k=8, num_experts=256, hidden=7168, inter=2048)
+    fp8 = heuristic_config(replace(shape, elem_bytes=1, weights="fp8_block"))
+    bf16 = heuristic_config(shape)
+    assert fp8.block_m == bf16.block_m == 16
+    for g8, g16 in ((fp8.gemm1, bf16.gemm1), (fp8.gemm2, bf16.gemm2)):
+        assert g16.block_k == 128 and g16.num_stages == 4
+        assert (g8.block_k, g8.num_stages) == ((128, 4) if num_tokens == 1 else (256, 3))
+    mixtral = heuristic_config(MoEShape(num_tokens=64, top_k=2, num_experts=8, hidden=4096, inter=14336,
+                                        elem_bytes=1, weights="fp8_block"))
+    assert mixtral.block_m == 32 and mixtral.gemm1.block_k == 128 and mixtral.gemm1.num_stages == 4
+
+
 def test_fused_decode_only_for_small_float_experts_at_decode():
     def cfg(num_tokens, preset, weights="bfloat16"):
         e, h, i, k = preset

@@ -36,7 +36,7 @@ def grouped_gemm_w8a8_kernel(
     alpha, limit,
     SCALE_MODE: tl.constexpr, IS_INT: tl.constexpr, UNIFORM_BS: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, ROW_PER_BLOCK: tl.constexpr,
 ):
     """C[s, row, n] for one block of M slots, a tile of output columns and split s = program_id(1) (see the
@@ -64,7 +64,9 @@ def grouped_gemm_w8a8_kernel(
     if GATED:
         o_bn += tl.where(o_j < OUT_N, 0, up_offset)
     k_start = i_s * k_per_split
-    o_k = k_start + tl.arange(0, BLOCK_K)
+    # A K step of BLOCK_K columns loads and scales SUB_K at a time (block mode: SUB_K = group_k when BLOCK_K
+    # spans several scale groups, so a step still reads longer runs of each weight row; else SUB_K = BLOCK_K).
+    o_k = k_start + tl.arange(0, SUB_K)
     p_a_tile = p_a + o_a_rows[:, None] * stride_am + o_k[None, :]
     p_b_e = p_b + i_e * stride_be
     p_bs_e = p_b_scale + i_e * stride_bse
@@ -99,37 +101,42 @@ def grouped_gemm_w8a8_kernel(
         b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
     k_end = min(k_start + k_per_split, k_dim)
     for k in range(k_start, k_end, BLOCK_K):
-        if EVEN_K:
-            b_a = tl.load(p_a_tile, mask=m_rows[:, None], other=0.0)
-            b_b = tl.load(p_b_tile)
-            if SPLIT:
-                b_b_up = tl.load(p_b_tile + up_offset * stride_bn)
-        else:
-            m_k = (k + tl.arange(0, BLOCK_K)) < k_end
-            b_a = tl.load(p_a_tile, mask=m_rows[:, None] & m_k[None, :], other=0.0)
-            b_b = tl.load(p_b_tile, mask=m_k[:, None], other=0.0)
-            if SPLIT:
-                b_b_up = tl.load(p_b_tile + up_offset * stride_bn, mask=m_k[:, None], other=0.0)
-        if SCALE_MODE == 2:
-            # BLOCK_K divides group_k (the wrapper checks), so the tile lies in one scale group.
-            i_kb = k // group_k
-            b_as = tl.load(p_as_rows + i_kb, mask=m_rows, other=0.0)
-            if UNIFORM_BS:
-                b_part = _dot_f32(b_a, b_b, IS_INT)
-                b_acc += b_part * (b_as * tl.load(p_bs_gate + i_kb * stride_bsk))[:, None]
+        for i_h in tl.static_range(BLOCK_K // SUB_K):
+            k_h = k + i_h * SUB_K
+            p_a_sub = p_a_tile + i_h * SUB_K
+            p_b_sub = p_b_tile + i_h * SUB_K * stride_bk
+            if EVEN_K:
+                b_a = tl.load(p_a_sub, mask=m_rows[:, None], other=0.0)
+                b_b = tl.load(p_b_sub)
                 if SPLIT:
-                    b_part_up = _dot_f32(b_a, b_b_up, IS_INT)
-                    b_acc_up += b_part_up * (b_as * tl.load(p_bs_up + i_kb * stride_bsk))[:, None]
+                    b_b_up = tl.load(p_b_sub + up_offset * stride_bn)
             else:
-                b_bs = tl.load(p_bs_rows + i_kb * stride_bsk)
-                b_acc += _dot_f32(b_a, b_b, IS_INT) * b_as[:, None] * b_bs[None, :]
-        elif IS_INT:
-            b_acc = tl.dot(b_a, b_b, b_acc, out_dtype=ACC_DTYPE)  # int32: exact
-        else:
-            # Hopper's fp8 MMA accumulates in reduced precision (~14 bits) across a chained K loop: each K tile's
-            # product is added in fp32 instead (DeepSeek-V3's promotion), as block mode does with its scales. On
-            # an H200 chaining put the channel/tensor outputs at 1-2% rms from the torch backend.
-            b_acc += tl.dot(b_a, b_b, out_dtype=tl.float32)
+                m_k = (k_h + tl.arange(0, SUB_K)) < k_end
+                b_a = tl.load(p_a_sub, mask=m_rows[:, None] & m_k[None, :], other=0.0)
+                b_b = tl.load(p_b_sub, mask=m_k[:, None], other=0.0)
+                if SPLIT:
+                    b_b_up = tl.load(p_b_sub + up_offset * stride_bn, mask=m_k[:, None], other=0.0)
+            if SCALE_MODE == 2:
+                # SUB_K divides group_k (the wrapper checks), so the sub-tile lies in one scale group. A sub-tile
+                # wholly past K (a ragged last step) is zeros: its scales are read from the last group instead.
+                i_kb = tl.minimum(k_h, k_dim - 1) // group_k
+                b_as = tl.load(p_as_rows + i_kb, mask=m_rows, other=0.0)
+                if UNIFORM_BS:
+                    b_part = _dot_f32(b_a, b_b, IS_INT)
+                    b_acc += b_part * (b_as * tl.load(p_bs_gate + i_kb * stride_bsk))[:, None]
+                    if SPLIT:
+                        b_part_up = _dot_f32(b_a, b_b_up, IS_INT)
+                        b_acc_up += b_part_up * (b_as * tl.load(p_bs_up + i_kb * stride_bsk))[:, None]
+                else:
+                    b_bs = tl.load(p_bs_rows + i_kb * stride_bsk)
+                    b_acc += _dot_f32(b_a, b_b, IS_INT) * b_as[:, None] * b_bs[None, :]
+            elif IS_INT:
+                b_acc = tl.dot(b_a, b_b, b_acc, out_dtype=ACC_DTYPE)  # int32: exact
+            else:
+                # Hopper's fp8 MMA accumulates in reduced precision (~14 bits) across a chained K loop: each K
+                # tile's product is added in fp32 instead (DeepSeek-V3's promotion), as block mode does with its
+                # scales. On an H200 chaining put the channel/tensor outputs at 1-2% rms from the torch backend.
+                b_acc += tl.dot(b_a, b_b, out_dtype=tl.float32)
         p_a_tile += BLOCK_K
         p_b_tile += BLOCK_K * stride_bk
 
