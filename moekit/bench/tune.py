@@ -70,8 +70,14 @@ def candidate_configs(shape: MoEShape) -> dict[str, MoEKernelConfig]:
     if base.block_m <= 32:  # memory-bound: bytes in flight and grid size
         # The Gluon decode kernel sizes its own K steps and stages (``GluonTiles``): no moves of those there.
         if "gluon_pairs" not in (g1.variant, g2.variant):
-            out["bk64"] = replace(base, gemm1=replace(g1, block_k=64), gemm2=replace(g2, block_k=64))
-            out["stages3"] = replace(base, gemm1=replace(g1, num_stages=3), gemm2=replace(g2, num_stages=3))
+            # A shorter K step and another pipeline depth: 64 and 3 stages; 8-bit codes (256-wide steps in 3
+            # stages past one token) half their step and 4 stages there.
+            eight_bit = shape.elem_bytes == 1
+            bk = max(32, g1.block_k // 2) if eight_bit else 64
+            out[f"bk{bk}"] = replace(base, gemm1=replace(g1, block_k=bk), gemm2=replace(g2, block_k=bk))
+            stages = 4 if eight_bit and g1.num_stages == 3 else 3
+            out[f"stages{stages}"] = replace(base, gemm1=replace(g1, num_stages=stages),
+                                             gemm2=replace(g2, num_stages=stages))
         out["bn1x2"] = replace(base, gemm1=replace(g1, block_n=min(256, g1.block_n * 2)))
         out["bn1/2"] = replace(base, gemm1=replace(g1, block_n=max(32, g1.block_n // 2)))
         out["split2x"] = replace(base, gemm2=replace(g2, split_k=g2.split_k * 2))

@@ -30,6 +30,8 @@ from moekit.ops.activation import Activation, activation_code
 from moekit.ops.align import AlignResult
 from moekit.ops.grouped_gemm import check_epilogue_args, grouped_gemm_ref
 from moekit.ops.heuristics import GemmConfig
+
+_MIN_DOT_K = 32  # Triton's smallest K for an 8-bit tl.dot on NVIDIA GPUs
 from moekit.ops.quantize import QDTYPES, WEIGHT_GRANULARITIES, dequantize_activation, dequantize_weight
 
 _SCALE_MODES = {"tensor": 0, "channel": 1, "block": 2}
@@ -85,7 +87,9 @@ def grouped_gemm_w8a8(
             raise ValueError(f"{name}: expected float32, got {t.dtype}")
     group_n = group_k = 1
     up_scale_rows = 0
-    block_k = sub_k = config.block_k
+    block_k = config.block_k
+    # fp8 products are added in fp32 every 128 columns at most (Hopper's fp8 MMA accumulates in ~14 bits).
+    sub_k = min(block_k, 128) if b_ENK.dtype != torch.int8 else block_k
     if granularity == "tensor":
         check_shape("a_scale", a_scale.reshape(-1), (1,), "[] (one element)")
         check_shape("b_scale", b_scale, (num_experts,), "[E]")
@@ -106,14 +110,15 @@ def grouped_gemm_w8a8(
         if a_scale.stride(-1) != 1:
             raise ValueError(f"a_scale: expected a contiguous last dim, got strides {a_scale.stride()}")
         # A K tile spans whole scale groups (each scaled on its own: the kernel's sub-tiles) or lies in one: the
-        # largest power of two <= block_k that divides bk.
-        if block_k % group_k == 0:
+        # largest power of two <= block_k that divides bk. An 8-bit dot needs K >= 32 on the GPU.
+        if block_k % group_k == 0 and group_k % _MIN_DOT_K == 0:
             sub_k = group_k
         else:
-            while block_k > 16 and group_k % block_k:
+            while block_k > _MIN_DOT_K and group_k % block_k:
                 block_k //= 2
-            if group_k % block_k:
-                raise ValueError(f"block_shape: bk = {group_k} needs a K tile (power of two >= 16) that divides it")
+            if group_k % block_k or block_k < _MIN_DOT_K:
+                raise ValueError(f"block_shape: bk = {group_k} needs a K tile that divides it or that it divides, a "
+                                 f"power of two >= {_MIN_DOT_K}")
             sub_k = block_k
         a_stride = a_scale.stride(0)
     split = config.split_k

@@ -6,7 +6,8 @@ the heuristics for the shapes it lists; tables are optional, few and small.
 
 The reasoning, in terms of R = rows per active expert (about N / min(N, E), N = T·K):
 - Decode (R ≤ 16): the layer streams every routed expert's weights once, so it is memory-bound and what matters
-  is enough bytes in flight: ≥ ~2 programs per SM, each with a deep (4-stage) pipeline of wide K tiles.
+  is enough bytes in flight: ≥ ~2 programs per SM, each with a deep (4-stage) pipeline of wide K tiles (8-bit
+  codes past one token: 256-wide steps in 3 stages, so each step reads 256-byte runs of a weight row as bf16 does).
   GEMM1's programs are (expert blocks) × I / BLOCK_N — for few experts or small I, shrink BLOCK_N; GEMM2's are
   (expert blocks) × H / BLOCK_N — split K (partials summed by the top-k reduction) when that is too few.
 - Prefill (R ≥ 64): tensor-core bound; the largest tile whose padding waste stays small — BLOCK_M up to 128 —
@@ -235,7 +236,8 @@ def _gemm_config(s: MoEShape) -> MoEKernelConfig:
         return MoEKernelConfig(block_m=64, gemm1=g, gemm2=g, y_fp32=False)
 
     if block_m <= 32:
-        # Memory-bound: 128-wide K tiles (256 B per bf16 row) and 4 stages keep ~64 KB in flight per program.
+        # Memory-bound: 128-wide K tiles (256 B per bf16 row) and 4 stages keep ~64 KB in flight per program
+        # (8-bit codes: below).
         if s.elem_bytes == 1 and block_m == 16 and s.num_tokens > 1:
             # 8-bit codes: 256-wide K steps read the same 256-byte run of each weight row (block scales: two
             # 128-wide sub-tiles, each scaled on its own), 3 stages. H200 (NOTES.md "8-bit decode tiles again"):

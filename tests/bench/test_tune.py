@@ -130,6 +130,16 @@ def test_tune_raises_when_the_heuristic_fails(tmp_path, monkeypatch, others):
     assert not (tmp_path / heuristics.gpu_name()).exists()
 
 
+def test_8bit_decode_moves_around_its_256_wide_k_steps():
+    # Past one token 8-bit decode tiles take 256-wide K steps in 3 stages: the grid tries 128 and 4 stages (a
+    # move to 3 stages would be the heuristic itself, dropped as a duplicate).
+    fp8 = replace(_shape(16), elem_bytes=1, weights="fp8_block")
+    moves = candidate_configs(fp8)
+    assert moves["heuristic"].gemm1.block_k == 256 and moves["heuristic"].gemm1.num_stages == 3
+    assert moves["bk128"].gemm1.block_k == moves["bk128"].gemm2.block_k == 128
+    assert moves["stages4"].gemm1.num_stages == moves["stages4"].gemm2.num_stages == 4
+
+
 def test_tune_8bit_writes_its_own_table_keyed_by_scheme(tmp_path, monkeypatch):
     # An fp8 table sits beside the bf16 one (its own file, its own key) and only 8-bit calls of that scheme read it.
     monkeypatch.setenv("MOEKIT_TUNED_DIR", str(tmp_path))

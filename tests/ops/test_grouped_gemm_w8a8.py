@@ -120,6 +120,36 @@ def test_bad_inputs_name_the_argument():
 
 
 @pytest.mark.parametrize("qdtype", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_k_steps_of_256_without_block_scales(qdtype, granularity):
+    # fp8 channel/tensor K steps of 256 run as two 128-wide sub-tiles (each product added in fp32), int8 as one
+    # exact dot; K = 200 ragged.
+    num_tokens, top_k, num_experts, hidden, k_dim = 5, 2, 3, 48, 200
+    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)])
+    layout = align_ref(ids, num_experts, 16)
+    num_rows = ids.numel()
+    b_q, b_s = _weights(num_experts, hidden, k_dim, qdtype, granularity)
+    a_q, a_s = _acts(torch.randn(num_rows, k_dim), qdtype, granularity)
+    kw = dict(granularity=granularity, block_shape=None, num_rows=num_rows)
+    out = torch.full((num_rows, hidden), float("nan"))
+    grouped_gemm_w8a8(a_q, a_s, b_q, b_s, layout, out, replace(SMALL, block_k=256), **kw)
+    want = grouped_gemm_w8a8_ref(a_q, a_s, b_q, b_s, layout, torch.empty(num_rows, hidden), **kw)
+    assert_close(out, want, torch.float32)
+
+
+@pytest.mark.parametrize("bk", [8, 16])
+def test_scale_groups_narrower_than_an_8bit_dot_are_refused(bk):
+    # Triton's 8-bit dot needs K >= 32 on the GPU: a K tile (or sub-tile) inside a 16-wide group cannot run.
+    ids = torch.tensor([[0]])
+    layout = align_ref(ids, 1, 16)
+    b_q, b_s = (t[None] for t in quantize_weight(torch.randn(32, 64), "fp8_e4m3", "block", (32, bk)))
+    a_q, a_s = act_quant(torch.randn(1, 64), "fp8_e4m3", "group", bk)
+    with pytest.raises(ValueError, match=f"block_shape: bk = {bk} needs a K tile"):
+        grouped_gemm_w8a8(a_q, a_s, b_q, b_s, layout, torch.empty(1, 32), GemmConfig(block_n=32, block_k=256),
+                          granularity="block", block_shape=(32, bk), num_rows=1)
+
+
+@pytest.mark.parametrize("qdtype", ["fp8_e4m3", "int8"])
 @pytest.mark.parametrize("block_k", [128, 256])
 def test_k_tiles_spanning_scale_groups(qdtype, block_k):
     # BLOCK_K = 2 or 4 groups of bk = 64. GEMM 1 gated (one dot and two-dot tiles) with a ragged K = 200 (the last
@@ -150,3 +180,33 @@ def test_k_tiles_spanning_scale_groups(qdtype, block_k):
                                                                  num_stages=2), **kw)
     want = grouped_gemm_w8a8_ref(a_q, a_s, b_q, b_s, layout, torch.empty(num_rows, hidden), **kw)
     assert_close(out.sum(0), want, torch.float32, name="gemm2 split 3")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("qdtype", "granularity"), [("int8", "block"), ("fp8_e4m3", "block"),
+                                                     ("fp8_e4m3", "channel"), ("fp8_e4m3", "tensor"),
+                                                     ("int8", "channel")])
+@pytest.mark.parametrize("block_k", [128, 256])
+def test_gpu_compiles_and_matches(qdtype, granularity, block_k):
+    # Compiled for the GPU (the interpreter runs code the compiler refuses: an int8 block-mode dot once did not
+    # compile), DeepSeek-V3's 128 x 128 blocks, K steps of one and two groups, ragged K and N.
+    torch.manual_seed(0)
+    num_tokens, top_k, num_experts, hidden, k_dim = 37, 2, 6, 320, 1000
+    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)])
+    layout = align_ref(ids, num_experts, 16)
+    w = torch.randn(num_experts, hidden, k_dim) * k_dim**-0.5
+    shape = (128, 128) if granularity == "block" else None
+    device = "cuda"
+    per_expert = [quantize_weight(w[e], qdtype, granularity, shape) for e in range(num_experts)]
+    b_q, b_s = torch.stack([q for q, _ in per_expert]), torch.stack([s for _, s in per_expert])
+    gran, group = {"tensor": ("tensor", None), "channel": ("token", None), "block": ("group", 128)}[granularity]
+    a_q, a_s = act_quant(torch.randn(num_tokens * top_k, k_dim), qdtype, gran, group)
+    kw = dict(granularity=granularity, block_shape=shape, num_rows=num_tokens * top_k)
+    want = grouped_gemm_w8a8_ref(a_q, a_s, b_q, b_s, layout, torch.empty(num_tokens * top_k, hidden), **kw)
+    on_device = [t.to(device) for t in (a_q, a_s, b_q, b_s)]
+    out = torch.full((num_tokens * top_k, hidden), float("nan"), device=device)
+    grouped_gemm_w8a8(*on_device, align_ref(ids.to(device), num_experts, 16), out,
+                      GemmConfig(block_n=64, block_k=block_k, num_stages=3), **kw)
+    # int8 dots are exact; fp8 MMAs accumulate each (at most 128-wide) product in reduced precision.
+    assert_close(out.cpu(), want, torch.float32 if qdtype == "int8" else torch.bfloat16)

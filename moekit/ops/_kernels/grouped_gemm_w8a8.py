@@ -7,15 +7,17 @@ bf16 kernel's code paths untouched. Names: ``i_`` index, ``o_`` offset vector, `
 SCALE_MODE (compile-time), A = activation codes, B = weight codes of expert e:
     0 tensor:  acc = Σ_k dot(a, b);                    acc *= a_s[0] · b_s[e]               (after the K loop)
     1 channel: acc = Σ_k dot(a, b);                    acc *= a_s[row] · b_s[e, n]          (after the K loop)
-    2 block:   acc += dot(a, b) · a_s[row, kb] · b_s[e, nb(n), kb]   per K tile             (inside the K loop)
-with kb = k // group_k and nb(n) the scale row of B row n (gate and up rows blocked apart: see the wrapper).
+    2 block:   acc += dot(a, b) · a_s[row, kb] · b_s[e, nb(n), kb]   per K sub-tile         (inside the K loop)
+with kb = min(k, K - 1) // group_k and nb(n) the scale row of B row n (gate and up rows blocked apart: see the
+wrapper). A K step of BLOCK_K runs as BLOCK_K // SUB_K sub-tiles, each loaded and dotted on its own: block mode
+scales each (SUB_K = group_k when BLOCK_K spans several groups); fp8 channel/tensor add each in fp32 (SUB_K <= 128).
 UNIFORM_BS (block mode, set by the wrapper when group_n is a multiple of the tile's output width, gated tiles
 from 32 outputs): all B rows of a
 tile (of each half, gated) share one scale row, so the scaling is one FMA an element with a per-row factor
 a_s · b_s instead of an outer product and two multiplies — the per-tile scaling is what made block mode ~1.4x
 slower than channel mode at prefill on an H200. A gated tile then runs as two dots, gate and up, each with its
 own accumulator (one [BLOCK_M, BLOCK_N] product cannot take two per-row factors without a per-element select).
-int8 dots accumulate in int32 (exact), e4m3 dots in fp32, one K tile at a time (no chained fp8 accumulator). In the interpreter both are exact-product numpy
+int8 dots accumulate in int32 (exact), e4m3 dots in fp32, one K sub-tile at a time (no chained fp8 accumulator). In the interpreter both are exact-product numpy
 matmuls (see ``moekit.ops._kernels.quantize``), so interpreted results match the fp64 reference closely.
 """
 
@@ -133,9 +135,10 @@ def grouped_gemm_w8a8_kernel(
             elif IS_INT:
                 b_acc = tl.dot(b_a, b_b, b_acc, out_dtype=ACC_DTYPE)  # int32: exact
             else:
-                # Hopper's fp8 MMA accumulates in reduced precision (~14 bits) across a chained K loop: each K
-                # tile's product is added in fp32 instead (DeepSeek-V3's promotion), as block mode does with its
-                # scales. On an H200 chaining put the channel/tensor outputs at 1-2% rms from the torch backend.
+                # Hopper's fp8 MMA accumulates in reduced precision (~14 bits) across a chained K loop: each
+                # sub-tile's product (at most 128 wide, as DeepSeek-V3 promotes) is added in fp32 instead, as block
+                # mode does with its scales. On an H200 chaining put the channel/tensor outputs at 1-2% rms from
+                # the torch backend.
                 b_acc += tl.dot(b_a, b_b, out_dtype=tl.float32)
         p_a_tile += BLOCK_K
         p_b_tile += BLOCK_K * stride_bk
@@ -163,6 +166,10 @@ def grouped_gemm_w8a8_kernel(
 @triton.jit
 def _dot_f32(b_a, b_b, IS_INT: tl.constexpr):
     """One K tile's product in fp32 (int8: exact in int32 first)."""
+    # One return (an if/else assigning it): Triton compiles the statement after an early return too, and an
+    # int8 dot with an fp32 out_dtype there is an int32 that does not match.
     if IS_INT:
-        return tl.dot(b_a, b_b, out_dtype=tl.int32).to(tl.float32)
-    return tl.dot(b_a, b_b, out_dtype=tl.float32)
+        b_p = tl.dot(b_a, b_b, out_dtype=tl.int32).to(tl.float32)
+    else:
+        b_p = tl.dot(b_a, b_b, out_dtype=tl.float32)
+    return b_p
