@@ -201,9 +201,11 @@ def test_gpu_compiles_and_matches(qdtype, granularity, block_k):
     per_expert = [quantize_weight(w[e], qdtype, granularity, shape) for e in range(num_experts)]
     b_q, b_s = torch.stack([q for q, _ in per_expert]), torch.stack([s for _, s in per_expert])
     gran, group = {"tensor": ("tensor", None), "channel": ("token", None), "block": ("group", 128)}[granularity]
-    a_q, a_s = act_quant(torch.randn(num_tokens * top_k, k_dim), qdtype, gran, group)
+    # Quantized where they run (act_quant takes its Triton kernel for any tensor when a GPU is present).
+    a_q, a_s = act_quant(torch.randn(num_tokens * top_k, k_dim, device=device), qdtype, gran, group)
     kw = dict(granularity=granularity, block_shape=shape, num_rows=num_tokens * top_k)
-    want = grouped_gemm_w8a8_ref(a_q, a_s, b_q, b_s, layout, torch.empty(num_tokens * top_k, hidden), **kw)
+    want = grouped_gemm_w8a8_ref(a_q.cpu(), a_s.cpu(), b_q, b_s, layout, torch.empty(num_tokens * top_k, hidden),
+                                 **kw)
     on_device = [t.to(device) for t in (a_q, a_s, b_q, b_s)]
     out = torch.full((num_tokens * top_k, hidden), float("nan"), device=device)
     grouped_gemm_w8a8(*on_device, align_ref(ids.to(device), num_experts, 16), out,
