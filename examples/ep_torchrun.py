@@ -212,9 +212,7 @@ def bytes_sent(pf: object, ids: torch.Tensor, hidden_bytes: int, *, sync_free: b
     row = hidden_bytes + 8 * top_k  # x + K fp32 weights + K int32 ids
     if sync_free:
         return total + (world - 1) * tokens * (row + hidden_bytes)
-    owners = pf.owners(ids.device)
-    hit = torch.zeros(tokens, world, dtype=torch.bool, device=ids.device).scatter_(1, owners[ids.long()], True)
-    send = hit.sum(dim=0).cpu()
+    send = pf.destinations(ids).sum(dim=1).cpu()
     gathered: list[list[int] | None] = [None] * world
     dist.all_gather_object(gathered, send.tolist(), group=pf.group)
     matrix = torch.tensor(gathered)  # row r: the rows rank r sends to each rank

@@ -61,7 +61,6 @@ def main() -> None:
     parallel = moekit.ParallelConfig(ep_size=world, ep_rank=rank, dispatch=args.dispatch)
     routed = moekit.MoE(cfg, dtype=torch.bfloat16, device=device, parallel=parallel).routed_experts
     pf, quant = routed.prepare_finalize, routed.quant_method.quant_params(routed)
-    owners = pf.owners(device)
     for tokens in (int(t) for t in args.tokens.split(",")):
         gen = torch.Generator(device).manual_seed(rank * 7919 + tokens)
         x = torch.randn(tokens, shape.hidden_size, generator=gen, device=device).to(torch.bfloat16)
@@ -76,8 +75,7 @@ def main() -> None:
 
         # The bare collectives of the all-to-all path: one byte row per (token, destination rank) (x + K weights +
         # K ids) there, x back.
-        hit = torch.zeros(tokens, world, dtype=torch.bool, device=device).scatter_(1, owners[ids.long()], True)
-        send_counts = hit.sum(dim=0)
+        send_counts = pf.destinations(ids).sum(dim=1)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts)
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()

@@ -162,6 +162,12 @@ class ExpertParallelPrepareFinalize(PrepareFinalize):
             return self.sync_free
         return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
+    def destinations(self, topk_ids_TK: torch.Tensor) -> torch.Tensor:
+        """bool [W, T]: whether token t has one of its experts on rank r (where all_to_all sends it, once)."""
+        dest_KT = self.owners(topk_ids_TK.device)[topk_ids_TK.long()].t()
+        hit_WT = torch.zeros(self.ep_size, topk_ids_TK.shape[0], dtype=torch.bool, device=topk_ids_TK.device)
+        return hit_WT.scatter_(0, dest_KT, True)
+
     def owners(self, device: torch.device) -> torch.Tensor:
         """The rank of each global expert, int64 [E], on ``device`` (copied there once)."""
         owners = self._owners_on.get(device)
@@ -257,8 +263,7 @@ class AllToAll(ExpertParallelPrepareFinalize):
         layout = _row_layout(rows)
         # hit[r, t]: one of token t's experts lives on rank r; place[r, t]: r's rank among t's destinations (the
         # row of t's home buffer its partial result lands in). Flattened, both are in (rank, token) order.
-        dest_KT = self.owners(device)[topk_ids_TK.long()].t()
-        hit_WT = torch.zeros(world, num_tokens, dtype=torch.bool, device=device).scatter_(0, dest_KT, True)
+        hit_WT = self.destinations(topk_ids_TK)
         place_WT = torch.cumsum(hit_WT, dim=0) - 1
         hit_n, place_n = hit_WT.reshape(-1), place_WT.reshape(-1)
         dump = num_tokens * depth  # home row taking the results nobody reads
