@@ -261,19 +261,18 @@ class AllToAll(ExpertParallelPrepareFinalize):
         rows, early, static_scale = _token_rows(hidden_states_TH, topk_weights_TK, topk_ids_TK,
                                                 apply_router_weight_on_input, quant)
         layout = _row_layout(rows)
-        # hit[r, t]: one of token t's experts lives on rank r; place[r, t]: r's rank among t's destinations (the
-        # row of t's home buffer its partial result lands in). Flattened, both are in (rank, token) order.
+        # hit[r, t]: one of token t's experts lives on rank r; slot[r, t] = t·D + (r's place among t's destinations):
+        # the row of the home buffer its partial result lands in. Flattened, both are in (rank, token) order.
         hit_WT = self.destinations(topk_ids_TK)
-        place_WT = torch.cumsum(hit_WT, dim=0) - 1
-        hit_n, place_n = hit_WT.reshape(-1), place_WT.reshape(-1)
+        slot_WT = torch.cumsum(hit_WT, dim=0) + torch.arange(-1, num_tokens * depth - 1, depth, device=device)
+        hit_n, slot_n = hit_WT.reshape(-1), slot_WT.reshape(-1)
         dump = num_tokens * depth  # home row taking the results nobody reads
         send_splits = recv_splits = None
         if self._sync_free(device):
             # Every token to every rank, no count to exchange: that is an all-gather (NCCL's is quicker than its
             # send/recv at decode sizes). A rank none of whose experts a token chose finds no local id among its K
             # and returns a zero row, which lands in the dump row.
-            token_n = torch.arange(world * num_tokens, device=device) % max(num_tokens, 1)
-            slots = torch.where(hit_n, token_n * depth + place_n, dump)
+            slots = torch.where(hit_n, slot_n, dump)
             send = _pack(rows)
             recv = send.new_empty(world * num_tokens, send.shape[1])
             if num_tokens:  # every rank has as many tokens: with none, every rank skips
@@ -290,8 +289,8 @@ class AllToAll(ExpertParallelPrepareFinalize):
             where = torch.where(hit_n, torch.cumsum(hit_n, dim=0) - 1, sent)
             pairs = torch.empty(sent + 1, dtype=torch.int64, device=device)
             pairs = pairs.scatter_(0, where, torch.arange(where.numel(), device=device))[:sent]
-            slots = pairs % max(num_tokens, 1) * depth + place_n[pairs]
-            send = _pack(rows)[pairs % max(num_tokens, 1)]
+            slots = slot_n[pairs]
+            send = _pack(rows)[pairs % max(num_tokens, 1)]  # pair r·T + t carries token t
             recv = send.new_empty(sum(recv_splits), send.shape[1])
             dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group)
         got = _unpack(recv, layout)
