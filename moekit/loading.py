@@ -124,7 +124,9 @@ def expert_params_mapping(
     ``experts.{e}.{gate}.weight`` -> ``routed_experts.w13`` shard ``w1``; ``{up}`` -> ``w13`` shard ``w3``;
     ``{down}`` -> ``w2`` shard ``w2``. Mixtral checkpoints use ``gate="w1", up="w3", down="w2"``. ``tensors``:
     ``(parameter suffix, checkpoint name)`` per tensor of a projection, e.g. a weight-only method's
-    ``WNA16MoEMethod.checkpoint_tensors()`` (``("_qweight", "qweight")``: ``gate_proj.qweight`` -> ``w13_qweight``).
+    ``WNA16MoEMethod.checkpoint_tensors()`` (``("_qweight", "qweight")``: ``gate_proj.qweight`` -> ``w13_qweight``)
+    or an 8-bit method's ``W8A8MoEMethod.checkpoint_tensors("weight_scale_inv")`` (codes, their scales, static input
+    scales). The default lists the codes alone: an 8-bit layer then refuses ``process_weights_after_loading``.
     """
     check_positive("num_experts", num_experts)
     rows = []
@@ -446,7 +448,7 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
             # refuses blocks that a slice would cut); w2's per-row and per-tensor scales are the whole expert's.
             sliced = method.granularity == "block" or (method.granularity == "channel" and not w2)
             _plan_scale(plan, experts, scale, row, [base + "weight_scale_inv", base + "weight_scale"],
-                        _tp_slicer(moe, 1 if w2 else 0) if sliced else None)
+                        _tp_slicer(moe, 1 if w2 else 0) if sliced else None, codes=key)
             plan.check_values([base + "weight_scale_inv", base + "weight_scale"], check_weight_scale)
             if method.static_input_scales:
                 inputs = experts.w2_input_scale if w2 else experts.w13_input_scale
@@ -477,8 +479,14 @@ def _plan_expert_biases(moe: MoE, plan: _Plan, prefix: str, names: tuple[str, ..
 
 
 def _plan_scale(plan: _Plan, experts: RoutedExperts, param: torch.Tensor, row: ExpertParamMapping,
-                keys: list[str], transform: Callable | None = None) -> None:
+                keys: list[str], transform: Callable | None = None, codes: str | None = None) -> None:
+    """Plan ``param``'s shard from the first of ``keys`` present; ``codes``: the codes these scales belong to,
+    which without them would compute with the scales' initial values (refused, also under strict=False)."""
     key = plan.first(keys)
+    if key is None and codes is not None:
+        raise ValueError(f"{' | '.join(keys)}: missing from the checkpoint while its codes {codes} are there: 8-bit "
+                         "codes without their scales cannot be loaded (strict=False leaves out whole projections, "
+                         "not the scales of a loaded one)")
     if key is None:
         # Several spellings (weight_scale_inv | weight_scale): name them all, the checkpoint's may be the second.
         plan.report.missing.append(keys[0] if len(keys) == 1 else " | ".join(keys))

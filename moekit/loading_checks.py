@@ -11,7 +11,7 @@ import torch
 
 from moekit._checks import finite_extremes
 from moekit.checkpoint import CODE_DTYPES
-from moekit.quant.w8a8 import INPUT_SCALES, NO_INPUT_SCALE, WEIGHT_SCALES, check_scales
+from moekit.quant.w8a8 import INPUT_SCALES, NO_INPUT_SCALE, WEIGHT_SCALES, check_input_scale_normal, check_scales
 
 if TYPE_CHECKING:
     from moekit.layer import MoE
@@ -49,6 +49,7 @@ def check_input_scales(name: str, scales: dict[str, torch.Tensor]) -> None:
         keys = list(scales)
         raise ValueError(f"{name}: every static activation scale is 0 ({keys[0]!r} ... {keys[-1]!r}, {len(keys)} "
                          f"keys): {NO_INPUT_SCALE}")
+    check_input_scale_normal(name, max(float(s.float().max()) for s in scales.values()))
 
 
 def check_codes(key: str, stored: str, dest: torch.dtype) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moekit.checkpoint import CODE_DTYPES
+from moekit.loading_checks import finite_in
 from moekit.ops.quantize import dequantize_weight
 from moekit.quant.mxfp4 import MXFP4MoEMethod, check_e8m0_scales
 from moekit.quant.w8a8 import WEIGHT_SCALES, W8A8MoEMethod, check_scales
@@ -103,7 +104,8 @@ def _copy_shared(moe: MoE, plan: _Plan, dest: torch.Tensor, keys: list[str]) -> 
     def apply(q: torch.Tensor) -> None:
         s = ckpt.get(scale_key).float()
         s = s.reshape(()) if granularity == "tensor" else s
-        dest.copy_(dequantize_weight(q, s, granularity, block if granularity == "block" else None))
+        w = dequantize_weight(q, s, granularity, block if granularity == "block" else None)
+        dest.copy_(finite_in(key, dest.dtype)(w))  # 448 x a large scale can overflow an fp16 layer
 
     # A NaN/inf/negative scale would dequantize into a NaN or sign-flipped Linear: refused before any copy.
     plan.check_values([scale_key], lambda k, s: check_scales(f"checkpoint key {k!r}", s, WEIGHT_SCALES))

@@ -95,6 +95,9 @@ class RoutedExperts(nn.Module):
         # experts. A plain tuple, not a buffer: it must not travel with the weights in a rearrangement.
         self._slot_experts: tuple[int, ...] | None = None
         self._num_logical: int | None = None
+        # (parameter, expert, shard) written through weight_loader since the last process_weights_after_loading:
+        # what it checks against the quant method's companions (codes loaded without their scales).
+        self._loaded_shards: set[tuple[str, int, str]] = set()
         self.quant_method = quant_method if quant_method is not None else UnquantizedMoEMethod()
         # The activation dtype the layer expects; quantized weights may be stored in another (see params_dtype).
         self._params_dtype = dtype if dtype is not None else torch.get_default_dtype()
@@ -209,7 +212,18 @@ class RoutedExperts(nn.Module):
         )
 
     def process_weights_after_loading(self) -> None:
+        loaded = self._loaded_shards
+        missing = sorted((c, e, s) for n, e, s in loaded for c in self.quant_method.companions.get(n, ())
+                         if (c, e, s) not in loaded)
+        if missing:
+            name, expert, shard = missing[0]
+            raise ValueError(f"{name}: expert {expert} shard {shard}: its codes were loaded through weight_loader but "
+                             f"not this ({len(missing)} such (parameter, expert, shard) in all); "
+                             f"{self.quant_method.name} codes without their scales compute with the initial values. "
+                             "Load every tensor its checkpoint_tensors() names (expert_params_mapping(..., "
+                             "tensors=...))")
         self.quant_method.process_weights_after_loading(self)
+        loaded.clear()
         self.weights_changed()
 
     def weights_changed(self) -> None:
@@ -258,6 +272,7 @@ class RoutedExperts(nn.Module):
                 return
             for local_id in slots:  # every replica of the expert on this rank gets its own copy
                 self._load_into(name, param.data[local_id], loaded_weight, shard_id, expert_id, is_w13)
+            self._loaded_shards.add((name, expert_id, shard_id))
         finally:  # writes through .data: the version counter does not see them
             self.weights_changed()
 

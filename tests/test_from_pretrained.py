@@ -21,7 +21,7 @@ from transformers import FineGrainedFP8Config  # noqa: E402
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize  # noqa: E402
 
 from moekit import MoE  # noqa: E402
-from moekit.loading import Checkpoint, load_moe  # noqa: E402
+from moekit.loading import Checkpoint, expert_params_mapping, load_moe  # noqa: E402
 from moekit.quant import (  # noqa: E402
     Fp8BlockMoEMethod,
     Fp8TensorMoEMethod,
@@ -218,14 +218,21 @@ def test_mismatched_scales_are_refused_naming_the_tensor(saved, tmp_path):
     plain = MoE(MoE.from_pretrained(quantized["fp8"], layer=1).config, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"experts\.0\.gate_proj\.weight': holds 8-bit codes \(F8_E4M3\)"):
         load_moe(plain, bad, "model.layers.1.mlp")
-    # a missing scale is named
+    # a missing scale is named (both spellings: a compressed-tensors checkpoint stores weight_scale), also under
+    # strict=False, which leaves out whole projections but never the scales of loaded codes
     del tensors["model.layers.1.mlp.experts.5.down_proj.weight_scale_inv"]
     safetensors_torch.save_file(tensors, bad / "model.safetensors")
     (bad / "config.json").write_text((quantized["fp8"] / "config.json").read_text())
-    # (both spellings: a compressed-tensors checkpoint stores weight_scale)
     key = "model.layers.1.mlp.experts.5.down_proj"
-    with pytest.raises(KeyError, match=re.escape(f"missing ['{key}.weight_scale_inv | {key}.weight_scale']")):
+    message = re.escape(f"{key}.weight_scale_inv | {key}.weight_scale: missing from the checkpoint while its codes "
+                        f"{key}.weight are there")
+    with pytest.raises(ValueError, match=message):
         MoE.from_pretrained(bad, layer=1)
+    fresh = MoE.from_pretrained(quantized["fp8"], layer=1)
+    before = {n: t.clone() for n, t in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        load_moe(fresh, bad, "model.layers.1.mlp", strict=False)
+    assert all(torch.equal(before[n], t) for n, t in fresh.state_dict().items())  # refused before any copy
 
 
 def test_unknown_quant_method_and_bad_arguments(saved, tmp_path):
@@ -337,6 +344,18 @@ def test_bad_shared_expert_scale_is_refused(saved, tmp_path):
     path = _edited(quantized["fp8"], tmp_path / "bad", lambda t: t[key].view(-1).__setitem__(0, float("nan")))
     with pytest.raises(ValueError, match=re.escape(f"checkpoint key {key!r}: expected finite non-negative weight")):
         MoE.from_pretrained(path, layer=1)
+
+
+def test_shared_expert_beyond_an_fp16_layer_is_refused(saved, tmp_path):
+    # Dequantized into an fp16 layer, codes up to 448 times a scale of 400 exceed fp16's range: the Linear would
+    # hold inf. Refused naming the tensor, as a plain float weight beyond the layer's dtype is.
+    _, _, quantized = saved["deepseek_v3"]
+    key = "model.layers.1.mlp.shared_experts.up_proj.weight_scale_inv"
+    path = _edited(quantized["fp8"], tmp_path / "big", lambda t: t[key].view(-1).__setitem__(0, 400.0))
+    with pytest.raises(ValueError, match=r"shared_experts\.up_proj\.weight': holds values beyond the range of the "
+                                         r"layer's dtype .*the layer is float16"):
+        MoE.from_pretrained(path, layer=1, dtype=torch.float16)
+    MoE.from_pretrained(path, layer=1)  # bf16 holds them
 
 
 def test_zero_weight_scale_block_loads(saved, tmp_path):
@@ -554,3 +573,31 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers_on_dequantized_weights(tm
         with torch.no_grad():
             out = layer.mlp(x)
             assert_close(moe(x), (out[0] if isinstance(out, tuple) else out).float(), torch.bfloat16)
+
+
+def test_an_engine_loads_8bit_experts_through_expert_params_mapping(saved):
+    # An engine driving weight_loader itself with the rows expert_params_mapping lists: given the method's
+    # checkpoint_tensors the experts equal MoE.from_pretrained's bit for bit; given only the codes (the default
+    # rows), the scales would keep their initial values, and process_weights_after_loading refuses, naming them.
+    _, _, quantized = saved["qwen3_moe"]
+    want = MoE.from_pretrained(quantized["fp8"], layer=0)
+    method = want.routed_experts.quant_method
+    tensors = safetensors_torch.load_file(quantized["fp8"] / "model.safetensors")
+    prefix = "model.layers.0.mlp."
+    for rows, ok in ((method.checkpoint_tensors("weight_scale_inv"), True), ((("", "weight"),), False)):
+        moe = MoE(want.config, dtype=torch.bfloat16, quant_method=type(method)())
+        for row in expert_params_mapping(want.config.num_experts, tensors=rows):
+            param = moe.get_parameter(row.param_name)
+            param.weight_loader(param, tensors[prefix + row.weight_name], row.shard_id, row.expert_id)
+        if not ok:
+            with pytest.raises(ValueError, match=r"w13_scale: expert 0 shard w1: its codes were loaded through "
+                                                 r"weight_loader but not this"):
+                moe.routed_experts.process_weights_after_loading()
+            continue
+        moe.routed_experts.process_weights_after_loading()
+        for name in ("w13", "w2", "w13_scale", "w2_scale"):
+            got, expected = getattr(moe.routed_experts, name), getattr(want.routed_experts, name)
+            assert torch.equal(got.view(torch.uint8) if got.element_size() == 1 else got,
+                               expected.view(torch.uint8) if expected.element_size() == 1 else expected), name
+    with pytest.raises(ValueError, match="scale_name: expected 'weight_scale' or 'weight_scale_inv'"):
+        method.checkpoint_tensors("scale")

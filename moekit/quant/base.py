@@ -66,6 +66,10 @@ class MoEQuantMethod(ABC):
     # EPLB weight rearrangement (moekit.distributed.rearrange_expert_weights) moves every [E, ...] tensor of the
     # layer; a method opts in only when that is all of its per-expert state (refused otherwise, by name).
     supports_eplb: ClassVar[bool] = False
+    # Parameters that must load with a codes parameter, per (expert, shard): an expert whose codes came through
+    # ``RoutedExperts.weight_loader`` without them (an engine that loaded only the ``.weight`` rows) is refused by
+    # ``RoutedExperts.process_weights_after_loading`` instead of computing with the scales' initial values.
+    companions: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     @abstractmethod
     def create_weights(

@@ -169,6 +169,11 @@ def _awq(cfg: Mapping) -> MoEQuantMethod:
 
 
 def _compressed_tensors(cfg: Mapping) -> MoEQuantMethod:
+    if cfg.get("transform_config"):
+        # Online rotations (e.g. Hadamard, SpinQuant): the weights were quantized in a rotated basis that the
+        # model undoes at run time; loaded without it, every expert would compute in the wrong basis.
+        raise UnsupportedQuantization("quantization_config.transform_config: compressed-tensors online transforms "
+                                      "(rotations) are not supported")
     fmt = cfg.get("format")
     if fmt == "pack-quantized":
         return _ct_packed(cfg)

@@ -53,6 +53,7 @@ class W8A8MoEMethod(MoEQuantMethod):
     # Codes, scales and biases are [E, ...]; merged static input scales are one per layer (0-d) and are refused
     # by the rearrangement itself, since each rank's maximum covers only its own experts.
     supports_eplb = True
+    companions = {"w13": ("w13_scale",), "w2": ("w2_scale",)}
 
     def __init__(self, *, static_input_scales: bool = False) -> None:
         check_bool("static_input_scales", static_input_scales)
@@ -60,6 +61,17 @@ class W8A8MoEMethod(MoEQuantMethod):
             raise ValueError(f"static_input_scales: static activation scales need per-tensor weights, got "
                              f"{self.name!r}")
         self.static_input_scales = static_input_scales
+
+    def checkpoint_tensors(self, scale_name: str = "weight_scale") -> tuple[tuple[str, str], ...]:
+        """``(parameter suffix, checkpoint tensor name)`` of each tensor a checkpoint stores per projection, for
+        ``moekit.loading.expert_params_mapping(..., tensors=...)``: the codes (``weight`` -> ``w13`` / ``w2``), their
+        scales (``scale_name``: ``weight_scale_inv`` in DeepSeek-V3/Qwen3 fp8 checkpoints, ``weight_scale`` in
+        compressed-tensors and ModelOpt ones -> ``w13_scale`` / ``w2_scale``) and, with static activation scales,
+        ``input_scale`` -> ``w13_input_scale`` / ``w2_input_scale``."""
+        if scale_name not in ("weight_scale", "weight_scale_inv"):
+            raise ValueError(f"scale_name: expected 'weight_scale' or 'weight_scale_inv', got {scale_name!r}")
+        rows = (("", "weight"), ("_scale", scale_name))
+        return rows + ((("_input_scale", "input_scale"),) if self.static_input_scales else ())
 
     def create_weights(
         self,
@@ -125,6 +137,7 @@ class W8A8MoEMethod(MoEQuantMethod):
                 check_scales(name, scales, INPUT_SCALES)
                 if not bool((scales > 0).any()):
                     raise ValueError(f"{name}: every static activation scale is 0: {NO_INPUT_SCALE}")
+                check_input_scale_normal(name, float(scales.max()))
         for name in ("w13_input_scale", "w2_input_scale") if static else ():
             # The max over experts: a 0 (an expert calibration never routed to) does not lower it.
             register_weight(layer, name, getattr(layer, name).data.amax().reshape(()).contiguous())
@@ -197,6 +210,14 @@ class W8A8MoEMethod(MoEQuantMethod):
 WEIGHT_SCALES = "finite non-negative weight scales (0 for an all-zero block)"
 INPUT_SCALES = "finite non-negative static activation scales (0 for an expert calibration never reached)"
 NO_INPUT_SCALE = "no usable scale (every activation would quantize to 0)"
+
+
+def check_input_scale_normal(name: str, top: float) -> None:
+    """The layer's one static activation scale (the max over its experts) must be a normal float32: x divided by
+    a subnormal scale overflows, and every output would be NaN."""
+    if 0 < top < torch.finfo(torch.float32).tiny:
+        raise ValueError(f"{name}: the largest static activation scale is {top:g}, below the smallest normal "
+                         f"float32 ({torch.finfo(torch.float32).tiny:g}): x / scale would overflow")
 
 
 def check_scales(where: str, scale: torch.Tensor, what: str, *, signed: bool = False) -> None:

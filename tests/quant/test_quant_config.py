@@ -107,6 +107,15 @@ def test_refusals_name_the_scheme(cfg, match):
     assert issubclass(UnsupportedQuantization, ValueError)
 
 
+def test_online_transforms_refused():
+    # A compressed-tensors checkpoint quantized in a rotated basis (transform_config: Hadamard, SpinQuant) needs the
+    # rotation at run time; moekit has none, so loading it would compute every expert in the wrong basis.
+    cfg = ct({**FP8, "strategy": "channel"}, {**FP8, "strategy": "token", "dynamic": True})
+    cfg["transform_config"] = {"config_groups": {"u": {"type": "hadamard", "apply": [{"targets": ["Linear"]}]}}}
+    with pytest.raises(UnsupportedQuantization, match="transform_config: compressed-tensors online transforms"):
+        get_quant_method(cfg)
+
+
 def test_mixed_groups_refused_and_bad_type():
     cfg = ct({**FP8, "strategy": "channel"}, {**FP8, "strategy": "token", "dynamic": True})
     cfg["config_groups"]["group_1"] = {"weights": {**FP8, "strategy": "tensor"},
@@ -174,6 +183,8 @@ def test_static_input_scales_refuse_bad_values_and_online_quantization():
     for name, value, match in (("w2_input_scale", float("nan"), "expected finite non-negative"),
                                ("w2_input_scale", -1.0, "expected finite non-negative"),
                                ("w2_input_scale", 0.0, "every static activation scale is 0"),
+                               ("w2_input_scale", 1e-40, "the largest static activation scale is .*, below the "
+                                                         "smallest normal float32"),
                                ("w13_scale", float("inf"), "expected finite non-negative")):
         layer = _static_layer()
         getattr(layer, name).data.fill_(value)
