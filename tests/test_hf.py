@@ -21,7 +21,7 @@ import moekit.hf as mh  # noqa: E402
 from moekit.hf.convert import HFMoE, convert, moe_from_hf  # noqa: E402
 from moekit.hf.experts import _WARNED
 from moekit.testing import assert_close, rel_errors  # noqa: E402
-from tests.hf.tiny_models import build, input_ids  # noqa: E402
+from tests.hf.tiny_models import build, input_ids, tiny_config  # noqa: E402
 
 # The six families the issue names; each is checked in fp32 and bf16 through both paths.
 CORE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss"]
@@ -613,6 +613,29 @@ def test_convert_refuses_router_logits_asked_for_later():
     model.config.output_router_logits = True
     with pytest.raises(NotImplementedError, match="called with output_router_logits"):
         model(input_ids=ids)
+    # The inner base model, called on its own, returned an empty tuple of router logits silently.
+    model.config.output_router_logits = False
+    with pytest.raises(NotImplementedError, match="called with output_router_logits"):
+        model.model(input_ids=ids, output_router_logits=True)
+
+
+def test_convert_refuses_router_logits_asked_for_in_a_nested_config():
+    # A multimodal model keeps the flag in text_config: switched on after convert, transformers' load-balancing loss
+    # indexed an empty tuple (IndexError) instead of the guard's message.
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Qwen3VLMoeForConditionalGeneration"):
+        pytest.skip("this transformers has no Qwen3-VL-MoE")
+    text = tiny_config("qwen3_vl_moe").to_dict()
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=4, out_hidden_size=32,
+                  deepstack_visual_indexes=[0])
+    torch.manual_seed(0)
+    model = transformers.Qwen3VLMoeForConditionalGeneration(
+        transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision)).eval()
+    assert convert(model, backend="torch") > 0
+    model.config.text_config.output_router_logits = True
+    ids = input_ids()
+    with pytest.raises(NotImplementedError, match="called with output_router_logits"):
+        model(input_ids=ids, labels=ids)
 
 
 @pytest.mark.parametrize("family, kw", [("deepseek_v3", dict(n_shared_experts=0)),

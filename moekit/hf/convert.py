@@ -245,9 +245,14 @@ def convert(model: nn.Module, *, backend: str = "auto") -> int:
         saving.install(moe, moe._moekit_saved_as)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, moe)
-    if built and not getattr(model, "_moekit_router_logits_hook", False):
-        model.register_forward_pre_hook(_no_router_logits, with_kwargs=True)
-        model._moekit_router_logits_hook = True
+    # Every module with a config above a converted block (the model, its inner base model, a multimodal model's
+    # language model) can be called on its own with output_router_logits: each refuses it.
+    guarded = {""} | {name[:i] for name, _ in built for i, c in enumerate(name) if c == "."}
+    for prefix in sorted(guarded):
+        module = model.get_submodule(prefix)
+        if getattr(module, "config", None) is not None and not getattr(module, "_moekit_router_logits_hook", False):
+            module.register_forward_pre_hook(_no_router_logits, with_kwargs=True)
+            module._moekit_router_logits_hook = True
     if not built:
         if any(isinstance(m, HFMoE) for m in model.modules()):
             warnings.warn(f"moekit.hf.convert: {type(model).__name__} is already converted; nothing was converted",
@@ -262,12 +267,21 @@ def convert(model: nn.Module, *, backend: str = "auto") -> int:
 def _no_router_logits(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """Converted blocks return no router logits: a call asking for them (or a config switched on after convert)
     would end in transformers' load-balancing loss indexing an empty tuple."""
-    config = getattr(model, "config", None)
-    if kwargs.get("output_router_logits") or getattr(config, "output_router_logits", False) is True:
+    if kwargs.get("output_router_logits") or _asks_router_logits(getattr(model, "config", None)):
         raise NotImplementedError(
             f"moekit.hf.convert: {type(model).__name__} was called with output_router_logits, but converted blocks "
             "return no router logits; keep the model's blocks and run their experts on moekit instead "
             "(moekit.hf.register(); model.set_experts_implementation('moekit'))")
+
+
+def _asks_router_logits(config: object, depth: int = 2) -> bool:
+    """``output_router_logits`` set on ``config`` or a config nested in it (a multimodal model's ``text_config``)."""
+    if config is None:
+        return False
+    if getattr(config, "output_router_logits", False) is True:
+        return True
+    return depth > 0 and any(_asks_router_logits(v, depth - 1) for v in vars(config).values()
+                             if hasattr(v, "to_dict") and hasattr(v, "model_type"))
 
 
 def _embedding_dtype(model: nn.Module) -> torch.dtype | None:
@@ -448,6 +462,12 @@ def _shared_weights(mlp: nn.Module, experts_activation: Activation) -> tuple[tor
     linears = [gate, up, down] if gated else [up, down]
     if not all(isinstance(m, nn.Linear) for m in linears):
         raise NotImplementedError(f"a shared MLP {type(mlp).__name__} without gate_proj/up_proj/down_proj Linears")
+    if any(m.weight.element_size() < 2 or hasattr(m, "weight_scale_inv") for m in linears):
+        # e.g. transformers' FP8Linear (an nn.Linear holding e4m3 codes and block scales): read as values, its codes
+        # would be a wrong MLP.
+        raise NotImplementedError(f"a quantized shared MLP ({type(linears[0]).__name__} with "
+                                  f"{str(linears[0].weight.dtype).removeprefix('torch.')} weights); convert the "
+                                  "model before quantizing it, or load the block with MoE.from_pretrained")
     if any(m.bias is not None for m in linears):
         raise NotImplementedError(f"a shared MLP {type(mlp).__name__} with biases")
     activation = _mlp_activation(mlp, gated, experts_activation)

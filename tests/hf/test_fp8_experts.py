@@ -230,3 +230,18 @@ def test_convert_fp8_in_a_bf16_model_with_an_fp32_router():
         assert moe.routed_experts.params_dtype == torch.bfloat16 and moe.gate.weight.dtype == torch.float32
         out = model(input_ids=ids, use_cache=False).logits
     assert_close(out.float(), on_moekit.float(), name="converted vs experts implementation, bf16", tol=FP8)
+
+
+def test_convert_refuses_a_quantized_shared_mlp_by_name():
+    # transformers' fp8 DeepSeek-V3 quantizes its shared MLP too (FP8Linear: an nn.Linear holding e4m3 codes and
+    # weight_scale_inv); read as values its codes would be a wrong MLP. Refused up front, naming it.
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    model, block, fp8 = _model(128, "deepseek_v3")
+    block.experts = fp8
+    shared = block.shared_experts
+    quantized = FP8Linear(shared.gate_proj.in_features, shared.gate_proj.out_features, block_size=(128, 128))
+    shared.gate_proj = quantized
+    with pytest.raises(NotImplementedError, match=r"a quantized shared MLP \(FP8Linear with float8_e4m3fn weights\)"):
+        mh.convert(model)
+    assert block.experts is fp8 and shared.gate_proj is quantized  # the model is left untouched
