@@ -417,6 +417,9 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
         if (not experts.activation.is_gated and row.shard_id == "w3") or row.expert_id in remote:
             continue
         key = prefix + row.weight_name
+        if wna16:
+            _refuse_part_of_a_projection(plan, method, row.param_name.removeprefix("routed_experts."), key,
+                                         dict(tensors))
         if key not in plan.ckpt:
             plan.report.missing.append(key)
             continue
@@ -458,6 +461,25 @@ def _load_per_expert(moe: MoE, plan: _Plan, prefix: str) -> None:
         plan.check_together(keys, functools.partial(check_input_scales, name))
     if experts.w13_bias is not None:
         _plan_expert_biases(moe, plan, prefix, names, num_global, remote)
+
+
+def _refuse_part_of_a_projection(plan: _Plan, method: object, name: str, key: str, names: dict[str, str]) -> None:
+    """Refuse, before any copy (also under strict=False), a projection whose codes (``key``, of parameter ``name``)
+    and the tensors the method needs with them (``companions``: scales, zero points) are only partly in the
+    checkpoint: codes with the initial scales, or scales with the initial codes, compute a wrong projection.
+    ``names``: the method's checkpoint tensor name per parameter suffix."""
+    needs = method.companions.get(name, ())
+    if not needs:
+        return
+    w = "w13" if name.startswith("w13") else "w2"
+    stem = key.removesuffix(names[name.removeprefix(w)])
+    group = [key, *(stem + names[c.removeprefix(w)] for c in needs)]
+    absent = [k for k in group if k not in plan.ckpt]
+    if absent and len(absent) < len(group):
+        present = next(k for k in group if k in plan.ckpt)
+        raise ValueError(f"{absent[0]}: missing from the checkpoint while {present} is there: {method.name} codes "
+                         "load only with their scales (and zero points); strict=False leaves out whole projections, "
+                         "not part of one")
 
 
 def _plan_expert_biases(moe: MoE, plan: _Plan, prefix: str, names: tuple[str, ...], num_global: int,

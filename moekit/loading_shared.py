@@ -132,11 +132,14 @@ def _copy_shared_wna16(plan: _Plan, dest: torch.Tensor, key: str, method: WNA16M
         for key in keys.values():
             if is_group_scale(method, key):
                 check_group_scale(key, ckpt.get(key))
+            elif is_e8m0_scale(method, key):
+                check_e8m0_scale(key, ckpt.get(key))
         try:
-            done["w"] = method.dequantize_tensors({n: ckpt.get(k) for n, k in keys.items()}, n=dest.shape[0],
-                                                  k=dest.shape[1])
+            w = method.dequantize_tensors({n: ckpt.get(k) for n, k in keys.items()}, n=dest.shape[0],
+                                          k=dest.shape[1])
         except (ValueError, KeyError) as err:
             raise ValueError(f"checkpoint key {first!r} ({method.name}): {err}") from None
+        done["w"] = finite_in(first, dest.dtype)(w)  # codes times a large scale can overflow an fp16 layer
 
     plan.check_values([first], dequantize)
     plan.add(first, ckpt.shape(first), lambda _t: dest.copy_(done.pop("w")))

@@ -74,6 +74,7 @@ class MXFP4MoEMethod(MoEQuantMethod):
     name = "mxfp4"
     stored_params = ("w13", "w13_scale", "w2", "w2_scale")
     supports_eplb = True  # codes, scales and biases are all [E, ...]
+    companions = {"w13": ("w13_scale",), "w2": ("w2_scale",)}
 
     def create_weights(
         self,

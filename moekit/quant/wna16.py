@@ -70,6 +70,10 @@ _CHECKPOINT_TENSORS = {
     "awq": (("_qweight", "qweight", 1), ("_qzeros", "qzeros", 1), ("_scales", "scales", 1)),
 }
 _ZERO_SUFFIXES = ("_zp", "_weight_zero_point")
+# Per format: the suffixes of the codes, their scales and their zero points.
+_COMPANIONS = {"moekit": ("", "_scale", "_zp"),
+               "compressed-tensors": ("_weight_packed", "_weight_scale", "_weight_zero_point"),
+               "gptq": ("_qweight", "_scales", "_qzeros"), "awq": ("_qweight", "_scales", "_qzeros")}
 # Tensor parallelism: per format and suffix, where I runs in one expert's checkpoint tensor, for gate/up (I is
 # their N) and for down (I is its K): (dim, elements of I per index along it) with "w" = codes per int32 word,
 # "B" = codes per byte, "g" = the group size; None = the tensor stays whole. "shape" = compressed-tensors'
@@ -116,6 +120,9 @@ class WNA16MoEMethod(MoEQuantMethod):
         self.name = f"w{bits}a16_{g}" + ("" if sym else "_asym")
         suffixes = {s for s, _, _ in _CHECKPOINT_TENSORS[checkpoint_format]} | set(_INTERNAL)
         self.stored_params = tuple(f"{w}{s}" for w in ("w13", "w2") for s in sorted(suffixes))
+        # Codes need their scales (and zero points when asymmetric); g_idx and weight_shape start correct.
+        codes, scale, zero = _COMPANIONS[checkpoint_format]
+        self.companions = {f"{w}{codes}": (f"{w}{scale}",) + (() if sym else (f"{w}{zero}",)) for w in ("w13", "w2")}
 
     @property
     def weight_dtype(self) -> str:

@@ -528,3 +528,127 @@ def test_negative_or_nan_scales_are_refused_on_the_engine_path(fmt, bad):
     with pytest.raises(ValueError, match=rf"w2{suffix}: expected finite .* at \[\[1, 0, 0\]\]"):
         layer.process_weights_after_loading()
     assert dict(layer._parameters) == before
+
+
+@pytest.mark.parametrize(("fmt", "sym", "skipped"), [
+    ("compressed-tensors", False, "weight_scale"), ("compressed-tensors", False, "weight_zero_point"),
+    ("gptq", False, "scales"), ("gptq", False, "qzeros"), ("awq", False, "scales"), ("awq", False, "qzeros"),
+    ("compressed-tensors", True, "weight_scale"), ("gptq", True, None)])
+def test_an_engine_loading_codes_without_their_scales_is_refused(fmt, sym, skipped):
+    # An engine loading expert_params_mapping(tensors=checkpoint_tensors()) row by row through each parameter's own
+    # weight_loader, one tensor of expert 0's gate_proj left out: the codes would compute with scale 1 / zero point
+    # 0. process_weights_after_loading refuses, naming the parameter; with everything loaded it converts.
+    gen = torch.Generator().manual_seed(0)
+    method = WNA16MoEMethod(bits=4, group_size=32, sym=sym, checkpoint_format=fmt)
+    layer = RoutedExperts(2, 64, 32, quant_method=method, dtype=torch.bfloat16)
+    tensors = {}
+    for e in range(2):
+        for proj, (n, k) in (("gate_proj", (32, 64)), ("up_proj", (32, 64)), ("down_proj", (64, 32))):
+            q, z, s = _codes(n, k, 32, 4, sym, torch.float16, gen)
+            for name, t in _checkpoint_tensors(fmt, q, z, s, 32, 4, sym).items():
+                tensors[f"experts.{e}.{proj}.{name}"] = t
+    for row in expert_params_mapping(2, tensors=method.checkpoint_tensors(), param_prefix=""):
+        if row.weight_name != f"experts.0.gate_proj.{skipped}" and row.weight_name in tensors:
+            param = getattr(layer, row.param_name)
+            param.weight_loader(param, tensors[row.weight_name], row.shard_id, row.expert_id)
+    if skipped is None:
+        layer.process_weights_after_loading()
+        return
+    name = next(f"w13{s}" for s, n in method.checkpoint_tensors() if n == skipped)
+    with pytest.raises(ValueError, match=rf"{name}: expert 0 shard w1: its codes were loaded through weight_loader"):
+        layer.process_weights_after_loading()
+
+
+def test_an_engine_loading_mxfp4_codes_without_their_scales_is_refused():
+    from moekit.ops.quantize_mxfp4 import quantize_mxfp4
+    from moekit.quant import MXFP4MoEMethod
+
+    method = MXFP4MoEMethod()
+    layer = RoutedExperts(2, 64, 64, quant_method=method, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    for row in expert_params_mapping(2, tensors=method.checkpoint_tensors(), param_prefix=""):
+        codes, scales = quantize_mxfp4(torch.randn(64, 64, generator=gen) * 0.01)
+        if row.weight_name != "experts.0.gate_proj.weight_scale":
+            param = getattr(layer, row.param_name)
+            param.weight_loader(param, codes if row.weight_name.endswith("weight_packed") else scales, row.shard_id,
+                                row.expert_id)
+    with pytest.raises(ValueError, match=r"w13_scale: expert 0 shard w1: its codes were loaded through"):
+        layer.process_weights_after_loading()
+
+
+@pytest.mark.parametrize(("fmt", "sym", "drop"), [("gptq", True, "scales"), ("gptq", False, "qzeros"),
+                                                  ("gptq", True, "qweight"), ("awq", False, "scales"),
+                                                  ("compressed-tensors", False, "weight_zero_point")])
+def test_load_moe_refuses_part_of_a_projection_also_when_not_strict(tmp_path, fmt, sym, drop):
+    # strict=False leaves out whole projections (reported as missing); codes with the initial scales, or scales with
+    # the initial codes, compute a wrong projection: refused before any copy. A missing g_idx is harmless.
+    from moekit import MoE, MoEConfig
+    from moekit.loading import load_moe
+
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    gen = torch.Generator().manual_seed(1)
+    prefix = "model.layers.0.mlp"
+    tensors = {f"{prefix}.gate.weight": torch.randn(2, 64)}
+    for e in range(2):
+        for proj, (n, k) in (("gate_proj", (32, 64)), ("up_proj", (32, 64)), ("down_proj", (64, 32))):
+            q, z, s = _codes(n, k, 32, 4, sym, torch.float16, gen)
+            for name, t in _checkpoint_tensors(fmt, q, z, s, 32, 4, sym).items():
+                tensors[f"{prefix}.experts.{e}.{proj}.{name}"] = t
+    del tensors[f"{prefix}.experts.0.gate_proj.{drop}"]
+    safetensors_torch.save_file(tensors, tmp_path / "model.safetensors")
+    cfg = MoEConfig(num_experts=2, top_k=1, hidden_size=64, intermediate_size=32)
+    moe = MoE(cfg, quant_method=WNA16MoEMethod(group_size=32, sym=sym, checkpoint_format=fmt), dtype=torch.bfloat16)
+    before = {n: t.clone() for n, t in moe.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"experts\.0\.gate_proj\.\w+: missing from the checkpoint while .* is there"):
+        load_moe(moe, tmp_path, prefix, strict=False)
+    assert all(torch.equal(before[n], t) for n, t in moe.state_dict().items())
+
+
+def test_a_shared_expert_beyond_an_fp16_layer_is_refused(tmp_path):
+    # A GPTQ shared-expert linear dequantized into an fp16 layer: codes up to 8 times a scale of 1e4 exceed fp16's
+    # range, and the Linear would hold inf. Refused naming the tensor, before any copy.
+    from moekit import MoE, MoEConfig
+    from moekit.loading import load_moe
+
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    gen = torch.Generator().manual_seed(0)
+    prefix = "model.layers.0.mlp"
+    tensors = {f"{prefix}.gate.weight": torch.randn(2, 64)}
+    blocks = [f"experts.{e}" for e in range(2)] + ["shared_expert"]
+    for block in blocks:
+        for proj, (n, k) in (("gate_proj", (32, 64)), ("up_proj", (32, 64)), ("down_proj", (64, 32))):
+            q, z, s = _codes(n, k, 32, 4, True, torch.float32, gen)
+            for name, t in _checkpoint_tensors("gptq", q, z, s, 32, 4, True).items():
+                tensors[f"{prefix}.{block}.{proj}.{name}"] = t
+    tensors[f"{prefix}.shared_expert.up_proj.scales"][0, 0] = 1e4
+    safetensors_torch.save_file(tensors, tmp_path / "model.safetensors")
+    cfg = MoEConfig(num_experts=2, top_k=1, hidden_size=64, intermediate_size=32, shared_intermediate_size=32)
+    moe = MoE(cfg, quant_method=WNA16MoEMethod(group_size=32, checkpoint_format="gptq"), dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"shared_expert\.up_proj\.\w+': holds values beyond the range of the "
+                                         r"layer's dtype .*float16"):
+        load_moe(moe, tmp_path, prefix)
+
+
+def test_a_shared_expert_with_a_nan_e8m0_scale_is_refused(tmp_path):
+    # An mxfp4 shared-expert linear whose scale byte is 255 (NaN in the OCP MX spec): its group of 32 weights would
+    # be NaN, and every output with it. Refused naming the key, as the routed experts' scales are.
+    from moekit import MoE, MoEConfig
+    from moekit.loading import load_moe
+    from moekit.ops.quantize_mxfp4 import quantize_mxfp4
+    from moekit.quant import MXFP4MoEMethod
+
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    gen = torch.Generator().manual_seed(0)
+    prefix = "model.layers.0.mlp"
+    tensors = {f"{prefix}.gate.weight": torch.randn(2, 64, generator=gen)}
+    for block in ("experts.0", "experts.1", "shared_expert"):
+        for proj, (n, k) in (("gate_proj", (64, 64)), ("up_proj", (64, 64)), ("down_proj", (64, 64))):
+            codes, scales = quantize_mxfp4(torch.randn(n, k, generator=gen) * 0.05)
+            tensors[f"{prefix}.{block}.{proj}.weight_packed"] = codes
+            tensors[f"{prefix}.{block}.{proj}.weight_scale"] = scales
+    tensors[f"{prefix}.shared_expert.up_proj.weight_scale"][3, 1] = 255
+    safetensors_torch.save_file(tensors, tmp_path / "model.safetensors")
+    cfg = MoEConfig(num_experts=2, top_k=1, hidden_size=64, intermediate_size=64, shared_intermediate_size=64)
+    moe = MoE(cfg, quant_method=MXFP4MoEMethod(), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"shared_expert\.up_proj\.weight_scale': e8m0 255 \(NaN in the OCP MX spec\)"):
+        load_moe(moe, tmp_path, prefix)
