@@ -264,7 +264,9 @@ class MoE(nn.Module):
         """Router logits [T, E] for ``x_TH``."""
         if self.config.router_fp32:
             bias = None if self.gate.bias is None else self.gate.bias.float()
-            return F.linear(x_TH.float(), self.gate.weight.float(), bias)
+            # Under torch.autocast F.linear would run (and round) in the autocast dtype: what router_fp32 avoids.
+            with torch.autocast(x_TH.device.type, enabled=False):
+                return F.linear(x_TH.float(), self.gate.weight.float(), bias)
         if self.gate.weight.dtype != x_TH.dtype:  # e.g. an fp32 router weight kept in a bf16 checkpoint
             return F.linear(x_TH.to(self.gate.weight.dtype), self.gate.weight, self.gate.bias)
         return self.gate(x_TH)

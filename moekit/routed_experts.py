@@ -152,14 +152,22 @@ class RoutedExperts(nn.Module):
         # int8, int8 into uint8) became other numbers. The stored tensors load as through weight_loader: codes from
         # their own dtype, scales only where they are held exactly. A refusal leaves this layer untouched.
         refused = []
-        for name in self.quant_method.stored_params:
-            param, source = self._parameters.get(name), state_dict.get(prefix + name)
+        stored = self.quant_method.stored_params
+        for name, param in self._parameters.items():
+            source = state_dict.get(prefix + name)
             if param is None or not isinstance(source, torch.Tensor):
                 continue  # missing or not a tensor: nn.Module's own reports
-            refusal = loaded_dtype_refusal(param.dtype, source, index=name.endswith(INDEX_SUFFIXES))
-            if refusal is not None:
-                refused.append(str(refusal_error(refusal, f"state_dict[{prefix + name!r}]", "the tensor", name,
-                                                 param.dtype, source.dtype, self.quant_method.name)))
+            if name in stored:
+                refusal = loaded_dtype_refusal(param.dtype, source, index=name.endswith(INDEX_SUFFIXES))
+                if refusal is not None:
+                    refused.append(str(refusal_error(refusal, f"state_dict[{prefix + name!r}]", "the tensor", name,
+                                                     param.dtype, source.dtype, self.quant_method.name)))
+            elif param.is_floating_point() and (not source.is_floating_point() or source.element_size() == 1):
+                # Float weights load from any other float dtype, as through weight_loader; 8-bit codes (another
+                # layer's quantized state) mean nothing without their scales.
+                refused.append(f"state_dict[{prefix + name!r}]: expected float values for {name} (quant method "
+                               f"{self.quant_method.name!r}), got {str(source.dtype).removeprefix('torch.')} (codes "
+                               "of a quantized layer? build this layer with its quant method)")
         if refused:
             error_msgs.extend(refused)
             return

@@ -87,6 +87,17 @@ def test_token_counts_and_1d_input(T):
     assert moe(torch.randn(32)).shape == (32,)
 
 
+def test_fp32_router_stays_fp32_under_autocast():
+    # torch.autocast ran the fp32 router's linear in bf16: its logits came back bf16 and ~2% of tokens of a
+    # DeepSeek-V3-like router chose other experts.
+    moe = MoE(_config(router_fp32=True), dtype=torch.bfloat16)
+    x = torch.randn(64, 32, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = moe.router_logits(x)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, moe.router_logits(x))
+
+
 def test_fp32_router_serves_a_bf16_layer():
     moe = MoE(_config(router_fp32=True), dtype=torch.bfloat16)
     assert moe.gate.weight.dtype == torch.float32  # checkpoints of such models keep the router weight in fp32

@@ -194,6 +194,21 @@ def test_load_state_dict_refuses_codes_of_another_dtype(source, target):
     dst.load_state_dict(_quantized(target).state_dict())  # the same scheme loads
 
 
+@pytest.mark.parametrize("source", ["int8_channel", "fp8_channel", "w8a16_g128"])
+def test_a_float_layer_refuses_codes_in_its_state_dict(source):
+    # Another layer's 8-bit codes of the same shapes were copied in as numbers (an int8 code 100 became the weight
+    # 100.0: rel err ~1e9), and strict=True raised only after w13 was overwritten. Refused first, as weight_loader
+    # refuses them; float weights of another dtype still load (rounded, as a Linear's would be).
+    dst = RoutedExperts(4, 64, 32)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    for strict in (False, True):
+        with pytest.raises(RuntimeError, match=r"state_dict\['w13'\]: expected float values for w13 \(quant method "
+                                               r"'unquantized'\), got (int8|uint8|float8_e4m3fn)"):
+            dst.load_state_dict(_quantized(source).state_dict(), strict=strict)
+        assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+    dst.load_state_dict({k: v.half() for k, v in RoutedExperts(4, 64, 32).state_dict().items()})
+
+
 def test_copies_keep_the_quant_methods_own_loaders():
     # A copied GPTQ layer got the layer's loader on every parameter, which cuts w1/w3 along the rows where GPTQ
     # stores them in the columns: every shard was refused.

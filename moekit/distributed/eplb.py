@@ -215,7 +215,7 @@ def logical_to_physical(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: t
     one expert fill its replicas evenly. ``offset`` shifts i, e.g. by a rank's first global token times K, so
     that ranks with a handful of tokens each (decode) do not all start at replica 0.
 
-    Pure torch, no host sync (nothing is checked on the values: an id >= E fails as an indexing error).
+    Pure torch, no host sync (nothing is checked on the values: an id outside [0, E) fails as an indexing error).
 
     Args:
         topk_ids: [T, K] logical expert ids, any integer dtype.
@@ -241,7 +241,9 @@ def logical_to_physical(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: t
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset: expected an int >= 0, got {offset!r}")
 
+    # A negative id would index from the end (the last expert's replicas): sent past the end, it fails as >= E does.
     ids = topk_ids.long()
+    ids = torch.where(ids < 0, logcnt.shape[0], ids)
     index = torch.arange(ids.numel(), device=ids.device, dtype=torch.int64).view(ids.shape) + offset
     h = (index * _HASH_MULTIPLIER) & _HASH_MASK
     # h < 2^32 and a count < 2^31 keep the product inside int64.

@@ -20,7 +20,9 @@ expert gets a token) are dropped when
   ``RoutedExperts.weights_changed``;
 - a ``torch.optim`` optimizer steps over it (fused steps leave the version counter as it was: a global
   optimizer-step hook drops the packs of every parameter of the optimizer). Forwards that autograd records never
-  use packs (``not_packed``): trained weights change every step.
+  use packs (``not_packed``): trained weights change every step;
+- a call finds it trainable (``requires_grad``): packs made while it was frozen go, so weights frozen again after
+  training pack their new values.
 A write that bypasses all three (into ``.data``, by a ``torch.distributed`` collective, through numpy or the
 storage) after a forward is invisible: call ``weights_changed()`` on the layer after it, or turn the path off.
 Bare ``moekit.fused_experts`` calls (tensors no layer tracks) run the plain GEMMs. Packs are a second copy of
@@ -149,14 +151,19 @@ def usable(x_MH: torch.Tensor, *weights: torch.Tensor) -> bool:
     running under it is fine), and the path not turned off."""
     if x_MH.device.type != "cpu" or os.environ.get("MOEKIT_CPU_PREPACK", "1") == "0":
         return False
+    # Trainable weights never: a training loop may write them through .data (p.data.sub_(lr * p.grad)), which
+    # moves no version counter, and a pack made at an eval between steps would then be silently stale. Frozen
+    # (requires_grad_(False)) weights, as a serving engine holds them, are packed. Packs made before the weights
+    # became trainable are dropped here, at their first call as trainable weights (a training loop's first
+    # forward, before any .data write), so refrozen weights pack their new values.
+    if any(w.requires_grad for w in weights):
+        forget(*weights)
+        return False
     if getattr(_RECORDING, "active", False):  # inside a forward autograd records (not_packed)
         return False
     if any(w.device.type != "cpu" or w.dtype != x_MH.dtype for w in weights):
         return False
-    # Trainable weights never: a training loop may write them through .data (p.data.sub_(lr * p.grad)), which
-    # moves no version counter, and a pack made at an eval between steps would then be silently stale. Frozen
-    # (requires_grad_(False)) weights, as a serving engine holds them, are packed.
-    if any(w.requires_grad for w in weights) or (torch.is_grad_enabled() and x_MH.requires_grad):
+    if torch.is_grad_enabled() and x_MH.requires_grad:
         return False
     if any(w.is_inference() for w in weights):  # made under torch.inference_mode: no version counter to check
         return False

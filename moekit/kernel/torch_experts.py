@@ -181,7 +181,9 @@ def _expert_spans(
     with rows (its rows are ``order_M[start:end]``). Rows of remote experts (-1) are left out."""
     ids_N = topk_ids_TK.reshape(-1).long()
     if expert_map_E is not None:
-        ids_N = expert_map_E.long()[ids_N]
+        # Unchecked ids outside [0, E_global) are dropped, as without a map: a -1 must not index from the end.
+        valid = (ids_N >= 0) & (ids_N < expert_map_E.numel())
+        ids_N = torch.where(valid, expert_map_E.long()[ids_N.clamp(0, expert_map_E.numel() - 1)], -1)
     # Rows for other ranks (-1) sort last under the sentinel id E.
     ids_N = torch.where(ids_N < 0, num_local, ids_N)
     order_N = torch.argsort(ids_N, stable=True)

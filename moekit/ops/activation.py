@@ -26,6 +26,7 @@ from moekit._checks import check_real
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2", "swigluoai")
 _GATED = {"silu": True, "gelu": True, "gelu_tanh": True, "relu2": False, "swigluoai": True}
+_DEFAULT_ALPHA = 1.702  # gpt-oss's swigluoai
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,7 +38,7 @@ class Activation:
     """
 
     name: str = "silu"
-    alpha: float = 1.702
+    alpha: float = 1.702  # _DEFAULT_ALPHA
     limit: float | None = None
 
     def __post_init__(self) -> None:
@@ -47,6 +48,9 @@ class Activation:
             raise ValueError(f"activation: expected one of {list(ACTIVATIONS)}, got {self.name!r}")
         # Stored as Python floats: the custom op's schema takes floats (a NumPy or 0-d tensor value failed there).
         object.__setattr__(self, "alpha", check_real("activation.alpha", self.alpha))
+        if self.name != "swigluoai" and self.alpha != _DEFAULT_ALPHA:
+            # Accepted and ignored, it would look as if it applied.
+            raise ValueError(f"activation.alpha: only swigluoai takes an alpha, got {self.alpha} for {self.name!r}")
         if self.name == "swigluoai" and self.limit is None:
             object.__setattr__(self, "limit", 7.0)
         if self.limit is not None:

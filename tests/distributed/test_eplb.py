@@ -235,6 +235,8 @@ def test_mapping_bad_arguments():
         logical_to_physical(ids, log2phy, logcnt, offset=-1)
     with pytest.raises(IndexError):  # an id >= E is not silently mapped
         logical_to_physical(torch.full((1, 1), 12), log2phy, logcnt)
+    with pytest.raises(IndexError):  # nor a negative one (it indexed from the end: the last expert's replicas)
+        logical_to_physical(torch.full((1, 1), -1), log2phy, logcnt)
 
 
 @pytest.mark.gpu

@@ -241,3 +241,30 @@ def test_training_never_uses_stale_packs(monkeypatch, packs, step):
         plain = moe(x)
     assert len(packs) > 0
     assert_close(packed, plain.double(), torch.float32)
+
+
+@needs_packing
+def test_packs_of_frozen_weights_do_not_outlive_a_round_of_training(monkeypatch, packs):
+    # Frozen and evaluated (packed), then unfrozen, trained through .data (no version counter moves) and frozen
+    # again: the evaluation after ran on the packs of the first weights. The first forward as trainable weights
+    # drops them.
+    if not cpu_packed._dtype_supported(torch.float32):
+        pytest.skip("fp32 not packed here")
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(num_experts=4, top_k=2, hidden_size=32, intermediate_size=16, backend="torch"))
+    moe.requires_grad_(False)
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        moe(x)
+    assert len(packs) > 0
+    moe.requires_grad_(True)
+    moe.zero_grad()
+    moe(x).square().sum().backward()
+    for p in moe.parameters():
+        p.data.sub_(0.5 * p.grad)
+    moe.requires_grad_(False)
+    with torch.no_grad():
+        packed = moe(x)
+        monkeypatch.setenv("MOEKIT_CPU_PREPACK", "0")
+        plain = moe(x)
+    assert_close(packed, plain.double(), torch.float32)

@@ -156,3 +156,17 @@ def test_8bit_activations_must_be_codes():
                                 activation=Activation(name="silu"), w13_bias_E2I=None, w2_bias_EH=None,
                                 expert_map_E=None, quant=quant, hidden_scale=torch.ones(3, 1),
                                 out_dtype=torch.float32)
+
+
+def test_unchecked_ids_outside_the_map_are_dropped():
+    # With an expert_map, an unchecked id of -1 indexed the map from its end and ran global expert E - 1 when that
+    # one was local; ids outside [0, E_global) are dropped, as they are without a map.
+    torch.manual_seed(0)
+    x, w13, w2 = torch.randn(3, 32), torch.randn(2, 32, 32), torch.randn(2, 32, 16)
+    expert_map = torch.tensor([-1, -1, 0, 1], dtype=torch.int32)  # global experts 2 and 3 are local
+    ids = torch.tensor([[-1], [4], [2]], dtype=torch.int32)
+    out = fused_experts(x, w13, w2, torch.ones(3, 1), ids, expert_map=expert_map, check_ids=False, backend="torch")
+    assert torch.equal(out[:2], torch.zeros(2, 32))
+    want = fused_experts(x[2:], w13, w2, torch.ones(1, 1), torch.tensor([[2]], dtype=torch.int32),
+                         expert_map=expert_map, backend="torch")
+    assert torch.equal(out[2:], want)

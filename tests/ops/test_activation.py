@@ -66,6 +66,10 @@ def test_fp64_stays_fp64_and_low_precision_computes_in_fp32():
 def test_errors():
     with pytest.raises(ValueError, match="only silu and swigluoai take a limit"):
         Activation(name="gelu", limit=2.0)
+    for name in ("silu", "gelu", "gelu_tanh", "relu2"):  # accepted and ignored, it looked as if it applied
+        with pytest.raises(ValueError, match=f"activation.alpha: only swigluoai takes an alpha, got 5.0 for '{name}'"):
+            Activation(name=name, alpha=5.0)
+    assert Activation(name="swigluoai", alpha=5.0).alpha == 5.0
     with pytest.raises(ValueError, match="even last dim"):
         activation_ref(torch.randn(2, 3), "silu")
     with pytest.raises(TypeError, match="activation: expected a str or moekit.Activation"):
