@@ -32,8 +32,8 @@ def local_experts(ep_size: int, ep_rank: int, num_experts: int, placement: str =
         raise TypeError(f"ep_rank: expected an int, got {type(ep_rank).__name__}")
     if not 0 <= ep_rank < ep_size:
         raise ValueError(f"ep_rank: expected in [0, ep_size={ep_size}), got {ep_rank}")
-    if placement == "round_robin":
-        return torch.arange(ep_rank, num_experts, ep_size)
+    if placement == "round_robin":  # a rank past the last expert (E < ep_size) holds none, as under linear
+        return torch.arange(ep_rank, max(ep_rank, num_experts), ep_size)
     base, rem = divmod(num_experts, ep_size)
     start = ep_rank * base + min(ep_rank, rem)
     return torch.arange(start, start + base + (ep_rank < rem))

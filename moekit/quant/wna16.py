@@ -88,6 +88,19 @@ _TP_AXES = {
 }
 
 
+def _retire(param: torch.nn.Parameter | None, name: str) -> None:
+    """A checkpoint-layout parameter replaced by its conversion: an engine still holding it (it took the layer's
+    parameters before loading) must not write into it, since nothing reads it any more (or, for compressed-tensors
+    codes, the converted layer reads the same bytes beside scales that would not change)."""
+    if param is None:
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ValueError(f"{name}: converted by process_weights_after_loading; load into a freshly built layer")
+
+    param.weight_loader = refuse
+
+
 class WNA16MoEMethod(MoEQuantMethod):
     """``bits``-bit integer weights, a float scale (and with ``sym=False`` a zero point) per ``group_size``
     columns (-1: one group per row); activations stay in the layer's dtype. Backend ``auto`` is the layer's:
@@ -299,7 +312,7 @@ class WNA16MoEMethod(MoEQuantMethod):
             converted[w] = (codes, _narrow_scales(scales, layer._params_dtype), zeros)
         for w, (codes, scales, zeros) in converted.items():
             for suffix, _, _ in _CHECKPOINT_TENSORS[self.checkpoint_format]:
-                layer._parameters.pop(f"{w}{suffix}", None)
+                _retire(layer._parameters.pop(f"{w}{suffix}", None), f"{w}{suffix}")
             register_weight(layer, w, codes, self._loader(layer, w, 0))
             register_weight(layer, f"{w}_scale", scales, self._loader(layer, f"{w}_scale", 0))
             if zeros is not None:
@@ -321,7 +334,7 @@ class WNA16MoEMethod(MoEQuantMethod):
                 for e in range(num)]).to(layer._params_dtype)
         for w, data in floats.items():
             for suffix, _, _ in _CHECKPOINT_TENSORS["gptq"]:
-                layer._parameters.pop(f"{w}{suffix}", None)
+                _retire(layer._parameters.pop(f"{w}{suffix}", None), f"{w}{suffix}")
             register_weight(layer, w, data)
         layer.quant_method = UnquantizedMoEMethod()
         warnings.warn(f"{self.name} (GPTQ act order): experts dequantized to {layer._params_dtype} at load, as "

@@ -652,3 +652,17 @@ def test_a_shared_expert_with_a_nan_e8m0_scale_is_refused(tmp_path):
     moe = MoE(cfg, quant_method=MXFP4MoEMethod(), dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"shared_expert\.up_proj\.weight_scale': e8m0 255 \(NaN in the OCP MX spec\)"):
         load_moe(moe, tmp_path, prefix)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_checkpoint_parameters_refuse_loads_after_conversion(fmt):
+    # An engine that took the layer's parameters before loading and writes through them again after the conversion:
+    # GPTQ's went to orphaned tensors (ignored), compressed-tensors' changed the codes but not the converted scales.
+    method = WNA16MoEMethod(group_size=32, checkpoint_format=fmt)
+    layer = RoutedExperts(2, 64, 32, quant_method=method, dtype=torch.bfloat16)
+    held = dict(layer.named_parameters())
+    layer.process_weights_after_loading()
+    codes = next(n for n in held if n.startswith("w13") and n not in dict(layer.named_parameters()))
+    param = held[codes]
+    with pytest.raises(ValueError, match=f"{codes}: converted by process_weights_after_loading"):
+        param.weight_loader(param, torch.zeros_like(param[0, :param.shape[1] // 2]), "w1", 0)
