@@ -128,6 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"moekit {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (`moekit eplb ... | head`): what it read was complete; no traceback. Python's own
+        # flush at exit would raise again on the closed pipe: point stdout at devnull first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _info(args: argparse.Namespace) -> int:

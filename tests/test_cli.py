@@ -450,3 +450,15 @@ def test_plot_of_hand_edited_rows_names_the_field(tiny_config, tmp_path, capsys,
     capsys.readouterr()
     err = _usage_error(capsys, ["plot", str(out)])
     assert field in err and str(out) in err
+
+
+def test_a_reader_that_went_away_ends_the_command_quietly(monkeypatch):
+    # `moekit eplb ... | head` closed the pipe mid-print: a BrokenPipeError traceback and exit 1.
+    import moekit.cli as cli
+
+    def reader_gone(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_info", reader_gone)
+    monkeypatch.setattr(cli.os, "dup2", lambda fd, fd2: None)  # leave this test's stdout as it is
+    assert cli.main(["info"]) == cli.EXIT_OK

@@ -114,3 +114,17 @@ def test_bench_point_checks_tokens_quant_and_weights():
         with pytest.raises(ValueError, match=f"weights: expected make_weights\\(..., quant={quant!r}\\)'s, got "
                                              f"weights made with quant={made!r}"):
             run.bench_point(shape, 1, weights=weights, quant=quant, **kw)
+
+
+def test_the_average_call_counts_each_token_sets_own_experts():
+    # Four rotated token sets touching 5, 6, 5 and 5 experts: floor and bytes both of 5.25 on average (GB/s used a
+    # rounded 5, so it described other bytes than the floor: 89.5% of the read ceiling against 94% of the floor).
+    from moekit.bench.floor import Ceilings, floor_us, moe_bytes
+    from moekit.bench.run import average_call
+    from moekit.bench.shapes import PRESETS
+
+    shape, ceilings = PRESETS["mixtral-8x7b"], Ceilings(read_bw=4.5e12, mm_rate=700e12)
+    fl, moved = average_call(shape, 4, [5, 6, 5, 5], 2, ceilings, None)
+    assert moved == (3 * moe_bytes(shape, 4, 5, 2) + moe_bytes(shape, 4, 6, 2)) / 4
+    assert fl == (3 * floor_us(shape, 4, 5, 2, ceilings) + floor_us(shape, 4, 6, 2, ceilings)) / 4
+    assert fl * 1e-6 * ceilings.read_bw == pytest.approx(moved, rel=1e-3)  # decode: the floor is the bytes
