@@ -27,8 +27,10 @@ from moekit.config import ParallelConfig
 from moekit.kernel.prepare_finalize import PrepareFinalize, PrepareResult
 from moekit.quant.params import QuantParams
 
-# (process group, ep_size, tp_size) -> (this rank's EP group, TP group); new_group is collective over the
-# whole group, so each layout's subgroups are made once per process, in the same order on every rank.
+# (process group, ep_size, tp_size) -> (this rank's EP group, TP group), made once per process. Each rank makes
+# only its own two subgroups, with a barrier among their members alone (use_local_synchronization): a plain
+# new_group is collective over the whole world and names groups from a per-process counter, so layers over
+# disjoint groups (pipeline stages, each EP x TP) made colliding names and hung.
 _GROUPS: dict[tuple[object, int, int], tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]] = {}
 
 
@@ -54,17 +56,11 @@ def parallel_groups(parallel: ParallelConfig, group: dist.ProcessGroup | None = 
     key = (group if group is not None else _default_group(), ep, tp)
     if key not in _GROUPS:
         ranks = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)]
-        mine = ranks[parallel.rank]
-        ep_group = tp_group = None
-        for t in range(tp):  # every rank creates every subgroup, in the same order
-            members = [ranks[e * tp + t] for e in range(ep)]
-            made = dist.new_group(members)
-            ep_group = made if mine in members else ep_group
-        for e in range(ep):
-            members = [ranks[e * tp + t] for t in range(tp)]
-            made = dist.new_group(members)
-            tp_group = made if mine in members else tp_group
-        _GROUPS[key] = (ep_group, tp_group)
+        # Every member makes its EP group first, then its TP group: each local barrier meets all its members.
+        ep_members = [ranks[e * tp + parallel.tp_rank] for e in range(ep)]
+        tp_members = [ranks[parallel.ep_rank * tp + t] for t in range(tp)]
+        _GROUPS[key] = (dist.new_group(ep_members, use_local_synchronization=True),
+                        dist.new_group(tp_members, use_local_synchronization=True))
     return _GROUPS[key]
 
 

@@ -84,12 +84,16 @@ def test_parallel_groups_are_remade_for_a_new_default_group(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 3)
-    monkeypatch.setattr(dist, "new_group", lambda ranks: made.append(tuple(ranks)) or object())
+    monkeypatch.setattr(dist, "new_group", lambda ranks, **kw: made.append((tuple(ranks), kw)) or object())
     parallel = moekit.ParallelConfig(ep_size=2, ep_rank=1, tp_size=2, tp_rank=1)
     world = object()
     monkeypatch.setattr(tp_mod, "_default_group", lambda: world)
     first = tp_mod.parallel_groups(parallel)
-    assert tp_mod.parallel_groups(parallel) == first and len(made) == 4  # cached: no new collective
+    assert tp_mod.parallel_groups(parallel) == first and len(made) == 2  # cached: no new collective
+    # Rank 3 of 4 (ep 1, tp 1) makes only its own groups, EP (ranks 1, 3) then TP (2, 3), each synchronized among
+    # its members: layers over disjoint groups (pipeline stages) made colliding subgroup names and hung.
+    local = {"use_local_synchronization": True}
+    assert made == [((1, 3), local), ((2, 3), local)]
     world = object()  # destroy_process_group + init_process_group: a new default group
     second = tp_mod.parallel_groups(parallel)
-    assert len(made) == 8 and second[0] is not first[0] and second[1] is not first[1]
+    assert len(made) == 4 and second[0] is not first[0] and second[1] is not first[1]
