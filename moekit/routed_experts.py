@@ -95,9 +95,11 @@ class RoutedExperts(nn.Module):
         # experts. A plain tuple, not a buffer: it must not travel with the weights in a rearrangement.
         self._slot_experts: tuple[int, ...] | None = None
         self._num_logical: int | None = None
-        # (parameter, expert, shard) written through weight_loader since the last process_weights_after_loading:
-        # what it checks against the quant method's companions (codes loaded without their scales).
+        # (parameter, expert, shard) written through weight_loader under the current quant method since the last
+        # process_weights_after_loading: what it checks against the method's companions (codes loaded without
+        # their scales). Writes under another method (float weights later quantized by moekit.quantize) don't count.
         self._loaded_shards: set[tuple[str, int, str]] = set()
+        self._loaded_under: object | None = None
         self.quant_method = quant_method if quant_method is not None else UnquantizedMoEMethod()
         # The activation dtype the layer expects; quantized weights may be stored in another (see params_dtype).
         self._params_dtype = dtype if dtype is not None else torch.get_default_dtype()
@@ -219,7 +221,17 @@ class RoutedExperts(nn.Module):
             self, x_TH, topk_weights_TK, topk_ids_TK, shared_experts, shared_experts_input, check_ids=check_ids
         )
 
+    def record_loaded(self, name: str, expert_id: int, shard_id: str) -> None:
+        """Note that ``weight_loader`` (or a quant method's own loader) wrote shard ``shard_id`` of ``expert_id``
+        into parameter ``name`` (``process_weights_after_loading`` checks the method's companions)."""
+        if self._loaded_under is not self.quant_method:
+            self._loaded_shards.clear()
+            self._loaded_under = self.quant_method
+        self._loaded_shards.add((name, expert_id, shard_id))
+
     def process_weights_after_loading(self) -> None:
+        if self._loaded_under is not self.quant_method:
+            self._loaded_shards.clear()
         loaded = self._loaded_shards
         missing = sorted((c, e, s) for n, e, s in loaded for c in self.quant_method.companions.get(n, ())
                          if (c, e, s) not in loaded)
@@ -280,7 +292,7 @@ class RoutedExperts(nn.Module):
                 return
             for local_id in slots:  # every replica of the expert on this rank gets its own copy
                 self._load_into(name, param.data[local_id], loaded_weight, shard_id, expert_id, is_w13)
-            self._loaded_shards.add((name, expert_id, shard_id))
+            self.record_loaded(name, expert_id, shard_id)
         finally:  # writes through .data: the version counter does not see them
             self.weights_changed()
 

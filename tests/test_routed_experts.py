@@ -222,3 +222,17 @@ def test_copies_keep_the_quant_methods_own_loaders():
     for clone in (copy.deepcopy(re), pickle.loads(pickle.dumps(re))):
         clone.w13_scales.weight_loader(clone.w13_scales, scales, "w1", 1)
         assert torch.equal(clone.w13_scales[1, :, :32], scales) and not torch.equal(re.w13_scales[1, :, :32], scales)
+
+
+def test_float_weights_loaded_then_quantized_online_are_not_refused():
+    # The load record belongs to the quant method it was made under: float weights written through weight_loader
+    # and then quantized by moekit.quantize (which makes codes and scales together) are not "codes without scales".
+    from moekit import quantize
+
+    layer = RoutedExperts(2, 128, 128)
+    for e in range(2):
+        for shard in ("w1", "w3"):
+            layer.weight_loader(layer.w13, torch.randn(128, 128), shard, e)
+        layer.weight_loader(layer.w2, torch.randn(128, 128), "w2", e)
+    quantize(layer, "fp8_block")
+    layer.process_weights_after_loading()

@@ -222,7 +222,7 @@ def load_shard(layer: RoutedExperts, name: str, split_dim: int, param: nn.Parame
                                 dest.dtype, loaded_weight.dtype, layer.quant_method.name)
         dest.copy_(loaded_weight)
     if layer._local_slots(expert_id):  # what process_weights_after_loading checks against ``companions``
-        layer._loaded_shards.add((name, expert_id, shard_id))
+        layer.record_loaded(name, expert_id, shard_id)
 
 
 def loaded_dtype_refusal(dest_dtype: torch.dtype, loaded: torch.Tensor, *, index: bool = False) -> str | None:
