@@ -12,6 +12,8 @@ N = T·K routed rows. ``x_TH`` is [T, H], ``w13_E2IH`` is [E, 2I, H].
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from dataclasses import dataclass, fields
 
 import os
@@ -265,7 +267,10 @@ class MoE(nn.Module):
         if self.config.router_fp32:
             bias = None if self.gate.bias is None else self.gate.bias.float()
             # Under torch.autocast F.linear would run (and round) in the autocast dtype: what router_fp32 avoids.
-            with torch.autocast(x_TH.device.type, enabled=False):
+            # (Devices without autocast, the meta device among them, refuse the context.)
+            device = x_TH.device.type
+            off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+            with off:
                 return F.linear(x_TH.float(), self.gate.weight.float(), bias)
         if self.gate.weight.dtype != x_TH.dtype:  # e.g. an fp32 router weight kept in a bf16 checkpoint
             return F.linear(x_TH.to(self.gate.weight.dtype), self.gate.weight, self.gate.bias)

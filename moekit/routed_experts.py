@@ -175,6 +175,8 @@ class RoutedExperts(nn.Module):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        # A state dict writes whole tensors, scales with their codes: the weight_loader record no longer applies.
+        self._loaded_shards.difference_update({r for r in self._loaded_shards if prefix + r[0] in state_dict})
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -233,15 +235,18 @@ class RoutedExperts(nn.Module):
         if self._loaded_under is not self.quant_method:
             self._loaded_shards.clear()
         loaded = self._loaded_shards
-        missing = sorted((c, e, s) for n, e, s in loaded for c in self.quant_method.companions.get(n, ())
-                         if (c, e, s) not in loaded)
+        companions = self.quant_method.companions
+        # Both ways: codes without their scales, or scales (zero points) without their codes.
+        missing = sorted({(c, e, s) for n, e, s in loaded for c in companions.get(n, ()) if (c, e, s) not in loaded}
+                         | {(n, e, s) for n, cs in companions.items() for c, e, s in loaded
+                            if c in cs and (n, e, s) not in loaded})
         if missing:
             name, expert, shard = missing[0]
-            raise ValueError(f"{name}: expert {expert} shard {shard}: its codes were loaded through weight_loader but "
-                             f"not this ({len(missing)} such (parameter, expert, shard) in all); "
-                             f"{self.quant_method.name} codes without their scales compute with the initial values. "
-                             "Load every tensor its checkpoint_tensors() names (expert_params_mapping(..., "
-                             "tensors=...))")
+            raise ValueError(f"{name}: expert {expert} shard {shard}: not loaded through weight_loader while the "
+                             f"tensors it goes with were ({len(missing)} such (parameter, expert, shard) in all); "
+                             f"{self.quant_method.name} codes and their scales (zero points) load together, or the "
+                             "missing one computes with its initial values. Load every tensor its "
+                             "checkpoint_tensors() names (expert_params_mapping(..., tensors=...))")
         self.quant_method.process_weights_after_loading(self)
         loaded.clear()
         self.weights_changed()

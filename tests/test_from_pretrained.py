@@ -590,8 +590,8 @@ def test_an_engine_loads_8bit_experts_through_expert_params_mapping(saved):
             param = moe.get_parameter(row.param_name)
             param.weight_loader(param, tensors[prefix + row.weight_name], row.shard_id, row.expert_id)
         if not ok:
-            with pytest.raises(ValueError, match=r"w13_scale: expert 0 shard w1: its codes were loaded through "
-                                                 r"weight_loader but not this"):
+            with pytest.raises(ValueError, match=r"w13_scale: expert 0 shard w1: not loaded through weight_loader while "
+                                                 r"the tensors it goes with were"):
                 moe.routed_experts.process_weights_after_loading()
             continue
         moe.routed_experts.process_weights_after_loading()

@@ -657,3 +657,13 @@ def test_convert_names_a_block_passed_as_the_model_and_a_second_convert():
         assert convert(model) == 0
     with pytest.raises(TypeError, match="block: expected a transformers MoE block"):
         moe_from_hf("x")
+
+
+def test_router_logits_guard_reads_configs_of_any_kind():
+    # The guard sits on every module above a converted block that has a config; a wrapper holding a plain dict (or
+    # an object without __dict__) as its config failed every forward with a TypeError.
+    from moekit.hf.convert import _asks_router_logits
+
+    assert not _asks_router_logits({"output_router_logits": True})  # not a transformers config: not read
+    assert not _asks_router_logits(3)
+    assert _asks_router_logits(build("mixtral", output_router_logits=True).config)

@@ -98,6 +98,13 @@ def test_fp32_router_stays_fp32_under_autocast():
     assert torch.equal(logits, moe.router_logits(x))
 
 
+def test_fp32_router_logits_on_the_meta_device():
+    # The autocast guard of router_fp32 refused the meta device (no autocast there): a layer built on meta to be
+    # materialized later computed no router logits.
+    moe = MoE(_config(router_fp32=True), device="meta")
+    assert moe.router_logits(torch.empty(4, 32, device="meta")).shape == (4, 8)
+
+
 def test_fp32_router_serves_a_bf16_layer():
     moe = MoE(_config(router_fp32=True), dtype=torch.bfloat16)
     assert moe.gate.weight.dtype == torch.float32  # checkpoints of such models keep the router weight in fp32

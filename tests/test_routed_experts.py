@@ -236,3 +236,24 @@ def test_float_weights_loaded_then_quantized_online_are_not_refused():
         layer.weight_loader(layer.w2, torch.randn(128, 128), "w2", e)
     quantize(layer, "fp8_block")
     layer.process_weights_after_loading()
+
+
+def test_the_load_record_both_ways_and_after_a_state_dict():
+    # Scales loaded through weight_loader without their codes computed with the initial codes (a w4a16 layer's
+    # zeros read as -8: max |y| 12); refused as codes without scales are. A state dict after a partial
+    # weight_loader load writes whole tensors, scales with codes: no refusal then.
+    from moekit.quant import Fp8BlockMoEMethod, WNA16MoEMethod
+
+    layer = RoutedExperts(2, 64, 32, quant_method=WNA16MoEMethod(group_size=32), dtype=torch.bfloat16)
+    for e in range(2):
+        for shard in ("w1", "w3"):
+            layer.weight_loader(layer.w13_scale, torch.ones(32, 2, dtype=torch.bfloat16), shard, e)
+        layer.weight_loader(layer.w2_scale, torch.ones(64, 1, dtype=torch.bfloat16), "w2", e)
+    with pytest.raises(ValueError, match=r"w13: expert 0 shard w1: not loaded through weight_loader while the "
+                                         r"tensors it goes with were"):
+        layer.process_weights_after_loading()
+    full = _quantized("fp8_block")
+    layer = RoutedExperts(4, 64, 32, quant_method=Fp8BlockMoEMethod(), backend="torch")
+    layer.weight_loader(layer.w13, full.w13.data[0, :32], "w1", 0)
+    layer.load_state_dict(full.state_dict())
+    layer.process_weights_after_loading()

@@ -215,7 +215,8 @@ def logical_to_physical(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: t
     one expert fill its replicas evenly. ``offset`` shifts i, e.g. by a rank's first global token times K, so
     that ranks with a handful of tokens each (decode) do not all start at replica 0.
 
-    Pure torch, no host sync (nothing is checked on the values: an id outside [0, E) fails as an indexing error).
+    Pure torch, no host sync (nothing is checked on the values: an id >= E fails as an indexing error; a negative
+    id, padding a caller left unchecked, maps to -1, which the torch backend drops as it drops it unmapped).
 
     Args:
         topk_ids: [T, K] logical expert ids, any integer dtype.
@@ -241,12 +242,13 @@ def logical_to_physical(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: t
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset: expected an int >= 0, got {offset!r}")
 
-    # A negative id would index from the end (the last expert's replicas): sent past the end, it fails as >= E does.
+    # A negative id would index from the end (the last expert's replicas): looked up as expert 0, returned as -1.
     ids = topk_ids.long()
-    ids = torch.where(ids < 0, logcnt.shape[0], ids)
+    padding = ids < 0
+    ids = ids.clamp(min=0)
     index = torch.arange(ids.numel(), device=ids.device, dtype=torch.int64).view(ids.shape) + offset
     h = (index * _HASH_MULTIPLIER) & _HASH_MASK
     # h < 2^32 and a count < 2^31 keep the product inside int64.
     replica = (h * logcnt[ids].long()) >> 32
-    physical = log2phy[ids, replica]
+    physical = torch.where(padding, -1, log2phy[ids, replica])
     return physical.to(torch.int64 if topk_ids.dtype == torch.int64 else torch.int32)

@@ -27,10 +27,12 @@ from moekit.config import ParallelConfig
 from moekit.kernel.prepare_finalize import PrepareFinalize, PrepareResult
 from moekit.quant.params import QuantParams
 
-# (process group, ep_size, tp_size) -> (this rank's EP group, TP group), made once per process. Each rank makes
-# only its own two subgroups, with a barrier among their members alone (use_local_synchronization): a plain
-# new_group is collective over the whole world and names groups from a per-process counter, so layers over
-# disjoint groups (pipeline stages, each EP x TP) made colliding names and hung.
+# (process group, ep_size, tp_size) -> (this rank's EP group, TP group), made once per process. Over the default
+# group every rank makes every subgroup, in the same order (new_group is collective over the whole world). Over
+# a smaller group (a pipeline stage) the other ranks never call: each rank makes only its own two subgroups with
+# a barrier among their members alone (use_local_synchronization; torch names such a group from its ranks and
+# the count of groups this process made, so every member must have made as many groups before, as SPMD code
+# does). Plain new_group calls there made colliding names across stages and one stage hung.
 _GROUPS: dict[tuple[object, int, int], tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]] = {}
 
 
@@ -56,11 +58,24 @@ def parallel_groups(parallel: ParallelConfig, group: dist.ProcessGroup | None = 
     key = (group if group is not None else _default_group(), ep, tp)
     if key not in _GROUPS:
         ranks = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)]
-        # Every member makes its EP group first, then its TP group: each local barrier meets all its members.
-        ep_members = [ranks[e * tp + parallel.tp_rank] for e in range(ep)]
-        tp_members = [ranks[parallel.ep_rank * tp + t] for t in range(tp)]
-        _GROUPS[key] = (dist.new_group(ep_members, use_local_synchronization=True),
-                        dist.new_group(tp_members, use_local_synchronization=True))
+        if group is None or group is _default_group():
+            mine = ranks[parallel.rank]
+            ep_group = tp_group = None
+            for t in range(tp):  # every rank creates every subgroup, in the same order
+                members = [ranks[e * tp + t] for e in range(ep)]
+                made = dist.new_group(members)
+                ep_group = made if mine in members else ep_group
+            for e in range(ep):
+                members = [ranks[e * tp + t] for t in range(tp)]
+                made = dist.new_group(members)
+                tp_group = made if mine in members else tp_group
+            _GROUPS[key] = (ep_group, tp_group)
+        else:
+            # Every member makes its EP group first, then its TP group: each local barrier meets all its members.
+            ep_members = [ranks[e * tp + parallel.tp_rank] for e in range(ep)]
+            tp_members = [ranks[parallel.ep_rank * tp + t] for t in range(tp)]
+            _GROUPS[key] = (dist.new_group(ep_members, use_local_synchronization=True),
+                            dist.new_group(tp_members, use_local_synchronization=True))
     return _GROUPS[key]
 
 

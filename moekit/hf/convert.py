@@ -280,7 +280,7 @@ def _asks_router_logits(config: object, depth: int = 2) -> bool:
         return False
     if getattr(config, "output_router_logits", False) is True:
         return True
-    return depth > 0 and any(_asks_router_logits(v, depth - 1) for v in vars(config).values()
+    return depth > 0 and any(_asks_router_logits(v, depth - 1) for v in getattr(config, "__dict__", {}).values()
                              if hasattr(v, "to_dict") and hasattr(v, "model_type"))
 
 

@@ -89,11 +89,18 @@ def test_parallel_groups_are_remade_for_a_new_default_group(monkeypatch):
     world = object()
     monkeypatch.setattr(tp_mod, "_default_group", lambda: world)
     first = tp_mod.parallel_groups(parallel)
-    assert tp_mod.parallel_groups(parallel) == first and len(made) == 2  # cached: no new collective
-    # Rank 3 of 4 (ep 1, tp 1) makes only its own groups, EP (ranks 1, 3) then TP (2, 3), each synchronized among
-    # its members: layers over disjoint groups (pipeline stages) made colliding subgroup names and hung.
-    local = {"use_local_synchronization": True}
-    assert made == [((1, 3), local), ((2, 3), local)]
+    assert tp_mod.parallel_groups(parallel) == first and len(made) == 4  # cached: no new collective
+    # Over the default group every rank makes every subgroup, in the same order (collective over the world).
+    assert made == [((0, 2), {}), ((1, 3), {}), ((0, 1), {}), ((2, 3), {})]
     world = object()  # destroy_process_group + init_process_group: a new default group
     second = tp_mod.parallel_groups(parallel)
-    assert len(made) == 4 and second[0] is not first[0] and second[1] is not first[1]
+    assert len(made) == 8 and second[0] is not first[0] and second[1] is not first[1]
+    # Over a smaller group (a pipeline stage: ranks 4-7 of 8) the other stage never calls: rank 7 makes only its
+    # own groups, EP (5, 7) then TP (6, 7), each synchronized among its members (plain calls made colliding
+    # subgroup names across stages and one stage hung).
+    made.clear()
+    stage = object()
+    monkeypatch.setattr(dist, "get_global_rank", lambda group, r: 4 + r)
+    tp_mod.parallel_groups(parallel, stage)
+    local = {"use_local_synchronization": True}
+    assert made == [((5, 7), local), ((6, 7), local)]
