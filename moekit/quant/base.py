@@ -208,7 +208,8 @@ def load_shard(layer: RoutedExperts, name: str, split_dim: int, param: nn.Parame
     gated = layer.activation.is_gated
     if shard_id == "w3" and not gated:
         raise ValueError(f"shard_id: 'w3' (up) does not exist for the non-gated activation {layer.activation.name!r}")
-    for slot in layer._local_slots(expert_id):
+    slots = layer._local_slots(expert_id)
+    for slot in slots:
         dest = param.data[slot]
         if not is_w2 and gated:
             half = dest.shape[split_dim] // 2
@@ -221,7 +222,7 @@ def load_shard(layer: RoutedExperts, name: str, split_dim: int, param: nn.Parame
             raise refusal_error(refusal, "loaded_weight", f"{name}[{expert_id}] shard {shard_id!r}", name,
                                 dest.dtype, loaded_weight.dtype, layer.quant_method.name)
         dest.copy_(loaded_weight)
-    if layer._local_slots(expert_id):  # what process_weights_after_loading checks against ``companions``
+    if slots:  # what process_weights_after_loading checks against ``companions``
         layer.record_loaded(name, expert_id, shard_id)
 
 
